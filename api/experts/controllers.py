@@ -1,0 +1,129 @@
+"""/api/experts: register (upload or import), list, get, card, patch, delete, evals."""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+from litestar import Controller, Request, Response, delete, get, patch, post
+from litestar.di import NamedDependency, Provide
+from litestar.params import Parameter
+from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
+
+from api.deps import provide_expert_service
+from api.experts.intake import spec_from_fields, stage_upload
+from api.security import require_admin, require_query
+from api.settings import Settings
+from registry.cards import card_body, card_metadata, render_card
+from registry.errors import ValidationFailed
+from registry.schemas import EvalIn, ExpertPatch, ImportRequest, decode_strict
+from registry.services import ExpertService, expert_summary
+from registry.store import ArtifactStore
+from registry.uploads import resolve_import_path
+
+
+class ExpertController(Controller):
+    path = "/api/experts"
+    tags = ["experts"]
+    dependencies = {"experts": Provide(provide_expert_service, sync_to_thread=False)}
+
+    @get("/", guards=[require_query])
+    async def list_experts(
+        self,
+        experts: NamedDependency[ExpertService],
+        kind: str | None = None,
+        base: str | None = None,
+        skill: str | None = None,
+        tag: str | None = None,
+        limit: int = Parameter(default=50),
+        offset: int = Parameter(default=0),
+    ) -> dict[str, Any]:
+        page = await experts.list(kind=kind, base=base, skill=skill, tag=tag, limit=limit, offset=offset)
+        return {
+            "object": "list",
+            "data": [expert_summary(e) for e in page.items],
+            "total": page.total,
+            "limit": page.limit,
+            "offset": page.offset,
+        }
+
+    @post("/", guards=[require_admin], status_code=HTTP_201_CREATED)
+    async def upload_expert(
+        self,
+        request: Request[Any, Any, Any],
+        experts: NamedDependency[ExpertService],
+        store: NamedDependency[ArtifactStore],
+        settings: NamedDependency[Settings],
+    ) -> dict[str, Any]:
+        """Register from a multipart upload: form fields of the spec plus `files` parts or one `archive`."""
+        if request.content_type[0] != "multipart/form-data":
+            raise ValidationFailed(
+                "send multipart/form-data (fields + `files` or `archive`)", param="content-type"
+            )
+        form = await request.form()
+        pairs = list(form.multi_items())
+        stage_root = store.staging_dir()
+        try:
+            spec = spec_from_fields(pairs)
+            folder = await stage_upload(pairs, stage_root, max_unpacked_bytes=settings.max_unpacked_bytes)
+            expert = await experts.register_folder(folder, spec, source_uri=f"upload:{spec.slug}")
+        finally:
+            shutil.rmtree(stage_root, ignore_errors=True)
+            for _, value in pairs:
+                if hasattr(value, "close"):
+                    await value.close()
+        return expert_summary(expert)
+
+    @post("/import", guards=[require_admin], status_code=HTTP_201_CREATED)
+    async def import_expert(
+        self,
+        request: Request[Any, Any, Any],
+        experts: NamedDependency[ExpertService],
+        settings: NamedDependency[Settings],
+    ) -> dict[str, Any]:
+        """Register a folder that already lies under one of the configured import roots."""
+        body: ImportRequest = decode_strict(await request.body(), ImportRequest)
+        folder = resolve_import_path(body.path, settings.import_roots, param="path")
+        expert = await experts.register_folder(folder, body.expert, source_uri=f"file://{folder}")
+        return expert_summary(expert)
+
+    @get("/{ref:str}", guards=[require_query])
+    async def get_expert(self, ref: str, experts: NamedDependency[ExpertService]) -> dict[str, Any]:
+        return expert_summary(await experts.get(ref))
+
+    @get("/{ref:str}/card", guards=[require_query])
+    async def get_card(
+        self, ref: str, experts: NamedDependency[ExpertService], format: str = "markdown"
+    ) -> Response[Any]:
+        expert = await experts.get(ref)
+        if format == "markdown":
+            return Response(render_card(expert), media_type="text/markdown; charset=utf-8")
+        if format == "json":
+            return Response(
+                {
+                    "metadata": card_metadata(expert),
+                    "body": card_body(expert),
+                    "markdown": render_card(expert),
+                }
+            )
+        raise ValidationFailed("format must be `markdown` or `json`", param="format")
+
+    @patch("/{ref:str}", guards=[require_admin])
+    async def patch_expert(
+        self, ref: str, request: Request[Any, Any, Any], experts: NamedDependency[ExpertService]
+    ) -> dict[str, Any]:
+        changes: ExpertPatch = decode_strict(await request.body(), ExpertPatch)
+        return expert_summary(await experts.patch(ref, changes))
+
+    @post("/{ref:str}/evals", guards=[require_admin], status_code=HTTP_201_CREATED)
+    async def add_eval(
+        self, ref: str, request: Request[Any, Any, Any], experts: NamedDependency[ExpertService]
+    ) -> dict[str, Any]:
+        result: EvalIn = decode_strict(await request.body(), EvalIn)
+        return expert_summary(await experts.add_eval(ref, result))
+
+    @delete("/{ref:str}", guards=[require_admin], status_code=HTTP_204_NO_CONTENT)
+    async def delete_expert(
+        self, ref: str, experts: NamedDependency[ExpertService], force: bool = False
+    ) -> None:
+        await experts.delete(ref, force=force)

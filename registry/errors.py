@@ -1,0 +1,77 @@
+"""One exception hierarchy for the whole of moerge.
+
+Services raise these; the API maps them to HTTP once (``api/exceptions.py``) and the CLI
+turns them into a message and a non-zero exit. Each carries the field it is about, so a
+client is told which part of its input was wrong and why.
+"""
+
+from __future__ import annotations
+
+
+class MoergeError(Exception):
+    """Base of every error moerge raises on purpose."""
+
+    status_code = 500
+    error_type = "server_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code or self.default_code
+
+    default_code = "internal_error"
+
+
+class ValidationFailed(MoergeError):
+    """The input is malformed or does not fit: names the field and the reason."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+    default_code = "invalid_value"
+
+
+class PayloadTooLarge(ValidationFailed):
+    status_code = 413
+    default_code = "payload_too_large"
+
+
+class NotFound(MoergeError):
+    status_code = 404
+    error_type = "not_found_error"
+    default_code = "not_found"
+
+
+class Conflict(MoergeError):
+    """The request clashes with existing state (duplicate slug, an expert still in use)."""
+
+    status_code = 409
+    error_type = "conflict_error"
+    default_code = "conflict"
+
+
+class Unauthorized(MoergeError):
+    status_code = 401
+    error_type = "authentication_error"
+    default_code = "invalid_api_key"
+
+
+class Forbidden(MoergeError):
+    status_code = 403
+    error_type = "permission_error"
+    default_code = "forbidden"
+
+
+class DatabaseNotReady(MoergeError):
+    """The database is missing migrations: the app refuses to start on it."""
+
+    status_code = 503
+    error_type = "server_error"
+    default_code = "database_not_migrated"
+
+
+class IntegrityFailure(MoergeError):
+    """Stored bytes no longer match their recorded sha256."""
+
+    status_code = 500
+    default_code = "integrity_failure"

@@ -1,0 +1,251 @@
+"""SQLAlchemy 2 models of the registry: experts, their files and evals, compositions, API keys, merge jobs.
+
+The database holds metadata only; weights live in the content-addressed store (``registry/store.py``).
+Types are portable between SQLite and PostgreSQL (``Uuid``, ``JSON`` with a JSONB variant).
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    Uuid,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSONType, list[Any]: JSONType}
+
+
+class ExpertKind(enum.StrEnum):
+    base = "base"
+    adapter = "adapter"
+    finetune = "finetune"
+    merged = "merged"
+
+
+class ExpertStatus(enum.StrEnum):
+    active = "active"
+    deprecated = "deprecated"
+
+
+class Expert(Base):
+    __tablename__ = "experts"
+
+    # identity
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    slug: Mapped[str] = mapped_column(String(128), unique=True, index=True)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    aliases: Mapped[list[Any]] = mapped_column(default=list)
+    tags: Mapped[list[Any]] = mapped_column(default=list)
+    description: Mapped[str] = mapped_column(Text, default="")
+    owner: Mapped[str | None] = mapped_column(String(128))
+    status: Mapped[str] = mapped_column(String(32), default=ExpertStatus.active.value)
+
+    # lineage
+    kind: Mapped[str] = mapped_column(String(16), index=True)
+    base_id: Mapped[uuid.UUID | None] = mapped_column(
+        Uuid, ForeignKey("experts.id", ondelete="RESTRICT"), index=True
+    )
+    base_revision: Mapped[str | None] = mapped_column(String(128))
+    parents: Mapped[list[Any]] = mapped_column(default=list)
+    merge_job_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    source_uri: Mapped[str | None] = mapped_column(Text)
+    library: Mapped[str | None] = mapped_column(String(32))
+
+    # compatibility
+    architecture: Mapped[str | None] = mapped_column(String(128))
+    dtype: Mapped[str | None] = mapped_column(String(32))
+    tokenizer_hash: Mapped[str | None] = mapped_column(String(64))
+    param_count: Mapped[int | None] = mapped_column(BigInteger)
+    peft_type: Mapped[str | None] = mapped_column(String(32))
+    r: Mapped[int | None] = mapped_column(Integer)
+    lora_alpha: Mapped[float | None] = mapped_column(Float)
+    use_rslora: Mapped[bool | None] = mapped_column(Boolean)
+    use_dora: Mapped[bool | None] = mapped_column(Boolean)
+    target_modules: Mapped[list[Any]] = mapped_column(default=list)
+    modules_to_save: Mapped[list[Any] | None] = mapped_column(JSONType)
+    rank_pattern: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    alpha_pattern: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+    # routing
+    task_description: Mapped[str] = mapped_column(Text, default="")
+    skills: Mapped[list[Any]] = mapped_column(default=list)
+    domains: Mapped[list[Any]] = mapped_column(default=list)
+    example_prompts: Mapped[list[Any]] = mapped_column(default=list)
+
+    # integrity and licence
+    manifest_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    total_size: Mapped[int] = mapped_column(BigInteger, default=0)
+    license: Mapped[str | None] = mapped_column(String(64))
+    datasets: Mapped[list[Any]] = mapped_column(default=list)
+
+    # model card: front matter kept as given, body as markdown
+    card_metadata: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    card_body: Mapped[str | None] = mapped_column(Text)
+
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+    base: Mapped[Expert | None] = relationship(remote_side=[id], lazy="joined", join_depth=1)
+    files: Mapped[list[ExpertFile]] = relationship(
+        back_populates="expert", cascade="all, delete-orphan", lazy="selectin", order_by="ExpertFile.path"
+    )
+    evals: Mapped[list[EvalResult]] = relationship(
+        back_populates="expert",
+        cascade="all, delete-orphan",
+        lazy="selectin",
+        order_by="EvalResult.created_at",
+    )
+
+
+class ExpertFile(Base):
+    """One file of an expert's folder: its relative path and the sha256 of its bytes in the store."""
+
+    __tablename__ = "expert_files"
+    __table_args__ = (UniqueConstraint("expert_id", "path"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    expert_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("experts.id", ondelete="CASCADE"), index=True
+    )
+    path: Mapped[str] = mapped_column(String(512))
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+
+    expert: Mapped[Expert] = relationship(back_populates="files")
+
+
+class EvalResult(Base):
+    __tablename__ = "eval_results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    expert_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("experts.id", ondelete="CASCADE"), index=True
+    )
+    task: Mapped[str] = mapped_column(String(128))
+    dataset: Mapped[str | None] = mapped_column(String(256))
+    metric: Mapped[str] = mapped_column(String(64))
+    value: Mapped[float] = mapped_column(Float)
+    split: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    expert: Mapped[Expert] = relationship(back_populates="evals")
+
+
+class Composition(Base):
+    """A named composed system: router + params, k, aggregator + params, fallback; queried like a model."""
+
+    __tablename__ = "compositions"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(128), unique=True, index=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    router: Mapped[str] = mapped_column(String(64))
+    router_params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    k: Mapped[int] = mapped_column(Integer, default=1)
+    aggregator: Mapped[str | None] = mapped_column(String(64))
+    aggregator_params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    fallback_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, ForeignKey("experts.id", ondelete="RESTRICT"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+    members: Mapped[list[CompositionMember]] = relationship(
+        back_populates="composition", cascade="all, delete-orphan", lazy="selectin"
+    )
+
+
+class CompositionMember(Base):
+    __tablename__ = "composition_members"
+
+    composition_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("compositions.id", ondelete="CASCADE"), primary_key=True
+    )
+    expert_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("experts.id", ondelete="RESTRICT"), primary_key=True, index=True
+    )
+
+    composition: Mapped[Composition] = relationship(back_populates="members")
+
+
+class ApiKey(Base):
+    """An API key, stored as the sha256 of its secret; only the prefix is kept in clear to identify it."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(128))
+    prefix: Mapped[str] = mapped_column(String(16), index=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    scopes: Mapped[list[Any]] = mapped_column(default=list)
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class MergeJobStatus(enum.StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+class MergeJob(Base):
+    """A merge job; the row is the source of truth for its state (the merging issue fills in the worker)."""
+
+    __tablename__ = "merge_jobs"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    status: Mapped[str] = mapped_column(String(16), default=MergeJobStatus.queued.value, index=True)
+    method: Mapped[str] = mapped_column(String(64))
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    message: Mapped[str] = mapped_column(Text, default="")
+    error: Mapped[str | None] = mapped_column(Text)
+    result_expert_id: Mapped[uuid.UUID | None] = mapped_column(
+        Uuid, ForeignKey("experts.id", ondelete="SET NULL")
+    )
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+    inputs: Mapped[list[MergeJobInput]] = relationship(
+        back_populates="job", cascade="all, delete-orphan", lazy="selectin"
+    )
+
+
+class MergeJobInput(Base):
+    __tablename__ = "merge_job_inputs"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("merge_jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    expert_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("experts.id", ondelete="RESTRICT"), primary_key=True, index=True
+    )
+    weight: Mapped[float | None] = mapped_column(Float)
+
+    job: Mapped[MergeJob] = relationship(back_populates="inputs")

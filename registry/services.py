@@ -1,0 +1,489 @@
+"""Registry services: the rules of registering, finding, changing and removing experts, and API keys.
+
+The API, the CLI and the admin panel all call these; none of them repeats a rule. Registration is all or
+nothing: inspection and compatibility checks run before a byte is stored, and if anything fails after
+that, the new blobs, the expert's folder and the row are all taken back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import shutil
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from registry.errors import Conflict, Forbidden, NotFound, Unauthorized, ValidationFailed
+from registry.inspect import (
+    FolderInspection,
+    check_adapter_fits_base,
+    check_finetune_fits_base,
+    inspect_folder,
+)
+from registry.models import (
+    ApiKey,
+    Composition,
+    CompositionMember,
+    EvalResult,
+    Expert,
+    ExpertFile,
+    ExpertKind,
+    MergeJobInput,
+    utcnow,
+)
+from registry.schemas import EvalIn, ExpertPatch, ExpertSpec
+from registry.store import ArtifactStore, Damage, manifest_digest
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+@dataclass
+class Page:
+    items: list[Expert]
+    total: int
+    limit: int
+    offset: int
+
+
+class ExpertService:
+    def __init__(self, session: AsyncSession, store: ArtifactStore) -> None:
+        self.session = session
+        self.store = store
+
+    # -- lookup --------------------------------------------------------------------------------------
+    async def find(self, ref: str) -> Expert | None:
+        """An expert by slug, id or alias."""
+        found = await self.session.scalar(select(Expert).where(Expert.slug == ref))
+        if found is not None:
+            return found
+        try:
+            found = await self.session.get(Expert, uuid.UUID(ref))
+        except ValueError:
+            found = None
+        if found is not None:
+            return found
+        # Aliases are few per expert; a JSON containment query differs per dialect, so filter here.
+        for expert in await self.session.scalars(select(Expert)):
+            if ref in (expert.aliases or []):
+                return expert
+        return None
+
+    async def get(self, ref: str, *, param: str = "expert") -> Expert:
+        expert = await self.find(ref)
+        if expert is None:
+            raise NotFound(f"no expert named {ref!r}", param=param, code="expert_not_found")
+        return expert
+
+    async def list(
+        self,
+        *,
+        kind: str | None = None,
+        base: str | None = None,
+        skill: str | None = None,
+        tag: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> Page:
+        if not 1 <= limit <= 500:
+            raise ValidationFailed("limit must be between 1 and 500", param="limit")
+        if offset < 0:
+            raise ValidationFailed("offset must be 0 or more", param="offset")
+        if kind is not None and kind not in {k.value for k in ExpertKind}:
+            raise ValidationFailed(f"unknown kind {kind!r}", param="kind")
+        query = select(Expert).order_by(Expert.created_at, Expert.slug)
+        if kind:
+            query = query.where(Expert.kind == kind)
+        if base:
+            base_expert = await self.get(base, param="base")
+            query = query.where(Expert.base_id == base_expert.id)
+        experts = list(await self.session.scalars(query))
+        if skill:
+            experts = [e for e in experts if skill in (e.skills or [])]
+        if tag:
+            experts = [e for e in experts if tag in (e.tags or [])]
+        return Page(experts[offset : offset + limit], len(experts), limit, offset)
+
+    async def _names_taken(self, names: Sequence[str], *, exclude: uuid.UUID | None = None) -> str | None:
+        taken: set[str] = set()
+        for expert in await self.session.scalars(select(Expert)):
+            if expert.id != exclude:
+                taken.add(expert.slug)
+                taken.update(expert.aliases or [])
+        return next((n for n in names if n in taken), None)
+
+    # -- registration --------------------------------------------------------------------------------
+    async def register_folder(
+        self, folder: Path, spec: ExpertSpec, *, source_uri: str | None = None, exist_ok: bool = False
+    ) -> Expert:
+        """Validate ``folder`` against ``spec`` and register it (files copied into the store)."""
+        spec.validate()
+        existing = await self.find(spec.slug)
+        insp = inspect_folder(folder)
+        if existing is not None:
+            if exist_ok and existing.manifest_sha256 == _manifest_of_folder(folder, insp):
+                return existing
+            raise Conflict(
+                f"an expert named {spec.slug!r} already exists", param="slug", code="duplicate_slug"
+            )
+        if clash := await self._names_taken(spec.aliases):
+            raise Conflict(f"alias {clash!r} is already a name of another expert", param="aliases")
+        kind = _resolve_kind(spec, insp)
+        base = await self._resolve_base(spec, insp, kind)
+        if base is not None:
+            base_insp = inspect_folder(self.store.expert_dir(base.id))
+            if insp.kind == "adapter":
+                check_adapter_fits_base(insp, base_insp, base_slug=base.slug)
+            else:
+                check_finetune_fits_base(insp, base_insp, base_slug=base.slug)
+        if kind == ExpertKind.base and not any(f == t for f, _ in insp.files for t in TOKENIZER_FILES):
+            raise ValidationFailed(
+                "a base model needs its tokenizer (tokenizer.json or tokenizer.model)", param="files"
+            )
+
+        ingest = self.store.ingest_folder(folder, [rel for rel, _ in insp.files])
+        expert_id = uuid.uuid4()
+        try:
+            expert = _expert_from(expert_id, spec, insp, kind, base, source_uri)
+            expert.manifest_sha256 = manifest_digest((rel, sha) for rel, sha, _ in ingest.files)
+            expert.files = [ExpertFile(path=rel, sha256=sha, size=size) for rel, sha, size in ingest.files]
+            self.session.add(expert)
+            await self.session.flush()
+            self.store.materialize(expert_id, [(rel, sha) for rel, sha, _ in ingest.files])
+            await self.session.commit()
+        except BaseException as exc:
+            await self.session.rollback()
+            self.store.remove_expert_dir(expert_id)
+            self.store.discard_blobs(ingest.new_blobs)
+            if isinstance(exc, IntegrityError):  # a concurrent registration took the slug first
+                raise Conflict(f"an expert named {spec.slug!r} already exists", param="slug") from exc
+            raise
+        await self.session.refresh(expert)
+        return expert
+
+    async def _resolve_base(
+        self, spec: ExpertSpec, insp: FolderInspection, kind: ExpertKind
+    ) -> Expert | None:
+        if kind == ExpertKind.base:
+            if spec.base:
+                raise ValidationFailed("a base model cannot itself have a base", param="base")
+            return None
+        ref = spec.base or (insp.base_model_name_or_path if insp.kind == "adapter" else None)
+        if not ref:
+            raise ValidationFailed(
+                f"a {kind.value} needs its base model: give `base` (slug of a registered base)", param="base"
+            )
+        base = await self.find(ref)
+        if base is None:
+            # adapter_config.json often names a hub id or a path: match the base's source too.
+            base = await self.session.scalar(
+                select(Expert).where(Expert.kind == ExpertKind.base.value, Expert.source_uri == ref)
+            )
+        if base is None:
+            raise ValidationFailed(
+                f"base model {ref!r} is not registered: register it first, or name a registered base "
+                "with `base`",
+                param="base",
+                code="base_not_registered",
+            )
+        if base.kind not in (ExpertKind.base.value, ExpertKind.merged.value) or base.base_id is not None:
+            raise ValidationFailed(f"{base.slug!r} is a {base.kind}, not a base model", param="base")
+        return base
+
+    # -- changes -------------------------------------------------------------------------------------
+    async def patch(self, ref: str, patch: ExpertPatch) -> Expert:
+        expert = await self.get(ref)
+        changes = patch.changes()
+        if "aliases" in changes and (clash := await self._names_taken(changes["aliases"], exclude=expert.id)):
+            raise Conflict(f"alias {clash!r} is already a name of another expert", param="aliases")
+        for name, value in changes.items():
+            setattr(expert, name, value)
+        expert.updated_at = utcnow()
+        await self.session.commit()
+        await self.session.refresh(expert)
+        return expert
+
+    async def add_eval(self, ref: str, result: EvalIn) -> Expert:
+        expert = await self.get(ref)
+        expert.evals.append(
+            EvalResult(
+                task=result.task,
+                metric=result.metric,
+                value=result.value,
+                dataset=result.dataset,
+                split=result.split,
+            )
+        )
+        await self.session.commit()
+        await self.session.refresh(expert)
+        return expert
+
+    async def references(self, expert: Expert) -> list[str]:
+        """What still refers to ``expert``: compositions, merge jobs, experts built on it."""
+        refs: list[str] = []
+        compositions = await self.session.scalars(
+            select(Composition.name)
+            .outerjoin(CompositionMember)
+            .where(or_(CompositionMember.expert_id == expert.id, Composition.fallback_id == expert.id))
+            .distinct()
+        )
+        refs += [f"composition {name!r}" for name in compositions]
+        jobs = await self.session.scalars(
+            select(MergeJobInput.job_id).where(MergeJobInput.expert_id == expert.id)
+        )
+        refs += [f"merge job {job}" for job in jobs]
+        return refs
+
+    async def delete(self, ref: str, *, force: bool = False) -> None:
+        expert = await self.get(ref)
+        dependents = list(await self.session.scalars(select(Expert.slug).where(Expert.base_id == expert.id)))
+        if dependents:
+            raise Conflict(
+                f"{expert.slug!r} is the base of {', '.join(map(repr, dependents))}: delete those first",
+                param="expert",
+                code="expert_in_use",
+            )
+        refs = await self.references(expert)
+        if refs and not force:
+            raise Conflict(
+                f"{expert.slug!r} is used by {', '.join(refs)}: remove it there, or delete with force",
+                param="force",
+                code="expert_in_use",
+            )
+        if refs:
+            await self.session.execute(
+                CompositionMember.__table__.delete().where(CompositionMember.expert_id == expert.id)
+            )
+            await self.session.execute(
+                Composition.__table__.update()
+                .where(Composition.fallback_id == expert.id)
+                .values(fallback_id=None)
+            )
+            await self.session.execute(
+                MergeJobInput.__table__.delete().where(MergeJobInput.expert_id == expert.id)
+            )
+        expert_id = expert.id
+        # The folder is moved aside first so that a failed commit can put it back untouched.
+        folder = self.store.expert_dir(expert_id)
+        aside = self.store.tmp / f"deleted-{expert_id}"
+        if folder.exists():
+            self.store.ensure()
+            folder.rename(aside)
+        try:
+            await self.session.delete(expert)
+            await self.session.commit()
+        except BaseException:
+            await self.session.rollback()
+            if aside.exists():
+                aside.rename(folder)
+            raise
+        shutil.rmtree(aside, ignore_errors=True)
+        referenced = set(await self.session.scalars(select(ExpertFile.sha256).distinct()))
+        self.store.collect_garbage(referenced)
+
+    async def verify(self, ref: str | None = None) -> dict[str, list[Damage]]:
+        experts = [await self.get(ref)] if ref else list(await self.session.scalars(select(Expert)))
+        report: dict[str, list[Damage]] = {}
+        for expert in experts:
+            damage = self.store.verify((f.path, f.sha256) for f in expert.files)
+            folder = self.store.expert_dir(expert.id)
+            damage += [
+                Damage(f.path, f.sha256, "missing from the expert's folder")
+                for f in expert.files
+                if not (folder / f.path).exists()
+            ]
+            report[expert.slug] = damage
+        return report
+
+    async def count_by_kind(self) -> dict[str, int]:
+        rows = await self.session.execute(select(Expert.kind, func.count()).group_by(Expert.kind))
+        return {kind: count for kind, count in rows.all()}
+
+
+def _resolve_kind(spec: ExpertSpec, insp: FolderInspection) -> ExpertKind:
+    if insp.kind == "adapter":
+        if spec.kind not in (None, ExpertKind.adapter.value, ExpertKind.merged.value):
+            raise ValidationFailed(
+                f"the folder holds a LoRA adapter (adapter_config.json), not a {spec.kind}", param="kind"
+            )
+        return ExpertKind(spec.kind or ExpertKind.adapter.value)
+    if spec.kind == ExpertKind.adapter.value:
+        raise ValidationFailed("kind is adapter but the folder has no adapter_config.json", param="kind")
+    if spec.kind is not None:
+        return ExpertKind(spec.kind)
+    return ExpertKind.finetune if spec.base else ExpertKind.base
+
+
+def _manifest_of_folder(folder: Path, insp: FolderInspection) -> str:
+    from registry.store import sha256_file
+
+    return manifest_digest((rel, sha256_file(folder / rel)) for rel, _ in insp.files)
+
+
+def _expert_from(
+    expert_id: uuid.UUID,
+    spec: ExpertSpec,
+    insp: FolderInspection,
+    kind: ExpertKind,
+    base: Expert | None,
+    source_uri: str | None,
+) -> Expert:
+    meta = insp.card_metadata or {}
+    return Expert(
+        id=expert_id,
+        slug=spec.slug,
+        version=spec.version,
+        aliases=list(spec.aliases),
+        tags=list(dict.fromkeys([*spec.tags, *(meta.get("tags") or [])])),
+        description=spec.description or str(meta.get("description") or ""),
+        owner=spec.owner,
+        kind=kind.value,
+        base_id=base.id if base else None,
+        base_revision=spec.base_revision,
+        parents=[str(base.id)] if base else [],
+        source_uri=spec.source_uri or source_uri,
+        library="peft" if insp.kind == "adapter" else "transformers",
+        architecture=insp.architecture or (base.architecture if base else None),
+        dtype=insp.dtype,
+        tokenizer_hash=insp.tokenizer_hash or (base.tokenizer_hash if base else None),
+        param_count=insp.param_count,
+        peft_type=insp.peft_type,
+        r=insp.r,
+        lora_alpha=insp.lora_alpha,
+        use_rslora=insp.use_rslora,
+        use_dora=insp.use_dora,
+        target_modules=list(insp.target_modules or []),
+        modules_to_save=insp.modules_to_save,
+        rank_pattern=dict(insp.rank_pattern or {}),
+        alpha_pattern=dict(insp.alpha_pattern or {}),
+        task_description=spec.task_description,
+        skills=list(spec.skills),
+        domains=list(spec.domains),
+        example_prompts=list(spec.example_prompts),
+        total_size=insp.total_size,
+        license=spec.license or (str(meta["license"]) if meta.get("license") else None),
+        datasets=list(spec.datasets or meta.get("datasets") or []),
+        card_metadata=dict(meta),
+        card_body=insp.card_body,
+    )
+
+
+# -- API keys ----------------------------------------------------------------------------------------
+SCOPES = ("query", "admin")
+KEY_PREFIX = "mk-"
+
+
+def hash_key(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class ApiKeyService:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def create(
+        self, name: str, scopes: Sequence[str], *, secret: str | None = None
+    ) -> tuple[ApiKey, str]:
+        """Create a key; the secret is returned once and only its hash is stored."""
+        bad = [s for s in scopes if s not in SCOPES]
+        if bad or not scopes:
+            raise ValidationFailed(
+                f"scopes must be a non-empty subset of {', '.join(SCOPES)}", param="scopes"
+            )
+        secret = secret or KEY_PREFIX + secrets.token_urlsafe(32)
+        if len(secret) < 16:
+            raise ValidationFailed("an API key must be at least 16 characters", param="key")
+        key = ApiKey(name=name, prefix=secret[:10], key_hash=hash_key(secret), scopes=list(scopes))
+        self.session.add(key)
+        try:
+            await self.session.commit()
+        except IntegrityError as exc:
+            await self.session.rollback()
+            raise Conflict("that key already exists", param="key") from exc
+        return key, secret
+
+    async def count(self) -> int:
+        return int(await self.session.scalar(select(func.count()).select_from(ApiKey)) or 0)
+
+    async def authenticate(self, secret: str | None, *, need: str) -> ApiKey:
+        if not secret:
+            raise Unauthorized("missing API key: send `Authorization: Bearer <key>`", param="authorization")
+        key = await self.session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(secret)))
+        if key is None or key.revoked:
+            raise Unauthorized("invalid API key", param="authorization")
+        if need not in key.scopes and "admin" not in key.scopes:
+            raise Forbidden(
+                f"this key lacks the {need!r} scope", param="authorization", code="insufficient_scope"
+            )
+        return key
+
+
+def expert_summary(expert: Expert) -> dict[str, Any]:
+    """The JSON shape of an expert for the API and `moerge expert show --json`."""
+    return {
+        "id": str(expert.id),
+        "slug": expert.slug,
+        "version": expert.version,
+        "kind": expert.kind,
+        "status": expert.status,
+        "description": expert.description,
+        "owner": expert.owner,
+        "aliases": expert.aliases,
+        "tags": expert.tags,
+        "lineage": {
+            "base": expert.base.slug if expert.base else None,
+            "base_id": str(expert.base_id) if expert.base_id else None,
+            "base_revision": expert.base_revision,
+            "parents": expert.parents,
+            "merge_job_id": str(expert.merge_job_id) if expert.merge_job_id else None,
+            "source_uri": expert.source_uri,
+            "library": expert.library,
+        },
+        "compatibility": {
+            "architecture": expert.architecture,
+            "dtype": expert.dtype,
+            "tokenizer_hash": expert.tokenizer_hash,
+            "param_count": expert.param_count,
+            "peft_type": expert.peft_type,
+            "r": expert.r,
+            "lora_alpha": expert.lora_alpha,
+            "use_rslora": expert.use_rslora,
+            "use_dora": expert.use_dora,
+            "target_modules": expert.target_modules,
+            "modules_to_save": expert.modules_to_save,
+            "rank_pattern": expert.rank_pattern,
+            "alpha_pattern": expert.alpha_pattern,
+        },
+        "routing": {
+            "task_description": expert.task_description,
+            "skills": expert.skills,
+            "domains": expert.domains,
+            "example_prompts": expert.example_prompts,
+        },
+        "evals": [
+            {
+                "task": e.task,
+                "dataset": e.dataset,
+                "metric": e.metric,
+                "value": e.value,
+                "split": e.split,
+                "date": e.created_at.isoformat(),
+            }
+            for e in expert.evals
+        ],
+        "integrity": {
+            "manifest_sha256": expert.manifest_sha256,
+            "total_size": expert.total_size,
+            "files": [{"path": f.path, "sha256": f.sha256, "size": f.size} for f in expert.files],
+        },
+        "license": expert.license,
+        "datasets": expert.datasets,
+        "created_at": expert.created_at.isoformat(),
+        "updated_at": expert.updated_at.isoformat(),
+    }

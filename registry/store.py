@@ -1,0 +1,188 @@
+"""Content-addressed artifact store.
+
+A file is kept once, under ``blobs/<sha[:2]>/<sha>``, whatever expert it belongs to. Writes go to a
+temporary name in the same filesystem, are fsynced and renamed, so a blob either exists whole or not at
+all. An expert's folder, as engines need it (config.json, *.safetensors, tokenizer ...), is a tree of
+hard links to blobs under ``experts/<id>/`` built the same way (temporary folder, then rename).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CHUNK = 8 * 1024 * 1024
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def manifest_digest(entries: Iterable[tuple[str, str]]) -> str:
+    """One hash for a whole folder: sha256 over its sorted (path, file sha256) pairs."""
+    digest = hashlib.sha256()
+    for path, sha in sorted(entries):
+        digest.update(f"{path}\0{sha}\n".encode())
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class IngestResult:
+    """What one ingest added: the file table, and the blobs that did not exist before (for rollback)."""
+
+    files: list[tuple[str, str, int]] = field(default_factory=list)  # (relpath, sha256, size)
+    new_blobs: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Damage:
+    path: str
+    sha256: str
+    problem: str  # "missing" or "hash mismatch (now <sha>)"
+
+
+class ArtifactStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blobs = root / "blobs"
+        self.experts = root / "experts"
+        self.tmp = root / "tmp"
+
+    def ensure(self) -> None:
+        for d in (self.blobs, self.experts, self.tmp):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def blob_path(self, sha: str) -> Path:
+        return self.blobs / sha[:2] / sha
+
+    def expert_dir(self, expert_id: uuid.UUID | str) -> Path:
+        return self.experts / str(expert_id)
+
+    def staging_dir(self) -> Path:
+        """A fresh private folder under the store's tmp/ (same filesystem, so renames are atomic)."""
+        self.ensure()
+        path = self.tmp / f"stage-{uuid.uuid4().hex}"
+        path.mkdir()
+        return path
+
+    # -- writing -------------------------------------------------------------------------------------
+    def put_file(self, source: Path) -> tuple[str, int, bool]:
+        """Copy ``source`` into the store while hashing it. Returns (sha256, size, created)."""
+        self.ensure()
+        tmp = self.tmp / f"blob-{uuid.uuid4().hex}"
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with source.open("rb") as src, tmp.open("wb") as dst:
+                while chunk := src.read(CHUNK):
+                    digest.update(chunk)
+                    dst.write(chunk)
+                    size += len(chunk)
+                dst.flush()
+                os.fsync(dst.fileno())
+            sha = digest.hexdigest()
+            final = self.blob_path(sha)
+            if final.exists():
+                tmp.unlink()
+                return sha, size, False
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, final)
+            os.chmod(final, 0o444)  # blobs are immutable; hard links share this inode
+            _fsync_dir(final.parent)
+            return sha, size, True
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+    def ingest_folder(self, folder: Path, relpaths: Iterable[str]) -> IngestResult:
+        result = IngestResult()
+        try:
+            for rel in sorted(relpaths):
+                sha, size, created = self.put_file(folder / rel)
+                result.files.append((rel, sha, size))
+                if created:
+                    result.new_blobs.append(sha)
+        except BaseException:
+            self.discard_blobs(result.new_blobs)
+            raise
+        return result
+
+    def materialize(self, expert_id: uuid.UUID | str, files: Iterable[tuple[str, str]]) -> Path:
+        """Build the expert's folder as hard links to its blobs, atomically."""
+        final = self.expert_dir(expert_id)
+        tmp = self.tmp / f"expert-{uuid.uuid4().hex}"
+        try:
+            for rel, sha in files:
+                target = tmp / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(self.blob_path(sha), target)
+                except OSError:  # a filesystem without hard links: fall back to a symlink
+                    target.symlink_to(self.blob_path(sha))
+            tmp.mkdir(parents=True, exist_ok=True)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(final.parent)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return final
+
+    # -- removing ------------------------------------------------------------------------------------
+    def discard_blobs(self, shas: Iterable[str]) -> None:
+        for sha in shas:
+            with contextlib.suppress(FileNotFoundError):
+                self.blob_path(sha).unlink()
+
+    def remove_expert_dir(self, expert_id: uuid.UUID | str) -> None:
+        shutil.rmtree(self.expert_dir(expert_id), ignore_errors=True)
+
+    def collect_garbage(self, referenced: set[str]) -> list[str]:
+        """Delete blobs no expert refers to; returns the removed hashes."""
+        removed: list[str] = []
+        if not self.blobs.exists():
+            return removed
+        for path in self.blobs.glob("*/*"):
+            if path.name not in referenced:
+                path.unlink(missing_ok=True)
+                removed.append(path.name)
+        return removed
+
+    # -- checking ------------------------------------------------------------------------------------
+    def verify(self, files: Iterable[tuple[str, str]]) -> list[Damage]:
+        damage: list[Damage] = []
+        for rel, sha in files:
+            path = self.blob_path(sha)
+            if not path.exists():
+                damage.append(Damage(rel, sha, "missing"))
+                continue
+            actual = sha256_file(path)
+            if actual != sha:
+                damage.append(Damage(rel, sha, f"hash mismatch (now {actual})"))
+        return damage
+
+    def blob_count(self) -> int:
+        return sum(1 for _ in self.blobs.glob("*/*")) if self.blobs.exists() else 0
+
+    def leftovers(self) -> list[Path]:
+        """Anything in tmp/: evidence of an operation that did not clean up after itself."""
+        return sorted(self.tmp.iterdir()) if self.tmp.exists() else []

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Set everything up and run the tests: .venv, a real PostgreSQL server, then pytest.
+# Extra arguments go to pytest (e.g. `bash scripts/test.sh tests/unit -k store`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+MOERGE_TEST_POSTGRES_URL=${MOERGE_TEST_POSTGRES_URL:-$(bash scripts/postgres.sh)}
+export MOERGE_TEST_POSTGRES_URL
+exec .venv/bin/python -m pytest "$@"
