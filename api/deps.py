@@ -18,10 +18,10 @@ from registry.store import ArtifactStore
 class Runtime:
     """Long-lived objects of one running app, kept on ``app.state.runtime``."""
 
-    settings: NamedDependency[Settings]
+    settings: Settings
     engine: AsyncEngine
     sessionmaker: async_sessionmaker[AsyncSession]
-    store: NamedDependency[ArtifactStore]
+    store: ArtifactStore
 
 
 def runtime_of(state: State) -> Runtime:

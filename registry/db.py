@@ -27,11 +27,16 @@ def _enable_sqlite_foreign_keys(dbapi_connection, _record) -> None:  # type: ign
     cursor.close()
 
 
+def _prepare_sqlite_dir(database_url: str) -> None:
+    url = make_url(database_url)
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+
+
 def make_engine(database_url: str) -> AsyncEngine:
     url = make_url(database_url)
+    _prepare_sqlite_dir(database_url)
     if url.get_backend_name() == "sqlite":
-        if url.database:
-            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(url, connect_args={"timeout": 30})
         event.listen(engine.sync_engine, "connect", _enable_sqlite_foreign_keys)
         return engine
@@ -56,6 +61,7 @@ def head_revision() -> str | None:
 
 def upgrade(database_url: str, revision: str = "head") -> None:
     """Run the migrations (blocking; the migrations' env.py drives its own event loop)."""
+    _prepare_sqlite_dir(database_url)
     command.upgrade(alembic_config(database_url), revision)
 
 

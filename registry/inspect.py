@@ -476,12 +476,9 @@ def _split_adapter_keys(tensors: dict[str, TensorInfo]) -> tuple[dict[str, _Lora
     others: dict[str, str] = {}
     for key, info in tensors.items():
         rel = key.removeprefix(PEFT_PREFIX)
-        if m := _LORA_LINEAR_RE.match(rel):
+        if (m := _LORA_LINEAR_RE.match(rel)) and (m["part"], m["param"]) != ("lora_A", "bias"):
             mod = modules.setdefault(m["module"], _LoraModule())
             if m["param"] == "bias":
-                if m["part"] == "lora_A":
-                    others[key] = rel  # not a PEFT key: the caller refuses it as unexpected
-                    continue
                 mod.b_bias = info
             elif m["part"] == "lora_A":
                 mod.a = info

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import shutil
-from typing import Any
+from typing import Any, ClassVar
 
 from litestar import Controller, Request, Response, delete, get, patch, post
 from litestar.di import NamedDependency, Provide
-from litestar.params import Parameter
+from litestar.params import FromPath, FromQuery
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 
 from api.deps import provide_expert_service
@@ -24,19 +24,21 @@ from registry.uploads import resolve_import_path
 
 class ExpertController(Controller):
     path = "/api/experts"
-    tags = ["experts"]
-    dependencies = {"experts": Provide(provide_expert_service, sync_to_thread=False)}
+    tags: ClassVar[list[str]] = ["experts"]
+    dependencies: ClassVar[dict[str, Provide]] = {
+        "experts": Provide(provide_expert_service, sync_to_thread=False)
+    }
 
     @get("/", guards=[require_query])
     async def list_experts(
         self,
         experts: NamedDependency[ExpertService],
-        kind: str | None = None,
-        base: str | None = None,
-        skill: str | None = None,
-        tag: str | None = None,
-        limit: int = Parameter(default=50),
-        offset: int = Parameter(default=0),
+        kind: FromQuery[str | None] = None,
+        base: FromQuery[str | None] = None,
+        skill: FromQuery[str | None] = None,
+        tag: FromQuery[str | None] = None,
+        limit: FromQuery[int] = 50,
+        offset: FromQuery[int] = 0,
     ) -> dict[str, Any]:
         page = await experts.list(kind=kind, base=base, skill=skill, tag=tag, limit=limit, offset=offset)
         return {
@@ -88,12 +90,12 @@ class ExpertController(Controller):
         return expert_summary(expert)
 
     @get("/{ref:str}", guards=[require_query])
-    async def get_expert(self, ref: str, experts: NamedDependency[ExpertService]) -> dict[str, Any]:
+    async def get_expert(self, ref: FromPath[str], experts: NamedDependency[ExpertService]) -> dict[str, Any]:
         return expert_summary(await experts.get(ref))
 
     @get("/{ref:str}/card", guards=[require_query])
     async def get_card(
-        self, ref: str, experts: NamedDependency[ExpertService], format: str = "markdown"
+        self, ref: FromPath[str], experts: NamedDependency[ExpertService], format: FromQuery[str] = "markdown"
     ) -> Response[Any]:
         expert = await experts.get(ref)
         if format == "markdown":
@@ -110,20 +112,20 @@ class ExpertController(Controller):
 
     @patch("/{ref:str}", guards=[require_admin])
     async def patch_expert(
-        self, ref: str, request: Request[Any, Any, Any], experts: NamedDependency[ExpertService]
+        self, ref: FromPath[str], request: Request[Any, Any, Any], experts: NamedDependency[ExpertService]
     ) -> dict[str, Any]:
         changes: ExpertPatch = decode_strict(await request.body(), ExpertPatch)
         return expert_summary(await experts.patch(ref, changes))
 
     @post("/{ref:str}/evals", guards=[require_admin], status_code=HTTP_201_CREATED)
     async def add_eval(
-        self, ref: str, request: Request[Any, Any, Any], experts: NamedDependency[ExpertService]
+        self, ref: FromPath[str], request: Request[Any, Any, Any], experts: NamedDependency[ExpertService]
     ) -> dict[str, Any]:
         result: EvalIn = decode_strict(await request.body(), EvalIn)
         return expert_summary(await experts.add_eval(ref, result))
 
     @delete("/{ref:str}", guards=[require_admin], status_code=HTTP_204_NO_CONTENT)
     async def delete_expert(
-        self, ref: str, experts: NamedDependency[ExpertService], force: bool = False
+        self, ref: FromPath[str], experts: NamedDependency[ExpertService], force: FromQuery[bool] = False
     ) -> None:
         await experts.delete(ref, force=force)

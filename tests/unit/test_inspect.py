@@ -482,3 +482,19 @@ def test_tokenizer_hash_matches_manual_digest(base_copy: Path) -> None:
     (base_copy / "tokenizer.model").write_bytes(b"spm")
     expected = hashlib.sha256(b"tokenizer.model\x003\x00spm").hexdigest()
     assert inspect_folder(base_copy).tokenizer_hash == expected
+
+
+def test_adapter_lora_a_bias_is_unexpected(tmp_path: Path, adapter_dir: Path) -> None:
+    folder = Path(shutil.copytree(adapter_dir, tmp_path / "a"))
+    (folder / "adapter_model.safetensors").unlink()
+    save_file(
+        {
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 32),
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(32, 4),
+            "base_model.model.model.layers.0.self_attn.k_proj.lora_A.bias": torch.zeros(4),
+        },
+        str(folder / "adapter_model.safetensors"),
+    )
+    with pytest.raises(ValidationFailed) as exc:
+        inspect_folder(folder)
+    _expect(exc, "files[adapter_model.safetensors]", "unexpected tensor")
