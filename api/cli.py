@@ -293,7 +293,9 @@ def expert_list(
     page = run(
         _with_services(
             settings,
-            lambda e, _k: e.list(kind=kind, base=base, skill=skill, tag=tag, limit=limit, offset=offset),
+            lambda e, _k: e.list_experts(
+                kind=kind, base=base, skill=skill, tag=tag, limit=limit, offset=offset
+            ),
         )
     )
     if as_json:

@@ -47,7 +47,10 @@ def card_body(expert: Expert) -> str:
     if expert.card_body and expert.card_body.strip():
         return expert.card_body.strip() + "\n"
     lines = [f"# {expert.slug}", "", expert.description or f"A {expert.kind} registered in moerge.", ""]
-    facts = [("kind", expert.kind), ("base", expert.base.slug if expert.base else None)]
+    facts: list[tuple[str, object]] = [
+        ("kind", expert.kind),
+        ("base", expert.base.slug if expert.base else None),
+    ]
     facts += [("architecture", expert.architecture), ("dtype", expert.dtype)]
     if expert.kind == "adapter":
         facts += [("peft type", expert.peft_type), ("rank", expert.r), ("lora_alpha", expert.lora_alpha)]

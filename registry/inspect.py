@@ -540,11 +540,12 @@ def _fill_adapter(insp: FolderInspection, cfg: dict[str, Any]) -> None:
             f"adapter_config.json: peft_type {peft_type!r} is not supported; only LORA adapters are accepted",
             param=param_cfg,
         )
-    r = cfg.get("r")
-    if not _is_nonneg_int(r) or r == 0:
+    raw_r = cfg.get("r")
+    if not _is_nonneg_int(raw_r) or raw_r == 0:
         raise ValidationFailed(
-            f"adapter_config.json: r must be a positive integer, got {r!r}", param=param_cfg
+            f"adapter_config.json: r must be a positive integer, got {raw_r!r}", param=param_cfg
         )
+    r: int = raw_r  # type: ignore[assignment]  # checked just above
     lora_alpha = _config_field(cfg, "lora_alpha", (int, float), 8)  # 8 is PEFT's default
     use_rslora = _config_field(cfg, "use_rslora", (bool,), False)
     use_dora = _config_field(cfg, "use_dora", (bool,), False)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -81,7 +81,7 @@ class ExpertService:
             raise NotFound(f"no expert named {ref!r}", param=param, code="expert_not_found")
         return expert
 
-    async def list(
+    async def list_experts(
         self,
         *,
         kind: str | None = None,
@@ -258,16 +258,12 @@ class ExpertService:
             )
         if refs:
             await self.session.execute(
-                CompositionMember.__table__.delete().where(CompositionMember.expert_id == expert.id)
+                delete(CompositionMember).where(CompositionMember.expert_id == expert.id)
             )
             await self.session.execute(
-                Composition.__table__.update()
-                .where(Composition.fallback_id == expert.id)
-                .values(fallback_id=None)
+                update(Composition).where(Composition.fallback_id == expert.id).values(fallback_id=None)
             )
-            await self.session.execute(
-                MergeJobInput.__table__.delete().where(MergeJobInput.expert_id == expert.id)
-            )
+            await self.session.execute(delete(MergeJobInput).where(MergeJobInput.expert_id == expert.id))
         expert_id = expert.id
         # The folder is moved aside first so that a failed commit can put it back untouched.
         folder = self.store.expert_dir(expert_id)

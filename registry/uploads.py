@@ -18,7 +18,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, BinaryIO
+from typing import IO
 
 from registry.errors import Forbidden, PayloadTooLarge, ValidationFailed
 
@@ -109,7 +109,7 @@ def _copy_bounded(
         copied += len(chunk)
 
 
-def copy_stream_limited(src: BinaryIO, dst_path: Path, *, limit: int, param: str) -> int:
+def copy_stream_limited(src: IO[bytes], dst_path: Path, *, limit: int, param: str) -> int:
     """Write an uploaded stream to ``dst_path``, refusing more than ``limit`` bytes.
 
     An existing regular file at ``dst_path`` (e.g. from ``mkstemp``) is overwritten; a symlink there

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-from typing import Any, ClassVar
+from typing import Any
 
 from litestar import Controller, Request, Response, delete, get, patch, post
 from litestar.di import NamedDependency, Provide
@@ -24,10 +24,8 @@ from registry.uploads import resolve_import_path
 
 class ExpertController(Controller):
     path = "/api/experts"
-    tags: ClassVar[list[str]] = ["experts"]
-    dependencies: ClassVar[dict[str, Provide]] = {
-        "experts": Provide(provide_expert_service, sync_to_thread=False)
-    }
+    tags = ["experts"]
+    dependencies = {"experts": Provide(provide_expert_service, sync_to_thread=False)}
 
     @get("/", guards=[require_query])
     async def list_experts(
@@ -40,7 +38,9 @@ class ExpertController(Controller):
         limit: FromQuery[int] = 50,
         offset: FromQuery[int] = 0,
     ) -> dict[str, Any]:
-        page = await experts.list(kind=kind, base=base, skill=skill, tag=tag, limit=limit, offset=offset)
+        page = await experts.list_experts(
+            kind=kind, base=base, skill=skill, tag=tag, limit=limit, offset=offset
+        )
         return {
             "object": "list",
             "data": [expert_summary(e) for e in page.items],

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 from litestar import Controller, Response, get
 from litestar.di import NamedDependency
@@ -16,7 +16,7 @@ from registry.store import ArtifactStore
 
 class HealthController(Controller):
     path = "/api/health"
-    tags: ClassVar[list[str]] = ["system"]
+    tags = ["system"]
 
     @get("/")
     async def health(
