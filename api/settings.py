@@ -43,10 +43,6 @@ class Settings:
     def store_dir(self) -> Path:
         return self.home / "store"
 
-    @property
-    def models_dir(self) -> Path:
-        return self.home / "models"
-
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
         env = dict(os.environ if environ is None else environ)
