@@ -9,32 +9,43 @@ from litestar import Litestar
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 
+from api.compositions.controllers import CompositionController
 from api.deps import Runtime, provide_key_service, provide_session, provide_settings, provide_store
 from api.exceptions import exception_handlers
 from api.experts.controllers import ExpertController
+from api.openai.controllers import OpenAIController
 from api.settings import Settings
 from api.system.controllers import HealthController
 from registry.db import ensure_migrated, make_engine, make_sessionmaker
 from registry.store import ArtifactStore
+from serving.engine import Engine
+from serving.factory import create_engine
 
 
-def create_app(settings: Settings | None = None) -> Litestar:
+def create_app(settings: Settings | None = None, *, engine: Engine | None = None) -> Litestar:
+    """The app. ``engine`` overrides the one the settings name (tests pass a TorchEngine on tiny models)."""
     settings = settings or Settings.from_env()
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        engine = make_engine(settings.database_url)
+        db_engine = make_engine(settings.database_url)
         try:
-            await ensure_migrated(engine)  # refuse to serve on an unmigrated or out-of-date database
+            await ensure_migrated(db_engine)  # refuse to serve on an unmigrated or out-of-date database
             store = ArtifactStore(settings.store_dir)
             store.ensure()
-            app.state.runtime = Runtime(settings, engine, make_sessionmaker(engine), store)
-            yield
+            sessionmaker = make_sessionmaker(db_engine)
+            serving = engine or await create_engine(settings, sessionmaker)
+            app.state.runtime = Runtime(settings, db_engine, sessionmaker, store, serving)
+            try:
+                yield
+            finally:
+                if engine is None:  # an engine passed in belongs to the caller
+                    await serving.close()
         finally:
-            await engine.dispose()
+            await db_engine.dispose()
 
     return Litestar(
-        route_handlers=[HealthController, ExpertController],
+        route_handlers=[HealthController, ExpertController, CompositionController, OpenAIController],
         dependencies={
             "db_session": Provide(provide_session),
             "store": Provide(provide_store, sync_to_thread=False),

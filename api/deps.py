@@ -10,8 +10,10 @@ from litestar.di import NamedDependency
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from api.settings import Settings
+from registry.errors import MoergeError
 from registry.services import ApiKeyService, ExpertService
 from registry.store import ArtifactStore
+from serving.engine import Engine
 
 
 @dataclass
@@ -19,9 +21,10 @@ class Runtime:
     """Long-lived objects of one running app, kept on ``app.state.runtime``."""
 
     settings: Settings
-    engine: AsyncEngine
+    db_engine: AsyncEngine
     sessionmaker: async_sessionmaker[AsyncSession]
     store: ArtifactStore
+    serving: Engine | None = None
 
 
 def runtime_of(state: State) -> Runtime:
@@ -49,3 +52,11 @@ def provide_expert_service(
 
 def provide_key_service(db_session: NamedDependency[AsyncSession]) -> ApiKeyService:
     return ApiKeyService(db_session)
+
+
+def provide_engine(state: State) -> Engine:
+    """The serving engine (vLLM or torch) of this app."""
+    engine = runtime_of(state).serving
+    if engine is None:
+        raise MoergeError("no serving engine is configured in this app", param="engine")
+    return engine

@@ -1,5 +1,5 @@
 """Errors to HTTP, once, at the edge: every error leaves in the OpenAI shape
-``{"error": {"message", "type", "param", "code"}}``."""
+``{"error": {"message", "type", "param", "code"}}``; /v1 errors carry the x-moerge-* routing headers too."""
 
 from __future__ import annotations
 
@@ -32,14 +32,27 @@ def error_body(message: str, *, type_: str, param: str | None, code: str | None)
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def moerge_error_handler(_: Request[Any, Any, Any], exc: MoergeError) -> Response[dict[str, Any]]:
+def _extra_headers(request: Request[Any, Any, Any], exc: Exception) -> dict[str, str]:
+    """Routing headers on /v1 errors too, and Retry-After when the engine is coming back."""
+    headers: dict[str, str] = {}
+    if request.url.path.startswith("/v1/"):
+        from api.openai.serving import routing_headers
+
+        headers.update(routing_headers(getattr(request.state, "moerge_route", None)))
+    if (retry := getattr(exc, "retry_after", None)) is not None:
+        headers["retry-after"] = str(int(retry))
+    return headers
+
+
+def moerge_error_handler(request: Request[Any, Any, Any], exc: MoergeError) -> Response[dict[str, Any]]:
     return Response(
         error_body(exc.message, type_=exc.error_type, param=exc.param, code=exc.code),
         status_code=exc.status_code,
+        headers=_extra_headers(request, exc),
     )
 
 
-def http_error_handler(_: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, Any]]:
+def http_error_handler(request: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, Any]]:
     param = None
     message = exc.detail
     if isinstance(exc, ValidationException) and isinstance(exc.extra, list) and exc.extra:
@@ -48,21 +61,18 @@ def http_error_handler(_: Request[Any, Any, Any], exc: HTTPException) -> Respons
             param = first.get("key") or None
             message = f"{exc.detail}: {first.get('message', '')}".rstrip(": ")
     return Response(
-        error_body(
-            message, type_=_TYPES.get(exc.status_code, "server_error"), param=param, code=str(exc.status_code)
-        ),
+        error_body(message, type_=_TYPES.get(exc.status_code, "server_error"), param=param, code=str(exc.status_code)),
         status_code=exc.status_code,
-        headers=exc.headers,
+        headers={**(exc.headers or {}), **_extra_headers(request, exc)},
     )
 
 
-def internal_error_handler(_: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+def internal_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
     log.exception("unhandled error", exc_info=exc)
     return Response(
-        error_body(
-            f"internal error: {type(exc).__name__}", type_="server_error", param=None, code="internal_error"
-        ),
+        error_body(f"internal error: {type(exc).__name__}", type_="server_error", param=None, code="internal_error"),
         status_code=HTTP_500_INTERNAL_SERVER_ERROR,
+        headers=_extra_headers(request, exc),
     )
 
 

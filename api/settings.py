@@ -22,22 +22,52 @@ def _int_env(env: dict[str, str], name: str, default: int) -> int:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
 
 
+def _read_key_file(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _choice_env(env: dict[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
+    value = env.get(name) or default
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _pairs_env(env: dict[str, str], name: str) -> tuple[tuple[str, str], ...]:
+    """`a=http://x:8000,b=http://y:8000` -> (("a", "http://x:8000"), ("b", "http://y:8000"))."""
+    pairs = []
+    for item in filter(None, (p.strip() for p in env.get(name, "").split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise ValueError(f"{name}: expected BASE=URL items separated by commas, got {item!r}")
+        pairs.append((key.strip(), value.strip()))
+    return tuple(pairs)
+
+
 @dataclass(frozen=True)
 class Settings:
     home: Path = field(metadata={"help": "data directory: database, artifact store, converted models"})
-    database_url: str = field(
-        metadata={"help": "SQLAlchemy async URL (sqlite+aiosqlite or postgresql+asyncpg)"}
-    )
-    import_roots: tuple[Path, ...] = field(
-        metadata={"help": "folders the API may import experts from by path"}
-    )
+    database_url: str = field(metadata={"help": "SQLAlchemy async URL (sqlite+aiosqlite or postgresql+asyncpg)"})
+    import_roots: tuple[Path, ...] = field(metadata={"help": "folders the API may import experts from by path"})
     max_upload_bytes: int = field(default=8 * GiB, metadata={"help": "largest request body accepted"})
-    max_unpacked_bytes: int = field(
-        default=16 * GiB, metadata={"help": "largest total size an archive may unpack to"}
-    )
+    max_unpacked_bytes: int = field(default=16 * GiB, metadata={"help": "largest total size an archive may unpack to"})
     admin_key: str | None = field(default=None, metadata={"help": "first admin key for `moerge init`"})
     host: str = field(default="127.0.0.1", metadata={"help": "address `moerge serve` binds"})
     port: int = field(default=8000, metadata={"help": "port `moerge serve` binds"})
+    api_url: str = field(default="", metadata={"help": "where `moerge query` / `moerge eval` reach the API"})
+    api_key: str | None = field(default=None, metadata={"help": "key `moerge query` / `moerge eval` send"})
+    engine: str = field(
+        default="vllm", metadata={"help": "serving engine: vllm (managed servers) or torch (in process)"}
+    )
+    default_max_tokens: int = field(default=256, metadata={"help": "max_tokens when a request gives none"})
+    vllm_remote: tuple[tuple[str, str], ...] = field(
+        default=(), metadata={"help": "base (slug or id) = URL of a vLLM server elsewhere; no process is started"}
+    )
+    vllm_kv_cache_gib: int = field(default=2, metadata={"help": "VLLM_CPU_KVCACHE_SPACE for managed servers"})
+    vllm_max_model_len: int = field(default=2048, metadata={"help": "--max-model-len of managed servers"})
 
     @property
     def store_dir(self) -> Path:
@@ -63,4 +93,12 @@ class Settings:
             admin_key=env.get("MOERGE_ADMIN_KEY") or None,
             host=env.get("MOERGE_HOST", "127.0.0.1"),
             port=_int_env(env, "MOERGE_PORT", 8000),
+            api_url=env.get("MOERGE_URL")
+            or f"http://{env.get('MOERGE_HOST', '127.0.0.1')}:{env.get('MOERGE_PORT', '8000')}",
+            api_key=env.get("MOERGE_API_KEY") or _read_key_file(home / "admin-key"),
+            engine=_choice_env(env, "MOERGE_ENGINE", ("vllm", "torch"), "vllm"),
+            default_max_tokens=_int_env(env, "MOERGE_DEFAULT_MAX_TOKENS", 256),
+            vllm_remote=_pairs_env(env, "MOERGE_VLLM_REMOTE"),
+            vllm_kv_cache_gib=_int_env(env, "MOERGE_VLLM_KV_CACHE_GIB", 2),
+            vllm_max_model_len=_int_env(env, "MOERGE_VLLM_MAX_MODEL_LEN", 2048),
         )

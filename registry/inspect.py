@@ -192,15 +192,13 @@ def read_safetensors_header(path: Path, *, param: str) -> dict[str, TensorInfo]:
         prefix = fh.read(8)
         if len(prefix) < 8:
             raise ValidationFailed(
-                f"corrupt safetensors header: file is {file_size} bytes, "
-                "shorter than the 8-byte length prefix",
+                f"corrupt safetensors header: file is {file_size} bytes, shorter than the 8-byte length prefix",
                 param=param,
             )
         n = int.from_bytes(prefix, "little")
         if n == 0 or n > MAX_HEADER_BYTES or n > file_size - 8:
             raise ValidationFailed(
-                f"corrupt safetensors header: declared header length {n} is impossible for a "
-                f"{file_size}-byte file",
+                f"corrupt safetensors header: declared header length {n} is impossible for a {file_size}-byte file",
                 param=param,
             )
         raw = fh.read(n)
@@ -235,11 +233,7 @@ def read_safetensors_header(path: Path, *, param: str) -> dict[str, TensorInfo]:
     cursor = 0
     for begin, end, name in sorted(spans):
         if begin != cursor:
-            what = (
-                "overlaps the previous tensor"
-                if begin < cursor
-                else f"leaves a gap of {begin - cursor} bytes"
-            )
+            what = "overlaps the previous tensor" if begin < cursor else f"leaves a gap of {begin - cursor} bytes"
             raise ValidationFailed(f"corrupt safetensors header: tensor {name!r} {what}", param=param)
         cursor = end
     return tensors
@@ -384,9 +378,7 @@ def _check_index(folder: Path, names: set[str], headers: dict[str, dict[str, Ten
         raise ValidationFailed(f"{_INDEX_FILE}: weight_map must map tensor names to shard files", param=param)
     for tensor, shard in weight_map.items():
         if shard not in names:
-            raise ValidationFailed(
-                f"{_INDEX_FILE}: shard {shard} (for {tensor}) is not in the folder", param=param
-            )
+            raise ValidationFailed(f"{_INDEX_FILE}: shard {shard} (for {tensor}) is not in the folder", param=param)
         if shard not in headers:
             raise ValidationFailed(f"{_INDEX_FILE}: shard {shard} is not a .safetensors file", param=param)
         if tensor not in headers[shard]:
@@ -542,9 +534,7 @@ def _fill_adapter(insp: FolderInspection, cfg: dict[str, Any]) -> None:
         )
     raw_r = cfg.get("r")
     if not _is_nonneg_int(raw_r) or raw_r == 0:
-        raise ValidationFailed(
-            f"adapter_config.json: r must be a positive integer, got {raw_r!r}", param=param_cfg
-        )
+        raise ValidationFailed(f"adapter_config.json: r must be a positive integer, got {raw_r!r}", param=param_cfg)
     r: int = raw_r  # type: ignore[assignment]  # checked just above
     lora_alpha = _config_field(cfg, "lora_alpha", (int, float), 8)  # 8 is PEFT's default
     use_rslora = _config_field(cfg, "use_rslora", (bool,), False)
@@ -557,14 +547,10 @@ def _fill_adapter(insp: FolderInspection, cfg: dict[str, Any]) -> None:
     if modules_to_save is not None and not (
         isinstance(modules_to_save, list) and all(isinstance(m, str) and m for m in modules_to_save)
     ):
-        raise ValidationFailed(
-            "adapter_config.json: modules_to_save must be a list of names", param=param_cfg
-        )
+        raise ValidationFailed("adapter_config.json: modules_to_save must be a list of names", param=param_cfg)
     base_ref = cfg.get("base_model_name_or_path")
     if base_ref is not None and not isinstance(base_ref, str):
-        raise ValidationFailed(
-            "adapter_config.json: base_model_name_or_path must be a string", param=param_cfg
-        )
+        raise ValidationFailed("adapter_config.json: base_model_name_or_path must be a string", param=param_cfg)
     bias_mode = cfg.get("bias", "none")
 
     modules, others = _split_adapter_keys(insp.tensors)
@@ -659,9 +645,7 @@ def _check_lora_module(
                 param=param,
             )
     elif use_dora and not mod.embedding:
-        raise ValidationFailed(
-            f"module {module}: use_dora is set but lora_magnitude_vector is missing", param=param
-        )
+        raise ValidationFailed(f"module {module}: use_dora is set but lora_magnitude_vector is missing", param=param)
 
 
 def adapter_module_shapes(insp: FolderInspection) -> dict[str, tuple[int, int]]:
@@ -710,21 +694,17 @@ def check_adapter_fits_base(adapter: FolderInspection, base: FolderInspection, *
             raise ValidationFailed(f"module {module} not found in base {base_slug}", param="target_modules")
         if found.shape != expected:
             raise ValidationFailed(
-                f"shape of {module}: adapter implies {_fmt_shape(expected)}, "
-                f"base has {_fmt_shape(found.shape)}",
+                f"shape of {module}: adapter implies {_fmt_shape(expected)}, base has {_fmt_shape(found.shape)}",
                 param=f"files[{adapter.tensor_files[mod.keys[0]]}]",
             )
     for key, base_name in sorted(others.items()):
         info = adapter.tensors[key]
         found = _base_tensor(base, base_name)
         if found is None:
-            raise ValidationFailed(
-                f"tensor {base_name} not found in base {base_slug}", param="modules_to_save"
-            )
+            raise ValidationFailed(f"tensor {base_name} not found in base {base_slug}", param="modules_to_save")
         if found.shape != info.shape:
             raise ValidationFailed(
-                f"shape of {base_name}: adapter has {_fmt_shape(info.shape)}, "
-                f"base has {_fmt_shape(found.shape)}",
+                f"shape of {base_name}: adapter has {_fmt_shape(info.shape)}, base has {_fmt_shape(found.shape)}",
                 param=f"files[{adapter.tensor_files[key]}]",
             )
 
@@ -760,6 +740,4 @@ def check_finetune_fits_base(ft: FolderInspection, base: FolderInspection, *, ba
             )
     for name in sorted(base.tensors.keys() - ft.tensors.keys()):
         if not _is_lm_head(name):
-            raise ValidationFailed(
-                f"tensor {name} of base {base_slug} is missing from the finetune", param="files"
-            )
+            raise ValidationFailed(f"tensor {name} of base {base_slug} is missing from the finetune", param="files")

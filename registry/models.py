@@ -65,9 +65,7 @@ class Expert(Base):
 
     # lineage
     kind: Mapped[str] = mapped_column(String(16), index=True)
-    base_id: Mapped[uuid.UUID | None] = mapped_column(
-        Uuid, ForeignKey("experts.id", ondelete="RESTRICT"), index=True
-    )
+    base_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, ForeignKey("experts.id", ondelete="RESTRICT"), index=True)
     base_revision: Mapped[str | None] = mapped_column(String(128))
     parents: Mapped[list[Any]] = mapped_column(default=list)
     merge_job_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
@@ -127,9 +125,7 @@ class ExpertFile(Base):
     __table_args__ = (UniqueConstraint("expert_id", "path"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    expert_id: Mapped[uuid.UUID] = mapped_column(
-        Uuid, ForeignKey("experts.id", ondelete="CASCADE"), index=True
-    )
+    expert_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("experts.id", ondelete="CASCADE"), index=True)
     path: Mapped[str] = mapped_column(String(512))
     sha256: Mapped[str] = mapped_column(String(64), index=True)
     size: Mapped[int] = mapped_column(BigInteger)
@@ -141,9 +137,7 @@ class EvalResult(Base):
     __tablename__ = "eval_results"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    expert_id: Mapped[uuid.UUID] = mapped_column(
-        Uuid, ForeignKey("experts.id", ondelete="CASCADE"), index=True
-    )
+    expert_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("experts.id", ondelete="CASCADE"), index=True)
     task: Mapped[str] = mapped_column(String(128))
     dataset: Mapped[str | None] = mapped_column(String(256))
     metric: Mapped[str] = mapped_column(String(64))
@@ -224,9 +218,7 @@ class MergeJob(Base):
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     message: Mapped[str] = mapped_column(Text, default="")
     error: Mapped[str | None] = mapped_column(Text)
-    result_expert_id: Mapped[uuid.UUID | None] = mapped_column(
-        Uuid, ForeignKey("experts.id", ondelete="SET NULL")
-    )
+    result_expert_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, ForeignKey("experts.id", ondelete="SET NULL"))
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -240,9 +232,7 @@ class MergeJob(Base):
 class MergeJobInput(Base):
     __tablename__ = "merge_job_inputs"
 
-    job_id: Mapped[uuid.UUID] = mapped_column(
-        Uuid, ForeignKey("merge_jobs.id", ondelete="CASCADE"), primary_key=True
-    )
+    job_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("merge_jobs.id", ondelete="CASCADE"), primary_key=True)
     expert_id: Mapped[uuid.UUID] = mapped_column(
         Uuid, ForeignKey("experts.id", ondelete="RESTRICT"), primary_key=True, index=True
     )

@@ -15,9 +15,7 @@ from registry.errors import ValidationFailed
 from registry.models import ExpertKind, ExpertStatus
 
 SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
-SLUG_RULE = (
-    "lowercase letters, digits, '.', '_' or '-', starting with a letter or digit, at most 128 characters"
-)
+SLUG_RULE = "lowercase letters, digits, '.', '_' or '-', starting with a letter or digit, at most 128 characters"
 
 StrList = Annotated[list[str], msgspec.Meta(max_length=1000)]
 

@@ -129,9 +129,7 @@ class ExpertService:
         if existing is not None:
             if exist_ok and existing.manifest_sha256 == _manifest_of_folder(folder, insp):
                 return existing
-            raise Conflict(
-                f"an expert named {spec.slug!r} already exists", param="slug", code="duplicate_slug"
-            )
+            raise Conflict(f"an expert named {spec.slug!r} already exists", param="slug", code="duplicate_slug")
         if clash := await self._names_taken(spec.aliases):
             raise Conflict(f"alias {clash!r} is already a name of another expert", param="aliases")
         kind = _resolve_kind(spec, insp)
@@ -167,9 +165,7 @@ class ExpertService:
         await self.session.refresh(expert)
         return expert
 
-    async def _resolve_base(
-        self, spec: ExpertSpec, insp: FolderInspection, kind: ExpertKind
-    ) -> Expert | None:
+    async def _resolve_base(self, spec: ExpertSpec, insp: FolderInspection, kind: ExpertKind) -> Expert | None:
         if kind == ExpertKind.base:
             if spec.base:
                 raise ValidationFailed("a base model cannot itself have a base", param="base")
@@ -187,8 +183,7 @@ class ExpertService:
             )
         if base is None:
             raise ValidationFailed(
-                f"base model {ref!r} is not registered: register it first, or name a registered base "
-                "with `base`",
+                f"base model {ref!r} is not registered: register it first, or name a registered base with `base`",
                 param="base",
                 code="base_not_registered",
             )
@@ -234,9 +229,7 @@ class ExpertService:
             .distinct()
         )
         refs += [f"composition {name!r}" for name in compositions]
-        jobs = await self.session.scalars(
-            select(MergeJobInput.job_id).where(MergeJobInput.expert_id == expert.id)
-        )
+        jobs = await self.session.scalars(select(MergeJobInput.job_id).where(MergeJobInput.expert_id == expert.id))
         refs += [f"merge job {job}" for job in jobs]
         return refs
 
@@ -257,9 +250,7 @@ class ExpertService:
                 code="expert_in_use",
             )
         if refs:
-            await self.session.execute(
-                delete(CompositionMember).where(CompositionMember.expert_id == expert.id)
-            )
+            await self.session.execute(delete(CompositionMember).where(CompositionMember.expert_id == expert.id))
             await self.session.execute(
                 update(Composition).where(Composition.fallback_id == expert.id).values(fallback_id=None)
             )
@@ -383,15 +374,11 @@ class ApiKeyService:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
-    async def create(
-        self, name: str, scopes: Sequence[str], *, secret: str | None = None
-    ) -> tuple[ApiKey, str]:
+    async def create(self, name: str, scopes: Sequence[str], *, secret: str | None = None) -> tuple[ApiKey, str]:
         """Create a key; the secret is returned once and only its hash is stored."""
         bad = [s for s in scopes if s not in SCOPES]
         if bad or not scopes:
-            raise ValidationFailed(
-                f"scopes must be a non-empty subset of {', '.join(SCOPES)}", param="scopes"
-            )
+            raise ValidationFailed(f"scopes must be a non-empty subset of {', '.join(SCOPES)}", param="scopes")
         secret = secret or KEY_PREFIX + secrets.token_urlsafe(32)
         if len(secret) < 16:
             raise ValidationFailed("an API key must be at least 16 characters", param="key")
@@ -414,9 +401,7 @@ class ApiKeyService:
         if key is None or key.revoked:
             raise Unauthorized("invalid API key", param="authorization")
         if need not in key.scopes and "admin" not in key.scopes:
-            raise Forbidden(
-                f"this key lacks the {need!r} scope", param="authorization", code="insufficient_scope"
-            )
+            raise Forbidden(f"this key lacks the {need!r} scope", param="authorization", code="insufficient_scope")
         return key
 
 

@@ -167,9 +167,7 @@ class _Budget:
                 f"archive {self.archive.name!r} has more than {self.max_members} members", param=self.param
             )
         if size < 0:
-            raise ValidationFailed(
-                f"archive member {name!r} declares a negative size", param=f"{self.param}[{name}]"
-            )
+            raise ValidationFailed(f"archive member {name!r} declares a negative size", param=f"{self.param}[{name}]")
         # Checked as we go so a huge member is refused before the reader skips over its data.
         self.declared += size
         if self.declared > self.max_bytes:
@@ -257,9 +255,7 @@ def _plan(entries: list[_Entry], archive: Path, param: str) -> list[tuple[tuple[
     if not files:
         raise ValidationFailed(f"archive {archive.name!r} contains no files", param=param)
     top = files[0].parts[0]
-    single_top = all(len(e.parts) >= 2 and e.parts[0] == top for e in files) and all(
-        e.parts[0] == top for e in dirs
-    )
+    single_top = all(len(e.parts) >= 2 and e.parts[0] == top for e in files) and all(e.parts[0] == top for e in dirs)
     strip = 1 if single_top else 0
 
     targets: dict[tuple[str, ...], _Entry] = {}
@@ -284,9 +280,7 @@ def _plan(entries: list[_Entry], archive: Path, param: str) -> list[tuple[tuple[
     return list(targets.items())
 
 
-def _write_files(
-    plan: list[tuple[tuple[str, ...], _Entry]], dest: Path, archive: Path, limit: int, param: str
-) -> int:
+def _write_files(plan: list[tuple[tuple[str, ...], _Entry]], dest: Path, archive: Path, limit: int, param: str) -> int:
     written = 0
     for rel, entry in plan:
         member_param = f"{param}[{entry.name}]"
@@ -392,8 +386,7 @@ def _refuse_escaping_links(top: Path, roots: Sequence[Path], allowed: str, param
                 real = Path(os.path.realpath(entry.path))
                 if not _inside(real, roots):
                     raise Forbidden(
-                        f"{entry.path!r} is a symbolic link leading outside the allowed import roots "
-                        f"({allowed})",
+                        f"{entry.path!r} is a symbolic link leading outside the allowed import roots ({allowed})",
                         param=param,
                     )
                 if real.is_dir() and real not in visited:

@@ -38,9 +38,7 @@ class ExpertController(Controller):
         limit: FromQuery[int] = 50,
         offset: FromQuery[int] = 0,
     ) -> dict[str, Any]:
-        page = await experts.list_experts(
-            kind=kind, base=base, skill=skill, tag=tag, limit=limit, offset=offset
-        )
+        page = await experts.list_experts(kind=kind, base=base, skill=skill, tag=tag, limit=limit, offset=offset)
         return {
             "object": "list",
             "data": [expert_summary(e) for e in page.items],
@@ -59,9 +57,7 @@ class ExpertController(Controller):
     ) -> dict[str, Any]:
         """Register from a multipart upload: form fields of the spec plus `files` parts or one `archive`."""
         if request.content_type[0] != "multipart/form-data":
-            raise ValidationFailed(
-                "send multipart/form-data (fields + `files` or `archive`)", param="content-type"
-            )
+            raise ValidationFailed("send multipart/form-data (fields + `files` or `archive`)", param="content-type")
         form = await request.form()
         pairs = list(form.multi_items())
         stage_root = store.staging_dir()

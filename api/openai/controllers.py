@@ -1,0 +1,104 @@
+"""OpenAI-compatible /v1: models, chat completions (with SSE streaming), completions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Controller, Request, Response, get, post
+from litestar.di import NamedDependency, Provide
+from litestar.response import Stream
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from api.deps import provide_engine
+from api.openai.protocol import ChatCompletionRequest, CompletionRequest
+from api.openai.serving import CompletionRun, routing_headers
+from api.security import require_query
+from api.settings import Settings
+from registry.models import Composition, Expert
+from registry.schemas import decode_strict
+from registry.store import ArtifactStore
+from serving.engine import Engine
+from serving.resolve import resolve_model
+
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+class OpenAIController(Controller):
+    path = "/v1"
+    tags = ["openai"]
+    guards = [require_query]
+    dependencies = {"engine": Provide(provide_engine, sync_to_thread=False)}
+
+    @get("/models")
+    async def list_models(self, db_session: NamedDependency[AsyncSession]) -> dict[str, Any]:
+        experts = list(await db_session.scalars(select(Expert).order_by(Expert.created_at)))
+        data: list[dict[str, Any]] = []
+        for e in experts:
+            entry: dict[str, Any] = {
+                "id": e.slug,
+                "object": "model",
+                "created": int(e.created_at.timestamp()),
+                "owned_by": e.owner or "moerge",
+                "root": e.slug,
+                "parent": None,
+                "moerge": {"kind": e.kind, "expert_id": str(e.id)},
+            }
+            if e.base is not None:
+                entry["parent"] = e.base.slug
+            data.append(entry)
+        for c in await db_session.scalars(select(Composition).order_by(Composition.name)):
+            data.append(
+                {
+                    "id": c.name,
+                    "object": "model",
+                    "created": int(c.created_at.timestamp()),
+                    "owned_by": "moerge",
+                    "root": c.name,
+                    "parent": None,
+                    "moerge": {"kind": "composition", "router": c.router, "k": c.k},
+                }
+            )
+        return {"object": "list", "data": data}
+
+    @post("/chat/completions", status_code=200)
+    async def chat_completions(
+        self,
+        request: Request[Any, Any, Any],
+        db_session: NamedDependency[AsyncSession],
+        store: NamedDependency[ArtifactStore],
+        settings: NamedDependency[Settings],
+        engine: NamedDependency[Engine],
+    ) -> Response[Any]:
+        body: ChatCompletionRequest = decode_strict(await request.body(), ChatCompletionRequest)
+        messages = body.checked_messages()
+        sampling = body.sampling(settings.default_max_tokens)
+        resolved = await resolve_model(db_session, store, body.model)
+        request.state.moerge_route = resolved
+        run = CompletionRun(engine, resolved, sampling, chat=True)
+        return await _respond(run, run.request(messages=messages), body.stream, body.include_usage())
+
+    @post("/completions", status_code=200)
+    async def completions(
+        self,
+        request: Request[Any, Any, Any],
+        db_session: NamedDependency[AsyncSession],
+        store: NamedDependency[ArtifactStore],
+        settings: NamedDependency[Settings],
+        engine: NamedDependency[Engine],
+    ) -> Response[Any]:
+        body: CompletionRequest = decode_strict(await request.body(), CompletionRequest)
+        prompt = body.checked_prompt()
+        sampling = body.sampling(settings.default_max_tokens)
+        resolved = await resolve_model(db_session, store, body.model)
+        request.state.moerge_route = resolved
+        run = CompletionRun(engine, resolved, sampling, chat=False)
+        return await _respond(run, run.request(prompt=prompt), body.stream, body.include_usage())
+
+
+async def _respond(run: CompletionRun, gen: Any, stream: bool, include_usage: bool) -> Response[Any]:
+    headers = routing_headers(run.resolved)
+    if stream:
+        events = await run.open_stream(gen, include_usage=include_usage)
+        return Stream(events, media_type="text/event-stream", headers={**headers, **SSE_HEADERS})
+    return Response(await run.complete(gen), headers=headers)

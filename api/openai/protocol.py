@@ -1,0 +1,144 @@
+"""OpenAI-compatible request shapes for /v1/chat/completions and /v1/completions, with their validation.
+
+Known OpenAI fields are accepted (those moerge cannot honour are refused by name when set to something
+other than their default); anything else is an unknown field, refused by name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from registry.errors import ValidationFailed
+from serving.engine import Sampling
+
+MAX_TOKENS_LIMIT = 8192
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+class _Common(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    model: str
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int | None = None
+    user: str | None = None
+    # accepted for compatibility; only their neutral values are supported
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool | int | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+
+    def sampling(self, default_max_tokens: int) -> Sampling:
+        max_tokens = self._max_tokens() or default_max_tokens
+        if not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
+            raise ValidationFailed(f"must be between 1 and {MAX_TOKENS_LIMIT}", param=self._max_tokens_field())
+        temperature = 1.0 if self.temperature is None else self.temperature
+        if not 0.0 <= temperature <= 2.0:
+            raise ValidationFailed("temperature must be between 0 and 2", param="temperature")
+        top_p = 1.0 if self.top_p is None else self.top_p
+        if not 0.0 < top_p <= 1.0:
+            raise ValidationFailed("top_p must be in (0, 1]", param="top_p")
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValidationFailed("stop takes at most 4 non-empty strings", param="stop")
+        if self.n not in (None, 1):
+            raise ValidationFailed("only n = 1 is supported", param="n")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(self, name) not in (None, 0, 0.0):
+                raise ValidationFailed(f"{name} is not supported", param=name)
+        if self.logit_bias:
+            raise ValidationFailed("logit_bias is not supported", param="logit_bias")
+        if self.logprobs:
+            raise ValidationFailed("logprobs are not supported", param="logprobs")
+        return Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=tuple(stops), seed=self.seed)
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.get("include_usage"))
+
+    def _max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def _max_tokens_field(self) -> str:
+        return "max_tokens"
+
+
+class ChatCompletionRequest(_Common, kw_only=True):
+    messages: list[dict[str, Any]]
+    max_completion_tokens: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any | None = None
+    parallel_tool_calls: bool | None = None
+    top_logprobs: int | None = None
+
+    def _max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def _max_tokens_field(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
+    def checked_messages(self) -> list[dict[str, Any]]:
+        """Validate the messages and flatten text content parts; returns plain {role, content} dicts."""
+        if not self.messages:
+            raise ValidationFailed("messages must be a non-empty list", param="messages")
+        if self.tools:
+            raise ValidationFailed("tools are not supported", param="tools")
+        if self.response_format and self.response_format.get("type") not in (None, "text"):
+            raise ValidationFailed("only response_format type `text` is supported", param="response_format")
+        clean: list[dict[str, Any]] = []
+        for i, message in enumerate(self.messages):
+            where = f"messages[{i}]"
+            role = message.get("role")
+            if role not in ROLES:
+                raise ValidationFailed(f"role must be one of {', '.join(ROLES)}; got {role!r}", param=f"{where}.role")
+            if unknown := set(message) - {"role", "content", "name", "tool_call_id", "tool_calls", "refusal"}:
+                raise ValidationFailed(f"unknown field {sorted(unknown)[0]!r}", param=f"{where}.{sorted(unknown)[0]}")
+            clean.append(
+                {"role": "system" if role == "developer" else role, "content": _text_of(message.get("content"), where)}
+            )
+        return clean
+
+
+class CompletionRequest(_Common, kw_only=True):
+    prompt: str | list[str]
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def checked_prompt(self) -> str:
+        prompt = self.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise ValidationFailed("exactly one prompt per request is supported", param="prompt")
+            prompt = prompt[0]
+        if not prompt:
+            raise ValidationFailed("prompt must be a non-empty string", param="prompt")
+        if self.echo:
+            raise ValidationFailed("echo is not supported", param="echo")
+        if self.suffix:
+            raise ValidationFailed("suffix is not supported", param="suffix")
+        if self.best_of not in (None, 1):
+            raise ValidationFailed("only best_of = 1 is supported", param="best_of")
+        return prompt
+
+
+def _text_of(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValidationFailed("only text content parts are supported", param=f"{where}.content[{j}]")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise ValidationFailed("content must be a string or a list of text parts", param=f"{where}.content")

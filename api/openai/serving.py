@@ -1,0 +1,131 @@
+"""Serving of /v1 requests: resolve the model, run the engine, shape OpenAI responses and SSE streams."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from registry.errors import MoergeError
+from serving.engine import Engine, GenChunk, GenRequest, GenResult, Sampling
+from serving.resolve import Resolved
+
+
+def routing_headers(resolved: Resolved | None) -> dict[str, str]:
+    if resolved is None:
+        return {"x-moerge-router": "none", "x-moerge-experts": "", "x-moerge-weights": ""}
+    return {
+        "x-moerge-router": resolved.router,
+        "x-moerge-experts": ",".join(resolved.experts),
+        "x-moerge-weights": ",".join(f"{w:.4g}" for w in resolved.weights),
+    }
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+class CompletionRun:
+    """One /v1 request: chat (messages) or text completion (prompt), streamed or not."""
+
+    def __init__(self, engine: Engine, resolved: Resolved, sampling: Sampling, *, chat: bool) -> None:
+        self.engine = engine
+        self.resolved = resolved
+        self.sampling = sampling
+        self.chat = chat
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def request(self, *, messages: list[dict[str, Any]] | None = None, prompt: str | None = None) -> GenRequest:
+        return GenRequest(self.resolved.target, self.sampling, messages=messages, prompt=prompt, request_id=self.id)
+
+    async def complete(self, request: GenRequest) -> dict[str, Any]:
+        (result,) = await self.engine.generate([request])
+        if isinstance(result, BaseException):
+            raise result
+        return self.body(result)
+
+    def body(self, result: GenResult) -> dict[str, Any]:
+        if self.chat:
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": {"role": "assistant", "content": result.text},
+                "finish_reason": result.finish_reason,
+                "logprobs": None,
+            }
+        else:
+            choice = {"index": 0, "text": result.text, "finish_reason": result.finish_reason, "logprobs": None}
+        return {
+            "id": self.id,
+            "object": "chat.completion" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.resolved.model,
+            "choices": [choice],
+            "usage": _usage(result.prompt_tokens, result.completion_tokens),
+        }
+
+    def _chunk(self, text: str | None, finish_reason: str | None, *, first: bool = False) -> dict[str, Any]:
+        if self.chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": text or ""} if first else {}
+            if not first and text:
+                delta["content"] = text
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.resolved.model,
+            "choices": [choice],
+        }
+
+    async def open_stream(self, request: GenRequest, *, include_usage: bool) -> AsyncIterator[bytes]:
+        """Start the stream and wait for its first chunk, so that a failure to start (engine down,
+        unknown adapter) is still an HTTP error status rather than an error inside a 200 stream."""
+        chunks = self.engine.stream(request).__aiter__()
+        first = await chunks.__anext__()
+        return self._sse(first, chunks, include_usage=include_usage)
+
+    async def _sse(
+        self, first: GenChunk, rest: AsyncIterator[GenChunk], *, include_usage: bool
+    ) -> AsyncIterator[bytes]:
+        usage: tuple[int, int] | None = None
+        try:
+            if self.chat:
+                yield _event(self._chunk("", None, first=True))
+            chunk: GenChunk | None = first
+            while chunk is not None:
+                if chunk.text or chunk.finish_reason:
+                    yield _event(self._chunk(chunk.text, chunk.finish_reason))
+                if chunk.prompt_tokens is not None and chunk.completion_tokens is not None:
+                    usage = (chunk.prompt_tokens, chunk.completion_tokens)
+                chunk = await anext(rest, None)
+            if include_usage and usage is not None:
+                yield _event({**self._chunk(None, None), "choices": [], "usage": _usage(*usage)})
+        except MoergeError as exc:  # the stream has begun: report the error inside it, then end it
+            yield _event(
+                {"error": {"message": exc.message, "type": exc.error_type, "param": exc.param, "code": exc.code}}
+            )
+        except Exception as exc:
+            yield _event(
+                {
+                    "error": {
+                        "message": f"stream failed: {type(exc).__name__}",
+                        "type": "server_error",
+                        "param": None,
+                        "code": "stream_failed",
+                    }
+                }
+            )
+        yield b"data: [DONE]\n\n"
+
+
+def _event(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"

@@ -1,0 +1,205 @@
+"""The evaluation harness: run models or compositions over the tasks' splits through moerge's own /v1
+endpoint, and write a markdown table, a JSON file and a PNG plot.
+
+Queries go through the real serving path (API -> engine), many in flight at once so that the engine can
+batch them; latency is measured per query at the client, throughput over the whole run of one model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from evals.tasks import TASKS, Task, chat_messages
+from serving.engine import GenerationFailed
+
+
+@dataclass
+class QueryOutcome:
+    task: str
+    prompt: str
+    answer: str
+    output: str
+    correct: bool
+    latency_s: float
+    completion_tokens: int
+    experts: str = ""  # x-moerge-experts: who answered (for routing accuracy)
+
+
+@dataclass
+class EvalRow:
+    model: str
+    accuracy: dict[str, float]
+    mean: float
+    latency_p50_ms: float
+    latency_p95_ms: float
+    tokens_per_s: float
+    n_per_task: int
+    queries: int
+    wall_s: float
+    outcomes: list[QueryOutcome] = field(default_factory=list, repr=False)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (q in [0, 100]) without numpy."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+async def _ask(
+    client: httpx.AsyncClient, model: str, task: Task, prompt: str, answer: str, gate: asyncio.Semaphore
+) -> QueryOutcome:
+    body = {"model": model, "messages": chat_messages(prompt), "max_tokens": task.max_new_tokens, "temperature": 0.0}
+    async with gate:
+        start = time.perf_counter()
+        resp = await client.post("/v1/chat/completions", json=body)
+        latency = time.perf_counter() - start
+    if resp.status_code != 200:
+        raise GenerationFailed(f"{model}: HTTP {resp.status_code}: {resp.text[:300]}", param="model")
+    data = resp.json()
+    output = data["choices"][0]["message"]["content"]
+    return QueryOutcome(
+        task.name,
+        prompt,
+        answer,
+        output,
+        task.grade(output, answer),
+        latency,
+        int(data["usage"]["completion_tokens"]),
+        resp.headers.get("x-moerge-experts", ""),
+    )
+
+
+async def evaluate_model(
+    client: httpx.AsyncClient,
+    model: str,
+    tasks: Sequence[Task],
+    *,
+    n: int,
+    split: str = "eval",
+    concurrency: int = 16,
+    on_done: Callable[[], None] | None = None,
+) -> EvalRow:
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(task: Task, prompt: str, answer: str) -> QueryOutcome:
+        outcome = await _ask(client, model, task, prompt, answer, gate)
+        if on_done:
+            on_done()
+        return outcome
+
+    jobs = [one(task, ex.prompt, ex.answer) for task in tasks for ex in task.examples(split, n)]  # type: ignore[arg-type]
+    start = time.perf_counter()
+    outcomes = list(await asyncio.gather(*jobs))
+    wall = time.perf_counter() - start
+    accuracy = {task.name: sum(o.correct for o in outcomes if o.task == task.name) / max(1, n) for task in tasks}
+    latencies = [o.latency_s * 1000 for o in outcomes]
+    return EvalRow(
+        model=model,
+        accuracy=accuracy,
+        mean=statistics.fmean(accuracy.values()) if accuracy else 0.0,
+        latency_p50_ms=percentile(latencies, 50),
+        latency_p95_ms=percentile(latencies, 95),
+        tokens_per_s=sum(o.completion_tokens for o in outcomes) / wall if wall > 0 else 0.0,
+        n_per_task=n,
+        queries=len(outcomes),
+        wall_s=wall,
+        outcomes=outcomes,
+    )
+
+
+async def evaluate(
+    base_url: str,
+    api_key: str | None,
+    models: Sequence[str],
+    *,
+    task_names: Sequence[str] | None = None,
+    n: int = 100,
+    split: str = "eval",
+    concurrency: int = 16,
+    on_done: Callable[[], None] | None = None,
+) -> list[EvalRow]:
+    tasks = [TASKS.get(name) for name in task_names] if task_names else list(TASKS)
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=900, limits=limits) as client:
+        rows = []
+        for model in models:  # one model at a time: its latencies are not mixed with another's
+            rows.append(
+                await evaluate_model(client, model, tasks, n=n, split=split, concurrency=concurrency, on_done=on_done)
+            )
+        return rows
+
+
+# -- reports -----------------------------------------------------------------------------------------------
+def markdown_table(rows: Sequence[EvalRow], *, title: str = "") -> str:
+    tasks = list(rows[0].accuracy) if rows else []
+    head = ["model", *tasks, "mean", "p50 ms", "p95 ms", "tokens/s"]
+    lines = [f"### {title}", ""] if title else []
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [
+            row.model,
+            *(f"{100 * row.accuracy[t]:.0f}%" for t in tasks),
+            f"**{100 * row.mean:.1f}%**",
+            f"{row.latency_p50_ms:.0f}",
+            f"{row.latency_p95_ms:.0f}",
+            f"{row.tokens_per_s:.1f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    if rows:
+        lines += [
+            "",
+            f"Exact match on {rows[0].n_per_task} queries per task (greedy); latency per query at the "
+            "client with up to 16 in flight; tokens/s = completion tokens / wall time of the model's run.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: Sequence[EvalRow], path: Path, *, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [*list(rows[0].accuracy), "mean"] if rows else []
+    width = 0.8 / max(1, len(rows))
+    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(tasks)), 4.5))
+    for i, row in enumerate(rows):
+        values = [100 * row.accuracy[t] for t in tasks[:-1]] + [100 * row.mean]
+        ax.bar([x + i * width for x in range(len(tasks))], values, width, label=row.model)
+    ax.set_xticks([x + width * (len(rows) - 1) / 2 for x in range(len(tasks))], tasks)
+    ax.set_ylabel("exact match (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title(title or "moerge eval")
+    ax.legend(fontsize=7, ncols=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_reports(rows: Sequence[EvalRow], out_dir: Path, *, title: str = "", name: str = "eval") -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"markdown": out_dir / f"{name}.md", "json": out_dir / f"{name}.json", "png": out_dir / f"{name}.png"}
+    paths["markdown"].write_text(markdown_table(rows, title=title))
+    payload: dict[str, Any] = {
+        "title": title,
+        "rows": [{k: v for k, v in asdict(row).items() if k != "outcomes"} for row in rows],
+        "outcomes": {row.model: [asdict(o) for o in row.outcomes] for row in rows},
+    }
+    paths["json"].write_text(json.dumps(payload, indent=1))
+    plot(rows, paths["png"], title=title)
+    return paths

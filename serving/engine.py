@@ -1,0 +1,108 @@
+"""The Engine protocol: generate a batch of requests (base model + optional adapter), or stream one.
+
+Two engines implement it: ``serving.vllm`` (managed or remote vLLM servers, multi-LoRA batches) and
+``serving.torch`` (transformers + PEFT in process). The API resolves a model name to a ``Target`` and
+hands the engine ``GenRequest``s; it never talks to vLLM or transformers itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from registry.errors import MoergeError
+
+
+class EngineUnavailable(MoergeError):
+    """The engine (a vLLM server) is down or starting: the client should retry shortly."""
+
+    status_code = 503
+    error_type = "server_error"
+    default_code = "engine_unavailable"
+
+    def __init__(self, message: str, *, retry_after: int = 30, param: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.retry_after = retry_after
+
+
+class GenerationFailed(MoergeError):
+    """A request failed inside the engine (e.g. its server died mid-request)."""
+
+    status_code = 502
+    error_type = "server_error"
+    default_code = "generation_failed"
+
+
+@dataclass(frozen=True)
+class Target:
+    """What to run: a base model folder, optionally with one LoRA adapter folder on top."""
+
+    base_id: str  # registry id of the base (or merged full model): one vLLM server per base
+    base_dir: Path
+    adapter_id: str | None = None
+    adapter_dir: Path | None = None
+    max_lora_rank: int = 8
+    served_name: str = ""  # the registry slug answering, reported as `model` in responses
+
+    @property
+    def key(self) -> str:
+        return self.adapter_id or self.base_id
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass
+class GenRequest:
+    target: Target
+    sampling: Sampling
+    messages: list[dict[str, Any]] | None = None  # chat
+    prompt: str | None = None  # plain completion
+    request_id: str = ""
+
+
+@dataclass
+class GenResult:
+    text: str
+    finish_reason: Literal["stop", "length"] | str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class GenChunk:
+    """One piece of a stream: new text, and on the last chunk the finish reason and token counts."""
+
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+@runtime_checkable
+class Engine(Protocol):
+    name: str
+
+    async def generate(self, requests: list[GenRequest]) -> list[GenResult | BaseException]:
+        """Run all requests concurrently (one batch where the engine can); failures are returned per request."""
+        ...
+
+    def stream(self, request: GenRequest) -> AsyncIterator[GenChunk]:
+        """Stream one request's completion."""
+        ...
+
+    async def status(self) -> list[dict[str, Any]]:
+        """The engine's servers or models and their state, for /api/health and the admin dashboard."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,44 @@
+"""Build the engine the settings name. Remote vLLM servers are configured by base slug or id."""
+
+from __future__ import annotations
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from api.settings import Settings
+from registry.errors import ValidationFailed
+from registry.services import ExpertService
+from registry.store import ArtifactStore
+from serving.engine import Engine
+
+
+async def remote_servers_by_id(settings: Settings, sessionmaker: async_sessionmaker[AsyncSession]) -> dict[str, str]:
+    """MOERGE_VLLM_REMOTE names bases by slug (or id); the engine keys servers by expert id."""
+    if not settings.vllm_remote:
+        return {}
+    remote: dict[str, str] = {}
+    async with sessionmaker() as session:
+        experts = ExpertService(session, ArtifactStore(settings.store_dir))
+        for ref, url in settings.vllm_remote:
+            expert = await experts.find(ref)
+            if expert is None:
+                raise ValidationFailed(
+                    f"MOERGE_VLLM_REMOTE names {ref!r}, which is not registered", param="vllm_remote"
+                )
+            remote[str(expert.id)] = url
+    return remote
+
+
+async def create_engine(settings: Settings, sessionmaker: async_sessionmaker[AsyncSession]) -> Engine:
+    if settings.engine == "torch":
+        from serving.torch_engine import TorchEngine
+
+        return TorchEngine()
+    from serving.vllm import VLLMConfig, VLLMEngine
+
+    config = VLLMConfig(
+        remote_servers=await remote_servers_by_id(settings, sessionmaker),
+        kv_cache_gib=settings.vllm_kv_cache_gib,
+        max_model_len=settings.vllm_max_model_len,
+        log_dir=settings.home / "logs",
+    )
+    return VLLMEngine(config)
