@@ -41,7 +41,7 @@ def test_register_real_smollm2_and_adapter(
                         "dtype": base.dtype,
                         "params": base.param_count,
                         "tok": base.tokenizer_hash,
-                        "size": base.total_size,
+                        "size": base.total_size, "id": str(base.id),
                     },
                     {"r": adapter.r, "targets": adapter.target_modules, "base": adapter.base_id == base.id},
                 )
@@ -56,5 +56,5 @@ def test_register_real_smollm2_and_adapter(
     # the stored folder loads back in transformers
     from transformers import AutoConfig
 
-    folder = next(registry_env.store.experts.iterdir())
+    folder = registry_env.store.expert_dir(str(base["id"]))
     assert AutoConfig.from_pretrained(folder).num_hidden_layers == 30

@@ -1,0 +1,649 @@
+"""The torch engine: transformers + PEFT in process, several LoRA adapters of one base in one batch.
+
+One ``_Slot`` per base model holds the model, its tokenizer and (once an adapter is needed) the PeftModel
+wrapping it, with every adapter attached once under its own name. Requests for a base queue on its slot; a
+runner task takes up to ``max_batch_size`` of them at a time (whatever arrived while the previous batch ran)
+and decodes them in ONE ``generate`` call in a worker thread, each row on its own adapter through PEFT's
+mixed-adapter batch inference (``adapter_names=[...]``, ``"__base__"`` for none). Streams join the same
+batches. ``generate_switching`` is the naive baseline (``set_adapter`` per adapter group) for benchmarks.
+
+Per-row behaviour inside a shared ``generate`` call comes from two hooks transformers calls every step:
+
+* ``_RowSampler`` (a logits processor): each row's own temperature, top-p and seeded generator; it samples
+  the token itself and leaves only that token open, so the batch runs in greedy mode and greedy rows are
+  untouched (token-exact with a plain ``generate``).
+* ``_Tracker`` (a stopping criterion, called once per step with the step's tokens): each row's max_tokens,
+  EOS and stop strings, stream text, and delivery of a row's result as soon as that row finishes.
+
+Extension point for token-level mixtures and logit fusion (issue 7): every row carries a ``route`` (today
+``"__base__"`` or a PEFT adapter name) and ``_Slot.batch_hooks`` turns a batch's routes into generate
+kwargs, a context entered around ``generate`` and extra logits processors. A mixture layer wrapping the
+base's linear modules installs its per-row routing in that context (as PEFT does for ``adapter_names``
+with forward pre-hooks); logit fusion is a logits processor over rows that decode together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import hashlib
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+
+from registry.errors import MoergeError, ValidationFailed
+from serving.engine import (
+    EngineUnavailable,
+    GenChunk,
+    GenerationFailed,
+    GenRequest,
+    GenResult,
+    Target,
+)
+
+BASE_ROUTE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+
+Outcome = GenResult | BaseException
+
+
+# --- jobs: one request waiting for, or inside, a batch -------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Job:
+    """A request plus where its answer goes: a future (generate) or a chunk queue (stream).
+
+    Results are handed over with ``call_soon_threadsafe`` because batches run in worker threads."""
+
+    request: GenRequest
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Outcome] | None = None
+    chunks: asyncio.Queue[GenChunk | BaseException] | None = None
+    submitted: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False  # the caller went away: drop the row at the next step
+
+    @property
+    def streaming(self) -> bool:
+        return self.chunks is not None
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody is listening
+            self.loop.call_soon_threadsafe(fn, *args)
+
+    def deliver(self, outcome: Outcome | GenChunk) -> None:
+        if self.future is not None:
+            self._call(_resolve, self.future, outcome)
+        elif self.chunks is not None:
+            self._call(self.chunks.put_nowait, outcome)
+
+
+def _resolve(future: asyncio.Future[Outcome], outcome: Outcome) -> None:
+    # Exceptions travel as results: the Engine protocol returns them in the list instead of raising.
+    if not future.done():
+        future.set_result(outcome)
+
+
+def _failure(exc: BaseException, what: str) -> MoergeError:
+    if isinstance(exc, MoergeError):
+        return exc
+    return GenerationFailed(f"{what}: {type(exc).__name__}: {exc}")
+
+
+# --- per base model -------------------------------------------------------------------------------------
+
+
+@dataclass
+class BatchHooks:
+    """How a batch's row routes act on the model during one ``generate`` call."""
+
+    generate_kwargs: dict[str, Any] = field(default_factory=dict)
+    context: AbstractContextManager[Any] = field(default_factory=contextlib.nullcontext)
+    processors: list[LogitsProcessor] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Slot:
+    base_id: str
+    base_dir: Path
+    # One user of the model at a time: a batch, a switching run, a load or close. A threading lock because
+    # the work runs in worker threads; waiting on it never blocks the event loop.
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    model: PreTrainedModel | None = None
+    peft: Any = None  # peft.PeftModel once the first adapter is attached
+    tokenizer: Any = None
+    pad_id: int = 0
+    eos_ids: frozenset[int] = frozenset()
+    max_positions: int | None = None
+    adapters: dict[str, tuple[str, Path]] = field(default_factory=dict)  # adapter_id -> (PEFT name, folder)
+    queue: list[_Job] = field(default_factory=list)
+    runner: asyncio.Task[None] | None = None
+    loaded_at: float | None = None
+
+    @property
+    def generator_model(self) -> Any:
+        return self.peft if self.peft is not None else self.model
+
+    def batch_hooks(self, routes: list[str]) -> BatchHooks:
+        """PEFT mixed-adapter batch: one adapter name per row. A token-level mixture adds its routes here."""
+        if self.peft is None:
+            return BatchHooks()  # nothing attached yet: every row is the plain base
+        return BatchHooks(generate_kwargs={"adapter_names": list(routes)})
+
+
+def _peft_name(adapter_id: str) -> str:
+    # PEFT names become nn.ModuleDict keys, which may not contain "." (nor shadow the base route).
+    if adapter_id and "." not in adapter_id and adapter_id != BASE_ROUTE:
+        return adapter_id
+    return "adapter_" + hashlib.sha1(adapter_id.encode()).hexdigest()[:16]
+
+
+def _has_lora_layers(model: torch.nn.Module) -> bool:
+    from peft.tuners.lora import LoraLayer
+
+    return any(isinstance(m, LoraLayer) for m in model.modules())
+
+
+# --- rows: one request inside one generate call ---------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Row:
+    job: _Job
+    route: str
+    prompt_ids: list[int]
+    max_new: int
+    out_ids: list[int] = field(default_factory=list)
+    reason: str | None = None  # "stop", "length", or "cancelled"; set once, when the row finishes
+    sent: int = 0  # characters already streamed
+
+    @property
+    def sampling(self) -> Any:
+        return self.job.request.sampling
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        return tuple(s for s in self.sampling.stop if s)
+
+
+def _cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    """Cut at the earliest occurrence of any stop string (the stop string itself is not returned)."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+class _RowSampler(LogitsProcessor):
+    """Per-row temperature, top-p and seed inside one batch (transformers' own processors apply one
+    setting to every row, and its sampling uses the global RNG, so a seed would depend on the batch).
+
+    A sampled row's token is drawn here with the row's own generator and all other logits are masked, so
+    the greedy argmax transformers then takes returns exactly that token."""
+
+    def __init__(self, rows: list[_Row]) -> None:
+        self.rows = rows
+        self.generators: dict[int, torch.Generator] = {}
+        for i, row in enumerate(rows):
+            if row.sampling.temperature > 0:
+                gen = torch.Generator()
+                if row.sampling.seed is None:
+                    gen.seed()
+                else:
+                    gen.manual_seed(row.sampling.seed)
+                self.generators[i] = gen
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for i, gen in self.generators.items():
+            row = self.rows[i]
+            if row.reason is not None:
+                continue
+            probs = torch.softmax(scores[i].float() / row.sampling.temperature, dim=-1)
+            if row.sampling.top_p < 1.0:
+                sorted_probs, order = torch.sort(probs, descending=True)
+                # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+                drop = (sorted_probs.cumsum(-1) - sorted_probs) >= row.sampling.top_p
+                sorted_probs[drop] = 0.0
+                probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+            token = int(torch.multinomial(probs, 1, generator=gen).item())
+            masked = torch.full_like(scores[i], float("-inf"))
+            masked[token] = 0.0
+            scores[i] = masked
+        return scores
+
+
+class _Tracker(StoppingCriteria):
+    """Transformers calls this once per decoding step, right after choosing the step's tokens: the hook for
+    each row's own limits (max_tokens, EOS, stop strings), its stream text and early delivery of its result
+    (a short answer does not wait for the longest row of its batch)."""
+
+    def __init__(self, rows: list[_Row], tokenizer: Any, eos_ids: frozenset[int]) -> None:
+        self.rows = rows
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        newest = input_ids[:, -1].tolist()
+        done = torch.zeros(len(self.rows), dtype=torch.bool, device=input_ids.device)
+        for i, row in enumerate(self.rows):
+            if row.reason is None:
+                self._step(row, int(newest[i]))
+            done[i] = row.reason is not None
+        return done  # type: ignore[return-value]
+
+    def _decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def _step(self, row: _Row, token: int) -> None:
+        if row.job.cancelled:
+            row.reason = "cancelled"
+            return
+        row.out_ids.append(token)
+        stops = row.stops
+        if token in self.eos_ids:
+            row.reason = "stop"
+        elif row.job.streaming:
+            text, hit = _cut_at_stop(self._decode(row.out_ids), stops)
+            if hit:
+                row.reason = "stop"
+            else:
+                # Hold back what may be the start of a stop string, and half-decoded UTF-8 characters.
+                hold = max((len(s) for s in stops), default=1) - 1
+                visible = text.rstrip("\ufffd")
+                self._emit(row, visible[: len(visible) - hold])
+        elif stops:
+            # Only the tail can hold a stop string that was not there a step earlier; a longer window than
+            # the stop needs, because a decoder may drop a leading space of the first token it sees.
+            window = max(len(s) for s in stops) + 8
+            if _cut_at_stop(self._decode(row.out_ids[-window:]), stops)[1]:
+                row.reason = "stop"
+        if row.reason is None and len(row.out_ids) >= row.max_new:
+            row.reason = "length"
+        if row.reason is not None:
+            self.finish(row)
+
+    def _emit(self, row: _Row, text: str) -> None:
+        if len(text) > row.sent:
+            row.job.deliver(GenChunk(text=text[row.sent :]))
+            row.sent = len(text)
+
+    def finish(self, row: _Row) -> None:
+        ids = row.out_ids[:-1] if row.out_ids and row.out_ids[-1] in self.eos_ids else row.out_ids
+        text, hit = _cut_at_stop(self._decode(ids), row.stops)
+        reason = "stop" if hit else (row.reason or "length")
+        row.reason = reason
+        if row.job.streaming:
+            rest = text[row.sent :] if len(text) > row.sent else ""
+            row.sent = max(row.sent, len(text))
+            row.job.deliver(
+                GenChunk(
+                    text=rest,
+                    finish_reason=reason,
+                    prompt_tokens=len(row.prompt_ids),
+                    completion_tokens=len(row.out_ids),
+                )
+            )
+            return
+        row.job.deliver(
+            GenResult(
+                text=text,
+                finish_reason=reason,
+                prompt_tokens=len(row.prompt_ids),
+                completion_tokens=len(row.out_ids),
+                latency_s=time.perf_counter() - row.job.submitted,
+                extra={"engine": "torch", "adapter": None if row.route == BASE_ROUTE else row.route},
+            )
+        )
+
+
+# --- the engine -----------------------------------------------------------------------------------------
+
+
+class TorchEngine:
+    """In-process transformers + PEFT engine (see the module docstring).
+
+    ``max_batch_size``: rows per ``generate`` call; more waiting requests run in the next batch.
+    ``dtype``: float32 by default, the fastest on this CPU (bf16 measured 3-5 times slower)."""
+
+    name = "torch"
+
+    def __init__(
+        self, *, max_batch_size: int = 16, dtype: torch.dtype = torch.float32, device: str = "cpu"
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be at least 1")
+        self.max_batch_size = max_batch_size
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self._slots: dict[tuple[str, str], _Slot] = {}
+
+    # -- public API ------------------------------------------------------------------------------------
+
+    async def generate(self, requests: list[GenRequest]) -> list[GenResult | BaseException]:
+        """All requests, batched per base with mixed adapters; failures are returned in place."""
+        loop = asyncio.get_running_loop()
+        jobs = [_Job(request=r, loop=loop, future=loop.create_future()) for r in requests]
+        for job in jobs:
+            self._submit(job)
+        try:
+            return list(await asyncio.gather(*(j.future for j in jobs if j.future is not None)))
+        finally:
+            for job in jobs:
+                job.cancelled = True  # no-op once answered; frees the rows if our caller was cancelled
+
+    async def generate_switching(self, requests: list[GenRequest]) -> list[GenResult | BaseException]:
+        """Naive baseline for benchmarks: per base, one adapter group after another, activating each with
+        PEFT's ``set_adapter`` (the base with ``disable_adapter``), instead of one mixed batch."""
+        loop = asyncio.get_running_loop()
+        jobs = [_Job(request=r, loop=loop, future=loop.create_future()) for r in requests]
+        by_slot: dict[int, tuple[_Slot, list[_Job]]] = {}
+        for job in jobs:
+            slot = self._slot(job.request.target)
+            by_slot.setdefault(id(slot), (slot, []))[1].append(job)
+        for slot, slot_jobs in by_slot.values():
+            await asyncio.to_thread(self._run_jobs, slot, slot_jobs, switching=True)
+        return list(await asyncio.gather(*(j.future for j in jobs if j.future is not None)))
+
+    async def stream(self, request: GenRequest) -> AsyncIterator[GenChunk]:
+        """Stream one completion; it shares batches with ``generate``. The last chunk carries the finish
+        reason and token counts. A failure before any text (bad adapter, base not loadable) raises from the
+        first ``__anext__``."""
+        loop = asyncio.get_running_loop()
+        job = _Job(request=request, loop=loop, chunks=asyncio.Queue())
+        self._submit(job)
+        try:
+            while True:
+                item = await job.chunks.get()  # type: ignore[union-attr]
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            job.cancelled = True  # a client that went away stops its row at the next step
+
+    async def load(self, target: Target) -> None:
+        """Load the base (and adapter) now rather than on the first request, e.g. before a benchmark."""
+        slot = self._slot(target)
+        await asyncio.to_thread(self._load_locked, slot, target)
+
+    async def status(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "engine": self.name,
+                "name": slot.base_id,
+                "base_dir": str(slot.base_dir),
+                "state": "loaded" if slot.model is not None else "not_loaded",
+                "device": str(self.device),
+                "dtype": str(self.dtype).removeprefix("torch."),
+                "adapters": sorted(slot.adapters),
+                "queued": len(slot.queue),
+                "loaded_at": slot.loaded_at,
+            }
+            for slot in self._slots.values()
+        ]
+
+    async def close(self) -> None:
+        """Drop every model (waiting for a running batch to end); queued requests fail as unavailable."""
+        slots, self._slots = list(self._slots.values()), {}
+        for slot in slots:
+            queued, slot.queue = slot.queue, []
+            for job in queued:
+                job.deliver(EngineUnavailable("the torch engine was closed", retry_after=1))
+            await asyncio.to_thread(self._drop_locked, slot)
+        gc.collect()
+
+    # -- scheduling --------------------------------------------------------------------------------------
+
+    def _slot(self, target: Target) -> _Slot:
+        key = (target.base_id, str(Path(target.base_dir)))
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = self._slots[key] = _Slot(base_id=target.base_id, base_dir=Path(target.base_dir))
+        return slot
+
+    def _submit(self, job: _Job) -> None:
+        slot = self._slot(job.request.target)
+        slot.queue.append(job)
+        runner = slot.runner
+        if runner is None or runner.done() or runner.get_loop() is not job.loop:
+            slot.runner = job.loop.create_task(self._drain(slot))
+
+    async def _drain(self, slot: _Slot) -> None:
+        # Whatever queued while a batch ran goes into the next batch: concurrent callers share batches.
+        while slot.queue:
+            jobs = [j for j in slot.queue[: self.max_batch_size] if not j.cancelled]
+            del slot.queue[: self.max_batch_size]
+            if not jobs:
+                continue
+            try:
+                await asyncio.to_thread(self._run_jobs, slot, jobs)
+            except BaseException as exc:  # _run_jobs reports per-row failures itself; this is a bug or shutdown
+                for job in jobs:
+                    job.deliver(_failure(exc, "batch failed"))
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+
+    # -- worker-thread side ------------------------------------------------------------------------------
+
+    def _run_jobs(self, slot: _Slot, jobs: list[_Job], *, switching: bool = False) -> None:
+        with slot.lock, torch.inference_mode():
+            try:
+                self._ensure_base(slot)
+            except Exception as exc:
+                for job in jobs:
+                    job.deliver(_failure(exc, f"cannot load base model {slot.base_id!r} from {slot.base_dir}"))
+                return
+            rows: list[_Row] = []
+            for job in jobs:
+                if job.cancelled:
+                    continue
+                try:
+                    rows.append(self._prepare(slot, job))
+                except Exception as exc:
+                    job.deliver(_failure(exc, "request failed"))
+            if not switching:
+                for start in range(0, len(rows), self.max_batch_size):
+                    self._decode(slot, rows[start : start + self.max_batch_size])
+                return
+            groups: dict[str, list[_Row]] = {}
+            for row in rows:
+                groups.setdefault(row.route, []).append(row)
+            for route, group in groups.items():
+                with self._only_adapter(slot, route):
+                    for start in range(0, len(group), self.max_batch_size):
+                        self._decode(slot, group[start : start + self.max_batch_size], mixed=False)
+
+    @contextlib.contextmanager
+    def _only_adapter(self, slot: _Slot, route: str) -> Iterator[None]:
+        if slot.peft is None:
+            yield
+        elif route == BASE_ROUTE:
+            with slot.peft.disable_adapter():
+                yield
+        else:
+            slot.peft.set_adapter(route, inference_mode=True)
+            yield
+
+    def _load_locked(self, slot: _Slot, target: Target) -> None:
+        with slot.lock:
+            self._ensure_base(slot)
+            self._ensure_adapter(slot, target)
+
+    def _drop_locked(self, slot: _Slot) -> None:
+        with slot.lock:
+            self._drop(slot)
+
+    def _drop(self, slot: _Slot) -> None:
+        slot.model = slot.peft = slot.tokenizer = None
+        slot.adapters.clear()
+        slot.loaded_at = None
+
+    def _ensure_base(self, slot: _Slot) -> None:
+        if slot.model is not None:
+            return
+        tokenizer = AutoTokenizer.from_pretrained(slot.base_dir)
+        model = AutoModelForCausalLM.from_pretrained(slot.base_dir, dtype=self.dtype).to(self.device).eval()
+        gen_eos = model.generation_config.eos_token_id
+        eos = set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+        if tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        pad = tokenizer.pad_token_id
+        if pad is None:
+            pad = model.generation_config.pad_token_id
+        if pad is None:
+            pad = min(eos) if eos else 0  # any id works: padded positions are masked out
+        slot.tokenizer, slot.model, slot.peft = tokenizer, model, None
+        slot.eos_ids, slot.pad_id = frozenset(eos), int(pad)
+        slot.max_positions = getattr(model.config, "max_position_embeddings", None)
+        slot.adapters.clear()
+        slot.loaded_at = time.time()
+
+    def _ensure_adapter(self, slot: _Slot, target: Target) -> str:
+        """The row's route: the base, or the PEFT name of the target's adapter (attached on first use)."""
+        if target.adapter_id is None and target.adapter_dir is None:
+            return BASE_ROUTE
+        if target.adapter_id is None or target.adapter_dir is None:
+            raise ValidationFailed("an adapter target needs both adapter_id and adapter_dir", param="model")
+        adapter_dir = Path(target.adapter_dir)
+        known = slot.adapters.get(target.adapter_id)
+        if known is not None and known[1] == adapter_dir:
+            return known[0]
+        name = _peft_name(target.adapter_id)
+        if known is not None:  # same id, new folder (re-registered): replace it
+            slot.peft.delete_adapter(name)
+            del slot.adapters[target.adapter_id]
+        try:
+            self._attach(slot, name, adapter_dir)
+        except Exception as exc:
+            raise GenerationFailed(
+                f"cannot load adapter {target.adapter_id!r} from {adapter_dir}: {type(exc).__name__}: {exc}",
+                param="model",
+            ) from exc
+        slot.adapters[target.adapter_id] = (name, adapter_dir)
+        return name
+
+    def _attach(self, slot: _Slot, name: str, adapter_dir: Path) -> None:
+        from peft import PeftConfig, PeftModel, PeftType
+
+        config = PeftConfig.from_pretrained(str(adapter_dir))
+        # Mixed-adapter batches exist for LoRA only, and PEFT refuses DoRA in them: refuse up front, per request.
+        if config.peft_type != PeftType.LORA:
+            raise ValueError(f"only LoRA adapters are supported, this one is {config.peft_type}")
+        if getattr(config, "use_dora", False):
+            raise ValueError("DoRA adapters cannot run in mixed-adapter batches")
+        if slot.peft is not None:
+            try:
+                slot.peft.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=False)
+            except Exception:
+                if name in slot.peft.peft_config:  # injected before its weights failed: take it out again
+                    slot.peft.delete_adapter(name)
+                raise
+        else:
+            try:
+                slot.peft = PeftModel.from_pretrained(slot.model, str(adapter_dir), adapter_name=name)
+            except Exception:
+                # PEFT injects LoRA layers into the base in place before loading weights: if that happened,
+                # the base is no longer clean, so reload it from disk.
+                if slot.model is not None and _has_lora_layers(slot.model):
+                    self._drop(slot)
+                    self._ensure_base(slot)
+                raise
+        slot.peft.eval()
+
+    def _prepare(self, slot: _Slot, job: _Job) -> _Row:
+        request, sampling = job.request, job.request.sampling
+        if sampling.max_tokens < 1:
+            raise ValidationFailed("max_tokens must be at least 1", param="max_tokens")
+        if sampling.temperature < 0:
+            raise ValidationFailed("temperature must not be negative", param="temperature")
+        if not 0 < sampling.top_p <= 1:
+            raise ValidationFailed("top_p must be in (0, 1]", param="top_p")
+        route = self._ensure_adapter(slot, request.target)
+        ids = self._encode(slot, request)
+        max_new = sampling.max_tokens
+        if slot.max_positions:
+            if len(ids) >= slot.max_positions:
+                param = "messages" if request.messages is not None else "prompt"
+                raise ValidationFailed(
+                    f"the prompt has {len(ids)} tokens; this model takes at most {slot.max_positions}", param=param
+                )
+            max_new = min(max_new, slot.max_positions - len(ids))  # the context is full: finish with "length"
+        return _Row(job=job, route=route, prompt_ids=ids, max_new=max_new)
+
+    def _encode(self, slot: _Slot, request: GenRequest) -> list[int]:
+        tokenizer = slot.tokenizer
+        if request.messages is not None:
+            if not tokenizer.chat_template:
+                raise ValidationFailed(f"base model {slot.base_id!r} has no chat template", param="messages")
+            text = tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+            # The template already spells out the special tokens.
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            param = "messages"
+        elif request.prompt is not None:
+            ids = tokenizer(request.prompt)["input_ids"]  # the tokenizer's own specials, as vLLM does
+            param = "prompt"
+        else:
+            raise ValidationFailed("a request needs messages or a prompt", param="messages")
+        if not ids:
+            raise ValidationFailed("the prompt is empty", param=param)
+        return list(ids)
+
+    def _decode(self, slot: _Slot, rows: list[_Row], *, mixed: bool = True) -> None:
+        """One ``generate`` call over ``rows`` (left-padded); every row's result is delivered by the tracker."""
+        rows = [r for r in rows if not r.job.cancelled]
+        if not rows:
+            return
+        width = max(len(r.prompt_ids) for r in rows)
+        input_ids = torch.full((len(rows), width), slot.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = len(row.prompt_ids)
+            input_ids[i, width - n :] = torch.tensor(row.prompt_ids, dtype=torch.long)
+            attention[i, width - n :] = 1
+        hooks = slot.batch_hooks([r.route for r in rows]) if mixed else BatchHooks()
+        processors = LogitsProcessorList(hooks.processors)
+        if any(r.sampling.temperature > 0 for r in rows):
+            processors.append(_RowSampler(rows))
+        tracker = _Tracker(rows, slot.tokenizer, slot.eos_ids)
+        config = GenerationConfig(
+            max_new_tokens=max(r.max_new for r in rows),
+            do_sample=False,  # sampled rows are drawn by _RowSampler; see its docstring
+            eos_token_id=sorted(slot.eos_ids) or None,
+            pad_token_id=slot.pad_id,
+        )
+        try:
+            with hooks.context:
+                slot.generator_model.generate(
+                    input_ids=input_ids.to(self.device),
+                    attention_mask=attention.to(self.device),
+                    generation_config=config,
+                    logits_processor=processors,
+                    stopping_criteria=StoppingCriteriaList([tracker]),
+                    **hooks.generate_kwargs,
+                )
+        except Exception as exc:
+            failure = _failure(exc, "generation failed")
+            for row in rows:
+                if row.reason is None:
+                    row.reason = "failed"
+                    row.job.deliver(failure)
+            return
+        for row in rows:  # generate ended without the tracker finishing a row (should not happen): close it
+            if row.reason is None:
+                row.reason = "length"
+                tracker.finish(row)
