@@ -15,7 +15,7 @@ from api.exceptions import exception_handlers
 from api.experts.controllers import ExpertController
 from api.openai.controllers import OpenAIController
 from api.settings import Settings
-from api.system.controllers import HealthController
+from api.system.controllers import EngineController, HealthController
 from registry.db import ensure_migrated, make_engine, make_sessionmaker
 from registry.store import ArtifactStore
 from serving.engine import Engine
@@ -45,7 +45,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             await db_engine.dispose()
 
     return Litestar(
-        route_handlers=[HealthController, ExpertController, CompositionController, OpenAIController],
+        route_handlers=[HealthController, ExpertController, CompositionController, OpenAIController, EngineController],
         dependencies={
             "db_session": Provide(provide_session),
             "store": Provide(provide_store, sync_to_thread=False),

@@ -30,7 +30,7 @@ import gc
 import hashlib
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,6 +233,7 @@ class _Tracker(StoppingCriteria):
 
     def __init__(self, rows: list[_Row], tokenizer: Any, eos_ids: frozenset[int]) -> None:
         self.rows = rows
+        self.batch_size = len(rows)
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
 
@@ -264,7 +265,7 @@ class _Tracker(StoppingCriteria):
                 # Hold back what may be the start of a stop string, and half-decoded UTF-8 characters.
                 hold = max((len(s) for s in stops), default=1) - 1
                 visible = text.rstrip("\ufffd")
-                self._emit(row, visible[: len(visible) - hold])
+                self._emit(row, visible[: max(0, len(visible) - hold)])
         elif stops:
             # Only the tail can hold a stop string that was not there a step earlier; a longer window than
             # the stop needs, because a decoder may drop a leading space of the first token it sees.
@@ -305,7 +306,11 @@ class _Tracker(StoppingCriteria):
                 prompt_tokens=len(row.prompt_ids),
                 completion_tokens=len(row.out_ids),
                 latency_s=time.perf_counter() - row.job.submitted,
-                extra={"engine": "torch", "adapter": None if row.route == BASE_ROUTE else row.route},
+                extra={
+                    "engine": "torch",
+                    "adapter": row.job.request.target.adapter_id,
+                    "batch_size": self.batch_size,
+                },
             )
         )
 
@@ -321,9 +326,7 @@ class TorchEngine:
 
     name = "torch"
 
-    def __init__(
-        self, *, max_batch_size: int = 16, dtype: torch.dtype = torch.float32, device: str = "cpu"
-    ) -> None:
+    def __init__(self, *, max_batch_size: int = 16, dtype: torch.dtype = torch.float32, device: str = "cpu") -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
         self.max_batch_size = max_batch_size
@@ -358,16 +361,17 @@ class TorchEngine:
             await asyncio.to_thread(self._run_jobs, slot, slot_jobs, switching=True)
         return list(await asyncio.gather(*(j.future for j in jobs if j.future is not None)))
 
-    async def stream(self, request: GenRequest) -> AsyncIterator[GenChunk]:
+    async def stream(self, request: GenRequest) -> AsyncGenerator[GenChunk, None]:
         """Stream one completion; it shares batches with ``generate``. The last chunk carries the finish
         reason and token counts. A failure before any text (bad adapter, base not loadable) raises from the
         first ``__anext__``."""
         loop = asyncio.get_running_loop()
-        job = _Job(request=request, loop=loop, chunks=asyncio.Queue())
+        chunks: asyncio.Queue[GenChunk | BaseException] = asyncio.Queue()
+        job = _Job(request=request, loop=loop, chunks=chunks)
         self._submit(job)
         try:
             while True:
-                item = await job.chunks.get()  # type: ignore[union-attr]
+                item = await chunks.get()
                 if isinstance(item, BaseException):
                     raise item
                 yield item
@@ -497,7 +501,10 @@ class TorchEngine:
         if slot.model is not None:
             return
         tokenizer = AutoTokenizer.from_pretrained(slot.base_dir)
-        model = AutoModelForCausalLM.from_pretrained(slot.base_dir, dtype=self.dtype).to(self.device).eval()
+        model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(slot.base_dir, dtype=self.dtype)
+        if self.device.type != "cpu":
+            model.to(self.device)  # type: ignore[arg-type]  # transformers' stub types .to() for dtypes only
+        model.eval()
         gen_eos = model.generation_config.eos_token_id
         eos = set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
         if tokenizer.eos_token_id is not None:
@@ -554,6 +561,7 @@ class TorchEngine:
                     slot.peft.delete_adapter(name)
                 raise
         else:
+            assert slot.model is not None  # _ensure_base ran first
             try:
                 slot.peft = PeftModel.from_pretrained(slot.model, str(adapter_dir), adapter_name=name)
             except Exception:

@@ -38,7 +38,8 @@ class _Common(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     service_tier: str | None = None
 
     def sampling(self, default_max_tokens: int) -> Sampling:
-        max_tokens = self._max_tokens() or default_max_tokens
+        requested = self._max_tokens()
+        max_tokens = default_max_tokens if requested is None else requested
         if not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
             raise ValidationFailed(f"must be between 1 and {MAX_TOKENS_LIMIT}", param=self._max_tokens_field())
         temperature = 1.0 if self.temperature is None else self.temperature

@@ -5,13 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Controller, Response, get
-from litestar.di import NamedDependency
+from litestar.di import NamedDependency, Provide
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from api.deps import provide_engine
+from api.security import require_query
 from api.settings import Settings
 from registry.db import head_revision
 from registry.store import ArtifactStore
+from serving.engine import Engine
 
 
 class HealthController(Controller):
@@ -40,6 +43,17 @@ class HealthController(Controller):
             "database_backend": settings.database_url.split(":", 1)[0],
         }
         return Response(body, status_code=200 if ok else 503)
+
+
+class EngineController(Controller):
+    path = "/api/engines"
+    tags = ["system"]
+    dependencies = {"engine": Provide(provide_engine, sync_to_thread=False)}
+
+    @get("/", guards=[require_query])
+    async def engines(self, engine: NamedDependency[Engine]) -> dict[str, Any]:
+        """The serving engine and its servers (state, URL, loaded adapters, restarts)."""
+        return {"engine": engine.name, "servers": await engine.status()}
 
 
 def _version() -> str:

@@ -14,9 +14,7 @@ from evals.tasks.registry import TaskRegistry
 from evals.tasks.sentiment import SentimentTask
 from evals.tasks.units import UnitsTask
 
-TASKS = TaskRegistry(
-    [ArithmeticTask(), DatesTask(), JsonExtractTask(), ListSortTask(), SentimentTask(), UnitsTask()]
-)
+TASKS = TaskRegistry([ArithmeticTask(), DatesTask(), JsonExtractTask(), ListSortTask(), SentimentTask(), UnitsTask()])
 
 
 def get_task(name: str) -> Task:

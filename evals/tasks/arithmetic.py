@@ -38,4 +38,4 @@ class ArithmeticTask(Task):
             a, b = max(a, b), min(a, b)
             value = a - b
         prompt = rng.choice(_TEMPLATES).format(a=a, op=op, b=b)
-        return Example(prompt, str(value))
+        return Example(prompt, str(value), key=f"{a}{op}{b}")

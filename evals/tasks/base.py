@@ -1,9 +1,10 @@
 """What a synthetic skill task is: seeded train / eval / held-out splits and an exact-match grader.
 
-Splits never share a prompt, for any ``n`` and any ``seed``: every prompt is assigned to exactly one
-split by a hash of its normalized text, and each split draws from its own seed, keeping only prompts
-that hash into it. So a larger train set can never swallow an eval prompt, and the splits stay fixed
-as a task grows.
+Splits never share a prompt, for any ``n`` and any ``seed``: every example is assigned to exactly one
+split by a hash of its problem key (the normalized prompt unless the task names the underlying problem,
+so one problem asked in two wordings cannot sit in both train and eval), and each split draws from its
+own seed, keeping only examples that hash into it. So a larger train set can never swallow an eval
+prompt, and the splits stay fixed as a task grows.
 """
 
 from __future__ import annotations
@@ -24,10 +25,19 @@ _BUCKETS: dict[Split, range] = {"train": range(0, 80), "eval": range(80, 90), "h
 
 @dataclass(frozen=True)
 class Example:
-    """One user prompt and the exact answer expected back."""
+    """One user prompt and the exact answer expected back.
+
+    ``key`` names the underlying problem (e.g. "7 hours->minutes") when several wordings of it exist;
+    it decides the split. Empty means the prompt itself.
+    """
 
     prompt: str
     answer: str
+    key: str = ""
+
+    @property
+    def problem(self) -> str:
+        return _prompt_key(self.key or self.prompt)
 
 
 def chat_messages(prompt: str) -> list[dict[str, str]]:
@@ -49,9 +59,9 @@ def _prompt_key(prompt: str) -> str:
     return " ".join(prompt.split()).casefold()
 
 
-def split_of(prompt: str) -> Split:
-    """The one split a prompt may appear in."""
-    bucket = int.from_bytes(hashlib.sha256(_prompt_key(prompt).encode()).digest()[:8], "big") % 100
+def split_of(problem: str) -> Split:
+    """The one split a problem (an example's ``problem``, or a bare prompt) may appear in."""
+    bucket = int.from_bytes(hashlib.sha256(_prompt_key(problem).encode()).digest()[:8], "big") % 100
     return next(split for split, owned in _BUCKETS.items() if bucket in owned)
 
 
@@ -107,7 +117,7 @@ class Task(ABC):
                 raise RuntimeError(f"task {self.name!r}: prompt space too small for {n} {split} examples")
             ex = self.make(rng)
             key = _prompt_key(ex.prompt)
-            if key in seen or split_of(ex.prompt) != split:
+            if key in seen or split_of(ex.problem) != split:
                 continue
             seen.add(key)
             out.append(ex)
@@ -115,8 +125,18 @@ class Task(ABC):
 
     @property
     def example_prompts(self) -> list[str]:
-        """Three representative prompts (from the train split, so they never leak eval items)."""
-        return [ex.prompt for ex in self.examples("train", 3)]
+        """Three representative prompts from the train split (so they never leak eval items), in
+        different wordings where the task has several: routers embed them."""
+        candidates = [ex.prompt for ex in self.examples("train", 30)]
+        picked: list[str] = []
+        openings: set[str] = set()
+        for prompt in candidates:
+            opening = " ".join(prompt.split()[:2])
+            if opening not in openings:
+                openings.add(opening)
+                picked.append(prompt)
+        picked += [p for p in candidates if p not in picked]
+        return picked[:3]
 
     def card(self) -> dict[str, object]:
         """What routers and model cards need to know about the task."""
@@ -154,5 +174,5 @@ def validate_task(task: Task) -> None:
     # Smoke-test the generator: it must yield prompts its own grader accepts the answers of.
     samples = task.examples("train", 3)
     for ex in samples:
-        if not ex.prompt.strip() or not task.grade(ex.answer, ex.answer):
-            raise ValueError(f"task {name!r}: generated example {ex!r} does not grade as correct against itself")
+        if not ex.prompt.strip() or not task.normalize(ex.answer) or not task.grade(ex.answer, ex.answer):
+            raise ValueError(f"task {name!r}: generated example {ex!r} is empty or does not grade as correct")

@@ -16,7 +16,7 @@ _LAST = dt.date(2099, 12, 31).toordinal()
 
 _TEMPLATES = (
     "Convert the date {d} to ISO format (YYYY-MM-DD). Answer with only the date.",
-    "Rewrite \"{d}\" as YYYY-MM-DD. Answer with only the date.",
+    'Rewrite "{d}" as YYYY-MM-DD. Answer with only the date.',
     "What is {d} in ISO 8601 date format? Answer with only the date as YYYY-MM-DD.",
 )
 
@@ -49,4 +49,4 @@ class DatesTask(Task):
     def make(self, rng: random.Random) -> Example:
         d = dt.date.fromordinal(rng.randint(_FIRST, _LAST))
         prompt = rng.choice(_TEMPLATES).format(d=_written(d, rng.randrange(6)))
-        return Example(prompt, d.isoformat())
+        return Example(prompt, d.isoformat(), key=d.isoformat())

@@ -19,9 +19,9 @@ _NUMBERS: dict[str, tuple[int, int]] = {"age": (18, 90), "year": (1950, 2030), "
 _KEYS = (*_WORDS, *_NUMBERS, "code")
 
 _TEMPLATES = (
-    "Here is a JSON object: {obj}\nWhat is the value of the field \"{key}\"? Answer with only the value.",
-    "From the JSON {obj}, extract the value of \"{key}\". Reply with only the value, without quotes.",
-    "JSON: {obj}\nReturn the value of the key \"{key}\" and nothing else.",
+    'Here is a JSON object: {obj}\nWhat is the value of the field "{key}"? Answer with only the value.',
+    'From the JSON {obj}, extract the value of "{key}". Reply with only the value, without quotes.',
+    'JSON: {obj}\nReturn the value of the key "{key}" and nothing else.',
 )
 
 
@@ -48,5 +48,6 @@ class JsonExtractTask(Task):
         keys = rng.sample(_KEYS, rng.randint(3, 5))
         obj = {k: self._value(k, rng) for k in keys}
         key = rng.choice(keys)
-        prompt = rng.choice(_TEMPLATES).format(obj=json.dumps(obj), key=key)
-        return Example(prompt, str(obj[key]))
+        text = json.dumps(obj)
+        prompt = rng.choice(_TEMPLATES).format(obj=text, key=key)
+        return Example(prompt, str(obj[key]), key=f"{text}[{key}]")

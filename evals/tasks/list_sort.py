@@ -25,7 +25,7 @@ class ListSortTask(Task):
         values = rng.sample(range(1, 100), rng.randint(4, 6))
         items = ", ".join(map(str, values))
         prompt = rng.choice(_TEMPLATES).format(items=items)
-        return Example(prompt, ", ".join(map(str, sorted(values))))
+        return Example(prompt, ", ".join(map(str, sorted(values))), key=items)
 
     def normalize(self, text: str) -> str:
         # "3,7, 12" and "3, 7, 12" are the same list.

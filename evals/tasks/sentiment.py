@@ -23,7 +23,7 @@ _CLOSERS = {
 _INTENSIFIERS = ("", "really ", "truly ", "quite ", "very ")
 
 _TEMPLATES = (
-    "Review: \"{review}\"\nIs this review positive or negative? Answer with one word: positive or negative.",
+    'Review: "{review}"\nIs this review positive or negative? Answer with one word: positive or negative.',
     "Classify the sentiment of this review as positive or negative: {review} Reply with only the label.",
     "What is the sentiment of the following review? {review} Answer only positive or negative.",
 )
@@ -47,4 +47,4 @@ class SentimentTask(Task):
             f"{rng.choice(_INTENSIFIERS)}{adj2}. {rng.choice(_CLOSERS[label])}"
         )
         prompt = rng.choice(_TEMPLATES).format(review=review)
-        return Example(prompt, label)
+        return Example(prompt, label, key=review)

@@ -121,16 +121,12 @@ def test_add_refuses_bad_folder(cli_env: Path, tiny_base: Path, tmp_path: Path, 
     code, output = invoke("expert", "add", str(folder), "--slug", "bad")
     assert code == 1 and "error:" in output and message in output
     store = cli_env / "store"
-    assert not any((store / "blobs").rglob("*")) or not [
-        p for p in (store / "blobs").rglob("*") if p.is_file()
-    ]
+    assert not any((store / "blobs").rglob("*")) or not [p for p in (store / "blobs").rglob("*") if p.is_file()]
     assert not list((store / "tmp").iterdir())
     assert json.loads(invoke("expert", "list", "--json")[1])["total"] == 0
 
 
-def test_add_refuses_duplicate_slug_and_orphan_adapter(
-    cli_env: Path, tiny_base: Path, tiny_lora: Path
-) -> None:
+def test_add_refuses_duplicate_slug_and_orphan_adapter(cli_env: Path, tiny_base: Path, tiny_lora: Path) -> None:
     assert invoke("db", "upgrade")[0] == 0
     code, output = invoke("expert", "add", str(tiny_lora), "--slug", "orphan")
     assert code == 1 and "base" in output and "not registered" in output

@@ -41,9 +41,7 @@ def tar_of(folder: Path, top: str = "model") -> bytes:
     return buf.getvalue()
 
 
-def register_base(
-    client: TestClient[Any], env: RegistryEnv, folder: Path, slug: str = "tiny-base"
-) -> dict[str, Any]:
+def register_base(client: TestClient[Any], env: RegistryEnv, folder: Path, slug: str = "tiny-base") -> dict[str, Any]:
     resp = client.post(
         "/api/experts",
         data={"slug": slug, "description": "tiny llama", "tags": ["t"]},
@@ -84,9 +82,7 @@ def test_keys_and_scopes(client: TestClient[Any], registry_env: RegistryEnv, tin
         "authorization",
         "invalid",
     )
-    resp = client.post(
-        "/api/experts", data={"slug": "x"}, files=folder_files(tiny_base), headers=registry_env.query
-    )
+    resp = client.post("/api/experts", data={"slug": "x"}, files=folder_files(tiny_base), headers=registry_env.query)
     assert_refused(resp, 403, "authorization", "admin")
     assert client.get("/api/experts", headers=registry_env.query).status_code == 200
 
@@ -123,12 +119,8 @@ def test_register_base_and_adapter(
 
     listing = client.get("/api/experts", params={"base": "tiny-base"}, headers=registry_env.query).json()
     assert [e["slug"] for e in listing["data"]] == ["tiny-lora"]
-    assert (
-        client.get("/api/experts", params={"skill": "dates"}, headers=registry_env.query).json()["total"] == 1
-    )
-    assert (
-        client.get("/api/experts", params={"kind": "base"}, headers=registry_env.query).json()["total"] == 1
-    )
+    assert client.get("/api/experts", params={"skill": "dates"}, headers=registry_env.query).json()["total"] == 1
+    assert client.get("/api/experts", params={"kind": "base"}, headers=registry_env.query).json()["total"] == 1
     assert client.get("/api/experts", params={"tag": "t"}, headers=registry_env.query).json()["total"] == 1
     page = client.get("/api/experts", params={"limit": 1, "offset": 1}, headers=registry_env.query).json()
     assert page["total"] == 2 and [e["slug"] for e in page["data"]] == ["tiny-lora"]
@@ -138,9 +130,7 @@ def test_register_base_and_adapter(
     assert (folder / "adapter_config.json").exists() and (folder / "adapter_model.safetensors").exists()
 
 
-def test_same_weights_stored_once(
-    client: TestClient[Any], registry_env: RegistryEnv, tiny_base: Path
-) -> None:
+def test_same_weights_stored_once(client: TestClient[Any], registry_env: RegistryEnv, tiny_base: Path) -> None:
     register_base(client, registry_env, tiny_base, "first")
     blobs = registry_env.store.blob_count()
     register_base(client, registry_env, tiny_base, "second")
@@ -148,9 +138,7 @@ def test_same_weights_stored_once(
     assert client.get("/api/experts", headers=registry_env.query).json()["total"] == 2
 
 
-def test_import_from_root(
-    client: TestClient[Any], registry_env: RegistryEnv, tiny_base: Path, tmp_path: Path
-) -> None:
+def test_import_from_root(client: TestClient[Any], registry_env: RegistryEnv, tiny_base: Path, tmp_path: Path) -> None:
     inside = registry_env.settings.import_roots[0] / "base"
     shutil.copytree(tiny_base, inside)
     resp = client.post(
@@ -173,22 +161,16 @@ def test_import_from_root(
     assert state(client, registry_env) == before
 
 
-def test_card_patch_delete(
-    client: TestClient[Any], registry_env: RegistryEnv, tiny_base: Path, tmp_path: Path
-) -> None:
+def test_card_patch_delete(client: TestClient[Any], registry_env: RegistryEnv, tiny_base: Path, tmp_path: Path) -> None:
     with_card = tmp_path / "carded"
     shutil.copytree(tiny_base, with_card)
-    (with_card / "README.md").write_text(
-        "---\nlicense: mit\ntags: [tiny]\n---\n# Tiny\n\nA tiny test model.\n"
-    )
+    (with_card / "README.md").write_text("---\nlicense: mit\ntags: [tiny]\n---\n# Tiny\n\nA tiny test model.\n")
     register_base(client, registry_env, with_card, "carded")
 
     card = client.get("/api/experts/carded/card", headers=registry_env.query)
     assert card.status_code == 200 and card.headers["content-type"].startswith("text/markdown")
     assert card.text.startswith("---\n") and "license: mit" in card.text and "A tiny test model." in card.text
-    as_json = client.get(
-        "/api/experts/carded/card", params={"format": "json"}, headers=registry_env.query
-    ).json()
+    as_json = client.get("/api/experts/carded/card", params={"format": "json"}, headers=registry_env.query).json()
     assert as_json["metadata"]["license"] == "mit" and "tiny" in as_json["metadata"]["tags"]
 
     resp = client.patch(
@@ -237,9 +219,7 @@ def test_delete_refused_while_in_use(
         headers=registry_env.admin,
     )
     lora_id = resp.json()["id"]
-    assert_refused(
-        client.delete("/api/experts/tiny-base", headers=registry_env.admin), 409, "expert", "base of"
-    )
+    assert_refused(client.delete("/api/experts/tiny-base", headers=registry_env.admin), 409, "expert", "base of")
 
     async def add_composition() -> None:
         import uuid
@@ -253,22 +233,15 @@ def test_delete_refused_while_in_use(
         await engine.dispose()
 
     asyncio.run(add_composition())
-    assert_refused(
-        client.delete("/api/experts/lora", headers=registry_env.admin), 409, "force", "composition 'c'"
-    )
+    assert_refused(client.delete("/api/experts/lora", headers=registry_env.admin), 409, "force", "composition 'c'")
     assert client.get("/api/experts/lora", headers=registry_env.query).status_code == 200
-    assert (
-        client.delete("/api/experts/lora", params={"force": True}, headers=registry_env.admin).status_code
-        == 204
-    )
+    assert client.delete("/api/experts/lora", params={"force": True}, headers=registry_env.admin).status_code == 204
     assert client.get("/api/experts/lora", headers=registry_env.query).status_code == 404
 
 
 # -- bad input: each refused with the field and the reason, leaving nothing behind -------------------------
 def corrupt_header(folder: Path) -> None:
-    (folder / "model.safetensors").write_bytes(
-        b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}" + b"\0" * 64
-    )
+    (folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}" + b"\0" * 64)
 
 
 def truncate(folder: Path) -> None:
@@ -302,16 +275,12 @@ def test_bad_files_refused(
     shutil.copytree(tiny_base, folder)
     mutate(folder)
     before = state(client, registry_env)
-    resp = client.post(
-        "/api/experts", data={"slug": "bad"}, files=folder_files(folder), headers=registry_env.admin
-    )
+    resp = client.post("/api/experts", data={"slug": "bad"}, files=folder_files(folder), headers=registry_env.admin)
     assert_refused(resp, 400, param, reason)
     assert state(client, registry_env) == before
 
 
-def test_adapter_without_registered_base(
-    client: TestClient[Any], registry_env: RegistryEnv, tiny_lora: Path
-) -> None:
+def test_adapter_without_registered_base(client: TestClient[Any], registry_env: RegistryEnv, tiny_lora: Path) -> None:
     before = state(client, registry_env)
     resp = client.post(
         "/api/experts", data={"slug": "orphan"}, files=folder_files(tiny_lora), headers=registry_env.admin
@@ -327,9 +296,7 @@ def test_adapter_shapes_must_fit_base(
     wider = build_tiny_llama(tmp_path / "wider", hidden_size=48, intermediate_size=96)
     misfit = build_tiny_lora(wider, tmp_path / "misfit", base_model_name_or_path="tiny-base")
     before = state(client, registry_env)
-    resp = client.post(
-        "/api/experts", data={"slug": "misfit"}, files=folder_files(misfit), headers=registry_env.admin
-    )
+    resp = client.post("/api/experts", data={"slug": "misfit"}, files=folder_files(misfit), headers=registry_env.admin)
     assert_refused(resp, 400, "adapter_model.safetensors", "shape")
     assert state(client, registry_env) == before
 
@@ -394,9 +361,7 @@ def test_zip_upload_works(client: TestClient[Any], registry_env: RegistryEnv, ti
     assert resp.status_code == 201, resp.text
 
 
-def test_duplicate_slug_and_unknown_fields(
-    client: TestClient[Any], registry_env: RegistryEnv, tiny_base: Path
-) -> None:
+def test_duplicate_slug_and_unknown_fields(client: TestClient[Any], registry_env: RegistryEnv, tiny_base: Path) -> None:
     register_base(client, registry_env, tiny_base)
     before = state(client, registry_env)
     resp = client.post(

@@ -51,8 +51,11 @@ def live(registry_env: RegistryEnv, tiny_base: Path, tiny_lora: Path, tmp_path: 
     other = build_tiny_lora(tiny_base, tmp_path / "lora-b", seed=7)
     register(registry_env, other, ExpertSpec(slug="lora-b", base="tiny-base"))
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(registry_env.settings, engine=TorchEngine()), port=port,
-                                           log_level="warning", lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(registry_env.settings, engine=TorchEngine()), port=port, log_level="warning", lifespan="on"
+        )
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -61,14 +64,17 @@ def live(registry_env: RegistryEnv, tiny_base: Path, tiny_lora: Path, tmp_path: 
         time.sleep(0.05)
     url = f"http://127.0.0.1:{port}"
     try:
-        yield {"url": url, "env": registry_env,
-               "client": openai.OpenAI(base_url=f"{url}/v1", api_key=registry_env.query_key, max_retries=0)}
+        yield {
+            "url": url,
+            "env": registry_env,
+            "client": openai.OpenAI(base_url=f"{url}/v1", api_key=registry_env.query_key, max_retries=0),
+        }
     finally:
         server.should_exit = True
         thread.join(timeout=10)
 
 
-CHAT = [{"role": "user", "content": "hello there"}]
+CHAT = [{"role": "user", "content": "hello"}]
 
 
 def test_models_lists_bases_and_adapters(live: dict[str, Any]) -> None:
@@ -80,24 +86,28 @@ def test_models_lists_bases_and_adapters(live: dict[str, Any]) -> None:
 
 def test_chat_through_openai_client(live: dict[str, Any]) -> None:
     client: openai.OpenAI = live["client"]
-    raw = client.chat.completions.with_raw_response.create(model="lora-a", messages=CHAT, max_tokens=8,
-                                                           temperature=0)
+    raw = client.chat.completions.with_raw_response.create(model="lora-a", messages=CHAT, max_tokens=8, temperature=0)
     reply = raw.parse()
     assert reply.model == "lora-a" and reply.object == "chat.completion"
     assert reply.choices[0].message.role == "assistant" and reply.choices[0].message.content
     assert reply.usage.completion_tokens > 0 and reply.usage.prompt_tokens > 0
     assert raw.headers["x-moerge-router"] == "none" and raw.headers["x-moerge-experts"] == "lora-a"
     assert raw.headers["x-moerge-weights"] == "1"
-    base = client.chat.completions.create(model="tiny-base", messages=CHAT, max_tokens=8, temperature=0)
-    assert base.choices[0].message.content != reply.choices[0].message.content  # the adapter changed the output
+    # the adapter is applied: on the seeded tiny models "hello" continues differently with and without it
+    texts = {
+        m: client.completions.create(model=m, prompt="hello", max_tokens=8, temperature=0).choices[0].text
+        for m in ("tiny-base", "lora-a", "lora-b")
+    }
+    assert len(set(texts.values())) == 3, texts
 
 
 def test_streaming_matches_non_streaming(live: dict[str, Any]) -> None:
     client: openai.OpenAI = live["client"]
     full = client.chat.completions.create(model="lora-b", messages=CHAT, max_tokens=10, temperature=0)
     pieces, finish, usage = [], None, None
-    for chunk in client.chat.completions.create(model="lora-b", messages=CHAT, max_tokens=10, temperature=0,
-                                                stream=True, stream_options={"include_usage": True}):
+    for chunk in client.chat.completions.create(
+        model="lora-b", messages=CHAT, max_tokens=10, temperature=0, stream=True, stream_options={"include_usage": True}
+    ):
         if chunk.usage:
             usage = chunk.usage
         for choice in chunk.choices:
@@ -107,9 +117,12 @@ def test_streaming_matches_non_streaming(live: dict[str, Any]) -> None:
     assert finish == full.choices[0].finish_reason
     assert usage is not None and usage.completion_tokens == full.usage.completion_tokens
     # the raw stream is SSE ending in [DONE]
-    with httpx.stream("POST", f"{live['url']}/v1/chat/completions",
-                      headers={"authorization": f"Bearer {live['env'].query_key}"},
-                      json={"model": "lora-b", "messages": CHAT, "max_tokens": 4, "stream": True}) as resp:
+    with httpx.stream(
+        "POST",
+        f"{live['url']}/v1/chat/completions",
+        headers={"authorization": f"Bearer {live['env'].query_key}"},
+        json={"model": "lora-b", "messages": CHAT, "max_tokens": 4, "stream": True},
+    ) as resp:
         assert resp.headers["content-type"].startswith("text/event-stream")
         assert resp.headers["x-moerge-experts"] == "lora-b"
         lines = [line for line in resp.iter_lines() if line]
@@ -120,8 +133,13 @@ def test_completions_endpoint(live: dict[str, Any]) -> None:
     client: openai.OpenAI = live["client"]
     reply = client.completions.create(model="tiny-base", prompt="The sky is", max_tokens=6, temperature=0)
     assert reply.object == "text_completion" and reply.choices[0].text and reply.usage.completion_tokens <= 6
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model="tiny-base", prompt="The sky is", max_tokens=6, temperature=0, stream=True) if c.choices)
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model="tiny-base", prompt="The sky is", max_tokens=6, temperature=0, stream=True
+        )
+        if c.choices
+    )
     assert streamed == reply.choices[0].text
 
 
@@ -152,14 +170,23 @@ def test_errors_in_openai_shape(live: dict[str, Any]) -> None:
 
 def test_direct_composition(live: dict[str, Any]) -> None:
     admin = {"authorization": f"Bearer {live['env'].admin_key}"}
-    resp = httpx.post(f"{live['url']}/api/compositions", headers=admin,
-                      json={"name": "dates", "router": "direct", "experts": ["lora-a"]})
+    resp = httpx.post(
+        f"{live['url']}/api/compositions",
+        headers=admin,
+        json={"name": "dates", "router": "direct", "experts": ["lora-a"]},
+    )
     assert resp.status_code == 201, resp.text
-    bad = httpx.post(f"{live['url']}/api/compositions", headers=admin,
-                     json={"name": "two", "router": "direct", "experts": ["lora-a", "lora-b"]})
+    bad = httpx.post(
+        f"{live['url']}/api/compositions",
+        headers=admin,
+        json={"name": "two", "router": "direct", "experts": ["lora-a", "lora-b"]},
+    )
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "experts"
-    missing = httpx.post(f"{live['url']}/api/compositions", headers=admin,
-                         json={"name": "ghost", "router": "direct", "experts": ["nobody"]})
+    missing = httpx.post(
+        f"{live['url']}/api/compositions",
+        headers=admin,
+        json={"name": "ghost", "router": "direct", "experts": ["nobody"]},
+    )
     assert missing.status_code == 404 and missing.json()["error"]["param"] == "experts[0]"
 
     client: openai.OpenAI = live["client"]

@@ -16,9 +16,7 @@ from tests.fixtures.db import RegistryEnv
 pytestmark = pytest.mark.slow
 
 
-def test_register_real_smollm2_and_adapter(
-    registry_env: RegistryEnv, smollm2_dir: Path, tmp_path: Path
-) -> None:
+def test_register_real_smollm2_and_adapter(registry_env: RegistryEnv, smollm2_dir: Path, tmp_path: Path) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -32,16 +30,15 @@ def test_register_real_smollm2_and_adapter(
             async with db.make_sessionmaker(engine)() as session:
                 service = ExpertService(session, ArtifactStore(registry_env.settings.store_dir))
                 base = await service.register_folder(smollm2_dir, ExpertSpec(slug="smollm2"))
-                adapter = await service.register_folder(
-                    tmp_path / "lora", ExpertSpec(slug="lora", base="smollm2")
-                )
+                adapter = await service.register_folder(tmp_path / "lora", ExpertSpec(slug="lora", base="smollm2"))
                 return (
                     {
                         "arch": base.architecture,
                         "dtype": base.dtype,
                         "params": base.param_count,
                         "tok": base.tokenizer_hash,
-                        "size": base.total_size, "id": str(base.id),
+                        "size": base.total_size,
+                        "id": str(base.id),
                     },
                     {"r": adapter.r, "targets": adapter.target_modules, "base": adapter.base_id == base.id},
                 )

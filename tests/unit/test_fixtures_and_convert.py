@@ -18,9 +18,7 @@ PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 def _logits(model: torch.nn.Module, tokenizer) -> torch.Tensor:
-    enc = tokenizer.apply_chat_template(
-        PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )
+    enc = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
         return model(**enc).logits
 
@@ -121,9 +119,7 @@ def test_convert_failure_leaves_nothing(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
-def test_convert_reuses_complete_and_replaces_partial(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_convert_reuses_complete_and_replaces_partial(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     calls: list[Path] = []
 
     def fake(gguf: Path, out: Path, dtype: str) -> None:
@@ -177,9 +173,7 @@ def test_smollm2_converted_folder(smollm2_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir)
-    enc = tokenizer.apply_chat_template(
-        PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )
+    enc = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**enc, max_new_tokens=24, do_sample=False)
     answer = tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer

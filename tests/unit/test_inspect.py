@@ -451,9 +451,7 @@ def test_finetune_wrong_shape(tmp_path: Path, base_dir: Path) -> None:
     ft = _save_model(tmp_path / "ft", intermediate=48)
     with pytest.raises(ValidationFailed) as exc:
         check_finetune_fits_base(inspect_folder(ft), inspect_folder(base_dir), base_slug="tiny")
-    _expect(
-        exc, "files[model.safetensors]", "shape of model.layers.0.mlp.down_proj.weight: finetune has [32, 48]"
-    )
+    _expect(exc, "files[model.safetensors]", "shape of model.layers.0.mlp.down_proj.weight: finetune has [32, 48]")
 
 
 def test_finetune_wrong_architecture(tmp_path: Path, base_dir: Path) -> None:

@@ -58,9 +58,7 @@ def make_tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes]], mode: str
     return path
 
 
-def make_tar_from(
-    path: Path, members: dict[str, bytes], mode: str = "w:gz", *, folders: tuple[str, ...] = ()
-) -> Path:
+def make_tar_from(path: Path, members: dict[str, bytes], mode: str = "w:gz", *, folders: tuple[str, ...] = ()) -> Path:
     entries = []
     for folder in folders:
         info = tarfile.TarInfo(folder)
@@ -103,9 +101,7 @@ def staging(tmp_path: Path) -> tuple[Path, Path]:
     return tmp_path / "in" / "upload.bin", tmp_path / "out"
 
 
-def refused(
-    archive: Path, dest: Path, error: type[ValidationFailed], limit: int = 10 * MB
-) -> ValidationFailed:
+def refused(archive: Path, dest: Path, error: type[ValidationFailed], limit: int = 10 * MB) -> ValidationFailed:
     with pytest.raises(error) as caught:
         extract_archive(archive, dest, max_unpacked_bytes=limit)
     assert not dest.exists(), "a refused archive must leave nothing behind"
@@ -239,9 +235,7 @@ def test_refuses_absolute_members(staging: tuple[Path, Path], kind: str, evil: s
 
 def test_refuses_tar_symlink(staging: tuple[Path, Path]) -> None:
     archive, dest = staging
-    make_tar(
-        archive, [tar_file("adapter_config.json", b"{}"), tar_special("w", tarfile.SYMTYPE, "/etc/passwd")]
-    )
+    make_tar(archive, [tar_file("adapter_config.json", b"{}"), tar_special("w", tarfile.SYMTYPE, "/etc/passwd")])
     error = refused(archive, dest, ValidationFailed)
     assert error.param == "archive[w]"
     assert "symbolic link" in error.message
@@ -262,9 +256,7 @@ def test_refuses_zip_symlink(staging: tuple[Path, Path]) -> None:
 
 def test_refuses_tar_hardlink(staging: tuple[Path, Path]) -> None:
     archive, dest = staging
-    make_tar(
-        archive, [tar_file("adapter_config.json", b"{}"), tar_special("h", tarfile.LNKTYPE, "/etc/shadow")]
-    )
+    make_tar(archive, [tar_file("adapter_config.json", b"{}"), tar_special("h", tarfile.LNKTYPE, "/etc/shadow")])
     error = refused(archive, dest, ValidationFailed)
     assert "hard link" in error.message
 

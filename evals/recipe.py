@@ -1,0 +1,371 @@
+"""The demo experts' training recipe: one rank-8 LoRA per skill task, trained on CPU in float32.
+
+Experts are cached under ``<out_root>/<task>-<digest[:12]>``; the digest covers the recipe, the task's
+name and generator version, the base model and this trainer's version, so changing any of them trains
+a new expert and an unchanged recipe reuses the old one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from evals.tasks import Example, Task, chat_messages
+from registry.convert import cache_dir
+
+logger = logging.getLogger(__name__)
+
+COMPLETE_MARKER = ".complete"
+RECIPE_FILE = "recipe.json"
+# Bump when the training loop changes what it produces for the same recipe: every expert retrains.
+TRAINER_VERSION = 1
+LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+IGNORE_INDEX = -100  # label value PyTorch's cross-entropy skips: prompt and padding tokens
+
+StepCallback = Callable[[int, int, float], None]  # (step, total steps, loss)
+
+
+@dataclass(frozen=True)
+class LoraRecipe:
+    """Everything that decides what a trained expert is; all of it goes into the digest."""
+
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = LLAMA_PROJECTIONS
+    learning_rate: float = 2e-3
+    warmup_steps: int = 3
+    steps: int = 40
+    batch_size: int = 16
+    max_length: int = 192  # tokens per example, prompt + answer; longer ones are refused, not cut
+    train_examples: int = 960
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        positive = ("rank", "alpha", "steps", "batch_size", "max_length", "train_examples")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"LoraRecipe.{name} must be > 0, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraRecipe.dropout must be in [0, 1), got {self.dropout}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"LoraRecipe.learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ValueError("LoraRecipe.warmup_steps must be in [0, steps)")
+        if not self.target_modules or len(set(self.target_modules)) != len(self.target_modules):
+            raise ValueError("LoraRecipe.target_modules must be non-empty and without repeats")
+
+    def as_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["target_modules"] = list(self.target_modules)
+        return data
+
+    def digest(self, task: Task, base_dir: Path) -> str:
+        """sha256 over the recipe, the task (name + generator version), the base model and the trainer."""
+        payload = {
+            "recipe": self.as_dict(),
+            "task": task.name,
+            "task_version": task.version,
+            "base": base_manifest(base_dir),
+            "trainer_version": TRAINER_VERSION,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def base_manifest(base_dir: Path) -> dict[str, str]:
+    """A cheap fingerprint of a base model folder: small files hashed whole, weight files by size and
+    safetensors header (tensor names, shapes, dtypes, offsets), so no 500 MB read per digest."""
+    base_dir = Path(base_dir)
+    manifest: dict[str, str] = {}
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        path = base_dir / name
+        if path.is_file():
+            manifest[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    weights = sorted(base_dir.glob("*.safetensors"))
+    if "config.json" not in manifest or not weights:
+        raise FileNotFoundError(f"{base_dir} is not a model folder (needs config.json and *.safetensors)")
+    for path in weights:
+        with path.open("rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = f.read(header_len)
+        manifest[path.name] = f"{path.stat().st_size}:{hashlib.sha256(header).hexdigest()}"
+    return manifest
+
+
+def expert_dir(task: Task, base_dir: Path, out_root: Path | None = None, recipe: LoraRecipe | None = None) -> Path:
+    """Where ``train_expert`` keeps (or will keep) this task's expert."""
+    recipe = recipe or LoraRecipe()
+    root = Path(out_root) if out_root is not None else default_out_root()
+    return root / f"{task.name}-{recipe.digest(task, base_dir)[:12]}"
+
+
+def default_out_root() -> Path:
+    return cache_dir() / "experts"
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / COMPLETE_MARKER).is_file() and (folder / "adapter_config.json").is_file()
+
+
+def train_expert(
+    task: Task,
+    base_dir: Path,
+    out_root: Path | None = None,
+    recipe: LoraRecipe | None = None,
+    *,
+    num_threads: int = 2,
+    on_step: StepCallback | None = None,
+) -> Path:
+    """Train (or reuse) the LoRA expert for ``task`` on ``base_dir``; returns its folder.
+
+    The folder appears complete or not at all: training writes into a temporary sibling that is
+    renamed into place once the adapter, card, ``recipe.json`` and finally ``.complete`` are written.
+    """
+    recipe = recipe or LoraRecipe()
+    base_dir = Path(base_dir)
+    digest = recipe.digest(task, base_dir)
+    root = Path(out_root) if out_root is not None else default_out_root()
+    dest = root / f"{task.name}-{digest[:12]}"
+    if is_complete(dest):
+        logger.info("reusing expert %s", dest)
+        return dest
+
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{dest.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        started = time.perf_counter()
+        losses = _train(task, base_dir, tmp, recipe, num_threads=num_threads, on_step=on_step)
+        seconds = time.perf_counter() - started
+        info = {
+            "task": task.name,
+            "task_version": task.version,
+            "recipe": recipe.as_dict(),
+            "digest": digest,
+            "trainer_version": TRAINER_VERSION,
+            "base_dir": str(base_dir),
+            "base_manifest": base_manifest(base_dir),
+            # Mean of the last few steps: a single batch's loss is noisy.
+            "final_train_loss": sum(losses[-5:]) / len(losses[-5:]),
+            "losses": [round(x, 5) for x in losses],
+            "train_seconds": round(seconds, 1),
+            "num_threads": num_threads,
+        }
+        (tmp / RECIPE_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        (tmp / "README.md").write_text(_model_card(task, base_dir, recipe, info))
+        (tmp / COMPLETE_MARKER).write_text(f"{digest}\n")
+        _move_into_place(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _move_into_place(tmp: Path, dest: Path) -> None:
+    if dest.exists():
+        if is_complete(dest):
+            return  # a concurrent trainer finished the same digest first; its copy is equivalent
+        shutil.rmtree(dest)  # a stale, incomplete folder from an older layout or a crash
+    try:
+        os.replace(tmp, dest)
+    except OSError:
+        if not is_complete(dest):
+            raise
+
+
+# -- training ----------------------------------------------------------------------------------------
+
+
+def _encode(tokenizer: Any, ex: Example, max_length: int) -> tuple[list[int], list[int]]:
+    """Token ids of the chat-formatted example and labels that score only the answer turn."""
+    prompt = tokenizer.apply_chat_template(chat_messages(ex.prompt), add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template(
+        [*chat_messages(ex.prompt), {"role": "assistant", "content": ex.answer}], tokenize=False
+    )
+    if not full.startswith(prompt):
+        raise ValueError("the chat template renders the prompt differently with and without the answer")
+    # The answer turn up to and including its end-of-turn token (<|im_end|>); the newline after it is
+    # never generated, so it is not trained.
+    completion = full[len(prompt) :].rstrip()
+    # Tokenized apart, exactly as generation sees them: the prompt is encoded, then tokens follow.
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    ids = prompt_ids + completion_ids
+    if len(ids) > max_length:
+        raise ValueError(f"example of {len(ids)} tokens exceeds max_length={max_length}: {ex.prompt[:60]!r}")
+    return ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids
+
+
+def _train(
+    task: Task,
+    base_dir: Path,
+    out: Path,
+    recipe: LoraRecipe,
+    *,
+    num_threads: int,
+    on_step: StepCallback | None,
+) -> list[float]:
+    # Heavy imports stay local so importing evals does not pull in torch.
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        data = [_encode(tokenizer, ex, recipe.max_length) for ex in task.examples("train", recipe.train_examples)]
+
+        # fork_rng: seeding for LoRA init must not disturb the caller's global RNG stream.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(recipe.seed)
+            model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+            lora = LoraConfig(
+                r=recipe.rank,
+                lora_alpha=recipe.alpha,
+                lora_dropout=recipe.dropout,
+                target_modules=list(recipe.target_modules),
+                bias="none",
+                task_type="CAUSAL_LM",
+            )
+            model = get_peft_model(model, lora)
+            model.train()
+            params = [p for p in model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=0.0)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_schedule(recipe))
+            order = _batches(len(data), recipe)
+            losses: list[float] = []
+            for step, idx in enumerate(order, start=1):
+                ids, labels, mask = _collate([data[i] for i in idx], pad_id)
+                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                if on_step is not None:
+                    on_step(step, recipe.steps, losses[-1])
+                if not math.isfinite(losses[-1]):
+                    raise RuntimeError(f"training {task.name!r} diverged at step {step} (loss {losses[-1]})")
+        model.save_pretrained(str(out), safe_serialization=True)
+        return losses
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _lr_schedule(recipe: LoraRecipe) -> Callable[[int], float]:
+    """Linear warmup, then cosine decay to 10% of the peak."""
+
+    def factor(step: int) -> float:
+        if step < recipe.warmup_steps:
+            return (step + 1) / (recipe.warmup_steps + 1)
+        progress = (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _batches(n: int, recipe: LoraRecipe) -> list[list[int]]:
+    """Indices of each step's batch: seeded shuffles of the train set, one epoch after another."""
+    rng = random.Random(recipe.seed)
+    pool: list[int] = []
+    out: list[list[int]] = []
+    for _ in range(recipe.steps):
+        batch: list[int] = []
+        while len(batch) < recipe.batch_size:
+            if not pool:
+                pool = list(range(n))
+                rng.shuffle(pool)
+            batch.append(pool.pop())
+        out.append(batch)
+    return out
+
+
+def _collate(items: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[Any, Any, Any]:
+    import torch
+
+    width = max(len(ids) for ids, _ in items)
+    # Right padding: padded positions are masked out of attention and of the loss.
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, (x, y) in enumerate(items):
+        ids[row, : len(x)] = torch.tensor(x)
+        labels[row, : len(y)] = torch.tensor(y)
+        mask[row, : len(x)] = 1
+    return ids, labels, mask
+
+
+# -- model card ----------------------------------------------------------------------------------------
+
+
+def _base_model_id(base_dir: Path) -> str:
+    """The hub id the base's own card names as its origin, else the folder name."""
+    card = base_dir / "README.md"
+    if card.is_file():
+        lines = card.read_text().splitlines()
+        if lines and lines[0].strip() == "---":
+            for line in lines[1:]:
+                if line.strip() == "---":
+                    break
+                if line.startswith("base_model:") and line.split(":", 1)[1].strip():
+                    return line.split(":", 1)[1].strip()
+    return base_dir.name
+
+
+def _model_card(task: Task, base_dir: Path, recipe: LoraRecipe, info: dict[str, Any]) -> str:
+    base_id = _base_model_id(base_dir)
+    tags = ["moerge", "lora", "peft", f"task:{task.name}", *(s.replace(" ", "-").lower() for s in task.skills)]
+    front = [
+        "---",
+        f"base_model: {json.dumps(base_id)}",
+        "library_name: peft",
+        "license: apache-2.0",
+        "pipeline_tag: text-generation",
+        "tags:",
+        *(f"- {json.dumps(t)}" for t in tags),
+        f"task: {task.name}",
+        f"description: {json.dumps(task.description)}",
+        "skills:",
+        *(f"- {json.dumps(s)}" for s in task.skills),
+        "domains:",
+        *(f"- {json.dumps(d)}" for d in task.domains),
+        "example_prompts:",
+        *(f"- {json.dumps(p)}" for p in task.example_prompts),
+        "---",
+    ]
+    recipe_rows = "\n".join(f"| {k} | {v} |" for k, v in recipe.as_dict().items())
+    body = f"""
+# {task.name} expert (LoRA of {base_id})
+
+{task.description}
+
+A moerge demo expert: a rank-{recipe.rank} LoRA on {", ".join(recipe.target_modules)}, trained for
+{recipe.steps} steps on {recipe.train_examples} synthetic `{task.name}` examples (task generator
+version {task.version}) in float32 on CPU, loss on the answer turn only. Train loss at the end:
+{info["final_train_loss"]:.4f}; training took {info["train_seconds"]:.0f} s.
+
+Example prompt: {task.example_prompts[0]!r}
+
+## Recipe (digest `{info["digest"][:12]}`)
+
+| field | value |
+| --- | --- |
+{recipe_rows}
+
+Produced by `moerge` (`evals/recipe.py`).
+"""
+    return "\n".join(front) + "\n" + body

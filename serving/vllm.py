@@ -1,0 +1,756 @@
+"""The vLLM engine: one supervised vLLM OpenAI server per base model, adapters loaded at runtime.
+
+Each base (``Target.base_id``) gets one managed server, started lazily (or by ``ensure_server``) with
+``--enable-lora``; adapters are loaded into it through ``POST /v1/load_lora_adapter`` and then addressed by
+their id as the request's ``model``. All requests of a ``generate`` call go out concurrently over one pooled
+HTTP client, so requests for different adapters of one base meet in the same vLLM batch.
+
+Supervision: a server's exit is noticed at once (pidfd) and by a periodic health check; a dead server is
+restarted in the background while requests get ``EngineUnavailable(retry_after=...)``. Every await on a
+server is raced against that server's death, so a request in flight when it dies fails at once with
+``GenerationFailed`` instead of hanging.
+
+``VLLMConfig.remote_servers`` points a base at a vLLM server elsewhere (another machine, a Ray Serve LLM
+deployment): no process is started and adapters are loaded by path through the same endpoint, so the
+adapter folders must be visible to that server under the same path.
+
+An engine belongs to the event loop it is first used in (its HTTP client and exit watchers live there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import re
+import signal
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import httpx
+
+from registry.errors import MoergeError, ValidationFailed
+from serving.engine import EngineUnavailable, GenChunk, GenerationFailed, GenRequest, GenResult, Target
+from serving.vllm_process import (
+    VALID_LORA_RANKS,
+    VLLMProcess,
+    lora_rank_for,
+    pick_port,
+    server_command,
+    server_env,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+ServerState = Literal["starting", "ready", "dead", "remote"]
+
+# Used for retry_after before a server has ever started here (measured: 30-50 s on 2 cores).
+_DEFAULT_STARTUP_S = 60.0
+_ERROR_TAIL_CHARS = 1500
+
+
+@dataclass(frozen=True)
+class VLLMConfig:
+    port_start: int = field(
+        default=8100, metadata={"help": "first port tried for managed servers; each takes the next free one"}
+    )
+    host: str = field(default="127.0.0.1", metadata={"help": "address managed servers bind"})
+    max_model_len: int = field(default=2048, metadata={"help": "--max-model-len: longest prompt + completion"})
+    max_loras: int = field(default=8, metadata={"help": "--max-loras: distinct adapters in one batch"})
+    max_lora_rank: int = field(
+        default=16,
+        metadata={
+            "help": "--max-lora-rank; must be >= every adapter's r; vLLM accepts only "
+            + ", ".join(map(str, VALID_LORA_RANKS))
+            + " (a larger Target.max_lora_rank is rounded up to one of these)"
+        },
+    )
+    kv_cache_gib: float = field(default=2, metadata={"help": "VLLM_CPU_KVCACHE_SPACE: KV cache per server, GiB"})
+    dtype: str = field(default="float32", metadata={"help": "--dtype; float32 is 3-5x faster than bf16 on this CPU"})
+    startup_timeout_s: float = field(default=300, metadata={"help": "a server not healthy after this is killed"})
+    request_timeout_s: float = field(
+        default=600, metadata={"help": "longest wait for a response (between stream chunks when streaming)"}
+    )
+    health_interval_s: float = field(default=5, metadata={"help": "seconds between health checks of each server"})
+    health_failures_before_restart: int = field(
+        default=3, metadata={"help": "consecutive failed health checks after which a live server is restarted"}
+    )
+    remote_servers: dict[str, str] = field(
+        default_factory=dict,
+        metadata={
+            "help": "base id -> URL of a vLLM OpenAI server elsewhere: no process is started; adapters are "
+            "loaded by path through its /v1/load_lora_adapter, so their folders must be visible to that server"
+        },
+    )
+    log_dir: Path | None = field(
+        default=None, metadata={"help": "where each server's stdout/stderr goes (default: <tmp>/moerge-vllm)"}
+    )
+    wait_for_start: bool = field(
+        default=True,
+        metadata={
+            "help": "a request that triggers a base's first start waits for it (up to startup_timeout_s); "
+            "otherwise it gets EngineUnavailable at once. Restarts never make requests wait"
+        },
+    )
+    max_connections: int = field(default=256, metadata={"help": "HTTP connection pool size (concurrent requests)"})
+    terminate_timeout_s: float = field(default=15, metadata={"help": "SIGTERM grace before SIGKILL on close"})
+    extra_args: tuple[str, ...] = field(default=(), metadata={"help": "more arguments for managed servers"})
+
+    def __post_init__(self) -> None:
+        if self.max_lora_rank not in VALID_LORA_RANKS:
+            raise ValueError(f"max_lora_rank must be one of {VALID_LORA_RANKS}, got {self.max_lora_rank}")
+        for name in ("max_model_len", "max_loras", "startup_timeout_s", "request_timeout_s", "health_interval_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+
+
+class _ServerDied(Exception):
+    """Internal: the server died while a request was waiting on it."""
+
+
+@dataclass(eq=False)
+class _Server:
+    base_id: str
+    base_dir: Path | None
+    remote: bool
+    url: str = ""
+    model_name: str = ""  # the base's name on the server (--served-model-name)
+    rank: int = 0  # --max-lora-rank for the next (re)start
+    state: ServerState = "dead"
+    proc: VLLMProcess | None = None
+    port: int | None = None
+    epoch: int = 0  # bumped at each (re)start: an adapter load answered by an older process does not count
+    adapters: dict[str, str] = field(default_factory=dict)  # adapter id -> path loaded on the current process
+    adapter_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    restarts: int = 0
+    ever_ready: bool = False
+    # Set when the current process exits; replaced at each start, so it fails only that process's requests.
+    died: asyncio.Event = field(default_factory=asyncio.Event)
+    start_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    task: asyncio.Task[Any] | None = None  # the start or restart loop in progress
+    started_at: float = 0.0
+    startup_s: float | None = None
+    next_attempt_at: float = 0.0
+    health_failures: int = 0
+    reachable: bool | None = None  # remote servers: last health check
+    last_error: str | None = None
+    stopping: bool = False
+
+    @property
+    def busy_starting(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+
+class _Watch:
+    """Races every await of one request against its server's death, so nothing waits on a dead server."""
+
+    def __init__(self, server: _Server) -> None:
+        self.died = server.died
+        self._waiter: asyncio.Future[Any] | None = None
+
+    async def run(self, aw: Awaitable[T]) -> T:
+        if self.died.is_set():
+            raise _ServerDied
+        if self._waiter is None:  # one waiter per request, not per stream chunk
+            self._waiter = asyncio.ensure_future(self.died.wait())
+        task = asyncio.ensure_future(aw)
+        try:
+            done, _ = await asyncio.wait({task, self._waiter}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if task in done:
+            return task.result()
+        task.cancel()
+        raise _ServerDied
+
+    def close(self) -> None:
+        if self._waiter is not None:
+            self._waiter.cancel()
+
+
+class VLLMEngine:
+    """``Engine`` over managed or remote vLLM OpenAI servers, one per base model."""
+
+    name = "vllm"
+
+    def __init__(self, config: VLLMConfig | None = None) -> None:
+        self.config = config or VLLMConfig()
+        self.log_dir = Path(self.config.log_dir or Path(tempfile.gettempdir()) / "moerge-vllm")
+        self._servers: dict[str, _Server] = {}
+        self._client: httpx.AsyncClient | None = None
+        self._monitor: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------------ public API
+
+    async def ensure_server(self, target: Target, *, wait: bool = True) -> str:
+        """Start ``target``'s base server if needed; with ``wait``, until it is ready (restarts included).
+
+        Returns the server's URL. Raises ``EngineUnavailable`` (with the log tail) if it does not come up.
+        """
+        server = await self._acquire(target, wait=wait, force_wait=wait)
+        return server.url
+
+    async def generate(
+        self, requests: list[GenRequest], *, wait_for_start: bool | None = None
+    ) -> list[GenResult | BaseException]:
+        """Send all requests at once; failures come back in place of results, never raised."""
+        wait = self.config.wait_for_start if wait_for_start is None else wait_for_start
+        results = await asyncio.gather(*(self._run(req, wait) for req in requests), return_exceptions=True)
+        out: list[GenResult | BaseException] = []
+        for res in results:
+            if isinstance(res, BaseException) and not isinstance(res, MoergeError | asyncio.CancelledError):
+                log.exception("vLLM request failed unexpectedly", exc_info=res)
+                failure = GenerationFailed(f"vLLM request failed: {type(res).__name__}: {res}")
+                failure.__cause__ = res
+                res = failure
+            out.append(res)
+        return out
+
+    async def stream(self, request: GenRequest, *, wait_for_start: bool | None = None) -> AsyncIterator[GenChunk]:
+        """Yield the completion's text as it is generated; the last chunk has the finish reason and token counts."""
+        wait = self.config.wait_for_start if wait_for_start is None else wait_for_start
+        path, body, chat = _payload(request, stream=True)
+        server = await self._acquire(request.target, wait=wait)
+        watch = _Watch(server)
+        resp: httpx.Response | None = None
+        try:
+            for attempt in range(2):
+                body["model"] = await self._model_for(server, request.target, watch)
+                http_req = self._http().build_request("POST", server.url + path, json=body)
+                resp = await self._call(server, watch, self._http().send(http_req, stream=True))
+                if resp.status_code == 404 and request.target.adapter_id and attempt == 0:
+                    # The server forgot the adapter (restarted behind our back): load it again, once.
+                    await resp.aclose()
+                    server.adapters.pop(request.target.adapter_id, None)
+                    continue
+                break
+            assert resp is not None
+            if resp.status_code != 200:
+                await self._call(server, watch, resp.aread())
+                _raise_for_status(resp, server)
+            finish: str | None = None
+            usage: dict[str, Any] = {}
+            lines = resp.aiter_lines()
+            done = False
+            while not done:
+                line = await self._call(server, watch, _next_line(lines))
+                if line is None:
+                    break
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    done = True
+                    break
+                event = json.loads(data)
+                if "error" in event:
+                    raise GenerationFailed(f"vLLM stream error: {_error_message(event)}")
+                for choice in event.get("choices") or []:
+                    piece = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+                    if piece:
+                        yield GenChunk(text=piece)
+                    finish = choice.get("finish_reason") or finish
+                usage = event.get("usage") or usage
+            if not done:
+                raise GenerationFailed(f"the vLLM server for {server.base_id!r} ended the stream early")
+            yield GenChunk(
+                text="",
+                finish_reason=finish or "stop",
+                prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                completion_tokens=int(usage.get("completion_tokens") or 0),
+            )
+        finally:
+            watch.close()
+            if resp is not None:
+                await resp.aclose()
+
+    async def status(self) -> list[dict[str, Any]]:
+        """One entry per server: base_id, url, pid, state (starting|ready|dead|remote), adapters, restarts."""
+        for base_id in self.config.remote_servers:  # configured remotes are listed before first use too
+            self._record(base_id, None, 0)
+        out = []
+        for server in self._servers.values():
+            proc = server.proc
+            entry: dict[str, Any] = {
+                "base_id": server.base_id,
+                "url": server.url,
+                "pid": proc.pid if proc is not None and proc.alive else None,
+                "state": server.state,
+                "adapters": sorted(server.adapters),
+                "restarts": server.restarts,
+                "last_error": server.last_error,
+            }
+            if server.remote:
+                entry["reachable"] = server.reachable
+            else:
+                entry["startup_s"] = None if server.startup_s is None else round(server.startup_s, 1)
+                entry["log"] = str(self._log_path(server))
+            out.append(entry)
+        return out
+
+    async def stop_server(self, base_id: str) -> None:
+        """Terminate one base's managed server (e.g. to free memory); the next request starts it again."""
+        server = self._servers.pop(base_id, None)
+        if server is not None:
+            await self._stop(server)
+
+    async def close(self) -> None:
+        """Terminate every managed server (SIGTERM, then SIGKILL) and close the HTTP client."""
+        self._closed = True
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._monitor
+        await asyncio.gather(*(self._stop(s) for s in self._servers.values()), return_exceptions=True)
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    # ------------------------------------------------------------------ requests
+
+    async def _run(self, request: GenRequest, wait: bool) -> GenResult:
+        path, body, chat = _payload(request, stream=False)  # invalid input fails before any server starts
+        server = await self._acquire(request.target, wait=wait)
+        watch = _Watch(server)
+        try:
+            for attempt in range(2):
+                body["model"] = await self._model_for(server, request.target, watch)
+                started = time.perf_counter()
+                resp = await self._call(server, watch, self._http().post(server.url + path, json=body))
+                if resp.status_code == 404 and request.target.adapter_id and attempt == 0:
+                    server.adapters.pop(request.target.adapter_id, None)  # forgotten by the server: reload once
+                    continue
+                break
+            latency = time.perf_counter() - started
+            _raise_for_status(resp, server)
+            data = resp.json()
+        finally:
+            watch.close()
+        choice = data["choices"][0]
+        text = (choice.get("message") or {}).get("content") if chat else choice.get("text")
+        usage = data.get("usage") or {}
+        return GenResult(
+            text=text or "",
+            finish_reason=choice.get("finish_reason") or "stop",
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+            latency_s=latency,
+            extra={"id": data.get("id"), "model": body["model"], "stop_reason": choice.get("stop_reason")},
+        )
+
+    async def _model_for(self, server: _Server, target: Target, watch: _Watch) -> str:
+        """The request's ``model``: the base's served name, or the adapter id after loading it (once)."""
+        adapter_id = target.adapter_id
+        if adapter_id is None:
+            return server.model_name
+        if adapter_id in server.adapters:
+            return adapter_id
+        if target.adapter_dir is None:
+            raise ValidationFailed(f"adapter {adapter_id!r} has no folder to load", param="model")
+        adapter_path = str(Path(target.adapter_dir).resolve()) if not server.remote else str(target.adapter_dir)
+        if not server.remote:
+            rank = _adapter_rank(Path(adapter_path))
+            if rank is not None and rank > server.rank:
+                raise ValidationFailed(
+                    f"adapter {adapter_id!r} has rank {rank}, above the --max-lora-rank {server.rank} its base "
+                    f"server runs with; raise max_lora_rank (or Target.max_lora_rank) and restart it",
+                    param="model",
+                )
+        lock = server.adapter_locks.setdefault(adapter_id, asyncio.Lock())
+        async with lock:  # concurrent first requests for one adapter load it once
+            if adapter_id in server.adapters:
+                return adapter_id
+            epoch = server.epoch
+            body = {"lora_name": adapter_id, "lora_path": adapter_path}
+            resp = await self._call(server, watch, self._http().post(server.url + "/v1/load_lora_adapter", json=body))
+            # "already been loaded": another engine (remote mode) or an earlier attempt loaded it; fine.
+            if resp.status_code != 200 and not (resp.status_code == 400 and "already" in resp.text):
+                where = " (the path must be visible to the remote server)" if server.remote else ""
+                raise GenerationFailed(
+                    f"vLLM could not load adapter {adapter_id!r} from {adapter_path}{where}: {_error_message(resp)}",
+                    param="model",
+                )
+            if server.epoch == epoch:
+                server.adapters[adapter_id] = adapter_path
+        return adapter_id
+
+    async def _call(self, server: _Server, watch: _Watch, aw: Awaitable[T]) -> T:
+        """Await ``aw`` (an HTTP exchange with ``server``), turning failures into moerge errors."""
+        try:
+            return await watch.run(aw)
+        except _ServerDied:
+            raise GenerationFailed(
+                f"the vLLM server for {server.base_id!r} died during the request; it is being restarted"
+                + self._tail_suffix(server)
+            ) from None
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            self._notice_exit(server)
+            raise self._unavailable(server, f"cannot connect to {server.url}: {exc}") from exc
+        except httpx.PoolTimeout as exc:
+            raise EngineUnavailable("too many requests in flight to vLLM; retry shortly", retry_after=1) from exc
+        except httpx.TimeoutException as exc:
+            raise GenerationFailed(
+                f"the vLLM server for {server.base_id!r} gave no answer within {self.config.request_timeout_s:g} s"
+            ) from exc
+        except httpx.TransportError as exc:
+            self._notice_exit(server)
+            raise GenerationFailed(
+                f"connection to the vLLM server for {server.base_id!r} failed mid-request: {type(exc).__name__}"
+                + (f" ({exc})" if str(exc) else "")
+            ) from exc
+
+    # ------------------------------------------------------------------ servers
+
+    def _record(self, base_id: str, base_dir: Path | None, rank: int) -> _Server:
+        server = self._servers.get(base_id)
+        if server is None:
+            remote_url = self.config.remote_servers.get(base_id)
+            if remote_url is not None:
+                # Accept an OpenAI-style base URL ending in /v1 as well as the bare server URL.
+                url = re.sub(r"/v1/?$", "", remote_url.rstrip("/"))
+                server = _Server(base_id=base_id, base_dir=None, remote=True, url=url, state="remote")
+            else:
+                server = _Server(base_id=base_id, base_dir=base_dir, remote=False, model_name=base_id)
+            self._servers[base_id] = server
+        if not server.remote:
+            if base_dir is not None:
+                server.base_dir = base_dir
+            # Takes effect at the next (re)start; a running server keeps the rank it started with.
+            server.rank = max(server.rank, lora_rank_for(max(self.config.max_lora_rank, rank)))
+        return server
+
+    async def _acquire(self, target: Target, *, wait: bool, force_wait: bool = False) -> _Server:
+        """The ready server for ``target``'s base, starting it if needed; else ``EngineUnavailable``.
+
+        Waits for a start only if it is the base's first (``wait``) or ``force_wait`` is given.
+        """
+        if self._closed:
+            raise EngineUnavailable("the vLLM engine is closed", retry_after=5)
+        self._ensure_monitor()
+        server = self._record(target.base_id, target.base_dir, target.max_lora_rank)
+        if server.remote:
+            if not server.model_name:
+                await self._resolve_remote(server)
+            return server
+        if server.state == "ready":
+            if server.proc is not None and server.proc.alive:
+                return server
+            self._notice_exit(server)  # died, and the exit watcher has not run yet
+        async with server.start_lock:  # concurrent first requests start one process
+            if server.state == "dead" and not server.busy_starting:
+                server.state = "starting"
+                server.started_at = time.monotonic()
+                server.task = asyncio.create_task(self._start(server), name=f"vllm-start-{server.base_id}")
+        if server.state == "ready":
+            return server
+        if server.task is not None and (force_wait or (wait and not server.ever_ready)):
+            # asyncio.wait neither cancels the shared start task on our timeout nor raises its outcome.
+            await asyncio.wait({server.task}, timeout=self.config.startup_timeout_s + 30)
+            if server.state == "ready":
+                return server
+        raise self._unavailable(server)
+
+    async def _start(self, server: _Server) -> bool:
+        """Start a process for ``server`` and wait until it is healthy. Never raises; False on failure."""
+        cfg = self.config
+        server.state = "starting"
+        server.started_at = time.monotonic()
+        server.epoch += 1
+        server.adapters.clear()
+        server.died = asyncio.Event()
+        server.health_failures = 0
+        proc: VLLMProcess | None = None
+        try:
+            if server.base_dir is None:
+                raise RuntimeError("no base model folder")
+            avoid = {s.port for s in self._servers.values() if s is not server and s.port is not None}
+            port = pick_port(cfg.host, cfg.port_start, prefer=server.port, avoid=avoid)
+            server.port, server.url = port, f"http://{cfg.host}:{port}"
+            command = server_command(
+                model_dir=server.base_dir,
+                served_name=server.model_name,
+                port=port,
+                host=cfg.host,
+                max_lora_rank=server.rank,
+                max_loras=cfg.max_loras,
+                max_model_len=cfg.max_model_len,
+                dtype=cfg.dtype,
+                extra_args=cfg.extra_args,
+            )
+            proc = VLLMProcess(command, server_env(cfg.kv_cache_gib), self._log_path(server))
+            proc.start()
+            server.proc = proc
+            started_proc = proc
+            proc.watch(asyncio.get_running_loop(), lambda: self._on_exit(server, started_proc))
+            log.info("starting vLLM for %s on %s (pid %s, log %s)", server.base_id, server.url, proc.pid, proc.log_path)
+            error = await self._wait_healthy(server, proc)
+        except asyncio.CancelledError:
+            if proc is not None:
+                proc.forget()
+                proc.signal_group(signal.SIGKILL)
+            raise
+        except Exception as exc:  # bad folder, no free port, cannot exec: report like a failed start
+            error = f"{type(exc).__name__}: {exc}"
+        if error is None and not server.stopping:
+            server.state = "ready"
+            server.ever_ready = True
+            server.startup_s = time.monotonic() - server.started_at
+            server.last_error = None
+            log.info("vLLM for %s ready in %.1f s", server.base_id, server.startup_s)
+            return True
+        server.state = "dead"
+        server.last_error = f"start failed: {error}" if error else "stopped"
+        if proc is not None:
+            server.last_error += self._tail_suffix(server)
+            await asyncio.to_thread(proc.terminate, 5.0)
+        log.error("vLLM for %s did not start: %s", server.base_id, server.last_error)
+        return False
+
+    async def _wait_healthy(self, server: _Server, proc: VLLMProcess) -> str | None:
+        """None once /health is 200 and /v1/models lists the base; else why not (exit, timeout)."""
+        deadline = server.started_at + self.config.startup_timeout_s
+        client = self._http()
+        while time.monotonic() < deadline:
+            if not proc.alive:
+                return f"the server exited with code {proc.returncode} while starting"
+            if server.stopping:
+                return "stopped"
+            try:
+                health = await client.get(server.url + "/health", timeout=5)
+                if health.status_code == 200:
+                    models = await client.get(server.url + "/v1/models", timeout=5)
+                    ids = {m.get("id") for m in models.json().get("data", [])} if models.status_code == 200 else set()
+                    if server.model_name in ids:
+                        return None
+            except (httpx.HTTPError, ValueError):
+                pass  # not listening yet
+            with contextlib.suppress(asyncio.TimeoutError):  # wakes at once if the process dies
+                await asyncio.wait_for(server.died.wait(), timeout=0.5)
+        return f"not healthy after {self.config.startup_timeout_s:g} s"
+
+    def _notice_exit(self, server: _Server) -> None:
+        """Handle a dead process now if the exit watcher has not yet (a failed request noticed first)."""
+        proc = server.proc
+        if proc is not None and not server.remote and not proc.alive:
+            self._on_exit(server, proc)
+
+    def _on_exit(self, server: _Server, proc: VLLMProcess) -> None:
+        if server.proc is not proc or server.died.is_set():
+            return  # an older process, or already handled
+        server.died.set()  # fails this process's in-flight requests at once
+        proc.forget()
+        proc.signal_group(signal.SIGKILL)  # an engine-core child orphaned by a dead API server
+        if server.state != "ready" or server.stopping or self._closed:
+            return  # a start in progress reports its own failure
+        server.state = "dead"
+        server.adapters.clear()
+        server.last_error = f"exited with code {proc.returncode}" + self._tail_suffix(server)
+        log.warning("vLLM for %s died (%s); restarting", server.base_id, server.last_error)
+        server.task = asyncio.create_task(self._restart_loop(server), name=f"vllm-restart-{server.base_id}")
+
+    async def _restart_loop(self, server: _Server) -> None:
+        """Restart until it works, backing off (2, 4, ... 60 s) after failed attempts."""
+        attempt = 0
+        while not self._closed and not server.stopping:
+            delay = 0.0 if attempt == 0 else min(60.0, 2.0**attempt)
+            server.next_attempt_at = time.monotonic() + delay
+            if delay:
+                await asyncio.sleep(delay)
+            server.restarts += 1
+            if await self._start(server):
+                return
+            attempt += 1
+
+    async def _resolve_remote(self, server: _Server) -> None:
+        """Find the base's name on a remote server: ``base_id`` if served, else its only base model."""
+        try:
+            resp = await self._http().get(server.url + "/v1/models", timeout=10)
+            resp.raise_for_status()
+            models = resp.json().get("data", [])
+        except (httpx.HTTPError, ValueError) as exc:
+            server.reachable = False
+            raise EngineUnavailable(
+                f"the vLLM server for {server.base_id!r} at {server.url} is unreachable: {exc}",
+                retry_after=max(1, math.ceil(self.config.health_interval_s)),
+            ) from exc
+        server.reachable = True
+        roots = [m.get("id") for m in models if not m.get("parent")]
+        if server.base_id in roots:
+            server.model_name = server.base_id
+        elif len(roots) == 1:
+            server.model_name = roots[0]
+        else:
+            raise GenerationFailed(
+                f"the vLLM server at {server.url} serves {roots}, none named {server.base_id!r}", param="model"
+            )
+
+    async def _stop(self, server: _Server) -> None:
+        server.stopping = True
+        if server.task is not None and not server.task.done():
+            server.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await server.task
+        server.died.set()  # in-flight requests fail now rather than on a reset connection
+        if not server.remote:
+            server.state = "dead"
+            server.adapters.clear()
+        if server.proc is not None:
+            await asyncio.to_thread(server.proc.terminate, self.config.terminate_timeout_s)
+
+    # ------------------------------------------------------------------ health
+
+    def _ensure_monitor(self) -> None:
+        if self._monitor is None or self._monitor.done():
+            self._monitor = asyncio.create_task(self._monitor_loop(), name="vllm-health")
+
+    async def _monitor_loop(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(self.config.health_interval_s)
+            servers = list(self._servers.values())
+            await asyncio.gather(*(self._check(s) for s in servers), return_exceptions=True)
+
+    async def _check(self, server: _Server) -> None:
+        if server.remote:
+            server.reachable = await self._healthy(server)
+            return
+        if server.state != "ready" or server.proc is None:
+            return
+        if not server.proc.alive:
+            self._notice_exit(server)
+            return
+        if await self._healthy(server):
+            server.health_failures = 0
+            return
+        server.health_failures += 1
+        if server.health_failures >= self.config.health_failures_before_restart:
+            log.warning("vLLM for %s failed %d health checks; killing it", server.base_id, server.health_failures)
+            server.proc.signal_group(signal.SIGKILL)  # the exit path then restarts it
+            await asyncio.sleep(0.2)
+            self._notice_exit(server)
+
+    async def _healthy(self, server: _Server) -> bool:
+        try:
+            resp = await self._http().get(server.url + "/health", timeout=max(5.0, self.config.health_interval_s))
+        except httpx.HTTPError:
+            return False
+        return resp.status_code == 200
+
+    # ------------------------------------------------------------------ helpers
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            cfg = self.config
+            self._client = httpx.AsyncClient(
+                # read covers a whole non-streamed generation; connect is short so a dead port fails fast.
+                timeout=httpx.Timeout(connect=5.0, read=cfg.request_timeout_s, write=30.0, pool=30.0),
+                limits=httpx.Limits(
+                    max_connections=cfg.max_connections,
+                    max_keepalive_connections=cfg.max_connections,
+                    keepalive_expiry=30.0,
+                ),
+                trust_env=False,  # a proxy from the environment must not sit between us and local servers
+            )
+        return self._client
+
+    def _log_path(self, server: _Server) -> Path:
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", server.base_id)
+        return self.log_dir / f"vllm-{safe}.log"
+
+    def _tail_suffix(self, server: _Server) -> str:
+        tail = server.proc.log_tail(_ERROR_TAIL_CHARS) if server.proc is not None else ""
+        return f"\n--- server log tail ({self._log_path(server)}):\n{tail}" if tail else ""
+
+    def _unavailable(self, server: _Server, detail: str | None = None) -> EngineUnavailable:
+        now = time.monotonic()
+        expected = server.startup_s or _DEFAULT_STARTUP_S
+        if server.remote:
+            retry = self.config.health_interval_s
+        elif server.state == "starting":
+            retry = expected - (now - server.started_at)
+        elif server.busy_starting:  # waiting out a backoff before the next restart attempt
+            retry = max(0.0, server.next_attempt_at - now) + expected
+        else:
+            retry = 1.0  # dead and idle: the next request starts it
+        what = detail or f"the vLLM server for {server.base_id!r} is {server.state}"
+        if server.last_error and not detail:
+            what += f" (last error: {server.last_error})"
+        return EngineUnavailable(what, retry_after=max(1, math.ceil(retry)))
+
+
+# ---------------------------------------------------------------------- pure helpers
+
+
+def _payload(request: GenRequest, *, stream: bool) -> tuple[str, dict[str, Any], bool]:
+    """(path, body without model, is_chat) for vLLM's OpenAI API."""
+    s = request.sampling
+    body: dict[str, Any] = {"max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p}
+    if s.stop:
+        body["stop"] = list(s.stop)
+    if s.seed is not None:
+        body["seed"] = s.seed
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    if request.messages is not None and request.prompt is None:
+        body["messages"] = request.messages
+        return "/v1/chat/completions", body, True
+    if request.prompt is not None and request.messages is None:
+        body["prompt"] = request.prompt
+        return "/v1/completions", body, False
+    raise ValidationFailed("give exactly one of messages (chat) or prompt (completion)", param="messages")
+
+
+async def _next_line(lines: AsyncIterator[str]) -> str | None:
+    return await anext(lines, None)
+
+
+def _error_message(resp_or_body: httpx.Response | dict[str, Any]) -> str:
+    """The message of vLLM's OpenAI-shaped error ({"error": {"message": ...}}), or the raw text."""
+    body: Any
+    if isinstance(resp_or_body, httpx.Response):
+        try:
+            body = resp_or_body.json()
+        except ValueError:
+            return resp_or_body.text[:500] or f"HTTP {resp_or_body.status_code}"
+    else:
+        body = resp_or_body
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])
+        if isinstance(err, str):
+            return err
+    return str(body)[:500]
+
+
+def _raise_for_status(resp: httpx.Response, server: _Server) -> None:
+    if resp.status_code < 400:
+        return
+    message = _error_message(resp)
+    param = None
+    with contextlib.suppress(ValueError, AttributeError):
+        param = (resp.json().get("error") or {}).get("param")
+    if resp.status_code in (400, 422):  # vLLM validated the request: the caller's input is wrong
+        raise ValidationFailed(message, param=param)
+    if resp.status_code == 503:
+        raise EngineUnavailable(f"the vLLM server for {server.base_id!r} is unavailable: {message}", retry_after=5)
+    raise GenerationFailed(f"vLLM answered {resp.status_code}: {message}", param=param)
+
+
+def _adapter_rank(adapter_dir: Path) -> int | None:
+    """Largest LoRA rank in a PEFT adapter_config.json (r and any rank_pattern), if readable."""
+    try:
+        cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    ranks = [int(cfg.get("r") or 0), *(int(v) for v in (cfg.get("rank_pattern") or {}).values())]
+    return max(ranks) or None
