@@ -24,6 +24,8 @@ def _enable_sqlite_foreign_keys(dbapi_connection, _record) -> None:  # type: ign
     # SQLite ignores FOREIGN KEY clauses unless asked per connection; RESTRICT guards depend on it.
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")
+    # WAL lets readers (routing, listing) run while a registration writes.
+    cursor.execute("PRAGMA journal_mode=WAL")
     cursor.close()
 
 

@@ -42,6 +42,7 @@ from serving.vllm_process import (
     VLLMProcess,
     lora_rank_for,
     pick_port,
+    port_is_free,
     server_command,
     server_env,
 )
@@ -388,9 +389,10 @@ class VLLMEngine:
         try:
             return await watch.run(aw)
         except _ServerDied:
+            # The log tail goes to status()/last_error; here only where to look.
             raise GenerationFailed(
-                f"the vLLM server for {server.base_id!r} died during the request; it is being restarted"
-                + self._tail_suffix(server)
+                f"the vLLM server for {server.base_id!r} died during the request; it is being restarted "
+                f"(log: {self._log_path(server)})"
             ) from None
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             self._notice_exit(server)
@@ -490,7 +492,7 @@ class VLLMEngine:
             proc.start()
             server.proc = proc
             started_proc = proc
-            proc.watch(asyncio.get_running_loop(), lambda: self._on_exit(server, started_proc))
+            proc.watch(asyncio.get_running_loop(), lambda: self._declare_dead(server, started_proc))
             log.info("starting vLLM for %s on %s (pid %s, log %s)", server.base_id, server.url, proc.pid, proc.log_path)
             error = await self._wait_healthy(server, proc)
         except asyncio.CancelledError:
@@ -510,7 +512,7 @@ class VLLMEngine:
         server.state = "dead"
         server.last_error = f"start failed: {error}" if error else "stopped"
         if proc is not None:
-            server.last_error += self._tail_suffix(server)
+            server.last_error += _tail_suffix(proc, self._log_path(server))
             await asyncio.to_thread(proc.terminate, 5.0)
         log.error("vLLM for %s did not start: %s", server.base_id, server.last_error)
         return False
@@ -541,9 +543,10 @@ class VLLMEngine:
         """Handle a dead process now if the exit watcher has not yet (a failed request noticed first)."""
         proc = server.proc
         if proc is not None and not server.remote and not proc.alive:
-            self._on_exit(server, proc)
+            self._declare_dead(server, proc)
 
-    def _on_exit(self, server: _Server, proc: VLLMProcess) -> None:
+    def _declare_dead(self, server: _Server, proc: VLLMProcess, reason: str | None = None) -> None:
+        """``proc`` exited (or was killed as hung): fail its requests, kill its group, restart in the background."""
         if server.proc is not proc or server.died.is_set():
             return  # an older process, or already handled
         server.died.set()  # fails this process's in-flight requests at once
@@ -553,12 +556,20 @@ class VLLMEngine:
             return  # a start in progress reports its own failure
         server.state = "dead"
         server.adapters.clear()
-        server.last_error = f"exited with code {proc.returncode}" + self._tail_suffix(server)
+        server.last_error = (reason or f"exited with code {proc.returncode}") + _tail_suffix(
+            proc, self._log_path(server)
+        )
         log.warning("vLLM for %s died (%s); restarting", server.base_id, server.last_error)
         server.task = asyncio.create_task(self._restart_loop(server), name=f"vllm-restart-{server.base_id}")
 
     async def _restart_loop(self, server: _Server) -> None:
         """Restart until it works, backing off (2, 4, ... 60 s) after failed attempts."""
+        # Give the killed process a moment to release its port, so the restarted server keeps its URL.
+        deadline = time.monotonic() + 5
+        while server.port is not None and not port_is_free(self.config.host, server.port):
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
         attempt = 0
         while not self._closed and not server.stopping:
             delay = 0.0 if attempt == 0 else min(60.0, 2.0**attempt)
@@ -632,10 +643,10 @@ class VLLMEngine:
             return
         server.health_failures += 1
         if server.health_failures >= self.config.health_failures_before_restart:
-            log.warning("vLLM for %s failed %d health checks; killing it", server.base_id, server.health_failures)
-            server.proc.signal_group(signal.SIGKILL)  # the exit path then restarts it
-            await asyncio.sleep(0.2)
-            self._notice_exit(server)
+            reason = f"killed after {server.health_failures} failed health checks"
+            log.warning("vLLM for %s: %s", server.base_id, reason)
+            # Declared dead now, not when the exit is seen: a big process can take a while to be reaped.
+            self._declare_dead(server, server.proc, reason)
 
     async def _healthy(self, server: _Server) -> bool:
         try:
@@ -664,10 +675,6 @@ class VLLMEngine:
     def _log_path(self, server: _Server) -> Path:
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", server.base_id)
         return self.log_dir / f"vllm-{safe}.log"
-
-    def _tail_suffix(self, server: _Server) -> str:
-        tail = server.proc.log_tail(_ERROR_TAIL_CHARS) if server.proc is not None else ""
-        return f"\n--- server log tail ({self._log_path(server)}):\n{tail}" if tail else ""
 
     def _unavailable(self, server: _Server, detail: str | None = None) -> EngineUnavailable:
         now = time.monotonic()
@@ -744,6 +751,11 @@ def _raise_for_status(resp: httpx.Response, server: _Server) -> None:
     if resp.status_code == 503:
         raise EngineUnavailable(f"the vLLM server for {server.base_id!r} is unavailable: {message}", retry_after=5)
     raise GenerationFailed(f"vLLM answered {resp.status_code}: {message}", param=param)
+
+
+def _tail_suffix(proc: VLLMProcess, log_path: Path) -> str:
+    tail = proc.log_tail(_ERROR_TAIL_CHARS)
+    return f"\n--- server log tail ({log_path}):\n{tail}" if tail else ""
 
 
 def _adapter_rank(adapter_dir: Path) -> int | None:

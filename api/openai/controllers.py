@@ -74,6 +74,7 @@ class OpenAIController(Controller):
         messages = body.checked_messages()
         sampling = body.sampling(settings.default_max_tokens)
         resolved = await resolve_model(db_session, store, body.model)
+        await db_session.close()  # release the connection before a long generation
         request.state.moerge_route = resolved
         run = CompletionRun(engine, resolved, sampling, chat=True)
         return await _respond(run, run.request(messages=messages), body.stream, body.include_usage())
@@ -91,6 +92,7 @@ class OpenAIController(Controller):
         prompt = body.checked_prompt()
         sampling = body.sampling(settings.default_max_tokens)
         resolved = await resolve_model(db_session, store, body.model)
+        await db_session.close()  # release the connection before a long generation
         request.state.moerge_route = resolved
         run = CompletionRun(engine, resolved, sampling, chat=False)
         return await _respond(run, run.request(prompt=prompt), body.stream, body.include_usage())
