@@ -54,7 +54,8 @@ ServerState = Literal["starting", "ready", "dead", "remote"]
 
 # Used for retry_after before a server has ever started here (measured: 30-50 s on 2 cores).
 _DEFAULT_STARTUP_S = 60.0
-_ERROR_TAIL_CHARS = 1500
+_ERROR_TAIL_CHARS = 1500  # of the server log, in start/death errors: enough for the end of a traceback
+_ERROR_TAIL_LINES = 15
 
 
 @dataclass(frozen=True)
@@ -284,7 +285,7 @@ class VLLMEngine:
             entry: dict[str, Any] = {
                 "base_id": server.base_id,
                 "url": server.url,
-                "pid": proc.pid if proc is not None and proc.alive else None,
+                "pid": proc.pid if proc is not None and not server.died.is_set() and proc.alive else None,
                 "state": server.state,
                 "adapters": sorted(server.adapters),
                 "restarts": server.restarts,
@@ -395,7 +396,7 @@ class VLLMEngine:
                 f"(log: {self._log_path(server)})"
             ) from None
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            self._notice_exit(server)
+            self._notice_exit(server, refused=isinstance(exc, httpx.ConnectError))
             raise self._unavailable(server, f"cannot connect to {server.url}: {exc}") from exc
         except httpx.PoolTimeout as exc:
             raise EngineUnavailable("too many requests in flight to vLLM; retry shortly", retry_after=1) from exc
@@ -464,8 +465,7 @@ class VLLMEngine:
     async def _start(self, server: _Server) -> bool:
         """Start a process for ``server`` and wait until it is healthy. Never raises; False on failure."""
         cfg = self.config
-        server.state = "starting"
-        server.started_at = time.monotonic()
+        server.state = "starting"  # started_at was set by the caller (the wait before a restart counts)
         server.epoch += 1
         server.adapters.clear()
         server.died = asyncio.Event()
@@ -539,11 +539,19 @@ class VLLMEngine:
                 await asyncio.wait_for(server.died.wait(), timeout=0.5)
         return f"not healthy after {self.config.startup_timeout_s:g} s"
 
-    def _notice_exit(self, server: _Server) -> None:
-        """Handle a dead process now if the exit watcher has not yet (a failed request noticed first)."""
+    def _notice_exit(self, server: _Server, *, refused: bool = False) -> None:
+        """Handle a dead process now if the exit watcher has not yet (a failed request noticed first).
+
+        ``refused``: a connection to its port was refused. Nothing but a dead or dying server refuses on a
+        port we started it on (a process being killed closes its socket before it can be reaped).
+        """
         proc = server.proc
-        if proc is not None and not server.remote and not proc.alive:
+        if proc is None or server.remote or server.state != "ready":
+            return
+        if not proc.alive:
             self._declare_dead(server, proc)
+        elif refused:
+            self._declare_dead(server, proc, "its port refused connections")
 
     def _declare_dead(self, server: _Server, proc: VLLMProcess, reason: str | None = None) -> None:
         """``proc`` exited (or was killed as hung): fail its requests, kill its group, restart in the background."""
@@ -554,32 +562,47 @@ class VLLMEngine:
         proc.signal_group(signal.SIGKILL)  # an engine-core child orphaned by a dead API server
         if server.state != "ready" or server.stopping or self._closed:
             return  # a start in progress reports its own failure
-        server.state = "dead"
         server.adapters.clear()
         server.last_error = (reason or f"exited with code {proc.returncode}") + _tail_suffix(
             proc, self._log_path(server)
         )
         log.warning("vLLM for %s died (%s); restarting", server.base_id, server.last_error)
+        server.state = "starting"
+        server.restarts += 1
+        server.started_at = time.monotonic()
         server.task = asyncio.create_task(self._restart_loop(server), name=f"vllm-restart-{server.base_id}")
 
     async def _restart_loop(self, server: _Server) -> None:
         """Restart until it works, backing off (2, 4, ... 60 s) after failed attempts."""
-        # Give the killed process a moment to release its port, so the restarted server keeps its URL.
-        deadline = time.monotonic() + 5
-        while server.port is not None and not port_is_free(self.config.host, server.port):
-            if time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.2)
+        # The first attempt was counted and marked "starting" by _declare_dead, synchronously.
+        await self._release_dead(server)
         attempt = 0
         while not self._closed and not server.stopping:
-            delay = 0.0 if attempt == 0 else min(60.0, 2.0**attempt)
-            server.next_attempt_at = time.monotonic() + delay
-            if delay:
+            if attempt:
+                delay = min(60.0, 2.0**attempt)
+                server.next_attempt_at = time.monotonic() + delay
                 await asyncio.sleep(delay)
-            server.restarts += 1
+                server.restarts += 1
+                server.state = "starting"
+                server.started_at = time.monotonic()
             if await self._start(server):
                 return
             attempt += 1
+
+    async def _release_dead(self, server: _Server) -> None:
+        """Let a killed process group finish dying, so its port is free again (the restarted server keeps its
+        URL) and its shared memory can be removed. Bounded: a stuck zombie must not block the restart."""
+        proc = server.proc
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (
+            (proc is not None and proc.group_alive())
+            or (server.port is not None and not port_is_free(self.config.host, server.port))
+        ):
+            await asyncio.sleep(0.2)
+        if proc is not None:
+            removed = await asyncio.to_thread(proc.remove_leaked_shm)
+            if removed:
+                log.info("removed %d shared-memory segments left by the dead vLLM server", len(removed))
 
     async def _resolve_remote(self, server: _Server) -> None:
         """Find the base's name on a remote server: ``base_id`` if served, else its only base model."""
@@ -666,7 +689,9 @@ class VLLMEngine:
                 limits=httpx.Limits(
                     max_connections=cfg.max_connections,
                     max_keepalive_connections=cfg.max_connections,
-                    keepalive_expiry=30.0,
+                    # Below uvicorn's 5 s keep-alive in vLLM (VLLM_HTTP_TIMEOUT_KEEP_ALIVE), so we never send on
+                    # a connection the server is closing as idle.
+                    keepalive_expiry=4.0,
                 ),
                 trust_env=False,  # a proxy from the environment must not sit between us and local servers
             )
@@ -754,7 +779,7 @@ def _raise_for_status(resp: httpx.Response, server: _Server) -> None:
 
 
 def _tail_suffix(proc: VLLMProcess, log_path: Path) -> str:
-    tail = proc.log_tail(_ERROR_TAIL_CHARS)
+    tail = "\n".join(proc.log_tail(_ERROR_TAIL_CHARS).splitlines()[-_ERROR_TAIL_LINES:])
     return f"\n--- server log tail ({log_path}):\n{tail}" if tail else ""
 
 

@@ -19,6 +19,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+_SHM_DIR = Path("/dev/shm")
+# Shared-memory names vLLM's processes create (multiprocessing.shared_memory message queues, loky semaphores).
+_SHM_PREFIXES = ("psm_", "sem.loky-")
+
 # vLLM accepts only these --max-lora-rank values (vllm/config/lora.py, MaxLoRARanks in 0.32.0). Hard-coded
 # so the API process does not import vllm (and torch) just to validate a number.
 VALID_LORA_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -128,6 +132,7 @@ class VLLMProcess:
         self._log_offset = 0
         self._pidfd: int | None = None
         self._watch_loop: asyncio.AbstractEventLoop | None = None
+        self._shm_before: set[str] = set()
 
     @property
     def pid(self) -> int | None:
@@ -142,6 +147,7 @@ class VLLMProcess:
         return self._popen is not None and self._popen.poll() is None
 
     def start(self) -> None:
+        self._shm_before = shm_names()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             # The tail shown in errors starts at this run's header, not in an older run.
@@ -230,11 +236,66 @@ class VLLMProcess:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._popen.wait(timeout=5)
         self.forget()
+        self.remove_leaked_shm()
+
+    def remove_leaked_shm(self) -> list[str]:
+        """Unlink the /dev/shm segments a killed server left behind (a SIGKILL also kills the resource tracker
+        that would have removed them). Only names that appeared after this server started, belong to us and
+        are mapped or open in no live process, so another program's or another server's are never touched.
+        """
+        removed = []
+        for name in sorted(unused_shm(shm_names() - self._shm_before)):
+            path = _SHM_DIR / name
+            with contextlib.suppress(OSError):
+                if path.stat().st_uid == os.getuid():
+                    path.unlink()
+                    removed.append(name)
+        return removed
 
     def forget(self) -> None:
         """Stop watching and drop from the at-exit list (the process is gone or being killed)."""
         self._unwatch()
         _LIVE.discard(self)
+
+
+def shm_names() -> set[str]:
+    """Names under /dev/shm of the kinds vLLM's processes create."""
+    try:
+        return {p.name for p in _SHM_DIR.iterdir() if p.name.startswith(_SHM_PREFIXES)}
+    except OSError:
+        return set()
+
+
+def mapped_shm_names() -> set[str]:
+    """Names under /dev/shm that some live process has mapped or open."""
+    names: set[str] = set()
+    prefix = str(_SHM_DIR) + "/"
+    for proc_dir in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            for line in (proc_dir / "maps").read_text().splitlines():
+                idx = line.find(prefix)
+                if idx >= 0:
+                    names.add(line[idx + len(prefix) :].split(" ")[0])
+        with contextlib.suppress(OSError):
+            for fd in (proc_dir / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    target = os.readlink(fd)
+                    if target.startswith(prefix):
+                        names.add(target[len(prefix) :].split(" ")[0])
+    return names
+
+
+def unused_shm(names: set[str]) -> set[str]:
+    """The ``names`` no live process uses: not mapped or open anywhere, and for ``sem.loky-<pid>-*`` (loky
+    keeps these by name, unmapped) not created by a process that is still alive."""
+    unused = set()
+    for name in names - mapped_shm_names():
+        if name.startswith("sem.loky-"):
+            pid = name.split("-")[1]
+            if pid.isdigit() and Path(f"/proc/{pid}").exists():
+                continue
+        unused.add(name)
+    return unused
 
 
 # Every started server, so that a normal interpreter exit does not leave vLLM processes behind.

@@ -28,6 +28,7 @@ from serving.engine import (
     Target,
 )
 from serving.vllm import VLLMConfig, VLLMEngine
+from serving.vllm_process import shm_names, unused_shm
 
 pytestmark = [pytest.mark.vllm, pytest.mark.asyncio(loop_scope="module")]
 
@@ -136,6 +137,17 @@ async def test_adapters_and_base_share_one_generate_call(engine: VLLMEngine, mod
     assert entry["adapters"] == [f"{BASE_ID}-a", f"{BASE_ID}-b"]
 
 
+async def test_many_concurrent_requests_over_adapters(engine: VLLMEngine, models: Models) -> None:
+    """72 requests over base + 2 adapters at once: the pool carries them all, outputs stay per-target."""
+    targets = [models.target(), models.target("a"), models.target("b")]
+    short = Sampling(max_tokens=4)
+    results = [_ok(r) for r in await engine.generate([GenRequest(t, short, prompt=PROMPT) for t in targets] * 24)]
+    assert len(results) == 72
+    for i, target_results in enumerate(zip(*[iter(results)] * 3, strict=True)):
+        assert [r.extra["model"] for r in target_results] == [BASE_ID, f"{BASE_ID}-a", f"{BASE_ID}-b"], i
+    assert len({r.text for r in results[0::3]}) == 1  # the base's greedy text, 24 times
+
+
 @pytest.mark.parametrize("kind", ["chat", "prompt"])
 async def test_stream_matches_generate(engine: VLLMEngine, models: Models, kind: str) -> None:
     """(3) Streamed chunks concatenate to the non-streamed greedy text; the last one has reason and counts."""
@@ -217,6 +229,19 @@ async def test_status_reports_ready_server(engine: VLLMEngine, models: Models) -
     assert {f"{BASE_ID}-a", f"{BASE_ID}-b"} <= set(entry["adapters"])
 
 
+async def test_failed_first_start_reports_log_tail(models: Models, tmp_path: Path) -> None:
+    """A base folder vLLM cannot load: the waiting request gets EngineUnavailable carrying the server's error."""
+    eng = VLLMEngine(_config(tmp_path, 18550))
+    try:
+        [result] = await eng.generate([GenRequest(Target("not-a-model", models.lora_a), GREEDY, prompt=PROMPT)])
+        assert isinstance(result, EngineUnavailable)
+        assert "config.json" in result.message  # vLLM's own complaint, from the log tail
+        [entry] = await eng.status()
+        assert entry["state"] == "dead" and entry["pid"] is None and "start failed" in entry["last_error"]
+    finally:
+        await eng.close()
+
+
 async def test_killed_server_fails_in_flight_then_restarts(models: Models, tmp_path: Path) -> None:
     """(4) SIGKILL mid-generation: in-flight requests fail fast, the next gets 503-style, the server returns."""
     eng = VLLMEngine(_config(tmp_path, 18500))
@@ -224,6 +249,7 @@ async def test_killed_server_fails_in_flight_then_restarts(models: Models, tmp_p
         kill_id = "tiny-kill"
         lora = models.target("a", base_id=kill_id)
         short = GenRequest(lora, GREEDY, prompt=PROMPT)
+        shm_before = shm_names()
         # wait_for_start=False: the first request triggers the start and is told to come back.
         asked = time.monotonic()
         [first] = await eng.generate([short], wait_for_start=False)
@@ -248,6 +274,7 @@ async def test_killed_server_fails_in_flight_then_restarts(models: Models, tmp_p
             await asyncio.wait_for(_collect(stream), timeout=10)
         failures = await asyncio.wait_for(in_flight, timeout=10)
         assert all(isinstance(f, GenerationFailed) for f in failures), failures
+        print(f"in-flight requests failed {time.monotonic() - killed:.2f} s after the kill")
         assert time.monotonic() - killed < 5
 
         [after] = await eng.generate([short])
@@ -267,6 +294,8 @@ async def test_killed_server_fails_in_flight_then_restarts(models: Models, tmp_p
         assert entry["pid"] != old_pid and entry["restarts"] == 1
         assert entry["adapters"] == [lora.adapter_id]
         new_pid = entry["pid"]
+        # The killed server's shared-memory queues were unlinked (its resource tracker died with it).
+        assert not unused_shm(shm_names() - shm_before)
     finally:
         await eng.close()
     with pytest.raises(ProcessLookupError):
