@@ -1,0 +1,163 @@
+"""/v1 end to end on the real path: uvicorn -> moerge -> a vLLM server it starts and supervises.
+
+One module-scoped app (one vLLM start, one restart): the official `openai` client against it, streaming
+included, adapters of one base in one batch, and a killed server answered with 503 + Retry-After while
+moerge restarts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from api.app import create_app
+from api.settings import Settings
+from registry import db
+from registry.schemas import ExpertSpec
+from registry.services import ApiKeyService, ExpertService
+from registry.store import ArtifactStore
+from tests.fixtures.vllm_models import build_vllm_tiny_llama, build_vllm_tiny_lora
+
+pytestmark = pytest.mark.vllm
+
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    root = tmp_path_factory.mktemp("v1-vllm")
+    base = build_vllm_tiny_llama(root / "base")
+    loras = [build_vllm_tiny_lora(base, root / f"lora-{i}", seed=10 + i) for i in range(2)]
+    settings = Settings(
+        home=root / "home",
+        database_url=f"sqlite+aiosqlite:///{root / 'moerge.db'}",
+        import_roots=(root,),
+        engine="vllm",
+        vllm_kv_cache_gib=1,
+        vllm_max_model_len=512,
+    )
+    db.upgrade(settings.database_url)
+
+    async def setup() -> str:
+        engine = db.make_engine(settings.database_url)
+        try:
+            async with db.make_sessionmaker(engine)() as session:
+                experts = ExpertService(session, ArtifactStore(settings.store_dir))
+                await experts.register_folder(base, ExpertSpec(slug="tiny"))
+                for i, folder in enumerate(loras):
+                    await experts.register_folder(folder, ExpertSpec(slug=f"lora-{i}", base="tiny"))
+                _, key = await ApiKeyService(session).create("t", ["query"])
+                return key
+        finally:
+            await engine.dispose()
+
+    key = asyncio.run(setup())
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}"
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=600)
+    try:
+        yield {"url": url, "key": key, "client": client}
+    finally:
+        server.should_exit = True  # the app's shutdown closes the engine and its vLLM server
+        thread.join(timeout=60)
+
+
+def test_chat_stream_and_batch_through_vllm(live: dict[str, Any]) -> None:
+    client: openai.OpenAI = live["client"]
+    raw = client.chat.completions.with_raw_response.create(
+        model="lora-0", messages=CHAT, max_tokens=12, temperature=0
+    )  # first request starts vLLM
+    reply = raw.parse()
+    assert reply.model == "lora-0" and reply.choices[0].message.content
+    assert raw.headers["x-moerge-experts"] == "lora-0"
+
+    # the base and both adapters at once: all answer, and the adapters change the output
+    prompts = ["The quick brown fox", "What is the capital of France?"]
+
+    def ask(job: tuple[str, str]) -> str:
+        out = client.completions.create(model=job[0], prompt=job[1], max_tokens=12, temperature=0)
+        return out.choices[0].text
+
+    jobs = [(m, p) for m in ("tiny", "lora-0", "lora-1") for p in prompts]
+    with ThreadPoolExecutor(12) as pool:
+        texts = list(pool.map(ask, jobs * 2))
+    assert texts[:6] == texts[6:]  # greedy: the same request gives the same text in any batch
+    per_model = {tuple(texts[i : i + 2]) for i in range(0, 6, 2)}  # a random tiny model may coincide on one prompt
+    assert len(per_model) == 3
+
+    pieces = [
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(
+            model="lora-0", messages=CHAT, max_tokens=12, temperature=0, stream=True
+        )
+        if c.choices
+    ]
+    assert "".join(pieces) == reply.choices[0].message.content
+
+    engines = httpx.get(f"{live['url']}/api/engines", headers={"authorization": f"Bearer {live['key']}"}).json()
+    (server,) = engines["servers"]
+    assert engines["engine"] == "vllm" and server["state"] == "ready" and len(server["adapters"]) == 2
+
+
+def test_dead_server_gives_503_then_comes_back(live: dict[str, Any]) -> None:
+    headers = {"authorization": f"Bearer {live['key']}"}
+    (server,) = httpx.get(f"{live['url']}/api/engines", headers=headers).json()["servers"]
+    os.killpg(server["pid"], signal.SIGKILL)
+    deadline = time.time() + 30
+    while True:  # the engine notices the death at once (process watch); then requests are refused, not hung
+        resp = httpx.post(
+            f"{live['url']}/v1/chat/completions",
+            headers=headers,
+            timeout=60,
+            json={"model": "lora-1", "messages": CHAT, "max_tokens": 4},
+        )
+        if resp.status_code == 503 or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert resp.status_code == 503, resp.text
+    assert int(resp.headers["retry-after"]) > 0
+    assert resp.headers["x-moerge-experts"] == "lora-1"
+    assert resp.json()["error"]["code"] == "engine_unavailable"
+
+    deadline = time.time() + 300
+    while time.time() < deadline:  # restarted in the background
+        (server,) = httpx.get(f"{live['url']}/api/engines", headers=headers).json()["servers"]
+        if server["state"] == "ready":
+            break
+        time.sleep(2)
+    assert server["state"] == "ready" and server["restarts"] == 1
+    reply = live["client"].chat.completions.create(model="lora-1", messages=CHAT, max_tokens=4, temperature=0)
+    assert reply.choices[0].message.content is not None
+
+
+def test_missing_model_and_bad_params_never_reach_vllm(live: dict[str, Any], tmp_path: Path) -> None:
+    client: openai.OpenAI = live["client"]
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=CHAT)
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model="lora-0", messages=CHAT, top_p=0)
+    assert bad.value.body["param"] == "top_p"
