@@ -202,3 +202,21 @@ def test_direct_composition(live: dict[str, Any]) -> None:
     with pytest.raises(openai.BadRequestError) as gone:
         client.chat.completions.create(model="dates", messages=CHAT)
     assert gone.value.body["code"] == "composition_has_no_experts"
+
+
+def test_cli_query_against_the_server(live: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from api.cli import app
+
+    monkeypatch.setenv("MOERGE_URL", live["url"])
+    monkeypatch.setenv("MOERGE_API_KEY", live["env"].query_key)
+    expected = live["client"].chat.completions.create(model="lora-a", messages=CHAT, max_tokens=6, temperature=0)
+    text = expected.choices[0].message.content
+    plain = CliRunner().invoke(app, ["query", "lora-a", "hello", "--max-tokens", "6", "--no-stream"])
+    assert plain.exit_code == 0 and plain.stdout == text + "\n"
+    streamed = CliRunner().invoke(app, ["query", "lora-a", "hello", "--max-tokens", "6", "--route"])
+    assert streamed.exit_code == 0 and streamed.stdout == text + "\n"
+    assert "x-moerge-experts: lora-a" in streamed.stderr
+    missing = CliRunner().invoke(app, ["query", "nope", "hello"])
+    assert missing.exit_code == 1 and "does not exist" in missing.stderr
