@@ -1,0 +1,54 @@
+"""The eval harness's arithmetic and reports (the serving path itself is exercised in integration tests)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.results import write_section
+from evals.harness import EvalRow, QueryOutcome, markdown_table, percentile, write_reports
+
+
+def test_percentile_interpolates() -> None:
+    assert percentile([1, 2, 3, 4], 50) == 2.5
+    assert percentile([10], 95) == 10
+    assert percentile([1, 2, 3, 4, 5], 0) == 1 and percentile([1, 2, 3, 4, 5], 100) == 5
+    assert percentile([3, 1, 2], 50) == 2
+
+
+def row(model: str, acc: dict[str, float]) -> EvalRow:
+    outcome = QueryOutcome("dates", "p", "a", "a", True, 0.1, 3, model)
+    return EvalRow(model, acc, sum(acc.values()) / len(acc), 100.0, 150.0, 42.0, 10, 20, 1.0, [outcome])
+
+
+def test_reports_written(tmp_path: Path) -> None:
+    rows = [row("base", {"dates": 0.1, "units": 0.0}), row("dates-lora", {"dates": 1.0, "units": 0.2})]
+    paths = write_reports(rows, tmp_path / "out", title="demo")
+    table = paths["markdown"].read_text()
+    assert "| dates-lora | 100% | 20% | **60.0%** | 100 | 150 | 42.0 |" in table
+    data = json.loads(paths["json"].read_text())
+    assert data["rows"][1]["accuracy"] == {"dates": 1.0, "units": 0.2}
+    assert data["outcomes"]["base"][0]["experts"] == "base"
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert markdown_table([]).strip() == "| model | mean | p50 ms | p95 ms | tokens/s |\n|---|---|---|---|---|"
+
+
+def test_results_sections_replace_themselves(tmp_path: Path) -> None:
+    path = tmp_path / "RESULTS.md"
+    write_section(path, "one", "first")
+    write_section(path, "two", "second")
+    write_section(path, "one", "again")
+    text = path.read_text()
+    assert text.count("## one") == 1 and "again" in text and "first" not in text and "second" in text
+    assert text.index("## one") < text.index("## two")
+
+
+@pytest.mark.parametrize("split", ["eval", "heldout"])
+def test_every_task_has_gradable_examples(split: str) -> None:
+    from evals.tasks import TASKS
+
+    for task in TASKS:
+        examples = task.examples(split, 5)
+        assert len(examples) == 5 and all(task.grade(e.answer, e.answer) for e in examples)
