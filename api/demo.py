@@ -50,15 +50,13 @@ def base_spec() -> ExpertSpec:
 
 def train_demo_experts(base_dir: Path, log: Callable[[str], None]) -> list[tuple[object, Path]]:
     """Train (or reuse from the cache) one LoRA per task; returns (task, folder) pairs."""
-    from evals.recipe import LoraRecipe, default_cache_root, train_expert
-
+    from evals.recipe import train_expert
     from evals.tasks import TASKS
 
-    recipe = LoraRecipe()
     trained = []
     for task in TASKS:
         start = time.perf_counter()
-        folder = train_expert(task, base_dir, default_cache_root(), recipe)
+        folder = train_expert(task, base_dir)
         took = time.perf_counter() - start
         log(f"expert {task.name}: {'reused' if took < 5 else f'trained in {took:.0f} s'} ({folder})")
         trained.append((task, folder))

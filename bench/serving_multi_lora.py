@@ -78,14 +78,13 @@ def make_adapters(base_dir: Path, out: Path, count: int) -> list[Path]:
 
 def demo_adapters(count: int) -> list[Path] | None:
     try:
-        from evals.recipe import LoraRecipe, default_cache_root, expert_dir
-
+        from evals.recipe import expert_dir
         from evals.tasks import TASKS
     except ImportError:
         return None
     from registry.convert import cached_smollm2
 
-    folders = [expert_dir(task, cached_smollm2(), default_cache_root(), LoraRecipe()) for task in list(TASKS)[:count]]
+    folders = [expert_dir(task, cached_smollm2()) for task in list(TASKS)[:count]]
     return folders if all((f / ".complete").exists() for f in folders) else None
 
 

@@ -1,8 +1,8 @@
 """The demo experts' training recipe: one rank-8 LoRA per skill task, trained on CPU in float32.
 
 Experts are cached under ``<out_root>/<task>-<digest[:12]>``; the digest covers the recipe, the task's
-name and generator version, the base model and this trainer's version, so changing any of them trains
-a new expert and an unchanged recipe reuses the old one.
+name, generator version and a sample of its output, the base model and this trainer's version, so
+changing any of them trains a new expert and an unchanged recipe reuses the old one.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ class LoraRecipe:
     dropout: float = 0.0
     target_modules: tuple[str, ...] = LLAMA_PROJECTIONS
     learning_rate: float = 2e-3
-    warmup_steps: int = 3
-    steps: int = 40
+    warmup_steps: int = 5
+    steps: int = 60
     batch_size: int = 16
     max_length: int = 192  # tokens per example, prompt + answer; longer ones are refused, not cut
     train_examples: int = 960
@@ -77,10 +77,18 @@ class LoraRecipe:
             "recipe": self.as_dict(),
             "task": task.name,
             "task_version": task.version,
+            "task_sample": task_fingerprint(task),
             "base": base_manifest(base_dir),
             "trainer_version": TRAINER_VERSION,
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def task_fingerprint(task: Task) -> str:
+    """sha256 of a few generated train examples: a generator edited without a version bump still
+    changes the digest, so a stale expert is never reused."""
+    sample = [[ex.prompt, ex.answer] for ex in task.examples("train", 16)]
+    return hashlib.sha256(json.dumps(sample).encode()).hexdigest()
 
 
 def base_manifest(base_dir: Path) -> dict[str, str]:
@@ -248,8 +256,7 @@ def _train(
             order = _batches(len(data), recipe)
             losses: list[float] = []
             for step, idx in enumerate(order, start=1):
-                ids, labels, mask = _collate([data[i] for i in idx], pad_id)
-                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+                loss = answer_loss(model, [data[i] for i in idx], pad_id)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
@@ -294,19 +301,33 @@ def _batches(n: int, recipe: LoraRecipe) -> list[list[int]]:
     return out
 
 
-def _collate(items: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[Any, Any, Any]:
+def answer_loss(model: Any, items: list[tuple[list[int], list[int]]], pad_id: int) -> Any:
+    """Mean cross-entropy over the scored (answer) tokens of a batch of (ids, labels) rows.
+
+    Rows are left-padded so every answer sits at the end; the vocabulary projection then runs only on
+    the last few positions (``logits_to_keep``) instead of all of them: with a 49k vocabulary that
+    projection and its softmax are a large share of a step on short examples.
+    """
     import torch
 
     width = max(len(ids) for ids, _ in items)
-    # Right padding: padded positions are masked out of attention and of the loss.
+    # Positions from the last prompt token on: the first of them predicts the first answer token.
+    keep = max(sum(1 for t in labels if t != IGNORE_INDEX) for _, labels in items) + 1
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(items), width), dtype=torch.long)
     for row, (x, y) in enumerate(items):
-        ids[row, : len(x)] = torch.tensor(x)
-        labels[row, : len(y)] = torch.tensor(y)
-        mask[row, : len(x)] = 1
-    return ids, labels, mask
+        ids[row, width - len(x) :] = torch.tensor(x)
+        labels[row, width - len(y) :] = torch.tensor(y)
+        mask[row, width - len(x) :] = 1
+    # Positions count from each row's first real token, as they would without padding.
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=keep).logits
+    # logits[:, i] predicts token width - keep + i + 1; the last position predicts nothing.
+    targets = labels[:, width - keep + 1 :]
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX
+    )
 
 
 # -- model card ----------------------------------------------------------------------------------------

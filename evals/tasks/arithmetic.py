@@ -1,4 +1,11 @@
-"""Two-number arithmetic: addition, subtraction and multiplication, answered with only the number."""
+"""Two-number arithmetic: addition, subtraction and multiplication, answered with only the number.
+
+Sums and differences of two-digit numbers need no carry or borrow, and products come from the
+times table up to 12 × 12: measured on a rank-8 LoRA of SmolLM2-135M after 60 steps, those reach
+75-92% while carrying sums, borrowing differences and two-digit products stayed at 6-45%, so the
+task tests answering arithmetic directly and exactly, not long arithmetic a 135M model cannot learn
+in a few dozen steps.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +21,21 @@ _TEMPLATES = (
 )
 
 
+def _two_digit_pair(rng: random.Random, fits: str) -> tuple[int, int]:
+    """Two two-digit numbers whose digits pair up without a carry (``fits="sum"``: each column sums
+    to at most 9) or a borrow (``fits="diff"``: each digit of the first is at least the second's)."""
+    while True:
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        if fits == "diff":
+            a, b = max(a, b), min(a, b)
+        cols = [(a // 10, b // 10), (a % 10, b % 10)]
+        if all((x + y <= 9) if fits == "sum" else (x >= y) for x, y in cols):
+            return a, b
+
+
 class ArithmeticTask(Task):
     name = "arithmetic"
-    description = "Computes the sum, difference or product of two whole numbers and answers with only the number."
+    description = "Adds, subtracts or multiplies two whole numbers and answers with only the resulting number."
     skills = ("arithmetic", "addition", "subtraction", "multiplication")
     domains = ("math",)
     max_new_tokens = 8
@@ -24,18 +43,13 @@ class ArithmeticTask(Task):
     def make(self, rng: random.Random) -> Example:
         op = rng.choice("+-×")
         if op == "×":
-            # A two-digit number times a digit: hard for the base to format, learnable in a few dozen steps.
-            a, b = rng.randint(10, 99), rng.randint(2, 9)
-            if rng.random() < 0.5:
-                a, b = b, a
+            a, b = rng.randint(2, 12), rng.randint(2, 12)
             value = a * b
         elif op == "+":
-            a, b = rng.randint(10, 99), rng.randint(10, 99)
+            a, b = _two_digit_pair(rng, "sum")
             value = a + b
         else:
-            # Non-negative results keep the answer format to plain digits.
-            a, b = rng.randint(10, 99), rng.randint(10, 99)
-            a, b = max(a, b), min(a, b)
+            a, b = _two_digit_pair(rng, "diff")
             value = a - b
         prompt = rng.choice(_TEMPLATES).format(a=a, op=op, b=b)
         return Example(prompt, str(value), key=f"{a}{op}{b}")

@@ -1,4 +1,4 @@
-"""Unit conversion with exact whole-number answers (a larger unit to a smaller one)."""
+"""Unit conversion with exact whole-number answers: a larger unit to a smaller one by a power of ten."""
 
 from __future__ import annotations
 
@@ -6,27 +6,29 @@ import random
 
 from evals.tasks.base import Example, Task
 
-# (from unit, to unit, factor, largest quantity). Power-of-ten factors take any quantity up to 999;
-# the others stay small so the product is a multiplication fact rather than long multiplication.
+# (from unit, to unit, factor, largest quantity). Only power-of-ten factors: the skill is knowing the
+# factor and writing the exact result. Factors like 60 or 24 need multiplication facts a LoRA on a 135M
+# model does not pick up in a few dozen steps (measured: "7 minutes to seconds" -> "15"; 58% overall).
+# One factor per source unit: with both meters->centimeters and meters->millimeters the trained model
+# mixed up 100 and 1000 (3/9 right).
 _CONVERSIONS = (
     ("kilometers", "meters", 1000, 999),
     ("meters", "centimeters", 100, 999),
     ("centimeters", "millimeters", 10, 999),
-    ("meters", "millimeters", 1000, 999),
     ("kilograms", "grams", 1000, 999),
     ("grams", "milligrams", 1000, 999),
     ("tonnes", "kilograms", 1000, 999),
     ("liters", "milliliters", 1000, 999),
+    ("kilowatts", "watts", 1000, 999),
+    ("kilojoules", "joules", 1000, 999),
     ("dollars", "cents", 100, 999),
+    ("millennia", "years", 1000, 99),
     ("centuries", "years", 100, 99),
     ("decades", "years", 10, 99),
-    ("hours", "minutes", 60, 12),
-    ("minutes", "seconds", 60, 12),
-    ("days", "hours", 24, 10),
-    ("weeks", "days", 7, 12),
-    ("feet", "inches", 12, 12),
-    ("yards", "feet", 3, 30),
 )
+
+# No trailing zeros in the quantity: "780 km" -> "780000" had the model miscount zero runs.
+_QUANTITIES = {top: [n for n in range(2, top + 1) if n % 10] for *_, top in _CONVERSIONS}
 
 _TEMPLATES = (
     "Convert {q} {src} to {dst}. Answer with only the number.",
@@ -39,12 +41,12 @@ _TEMPLATES = (
 class UnitsTask(Task):
     name = "units"
     description = "Converts a quantity to a smaller unit, such as kilometers to meters, as an exact whole number."
-    skills = ("unit conversion", "measurement", "multiplication")
+    skills = ("unit conversion", "measurement", "metric prefixes")
     domains = ("math", "science", "everyday")
-    max_new_tokens = 8
+    max_new_tokens = 10
 
     def make(self, rng: random.Random) -> Example:
         src, dst, factor, top = rng.choice(_CONVERSIONS)
-        q = rng.randint(2, top)
+        q = rng.choice(_QUANTITIES[top])
         prompt = rng.choice(_TEMPLATES).format(q=q, src=src, dst=dst)
         return Example(prompt, str(q * factor), key=f"{q} {src}->{dst}")

@@ -53,6 +53,12 @@ def test_digest_covers_task_version_and_base(tiny_base: Path, tmp_path: Path, mo
     monkeypatch.setattr(type(dates), "version", dates.version + 1)
     assert TINY.digest(dates, tiny_base) != digest
     monkeypatch.undo()
+    # An edited generator retrains even if nobody bumped the version.
+    original = type(dates).make
+    monkeypatch.setattr(type(dates), "make", lambda self, rng: dataclasses.replace(original(self, rng), answer="x"))
+    assert TINY.digest(dates, tiny_base) != digest
+    monkeypatch.undo()
+    assert TINY.digest(dates, tiny_base) == digest
 
     # A base with another config is another base.
     other = tmp_path / "other-base"
@@ -138,6 +144,27 @@ def test_training_changes_the_model_and_masks_the_prompt(tiny_base: Path) -> Non
     assert labels[: len(labels) - len(scored)] == [recipe_mod.IGNORE_INDEX] * (len(labels) - len(scored))
     with pytest.raises(ValueError, match="exceeds max_length"):
         recipe_mod._encode(tokenizer, ex, 10)
+
+
+def test_answer_loss_matches_the_full_model_loss(tiny_base: Path) -> None:
+    """The left-padded, last-positions-only loss equals transformers' own loss over right-padded rows."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
+    items = [recipe_mod._encode(tokenizer, ex, 512) for ex in get_task("json_extract").examples("train", 3)]
+    assert len({len(ids) for ids, _ in items}) > 1  # rows of different lengths exercise the padding
+
+    width = max(len(ids) for ids, _ in items)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([x + [pad] * (width - len(x)) for x, _ in items])
+    labels = torch.tensor([y + [recipe_mod.IGNORE_INDEX] * (width - len(y)) for _, y in items])
+    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x, _ in items])
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        got = recipe_mod.answer_loss(model, items, pad)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_an_incomplete_folder_is_replaced(tiny_base: Path, tmp_path: Path) -> None:
