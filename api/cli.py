@@ -430,7 +430,12 @@ def expert_verify(
 
 
 def main() -> None:
+    import logging
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # one line per engine call drowns the server log; keep httpx to warnings
+    for name in ("httpx", "httpx2"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     app()
 
 

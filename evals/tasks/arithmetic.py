@@ -1,10 +1,10 @@
 """Two-number arithmetic: addition, subtraction and multiplication, answered with only the number.
 
-Sums and differences of two-digit numbers need no carry or borrow, and products come from the
-times table up to 12 × 12: measured on a rank-8 LoRA of SmolLM2-135M after 60 steps, those reach
-75-92% while carrying sums, borrowing differences and two-digit products stayed at 6-45%, so the
-task tests answering arithmetic directly and exactly, not long arithmetic a 135M model cannot learn
-in a few dozen steps.
+The numbers are chosen so each answer needs only single-digit facts the model can learn to state
+directly: two-digit sums without a carry, a two-digit number minus a digit without a borrow, and
+products up to 10 × 10. Measured on a rank-8 LoRA of SmolLM2-135M: carry-free sums reached 100% in
+60 steps, while carrying sums, two-digit differences (51%, 77% after 120 steps), products with 11 or
+12 and two-digit products (27%) stayed out of reach of a few dozen steps.
 """
 
 from __future__ import annotations
@@ -21,16 +21,20 @@ _TEMPLATES = (
 )
 
 
-def _two_digit_pair(rng: random.Random, fits: str) -> tuple[int, int]:
-    """Two two-digit numbers whose digits pair up without a carry (``fits="sum"``: each column sums
-    to at most 9) or a borrow (``fits="diff"``: each digit of the first is at least the second's)."""
+def _carry_free_sum(rng: random.Random) -> tuple[int, int]:
+    """Two two-digit numbers whose tens and units digits each sum to at most 9."""
     while True:
         a, b = rng.randint(10, 99), rng.randint(10, 99)
-        if fits == "diff":
-            a, b = max(a, b), min(a, b)
-        cols = [(a // 10, b // 10), (a % 10, b % 10)]
-        if all((x + y <= 9) if fits == "sum" else (x >= y) for x, y in cols):
+        if a // 10 + b // 10 <= 9 and a % 10 + b % 10 <= 9:
             return a, b
+
+
+def _borrow_free_difference(rng: random.Random) -> tuple[int, int]:
+    """A two-digit number and a digit no larger than its units digit."""
+    while True:
+        a = rng.randint(11, 99)
+        if a % 10:
+            return a, rng.randint(1, a % 10)
 
 
 class ArithmeticTask(Task):
@@ -43,13 +47,13 @@ class ArithmeticTask(Task):
     def make(self, rng: random.Random) -> Example:
         op = rng.choice("+-×")
         if op == "×":
-            a, b = rng.randint(2, 12), rng.randint(2, 12)
+            a, b = rng.randint(2, 10), rng.randint(2, 10)
             value = a * b
         elif op == "+":
-            a, b = _two_digit_pair(rng, "sum")
+            a, b = _carry_free_sum(rng)
             value = a + b
         else:
-            a, b = _two_digit_pair(rng, "diff")
+            a, b = _borrow_free_difference(rng)
             value = a - b
         prompt = rng.choice(_TEMPLATES).format(a=a, op=op, b=b)
         return Example(prompt, str(value), key=f"{a}{op}{b}")
