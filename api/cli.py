@@ -292,8 +292,8 @@ def eval_models(
                 on_done=lambda: progress.advance(bar),
             )
         )
-    paths = write_reports(rows, out, title=title or f"moerge eval ({split} split)")
-    sys.stdout.write(markdown_table(rows, title=title))
+    paths = write_reports(rows, out, title=title or f"moerge eval ({split} split)", concurrency=concurrency)
+    sys.stdout.write(markdown_table(rows, title=title, concurrency=concurrency))
     out.mkdir(parents=True, exist_ok=True)
     err.print(f"wrote {', '.join(str(p) for p in paths.values())}", highlight=False)
 

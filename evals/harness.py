@@ -145,7 +145,7 @@ async def evaluate(
 
 
 # -- reports -----------------------------------------------------------------------------------------------
-def markdown_table(rows: Sequence[EvalRow], *, title: str = "") -> str:
+def markdown_table(rows: Sequence[EvalRow], *, title: str = "", concurrency: int = 16) -> str:
     tasks = list(rows[0].accuracy) if rows else []
     head = ["model", *tasks, "mean", "p50 ms", "p95 ms", "tokens/s"]
     lines = [f"### {title}", ""] if title else []
@@ -164,7 +164,7 @@ def markdown_table(rows: Sequence[EvalRow], *, title: str = "") -> str:
         lines += [
             "",
             f"Exact match on {rows[0].n_per_task} queries per task (greedy); latency per query at the "
-            "client with up to 16 in flight; tokens/s = completion tokens / wall time of the model's run.",
+            f"client with up to {concurrency} in flight; tokens/s = completion tokens / wall time of the model's run.",
         ]
     return "\n".join(lines) + "\n"
 
@@ -191,10 +191,12 @@ def plot(rows: Sequence[EvalRow], path: Path, *, title: str = "") -> None:
     plt.close(fig)
 
 
-def write_reports(rows: Sequence[EvalRow], out_dir: Path, *, title: str = "", name: str = "eval") -> dict[str, Path]:
+def write_reports(
+    rows: Sequence[EvalRow], out_dir: Path, *, title: str = "", name: str = "eval", concurrency: int = 16
+) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": out_dir / f"{name}.md", "json": out_dir / f"{name}.json", "png": out_dir / f"{name}.png"}
-    paths["markdown"].write_text(markdown_table(rows, title=title))
+    paths["markdown"].write_text(markdown_table(rows, title=title, concurrency=concurrency))
     payload: dict[str, Any] = {
         "title": title,
         "rows": [{k: v for k, v in asdict(row).items() if k != "outcomes"} for row in rows],
