@@ -9,7 +9,7 @@ from litestar import Litestar
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 
-from api.compositions.controllers import CompositionController
+from api.compositions.controllers import CompositionController, RouteController
 from api.deps import Runtime, provide_key_service, provide_session, provide_settings, provide_store
 from api.exceptions import exception_handlers
 from api.experts.controllers import ExpertController
@@ -18,6 +18,8 @@ from api.settings import Settings
 from api.system.controllers import EngineController, HealthController
 from registry.db import ensure_migrated, make_engine, make_sessionmaker
 from registry.store import ArtifactStore
+from routers.query.embedder import LazyEmbedder
+from serving.compose import router_context
 from serving.engine import Engine
 from serving.factory import create_engine
 
@@ -35,7 +37,8 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             store.ensure()
             sessionmaker = make_sessionmaker(db_engine)
             serving = engine or await create_engine(settings, sessionmaker)
-            app.state.runtime = Runtime(settings, db_engine, sessionmaker, store, serving)
+            routing = router_context(serving, sessionmaker, store, LazyEmbedder(settings.embedding_model))
+            app.state.runtime = Runtime(settings, db_engine, sessionmaker, store, serving, routing)
             try:
                 yield
             finally:
@@ -45,7 +48,14 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             await db_engine.dispose()
 
     return Litestar(
-        route_handlers=[HealthController, ExpertController, CompositionController, OpenAIController, EngineController],
+        route_handlers=[
+            HealthController,
+            ExpertController,
+            CompositionController,
+            RouteController,
+            OpenAIController,
+            EngineController,
+        ],
         dependencies={
             "db_session": Provide(provide_session),
             "store": Provide(provide_store, sync_to_thread=False),

@@ -20,10 +20,12 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.settings import Settings
 from registry import db
 from registry.cards import render_card
+from registry.compositions import CompositionPatch, CompositionService, CompositionSpec, PrepareHook
 from registry.errors import MoergeError
 from registry.schemas import ExpertSpec
 from registry.services import ApiKeyService, ExpertService, expert_summary
@@ -38,6 +40,8 @@ db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
 expert_app = typer.Typer(help="Register, list, show, remove and verify experts.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(expert_app, name="expert")
+composition_app = typer.Typer(help="Create, list, show, update and remove compositions.", no_args_is_help=True)
+app.add_typer(composition_app, name="composition")
 
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
@@ -63,8 +67,8 @@ def handles_errors(fn: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
-async def _with_services(
-    settings: Settings, work: Callable[[ExpertService, ApiKeyService], Awaitable[T]], *, check: bool = True
+async def _with_session(
+    settings: Settings, work: Callable[[AsyncSession, ArtifactStore], Awaitable[T]], *, check: bool = True
 ) -> T:
     engine = db.make_engine(settings.database_url)
     try:
@@ -73,9 +77,17 @@ async def _with_services(
         store = ArtifactStore(settings.store_dir)
         store.ensure()
         async with db.make_sessionmaker(engine)() as session:
-            return await work(ExpertService(session, store), ApiKeyService(session))
+            return await work(session, store)
     finally:
         await engine.dispose()
+
+
+async def _with_services(
+    settings: Settings, work: Callable[[ExpertService, ApiKeyService], Awaitable[T]], *, check: bool = True
+) -> T:
+    return await _with_session(
+        settings, lambda session, store: work(ExpertService(session, store), ApiKeyService(session)), check=check
+    )
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
@@ -203,18 +215,24 @@ def demo(
         client = ApiClient(f"http://{settings.host}:{settings.port}", key)
         with out.status("starting vLLM for the base and loading the adapters (about a minute the first time)"):
             client.wait_ready(experts[0].slug if experts else "smollm2-135m-instruct")
-        table = Table("expert", "query", "answer", "expected", title="one sample query per expert (eval split)")
+        table = Table(
+            "expert",
+            "query",
+            "answer",
+            "expected",
+            "`auto` routed to",
+            title="one sample query per expert (eval split), then the same query to the `auto` composition",
+        )
         for expert in experts:
-            answer, _ = client.chat(
-                {
-                    "model": expert.slug,
-                    "max_tokens": 32,
-                    "temperature": 0,
-                    "messages": [{"role": "user", "content": expert.sample_prompt}],
-                }
-            )
+            messages = [{"role": "user", "content": expert.sample_prompt}]
+            answer, _ = client.chat({"model": expert.slug, "max_tokens": 32, "temperature": 0, "messages": messages})
+            routed, headers = client.chat({"model": "auto", "max_tokens": 32, "temperature": 0, "messages": messages})
             table.add_row(
-                expert.slug, expert.sample_prompt, answer["choices"][0]["message"]["content"], expert.sample_answer
+                expert.slug,
+                expert.sample_prompt,
+                answer["choices"][0]["message"]["content"],
+                expert.sample_answer,
+                f"{headers.get('x-moerge-experts', '')}: {routed['choices'][0]['message']['content']}",
             )
         out.print(table)
     out.print("serving; Ctrl-C to stop")
@@ -250,8 +268,34 @@ def query(
         answer, headers = client.chat(body)
         sys.stdout.write(answer["choices"][0]["message"]["content"] + "\n")
     if show_route:
-        for name in ("x-moerge-router", "x-moerge-experts", "x-moerge-weights"):
+        for name in sorted(h for h in headers if h.startswith("x-moerge-")):
             err.print(f"{name}: {headers.get(name, '')}", highlight=False)
+
+
+@app.command()
+@handles_errors
+def route(
+    composition: Annotated[str, typer.Argument(help="the composition to route for")],
+    text: Annotated[str, typer.Argument(help="the query")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the decision as JSON")] = False,
+) -> None:
+    """Show which experts a composition's router picks for a query, and every candidate's score (no generation)."""
+    from api.client import ApiClient
+
+    settings = Settings.from_env()
+    decision, _ = ApiClient(settings.api_url, settings.api_key).route(composition, text)
+    if as_json:
+        sys.stdout.write(json.dumps(decision, indent=2) + "\n")
+        return
+    chosen = {e["slug"]: e["weight"] for e in decision["experts"]}
+    table = Table(title=f"{composition}: {decision['router']}" + (" -> fallback" if decision["fallback"] else ""))
+    for column in ("expert", "score", "weight"):
+        table.add_column(column)
+    for slug, score in sorted(decision["scores"].items(), key=lambda kv: kv[1], reverse=True):
+        weight = chosen.get(slug)
+        table.add_row(slug, f"{score:.4f}", "" if weight is None else f"{weight:.3f}")
+    out.print(table)
+    out.print(f"answered by: {', '.join(decision['answered_by'])}  ({decision['reason']})", highlight=False)
 
 
 @app.command("eval")
@@ -427,6 +471,168 @@ def expert_verify(
     if damaged:
         raise typer.Exit(1)
     out.print(f"{len(report)} experts verified")
+
+
+# -- compositions ----------------------------------------------------------------------------------------
+
+
+def _params(pairs: list[str] | None, option: str) -> dict[str, Any]:
+    """`key=value` pairs; a value that parses as JSON (numbers, booleans, lists) is taken as such."""
+    params: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise fail(f"{option}: expected KEY=VALUE, got {pair!r}")
+        try:
+            params[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            params[key] = raw
+    return params
+
+
+def _cli_fitter(settings: Settings, session: AsyncSession) -> PrepareHook:
+    """Fits the router's states now, unless fitting runs models (then the server fits on first query)."""
+    from routers.query import ROUTERS, RouterContext
+    from routers.query.embedder import LazyEmbedder
+    from routers.query.service import RoutingService
+
+    async def fit(spec: CompositionSpec, experts: list[Any]) -> None:
+        if ROUTERS.get(spec.router).cls.fit_uses_model:
+            return
+        context = RouterContext(embedder=LazyEmbedder(settings.embedding_model))
+        await RoutingService(session, context).fit(spec.router, spec.router_params, experts)
+
+    return fit
+
+
+def _print_composition(data: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        out.print_json(json.dumps(data))
+        return
+    for key, value in data.items():
+        out.print(f"{key}: {value}", highlight=False)
+
+
+Experts = Annotated[list[str] | None, typer.Option("--expert", "-e", help="a candidate expert (repeat)")]
+RouterParams = Annotated[list[str] | None, typer.Option("--param", "-p", help="router parameter KEY=VALUE (repeat)")]
+AggParams = Annotated[list[str] | None, typer.Option("--agg-param", help="aggregator parameter KEY=VALUE (repeat)")]
+
+
+@composition_app.command("create")
+@handles_errors
+def composition_create(
+    name: Annotated[str, typer.Argument(help="the composition's name, queried like a model")],
+    router: Annotated[str, typer.Option(help="router: direct, embedding, two_step, skills, kshot, instruct")],
+    expert: Experts = None,
+    param: RouterParams = None,
+    k: Annotated[int, typer.Option(help="how many experts answer each query")] = 1,
+    aggregator: Annotated[str | None, typer.Option(help="vote, synthesize or select (needed when k > 1)")] = None,
+    agg_param: AggParams = None,
+    fallback: Annotated[str | None, typer.Option(help="expert that answers when no expert fits")] = None,
+    description: Annotated[str, typer.Option(help="what the composition is for")] = "",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Create a composition: a router over candidate experts, k, an aggregator and a fallback."""
+    spec = CompositionSpec(
+        name=name,
+        router=router,
+        router_params=_params(param, "--param"),
+        experts=expert or [],
+        k=k,
+        aggregator=aggregator,
+        aggregator_params=_params(agg_param, "--agg-param"),
+        fallback=fallback,
+        description=description,
+    )
+    settings = Settings.from_env()
+
+    async def work(session: AsyncSession, store: ArtifactStore) -> dict[str, Any]:
+        service = CompositionService(session, store)
+        return await service.describe(await service.create(spec, prepare=_cli_fitter(settings, session)))
+
+    _print_composition(run(_with_session(settings, work)), as_json)
+
+
+@composition_app.command("update")
+@handles_errors
+def composition_update(
+    name: Annotated[str, typer.Argument(help="the composition to change")],
+    router: Annotated[str | None, typer.Option(help="new router")] = None,
+    expert: Experts = None,
+    param: RouterParams = None,
+    k: Annotated[int | None, typer.Option(help="new k")] = None,
+    aggregator: Annotated[str | None, typer.Option(help="new aggregator")] = None,
+    agg_param: AggParams = None,
+    fallback: Annotated[str | None, typer.Option(help="new fallback expert")] = None,
+    description: Annotated[str | None, typer.Option(help="new description")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Change a composition; options not given keep their values (router parameters are replaced whole)."""
+    patch = CompositionPatch(
+        router=router,
+        router_params=_params(param, "--param") if param else None,
+        experts=expert or None,
+        k=k,
+        aggregator=aggregator,
+        aggregator_params=_params(agg_param, "--agg-param") if agg_param else None,
+        fallback=fallback,
+        description=description,
+    )
+    settings = Settings.from_env()
+
+    async def work(session: AsyncSession, store: ArtifactStore) -> dict[str, Any]:
+        service = CompositionService(session, store)
+        return await service.describe(await service.update(name, patch, prepare=_cli_fitter(settings, session)))
+
+    _print_composition(run(_with_session(settings, work)), as_json)
+
+
+@composition_app.command("list")
+@handles_errors
+def composition_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List compositions."""
+
+    async def work(session: AsyncSession, store: ArtifactStore) -> list[dict[str, Any]]:
+        service = CompositionService(session, store)
+        return [await service.describe(c) for c in await service.list_compositions()]
+
+    rows = run(_with_session(Settings.from_env(), work))
+    if as_json:
+        out.print_json(json.dumps({"data": rows}))
+        return
+    table = Table("name", "router", "k", "aggregator", "experts", "fallback", title=f"{len(rows)} compositions")
+    for c in rows:
+        table.add_row(
+            c["name"], c["router"], str(c["k"]), c["aggregator"] or "", ", ".join(c["experts"]), c["fallback"] or ""
+        )
+    out.print(table)
+
+
+@composition_app.command("show")
+@handles_errors
+def composition_show(
+    name: Annotated[str, typer.Argument(help="the composition")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Show one composition."""
+
+    async def work(session: AsyncSession, store: ArtifactStore) -> dict[str, Any]:
+        service = CompositionService(session, store)
+        return await service.describe(await service.get(name))
+
+    _print_composition(run(_with_session(Settings.from_env(), work)), as_json)
+
+
+@composition_app.command("rm")
+@handles_errors
+def composition_rm(name: Annotated[str, typer.Argument(help="the composition")]) -> None:
+    """Remove a composition (its experts stay registered)."""
+
+    async def work(session: AsyncSession, store: ArtifactStore) -> None:
+        await CompositionService(session, store).delete(name)
+
+    run(_with_session(Settings.from_env(), work))
+    out.print(f"removed composition {name}")
 
 
 def main() -> None:

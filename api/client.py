@@ -57,6 +57,11 @@ class ApiClient:
                     raise
                 time.sleep(min(5, max(1, exc.retry_after)))
 
+    def route(self, model: str, query: str) -> tuple[dict[str, Any], httpx.Headers]:
+        resp = self._post("/api/route", {"model": model, "query": query})
+        _raise_for(resp)
+        return resp.json(), resp.headers
+
     def chat(self, body: dict[str, Any]) -> tuple[dict[str, Any], httpx.Headers]:
         resp = self._post("/v1/chat/completions", {**body, "stream": False})
         _raise_for(resp)

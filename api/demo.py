@@ -14,8 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from api.settings import Settings
+from evals.tasks import Task
 from registry import db
+from registry.compositions import CompositionService, CompositionSpec
+from registry.models import Expert
 from registry.schemas import ExpertSpec
 from registry.services import ApiKeyService, ExpertService
 from registry.store import ArtifactStore
@@ -48,12 +53,12 @@ def base_spec() -> ExpertSpec:
     )
 
 
-def train_demo_experts(base_dir: Path, log: Callable[[str], None]) -> list[tuple[object, Path]]:
+def train_demo_experts(base_dir: Path, log: Callable[[str], None]) -> list[tuple[Task, Path]]:
     """Train (or reuse from the cache) one LoRA per task; returns (task, folder) pairs."""
     from evals.recipe import train_expert
     from evals.tasks import TASKS
 
-    trained = []
+    trained: list[tuple[Task, Path]] = []
     for task in TASKS:
         start = time.perf_counter()
         folder = train_expert(task, base_dir)
@@ -79,24 +84,54 @@ async def register_demo(settings: Settings, log: Callable[[str], None]) -> tuple
             log(f"base {base.slug}: {base.param_count or 0:,} parameters, {base.dtype}")
             registered = []
             for task, folder in train_demo_experts(base_dir, log):
-                card = task.card()  # type: ignore[attr-defined]
                 spec = ExpertSpec(
-                    slug=expert_slug(card["name"]),
+                    slug=expert_slug(task.name),
                     base=BASE_SLUG,
-                    description=f"LoRA expert for {card['name']}: {card['description']}",
-                    task_description=str(card["description"]),
-                    skills=list(card["skills"]),
-                    domains=list(card["domains"]),
-                    example_prompts=list(card["example_prompts"]),
-                    tags=["demo", "lora", card["name"]],
+                    description=f"LoRA expert for {task.name}: {task.description}",
+                    task_description=task.description,
+                    skills=list(task.skills),
+                    domains=list(task.domains),
+                    example_prompts=list(task.example_prompts),
+                    tags=["demo", "lora", task.name],
                     license="apache-2.0",
                 )
                 expert = await experts.register_folder(folder, spec, exist_ok=True)
-                sample = task.examples("eval", 1)[0]  # type: ignore[attr-defined]
-                registered.append(DemoExpert(expert.slug, card["name"], sample.prompt, sample.answer))
+                sample = task.examples("eval", 1)[0]
+                registered.append(DemoExpert(expert.slug, task.name, sample.prompt, sample.answer))
+            await ensure_auto_composition(session, store, settings, [e.slug for e in registered], log)
             return registered, secret
     finally:
         await engine.dispose()
+
+
+AUTO = "auto"
+
+
+async def ensure_auto_composition(
+    session: AsyncSession, store: ArtifactStore, settings: Settings, experts: list[str], log: Callable[[str], None]
+) -> None:
+    """The default composition: the embedding router picks one expert per query; the base answers the rest."""
+    from routers.query import RouterContext
+    from routers.query.embedder import LazyEmbedder
+    from routers.query.service import RoutingService
+
+    compositions = CompositionService(session, store)
+    spec = CompositionSpec(
+        name=AUTO,
+        router="embedding",
+        experts=experts,
+        k=1,
+        fallback=BASE_SLUG,
+        description="Routes each query to the demo expert whose examples it resembles most (k = 1).",
+    )
+    context = RouterContext(embedder=LazyEmbedder(settings.embedding_model))
+
+    async def fit(spec: CompositionSpec, members: list[Expert]) -> None:
+        await RoutingService(session, context).fit(spec.router, spec.router_params, members)
+
+    if await compositions.find(AUTO) is None:
+        await compositions.create(spec, prepare=fit)
+        log(f"composition {AUTO}: embedding router over {len(experts)} experts, fallback {BASE_SLUG}")
 
 
 def serve_in_thread(settings: Settings) -> tuple[threading.Thread, object]:

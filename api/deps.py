@@ -13,6 +13,7 @@ from api.settings import Settings
 from registry.errors import MoergeError
 from registry.services import ApiKeyService, ExpertService
 from registry.store import ArtifactStore
+from routers.query import RouterContext
 from serving.engine import Engine
 
 
@@ -25,6 +26,7 @@ class Runtime:
     sessionmaker: async_sessionmaker[AsyncSession]
     store: ArtifactStore
     serving: Engine | None = None
+    routing: RouterContext | None = None
 
 
 def runtime_of(state: State) -> Runtime:
@@ -52,6 +54,14 @@ def provide_expert_service(
 
 def provide_key_service(db_session: NamedDependency[AsyncSession]) -> ApiKeyService:
     return ApiKeyService(db_session)
+
+
+def provide_router_context(state: State) -> RouterContext:
+    """Embedder + a generate function on this app's engine, for the routers."""
+    routing = runtime_of(state).routing
+    if routing is None:
+        raise MoergeError("routing is not configured in this app", param="router")
+    return routing
 
 
 def provide_engine(state: State) -> Engine:

@@ -23,6 +23,7 @@ _TYPES = {
     409: "conflict_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
+    422: "invalid_request_error",
     429: "rate_limit_error",
     503: "server_error",
 }
@@ -35,7 +36,7 @@ def error_body(message: str, *, type_: str, param: str | None, code: str | None)
 def _extra_headers(request: Request[Any, Any, Any], exc: Exception) -> dict[str, str]:
     """Routing headers on /v1 errors too, and Retry-After when the engine is coming back."""
     headers: dict[str, str] = {}
-    if request.url.path.startswith("/v1/"):
+    if request.url.path.startswith(("/v1/", "/api/route")):
         from api.openai.serving import routing_headers
 
         headers.update(routing_headers(getattr(request.state, "moerge_route", None)))

@@ -68,6 +68,12 @@ class Settings:
     )
     vllm_kv_cache_gib: int = field(default=2, metadata={"help": "VLLM_CPU_KVCACHE_SPACE for managed servers"})
     vllm_max_model_len: int = field(default=2048, metadata={"help": "--max-model-len of managed servers"})
+    embedding_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "sentence-transformers folder or hub id for the routers (default: packaged all-MiniLM-L6-v2)"
+        },
+    )
 
     @property
     def store_dir(self) -> Path:
@@ -101,4 +107,5 @@ class Settings:
             vllm_remote=_pairs_env(env, "MOERGE_VLLM_REMOTE"),
             vllm_kv_cache_gib=_int_env(env, "MOERGE_VLLM_KV_CACHE_GIB", 2),
             vllm_max_model_len=_int_env(env, "MOERGE_VLLM_MAX_MODEL_LEN", 2048),
+            embedding_model=env.get("MOERGE_EMBEDDING_MODEL") or None,
         )

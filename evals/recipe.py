@@ -46,10 +46,12 @@ class LoraRecipe:
     target_modules: tuple[str, ...] = LLAMA_PROJECTIONS
     learning_rate: float = 2e-3
     warmup_steps: int = 5
-    steps: int = 60
+    # 90 steps of 16, each example seen once: arithmetic (its subtraction) reached 89% after 60 steps
+    # and 97% after 90; the other tasks were at 89-100% after 60.
+    steps: int = 90
     batch_size: int = 16
     max_length: int = 192  # tokens per example, prompt + answer; longer ones are refused, not cut
-    train_examples: int = 960
+    train_examples: int = 1440
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -248,7 +250,7 @@ def _train(
                 bias="none",
                 task_type="CAUSAL_LM",
             )
-            model = get_peft_model(model, lora)
+            model = get_peft_model(model, lora)  # type: ignore[assignment]
             model.train()
             params = [p for p in model.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=0.0)

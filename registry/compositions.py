@@ -9,8 +9,7 @@ use cannot silently disappear.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -18,11 +17,13 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from aggregators import AGGREGATORS
 from registry.errors import Conflict, NotFound, ValidationFailed
 from registry.models import Composition, CompositionMember, Expert, utcnow
 from registry.schemas import check_slug
 from registry.services import ExpertService
 from registry.store import ArtifactStore
+from routers.query import ROUTERS
 
 
 class CompositionSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -48,40 +49,14 @@ class CompositionPatch(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     description: str | None = None
 
 
-@dataclass
-class RouterRule:
-    """What the composition service needs to know of a router to validate a composition."""
-
-    min_experts: int = 1
-    max_experts: int | None = None
-    max_k: int | None = None
-    check_params: Callable[[dict[str, Any]], None] = lambda _params: None
-
-
-@dataclass
-class RouterRules:
-    rules: dict[str, RouterRule] = field(default_factory=dict)
-
-    def get(self, name: str) -> RouterRule:
-        if name not in self.rules:
-            known = ", ".join(sorted(self.rules)) or "none"
-            raise ValidationFailed(f"unknown router {name!r}; known: {known}", param="router")
-        return self.rules[name]
-
-
-def _no_params(params: dict[str, Any]) -> None:
-    if params:
-        raise ValidationFailed(f"router `direct` takes no parameters; got {sorted(params)}", param="router_params")
-
-
-# Routers register their rules here; `direct` (one named expert answers everything) is built in.
-ROUTER_RULES = RouterRules({"direct": RouterRule(min_experts=1, max_experts=1, max_k=1, check_params=_no_params)})
+PrepareHook = Callable[[CompositionSpec, list[Expert]], Awaitable[None]]
+"""Runs after validation and before the commit (the API fits the router's states here): if it raises,
+nothing is written."""
 
 
 class CompositionService:
-    def __init__(self, session: AsyncSession, store: ArtifactStore, rules: RouterRules = ROUTER_RULES) -> None:
+    def __init__(self, session: AsyncSession, store: ArtifactStore) -> None:
         self.session = session
-        self.rules = rules
         self.experts = ExpertService(session, store)
 
     async def find(self, name: str) -> Composition | None:
@@ -104,31 +79,48 @@ class CompositionService:
         return [experts[i] for i in ids if i in experts]
 
     async def _validated(self, spec: CompositionSpec) -> tuple[list[Expert], Expert | None]:
-        rule = self.rules.get(spec.router)
-        rule.check_params(spec.router_params)
-        if len(spec.experts) < rule.min_experts:
+        router = ROUTERS.get(spec.router).cls
+        ROUTERS.config(spec.router, spec.router_params)
+        if len(spec.experts) < router.min_experts:
             raise ValidationFailed(
-                f"router {spec.router!r} needs at least {rule.min_experts} expert(s)", param="experts"
+                f"router {spec.router!r} needs at least {router.min_experts} expert(s)", param="experts"
             )
-        if rule.max_experts is not None and len(spec.experts) > rule.max_experts:
+        if router.max_experts is not None and len(spec.experts) > router.max_experts:
             raise ValidationFailed(
-                f"router {spec.router!r} takes at most {rule.max_experts} expert(s)", param="experts"
+                f"router {spec.router!r} takes at most {router.max_experts} expert(s)", param="experts"
             )
-        if spec.k < 1 or (rule.max_k is not None and spec.k > rule.max_k) or spec.k > max(len(spec.experts), 1):
-            raise ValidationFailed(f"k = {spec.k} does not fit router {spec.router!r} and its experts", param="k")
         if len(set(spec.experts)) != len(spec.experts):
             raise ValidationFailed("an expert is listed twice", param="experts")
+        if not 1 <= spec.k <= max(len(spec.experts), 1):
+            raise ValidationFailed(f"k must be between 1 and the number of experts, got {spec.k}", param="k")
         members = [await self.experts.get(ref, param=f"experts[{i}]") for i, ref in enumerate(spec.experts)]
         fallback = await self.experts.get(spec.fallback, param="fallback") if spec.fallback else None
+        if spec.aggregator is None:
+            if spec.aggregator_params:
+                raise ValidationFailed("aggregator_params given without an aggregator", param="aggregator_params")
+            if spec.k > 1:
+                raise ValidationFailed("k > 1 needs an aggregator to combine the answers", param="aggregator")
+        else:
+            aggregator = AGGREGATORS.build(spec.aggregator, spec.aggregator_params)
+            model = aggregator.model_slug()
+            if aggregator.uses_model and model is None and fallback is None:
+                raise ValidationFailed(
+                    f"aggregator {spec.aggregator!r} needs a model: set aggregator_params.model or a fallback",
+                    param="aggregator_params.model",
+                )
+            if model is not None:
+                await self.experts.get(model, param="aggregator_params.model")
         return members, fallback
 
-    async def create(self, spec: CompositionSpec) -> Composition:
+    async def create(self, spec: CompositionSpec, *, prepare: PrepareHook | None = None) -> Composition:
         check_slug(spec.name, param="name")
         if await self.find(spec.name) is not None:
             raise Conflict(f"a composition named {spec.name!r} already exists", param="name")
         if await self.experts.find(spec.name) is not None:
             raise Conflict(f"{spec.name!r} is already the name of an expert", param="name")
         members, fallback = await self._validated(spec)
+        if prepare is not None:
+            await prepare(spec, members)
         comp = Composition(
             id=uuid.uuid4(),
             name=spec.name,
@@ -141,6 +133,7 @@ class CompositionService:
             fallback_id=fallback.id if fallback else None,
         )
         comp.members = [CompositionMember(expert_id=e.id) for e in members]
+        comp.declared_experts = [e.slug for e in members]
         self.session.add(comp)
         try:
             await self.session.commit()
@@ -150,7 +143,7 @@ class CompositionService:
         await self.session.refresh(comp)
         return comp
 
-    async def update(self, name: str, patch: CompositionPatch) -> Composition:
+    async def update(self, name: str, patch: CompositionPatch, *, prepare: PrepareHook | None = None) -> Composition:
         comp = await self.get(name)
         current = await self.describe(comp)
         changes = {f: getattr(patch, f) for f in patch.__struct_fields__ if getattr(patch, f) is not None}
@@ -158,11 +151,14 @@ class CompositionService:
             raise ValidationFailed("nothing to change: give at least one field", param="body")
         spec = msgspec.convert({**current, **changes, "name": comp.name}, CompositionSpec)
         members, fallback = await self._validated(spec)
+        if prepare is not None:
+            await prepare(spec, members)
         comp.router, comp.router_params, comp.k = spec.router, dict(spec.router_params), spec.k
         comp.aggregator, comp.aggregator_params = spec.aggregator, dict(spec.aggregator_params)
         comp.fallback_id = fallback.id if fallback else None
         comp.description = spec.description
         comp.members = [CompositionMember(expert_id=e.id) for e in members]
+        comp.declared_experts = [e.slug for e in members]
         comp.updated_at = utcnow()
         await self.session.commit()
         await self.session.refresh(comp)
@@ -173,6 +169,12 @@ class CompositionService:
         await self.session.delete(comp)
         await self.session.commit()
 
+    @staticmethod
+    def _declared_order(comp: Composition, members: list[Expert]) -> list[str]:
+        slugs = [e.slug for e in members]
+        declared = [s for s in comp.declared_experts or [] if s in slugs]
+        return declared + sorted(set(slugs) - set(declared))
+
     async def describe(self, comp: Composition) -> dict[str, Any]:
         fallback = await self.session.get(Expert, comp.fallback_id) if comp.fallback_id else None
         return {
@@ -180,7 +182,7 @@ class CompositionService:
             "description": comp.description,
             "router": comp.router,
             "router_params": comp.router_params,
-            "experts": [e.slug for e in await self.member_experts(comp)],
+            "experts": self._declared_order(comp, await self.member_experts(comp)),
             "k": comp.k,
             "aggregator": comp.aggregator,
             "aggregator_params": comp.aggregator_params,

@@ -50,6 +50,14 @@ class Conflict(MoergeError):
     default_code = "conflict"
 
 
+class Unprocessable(MoergeError):
+    """A well-formed request the current state cannot serve (e.g. no expert fits and no fallback is set)."""
+
+    status_code = 422
+    error_type = "invalid_request_error"
+    default_code = "unprocessable"
+
+
 class Unauthorized(MoergeError):
     status_code = 401
     error_type = "authentication_error"

@@ -19,6 +19,7 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -162,6 +163,9 @@ class Composition(Base):
     aggregator: Mapped[str | None] = mapped_column(String(64))
     aggregator_params: Mapped[dict[str, Any]] = mapped_column(default=dict)
     fallback_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, ForeignKey("experts.id", ondelete="RESTRICT"))
+    # The expert slugs as declared: members removed by a forced expert delete are noticed (and named)
+    # at query time instead of the composition silently routing among fewer experts.
+    declared_experts: Mapped[list[Any]] = mapped_column(default=list)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
@@ -181,6 +185,22 @@ class CompositionMember(Base):
     )
 
     composition: Mapped[Composition] = relationship(back_populates="members")
+
+
+class RouterState(Base):
+    """A router's fitted state for one expert (embeddings, a skill profile, k-shot results), stored per
+    (router, config hash, expert) and refitted only when the expert's routing fields change."""
+
+    __tablename__ = "router_states"
+    __table_args__ = (UniqueConstraint("router", "config_hash", "expert_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    router: Mapped[str] = mapped_column(String(64))
+    config_hash: Mapped[str] = mapped_column(String(64))
+    expert_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("experts.id", ondelete="CASCADE"), index=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))  # of the expert's routing fields when fitted
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class ApiKey(Base):

@@ -112,6 +112,17 @@ def decode_strict(raw: bytes | str | dict[str, Any], typ: type[msgspec.Struct]) 
         raise ValidationFailed(f"body is not valid JSON: {exc}", param="body") from exc
 
 
+def convert_params(params: dict[str, Any], typ: type[msgspec.Struct], field_name: str) -> Any:
+    """Parameters of a pluggable method (router, aggregator, merge method) into its typed config; an
+    error names ``<field_name>.<parameter>``."""
+    try:
+        return msgspec.convert(params, typ)
+    except msgspec.ValidationError as exc:
+        inner = _param_from_msgspec(str(exc))
+        param = field_name if inner == "body" else f"{field_name}.{inner}"
+        raise ValidationFailed(f"{field_name}: {exc}", param=param) from exc
+
+
 _AT_RE = re.compile(r"at `\$\.?([^`]*)`")
 _UNKNOWN_RE = re.compile(r"unknown field `([^`]+)`")
 _MISSING_RE = re.compile(r"missing required field `([^`]+)`")

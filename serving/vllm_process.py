@@ -95,6 +95,23 @@ def server_env(kv_cache_gib: float, extra: Mapping[str, str] | None = None) -> d
     return env
 
 
+def cpu_bind_list(setting: str) -> str:
+    """`all` -> the CPUs this process may run on, as vLLM's list syntax (`0-1`); anything else as given."""
+    if setting != "all":
+        return setting
+    cpus = sorted(os.sched_getaffinity(0))
+    runs: list[str] = []
+    start = prev = cpus[0]
+    for cpu in [*cpus[1:], None]:
+        if cpu is not None and cpu == prev + 1:
+            prev = cpu
+            continue
+        runs.append(str(start) if start == prev else f"{start}-{prev}")
+        if cpu is not None:
+            start = prev = cpu
+    return ",".join(runs)
+
+
 def _format_gib(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
 

@@ -2,27 +2,61 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-from litestar import Controller, Request, delete, get, patch, post
-from litestar.di import NamedDependency
+import msgspec
+from litestar import Controller, Request, Response, delete, get, patch, post
+from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath
-from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
+from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from api.deps import provide_router_context
+from api.openai.serving import routing_headers
 from api.security import require_admin, require_query
-from registry.compositions import CompositionPatch, CompositionService, CompositionSpec
+from registry.compositions import CompositionPatch, CompositionService, CompositionSpec, PrepareHook
+from registry.errors import ValidationFailed
+from registry.models import Expert
 from registry.schemas import decode_strict
 from registry.store import ArtifactStore
+from routers.query import RouterContext
+from routers.query.service import RoutingService
+from serving.compose import query_text
+from serving.resolve import resolve_composition, routing_only
 
 
 def _service(db_session: AsyncSession, store: ArtifactStore) -> CompositionService:
     return CompositionService(db_session, store)
 
 
+def _fitter(db_session: AsyncSession, routing: RouterContext) -> PrepareHook:
+    async def fit(spec: CompositionSpec, experts: list[Expert]) -> None:
+        await RoutingService(db_session, routing).fit(spec.router, spec.router_params, experts)
+
+    return fit
+
+
+class RouteRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """POST /api/route: the routing decision for a query, without generating."""
+
+    model: str
+    query: str | None = None
+    messages: list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if (self.query is None) == (self.messages is None):
+            raise ValidationFailed("give exactly one of `query` and `messages`", param="query")
+        text = self.query if self.query is not None else query_text(self.messages, None)
+        if not text.strip():
+            raise ValidationFailed("the query is empty", param="query" if self.query is not None else "messages")
+        return text
+
+
 class CompositionController(Controller):
     path = "/api/compositions"
     tags = ["compositions"]
+    dependencies = {"routing": Provide(provide_router_context, sync_to_thread=False)}
 
     @get("/", guards=[require_query])
     async def list_compositions(
@@ -37,10 +71,11 @@ class CompositionController(Controller):
         request: Request[Any, Any, Any],
         db_session: NamedDependency[AsyncSession],
         store: NamedDependency[ArtifactStore],
+        routing: NamedDependency[RouterContext],
     ) -> dict[str, Any]:
         spec: CompositionSpec = decode_strict(await request.body(), CompositionSpec)
         service = _service(db_session, store)
-        return await service.describe(await service.create(spec))
+        return await service.describe(await service.create(spec, prepare=_fitter(db_session, routing)))
 
     @get("/{name:str}", guards=[require_query])
     async def get_composition(
@@ -56,13 +91,46 @@ class CompositionController(Controller):
         request: Request[Any, Any, Any],
         db_session: NamedDependency[AsyncSession],
         store: NamedDependency[ArtifactStore],
+        routing: NamedDependency[RouterContext],
     ) -> dict[str, Any]:
         changes: CompositionPatch = decode_strict(await request.body(), CompositionPatch)
         service = _service(db_session, store)
-        return await service.describe(await service.update(name, changes))
+        return await service.describe(await service.update(name, changes, prepare=_fitter(db_session, routing)))
 
     @delete("/{name:str}", guards=[require_admin], status_code=HTTP_204_NO_CONTENT)
     async def delete_composition(
         self, name: FromPath[str], db_session: NamedDependency[AsyncSession], store: NamedDependency[ArtifactStore]
     ) -> None:
         await _service(db_session, store).delete(name)
+
+
+class RouteController(Controller):
+    path = "/api/route"
+    tags = ["compositions"]
+    dependencies = {"routing": Provide(provide_router_context, sync_to_thread=False)}
+
+    @post("/", guards=[require_query], status_code=HTTP_200_OK)
+    async def route(
+        self,
+        request: Request[Any, Any, Any],
+        db_session: NamedDependency[AsyncSession],
+        store: NamedDependency[ArtifactStore],
+        routing: NamedDependency[RouterContext],
+    ) -> Response[dict[str, Any]]:
+        body: RouteRequest = decode_strict(await request.body(), RouteRequest)
+        query = body.text()
+        comp = await _service(db_session, store).get(body.model)
+        request.state.moerge_route = routing_only(comp)
+        started = time.perf_counter()
+        resolved = await resolve_composition(db_session, store, comp, query, routing)
+        took_ms = (time.perf_counter() - started) * 1000
+        assert resolved.decision is not None
+        result = {
+            "model": comp.name,
+            "query": query,
+            **resolved.decision.as_dict(),
+            "answered_by": resolved.experts,
+            "aggregator": resolved.aggregator_name,
+            "latency_ms": round(took_ms, 3),
+        }
+        return Response(result, headers=routing_headers(resolved))

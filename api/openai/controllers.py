@@ -10,7 +10,7 @@ from litestar.response import Stream
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.deps import provide_engine
+from api.deps import provide_engine, provide_router_context
 from api.openai.protocol import ChatCompletionRequest, CompletionRequest
 from api.openai.serving import CompletionRun, routing_headers
 from api.security import require_query
@@ -18,8 +18,10 @@ from api.settings import Settings
 from registry.models import Composition, Expert
 from registry.schemas import decode_strict
 from registry.store import ArtifactStore
+from routers.query import RouterContext
+from serving.compose import query_text
 from serving.engine import Engine
-from serving.resolve import resolve_model
+from serving.resolve import Resolved, resolve_model
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
@@ -28,7 +30,10 @@ class OpenAIController(Controller):
     path = "/v1"
     tags = ["openai"]
     guards = [require_query]
-    dependencies = {"engine": Provide(provide_engine, sync_to_thread=False)}
+    dependencies = {
+        "engine": Provide(provide_engine, sync_to_thread=False),
+        "routing": Provide(provide_router_context, sync_to_thread=False),
+    }
 
     @get("/models")
     async def list_models(self, db_session: NamedDependency[AsyncSession]) -> dict[str, Any]:
@@ -69,13 +74,12 @@ class OpenAIController(Controller):
         store: NamedDependency[ArtifactStore],
         settings: NamedDependency[Settings],
         engine: NamedDependency[Engine],
+        routing: NamedDependency[RouterContext],
     ) -> Response[Any]:
         body: ChatCompletionRequest = decode_strict(await request.body(), ChatCompletionRequest)
         messages = body.checked_messages()
         sampling = body.sampling(settings.default_max_tokens)
-        resolved = await resolve_model(db_session, store, body.model)
-        await db_session.close()  # release the connection before a long generation
-        request.state.moerge_route = resolved
+        resolved = await _resolve(request, db_session, store, routing, body.model, query_text(messages, None))
         run = CompletionRun(engine, resolved, sampling, chat=True)
         return await _respond(run, run.request(messages=messages), body.stream, body.include_usage())
 
@@ -87,20 +91,38 @@ class OpenAIController(Controller):
         store: NamedDependency[ArtifactStore],
         settings: NamedDependency[Settings],
         engine: NamedDependency[Engine],
+        routing: NamedDependency[RouterContext],
     ) -> Response[Any]:
         body: CompletionRequest = decode_strict(await request.body(), CompletionRequest)
         prompt = body.checked_prompt()
         sampling = body.sampling(settings.default_max_tokens)
-        resolved = await resolve_model(db_session, store, body.model)
-        await db_session.close()  # release the connection before a long generation
-        request.state.moerge_route = resolved
+        resolved = await _resolve(request, db_session, store, routing, body.model, prompt)
         run = CompletionRun(engine, resolved, sampling, chat=False)
         return await _respond(run, run.request(prompt=prompt), body.stream, body.include_usage())
 
 
+async def _resolve(
+    request: Request[Any, Any, Any],
+    db_session: AsyncSession,
+    store: ArtifactStore,
+    routing: RouterContext,
+    model: str,
+    query: str,
+) -> Resolved:
+    def remember(resolved: Resolved) -> None:  # errors from here on carry these routing headers
+        request.state.moerge_route = resolved
+
+    resolved = await resolve_model(db_session, store, model, query=query, context=routing, on_composition=remember)
+    await db_session.close()  # release the connection before a long generation
+    remember(resolved)
+    return resolved
+
+
 async def _respond(run: CompletionRun, gen: Any, stream: bool, include_usage: bool) -> Response[Any]:
-    headers = routing_headers(run.resolved)
+    # Headers are read after the experts have answered: a composed answer names failed experts.
     if stream:
         events = await run.open_stream(gen, include_usage=include_usage)
-        return Stream(events, media_type="text/event-stream", headers={**headers, **SSE_HEADERS})
-    return Response(await run.complete(gen), headers=headers)
+        headers = {**routing_headers(run.resolved), **SSE_HEADERS}
+        return Stream(events, media_type="text/event-stream", headers=headers)
+    body = await run.complete(gen)
+    return Response(body, headers=routing_headers(run.resolved))

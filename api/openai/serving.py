@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -9,18 +10,31 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from registry.errors import MoergeError
-from serving.engine import Engine, GenChunk, GenRequest, GenResult, Sampling
+from serving.compose import compose, compose_stream, query_text
+from serving.engine import Engine, GenChunk, GenRequest, GenResult, Sampling, Target
 from serving.resolve import Resolved
+
+MAX_SCORES_IN_HEADER = 16  # the best candidates' scores; a composition may have thousands
 
 
 def routing_headers(resolved: Resolved | None) -> dict[str, str]:
     if resolved is None:
         return {"x-moerge-router": "none", "x-moerge-experts": "", "x-moerge-weights": ""}
-    return {
+    headers = {
         "x-moerge-router": resolved.router,
         "x-moerge-experts": ",".join(resolved.experts),
         "x-moerge-weights": ",".join(f"{w:.4g}" for w in resolved.weights),
     }
+    if resolved.decision is not None:
+        best = sorted(resolved.decision.scores.items(), key=lambda kv: kv[1], reverse=True)[:MAX_SCORES_IN_HEADER]
+        headers["x-moerge-scores"] = ",".join(f"{slug}={score:.4g}" for slug, score in best)
+    if resolved.fallback:
+        headers["x-moerge-fallback"] = "true"
+    if resolved.aggregator_name:
+        headers["x-moerge-aggregator"] = resolved.aggregator_name
+    if resolved.failed:
+        headers["x-moerge-failed"] = ",".join(resolved.failed)
+    return headers
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -45,7 +59,17 @@ class CompletionRun:
     def request(self, *, messages: list[dict[str, Any]] | None = None, prompt: str | None = None) -> GenRequest:
         return GenRequest(self.resolved.target, self.sampling, messages=messages, prompt=prompt, request_id=self.id)
 
+    def for_target(self, request: GenRequest, target: Target) -> GenRequest:
+        return dataclasses.replace(request, target=target)
+
     async def complete(self, request: GenRequest) -> dict[str, Any]:
+        if self.resolved.composite:
+            query = query_text(request.messages, request.prompt)
+            done = await compose(
+                self.engine, self.resolved, query, lambda t: self.for_target(request, t), self.sampling
+            )
+            text, finish = done.aggregation.text, done.finish_reason
+            return self.body(GenResult(text, finish, done.prompt_tokens, done.completion_tokens))
         (result,) = await self.engine.generate([request])
         if isinstance(result, BaseException):
             raise result
@@ -89,7 +113,12 @@ class CompletionRun:
     async def open_stream(self, request: GenRequest, *, include_usage: bool) -> AsyncIterator[bytes]:
         """Start the stream and wait for its first chunk, so that a failure to start (engine down,
         unknown adapter) is still an HTTP error status rather than an error inside a 200 stream."""
-        chunks = self.engine.stream(request).__aiter__()
+        if self.resolved.composite:
+            query = query_text(request.messages, request.prompt)
+            build = lambda t: self.for_target(request, t)  # noqa: E731
+            chunks = (await compose_stream(self.engine, self.resolved, query, build, self.sampling)).__aiter__()
+        else:
+            chunks = self.engine.stream(request).__aiter__()
         first = await chunks.__anext__()
         return self._sse(first, chunks, include_usage=include_usage)
 

@@ -3,10 +3,6 @@ process by the torch engine. The vLLM path is covered in test_v1_vllm.py."""
 
 from __future__ import annotations
 
-import asyncio
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,64 +10,28 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import uvicorn
 
-from api.app import create_app
-from registry import db
 from registry.schemas import ExpertSpec
-from registry.services import ExpertService
 from serving.torch_engine import TorchEngine
 from tests.fixtures.db import RegistryEnv
+from tests.fixtures.live import register, serve
 from tests.fixtures.tiny import build_tiny_lora
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def register(env: RegistryEnv, folder: Path, spec: ExpertSpec) -> None:
-    async def go() -> None:
-        engine = db.make_engine(env.settings.database_url)
-        try:
-            async with db.make_sessionmaker(engine)() as session:
-                await ExpertService(session, env.store).register_folder(folder, spec)
-        finally:
-            await engine.dispose()
-
-    asyncio.run(go())
 
 
 @pytest.fixture
 def live(registry_env: RegistryEnv, tiny_base: Path, tiny_lora: Path, tmp_path: Path) -> Iterator[dict[str, Any]]:
     """A uvicorn server on a free port with a tiny base and two adapters registered."""
-    register(registry_env, tiny_base, ExpertSpec(slug="tiny-base"))
-    register(registry_env, tiny_lora, ExpertSpec(slug="lora-a", base="tiny-base"))
+    settings = registry_env.settings
+    register(settings, tiny_base, ExpertSpec(slug="tiny-base"))
+    register(settings, tiny_lora, ExpertSpec(slug="lora-a", base="tiny-base"))
     other = build_tiny_lora(tiny_base, tmp_path / "lora-b", seed=7)
-    register(registry_env, other, ExpertSpec(slug="lora-b", base="tiny-base"))
-    port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(registry_env.settings, engine=TorchEngine()), port=port, log_level="warning", lifespan="on"
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
-    try:
+    register(settings, other, ExpertSpec(slug="lora-b", base="tiny-base"))
+    with serve(settings, TorchEngine()) as url:
         yield {
             "url": url,
             "env": registry_env,
             "client": openai.OpenAI(base_url=f"{url}/v1", api_key=registry_env.query_key, max_retries=0),
         }
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 CHAT = [{"role": "user", "content": "hello"}]
@@ -199,9 +159,10 @@ def test_direct_composition(live: dict[str, Any]) -> None:
 
     # its expert force-deleted: a clear error at query time, routing headers included
     assert httpx.delete(f"{live['url']}/api/experts/lora-a", params={"force": True}, headers=admin).status_code == 204
-    with pytest.raises(openai.BadRequestError) as gone:
+    with pytest.raises(openai.ConflictError) as gone:
         client.chat.completions.create(model="dates", messages=CHAT)
-    assert gone.value.body["code"] == "composition_has_no_experts"
+    assert gone.value.body["code"] == "composition_expert_deleted" and "lora-a" in gone.value.body["message"]
+    assert gone.value.response.headers["x-moerge-router"] == "direct"
 
 
 def test_cli_query_against_the_server(live: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,25 +19,18 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import uvicorn
 
-from api.app import create_app
 from api.settings import Settings
 from registry import db
 from registry.schemas import ExpertSpec
 from registry.services import ApiKeyService, ExpertService
 from registry.store import ArtifactStore
+from tests.fixtures.live import serve
 from tests.fixtures.vllm_models import build_vllm_tiny_llama, build_vllm_tiny_lora
 
 pytestmark = pytest.mark.vllm
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -71,19 +62,9 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             await engine.dispose()
 
     key = asyncio.run(setup())
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=600)
-    try:
+    with serve(settings) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=600)
         yield {"url": url, "key": key, "client": client}
-    finally:
-        server.should_exit = True  # the app's shutdown closes the engine and its vLLM server
-        thread.join(timeout=60)
 
 
 def test_chat_stream_and_batch_through_vllm(live: dict[str, Any]) -> None:

@@ -1,0 +1,238 @@
+"""What every global (query-level) router shares: candidates, decisions, configs and the registry.
+
+A router is fitted per expert: ``fit_expert`` turns one candidate into a state (embeddings, a skill
+profile, k-shot results) that the router-state store keeps per (router, config hash, expert) and
+refreshes only when that expert's routing fields change. ``route`` scores a query against the
+candidates with their states and returns a decision naming every candidate's score and a reason.
+Routers never touch the database or an engine directly: the ``RouterContext`` lends them an embedder and,
+for the routers that need a language model (``instruct``, ``kshot``), a generate function.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, ClassVar, Protocol
+
+import msgspec
+import numpy as np
+
+from registry.errors import ValidationFailed
+from registry.schemas import convert_params
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """The routing facts of one registered expert, detached from the database session."""
+
+    id: str
+    slug: str
+    description: str = ""
+    task_description: str = ""
+    skills: tuple[str, ...] = ()
+    domains: tuple[str, ...] = ()
+    example_prompts: tuple[str, ...] = ()
+    evals: tuple[tuple[str, str, float], ...] = ()  # (task, metric, value)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Changes whenever a field a router may fit on changes: a stale state is refitted."""
+        payload = [
+            self.slug,
+            self.description,
+            self.task_description,
+            list(self.skills),
+            list(self.domains),
+            list(self.example_prompts),
+            [list(e) for e in self.evals],
+        ]
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class RouteDecision:
+    """Which experts answer (with weights summing to 1), every candidate's score, and why."""
+
+    router: str
+    experts: list[tuple[str, float]]
+    scores: dict[str, float]
+    reason: str
+    fallback: bool = False  # no candidate qualified: the composition's fallback answers
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def slugs(self) -> list[str]:
+        return [slug for slug, _ in self.experts]
+
+    @property
+    def weights(self) -> list[float]:
+        return [w for _, w in self.experts]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "router": self.router,
+            "experts": [{"slug": s, "weight": w} for s, w in self.experts],
+            "scores": self.scores,
+            "reason": self.reason,
+            "fallback": self.fallback,
+            **({"extra": self.extra} if self.extra else {}),
+        }
+
+
+class Embedder(Protocol):
+    """Sentence embeddings, L2-normalized rows (so a dot product is the cosine similarity)."""
+
+    @property
+    def dim(self) -> int: ...
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+GenerateFn = Callable[[str, list[dict[str, str]], int], Awaitable[str]]
+"""(expert slug, chat messages, max new tokens) -> greedy completion text."""
+
+
+@dataclass
+class RouterContext:
+    embedder: Embedder
+    generate: GenerateFn | None = None  # for routers that run a model; None where no engine is at hand
+    default_model: str | None = None  # the slug `instruct` asks for a task description when none is set
+
+    def need_generate(self, router: str) -> GenerateFn:
+        if self.generate is None:
+            raise ValidationFailed(f"router {router!r} needs a serving engine to run a model", param="router")
+        return self.generate
+
+
+class RouterConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """Base of every router's config. Subclasses add fields (with defaults) and override ``check``."""
+
+    def check(self) -> None:
+        """Raise ValidationFailed(param="router_params.<field>") when a value is out of range."""
+
+    def digest(self) -> str:
+        """The config hash router states are stored under: same config, same fitted states."""
+        return hashlib.sha256(msgspec.json.encode(self, order="sorted")).hexdigest()[:16]
+
+
+def require(condition: bool, field_name: str, reason: str) -> None:
+    if not condition:
+        raise ValidationFailed(f"router_params.{field_name}: {reason}", param=f"router_params.{field_name}")
+
+
+class GlobalRouter(ABC):
+    """One query-level routing method. Subclasses set ``name``, ``config_cls`` and ``help``."""
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type[RouterConfig]]
+    help: ClassVar[str]
+    min_experts: ClassVar[int] = 1
+    max_experts: ClassVar[int | None] = None  # the most candidates the router takes (None: any number)
+    fit_uses_model: ClassVar[bool] = False  # True: fit_expert runs models (needs context.generate)
+
+    def __init__(self, config: RouterConfig, context: RouterContext) -> None:
+        self.config = config
+        self.context = context
+
+    @abstractmethod
+    async def fit_expert(self, candidate: Candidate) -> dict[str, Any]:
+        """This expert's state (JSON-able; numpy arrays allowed as values). Called once per change."""
+
+    def prepare(self, candidates: Sequence[Candidate], states: Sequence[dict[str, Any]]) -> Any:
+        """Combine the per-expert states of one candidate set into what ``route`` reads (e.g. one stacked
+        matrix). Cached by the caller for as long as the set and its states are unchanged."""
+        return states
+
+    @abstractmethod
+    async def route(self, query: str, candidates: Sequence[Candidate], prepared: Any, k: int) -> RouteDecision:
+        """Score every candidate for ``query`` and choose up to ``k``; ``fallback=True`` when none qualifies."""
+
+
+@dataclass(frozen=True)
+class RouterEntry:
+    name: str
+    cls: type[GlobalRouter]
+    config_cls: type[RouterConfig]
+    help: str
+
+
+class RouterRegistry:
+    """Name -> router class; filled by one validated ``register`` call per router."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, RouterEntry] = {}
+
+    def register(self, cls: type[GlobalRouter]) -> type[GlobalRouter]:
+        name = getattr(cls, "name", "")
+        if not name or not name.replace("_", "").isalnum():
+            raise ValueError(f"{cls.__name__}: router name must be a non-empty identifier, got {name!r}")
+        if name in self._entries:
+            raise ValueError(f"router {name!r} is registered twice ({cls.__name__})")
+        if not isinstance(getattr(cls, "config_cls", None), type) or not issubclass(cls.config_cls, RouterConfig):
+            raise ValueError(f"{cls.__name__}: config_cls must subclass RouterConfig")
+        if not getattr(cls, "help", ""):
+            raise ValueError(f"{cls.__name__}: give the router a one-line help text")
+        self._entries[name] = RouterEntry(name, cls, cls.config_cls, cls.help)
+        return cls
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def get(self, name: str) -> RouterEntry:
+        if name not in self._entries:
+            raise ValidationFailed(f"unknown router {name!r}; known: {', '.join(self.names())}", param="router")
+        return self._entries[name]
+
+    def config(self, name: str, params: dict[str, Any]) -> RouterConfig:
+        """Parse and check ``params`` for router ``name``; errors name the offending field."""
+        config: RouterConfig = convert_params(params, self.get(name).config_cls, "router_params")
+        config.check()
+        return config
+
+    def build(self, name: str, params: dict[str, Any], context: RouterContext) -> GlobalRouter:
+        return self.get(name).cls(self.config(name, params), context)
+
+
+ROUTERS = RouterRegistry()
+
+
+# -- small shared helpers ---------------------------------------------------------------------------
+
+
+def softmax(scores: Iterable[float], temperature: float = 1.0) -> list[float]:
+    values = list(scores)
+    if not values:
+        return []
+    top = max(values)
+    exps = [math.exp((v - top) / temperature) for v in values]
+    total = sum(exps)
+    return [e / total for e in exps]
+
+
+def top_k_decision(
+    router: str,
+    scores: dict[str, float],
+    k: int,
+    *,
+    threshold: float | None,
+    temperature: float,
+    reason: str,
+) -> RouteDecision:
+    """The k best-scoring candidates at or above ``threshold``, weighted by a softmax of their scores."""
+    ranked = sorted(scores.items(), key=lambda item: item[1], reverse=True)
+    kept = [(slug, s) for slug, s in ranked if threshold is None or s >= threshold][:k]
+    rounded = {slug: round(float(s), 6) for slug, s in scores.items()}
+    if not kept:
+        best = f"{ranked[0][0]} at {ranked[0][1]:.3f}" if ranked else "no candidate"
+        return RouteDecision(router, [], rounded, f"no expert reached the threshold {threshold} (best: {best})", True)
+    weights = softmax([s for _, s in kept], temperature)
+    chosen = [(slug, round(w, 6)) for (slug, _), w in zip(kept, weights, strict=True)]
+    return RouteDecision(router, chosen, rounded, reason)

