@@ -308,8 +308,17 @@ def eval_models(
     out: Annotated[Path, typer.Option(help="folder for eval.md, eval.json, eval.png")] = Path("evals/results/latest"),
     title: Annotated[str, typer.Option(help="title of the table and plot")] = "",
     concurrency: Annotated[int, typer.Option(help="queries in flight")] = 16,
+    expert_for: Annotated[
+        list[str] | None,
+        typer.Option(help="TASK=EXPERT: the task's own expert, for routing accuracy and `oracle` (repeat)"),
+    ] = None,
+    record: Annotated[
+        bool, typer.Option(help="store each expert's per-task accuracy in the registry (its eval results)")
+    ] = False,
 ) -> None:
-    """Run models over the tasks' splits through a running server; write a table, JSON and a plot."""
+    """Run models or compositions over the tasks' splits through a running server; write a table, JSON
+    and a plot. The model `oracle` sends each query to its task's own expert (default: the demo's
+    `<task>-lora`)."""
     from rich.progress import Progress
 
     from evals.harness import evaluate, markdown_table, write_reports
@@ -320,6 +329,10 @@ def eval_models(
     unknown = [t for t in task or [] if t not in TASKS]
     if unknown:
         raise fail(f"task: unknown task {unknown[0]!r}; known: {', '.join(TASKS.names())}")
+    from api.demo import expert_slug
+
+    experts_by_task = {name: expert_slug(name) for name in TASKS.names()}
+    experts_by_task.update(_params(expert_for, "--expert-for"))
     settings = Settings.from_env()
     total = n * len(task or TASKS.names()) * len(models)
     with Progress(console=err) as progress:
@@ -334,9 +347,20 @@ def eval_models(
                 split=split,
                 concurrency=concurrency,
                 on_done=lambda: progress.advance(bar),
+                expert_for=experts_by_task,
             )
         )
     paths = write_reports(rows, out, title=title or f"moerge eval ({split} split)", concurrency=concurrency)
+    if record:
+        from api.client import ApiClient
+
+        client = ApiClient(settings.api_url, settings.api_key)
+        experts = [r for r in rows if r.routing_accuracy is None and r.model != "oracle"]
+        for r in experts:
+            for task_name, value in r.accuracy.items():
+                result = {"task": task_name, "metric": "exact_match", "value": value, "split": split}
+                client.add_eval(r.model, {**result, "dataset": f"moerge-synthetic/{task_name}"})
+        err.print(f"recorded eval results of {len(experts)} expert(s) in the registry", highlight=False)
     sys.stdout.write(markdown_table(rows, title=title, concurrency=concurrency))
     out.mkdir(parents=True, exist_ok=True)
     err.print(f"wrote {', '.join(str(p) for p in paths.values())}", highlight=False)

@@ -57,6 +57,10 @@ class ApiClient:
                     raise
                 time.sleep(min(5, max(1, exc.retry_after)))
 
+    def add_eval(self, expert: str, result: dict[str, Any]) -> None:
+        resp = self._post(f"/api/experts/{expert}/evals", result)
+        _raise_for(resp)
+
     def route(self, model: str, query: str) -> tuple[dict[str, Any], httpx.Headers]:
         resp = self._post("/api/route", {"model": model, "query": query})
         _raise_for(resp)

@@ -32,6 +32,8 @@ class QueryOutcome:
     latency_s: float
     completion_tokens: int
     experts: str = ""  # x-moerge-experts: who answered (for routing accuracy)
+    router: str = "none"  # x-moerge-router: "none" when the model is not a composition
+    expected_expert: str = ""  # the task's own expert, when known
 
 
 @dataclass
@@ -46,6 +48,11 @@ class EvalRow:
     queries: int
     wall_s: float
     outcomes: list[QueryOutcome] = field(default_factory=list, repr=False)
+    routing_accuracy: float | None = None  # compositions: share of queries routed to their task's expert
+
+
+ORACLE = "oracle"
+"""Pseudo-model: every query goes to its own task's expert (the upper bound of query-level routing)."""
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -60,8 +67,18 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 async def _ask(
-    client: httpx.AsyncClient, model: str, task: Task, prompt: str, answer: str, gate: asyncio.Semaphore
+    client: httpx.AsyncClient,
+    model: str,
+    task: Task,
+    prompt: str,
+    answer: str,
+    gate: asyncio.Semaphore,
+    expected_expert: str = "",
 ) -> QueryOutcome:
+    if model == ORACLE:
+        if not expected_expert:
+            raise GenerationFailed(f"oracle routing needs an expert for task {task.name!r}", param="expert_for")
+        model = expected_expert
     body = {"model": model, "messages": chat_messages(prompt), "max_tokens": task.max_new_tokens, "temperature": 0.0}
     async with gate:
         start = time.perf_counter()
@@ -80,7 +97,17 @@ async def _ask(
         latency,
         int(data["usage"]["completion_tokens"]),
         resp.headers.get("x-moerge-experts", ""),
+        resp.headers.get("x-moerge-router", "none"),
+        expected_expert,
     )
+
+
+def routing_accuracy(outcomes: Sequence[QueryOutcome]) -> float | None:
+    """Share of a composition's queries whose answer came from (or included) their task's own expert."""
+    judged = [o for o in outcomes if o.router != "none" and o.expected_expert]
+    if not judged:
+        return None
+    return sum(o.expected_expert in o.experts.split(",") for o in judged) / len(judged)
 
 
 async def evaluate_model(
@@ -92,11 +119,13 @@ async def evaluate_model(
     split: str = "eval",
     concurrency: int = 16,
     on_done: Callable[[], None] | None = None,
+    expert_for: dict[str, str] | None = None,
 ) -> EvalRow:
     gate = asyncio.Semaphore(concurrency)
+    expert_for = expert_for or {}
 
     async def one(task: Task, prompt: str, answer: str) -> QueryOutcome:
-        outcome = await _ask(client, model, task, prompt, answer, gate)
+        outcome = await _ask(client, model, task, prompt, answer, gate, expert_for.get(task.name, ""))
         if on_done:
             on_done()
         return outcome
@@ -118,6 +147,7 @@ async def evaluate_model(
         queries=len(outcomes),
         wall_s=wall,
         outcomes=outcomes,
+        routing_accuracy=1.0 if model == ORACLE else routing_accuracy(outcomes),
     )
 
 
@@ -131,6 +161,7 @@ async def evaluate(
     split: str = "eval",
     concurrency: int = 16,
     on_done: Callable[[], None] | None = None,
+    expert_for: dict[str, str] | None = None,
 ) -> list[EvalRow]:
     tasks = [TASKS.get(name) for name in task_names] if task_names else list(TASKS)
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
@@ -139,7 +170,16 @@ async def evaluate(
         rows = []
         for model in models:  # one model at a time: its latencies are not mixed with another's
             rows.append(
-                await evaluate_model(client, model, tasks, n=n, split=split, concurrency=concurrency, on_done=on_done)
+                await evaluate_model(
+                    client,
+                    model,
+                    tasks,
+                    n=n,
+                    split=split,
+                    concurrency=concurrency,
+                    on_done=on_done,
+                    expert_for=expert_for,
+                )
             )
         return rows
 
@@ -147,7 +187,8 @@ async def evaluate(
 # -- reports -----------------------------------------------------------------------------------------------
 def markdown_table(rows: Sequence[EvalRow], *, title: str = "", concurrency: int = 16) -> str:
     tasks = list(rows[0].accuracy) if rows else []
-    head = ["model", *tasks, "mean", "p50 ms", "p95 ms", "tokens/s"]
+    routed = any(r.routing_accuracy is not None for r in rows)
+    head = ["model", *tasks, "mean", *(["routing"] if routed else []), "p50 ms", "p95 ms", "tokens/s"]
     lines = [f"### {title}", ""] if title else []
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
@@ -155,6 +196,7 @@ def markdown_table(rows: Sequence[EvalRow], *, title: str = "", concurrency: int
             row.model,
             *(f"{100 * row.accuracy[t]:.0f}%" for t in tasks),
             f"**{100 * row.mean:.1f}%**",
+            *([_percent_or_dash(row.routing_accuracy)] if routed else []),
             f"{row.latency_p50_ms:.0f}",
             f"{row.latency_p95_ms:.0f}",
             f"{row.tokens_per_s:.1f}",
@@ -166,7 +208,16 @@ def markdown_table(rows: Sequence[EvalRow], *, title: str = "", concurrency: int
             f"Exact match on {rows[0].n_per_task} queries per task (greedy); latency per query at the "
             f"client with up to {concurrency} in flight; tokens/s = completion tokens / wall time of the model's run.",
         ]
+        if routed:
+            lines.append(
+                "routing = share of a composition's queries answered by (or with) their task's own expert; "
+                f"`{ORACLE}` sends every query to its task's expert."
+            )
     return "\n".join(lines) + "\n"
+
+
+def _percent_or_dash(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
 
 
 def plot(rows: Sequence[EvalRow], path: Path, *, title: str = "") -> None:

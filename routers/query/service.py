@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from registry.errors import Conflict
 from registry.models import Composition, CompositionMember, EvalResult, Expert
 from routers.query.base import ROUTERS, Candidate, GlobalRouter, RouteDecision, RouterContext
-from routers.query.state import RouterStateStore
+from routers.query.state import LRU, RouterStateStore
+
+_CANDIDATES = LRU(1024)  # composition id -> (stamp, candidates)
 
 
 def candidate_of(expert: Expert, evals: list[EvalResult] | None = None) -> Candidate:
@@ -36,8 +38,31 @@ class RoutingService:
     def router_for(self, comp: Composition) -> GlobalRouter:
         return ROUTERS.build(comp.router, dict(comp.router_params or {}), self.context)
 
+    async def _stamp(self, comp: Composition) -> tuple[Any, ...]:
+        """Changes whenever a member's routing facts may have: membership, an expert edit, a new eval."""
+        member_ids = select(CompositionMember.expert_id).where(CompositionMember.composition_id == comp.id)
+        count, newest = (
+            await self.session.execute(
+                select(func.count(Expert.id), func.max(Expert.updated_at)).where(Expert.id.in_(member_ids))
+            )
+        ).one()
+        last_eval = await self.session.scalar(
+            select(func.max(EvalResult.id)).where(EvalResult.expert_id.in_(member_ids))
+        )
+        return (comp.updated_at, tuple(comp.declared_experts or ()), count, newest, last_eval)
+
     async def candidates(self, comp: Composition) -> list[Candidate]:
-        """The composition's experts in declared order; a member deleted since is a clear error."""
+        """The composition's experts in declared order (memoized until a member changes); a member deleted
+        since is a clear error."""
+        stamp = await self._stamp(comp)
+        memo = _CANDIDATES.get(comp.id)
+        if memo is not None and memo[0] == stamp:
+            return memo[1]
+        candidates = await self._load_candidates(comp)
+        _CANDIDATES.put(comp.id, (stamp, candidates))
+        return candidates
+
+    async def _load_candidates(self, comp: Composition) -> list[Candidate]:
         experts = {
             e.id: e
             for e in await self.session.scalars(

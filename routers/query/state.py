@@ -54,7 +54,9 @@ def decode_state(payload: bytes) -> dict[str, Any]:
     return decoded
 
 
-class _LRU:
+class LRU:
+    """A small thread-safe LRU memo."""
+
     def __init__(self, size: int) -> None:
         self.size = size
         self.items: OrderedDict[Any, Any] = OrderedDict()
@@ -74,16 +76,13 @@ class _LRU:
             while len(self.items) > self.size:
                 self.items.popitem(last=False)
 
+    def clear(self) -> None:
+        with self.lock:
+            self.items.clear()
 
-_STATES = _LRU(200_000)  # (router, config hash, expert id, fingerprint) -> state
-_PREPARED = _LRU(256)  # (router, config hash, ((expert id, fingerprint), ...)) -> prepared
 
-
-def clear_memos() -> None:
-    """Forget the in-process copies (tests; the database copy stays)."""
-    for memo in (_STATES, _PREPARED):
-        with memo.lock:
-            memo.items.clear()
+_STATES = LRU(200_000)  # (router, config hash, expert id, fingerprint) -> state
+_PREPARED = LRU(256)  # (router, config hash, ((expert id, fingerprint), ...)) -> prepared
 
 
 class RouterStateStore:

@@ -336,3 +336,31 @@ def test_cli_route_and_composition_commands(live: dict[str, Any], monkeypatch: p
     assert runner.invoke(cli, ["composition", "rm", "cli-auto"]).exit_code == 0
     missing = runner.invoke(cli, ["route", "cli-auto", MATH_QUERY])
     assert missing.exit_code == 1 and "cli-auto" in missing.output
+
+
+def test_eval_with_oracle_routing_and_recorded_results(
+    live: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    env: RegistryEnv = live["env"]
+    monkeypatch.setenv("MOERGE_URL", live["url"])
+    monkeypatch.setenv("MOERGE_API_KEY", env.admin_key)
+    assert _create(live, name="auto", router="embedding", experts=["math-lora", "dates-lora"]).status_code == 201
+    runner = CliRunner()
+    result = runner.invoke(
+        cli,
+        ["eval", "math-lora", "oracle", "auto", "--task", "arithmetic", "--task", "dates", "--n", "2",
+         "--expert-for", "arithmetic=math-lora", "--expert-for", "dates=dates-lora", "--out", str(tmp_path),
+         "--record", "--concurrency", "4"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "eval.json").read_text())
+    rows = {r["model"]: r for r in report["rows"]}
+    assert rows["oracle"]["routing_accuracy"] == 1.0 and rows["math-lora"]["routing_accuracy"] is None
+    # the embedding router sends arithmetic to math-lora and dates to dates-lora
+    assert rows["auto"]["routing_accuracy"] == 1.0
+    oracle = {(o["task"], o["experts"]) for o in report["outcomes"]["oracle"]}
+    assert oracle == {("arithmetic", "math-lora"), ("dates", "dates-lora")}
+    # only the plain expert's results were recorded, one per task
+    evals = httpx.get(f"{live['url']}/api/experts/math-lora", headers=live["admin"]).json()["evals"]
+    assert sorted((e["task"], e["metric"]) for e in evals) == [("arithmetic", "exact_match"), ("dates", "exact_match")]
+    assert httpx.get(f"{live['url']}/api/experts/dates-lora", headers=live["admin"]).json()["evals"] == []

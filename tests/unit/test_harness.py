@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bench.results import write_section
-from evals.harness import EvalRow, QueryOutcome, markdown_table, percentile, write_reports
+from evals.harness import EvalRow, QueryOutcome, markdown_table, percentile, routing_accuracy, write_reports
 
 
 def test_percentile_interpolates() -> None:
@@ -52,3 +52,22 @@ def test_every_task_has_gradable_examples(split: str) -> None:
     for task in TASKS:
         examples = task.examples(split, 5)
         assert len(examples) == 5 and all(task.grade(e.answer, e.answer) for e in examples)
+
+
+def test_routing_accuracy_counts_only_composition_queries() -> None:
+    def outcome(experts: str, router: str, expected: str) -> QueryOutcome:
+        return QueryOutcome("dates", "p", "a", "a", True, 0.1, 3, experts, router, expected)
+
+    assert routing_accuracy([outcome("dates-lora", "none", "dates-lora")]) is None  # a plain model
+    mixed = [
+        outcome("dates-lora", "embedding", "dates-lora"),
+        outcome("units-lora", "embedding", "dates-lora"),
+        outcome("units-lora,dates-lora", "embedding", "dates-lora"),  # k = 2 with the right one in it
+        outcome("units-lora", "embedding", ""),  # task without a known expert: not judged
+    ]
+    assert routing_accuracy(mixed) == 2 / 3
+    routed = row("auto", {"dates": 1.0})
+    routed.routing_accuracy = 2 / 3
+    table = markdown_table([row("base", {"dates": 0.5}), routed])
+    assert "| model | dates | mean | routing |" in table
+    assert "| auto | 100% | **100.0%** | 66.7% |" in table and "| base | 50% | **50.0%** | – |" in table
