@@ -322,13 +322,13 @@ def eval_models(
     from rich.progress import Progress
 
     from evals.harness import evaluate, markdown_table, write_reports
-    from evals.tasks import TASKS
+    from evals.tasks import TASKS, all_task_names
 
     if split not in ("eval", "heldout"):
         raise fail("split: must be eval or heldout")
-    unknown = [t for t in task or [] if t not in TASKS]
+    unknown = [t for t in task or [] if t not in all_task_names()]
     if unknown:
-        raise fail(f"task: unknown task {unknown[0]!r}; known: {', '.join(TASKS.names())}")
+        raise fail(f"task: unknown task {unknown[0]!r}; known: {', '.join(all_task_names())}")
     from api.demo import expert_slug
 
     experts_by_task = {name: expert_slug(name) for name in TASKS.names()}

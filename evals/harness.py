@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from evals.tasks import TASKS, Task, chat_messages
+from evals.tasks import TASKS, Task, chat_messages, get_task
 from serving.engine import GenerationFailed
 
 
@@ -163,7 +163,7 @@ async def evaluate(
     on_done: Callable[[], None] | None = None,
     expert_for: dict[str, str] | None = None,
 ) -> list[EvalRow]:
-    tasks = [TASKS.get(name) for name in task_names] if task_names else list(TASKS)
+    tasks = [get_task(name) for name in task_names] if task_names else list(TASKS)
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=900, limits=limits) as client:

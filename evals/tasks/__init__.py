@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from evals.tasks.arithmetic import ArithmeticTask
 from evals.tasks.base import SPLITS, Example, Split, Task, chat_messages, first_line, split_of
+from evals.tasks.composite import ArithmeticSentimentTask
 from evals.tasks.dates import DatesTask
 from evals.tasks.json_extract import JsonExtractTask
 from evals.tasks.list_sort import ListSortTask
@@ -15,20 +16,30 @@ from evals.tasks.sentiment import SentimentTask
 from evals.tasks.units import UnitsTask
 
 TASKS = TaskRegistry([ArithmeticTask(), DatesTask(), JsonExtractTask(), ListSortTask(), SentimentTask(), UnitsTask()])
+# Held out: never trained on; evaluated only when asked for by name.
+COMPOSITE_TASKS = TaskRegistry([ArithmeticSentimentTask()])
 
 
 def get_task(name: str) -> Task:
-    """The registered task called ``name`` (KeyError listing the known names otherwise)."""
+    """The task called ``name``, skill or composite (KeyError listing the known names otherwise)."""
+    if name in COMPOSITE_TASKS:
+        return COMPOSITE_TASKS.get(name)
     return TASKS.get(name)
 
 
+def all_task_names() -> list[str]:
+    return TASKS.names() + COMPOSITE_TASKS.names()
+
+
 __all__ = [
+    "COMPOSITE_TASKS",
     "SPLITS",
     "TASKS",
     "Example",
     "Split",
     "Task",
     "TaskRegistry",
+    "all_task_names",
     "chat_messages",
     "first_line",
     "get_task",

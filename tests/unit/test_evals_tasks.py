@@ -153,3 +153,20 @@ def test_examples_validate_arguments() -> None:
     with pytest.raises(ValueError, match="n must be"):
         task.examples("train", -1)
     assert task.examples("train", 0) == []
+
+
+def test_composite_task_needs_both_answers() -> None:
+    from evals.tasks import COMPOSITE_TASKS, TASKS, all_task_names, get_task
+
+    task = get_task("arithmetic_sentiment")
+    assert "arithmetic_sentiment" in all_task_names() and "arithmetic_sentiment" not in TASKS  # never trained
+    assert len(COMPOSITE_TASKS) >= 1
+    ex = task.examples("eval", 1)[0]
+    number, label = ex.answer.split("\n")
+    assert number.lstrip("-").isdigit() and "positive or negative" in ex.prompt
+    assert task.grade(f"{number}\n{label}", ex.answer)
+    assert task.grade(f"The sum is {number}. The review is {label.capitalize()}.", ex.answer)
+    assert not task.grade(number, ex.answer) and not task.grade(label, ex.answer)  # one skill is not enough
+    assert not task.grade(f"1{number}\n{label}", ex.answer)  # not inside a longer number
+    # its splits stay apart like every task's
+    assert not {e.prompt for e in task.examples("train", 50)} & {e.prompt for e in task.examples("eval", 50)}
