@@ -51,6 +51,8 @@ class EvalRow:
     routing_accuracy: float | None = None  # compositions: share of queries routed to their task's expert
 
 
+TASK_PLACEHOLDER = "{task}"
+"""In a model name, replaced by each query's task (underscores as dashes): one composition per task."""
 ORACLE = "oracle"
 """Pseudo-model: every query goes to its own task's expert (the upper bound of query-level routing)."""
 
@@ -79,6 +81,8 @@ async def _ask(
         if not expected_expert:
             raise GenerationFailed(f"oracle routing needs an expert for task {task.name!r}", param="expert_for")
         model = expected_expert
+    elif TASK_PLACEHOLDER in model:  # one composition per task, e.g. `kshot-{task}`
+        model = model.replace(TASK_PLACEHOLDER, task.name.replace("_", "-"))
     body = {"model": model, "messages": chat_messages(prompt), "max_tokens": task.max_new_tokens, "temperature": 0.0}
     async with gate:
         start = time.perf_counter()

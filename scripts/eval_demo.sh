@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The demo's eval tables (evals/results/demo/), against a running `moerge demo` (MOERGE_URL, admin key).
+#   1. base and each expert on every task, n per task; the experts' results are recorded in the registry
+#      (the `skills` router builds its profiles from them);
+#   2. one composition per router (and per aggregator, k = 2), created here if missing;
+#   3. oracle routing and every composition on the same mixed queries;
+#   4. the held-out composite task (two skills in one message): k = 1 against k = 2.
+# Usage: scripts/eval_demo.sh [N]    (N queries per task, default 100)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N="${1:-100}"
+OUT=evals/results/demo
+MOERGE=".venv/bin/moerge"
+BASE=smollm2-135m-instruct
+EXPERTS=(arithmetic-lora dates-lora json-extract-lora list-sort-lora sentiment-lora units-lora)
+expert_flags=()
+for e in "${EXPERTS[@]}"; do expert_flags+=(-e "$e"); done
+
+create() {  # create NAME ARGS...: a composition, unless it exists
+  local name="$1"; shift
+  if ! "$MOERGE" composition show "$name" >/dev/null 2>&1; then
+    "$MOERGE" composition create "$name" "$@" >/dev/null
+    echo "created composition $name"
+  fi
+}
+
+"$MOERGE" eval "$BASE" "${EXPERTS[@]}" --n "$N" --record --out "$OUT" \
+  --title "Base and demo experts (eval split, n=$N per task, vLLM)" > /dev/null
+mv "$OUT/eval.md" "$OUT/experts.md"; mv "$OUT/eval.json" "$OUT/experts.json"; mv "$OUT/eval.png" "$OUT/experts.png"
+
+create two-step --router two_step "${expert_flags[@]}" --fallback "$BASE"
+create skills --router skills "${expert_flags[@]}" --fallback "$BASE"
+create instruct --router instruct -p "model=$BASE" "${expert_flags[@]}" --fallback "$BASE"
+for task in arithmetic dates json_extract list_sort sentiment units; do
+  examples=$(.venv/bin/python -c "
+import json, sys
+from evals.tasks import get_task
+print(json.dumps([{'prompt': e.prompt, 'answer': e.answer} for e in get_task('$task').examples('train', 8)]))")
+  create "kshot-${task//_/-}" --router kshot -p "examples=$examples" "${expert_flags[@]}" --fallback "$BASE"
+done
+create pair-vote --router embedding -p threshold=-1 "${expert_flags[@]}" --k 2 --aggregator vote
+create pair-synthesize --router embedding -p threshold=-1 "${expert_flags[@]}" --k 2 --aggregator synthesize \
+  --agg-param "model=$BASE"
+create pair-select --router embedding -p threshold=-1 "${expert_flags[@]}" --k 2 --aggregator select \
+  --agg-param "model=$BASE"
+
+"$MOERGE" eval oracle auto two-step skills instruct "kshot-{task}" pair-vote pair-synthesize pair-select \
+  --n "$N" --out "$OUT" --title "Routing on mixed queries (eval split, n=$N per task, vLLM)" > /dev/null
+mv "$OUT/eval.md" "$OUT/routers.md"; mv "$OUT/eval.json" "$OUT/routers.json"; mv "$OUT/eval.png" "$OUT/routers.png"
+
+"$MOERGE" eval sentiment-lora arithmetic-lora auto pair-vote pair-synthesize pair-select \
+  --task arithmetic_sentiment --split heldout --n "$N" --out "$OUT" \
+  --title "Composite held-out task: two skills in one message (n=$N, vLLM)" > /dev/null
+mv "$OUT/eval.md" "$OUT/composite.md"; mv "$OUT/eval.json" "$OUT/composite.json"; mv "$OUT/eval.png" "$OUT/composite.png"
+echo "wrote $OUT/{experts,routers,composite}.{md,json,png}"
