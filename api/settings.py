@@ -68,6 +68,9 @@ class Settings:
     )
     vllm_kv_cache_gib: int = field(default=2, metadata={"help": "VLLM_CPU_KVCACHE_SPACE for managed servers"})
     vllm_max_model_len: int = field(default=2048, metadata={"help": "--max-model-len of managed servers"})
+    vllm_cpu_threads_bind: str = field(
+        default="all", metadata={"help": "VLLM_CPU_OMP_THREADS_BIND of managed servers (`all`: every CPU here)"}
+    )
     embedding_model: str | None = field(
         default=None,
         metadata={
@@ -108,4 +111,5 @@ class Settings:
             vllm_kv_cache_gib=_int_env(env, "MOERGE_VLLM_KV_CACHE_GIB", 2),
             vllm_max_model_len=_int_env(env, "MOERGE_VLLM_MAX_MODEL_LEN", 2048),
             embedding_model=env.get("MOERGE_EMBEDDING_MODEL") or None,
+            vllm_cpu_threads_bind=env.get("MOERGE_VLLM_CPU_THREADS_BIND") or "all",
         )

@@ -39,6 +39,7 @@ async def create_engine(settings: Settings, sessionmaker: async_sessionmaker[Asy
         remote_servers=await remote_servers_by_id(settings, sessionmaker),
         kv_cache_gib=settings.vllm_kv_cache_gib,
         max_model_len=settings.vllm_max_model_len,
+        cpu_threads_bind=settings.vllm_cpu_threads_bind,
         log_dir=settings.home / "logs",
     )
     return VLLMEngine(config)

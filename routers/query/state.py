@@ -8,6 +8,7 @@ candidate set, so a routing decision neither refits nor restacks anything.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import uuid
 from collections import OrderedDict
@@ -114,21 +115,24 @@ class RouterStateStore:
                     )
                 )
             }
+            stale = [c for c in missing if (row := rows.get(c.id)) is None or row.fingerprint != c.fingerprint]
+            # Stale experts are fitted concurrently: a router that runs models batches their requests.
+            states = await asyncio.gather(*(router.fit_expert(c) for c in stale))
+            fitted = dict(zip([c.id for c in stale], states, strict=True))
             for cand in missing:
-                fingerprint = cand.fingerprint
                 row = rows.get(cand.id)
-                if row is not None and row.fingerprint == fingerprint:
-                    state = decode_state(row.payload)
-                else:
-                    state = await router.fit_expert(cand)
-                    payload = encode_state(state)
+                if cand.id in fitted:
+                    state = fitted[cand.id]
                     if row is None:
                         row = RouterState(router=router.name, config_hash=config_hash, expert_id=uuid.UUID(cand.id))
                         self.session.add(row)
-                    row.fingerprint, row.payload = fingerprint, payload
+                    row.fingerprint, row.payload = cand.fingerprint, encode_state(state)
                     self.fitted.append(cand.slug)
+                else:
+                    assert row is not None
+                    state = decode_state(row.payload)
                 found[cand.id] = state
-                _STATES.put((router.name, config_hash, cand.id, fingerprint), state)
+                _STATES.put((router.name, config_hash, cand.id, cand.fingerprint), state)
             if self.fitted:
                 try:
                     await self.session.commit()

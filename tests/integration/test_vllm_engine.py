@@ -300,3 +300,39 @@ async def test_killed_server_fails_in_flight_then_restarts(models: Models, tmp_p
         await eng.close()
     with pytest.raises(ProcessLookupError):
         os.killpg(new_pid, 0)  # close() took the whole process group down
+
+
+async def test_composed_answer_survives_a_member_server_dying(models: Models, tmp_path: Path) -> None:
+    """A k = 2 composition whose experts sit on two vLLM servers: one server is killed mid-request; the
+    other expert's answer is the aggregate and the dead one is named as failed (no error for the client)."""
+    from aggregators import AGGREGATORS
+    from serving.compose import compose
+    from serving.resolve import Member, Resolved
+
+    eng = VLLMEngine(_config(tmp_path, 18700))
+    try:
+        alive, doomed = models.target("a", base_id="tiny-alive"), models.target("b", base_id="tiny-doomed")
+        await asyncio.gather(eng.ensure_server(alive), eng.ensure_server(doomed))
+        members = [Member("alive-lora", 0.6, alive), Member("doomed-lora", 0.4, doomed)]
+        resolved = Resolved("pair", alive, "embedding", ["alive-lora", "doomed-lora"], [0.6, 0.4], members=members)
+        resolved.aggregator, resolved.aggregator_name = AGGREGATORS.build("vote", {}), "vote"
+        long = Sampling(max_tokens=450)
+        expected = _ok((await eng.generate([GenRequest(alive, long, prompt=PROMPT)]))[0]).text
+
+        task = asyncio.create_task(
+            compose(eng, resolved, PROMPT, lambda target: GenRequest(target, long, prompt=PROMPT), long)
+        )
+        probe = eng.stream(GenRequest(doomed, long, prompt=PROMPT))
+        await probe.__anext__()  # the doomed server is generating
+        assert not task.done()
+        doomed_pid = next(s["pid"] for s in await eng.status() if s["base_id"] == "tiny-doomed")
+        os.killpg(doomed_pid, signal.SIGKILL)
+
+        done = await asyncio.wait_for(task, timeout=120)
+        assert resolved.failed == ["doomed-lora"]
+        assert resolved.experts == ["alive-lora"] and resolved.weights == [0.6]
+        assert done.aggregation.text == expected
+        [failed] = [a for a in done.answers if not a.ok]
+        assert failed.slug == "doomed-lora" and failed.error
+    finally:
+        await eng.close()
