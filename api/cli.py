@@ -7,9 +7,9 @@ one-line message on stderr naming the field, and a non-zero exit.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from functools import wraps
@@ -207,7 +207,7 @@ def demo(
     out.print(f"admin key: {'MOERGE_ADMIN_KEY' if settings.admin_key else key}", highlight=False)
     if not serve_api:
         return
-    thread, _server = serve_in_thread(settings)
+    thread, server = serve_in_thread(settings)
     out.print(f"moerge API on http://{settings.host}:{settings.port}  (OpenAI base URL: /v1)", highlight=False)
     if samples:
         from api.client import ApiClient
@@ -236,8 +236,15 @@ def demo(
             )
         out.print(table)
     out.print("serving; Ctrl-C to stop")
-    with contextlib.suppress(KeyboardInterrupt):
-        thread.join()
+    # The server runs in a thread, so its own signal handlers are not installed: stop it from here, so that
+    # its shutdown closes the engine and the vLLM servers it started (a bare exit would orphan them).
+    def stop(_signum: int, _frame: object) -> None:
+        server.should_exit = True  # type: ignore[attr-defined]
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    while thread.is_alive():
+        thread.join(timeout=0.5)
 
 
 @app.command()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.settings import Settings
 from registry.errors import ValidationFailed
+from registry.models import Expert
 from registry.services import ExpertService
 from registry.store import ArtifactStore
 from serving.engine import Engine
@@ -28,14 +30,28 @@ async def remote_servers_by_id(settings: Settings, sessionmaker: async_sessionma
     return remote
 
 
+async def registered_lora_rank(sessionmaker: async_sessionmaker[AsyncSession]) -> int:
+    """The largest LoRA rank among registered adapters (0 if none)."""
+    async with sessionmaker() as session:
+        rows = await session.execute(select(Expert.r, Expert.rank_pattern).where(Expert.peft_type.is_not(None)))
+        ranks = [max([int(r or 0), *(int(v) for v in (pattern or {}).values())]) for r, pattern in rows]
+    return max(ranks, default=0)
+
+
 async def create_engine(settings: Settings, sessionmaker: async_sessionmaker[AsyncSession]) -> Engine:
     if settings.engine == "torch":
         from serving.torch_engine import TorchEngine
 
         return TorchEngine()
     from serving.vllm import VLLMConfig, VLLMEngine
+    from serving.vllm_process import lora_rank_for
 
+    # vLLM's CPU LoRA kernels copy each token's adapter weights padded to --max-lora-rank: size it to the
+    # adapters registered now (8 at least) rather than a generous default. A larger adapter registered later
+    # is refused with a message saying to restart.
+    rank = lora_rank_for(max(8, await registered_lora_rank(sessionmaker)))
     config = VLLMConfig(
+        max_lora_rank=rank,
         remote_servers=await remote_servers_by_id(settings, sessionmaker),
         kv_cache_gib=settings.vllm_kv_cache_gib,
         max_model_len=settings.vllm_max_model_len,

@@ -93,4 +93,8 @@ class RoutingService:
         router = self.router_for(comp)
         candidates = await self.candidates(comp)
         prepared = await self.states.prepared(router, candidates)
+        # Hold no database connection while the router may wait on a model (`instruct`): many requests
+        # waiting at once would otherwise exhaust the pool their own model calls need. The session stays
+        # usable; it takes a connection again when next used.
+        await self.session.close()
         return await router.route(query, candidates, prepared, comp.k)

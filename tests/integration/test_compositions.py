@@ -22,7 +22,7 @@ from registry.models import Expert, RouterState
 from registry.schemas import ExpertSpec
 from registry.store import ArtifactStore
 from serving.torch_engine import TorchEngine
-from tests.fixtures.db import RegistryEnv
+from tests.fixtures.db import BACKENDS, RegistryEnv
 from tests.fixtures.live import register, serve
 from tests.fixtures.tiny import build_tiny_lora
 
@@ -101,6 +101,7 @@ def _router_states(env: RegistryEnv) -> dict[str, str]:
     return asyncio.run(go())
 
 
+@pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
 def test_embedding_composition_routes_and_answers(live: dict[str, Any]) -> None:
     resp = _create(live, name="auto", router="embedding", experts=["math-lora", "dates-lora"], fallback="tiny-base")
     assert resp.status_code == 201, resp.text
@@ -276,6 +277,7 @@ def test_creation_errors_name_the_field(live: dict[str, Any]) -> None:
     assert _route(live, "nosuch", "hi").status_code == 404
 
 
+@pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
 def test_deleted_expert_is_a_clear_error_at_query_time(live: dict[str, Any]) -> None:
     assert _create(live, name="pair", router="embedding", experts=["math-lora", "dates-lora"]).status_code == 201
     gone = httpx.delete(f"{live['url']}/api/experts/dates-lora", params={"force": True}, headers=live["admin"])
@@ -290,6 +292,7 @@ def test_deleted_expert_is_a_clear_error_at_query_time(live: dict[str, Any]) -> 
     assert set(_router_states(live["env"])) == {"math-lora"}
 
 
+@pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
 def test_states_refit_only_the_changed_expert(live: dict[str, Any]) -> None:
     assert _create(live, name="auto", router="embedding", experts=["math-lora", "dates-lora"]).status_code == 201
     before = _router_states(live["env"])
@@ -364,3 +367,28 @@ def test_eval_with_oracle_routing_and_recorded_results(
     evals = httpx.get(f"{live['url']}/api/experts/math-lora", headers=live["admin"]).json()["evals"]
     assert sorted((e["task"], e["metric"]) for e in evals) == [("arithmetic", "exact_match"), ("dates", "exact_match")]
     assert httpx.get(f"{live['url']}/api/experts/dates-lora", headers=live["admin"]).json()["evals"] == []
+
+
+def test_model_running_router_under_many_concurrent_requests(live: dict[str, Any]) -> None:
+    """`instruct` asks a model for each query while routing: more requests in flight than the database pool
+    holds connections must still all be answered (no request may hold a connection while it waits)."""
+    resp = _create(
+        live,
+        name="instruct",
+        router="instruct",
+        router_params={"model": "tiny-base", "threshold": -1.0, "max_new_tokens": 4},
+        experts=["math-lora", "dates-lora"],
+        fallback="tiny-base",
+    )
+    assert resp.status_code == 201, resp.text
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=live["url"], headers=live["env"].query, timeout=120) as client:
+            body = {"model": "instruct", "messages": _chat(MATH_QUERY), "max_tokens": 2}
+            return await asyncio.gather(*(client.post("/v1/chat/completions", json=body) for _ in range(24)))
+
+    replies = asyncio.run(burst())
+    assert [r.status_code for r in replies] == [200] * 24, replies[0].text
+    assert {r.headers["x-moerge-router"] for r in replies} == {"instruct"}
+    decision = _route(live, "instruct", MATH_QUERY).json()
+    assert "task_description" in decision["extra"]  # what the model wrote, the router matched on
