@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -86,6 +86,33 @@ _STATES = LRU(200_000)  # (router, config hash, expert id, fingerprint) -> state
 _PREPARED = LRU(256)  # (router, config hash, ((expert id, fingerprint), ...)) -> prepared
 
 
+_INFLIGHT: dict[tuple[str, str, str, str], asyncio.Future[dict[str, Any]]] = {}
+
+
+async def _fit_once(router: GlobalRouter, config_hash: str, cand: Candidate) -> dict[str, Any]:
+    """``router.fit_expert(cand)``, shared by every caller that asks while it runs."""
+    key = (router.name, config_hash, cand.id, cand.fingerprint)
+    running = _INFLIGHT.get(key)
+    if running is not None and running.get_loop() is asyncio.get_running_loop():
+        return await asyncio.shield(running)
+    future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+    _INFLIGHT[key] = future
+    try:
+        state = await router.fit_expert(cand)
+    except asyncio.CancelledError:
+        future.cancel()
+        raise
+    except BaseException as exc:
+        future.set_exception(exc)
+        future.exception()  # retrieved here, so an unawaited failure is not reported twice
+        raise
+    finally:
+        if _INFLIGHT.get(key) is future:
+            del _INFLIGHT[key]
+    future.set_result(state)
+    return state
+
+
 class RouterStateStore:
     """Loads, fits and saves per-expert router states; see the module docstring."""
 
@@ -115,31 +142,49 @@ class RouterStateStore:
                     )
                 )
             }
-            stale = [c for c in missing if (row := rows.get(c.id)) is None or row.fingerprint != c.fingerprint]
-            # Stale experts are fitted concurrently: a router that runs models batches their requests.
-            states = await asyncio.gather(*(router.fit_expert(c) for c in stale))
+            stored = {cid: (row.fingerprint, row.payload) for cid, row in rows.items()}
+            stale = [c for c in missing if stored.get(c.id, ("", b""))[0] != c.fingerprint]
+            if stale:
+                # Fitting may run models for a long time: hold no database connection meanwhile (requests
+                # waiting at once would exhaust the pool the model calls need).
+                await self.session.close()
+            # Stale experts are fitted concurrently (a router that runs models batches their requests), and
+            # each one once however many requests ask for it at the same moment.
+            states = await asyncio.gather(*(_fit_once(router, config_hash, c) for c in stale))
             fitted = dict(zip([c.id for c in stale], states, strict=True))
             for cand in missing:
-                row = rows.get(cand.id)
-                if cand.id in fitted:
-                    state = fitted[cand.id]
-                    if row is None:
-                        row = RouterState(router=router.name, config_hash=config_hash, expert_id=uuid.UUID(cand.id))
-                        self.session.add(row)
-                    row.fingerprint, row.payload = cand.fingerprint, encode_state(state)
-                    self.fitted.append(cand.slug)
-                else:
-                    assert row is not None
-                    state = decode_state(row.payload)
+                state = fitted[cand.id] if cand.id in fitted else decode_state(stored[cand.id][1])
                 found[cand.id] = state
                 _STATES.put((router.name, config_hash, cand.id, cand.fingerprint), state)
-            if self.fitted:
-                try:
-                    await self.session.commit()
-                except IntegrityError:
-                    # Another replica fitted the same expert at the same moment: its row is as good.
-                    await self.session.rollback()
+            if stale:
+                await self._save(router.name, config_hash, stale, fitted)
+                self.fitted = [c.slug for c in stale]
         return [found[c.id] for c in candidates]
+
+    async def _save(
+        self, router: str, config_hash: str, stale: Sequence[Candidate], fitted: dict[str, dict[str, Any]]
+    ) -> None:
+        ids = [uuid.UUID(c.id) for c in stale]
+        try:
+            await self.session.execute(
+                delete(RouterState).where(
+                    RouterState.router == router, RouterState.config_hash == config_hash, RouterState.expert_id.in_(ids)
+                )
+            )
+            self.session.add_all(
+                RouterState(
+                    router=router,
+                    config_hash=config_hash,
+                    expert_id=uuid.UUID(c.id),
+                    fingerprint=c.fingerprint,
+                    payload=encode_state(fitted[c.id]),
+                )
+                for c in stale
+            )
+            await self.session.commit()
+        except IntegrityError:
+            # Another replica saved the same expert's state at the same moment: its row is as good.
+            await self.session.rollback()
 
     async def prepared(self, router: GlobalRouter, candidates: Sequence[Candidate]) -> Any:
         """``router.prepare`` over the candidates' states, memoized per candidate set."""

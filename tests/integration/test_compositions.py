@@ -382,13 +382,26 @@ def test_model_running_router_under_many_concurrent_requests(live: dict[str, Any
     )
     assert resp.status_code == 201, resp.text
 
-    async def burst() -> list[httpx.Response]:
+    # `kshot` runs every expert on its examples when first asked: 24 requests at once share one fitting
+    examples = [{"prompt": "What is 2 + 2?", "answer": "4"}, {"prompt": "What is 3 + 3?", "answer": "6"}]
+    resp = _create(
+        live,
+        name="kshot",
+        router="kshot",
+        router_params={"examples": examples, "max_new_tokens": 4},
+        experts=["math-lora", "dates-lora"],
+        fallback="tiny-base",
+    )
+    assert resp.status_code == 201, resp.text
+
+    async def burst(model: str) -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=live["url"], headers=live["env"].query, timeout=120) as client:
-            body = {"model": "instruct", "messages": _chat(MATH_QUERY), "max_tokens": 2}
+            body = {"model": model, "messages": _chat(MATH_QUERY), "max_tokens": 2}
             return await asyncio.gather(*(client.post("/v1/chat/completions", json=body) for _ in range(24)))
 
-    replies = asyncio.run(burst())
-    assert [r.status_code for r in replies] == [200] * 24, replies[0].text
-    assert {r.headers["x-moerge-router"] for r in replies} == {"instruct"}
+    for model in ("instruct", "kshot"):
+        replies = asyncio.run(burst(model))
+        assert [r.status_code for r in replies] == [200] * 24, replies[0].text
+        assert {r.headers["x-moerge-router"] for r in replies} == {model}
     decision = _route(live, "instruct", MATH_QUERY).json()
     assert "task_description" in decision["extra"]  # what the model wrote, the router matched on
