@@ -43,29 +43,31 @@ class SentenceEmbedder:
         self.dim: int = int(dim)
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_size = cache_size
-        self._lock = threading.Lock()  # the model is not safe to call from two threads at once
+        self._lock = threading.Lock()
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
-        if missing:
-            with self._lock:
+        # One lock over model and memo: the model is not safe to call from two threads at once, and a
+        # concurrent call trimming the memo must not evict rows this call is about to read.
+        with self._lock:
+            found = {t: self._cache[t] for t in dict.fromkeys(texts) if t in self._cache}
+            missing = [t for t in dict.fromkeys(texts) if t not in found]
+            if missing:
                 vectors = self._model.encode(
-                    list(missing),
+                    missing,
                     batch_size=64,
                     normalize_embeddings=True,
                     convert_to_numpy=True,
                     show_progress_bar=False,
                 )
-            for text, vector in zip(missing, np.asarray(vectors, dtype=np.float32), strict=True):
+                found.update(zip(missing, np.asarray(vectors, dtype=np.float32), strict=True))
+            for text, vector in found.items():
                 self._cache[text] = vector
-        rows = [self._cache[t] for t in texts]
-        for t in texts:
-            self._cache.move_to_end(t)
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
-        return np.stack(rows)
+                self._cache.move_to_end(text)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return np.stack([found[t] for t in texts])
 
 
 def shared_embedder(model: str | None = None) -> SentenceEmbedder:
