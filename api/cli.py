@@ -236,6 +236,7 @@ def demo(
             )
         out.print(table)
     out.print("serving; Ctrl-C to stop")
+
     # The server runs in a thread, so its own signal handlers are not installed: stop it from here, so that
     # its shutdown closes the engine and the vLLM servers it started (a bare exit would orphan them).
     def stop(_signum: int, _frame: object) -> None:
