@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import json
 import time
 import uuid
@@ -26,7 +27,7 @@ def routing_headers(resolved: Resolved | None) -> dict[str, str]:
         "x-moerge-weights": ",".join(f"{w:.4g}" for w in resolved.weights),
     }
     if resolved.decision is not None:
-        best = sorted(resolved.decision.scores.items(), key=lambda kv: kv[1], reverse=True)[:MAX_SCORES_IN_HEADER]
+        best = heapq.nlargest(MAX_SCORES_IN_HEADER, resolved.decision.scores.items(), key=lambda kv: kv[1])
         headers["x-moerge-scores"] = ",".join(f"{slug}={score:.4g}" for slug, score in best)
     if resolved.fallback:
         headers["x-moerge-fallback"] = "true"

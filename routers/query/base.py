@@ -11,6 +11,7 @@ for the routers that need a language model (``instruct``, ``kshot``), a generate
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import math
 from abc import ABC, abstractmethod
@@ -227,11 +228,14 @@ def top_k_decision(
     reason: str,
 ) -> RouteDecision:
     """The k best-scoring candidates at or above ``threshold``, weighted by a softmax of their scores."""
-    ranked = sorted(scores.items(), key=lambda item: item[1], reverse=True)
-    kept = [(slug, s) for slug, s in ranked if threshold is None or s >= threshold][:k]
-    rounded = {slug: round(float(s), 6) for slug, s in scores.items()}
+    # heapq, not a full sort: compositions may have thousands of candidates and k is small.
+    eligible = scores.items() if threshold is None else ((slug, s) for slug, s in scores.items() if s >= threshold)
+    kept = heapq.nlargest(k, eligible, key=lambda item: item[1])
+    values = np.round(np.fromiter(scores.values(), dtype=np.float64, count=len(scores)), 6)
+    rounded = dict(zip(scores.keys(), values.tolist(), strict=True))
     if not kept:
-        best = f"{ranked[0][0]} at {ranked[0][1]:.3f}" if ranked else "no candidate"
+        top = heapq.nlargest(1, scores.items(), key=lambda item: item[1])
+        best = f"{top[0][0]} at {top[0][1]:.3f}" if top else "no candidate"
         return RouteDecision(router, [], rounded, f"no expert reached the threshold {threshold} (best: {best})", True)
     weights = softmax([s for _, s in kept], temperature)
     chosen = [(slug, round(w, 6)) for (slug, _), w in zip(kept, weights, strict=True)]

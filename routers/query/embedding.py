@@ -101,8 +101,8 @@ class EmbeddingRouter(GlobalRouter):
     def decide(self, query_vector: np.ndarray, prepared: StackedExamples, k: int) -> RouteDecision:
         similarity = prepared.matrix @ query_vector
         scores = per_expert_scores(similarity, prepared.valid, self.config.top_examples)
-        by_slug = {slug: float(s) for slug, s in zip(prepared.slugs, scores, strict=True)}
-        best = max(by_slug, key=by_slug.__getitem__)
+        by_slug = dict(zip(prepared.slugs, scores.tolist(), strict=True))
+        best = prepared.slugs[int(np.argmax(scores))]
         return top_k_decision(
             self.name,
             by_slug,
