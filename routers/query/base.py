@@ -10,6 +10,7 @@ for the routers that need a language model (``instruct``, ``kshot``), a generate
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import heapq
 import json
@@ -103,6 +104,13 @@ class RouterContext:
     embedder: Embedder
     generate: GenerateFn | None = None  # for routers that run a model; None where no engine is at hand
     default_model: str | None = None  # the slug `instruct` asks for a task description when none is set
+
+    async def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Embeddings of ``texts`` (rows L2-normalized; (0, dim) for none), computed off the event loop so
+        that other requests keep being served meanwhile."""
+        if not texts:
+            return np.zeros((0, self.embedder.dim), dtype=np.float32)
+        return await asyncio.to_thread(self.embedder.encode, list(texts))
 
     def need_generate(self, router: str) -> GenerateFn:
         if self.generate is None:

@@ -10,7 +10,6 @@ product plus the query's embedding.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -92,7 +91,7 @@ class EmbeddingRouter(GlobalRouter):
 
     async def fit_expert(self, candidate: Candidate) -> dict[str, Any]:
         texts = expert_texts(candidate, self.config.use_description)
-        vectors = await asyncio.to_thread(self.context.embedder.encode, texts)
+        vectors = await self.context.embed(texts)
         return {"embeddings": vectors}
 
     def prepare(self, candidates: Sequence[Candidate], states: Sequence[dict[str, Any]]) -> StackedExamples:
@@ -113,5 +112,5 @@ class EmbeddingRouter(GlobalRouter):
         )
 
     async def route(self, query: str, candidates: Sequence[Candidate], prepared: Any, k: int) -> RouteDecision:
-        vector = (await asyncio.to_thread(self.context.embedder.encode, [query]))[0]
+        vector = (await self.context.embed([query]))[0]
         return self.decide(vector, prepared, k)

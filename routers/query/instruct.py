@@ -96,7 +96,7 @@ class InstructRouter(GlobalRouter):
 
     async def fit_expert(self, candidate: Candidate) -> dict[str, Any]:
         text = expert_text(candidate)
-        return {"text": text, "embedding": self.context.embedder.encode([text])[0]}
+        return {"text": text, "embedding": (await self.context.embed([text]))[0]}
 
     def prepare(self, candidates: Sequence[Candidate], states: Sequence[dict[str, Any]]) -> InstructIndex:
         dim = self.context.embedder.dim
@@ -122,7 +122,7 @@ class InstructRouter(GlobalRouter):
         index: InstructIndex = prepared
         description = await self.describe(query)
         text = description or query  # an empty description: match the query itself
-        vector = self.context.embedder.encode([text])[0]
+        vector = (await self.context.embed([text]))[0]
         row_of = {slug: i for i, slug in enumerate(index.slugs)}
         cosines = index.matrix @ vector if len(index.slugs) else np.zeros(0)
         scores = {c.slug: float(cosines[row_of[c.slug]]) if c.slug in row_of else 0.0 for c in candidates}

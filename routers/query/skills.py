@@ -130,13 +130,12 @@ class SkillsRouter(GlobalRouter):
         tasks = list(dict.fromkeys(task for task, _, _ in candidate.evals if task.strip()))
         keys = list(dict.fromkeys(skills + tasks))
         prompts = [p for p in candidate.example_prompts if p.strip()]
-        embedder = self.context.embedder
         return {
             "skills": skills,
             "keys": keys,  # listed skills and evaluated tasks: the skills this expert has a profile entry for
             "profile": skill_profile(candidate),
-            "key_embeddings": embedder.encode([skill_text(k) for k in keys]) if keys else np.zeros((0, embedder.dim)),
-            "example_embeddings": embedder.encode(prompts) if prompts else np.zeros((0, embedder.dim)),
+            "key_embeddings": await self.context.embed([skill_text(k) for k in keys]),
+            "example_embeddings": await self.context.embed(prompts),
         }
 
     def prepare(self, candidates: Sequence[Candidate], states: Sequence[dict[str, Any]]) -> SkillTable:
@@ -167,11 +166,11 @@ class SkillsRouter(GlobalRouter):
         descriptors = np.stack(rows) if rows else np.zeros((0, dim), dtype=np.float32)
         return SkillTable(skills, descriptors, np.asarray(owner, dtype=np.int64), profiles, listed)
 
-    def infer_skills(self, query: str, table: SkillTable) -> list[tuple[str, float]]:
+    async def infer_skills(self, query: str, table: SkillTable) -> list[tuple[str, float]]:
         """The query's ``query_skills`` most similar skills with their similarity (best first)."""
         if not table.skills:
             return []
-        q = self.context.embedder.encode([query])[0]
+        q = (await self.context.embed([query]))[0]
         cosines = table.descriptors @ q
         best = np.full(len(table.skills), -np.inf, dtype=np.float64)
         np.maximum.at(best, table.owner, cosines.astype(np.float64))
@@ -181,7 +180,7 @@ class SkillsRouter(GlobalRouter):
 
     async def route(self, query: str, candidates: Sequence[Candidate], prepared: Any, k: int) -> RouteDecision:
         table: SkillTable = prepared
-        inferred = self.infer_skills(query, table)
+        inferred = await self.infer_skills(query, table)
         scores: dict[str, float] = {}
         for candidate in candidates:
             profile = table.profiles.get(candidate.slug, {})

@@ -86,7 +86,7 @@ class TwoStepRouter(GlobalRouter):
         texts = training_texts(candidate)
         return {
             "category": expert_category(candidate, self.config.category_field),
-            "embeddings": self.context.embedder.encode(texts) if texts else np.zeros((0, self.context.embedder.dim)),
+            "embeddings": await self.context.embed(texts),
         }
 
     def prepare(self, candidates: Sequence[Candidate], states: Sequence[dict[str, Any]]) -> TwoStepModel:
@@ -118,7 +118,7 @@ class TwoStepRouter(GlobalRouter):
         if model.classifier is None:
             probabilities = {model.categories[0]: 1.0}  # one category: nothing to classify
         else:
-            vector = self.context.embedder.encode([query])
+            vector = await self.context.embed([query])
             row = model.classifier.predict_proba(vector)[0]
             probabilities = {c: float(p) for c, p in zip(model.categories, row, strict=True)}
         scores = {c.slug: round(probabilities.get(model.category_of.get(c.slug, ""), 0.0), 6) for c in candidates}
