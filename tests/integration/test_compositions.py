@@ -244,7 +244,8 @@ def test_failing_expert_is_left_out_and_named(live: dict[str, Any]) -> None:
     assert _create(live, name="only-broken", router="direct", experts=["broken-lora"]).status_code == 201
     with pytest.raises(openai.APIStatusError) as failed:
         client.chat.completions.create(model="only-broken", messages=_chat(MATH_QUERY), max_tokens=4)
-    assert failed.value.status_code in (400, 502) and failed.value.response.headers["x-moerge-router"] == "direct"
+    assert failed.value.status_code == 502 and failed.value.body["code"] == "generation_failed"
+    assert failed.value.response.headers["x-moerge-router"] == "direct"
 
 
 def test_creation_errors_name_the_field(live: dict[str, Any]) -> None:
