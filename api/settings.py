@@ -71,6 +71,10 @@ class Settings:
     vllm_cpu_threads_bind: str = field(
         default="all", metadata={"help": "VLLM_CPU_OMP_THREADS_BIND of managed servers (`all`: every CPU here)"}
     )
+    vllm_lora_ops: str = field(
+        default="grouped",
+        metadata={"help": "multi-LoRA ops in managed CPU servers: grouped (moerge's, faster) or vllm (vLLM's own)"},
+    )
     embedding_model: str | None = field(
         default=None,
         metadata={
@@ -112,4 +116,5 @@ class Settings:
             vllm_max_model_len=_int_env(env, "MOERGE_VLLM_MAX_MODEL_LEN", 2048),
             embedding_model=env.get("MOERGE_EMBEDDING_MODEL") or None,
             vllm_cpu_threads_bind=env.get("MOERGE_VLLM_CPU_THREADS_BIND") or "all",
+            vllm_lora_ops=_choice_env(env, "MOERGE_VLLM_LORA_OPS", ("grouped", "vllm"), "grouped"),
         )

@@ -4,6 +4,9 @@
   (b) PEFT in process, switching the adapter per request (`set_adapter`, one request at a time)
   (c) straight to the same vLLM server
 
+Two workloads: fixed-length answers (every request generates exactly max_tokens: `ignore_eos` on vLLM,
+`min_new_tokens` on PEFT, the way vLLM's own serving benchmark measures throughput) and natural-length ones
+(the model stops when it wants; the demo experts answer in 1-10 tokens, so this one is mostly prefill).
 Reports tokens/s and p50/p95 latency of each, moerge's added latency over (c) (same requests, one at a
 time, interleaved), and writes bench/results/serving.json and a section of bench/RESULTS.md.
 
@@ -88,13 +91,17 @@ def demo_adapters(count: int) -> list[Path] | None:
     return folders if all((f / ".complete").exists() for f in folders) else None
 
 
-def requests_for(models: list[str], max_tokens: int, n: int = 16) -> list[dict[str, Any]]:
+WORKLOADS = {"fixed": True, "natural": False}  # name -> every answer exactly max_tokens long
+
+
+def requests_for(models: list[str], max_tokens: int, fixed: bool, n: int = 16) -> list[dict[str, Any]]:
     return [
         {
             "model": models[i % len(models)],
             "max_tokens": max_tokens,
             "temperature": 0,
             "messages": [{"role": "user", "content": PROMPTS[(i // len(models)) % len(PROMPTS)]}],
+            **({"ignore_eos": True} if fixed else {}),
         }
         for i in range(n)
     ]
@@ -179,9 +186,14 @@ def peft_switching(
         ids = tokenizer.apply_chat_template(
             body["messages"], add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
+        fixed_length = body["max_tokens"] if body.get("ignore_eos") else 0
         with torch.no_grad():
             out = peft_model.generate(
-                **ids, max_new_tokens=body["max_tokens"], do_sample=False, pad_token_id=tokenizer.eos_token_id
+                **ids,
+                max_new_tokens=body["max_tokens"],
+                min_new_tokens=fixed_length,
+                do_sample=False,
+                pad_token_id=tokenizer.eos_token_id,
             )
         tokens += int(out.shape[1] - ids["input_ids"].shape[1])
         latencies.append((time.perf_counter() - start) * 1000)
@@ -240,6 +252,7 @@ def main() -> None:
         "requests": 16,
         "max_tokens": args.max_tokens,
         "adapter_source": "demo experts" if demo_adapters(4) else "random rank-8 LoRAs",
+        "lora_ops": env.get("MOERGE_VLLM_LORA_OPS", "grouped"),
     }
     try:
         asyncio.run(_run_vllm_parts(port, headers, names, args, results))
@@ -247,38 +260,50 @@ def main() -> None:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
         log.close()
-    bodies = requests_for(names, args.max_tokens)
-    results["peft_switching"] = peft_switching(base_dir, adapters, bodies, names)
-    a, b, c = results["moerge_vllm"], results["peft_switching"], results["vllm_direct"]
-    results["throughput_ratio_moerge_over_peft"] = a["tokens_per_s"] / b["tokens_per_s"]
+    for workload, fixed in WORKLOADS.items():
+        part = results["workloads"][workload]
+        part["peft_switching"] = peft_switching(base_dir, adapters, requests_for(names, args.max_tokens, fixed), names)
+        part["throughput_ratio_moerge_over_peft"] = (
+            part["moerge_vllm"]["tokens_per_s"] / part["peft_switching"]["tokens_per_s"]
+        )
     (ROOT / "bench/results").mkdir(parents=True, exist_ok=True)
     (ROOT / "bench/results/serving.json").write_text(json.dumps(results, indent=1))
     o = results["overhead"]
-    table = "\n".join(
-        [
-            f"16 concurrent chat requests over {len(adapters)} LoRA adapters ({results['adapter_source']}) of "
-            f"SmolLM2-135M-Instruct, greedy, max_tokens={args.max_tokens}, float32, {results['machine']}; "
-            f"median of {args.rounds} rounds.",
-            "",
-            "| path | tokens/s | p50 latency ms | p95 latency ms |",
-            "| --- | ---: | ---: | ---: |",
-            _row("(a) moerge -> vLLM (multi-LoRA batch)", a),
-            _row("(b) PEFT in process, set_adapter per request", b),
-            _row("(c) vLLM direct", c),
-            "",
-            f"- Throughput (a)/(b): **{results['throughput_ratio_moerge_over_peft']:.1f}x** (target >= 3x).",
-            f"- moerge's added latency over vLLM direct, same one-token request one at a time ({o['repeats']} each, "
-            f"interleaved): p50 {o['moerge_p50_ms']:.1f} ms vs {o['direct_p50_ms']:.1f} ms = "
-            f"**{o['overhead_p50_ms']:+.1f} ms** (target <= 5 ms); mean {o['overhead_mean_ms']:+.1f} ms.",
-            f"- In the concurrent run, p50 (a) - (c) = {a['p50_ms'] - c['p50_ms']:+.0f} ms.",
+    lines = [
+        f"16 concurrent chat requests over {len(adapters)} LoRA adapters ({results['adapter_source']}) of "
+        f"SmolLM2-135M-Instruct, greedy, max_tokens={args.max_tokens}, float32, {results['machine']}; "
+        f"median of {args.rounds} rounds; vLLM's multi-LoRA ops: {results['lora_ops']}.",
+        "",
+        "| workload | path | tokens/s | p50 latency ms | p95 latency ms |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for workload, part in results["workloads"].items():
+        label = f"{workload} ({'every answer ' + str(args.max_tokens) + ' tokens' if WORKLOADS[workload] else 'EOS'})"
+        lines += [
+            _row(label, "(a) moerge -> vLLM (multi-LoRA batch)", part["moerge_vllm"]),
+            _row(label, "(b) PEFT in process, set_adapter per request", part["peft_switching"]),
+            _row(label, "(c) vLLM direct", part["vllm_direct"]),
         ]
+    lines.append("")
+    for workload, part in results["workloads"].items():
+        a, c = part["moerge_vllm"], part["vllm_direct"]
+        lines.append(
+            f"- {workload}: throughput (a)/(b) **{part['throughput_ratio_moerge_over_peft']:.1f}x** (target >= 3x); "
+            f"{a['tokens'] // 16} tokens per answer on average; concurrent p50 (a) - (c) = "
+            f"{a['p50_ms'] - c['p50_ms']:+.0f} ms."
+        )
+    lines.append(
+        f"- moerge's added latency over vLLM direct, same one-token request one at a time ({o['repeats']} each, "
+        f"interleaved): p50 {o['moerge_p50_ms']:.1f} ms vs {o['direct_p50_ms']:.1f} ms = "
+        f"**{o['overhead_p50_ms']:+.1f} ms** (target <= 5 ms); mean {o['overhead_mean_ms']:+.1f} ms."
     )
+    table = "\n".join(lines)
     write_section(ROOT / "bench/RESULTS.md", "serving: multi-LoRA through moerge vs PEFT vs vLLM", table)
     print(table)
 
 
-def _row(label: str, r: dict[str, Any]) -> str:
-    return f"| {label} | {r['tokens_per_s']:.1f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} |"
+def _row(workload: str, label: str, r: dict[str, Any]) -> str:
+    return f"| {workload} | {label} | {r['tokens_per_s']:.1f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} |"
 
 
 async def _run_vllm_parts(
@@ -314,14 +339,18 @@ async def _run_vllm_parts(
         experts = {e["slug"]: e["id"] for e in (await client.get("/api/experts")).json()["data"]}
         direct_names = [experts[n] for n in names]  # vLLM knows adapters by registry id
         async with httpx.AsyncClient(base_url=server["url"], timeout=900, limits=limits) as direct:
-            bodies = requests_for(names, args.max_tokens)
-            direct_bodies = requests_for(direct_names, args.max_tokens)
-            a_rounds, c_rounds = [], []
-            for _ in range(args.rounds):  # alternate so drift affects both paths alike
-                a_rounds.append(await concurrent_round(client, bodies))
-                c_rounds.append(await concurrent_round(direct, direct_bodies))
-            results["moerge_vllm"] = median_round(a_rounds)
-            results["vllm_direct"] = median_round(c_rounds)
+            results["workloads"] = {}
+            for workload, fixed in WORKLOADS.items():
+                bodies = requests_for(names, args.max_tokens, fixed)
+                direct_bodies = requests_for(direct_names, args.max_tokens, fixed)
+                a_rounds, c_rounds = [], []
+                for _ in range(args.rounds):  # alternate so drift affects both paths alike
+                    a_rounds.append(await concurrent_round(client, bodies))
+                    c_rounds.append(await concurrent_round(direct, direct_bodies))
+                results["workloads"][workload] = {
+                    "moerge_vllm": median_round(a_rounds),
+                    "vllm_direct": median_round(c_rounds),
+                }
             results["overhead"] = await sequential_overhead(client, direct, names, direct_names, args.overhead_repeats)
 
 

@@ -58,6 +58,9 @@ class Sampling:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # vLLM's sampling extensions (fixed-length generation, as in vLLM's serving benchmark)
+    min_tokens: int = 0  # end-of-sequence and stop strings cannot end the answer before this many tokens
+    ignore_eos: bool = False  # keep generating past end-of-sequence until max_tokens
 
 
 @dataclass

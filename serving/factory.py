@@ -56,6 +56,7 @@ async def create_engine(settings: Settings, sessionmaker: async_sessionmaker[Asy
         kv_cache_gib=settings.vllm_kv_cache_gib,
         max_model_len=settings.vllm_max_model_len,
         cpu_threads_bind=settings.vllm_cpu_threads_bind,
+        lora_ops=settings.vllm_lora_ops,
         log_dir=settings.home / "logs",
     )
     return VLLMEngine(config)

@@ -226,6 +226,20 @@ class _RowSampler(LogitsProcessor):
         return scores
 
 
+class _EosBlocker(LogitsProcessor):
+    """vLLM's ``min_tokens`` and ``ignore_eos`` per row: end-of-sequence cannot be chosen while they hold."""
+
+    def __init__(self, rows: list[_Row], eos_ids: frozenset[int]) -> None:
+        self.rows = rows
+        self.eos_ids = sorted(eos_ids)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for i, row in enumerate(self.rows):
+            if row.reason is None and (row.sampling.ignore_eos or len(row.out_ids) < row.sampling.min_tokens):
+                scores[i, self.eos_ids] = float("-inf")
+        return scores
+
+
 class _Tracker(StoppingCriteria):
     """Transformers calls this once per decoding step, right after choosing the step's tokens: the hook for
     each row's own limits (max_tokens, EOS, stop strings), its stream text and early delivery of its result
@@ -625,6 +639,8 @@ class TorchEngine:
             attention[i, width - n :] = 1
         hooks = slot.batch_hooks([r.route for r in rows]) if mixed else BatchHooks()
         processors = LogitsProcessorList(hooks.processors)
+        if slot.eos_ids and any(r.sampling.ignore_eos or r.sampling.min_tokens for r in rows):
+            processors.append(_EosBlocker(rows, slot.eos_ids))  # before sampling, so EOS is never drawn
         if any(r.sampling.temperature > 0 for r in rows):
             processors.append(_RowSampler(rows))
         tracker = _Tracker(rows, slot.tokenizer, slot.eos_ids)

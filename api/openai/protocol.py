@@ -27,6 +27,9 @@ class _Common(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     stop: str | list[str] | None = None
     seed: int | None = None
     n: int | None = None
+    # vLLM's extensions, passed through: a fixed-length answer (benchmarks)
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
     user: str | None = None
     # accepted for compatibility; only their neutral values are supported
     frequency_penalty: float | None = None
@@ -60,7 +63,18 @@ class _Common(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValidationFailed("logit_bias is not supported", param="logit_bias")
         if self.logprobs:
             raise ValidationFailed("logprobs are not supported", param="logprobs")
-        return Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=tuple(stops), seed=self.seed)
+        min_tokens = self.min_tokens or 0
+        if not 0 <= min_tokens <= max_tokens:
+            raise ValidationFailed(f"min_tokens must be between 0 and max_tokens ({max_tokens})", param="min_tokens")
+        return Sampling(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop=tuple(stops),
+            seed=self.seed,
+            min_tokens=min_tokens,
+            ignore_eos=bool(self.ignore_eos),
+        )
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.get("include_usage"))

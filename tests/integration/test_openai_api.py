@@ -124,6 +124,9 @@ def test_errors_in_openai_shape(live: dict[str, Any]) -> None:
     with pytest.raises(openai.BadRequestError) as max_tokens:
         client.chat.completions.create(model="tiny-base", messages=CHAT, max_tokens=0)
     assert max_tokens.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as min_tokens:
+        client.chat.completions.create(model="tiny-base", messages=CHAT, max_tokens=4, extra_body={"min_tokens": 5})
+    assert min_tokens.value.body["param"] == "min_tokens" and "max_tokens" in min_tokens.value.body["message"]
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{live['url']}/v1", api_key="wrong-key-wrong-key", max_retries=0).models.list()
 

@@ -216,6 +216,28 @@ async def test_remote_mode_uses_existing_server(engine: VLLMEngine, models: Mode
     assert _ok((await engine.generate([GenRequest(models.target(), GREEDY, prompt=PROMPT)]))[0]).text
 
 
+async def test_moerge_lora_ops_match_vllms_own(engine: VLLMEngine, models: Models, tmp_path: Path) -> None:
+    """The module's server runs moerge's LoRA ops (the plugin says so in its log); a server on vLLM's own ops
+    gives the same greedy text for base and both adapters in one mixed batch, fixed-length (ignore_eos)."""
+    [entry] = await engine.status()
+    from serving.vllm_plugin import PATCHED_MESSAGE
+
+    assert PATCHED_MESSAGE in Path(entry["log"]).read_text()
+    fixed = Sampling(max_tokens=24, ignore_eos=True)
+    requests = [GenRequest(models.target(x), fixed, prompt=PROMPT) for x in (None, "a", "b", "a")]
+    requests += [GenRequest(models.target(x), fixed, messages=MESSAGES) for x in ("b", None, "a")]
+    reference_engine = VLLMEngine(_config(tmp_path, 18480, lora_ops="vllm"))
+    try:
+        want = [_ok(r) for r in await reference_engine.generate(requests)]
+        [ref_entry] = await reference_engine.status()
+        assert PATCHED_MESSAGE not in Path(ref_entry["log"]).read_text()
+    finally:
+        await reference_engine.close()
+    got = [_ok(r) for r in await engine.generate(requests)]
+    assert [g.text for g in got] == [w.text for w in want]
+    assert all(g.completion_tokens == 24 and g.finish_reason == "length" for g in got)
+
+
 async def test_status_reports_ready_server(engine: VLLMEngine, models: Models) -> None:
     """(6) status() of a live managed server."""
     [entry] = await engine.status()

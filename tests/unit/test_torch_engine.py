@@ -5,6 +5,7 @@ adapter switching."""
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,29 @@ async def test_stop_strings_and_max_tokens(engine: TorchEngine, tiny_base: Path,
     assert ok(stopped).finish_reason == "stop" and ok(stopped).text == expected
     assert ok(stopped).completion_tokens < 24  # generation ended at the stop string
     assert ok(never).text == full.text and ok(never).finish_reason == "length"
+
+
+async def test_min_tokens_and_ignore_eos(engine: TorchEngine, tiny_base: Path, tmp_path: Path) -> None:
+    """vLLM's fixed-length extensions: make the base's first greedy token its end-of-sequence, then EOS ends
+    the answer at once unless ``ignore_eos`` or ``min_tokens`` hold it off."""
+    first = ok((await engine.generate([GenRequest(target(tiny_base), Sampling(max_tokens=1), prompt=PROMPTS[1])]))[0])
+    first_id = AutoTokenizer.from_pretrained(tiny_base)(first.text, add_special_tokens=False)["input_ids"][0]
+    eos_base = tmp_path / "eos-base"
+    shutil.copytree(tiny_base, eos_base)
+    config_path = eos_base / "generation_config.json"
+    gen_config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    config_path.write_text(json.dumps({**gen_config, "eos_token_id": first_id}))
+    t = Target(base_id="eos", base_dir=eos_base)
+    stopped, fixed, at_least = await engine.generate(
+        [
+            GenRequest(t, Sampling(max_tokens=12), prompt=PROMPTS[1]),
+            GenRequest(t, Sampling(max_tokens=12, ignore_eos=True), prompt=PROMPTS[1]),
+            GenRequest(t, Sampling(max_tokens=12, min_tokens=5), prompt=PROMPTS[1]),
+        ]
+    )
+    assert ok(stopped).finish_reason == "stop" and ok(stopped).completion_tokens == 1
+    assert ok(fixed).finish_reason == "length" and ok(fixed).completion_tokens == 12
+    assert ok(at_least).completion_tokens >= 5 and ok(at_least).text
 
 
 async def test_sampling_is_seeded_per_request(engine: TorchEngine, tiny_base: Path, tiny_lora: Path) -> None:

@@ -1,0 +1,32 @@
+"""vLLM general plugin: faster multi-LoRA ops on CPU (see ``serving/lora_ops.py``).
+
+Registered under the ``vllm.general_plugins`` entry point in pyproject.toml, so vLLM calls :func:`register`
+in every one of its processes (API server, engine core, worker); a patch made only in moerge's process would
+never reach the worker that runs the model. Managed servers get ``MOERGE_VLLM_LORA_OPS=grouped`` unless
+``VLLMConfig.lora_ops`` says ``vllm``; a vLLM server started by hand keeps vLLM's own ops unless that
+variable is set in its environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+LORA_OPS_ENV = "MOERGE_VLLM_LORA_OPS"
+LORA_OPS_CHOICES = ("grouped", "vllm")
+
+# A child of vLLM's logger, so the line lands in the server's log beside vLLM's own.
+logger = logging.getLogger("vllm.moerge_lora_ops")
+PATCHED_MESSAGE = "moerge: vLLM CPU LoRA ops replaced by serving.lora_ops"
+
+
+def register() -> None:
+    if os.environ.get(LORA_OPS_ENV, "vllm") != "grouped":
+        return
+    from vllm.lora.punica_wrapper import punica_cpu  # the CPU wrapper binds the op names at import
+
+    from serving.lora_ops import OPS
+
+    for name, op in OPS.items():
+        setattr(punica_cpu, name, op)
+    logger.info("%s (%s)", PATCHED_MESSAGE, ", ".join(OPS))

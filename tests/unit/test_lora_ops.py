@@ -1,0 +1,115 @@
+"""moerge's multi-LoRA ops (serving/lora_ops.py) against vLLM's own CPU reference ops, on every path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from vllm.lora.ops import torch_ops as reference
+
+from serving import lora_ops
+
+HIDDEN, WIDE, RANK = 64, 96, 8
+
+
+def _weights(slots: int, rows: int, cols: int, *, four_d: bool, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(slots, rows, cols, generator=gen)
+    return w.unsqueeze(1) if four_d else w
+
+
+@pytest.mark.parametrize("slots", [3, 40])  # 3 x rank 8: every-slot product; 40 x 8 = 320 > 256: grouped
+@pytest.mark.parametrize("four_d", [False, True])
+def test_bgmv_equals_vllm_reference(slots: int, four_d: bool) -> None:
+    gen = torch.Generator().manual_seed(slots)
+    tokens = 37
+    x = torch.randn(tokens, HIDDEN, generator=gen)
+    indices = torch.randint(0, slots, (tokens,), generator=gen)
+    a = _weights(slots, RANK, HIDDEN, four_d=four_d, seed=1)
+    b = _weights(slots, WIDE, RANK, four_d=four_d, seed=2)
+    shrunk = {}
+    for name, ops in (("ref", reference), ("ours", lora_ops)):
+        y = torch.zeros(tokens, RANK)
+        ops.bgmv_shrink(x, a, y, indices, 0.5)
+        shrunk[name] = y
+    torch.testing.assert_close(shrunk["ours"], shrunk["ref"], rtol=1e-4, atol=1e-4)
+    y = shrunk["ref"]
+    for add in (True, False):
+        start = torch.randn(tokens, WIDE + 10, generator=gen)
+        out_ref, out_ours = start.clone(), start.clone()
+        reference.bgmv_expand_slice(y, b, out_ref, indices, 5, WIDE, add)
+        lora_ops.bgmv_expand_slice(y, b, out_ours, indices, 5, WIDE, add)
+        torch.testing.assert_close(out_ours, out_ref, rtol=1e-4, atol=1e-4)
+        out_ref, out_ours = start.clone(), start.clone()
+        reference.bgmv_expand(y, b, out_ref, indices, add)
+        lora_ops.bgmv_expand(y, b, out_ours, indices, add)
+        torch.testing.assert_close(out_ours, out_ref, rtol=1e-4, atol=1e-4)
+        assert not torch.equal(out_ours, start)  # the op did write
+
+
+@pytest.mark.parametrize("slots", [4, 40])
+def test_sgmv_prefill_equals_vllm_reference(slots: int) -> None:
+    gen = torch.Generator().manual_seed(7)
+    seq_lens = torch.tensor([5, 1, 9, 3])
+    per_seq = torch.tensor([2, 0, 2, 1]) % slots
+    tokens = int(seq_lens.sum())
+    starts = torch.cumsum(seq_lens, 0) - seq_lens
+    meta = (starts, seq_lens, per_seq, 4, int(seq_lens.max()), tokens)
+    x = torch.randn(tokens, HIDDEN, generator=gen)
+    a = _weights(slots, RANK, HIDDEN, four_d=True, seed=3)
+    b = _weights(slots, WIDE, RANK, four_d=True, seed=4)
+    results = {}
+    for name, ops in (("ref", reference), ("ours", lora_ops)):
+        y = torch.zeros(tokens, RANK)
+        ops.sgmv_shrink(x, a, y, *meta, 2.0)
+        out = torch.ones(tokens, 3 * WIDE)
+        ops.sgmv_expand(y, b, out, *meta, True)
+        ops.sgmv_expand_slice(y, b, out, *meta, WIDE, WIDE, True)
+        results[name] = (y, out)
+    for ours, ref in zip(results["ours"], results["ref"], strict=True):
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("slots", [3, 40])
+def test_tokens_without_an_adapter_get_nothing(slots: int) -> None:
+    """Index -1 is "no adapter": zero from shrink, output untouched by expand (vLLM's reference op would
+    index the last slot instead)."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, HIDDEN, generator=gen)
+    indices = torch.tensor([0, -1, 1, -1, 2, 0])
+    a = _weights(slots, RANK, HIDDEN, four_d=False, seed=5)
+    b = _weights(slots, WIDE, RANK, four_d=False, seed=6)
+    y = torch.full((6, RANK), 9.0)
+    lora_ops.bgmv_shrink(x, a, y, indices, 1.0)
+    assert torch.all(y[indices < 0] == 0) and torch.all(y[indices >= 0] != 0)
+    torch.testing.assert_close(y[0], a[0] @ x[0])
+    ones = torch.randn(6, RANK, generator=gen)
+    out = torch.zeros(6, WIDE)
+    lora_ops.bgmv_expand(ones, b, out, indices, True)
+    assert torch.all(out[indices < 0] == 0)
+    torch.testing.assert_close(out[4], b[2] @ ones[4])
+
+
+def test_single_row_input_is_broadcast_like_vllm() -> None:
+    b = _weights(2, WIDE, RANK, four_d=False, seed=8)
+    y = torch.randn(1, RANK)
+    out_ref, out_ours = torch.zeros(3, WIDE), torch.zeros(3, WIDE)
+    reference.bgmv_expand(y, b, out_ref, torch.tensor([1]), True)
+    lora_ops.bgmv_expand(y, b, out_ours, torch.tensor([1]), True)
+    torch.testing.assert_close(out_ours, out_ref)
+    assert torch.any(out_ours[0] != 0) and torch.equal(out_ours[1], out_ours[0])
+
+
+def test_plugin_patches_the_cpu_wrapper_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    from serving import vllm_plugin
+
+    originals = {name: getattr(punica_cpu, name) for name in lora_ops.OPS}
+    monkeypatch.setenv(vllm_plugin.LORA_OPS_ENV, "vllm")
+    vllm_plugin.register()
+    assert all(getattr(punica_cpu, n) is f for n, f in originals.items())
+    for name, original in originals.items():
+        monkeypatch.setattr(punica_cpu, name, original)  # restored after the test
+    monkeypatch.setenv(vllm_plugin.LORA_OPS_ENV, "grouped")
+    vllm_plugin.register()
+    assert all(getattr(punica_cpu, n) is f for n, f in lora_ops.OPS.items())
