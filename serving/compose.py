@@ -6,6 +6,7 @@ names it in ``x-moerge-failed``); only when every chosen expert fails does the r
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,21 +38,33 @@ def _describe(exc: BaseException) -> str:
 async def answer_members(
     engine: Engine, resolved: Resolved, build: Callable[[Target], GenRequest]
 ) -> tuple[list[ExpertAnswer], list[GenResult]]:
-    """Every chosen expert's answer, from one ``engine.generate`` call (one batch on vLLM)."""
-    results = await engine.generate([build(m.target) for m in resolved.members])
+    """Every chosen expert's answer (to its own part, for a decomposed query), from one ``engine.generate``
+    call (one batch on vLLM)."""
+    requests = [build(m.target) if m.part is None else asking(build(m.target), m.part) for m in resolved.members]
+    results = await engine.generate(requests)
     answers: list[ExpertAnswer] = []
     ok: list[GenResult] = []
     for member, result in zip(resolved.members, results, strict=True):
         if isinstance(result, BaseException):
-            answers.append(ExpertAnswer(member.slug, member.weight, error=_describe(result)))
-            resolved.failed.append(member.slug)
+            answers.append(ExpertAnswer(member.slug, member.weight, error=_describe(result), part=member.part))
+            if member.slug not in resolved.failed:
+                resolved.failed.append(member.slug)
         else:
-            answers.append(ExpertAnswer(member.slug, member.weight, result.text))
+            answers.append(ExpertAnswer(member.slug, member.weight, result.text, part=member.part))
             ok.append(result)
     if not ok:
         details = "; ".join(f"{a.slug}: {a.error}" for a in answers)
         raise GenerationFailed(f"every chosen expert failed ({details})", param="model")
     return answers, ok
+
+
+def asking(request: GenRequest, part: str) -> GenRequest:
+    """``request`` with its query replaced by one part of it: the last user message of a chat (system
+    messages stay), or a completion's prompt."""
+    if request.messages is None:
+        return dataclasses.replace(request, prompt=part)
+    messages = [m for m in request.messages if m.get("role") in ("system", "developer")]
+    return dataclasses.replace(request, messages=[*messages, {"role": "user", "content": part}])
 
 
 def aggregator_request(resolved: Resolved, query: str, answers: list[ExpertAnswer], sampling: Sampling) -> GenRequest:
@@ -66,8 +79,11 @@ def _record(resolved: Resolved, aggregation: Aggregation) -> None:
     chosen = [m for m in resolved.members if m.slug in aggregation.chosen] or [
         m for m in resolved.members if m.slug not in resolved.failed
     ]
-    resolved.experts = [m.slug for m in chosen]
-    resolved.weights = [m.weight for m in chosen]
+    weights: dict[str, float] = {}  # an expert answering several parts is named once, with their weights
+    for member in chosen:
+        weights[member.slug] = weights.get(member.slug, 0.0) + member.weight
+    resolved.experts = list(weights)
+    resolved.weights = [round(w, 6) for w in weights.values()]
 
 
 async def compose(

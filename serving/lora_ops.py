@@ -16,6 +16,10 @@ Semantics follow vLLM's reference ops exactly (same arguments, same in-place wri
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
 # Above this many stacked columns (slots x rank) grouping by adapter beats the all-slots product.
@@ -27,31 +31,132 @@ def _stacked(weights: torch.Tensor) -> torch.Tensor:
     return weights.squeeze(1) if weights.dim() == 4 else weights
 
 
-def _lora_product(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """out[t] = weights[indices[t]] @ inputs[t] for every token t; zero where indices[t] < 0.
+# --- caches between mapping updates ----------------------------------------------------------------------
+# A decode step calls these ops 2 x 7 x layers times (420 for SmolLM2) with the same token indices and the
+# same weights, and at a few tokens per step the cost is Python and op dispatch, not arithmetic. So what
+# depends only on the indices (a token x slot one-hot) is built once, and the expand weights' [slots * rank,
+# out] layout once per adapter layout. vLLM refills its index buffers and slot weights in place, and only
+# then calls the punica wrapper's ``update_metadata`` (serving/vllm_plugin.py hooks it to call
+# :func:`mapping_updated`), so entries live until that call. Entries hold the tensor they were built from
+# and match on identity, offset and shape. Without the hook (ops called on their own) nothing is cached.
 
-    ``weights`` is [slots, out, in], ``inputs`` [tokens, in]; returns [tokens, out].
-    """
-    slots, out_dim, in_dim = weights.shape
-    tokens = inputs.shape[0]
-    indices = indices[:tokens].to(torch.long)
-    active = indices >= 0
-    if slots * out_dim <= DENSE_SLOT_COLUMNS:
-        # Shrink (out = rank): every slot's rank columns in one product, then keep the token's own slot.
-        every_slot = (inputs @ weights.reshape(slots * out_dim, in_dim).T).view(tokens, slots, out_dim)
-        chosen = every_slot.gather(1, indices.clamp(min=0).view(tokens, 1, 1).expand(tokens, 1, out_dim))
-        return chosen.squeeze(1) * active.unsqueeze(1).to(inputs.dtype)
-    if slots * in_dim <= DENSE_SLOT_COLUMNS:
-        # Expand (in = rank): place each token's rank values in its slot's block, one product with all slots.
-        blocks = inputs.new_zeros(tokens, slots, in_dim)
-        rows = torch.arange(tokens, device=inputs.device)[active]
-        blocks[rows, indices[active]] = inputs[active]
-        return blocks.view(tokens, slots * in_dim) @ weights.permute(0, 2, 1).reshape(slots * in_dim, out_dim)
-    out = inputs.new_zeros(tokens, out_dim)
-    for slot in torch.unique(indices[active]).tolist():
+
+@dataclass
+class _Derived:
+    owner: torch.Tensor
+    offset: int
+    shape: tuple[int, ...]
+    value: Any
+
+
+class _Caches:
+    enabled = False
+    slot_layout: tuple[int | None, ...] | None = None
+    one_hot: dict[int, _Derived] = {}
+    per_token: dict[int, _Derived] = {}
+    expand_weights: dict[int, _Derived] = {}
+
+
+def mapping_updated(slot_layout: Sequence[int | None]) -> None:
+    """vLLM refilled the LoRA index buffers (and, when ``slot_layout`` changed, the slots' weights)."""
+    _Caches.enabled = True
+    _Caches.one_hot.clear()
+    _Caches.per_token.clear()
+    if tuple(slot_layout) != _Caches.slot_layout:
+        _Caches.expand_weights.clear()
+        _Caches.slot_layout = tuple(slot_layout)
+
+
+def _owner(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor._base if tensor._base is not None else tensor
+
+
+def _cached(cache: dict[int, _Derived], tensor: torch.Tensor, extra: int = 0) -> tuple[Any, int]:
+    """(value or None, key) for what was derived from ``tensor`` since the last mapping update."""
+    owner = _owner(tensor)
+    key = hash((id(owner), tensor.storage_offset(), tuple(tensor.shape), extra))
+    entry = cache.get(key) if _Caches.enabled else None
+    if (
+        entry is not None
+        and entry.owner is owner
+        and entry.offset == tensor.storage_offset()
+        and entry.shape == tuple(tensor.shape)
+    ):
+        return entry.value, key
+    return None, key
+
+
+def _remember(cache: dict[int, _Derived], key: int, tensor: torch.Tensor, value: Any) -> Any:
+    if _Caches.enabled:
+        cache[key] = _Derived(_owner(tensor), int(tensor.storage_offset()), tuple(tensor.shape), value)
+    return value
+
+
+def _one_hot(indices: torch.Tensor, slots: int, dtype: torch.dtype) -> torch.Tensor:
+    """[tokens, slots]: 1 where the token uses that slot; an all-zero row for index -1 (no adapter)."""
+    hot, key = _cached(_Caches.one_hot, indices, hash((slots, dtype)))
+    if hot is not None:
+        return hot  # type: ignore[no-any-return]
+    hot = (indices.view(-1, 1) == torch.arange(slots, device=indices.device)).to(dtype)
+    return _remember(_Caches.one_hot, key, indices, hot)  # type: ignore[no-any-return]
+
+
+def _expand_weights(weights: torch.Tensor) -> torch.Tensor:
+    """[slots, out, rank] -> [slots * rank, out], so one product covers every slot."""
+    flat, key = _cached(_Caches.expand_weights, weights)
+    if flat is not None:
+        return flat  # type: ignore[no-any-return]
+    slots, out_dim, rank = weights.shape
+    flat = weights.permute(0, 2, 1).reshape(slots * rank, out_dim).contiguous()
+    return _remember(_Caches.expand_weights, key, weights, flat)  # type: ignore[no-any-return]
+
+
+def _grouped_product(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """out[t] = weights[indices[t]] @ inputs[t], tokens grouped by adapter (many slots x rank); zero for -1."""
+    out = inputs.new_zeros(inputs.shape[0], weights.shape[1])
+    indices = indices[: inputs.shape[0]]
+    for slot in torch.unique(indices[indices >= 0]).tolist():
         members = (indices == slot).nonzero(as_tuple=True)[0]
         out[members] = inputs[members] @ weights[slot].T
     return out
+
+
+def _shrunk(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """[tokens, rank]: each token times its own adapter's A (weights [slots, rank, in])."""
+    slots, rank, in_dim = weights.shape
+    if slots * rank > DENSE_SLOT_COLUMNS:
+        return _grouped_product(inputs, weights, indices)
+    tokens = inputs.shape[0]
+    every_slot = (inputs @ weights.reshape(slots * rank, in_dim).T).view(tokens, slots, rank)
+    hot = _one_hot(indices[:tokens], slots, inputs.dtype)
+    return torch.bmm(hot.unsqueeze(1), every_slot).view(tokens, rank)
+
+
+def _expand_into(
+    target: torch.Tensor, inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, add: bool
+) -> None:
+    """target (+)= each token's rank values times its own adapter's B (weights [slots, out, rank]); the
+    target is ``width`` wide, at most the adapter's out."""
+    slots, _, rank = weights.shape
+    width = target.shape[1]
+    if inputs.shape[0] == 1 and target.shape[0] != 1:  # vLLM's reference op broadcasts a single row
+        indices = indices[:1]
+    if slots * rank > DENSE_SLOT_COLUMNS:
+        product = _grouped_product(inputs, weights, indices)[:, :width]
+    else:
+        tokens = inputs.shape[0]
+        blocks = (_one_hot(indices[:tokens], slots, inputs.dtype).unsqueeze(2) * inputs.unsqueeze(1)).view(
+            tokens, slots * rank
+        )
+        flat = _expand_weights(weights)[:, :width]
+        if add and tokens == target.shape[0]:
+            target.addmm_(blocks, flat)
+            return
+        product = blocks @ flat
+    if add:
+        target += product
+    else:
+        target.copy_(product.expand_as(target))
 
 
 def bgmv_shrink(
@@ -62,20 +167,10 @@ def bgmv_shrink(
     scaling: float = 1.0,
 ) -> None:
     weights = _stacked(lora_a_weights).to(output_tensor.dtype)
-    outputs = _lora_product(inputs.to(output_tensor.dtype), weights, lora_indices_tensor)
-    output_tensor[:, : outputs.shape[1]] = scaling * outputs
-
-
-def _write_expanded(
-    outputs: torch.Tensor, output_tensor: torch.Tensor, start: int, width: int, add_inputs: bool
-) -> None:
-    # As vLLM's reference op: one input row is broadcast to every output row.
-    rows = outputs[:1] if outputs.shape[0] == 1 else outputs[: output_tensor.shape[0]]
-    target = output_tensor[:, start : start + width]
-    if add_inputs:
-        target += rows[:, :width]
-    else:
-        target.copy_(rows[:, :width].expand_as(target))
+    shrunk = _shrunk(inputs.to(output_tensor.dtype), weights, lora_indices_tensor)
+    if scaling != 1.0:
+        shrunk.mul_(scaling)
+    output_tensor[:, : shrunk.shape[1]].copy_(shrunk)
 
 
 def bgmv_expand(
@@ -86,9 +181,9 @@ def bgmv_expand(
     add_inputs: bool = True,
 ) -> None:
     weights = _stacked(lora_b_weights).to(output_tensor.dtype)
-    outputs = _lora_product(inputs.to(output_tensor.dtype), weights, lora_indices_tensor)
     # Adapter and model may pad their output widths differently.
-    _write_expanded(outputs, output_tensor, 0, min(outputs.shape[1], output_tensor.shape[1]), add_inputs)
+    width = min(weights.shape[1], output_tensor.shape[1])
+    _expand_into(output_tensor[:, :width], inputs.to(output_tensor.dtype), weights, lora_indices_tensor, add_inputs)
 
 
 def bgmv_expand_slice(
@@ -101,12 +196,17 @@ def bgmv_expand_slice(
     add_inputs: bool = True,
 ) -> None:
     weights = _stacked(lora_b_weights).to(output_tensor.dtype)
-    outputs = _lora_product(inputs.to(output_tensor.dtype), weights, lora_indices_tensor)
-    _write_expanded(outputs, output_tensor, slice_offset, slice_size, add_inputs)
+    target = output_tensor[:, slice_offset : slice_offset + slice_size]
+    _expand_into(target, inputs.to(output_tensor.dtype), weights, lora_indices_tensor, add_inputs)
 
 
 def _per_token(lora_indices_tensor: torch.Tensor, seq_len_tensor: torch.Tensor) -> torch.Tensor:
-    return torch.repeat_interleave(lora_indices_tensor, seq_len_tensor)
+    """Each prefill token's adapter index (one tensor between mapping updates, so its one-hot is cached)."""
+    per_token, key = _cached(_Caches.per_token, lora_indices_tensor, id(_owner(seq_len_tensor)))
+    if per_token is not None:
+        return per_token  # type: ignore[no-any-return]
+    per_token = torch.repeat_interleave(lora_indices_tensor, seq_len_tensor)
+    return _remember(_Caches.per_token, key, lora_indices_tensor, per_token)  # type: ignore[no-any-return]
 
 
 def sgmv_shrink(

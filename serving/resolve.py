@@ -15,6 +15,7 @@ from registry.models import Composition, Expert, ExpertKind
 from registry.services import ExpertService
 from registry.store import ArtifactStore
 from routers.query import RouteDecision, RouterContext
+from routers.query.parts import part_routes
 from routers.query.service import RoutingService
 from serving.engine import Target
 
@@ -26,6 +27,7 @@ class Member:
     slug: str
     weight: float
     target: Target
+    part: str | None = None  # a decomposed query: the one part this member answers
 
 
 @dataclass
@@ -91,10 +93,7 @@ async def resolve_composition(
         return Resolved(
             comp.name, target_for(fallback, store), comp.router, [fallback.slug], [1.0], decision, fallback=True
         )
-    members = [
-        Member(slug, weight, await target_of_slug(session, store, slug, param="model"))
-        for slug, weight in decision.experts
-    ]
+    members = await _members(session, store, comp, decision)
     resolved = Resolved(
         comp.name, members[0].target, comp.router, decision.slugs, decision.weights, decision, members=members
     )
@@ -118,6 +117,35 @@ async def resolve_composition(
                     param="model",
                 )
     return resolved
+
+
+async def _members(
+    session: AsyncSession, store: ArtifactStore, comp: Composition, decision: RouteDecision
+) -> list[Member]:
+    """The chosen experts; for a decomposed query, one member per part (the fallback answers a part no
+    expert fits)."""
+    routes = part_routes(decision)
+    if not routes:
+        return [
+            Member(slug, weight, await target_of_slug(session, store, slug, param="model"))
+            for slug, weight in decision.experts
+        ]
+    members = []
+    for route in routes:
+        if route.expert is None:
+            if comp.fallback_id is None:
+                raise Unprocessable(
+                    f"no expert of composition {comp.name!r} fits the part {route.text!r} ({route.reason}) "
+                    "and it has no fallback",
+                    param="model",
+                    code="no_expert_fits",
+                )
+            fallback = await ExpertService(session, store).get(str(comp.fallback_id), param="fallback")
+            members.append(Member(fallback.slug, 1 / len(routes), target_for(fallback, store), route.text))
+        else:
+            target = await target_of_slug(session, store, route.expert, param="model")
+            members.append(Member(route.expert, 1 / len(routes), target, route.text))
+    return members
 
 
 async def resolve_model(

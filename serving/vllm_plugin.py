@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 LORA_OPS_ENV = "MOERGE_VLLM_LORA_OPS"
 LORA_OPS_CHOICES = ("grouped", "vllm")
@@ -25,8 +26,18 @@ def register() -> None:
         return
     from vllm.lora.punica_wrapper import punica_cpu  # the CPU wrapper binds the op names at import
 
-    from serving.lora_ops import OPS
+    from serving.lora_ops import OPS, mapping_updated
 
     for name, op in OPS.items():
         setattr(punica_cpu, name, op)
+    wrapper = punica_cpu.PunicaWrapperCPU
+    if not getattr(wrapper.update_metadata, "_moerge_hooked", False):
+        original = wrapper.update_metadata
+
+        def update_metadata(self: Any, mapping: Any, lora_index_to_id: list[int | None], *args: Any, **kw: Any) -> None:
+            original(self, mapping, lora_index_to_id, *args, **kw)
+            mapping_updated(lora_index_to_id)  # the ops' caches follow vLLM's buffers
+
+        update_metadata._moerge_hooked = True  # type: ignore[attr-defined]
+        wrapper.update_metadata = update_metadata  # type: ignore[method-assign]
     logger.info("%s (%s)", PATCHED_MESSAGE, ", ".join(OPS))

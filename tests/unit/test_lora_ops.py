@@ -113,3 +113,34 @@ def test_plugin_patches_the_cpu_wrapper_only_when_asked(monkeypatch: pytest.Monk
     monkeypatch.setenv(vllm_plugin.LORA_OPS_ENV, "grouped")
     vllm_plugin.register()
     assert all(getattr(punica_cpu, n) is f for n, f in lora_ops.OPS.items())
+
+
+def test_caches_follow_vllms_mapping_updates(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between two mapping updates the same index buffer and weights give cached derivations; after an
+    update (vLLM refilled the buffers in place) the results follow the new contents."""
+    monkeypatch.setattr(lora_ops._Caches, "enabled", False)
+    for name in ("one_hot", "per_token", "expand_weights"):
+        monkeypatch.setattr(lora_ops._Caches, name, {})
+    gen = torch.Generator().manual_seed(11)
+    buffer = torch.zeros(16, dtype=torch.long)  # vLLM's persistent index buffer
+    b = _weights(3, WIDE, RANK, four_d=True, seed=9)
+    y = torch.randn(5, RANK, generator=gen)
+
+    def step(indices: list[int]) -> torch.Tensor:
+        view = buffer[: len(indices)]
+        out_ours, out_ref = torch.zeros(5, WIDE), torch.zeros(5, WIDE)
+        lora_ops.bgmv_expand(y, b, out_ours, view, True)
+        reference.bgmv_expand(y, b, out_ref, view, True)
+        torch.testing.assert_close(out_ours, out_ref, rtol=1e-4, atol=1e-4)
+        return out_ours
+
+    buffer[:5] = torch.tensor([0, 1, 2, 1, 0])
+    lora_ops.mapping_updated([7, 8, 9])
+    first = step([0] * 5)
+    assert len(lora_ops._Caches.one_hot) == 1 and len(lora_ops._Caches.expand_weights) == 1
+    assert torch.equal(step([0] * 5), first)  # served from the caches
+    buffer[:5] = torch.tensor([2, 2, 0, 0, 1])  # vLLM refills in place, then tells the wrapper
+    b[1].mul_(3.0)  # and a new adapter went into slot 1
+    lora_ops.mapping_updated([7, 10, 9])
+    assert lora_ops._Caches.expand_weights == {}
+    assert not torch.equal(step([0] * 5), first)
