@@ -27,6 +27,7 @@ class ExpertAnswer:
     weight: float
     text: str = ""
     error: str | None = None
+    part: str | None = None  # a decomposed query: the part this answer is to
 
     @property
     def ok(self) -> bool:
@@ -64,6 +65,9 @@ class Aggregator(ABC):
     # True: the aggregator model's output is the answer as written, so a stream can pass it through;
     # False: the answer is known only once ``finish`` has read the whole output (sent as one chunk).
     streams_output: ClassVar[bool] = False
+    # True: can combine answers to different parts of a query (a composition with `decompose` needs it);
+    # vote and select compare answers to one question and cannot.
+    combines_parts: ClassVar[bool] = False
 
     def __init__(self, config: AggregatorConfig) -> None:
         self.config = config

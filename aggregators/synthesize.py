@@ -23,6 +23,22 @@ SYNTHESIZE_SYSTEM = (
 )
 
 
+PARTS_SYSTEM = (
+    "You are given a question made of several parts. Each part was answered separately by an expert, and an "
+    "answer may be wrong. Write one final answer to the whole question: the answer to every part, in order, "
+    "one per line. Do not mention the experts."
+)
+
+
+def format_parts(query: str, answers: Sequence[ExpertAnswer]) -> str:
+    """The user message for a decomposed query: the query, then each part with its expert's answer."""
+    lines = [f"Question:\n{query.strip()}", "Answers to its parts:"]
+    for number, answer in enumerate(answers, start=1):
+        said = answer.text.strip() if answer.ok else "(no answer: answer this part yourself)"
+        lines.append(f"Part {number}: {(answer.part or '').strip()}\nAnswer: {said}")
+    return "\n\n".join(lines)
+
+
 def format_candidates(query: str, answers: Sequence[ExpertAnswer]) -> str:
     """The user message: the query, then the answers numbered from 1 (in the order given)."""
     parts = [f"Question:\n{query.strip()}", "Candidate answers:"]
@@ -63,6 +79,7 @@ class Synthesize(Aggregator):
     help = "An aggregator model reads every expert's answer (some may be wrong) and writes one refined answer."
     uses_model = True
     streams_output = True  # the model's output is the answer as written
+    combines_parts = True
 
     config: SynthesizeConfig
 
@@ -70,18 +87,24 @@ class Synthesize(Aggregator):
         return self.config.max_tokens if self.config.max_tokens is not None else requested
 
     def prompt(self, query: str, answers: list[ExpertAnswer]) -> list[dict[str, str]]:
-        system = SYNTHESIZE_SYSTEM
+        parts = any(answer.part is not None for answer in answers)
+        system = PARTS_SYSTEM if parts else SYNTHESIZE_SYSTEM
         if self.config.instructions is not None:
             system = f"{system}\n\n{self.config.instructions.strip()}"
-        return [
-            {"role": "system", "content": system},
-            {"role": "user", "content": format_candidates(query, successful(answers))},
-        ]
+        user = format_parts(query, answers) if parts else format_candidates(query, successful(answers))
+        return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
     def finish(self, query: str, answers: list[ExpertAnswer], model_output: str) -> Aggregation:
         ok = successful(answers)
         failed = [answer.slug for answer in answers if not answer.ok]
         text = model_output.strip()
+        if not text and any(answer.part is not None for answer in ok):
+            return Aggregation(
+                text="\n".join(answer.text.strip() for answer in ok),
+                chosen=[answer.slug for answer in ok],
+                reason="the aggregator model wrote nothing; the parts' answers, one per line",
+                extra={"failed": failed},
+            )
         if not text:
             fallback = strongest(ok)
             return Aggregation(

@@ -303,6 +303,8 @@ def route(
         weight = chosen.get(slug)
         table.add_row(slug, f"{score:.4f}", "" if weight is None else f"{weight:.3f}")
     out.print(table)
+    for number, part in enumerate(decision.get("extra", {}).get("parts", []), start=1):
+        out.print(f"part {number} -> {part['expert'] or 'fallback'}: {part['text']}", highlight=False)
     out.print(f"answered by: {', '.join(decision['answered_by'])}  ({decision['reason']})", highlight=False)
 
 
@@ -562,6 +564,9 @@ def composition_create(
     agg_param: AggParams = None,
     fallback: Annotated[str | None, typer.Option(help="expert that answers when no expert fits")] = None,
     description: Annotated[str, typer.Option(help="what the composition is for")] = "",
+    decompose: Annotated[
+        bool, typer.Option(help="route each numbered part of a query to its own expert (needs synthesize)")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Create a composition: a router over candidate experts, k, an aggregator and a fallback."""
@@ -575,6 +580,7 @@ def composition_create(
         aggregator_params=_params(agg_param, "--agg-param"),
         fallback=fallback,
         description=description,
+        decompose=decompose,
     )
     settings = Settings.from_env()
 
@@ -597,6 +603,9 @@ def composition_update(
     agg_param: AggParams = None,
     fallback: Annotated[str | None, typer.Option(help="new fallback expert")] = None,
     description: Annotated[str | None, typer.Option(help="new description")] = None,
+    decompose: Annotated[
+        bool | None, typer.Option("--decompose/--no-decompose", help="route each numbered part on its own")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Change a composition; options not given keep their values (router parameters are replaced whole)."""
@@ -609,6 +618,7 @@ def composition_update(
         aggregator_params=_params(agg_param, "--agg-param") if agg_param else None,
         fallback=fallback,
         description=description,
+        decompose=decompose,
     )
     settings = Settings.from_env()
 

@@ -36,6 +36,7 @@ class CompositionSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     aggregator_params: dict[str, Any] = msgspec.field(default_factory=dict)
     fallback: str | None = None
     description: str = ""
+    decompose: bool = False  # route each numbered part of a query to its own expert (needs `synthesize`)
 
 
 class CompositionPatch(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -47,6 +48,7 @@ class CompositionPatch(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     aggregator_params: dict[str, Any] | None = None
     fallback: str | None = None
     description: str | None = None
+    decompose: bool | None = None
 
 
 PrepareHook = Callable[[CompositionSpec, list[Expert]], Awaitable[None]]
@@ -95,6 +97,13 @@ class CompositionService:
             raise ValidationFailed(f"k must be between 1 and the number of experts, got {spec.k}", param="k")
         members = [await self.experts.get(ref, param=f"experts[{i}]") for i, ref in enumerate(spec.experts)]
         fallback = await self.experts.get(spec.fallback, param="fallback") if spec.fallback else None
+        if spec.decompose and (spec.aggregator is None or not AGGREGATORS.get(spec.aggregator).cls.combines_parts):
+            able = ", ".join(n for n in AGGREGATORS.names() if AGGREGATORS.get(n).cls.combines_parts)
+            raise ValidationFailed(
+                f"decompose needs an aggregator that combines the parts' answers ({able}), "
+                f"got {spec.aggregator or 'none'}",
+                param="aggregator",
+            )
         if spec.aggregator is None:
             if spec.aggregator_params:
                 raise ValidationFailed("aggregator_params given without an aggregator", param="aggregator_params")
@@ -131,6 +140,7 @@ class CompositionService:
             aggregator=spec.aggregator,
             aggregator_params=dict(spec.aggregator_params),
             fallback_id=fallback.id if fallback else None,
+            decompose=spec.decompose,
         )
         comp.members = [CompositionMember(expert_id=e.id) for e in members]
         comp.declared_experts = [e.slug for e in members]
@@ -157,6 +167,7 @@ class CompositionService:
         comp.aggregator, comp.aggregator_params = spec.aggregator, dict(spec.aggregator_params)
         comp.fallback_id = fallback.id if fallback else None
         comp.description = spec.description
+        comp.decompose = spec.decompose
         comp.members = [CompositionMember(expert_id=e.id) for e in members]
         comp.declared_experts = [e.slug for e in members]
         comp.updated_at = utcnow()
@@ -187,4 +198,5 @@ class CompositionService:
             "aggregator": comp.aggregator,
             "aggregator_params": comp.aggregator_params,
             "fallback": fallback.slug if fallback else None,
+            "decompose": comp.decompose,
         }

@@ -24,6 +24,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     Uuid,
+    false,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -163,6 +164,8 @@ class Composition(Base):
     aggregator: Mapped[str | None] = mapped_column(String(64))
     aggregator_params: Mapped[dict[str, Any]] = mapped_column(default=dict)
     fallback_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, ForeignKey("experts.id", ondelete="RESTRICT"))
+    # Route each numbered part of a multi-part query to its own expert (routers/query/parts.py).
+    decompose: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     # The expert slugs as declared: members removed by a forced expert delete are noticed (and named)
     # at query time instead of the composition silently routing among fewer experts.
     declared_experts: Mapped[list[Any]] = mapped_column(default=list)

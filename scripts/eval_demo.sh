@@ -4,9 +4,11 @@
 #      (the `skills` router builds its profiles from them);
 #   2. one composition per router (and per aggregator, k = 2), created here if missing;
 #   3. oracle routing and every composition on the same mixed queries;
-#   4. the held-out composite task (two skills in one message): k = 1 against k = 2.
+#   4. the held-out composite task (two skills in one message): k = 1 against k = 2, the latter with the
+#      whole query sent to both experts and with each numbered part sent to its own expert (--decompose).
 # Usage: scripts/eval_demo.sh [N]    (N queries per task, default 30: prefill-bound vLLM on 2 cores answers
 #        about 2 queries/s, so 30 per task is ~25 minutes for all the rows)
+#        STEPS="composite" runs only the named steps (of: experts routers composite).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N="${1:-30}"
@@ -25,7 +27,10 @@ create() {  # create NAME ARGS...: a composition, unless it exists
   fi
 }
 
-if [[ -z "${SKIP_EXPERTS:-}" ]]; then  # SKIP_EXPERTS=1: keep experts.* (and the results it recorded)
+STEPS="${STEPS:-experts routers composite}"
+step() { [[ " $STEPS " == *" $1 "* ]]; }
+
+if step experts; then
   "$MOERGE" eval "$BASE" "${EXPERTS[@]}" --n "$N" --record --out "$OUT" \
     --title "Base and demo experts (eval split, n=$N per task, vLLM)" > /dev/null
   mv "$OUT/eval.md" "$OUT/experts.md"; mv "$OUT/eval.json" "$OUT/experts.json"; mv "$OUT/eval.png" "$OUT/experts.png"
@@ -46,13 +51,19 @@ create pair-synthesize --router embedding -p threshold=-1 "${expert_flags[@]}" -
   --agg-param "model=$BASE"
 create pair-select --router embedding -p threshold=-1 "${expert_flags[@]}" --k 2 --aggregator select \
   --agg-param "model=$BASE"
+create pair-synthesize-parts --router embedding -p threshold=-1 "${expert_flags[@]}" --k 2 \
+  --aggregator synthesize --agg-param "model=$BASE" --decompose
 
+if step routers; then
 "$MOERGE" eval oracle auto two-step skills instruct "kshot-{task}" pair-vote pair-synthesize pair-select \
   --n "$N" --out "$OUT" --title "Routing on mixed queries (eval split, n=$N per task, vLLM)" > /dev/null
 mv "$OUT/eval.md" "$OUT/routers.md"; mv "$OUT/eval.json" "$OUT/routers.json"; mv "$OUT/eval.png" "$OUT/routers.png"
+fi
 
-"$MOERGE" eval sentiment-lora arithmetic-lora auto pair-vote pair-synthesize pair-select \
+if step composite; then
+"$MOERGE" eval sentiment-lora arithmetic-lora auto pair-vote pair-synthesize pair-select pair-synthesize-parts \
   --task arithmetic_sentiment --split heldout --n "$N" --out "$OUT" \
   --title "Composite held-out task: two skills in one message (n=$N, vLLM)" > /dev/null
 mv "$OUT/eval.md" "$OUT/composite.md"; mv "$OUT/eval.json" "$OUT/composite.json"; mv "$OUT/eval.png" "$OUT/composite.png"
+fi
 echo "wrote $OUT/{experts,routers,composite}.{md,json,png}"

@@ -70,7 +70,17 @@ class CompletionRun:
                 self.engine, self.resolved, query, lambda t: self.for_target(request, t), self.sampling
             )
             text, finish = done.aggregation.text, done.finish_reason
-            return self.body(GenResult(text, finish, done.prompt_tokens, done.completion_tokens))
+            body = self.body(GenResult(text, finish, done.prompt_tokens, done.completion_tokens))
+            # An extension field (OpenAI clients keep unknown fields): each expert's own answer, for the
+            # playground and for checking what the aggregate was made from.
+            body["moerge"] = {
+                "answers": [
+                    {"expert": a.slug, "weight": a.weight, "part": a.part, "text": a.text, "error": a.error}
+                    for a in done.answers
+                ],
+                "aggregation": done.aggregation.reason,
+            }
+            return body
         (result,) = await self.engine.generate([request])
         if isinstance(result, BaseException):
             raise result

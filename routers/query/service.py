@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from sqlalchemy import func, select
@@ -10,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from registry.errors import Conflict
 from registry.models import Composition, CompositionMember, EvalResult, Expert
 from routers.query.base import ROUTERS, Candidate, GlobalRouter, RouteDecision, RouterContext
+from routers.query.parts import merge_part_decisions, split_parts
 from routers.query.state import LRU, RouterStateStore
 
 _CANDIDATES = LRU(1024)  # composition id -> (stamp, candidates)
@@ -97,4 +99,8 @@ class RoutingService:
         # waiting at once would otherwise exhaust the pool their own model calls need. The session stays
         # usable; it takes a connection again when next used.
         await self.session.close()
-        return await router.route(query, candidates, prepared, comp.k)
+        parts = split_parts(query) if comp.decompose else []
+        if not parts:
+            return await router.route(query, candidates, prepared, comp.k)
+        decisions = await asyncio.gather(*(router.route(part, candidates, prepared, 1) for part in parts))
+        return merge_part_decisions(router.name, parts, decisions)

@@ -406,3 +406,53 @@ def test_model_running_router_under_many_concurrent_requests(live: dict[str, Any
         assert {r.headers["x-moerge-router"] for r in replies} == {model}
     decision = _route(live, "instruct", MATH_QUERY).json()
     assert "task_description" in decision["extra"]  # what the model wrote, the router matched on
+
+
+def test_decompose_sends_each_part_to_its_expert(live: dict[str, Any]) -> None:
+    body = {
+        "router": "embedding",
+        "experts": ["math-lora", "dates-lora"],
+        "aggregator": "synthesize",
+        "aggregator_params": {"model": "tiny-base"},
+    }
+    refused = _create(live, name="parts", decompose=True, **{**body, "aggregator": "vote", "aggregator_params": {}})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "aggregator"
+    assert "synthesize" in refused.json()["error"]["message"]
+    resp = _create(live, name="parts", decompose=True, **body)
+    assert resp.status_code == 201, resp.text
+    assert resp.json()["decompose"] is True and resp.json()["k"] == 1
+
+    math_part, dates_part = MATH_QUERY, "Convert 12 May 2003 to ISO format."
+    query = f"Answer both questions, one answer per line.\n1. {math_part}\n2. {dates_part}"
+    decision = _route(live, "parts", query).json()
+    assert decision["answered_by"] == ["math-lora", "dates-lora"]
+    assert [(p["text"], p["expert"]) for p in decision["extra"]["parts"]] == [
+        (math_part, "math-lora"),
+        (dates_part, "dates-lora"),
+    ]
+    assert [e["weight"] for e in decision["experts"]] == [0.5, 0.5]
+
+    client: openai.OpenAI = live["client"]
+    raw = client.chat.completions.with_raw_response.create(
+        model="parts", messages=_chat(query), max_tokens=6, temperature=0
+    )
+    assert raw.headers["x-moerge-experts"] == "math-lora,dates-lora"
+    assert raw.headers["x-moerge-aggregator"] == "synthesize"
+    answers = raw.parse().model_extra["moerge"]["answers"]  # type: ignore[index]
+    for answer, (part, slug) in zip(answers, [(math_part, "math-lora"), (dates_part, "dates-lora")], strict=True):
+        alone = client.chat.completions.create(model=slug, messages=_chat(part), max_tokens=6, temperature=0)
+        assert (answer["expert"], answer["part"]) == (slug, part)
+        assert answer["text"] == alone.choices[0].message.content  # the expert saw its part only
+
+    # a query without numbered parts is routed whole, top-1, with no aggregator run
+    whole = client.chat.completions.with_raw_response.create(
+        model="parts", messages=_chat(MATH_QUERY), max_tokens=6, temperature=0
+    )
+    assert whole.headers["x-moerge-experts"] == "math-lora" and "x-moerge-aggregator" not in whole.headers
+    # turning it off through the CLI-facing patch keeps everything else
+    patched = httpx.patch(
+        f"{live['url']}/api/compositions/parts", headers=live["admin"], json={"decompose": False}, timeout=60
+    )
+    assert patched.status_code == 200 and patched.json()["decompose"] is False
+    undecomposed = _route(live, "parts", query).json()
+    assert len(undecomposed["answered_by"]) == 1 and "parts" not in undecomposed.get("extra", {})
