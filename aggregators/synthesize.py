@@ -23,20 +23,18 @@ SYNTHESIZE_SYSTEM = (
 )
 
 
-PARTS_SYSTEM = (
-    "You are given a question made of several parts. Each part was answered separately by an expert, and an "
-    "answer may be wrong. Write one final answer to the whole question: the answer to every part, in order, "
-    "one per line. Do not mention the experts."
-)
+# Short and literal on purpose: the 135M demo base copied only the first part's answer, or "corrected" a
+# right one, with longer instructions (18 of 20 composite queries right with this one, 2 of 12 or fewer
+# with the others tried).
+PARTS_SYSTEM = "Experts answered the parts of the user's question; an answer may be wrong."
+PARTS_REQUEST = "Check these answers and write the final answers, one per line, numbered like the questions."
 
 
 def format_parts(query: str, answers: Sequence[ExpertAnswer]) -> str:
-    """The user message for a decomposed query: the query, then each part with its expert's answer."""
-    lines = [f"Question:\n{query.strip()}", "Answers to its parts:"]
-    for number, answer in enumerate(answers, start=1):
-        said = answer.text.strip() if answer.ok else "(no answer: answer this part yourself)"
-        lines.append(f"Part {number}: {(answer.part or '').strip()}\nAnswer: {said}")
-    return "\n\n".join(lines)
+    """The user message for a decomposed query: the query, each part's answer by number, the request."""
+    said = [answer.text.strip() if answer.ok else "(no answer)" for answer in answers]
+    numbered = "\n".join(f"{number}. {text}" for number, text in enumerate(said, start=1))
+    return f"{query.strip()}\n\nExperts answered each part:\n{numbered}\n\n{PARTS_REQUEST}"
 
 
 def format_candidates(query: str, answers: Sequence[ExpertAnswer]) -> str:

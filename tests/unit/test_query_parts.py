@@ -80,8 +80,8 @@ def test_synthesize_prompt_lists_each_part_with_its_answer() -> None:
     ]
     system, user = agg.prompt("1. What is 16 + 81?\n2. Sentiment of 'meh'?", answers)
     assert system["content"] == PARTS_SYSTEM
-    assert "Part 1: What is 16 + 81?\nAnswer: 97" in user["content"]
-    assert "Part 2: Sentiment of 'meh'?\nAnswer: (no answer" in user["content"]
+    assert user["content"].startswith("1. What is 16 + 81?\n2. Sentiment of 'meh'?\n\n")
+    assert "each part:\n1. 97\n2. (no answer)\n" in user["content"]
     # an empty synthesis falls back to the parts' answers, one per line
     assert agg.finish("q", [answers[0], ExpertAnswer("sent", 0.5, "neutral", part="p2")], " ").text == "97\nneutral"
     # without parts, the usual candidates prompt
