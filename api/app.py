@@ -37,7 +37,9 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             store.ensure()
             sessionmaker = make_sessionmaker(db_engine)
             serving = engine or await create_engine(settings, sessionmaker)
-            routing = router_context(serving, sessionmaker, store, LazyEmbedder(settings.embedding_model))
+            routing = router_context(
+                serving, sessionmaker, store, LazyEmbedder(settings.embedding_model, settings.embedding_backend)
+            )
             app.state.runtime = Runtime(settings, db_engine, sessionmaker, store, serving, routing)
             try:
                 yield

@@ -533,7 +533,7 @@ def _cli_fitter(settings: Settings, session: AsyncSession) -> PrepareHook:
     async def fit(spec: CompositionSpec, experts: list[Any]) -> None:
         if ROUTERS.get(spec.router).cls.fit_uses_model:
             return
-        context = RouterContext(embedder=LazyEmbedder(settings.embedding_model))
+        context = RouterContext(embedder=LazyEmbedder(settings.embedding_model, settings.embedding_backend))
         await RoutingService(session, context).fit(spec.router, spec.router_params, experts)
 
     return fit

@@ -124,7 +124,7 @@ async def ensure_auto_composition(
         fallback=BASE_SLUG,
         description="Routes each query to the demo expert whose examples it resembles most (k = 1).",
     )
-    context = RouterContext(embedder=LazyEmbedder(settings.embedding_model))
+    context = RouterContext(embedder=LazyEmbedder(settings.embedding_model, settings.embedding_backend))
 
     async def fit(spec: CompositionSpec, members: list[Expert]) -> None:
         await RoutingService(session, context).fit(spec.router, spec.router_params, members)

@@ -75,6 +75,10 @@ class Settings:
         default="grouped",
         metadata={"help": "multi-LoRA ops in managed CPU servers: grouped (moerge's, faster) or vllm (vLLM's own)"},
     )
+    embedding_backend: str = field(
+        default="onnx",
+        metadata={"help": "the routers' embedding forward pass: onnx (onnxruntime, exported once) or torch"},
+    )
     embedding_model: str | None = field(
         default=None,
         metadata={
@@ -115,6 +119,7 @@ class Settings:
             vllm_kv_cache_gib=_int_env(env, "MOERGE_VLLM_KV_CACHE_GIB", 2),
             vllm_max_model_len=_int_env(env, "MOERGE_VLLM_MAX_MODEL_LEN", 2048),
             embedding_model=env.get("MOERGE_EMBEDDING_MODEL") or None,
+            embedding_backend=_choice_env(env, "MOERGE_EMBEDDING_BACKEND", ("onnx", "torch"), "onnx"),
             vllm_cpu_threads_bind=env.get("MOERGE_VLLM_CPU_THREADS_BIND") or "all",
             vllm_lora_ops=_choice_env(env, "MOERGE_VLLM_LORA_OPS", ("grouped", "vllm"), "grouped"),
         )

@@ -5,8 +5,8 @@ inserted into a fresh SQLite registry; one composition routes over all of them. 
   - fit: embedding every expert once (stored per expert; never redone per request),
   - router: `route()` on the fitted state, the query's embedding included (every query is new, so the
     embedder's memo never answers),
-  - decide: the whole `RoutingService.decide` a request pays (database freshness check, candidates,
-    stored states, route),
+  - decide: the whole `RoutingService.decide` a request pays (the registry-epoch check that keeps the
+    memoized candidates and stored states valid, then route),
   - embed: the query's embedding alone.
 Writes bench/results/router_latency.json and a section of bench/RESULTS.md.
 
@@ -67,6 +67,7 @@ async def measure(size: int, n_queries: int, root: Path) -> dict[str, Any]:
     from sqlalchemy import select
 
     from registry import db
+    from registry.compositions import CompositionView
     from registry.models import Composition, CompositionMember, Expert
     from routers.query import RouterContext
     from routers.query.embedder import shared_embedder
@@ -97,9 +98,8 @@ async def measure(size: int, n_queries: int, root: Path) -> dict[str, Any]:
             await routing.fit("embedding", {}, experts)
             fit_s = time.perf_counter() - started
 
-            router = routing.router_for(comp)
-            candidates = await routing.candidates(comp)
-            prepared = await routing.states.prepared(router, candidates)
+            view = CompositionView.of(comp)
+            router, candidates, prepared = await routing.routing(view)
             for q in queries(10, seed=size * 10 + 9):  # warm-up (thread pool, BLAS)
                 await router.route(q, candidates, prepared, 1)
 
@@ -119,7 +119,7 @@ async def measure(size: int, n_queries: int, root: Path) -> dict[str, Any]:
             decide_ms: list[float] = []
             for q in queries(n_queries, seed=size * 10 + 3):
                 start = time.perf_counter()
-                await routing.decide(comp, q)
+                await routing.decide(view, q)
                 timed(decide_ms, start)
     finally:
         await engine.dispose()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -49,6 +50,38 @@ class CompositionPatch(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     fallback: str | None = None
     description: str | None = None
     decompose: bool | None = None
+
+
+@dataclass(frozen=True)
+class CompositionView:
+    """What routing and serving read of a composition: a plain snapshot, safe to memoize and share between
+    requests (an ORM row would be tied to the session that loaded it)."""
+
+    id: uuid.UUID
+    name: str
+    router: str
+    router_params: dict[str, Any]
+    k: int
+    aggregator: str | None
+    aggregator_params: dict[str, Any]
+    fallback_id: uuid.UUID | None
+    decompose: bool
+    declared_experts: tuple[str, ...]
+
+    @classmethod
+    def of(cls, comp: Composition) -> CompositionView:
+        return cls(
+            id=comp.id,
+            name=comp.name,
+            router=comp.router,
+            router_params=dict(comp.router_params or {}),
+            k=comp.k,
+            aggregator=comp.aggregator,
+            aggregator_params=dict(comp.aggregator_params or {}),
+            fallback_id=comp.fallback_id,
+            decompose=bool(comp.decompose),
+            declared_experts=tuple(str(s) for s in comp.declared_experts or ()),
+        )
 
 
 PrepareHook = Callable[[CompositionSpec, list[Expert]], Awaitable[None]]

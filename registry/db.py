@@ -15,6 +15,7 @@ from sqlalchemy import Connection, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
+import registry.epoch  # noqa: F401  (registers the epoch bump on every session's flush)
 from registry.errors import DatabaseNotReady
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"

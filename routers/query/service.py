@@ -5,16 +5,20 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from registry.compositions import CompositionView
+from registry.epoch import Stamp, StampedMemo, registry_stamp
 from registry.errors import Conflict
-from registry.models import Composition, CompositionMember, EvalResult, Expert
+from registry.models import CompositionMember, EvalResult, Expert
 from routers.query.base import ROUTERS, Candidate, GlobalRouter, RouteDecision, RouterContext
 from routers.query.parts import merge_part_decisions, split_parts
-from routers.query.state import LRU, RouterStateStore
+from routers.query.state import RouterStateStore
 
-_CANDIDATES = LRU(1024)  # composition id -> (stamp, candidates)
+# composition id -> (router, candidates, prepared state), valid while the registry epoch stands still: a
+# request at 10,000 candidates reads one row instead of the member list, and hashes nothing per candidate.
+_ROUTING = StampedMemo[tuple[GlobalRouter, list[Candidate], Any]](256)
 
 
 def candidate_of(expert: Expert, evals: list[EvalResult] | None = None) -> Candidate:
@@ -37,34 +41,27 @@ class RoutingService:
         self.context = context
         self.states = RouterStateStore(session)
 
-    def router_for(self, comp: Composition) -> GlobalRouter:
-        return ROUTERS.build(comp.router, dict(comp.router_params or {}), self.context)
+    def router_for(self, comp: CompositionView) -> GlobalRouter:
+        return ROUTERS.build(comp.router, dict(comp.router_params), self.context)
 
-    async def _stamp(self, comp: Composition) -> tuple[Any, ...]:
-        """Changes whenever a member's routing facts may have: membership, an expert edit, a new eval."""
-        member_ids = select(CompositionMember.expert_id).where(CompositionMember.composition_id == comp.id)
-        count, newest = (
-            await self.session.execute(
-                select(func.count(Expert.id), func.max(Expert.updated_at)).where(Expert.id.in_(member_ids))
-            )
-        ).one()
-        last_eval = await self.session.scalar(
-            select(func.max(EvalResult.id)).where(EvalResult.expert_id.in_(member_ids))
-        )
-        return (comp.updated_at, tuple(comp.declared_experts or ()), count, newest, last_eval)
-
-    async def candidates(self, comp: Composition) -> list[Candidate]:
-        """The composition's experts in declared order (memoized until a member changes); a member deleted
-        since is a clear error."""
-        stamp = await self._stamp(comp)
-        memo = _CANDIDATES.get(comp.id)
-        if memo is not None and memo[0] == stamp:
-            return memo[1]
+    async def routing(
+        self, comp: CompositionView, stamp: Stamp | None = None
+    ) -> tuple[GlobalRouter, list[Candidate], Any]:
+        """The composition's router, its candidates in declared order, and the router's prepared state;
+        read again only when the registry changed. A member deleted since is a clear error."""
+        stamp = stamp if stamp is not None else await registry_stamp(self.session)
+        found = _ROUTING.get(stamp, (comp.id, id(self.context)))
+        if found is not None:
+            return found
+        router = self.router_for(comp)
         candidates = await self._load_candidates(comp)
-        _CANDIDATES.put(comp.id, (stamp, candidates))
-        return candidates
+        prepared = await self.states.prepared(router, candidates)
+        return _ROUTING.put(stamp, (comp.id, id(self.context)), (router, candidates, prepared))
 
-    async def _load_candidates(self, comp: Composition) -> list[Candidate]:
+    async def candidates(self, comp: CompositionView) -> list[Candidate]:
+        return (await self.routing(comp))[1]
+
+    async def _load_candidates(self, comp: CompositionView) -> list[Candidate]:
         experts = {
             e.id: e
             for e in await self.session.scalars(
@@ -72,7 +69,7 @@ class RoutingService:
             )
         }
         by_slug = {e.slug: e for e in experts.values()}
-        declared = [str(s) for s in comp.declared_experts or []] or [e.slug for e in experts.values()]
+        declared = list(comp.declared_experts) or [e.slug for e in experts.values()]
         missing = [s for s in declared if s not in by_slug]
         if missing or not experts:
             gone = ", ".join(missing) or "all of its experts"
@@ -91,10 +88,8 @@ class RoutingService:
         await self.states.prepared(router, [candidate_of(e) for e in experts])
         return self.states.fitted
 
-    async def decide(self, comp: Composition, query: str) -> RouteDecision:
-        router = self.router_for(comp)
-        candidates = await self.candidates(comp)
-        prepared = await self.states.prepared(router, candidates)
+    async def decide(self, comp: CompositionView, query: str, stamp: Stamp | None = None) -> RouteDecision:
+        router, candidates, prepared = await self.routing(comp, stamp)
         # Hold no database connection while the router may wait on a model (`instruct`): many requests
         # waiting at once would otherwise exhaust the pool their own model calls need. The session stays
         # usable; it takes a connection again when next used.

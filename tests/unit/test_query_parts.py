@@ -87,3 +87,26 @@ def test_synthesize_prompt_lists_each_part_with_its_answer() -> None:
     # without parts, the usual candidates prompt
     _, plain = agg.prompt("q", [ExpertAnswer("a", 0.5, "x"), ExpertAnswer("b", 0.5, "y")])
     assert "Candidate answers" in plain["content"]
+
+
+def test_top_k_of_array_keeps_declared_order_on_ties_and_names_the_best_on_fallback() -> None:
+    import numpy as np
+
+    from routers.query.base import top_k_decision, top_k_of_array
+
+    slugs = ["a", "b", "c", "d"]
+    scores = np.array([0.5, 0.9, 0.9, 0.1])
+    two = top_k_of_array("r", slugs, scores, 2, threshold=0.2, temperature=0.05, reason="why")
+    assert two.slugs == ["b", "c"] and two.weights == [0.5, 0.5]  # tie: declared order, equal weights
+    one = top_k_of_array("r", slugs, scores, 1, threshold=None, temperature=0.05, reason="why")
+    assert one.slugs == ["b"] and one.weights == [1.0]
+    many = top_k_of_array("r", slugs, scores, 4, threshold=0.4, temperature=1.0, reason="why")
+    assert many.slugs == ["b", "c", "a"]  # only three reach the threshold
+    assert abs(sum(many.weights) - 1.0) < 1e-5 and many.weights[0] > many.weights[2]
+    none = top_k_of_array("r", slugs, scores, 1, threshold=0.95, temperature=0.05, reason="why")
+    assert none.fallback and none.experts == [] and "best: b at 0.900" in none.reason
+    assert none.scores == {"a": 0.5, "b": 0.9, "c": 0.9, "d": 0.1}  # every candidate's score
+    as_dict = top_k_decision(
+        "r", dict(zip(slugs, scores.tolist(), strict=True)), 2, threshold=0.2, temperature=0.05, reason="why"
+    )
+    assert as_dict == two

@@ -10,6 +10,7 @@ import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import pytest
 
 from registry.errors import ValidationFailed
@@ -434,3 +435,14 @@ def test_instruct_config_errors_name_the_field() -> None:
 def test_router_classes_are_the_registered_ones() -> None:
     assert ROUTERS.get("two_step").cls is TwoStepRouter and ROUTERS.get("skills").cls is SkillsRouter
     assert ROUTERS.get("kshot").cls is KShotRouter and ROUTERS.get("instruct").cls is InstructRouter
+
+
+def test_per_expert_scores_mean_of_top_rows_with_and_without_padding() -> None:
+    from routers.query.embedding import per_expert_scores
+
+    sim = np.array([0.9, 0.1, 0.5, 0.3, 0.8, 0.7], dtype=np.float32)  # 2 experts x 3 rows
+    full = np.ones((2, 3), dtype=bool)
+    np.testing.assert_allclose(per_expert_scores(sim, full, 2), [0.7, 0.75], atol=1e-6)
+    np.testing.assert_allclose(per_expert_scores(sim, full, 1), [0.9, 0.8], atol=1e-6)
+    padded = np.array([[True, True, True], [True, False, False]])  # expert 2 has one row: its padding ignored
+    np.testing.assert_allclose(per_expert_scores(sim, padded, 2), [0.7, 0.3], atol=1e-6)

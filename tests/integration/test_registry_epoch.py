@@ -1,0 +1,78 @@
+"""The registry epoch (registry/epoch.py): every registry change bumps it in its own transaction, derived
+rows do not, and memos keyed on it never serve a dropped and recreated database's values."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from registry import db
+from registry.epoch import Stamp, StampedMemo, registry_stamp
+from registry.models import ApiKey, EvalResult, Expert, MergeJob, RouterState
+from tests.fixtures.db import BACKENDS
+
+
+async def _scenario(url: str) -> list[int]:
+    await asyncio.to_thread(db.upgrade, url)
+    engine = db.make_engine(url)
+    values: list[int] = []
+    try:
+        sessions = db.make_sessionmaker(engine)
+
+        async def now() -> int:
+            async with sessions() as s:
+                stamp = await registry_stamp(s)
+                assert stamp is not None
+                return stamp.value
+
+        values.append(await now())
+        async with sessions() as s:  # a new expert
+            expert = Expert(id=uuid.uuid4(), slug="e1", kind="base", manifest_sha256="0" * 64)
+            s.add(expert)
+            await s.commit()
+        values.append(await now())
+        async with sessions() as s:  # a derived row (router state) and a merge job's progress: no bump
+            s.add(RouterState(router="embedding", config_hash="x", expert_id=expert.id, fingerprint="f", payload=b""))
+            s.add(MergeJob(id=uuid.uuid4(), method="ties", params={}, status="queued"))
+            await s.commit()
+        values.append(await now())
+        async with sessions() as s:  # an edit, then an eval result
+            row = await s.get(Expert, expert.id)
+            assert row is not None
+            row.description = "changed"
+            await s.commit()
+            s.add(EvalResult(expert_id=expert.id, task="t", metric="exact_match", value=1.0))
+            await s.commit()
+        values.append(await now())
+        async with sessions() as s:  # rolled back: no bump survives
+            s.add(ApiKey(name="k", prefix="mk_", key_hash="h" * 64, scopes=["query"]))
+            await s.flush()
+            await s.rollback()
+        values.append(await now())
+    finally:
+        await engine.dispose()
+    return values
+
+
+@pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
+def test_registry_changes_bump_the_epoch_and_derived_rows_do_not(database_url: str) -> None:
+    start, added, derived, edited, rolled_back = asyncio.run(_scenario(database_url))
+    assert added == start + 1
+    assert derived == added
+    assert edited == derived + 2  # two commits, one bump each
+    assert rolled_back == edited
+
+
+def test_stamped_memo_is_valid_only_under_its_stamp() -> None:
+    memo = StampedMemo[str](2)
+    first = Stamp("db-a", 3)
+    memo.put(first, "auto", "comp-v3")
+    assert memo.get(first, "auto") == "comp-v3"
+    assert memo.get(Stamp("db-a", 4), "auto") is None  # the registry moved on
+    assert memo.get(Stamp("db-b", 3), "auto") is None  # another (or a recreated) database, same epoch
+    assert memo.get(None, "auto") is None and memo.put(None, "x", "v") == "v" and memo.get(None, "x") is None
+    memo.put(first, "b", "1")
+    memo.put(first, "c", "2")  # size 2: the least recently used entry goes
+    assert memo.get(first, "auto") is None and memo.get(first, "c") == "2"
