@@ -21,9 +21,10 @@ def bearer_token(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
 
 async def _require(connection: ASGIConnection[Any, Any, Any, Any], scope: str) -> None:
     async with runtime_of(connection.app.state).sessionmaker() as session:
-        key = await ApiKeyService(session).authenticate(bearer_token(connection), need=scope)
+        key, stamp = await ApiKeyService(session).authenticate_stamped(bearer_token(connection), need=scope)
     connection.state.api_key_id = key.id
     connection.state.api_key_scopes = list(key.scopes)
+    connection.state.registry_stamp = stamp  # for the request's memo lookups (registry/epoch.py)
 
 
 async def require_query(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:

@@ -123,7 +123,7 @@ async def measure(size: int, n_queries: int, root: Path) -> dict[str, Any]:
                 timed(decide_ms, start)
     finally:
         await engine.dispose()
-    result = {"experts": size, "fit_s": round(fit_s, 2)}
+    result: dict[str, Any] = {"experts": size, "fit_s": round(fit_s, 2), "embedding_backend": embedder.backend}
     for name, values in (("router", router_ms), ("decide", decide_ms), ("embed", embed_ms)):
         result[f"{name}_p50_ms"] = round(percentile(values, 50), 2)
         result[f"{name}_p95_ms"] = round(percentile(values, 95), 2)
@@ -142,7 +142,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
     lines = [
-        "`bench/router_latency.py`: the `embedding` router (all-MiniLM-L6-v2, top-1) over N synthetic experts "
+        "`bench/router_latency.py`: the `embedding` router (all-MiniLM-L6-v2 through "
+        f"{rows[-1]['embedding_backend']}, top-1) over N synthetic experts "
         f"(4 example prompts + 2 description rows each), {args.queries} new queries per size, SQLite registry.",
         "",
         "| experts | fit (s, once) | router p50 ms | router p95 ms | decide p50 ms | decide p95 ms | embed p50 ms |",
@@ -154,12 +155,19 @@ def main() -> None:
             f"{r['decide_p50_ms']} | {r['decide_p95_ms']} | {r['embed_p50_ms']} |"
         )
     largest = rows[-1]
-    verdict = "meets" if largest["router_p50_ms"] <= 20 else "misses"
+
+    def verdict(ms: float) -> str:
+        return "meets" if ms <= 20 else "misses"
+
     lines += [
         "",
         f"Target: at most 20 ms p50 at 10,000 experts, the query's embedding included: at {largest['experts']:,} "
-        f"experts the router's p50 is {largest['router_p50_ms']} ms ({verdict} it); `decide` adds the database "
-        "freshness check and memo lookups every request pays.",
+        f"experts the router's p50 is {largest['router_p50_ms']} ms ({verdict(largest['router_p50_ms'])} it) and "
+        f"`decide`, what a request pays (the registry-epoch check that keeps candidates and router states "
+        f"memoized, then the route), {largest['decide_p50_ms']} ms ({verdict(largest['decide_p50_ms'])} it). "
+        "At 10,000 experts the 60,000 x 384 float32 example matrix (92 MB) is read once per query (~4 ms), "
+        "and it and the encoder's weights evict each other from the cache: the embedding takes ~6 ms alone and "
+        "~8-10 ms between two matrix products.",
     ]
     write_section(ROOT / "bench" / "RESULTS.md", "Embedding router decision latency", "\n".join(lines))
 

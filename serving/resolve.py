@@ -203,10 +203,12 @@ async def resolve_model(
     query: str = "",
     context: RouterContext | None = None,
     on_composition: Callable[[Resolved], None] | None = None,
+    stamp: Stamp | None = None,
 ) -> Resolved:
     """``on_composition`` hears what is known of a composition before its router runs, so that an error
-    while routing still carries the composition's router in the response headers."""
-    stamp = await registry_stamp(session)
+    while routing still carries the composition's router in the response headers. ``stamp``: the registry
+    stamp if the caller has read it already (the API's key check reads it in the same statement)."""
+    stamp = stamp if stamp is not None else await registry_stamp(session)
     found = await _find_model(session, store, name, stamp)
     if found is None:
         raise NotFound(f"The model `{name}` does not exist", param="model", code="model_not_found")

@@ -121,7 +121,7 @@ class RouteController(Controller):
         body: RouteRequest = decode_strict(await request.body(), RouteRequest)
         query = body.text()
         started = time.perf_counter()
-        stamp = await registry_stamp(db_session)
+        stamp = getattr(request.state, "registry_stamp", None) or await registry_stamp(db_session)
         comp = await find_composition(db_session, store, body.model, stamp)
         if comp is None:
             raise NotFound(f"no composition named {body.model!r}", param="model", code="composition_not_found")

@@ -112,7 +112,10 @@ async def _resolve(
     def remember(resolved: Resolved) -> None:  # errors from here on carry these routing headers
         request.state.moerge_route = resolved
 
-    resolved = await resolve_model(db_session, store, model, query=query, context=routing, on_composition=remember)
+    stamp = getattr(request.state, "registry_stamp", None)  # read with the API key (api/security.py)
+    resolved = await resolve_model(
+        db_session, store, model, query=query, context=routing, on_composition=remember, stamp=stamp
+    )
     await db_session.close()  # release the connection before a long generation
     remember(resolved)
     return resolved
