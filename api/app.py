@@ -17,6 +17,7 @@ from api.openai.controllers import OpenAIController
 from api.settings import Settings
 from api.system.controllers import EngineController, HealthController
 from registry.db import ensure_migrated, make_engine, make_sessionmaker
+from registry.epoch import StampReader
 from registry.store import ArtifactStore
 from routers.query.embedder import LazyEmbedder
 from serving.compose import router_context
@@ -40,10 +41,12 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             routing = router_context(
                 serving, sessionmaker, store, LazyEmbedder(settings.embedding_model, settings.embedding_backend)
             )
-            app.state.runtime = Runtime(settings, db_engine, sessionmaker, store, serving, routing)
+            stamps = StampReader(settings.database_url)
+            app.state.runtime = Runtime(settings, db_engine, sessionmaker, store, stamps, serving, routing)
             try:
                 yield
             finally:
+                stamps.close()
                 if engine is None:  # an engine passed in belongs to the caller
                     await serving.close()
         finally:

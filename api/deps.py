@@ -10,6 +10,7 @@ from litestar.di import NamedDependency
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from api.settings import Settings
+from registry.epoch import StampReader
 from registry.errors import MoergeError
 from registry.services import ApiKeyService, ExpertService
 from registry.store import ArtifactStore
@@ -25,6 +26,7 @@ class Runtime:
     db_engine: AsyncEngine
     sessionmaker: async_sessionmaker[AsyncSession]
     store: ArtifactStore
+    stamps: StampReader
     serving: Engine | None = None
     routing: RouterContext | None = None
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
 from api.deps import runtime_of
-from registry.services import ApiKeyService
+from registry.epoch import StampedMemo
+from registry.services import ApiKeyService, check_scope, hash_key
 
 
 def bearer_token(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
@@ -19,12 +21,25 @@ def bearer_token(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
     return connection.headers.get("x-api-key") or None
 
 
+# key hash -> (key id, scopes) of valid keys, under the registry stamp: a revoked or changed key bumps it
+_KEYS = StampedMemo[tuple[uuid.UUID, tuple[str, ...]]](1024)
+
+
 async def _require(connection: ASGIConnection[Any, Any, Any, Any], scope: str) -> None:
-    async with runtime_of(connection.app.state).sessionmaker() as session:
-        key, stamp = await ApiKeyService(session).authenticate_stamped(bearer_token(connection), need=scope)
-    connection.state.api_key_id = key.id
-    connection.state.api_key_scopes = list(key.scopes)
-    connection.state.registry_stamp = stamp  # for the request's memo lookups (registry/epoch.py)
+    runtime = runtime_of(connection.app.state)
+    secret = bearer_token(connection)
+    stamp = await runtime.stamps.read(runtime.sessionmaker)
+    digest = hash_key(secret) if secret else ""
+    found = _KEYS.get(stamp, digest) if secret else None
+    if found is None:
+        async with runtime.sessionmaker() as session:
+            key = await ApiKeyService(session).authenticate(secret, need=scope)
+        found = _KEYS.put(stamp, digest, (key.id, tuple(str(s) for s in key.scopes)))
+    else:
+        check_scope(found[1], scope)
+    connection.state.api_key_id, scopes = found
+    connection.state.api_key_scopes = list(scopes)
+    connection.state.registry_stamp = stamp  # the request's memo lookups use the same stamp
 
 
 async def require_query(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:

@@ -20,7 +20,6 @@ from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from registry.epoch import Stamp
 from registry.errors import Conflict, Forbidden, NotFound, Unauthorized, ValidationFailed
 from registry.inspect import (
     FolderInspection,
@@ -37,7 +36,6 @@ from registry.models import (
     ExpertFile,
     ExpertKind,
     MergeJobInput,
-    RegistryEpoch,
     utcnow,
 )
 from registry.schemas import EvalIn, ExpertPatch, ExpertSpec
@@ -404,27 +402,18 @@ class ApiKeyService:
         return int(await self.session.scalar(select(func.count()).select_from(ApiKey)) or 0)
 
     async def authenticate(self, secret: str | None, *, need: str) -> ApiKey:
-        return (await self.authenticate_stamped(secret, need=need))[0]
-
-    async def authenticate_stamped(self, secret: str | None, *, need: str) -> tuple[ApiKey, Stamp | None]:
-        """The key, and the registry stamp read in the same statement (the request's memo lookups use it:
-        one statement per request while the registry does not change)."""
         if not secret:
             raise Unauthorized("missing API key: send `Authorization: Bearer <key>`", param="authorization")
-        row = (
-            await self.session.execute(
-                select(ApiKey, RegistryEpoch.instance, RegistryEpoch.value)
-                .join(RegistryEpoch, RegistryEpoch.id == 1, isouter=True)
-                .where(ApiKey.key_hash == hash_key(secret))
-            )
-        ).first()
-        key = None if row is None else row[0]
+        key = await self.session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(secret)))
         if key is None or key.revoked:
             raise Unauthorized("invalid API key", param="authorization")
-        if need not in key.scopes and "admin" not in key.scopes:
-            raise Forbidden(f"this key lacks the {need!r} scope", param="authorization", code="insufficient_scope")
-        assert row is not None
-        return key, None if row[1] is None else Stamp(str(row[1]), int(row[2]))
+        check_scope(key.scopes, need)
+        return key
+
+
+def check_scope(scopes: Sequence[str], need: str) -> None:
+    if need not in scopes and "admin" not in scopes:
+        raise Forbidden(f"this key lacks the {need!r} scope", param="authorization", code="insufficient_scope")
 
 
 def expert_summary(expert: Expert) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from registry import db
-from registry.epoch import Stamp, StampedMemo, registry_stamp
+from registry.epoch import Stamp, StampedMemo, StampReader, registry_stamp
 from registry.models import ApiKey, EvalResult, Expert, MergeJob, RouterState
 from tests.fixtures.db import BACKENDS
 
@@ -76,3 +76,29 @@ def test_stamped_memo_is_valid_only_under_its_stamp() -> None:
     memo.put(first, "b", "1")
     memo.put(first, "c", "2")  # size 2: the least recently used entry goes
     assert memo.get(first, "auto") is None and memo.get(first, "c") == "2"
+
+
+async def _reader_scenario(url: str) -> tuple[Stamp | None, Stamp | None, Stamp | None]:
+    await asyncio.to_thread(db.upgrade, url)
+    engine = db.make_engine(url)
+    reader = StampReader(url)
+    try:
+        sessions = db.make_sessionmaker(engine)
+        first = await reader.read(sessions)
+        async with sessions() as s:  # a write through another connection, as another process would
+            s.add(Expert(id=uuid.uuid4(), slug="e2", kind="base", manifest_sha256="0" * 64))
+            await s.commit()
+        second = await reader.read(sessions)
+        async with sessions() as s:
+            exact = await registry_stamp(s)
+    finally:
+        reader.close()
+        await engine.dispose()
+    return first, second, exact
+
+
+@pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
+def test_stamp_reader_sees_every_commit_at_once(database_url: str) -> None:
+    first, second, exact = asyncio.run(_reader_scenario(database_url))
+    assert first is not None and second is not None
+    assert second == exact and second.value == first.value + 1 and second.instance == first.instance
