@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import httpx
 import pytest
 
 from registry import db
 from registry.epoch import Stamp, StampedMemo, StampReader, registry_stamp
 from registry.models import ApiKey, EvalResult, Expert, MergeJob, RouterState
-from tests.fixtures.db import BACKENDS
+from serving.torch_engine import TorchEngine
+from tests.fixtures.db import BACKENDS, RegistryEnv
+from tests.fixtures.live import serve
 
 
 async def _scenario(url: str) -> list[int]:
@@ -102,3 +105,32 @@ def test_stamp_reader_sees_every_commit_at_once(database_url: str) -> None:
     first, second, exact = asyncio.run(_reader_scenario(database_url))
     assert first is not None and second is not None
     assert second == exact and second.value == first.value + 1 and second.instance == first.instance
+
+
+async def _revoke(url: str, secret: str) -> None:
+    from sqlalchemy import select
+
+    from registry.services import hash_key
+
+    engine = db.make_engine(url)
+    try:
+        async with db.make_sessionmaker(engine)() as s:  # as another process (the CLI) would
+            key = await s.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(secret)))
+            assert key is not None
+            key.revoked = True
+            await s.commit()
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
+def test_a_key_revoked_elsewhere_is_refused_on_the_next_request(registry_env: RegistryEnv) -> None:
+    """Valid keys are memoized under the registry stamp: a change written by another process must end
+    the memo at once, not after some expiry."""
+    with serve(registry_env.settings, TorchEngine()) as url:
+        assert httpx.get(f"{url}/v1/models", headers=registry_env.query).status_code == 200
+        assert httpx.get(f"{url}/v1/models", headers=registry_env.query).status_code == 200  # memoized now
+        asyncio.run(_revoke(registry_env.settings.database_url, registry_env.query_key))
+        refused = httpx.get(f"{url}/v1/models", headers=registry_env.query)
+        assert refused.status_code == 401 and refused.json()["error"]["param"] == "authorization"
+        assert httpx.get(f"{url}/v1/models", headers=registry_env.admin).status_code == 200
