@@ -75,8 +75,6 @@ class SentenceEmbedder:
             missing = [t for t in dict.fromkeys(texts) if t not in found]
             if self._onnx is not None and missing:
                 found.update(zip(missing, self._onnx.encode(missing), strict=True))
-            elif len(missing) == 1:
-                found[missing[0]] = self._forward(missing)[0]
             elif missing:
                 vectors = self._model.encode(
                     missing,
@@ -92,18 +90,6 @@ class SentenceEmbedder:
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return np.stack([found[t] for t in texts])
-
-    def _forward(self, texts: list[str]) -> np.ndarray:
-        """The model's own modules on one small batch, without ``encode``'s batching machinery (length
-        sorting, progress bar, conversions): most of a single query's time went there."""
-        import torch
-
-        prepare = getattr(self._model, "preprocess", None) or self._model.tokenize
-        features = {k: v for k, v in prepare(texts).items() if hasattr(v, "shape")}
-        with torch.inference_mode():
-            embedding = self._model(features)["sentence_embedding"]
-            embedding = torch.nn.functional.normalize(embedding, dim=-1)
-        return np.asarray(embedding.float().numpy(), dtype=np.float32)
 
 
 def shared_embedder(model: str | None = None, backend: str = "onnx") -> SentenceEmbedder:
