@@ -9,6 +9,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from routers.query.embedder import EMBEDDING_BACKENDS
+from serving.vllm_plugin import LORA_OPS_CHOICES
+
 GiB = 1024**3
 
 
@@ -119,7 +122,7 @@ class Settings:
             vllm_kv_cache_gib=_int_env(env, "MOERGE_VLLM_KV_CACHE_GIB", 2),
             vllm_max_model_len=_int_env(env, "MOERGE_VLLM_MAX_MODEL_LEN", 2048),
             embedding_model=env.get("MOERGE_EMBEDDING_MODEL") or None,
-            embedding_backend=_choice_env(env, "MOERGE_EMBEDDING_BACKEND", ("onnx", "torch"), "onnx"),
+            embedding_backend=_choice_env(env, "MOERGE_EMBEDDING_BACKEND", EMBEDDING_BACKENDS, "onnx"),
             vllm_cpu_threads_bind=env.get("MOERGE_VLLM_CPU_THREADS_BIND") or "all",
-            vllm_lora_ops=_choice_env(env, "MOERGE_VLLM_LORA_OPS", ("grouped", "vllm"), "grouped"),
+            vllm_lora_ops=_choice_env(env, "MOERGE_VLLM_LORA_OPS", LORA_OPS_CHOICES, "grouped"),
         )
