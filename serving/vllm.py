@@ -2,8 +2,12 @@
 
 Each base (``Target.base_id``) gets one managed server, started lazily (or by ``ensure_server``) with
 ``--enable-lora``; adapters are loaded into it through ``POST /v1/load_lora_adapter`` and then addressed by
-their id as the request's ``model``. All requests of a ``generate`` call go out concurrently over one pooled
-HTTP client, so requests for different adapters of one base meet in the same vLLM batch.
+their id as the request's ``model``. All requests of a ``generate`` call go out concurrently over pooled
+connections, so requests for different adapters of one base meet in the same vLLM batch. Non-streamed
+generations (the latency-critical hop) go over aiohttp, about 0.6 ms less client CPU per call than httpx,
+with one connection pool per server process that is dropped when that process dies (so the next request
+reconnects and is refused, rather than reusing a connection to the dead process); streams, adapter loads
+and health checks use httpx.
 
 Supervision: a server's exit is noticed at once (pidfd) and by a periodic health check; a dead server is
 restarted in the background while requests get ``EngineUnavailable(retry_after=...)``. Every await on a
@@ -33,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import aiohttp
 import httpx
 
 from registry.errors import MoergeError, ValidationFailed
@@ -163,6 +168,14 @@ class _Server:
     reachable: bool | None = None  # remote servers: last health check
     last_error: str | None = None
     stopping: bool = False
+    pool: aiohttp.ClientSession | None = None  # generation connections to the current process
+
+    def drop_pool(self) -> asyncio.Task[None] | None:
+        """Forget the current process's connections (it died or is stopping); returns the closing task."""
+        pool, self.pool = self.pool, None
+        if pool is None or pool.closed:
+            return None
+        return asyncio.get_running_loop().create_task(pool.close())
 
     @property
     def busy_starting(self) -> bool:
@@ -346,7 +359,7 @@ class VLLMEngine:
             for attempt in range(2):
                 body["model"] = await self._model_for(server, request.target, watch)
                 started = time.perf_counter()
-                resp = await self._call(server, watch, self._http().post(server.url + path, json=body))
+                resp = await self._call(server, watch, self._post(server, path, body))
                 if resp.status_code == 404 and request.target.adapter_id and attempt == 0:
                     server.adapters.pop(request.target.adapter_id, None)  # forgotten by the server: reload once
                     continue
@@ -414,16 +427,17 @@ class VLLMEngine:
                 f"the vLLM server for {server.base_id!r} died during the request; it is being restarted "
                 f"(log: {self._log_path(server)})"
             ) from None
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            self._notice_exit(server, refused=isinstance(exc, httpx.ConnectError))
+        except (httpx.ConnectError, httpx.ConnectTimeout, aiohttp.ClientConnectorError) as exc:
+            refused = isinstance(exc, httpx.ConnectError | aiohttp.ClientConnectorError)
+            self._notice_exit(server, refused=refused)
             raise self._unavailable(server, f"cannot connect to {server.url}: {exc}") from exc
         except httpx.PoolTimeout as exc:
             raise EngineUnavailable("too many requests in flight to vLLM; retry shortly", retry_after=1) from exc
-        except httpx.TimeoutException as exc:
+        except (httpx.TimeoutException, TimeoutError) as exc:  # aiohttp's timeouts are TimeoutErrors
             raise GenerationFailed(
                 f"the vLLM server for {server.base_id!r} gave no answer within {self.config.request_timeout_s:g} s"
             ) from exc
-        except httpx.TransportError as exc:
+        except (httpx.TransportError, aiohttp.ClientError) as exc:
             self._notice_exit(server)
             raise GenerationFailed(
                 f"connection to the vLLM server for {server.base_id!r} failed mid-request: {type(exc).__name__}"
@@ -581,6 +595,7 @@ class VLLMEngine:
         if server.proc is not proc or server.died.is_set():
             return  # an older process, or already handled
         server.died.set()  # fails this process's in-flight requests at once
+        server.drop_pool()
         proc.forget()
         proc.signal_group(signal.SIGKILL)  # an engine-core child orphaned by a dead API server
         if server.state != "ready" or server.stopping or self._closed:
@@ -657,6 +672,8 @@ class VLLMEngine:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await server.task
         server.died.set()  # in-flight requests fail now rather than on a reset connection
+        if (closing := server.drop_pool()) is not None:
+            await closing
         if not server.remote:
             server.state = "dead"
             server.adapters.clear()
@@ -720,6 +737,19 @@ class VLLMEngine:
             )
         return self._client
 
+    async def _post(self, server: _Server, path: str, body: dict[str, Any]) -> _Reply:
+        """POST a JSON body over ``server``'s generation pool; the whole reply is read before returning."""
+        if server.pool is None or server.pool.closed:
+            cfg = self.config
+            server.pool = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=cfg.max_connections, keepalive_timeout=4.0),  # see _http
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=cfg.request_timeout_s),
+                trust_env=False,
+                json_serialize=json.dumps,
+            )
+        async with server.pool.post(server.url + path, json=body) as resp:
+            return _Reply(resp.status, await resp.read())
+
     def _log_path(self, server: _Server) -> Path:
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", server.base_id)
         return self.log_dir / f"vllm-{safe}.log"
@@ -768,14 +798,30 @@ def _payload(request: GenRequest, *, stream: bool) -> tuple[str, dict[str, Any],
     raise ValidationFailed("give exactly one of messages (chat) or prompt (completion)", param="messages")
 
 
+@dataclass(frozen=True)
+class _Reply:
+    """A complete non-streamed HTTP reply, read with the connection released (the parts of
+    ``httpx.Response`` that the error helpers read)."""
+
+    status_code: int
+    content: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+
 async def _next_line(lines: AsyncIterator[str]) -> str | None:
     return await anext(lines, None)
 
 
-def _error_message(resp_or_body: httpx.Response | dict[str, Any]) -> str:
+def _error_message(resp_or_body: httpx.Response | _Reply | dict[str, Any]) -> str:
     """The message of vLLM's OpenAI-shaped error ({"error": {"message": ...}}), or the raw text."""
     body: Any
-    if isinstance(resp_or_body, httpx.Response):
+    if isinstance(resp_or_body, httpx.Response | _Reply):
         try:
             body = resp_or_body.json()
         except ValueError:
@@ -791,7 +837,7 @@ def _error_message(resp_or_body: httpx.Response | dict[str, Any]) -> str:
     return str(body)[:500]
 
 
-def _raise_for_status(resp: httpx.Response, server: _Server) -> None:
+def _raise_for_status(resp: httpx.Response | _Reply, server: _Server) -> None:
     if resp.status_code < 400:
         return
     message = _error_message(resp)
