@@ -1,0 +1,161 @@
+"""Generalized task arithmetic: one function behind task_arithmetic, ties, breadcrumbs(_ties), dare_*.
+
+For task vectors δ_i = W_i − W_0 with weights w_i (the structure of mergekit 0.1.5's
+``mergekit/merge_methods/generalized_task_arithmetic.py``, the math re-derived here):
+
+1. sparsify each δ_i (none | magnitude | random (DARE) | magnitude_outliers (breadcrumbs)), with
+   ``rescale`` applied by the sparsifier (see ``sparsify.py``);
+2. weight: d_i = w_i·δ_i (before the sign election, so a negative weight flips an input's vote);
+3. with sign consensus ("sum", TIES' elect): the elected sign per entry is + where Σ_i d_i ≥ 0, else −;
+   M_i = [sign(d_i) = elected] (a zero entry never agrees); τ = Σ M_i·d_i, divisor Σ M_i·w_i with an
+   exact 0 replaced by 1 (the disjoint mean when normalized);
+   without: τ = Σ d_i, divisor Σ w_i with |divisor| < 1e-8 replaced by 1;
+4. ``normalize``: τ /= divisor; then τ *= ``lambda``. The executor writes W_0 + τ.
+
+Defaults per method are mergekit 0.1.5's (``mergekit/merge_methods/registry.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import ClassVar, Literal
+
+import msgspec
+import torch
+
+from merging.methods.base import ZERO_SUM, InputParams, MergeFn, MethodConfig, refuse_zero_weight_sum, require_param
+from merging.methods.sparsify import Sparsification, sparsify
+
+Consensus = Literal["sum"]
+
+
+class TaskArithmeticConfig(MethodConfig, frozen=True):
+    """Global parameters of every task-vector method."""
+
+    # True for the methods with sign consensus: their divisor is Σ M_i·w_i per entry, not Σ w_i.
+    elects_sign: ClassVar[bool] = False
+
+    normalize: bool = False
+    lambda_: float = msgspec.field(default=1.0, name="lambda")
+    # Accepted so a mergekit YAML imports as is: there it only picks the mask's dtype to save memory, and
+    # results do not change (here masks are booleans and the math is float32 anyway).
+    int8_mask: bool = False
+
+    def check(self) -> None:
+        require_param(math.isfinite(self.lambda_), "parameters.lambda", "must be a finite number")
+
+    def check_inputs(self, inputs: Sequence[InputParams]) -> None:
+        # With sign consensus the divisor is per entry (an exact 0 becomes 1, as mergekit), so weights
+        # summing to 0 (e.g. a negated task) still mean something there.
+        if not self.elects_sign:
+            refuse_zero_weight_sum(self.normalize, inputs)
+
+
+class SparseConfig(TaskArithmeticConfig, frozen=True):
+    """Methods that sparsify: ``rescale`` keeps each delta's L1 norm after masking (mergekit's rule)."""
+
+    rescale: bool = False
+
+
+class BreadcrumbsTiesConfig(SparseConfig, frozen=True):
+    elects_sign: ClassVar[bool] = True
+
+
+class TiesConfig(SparseConfig, frozen=True):
+    elects_sign: ClassVar[bool] = True
+    normalize: bool = True
+
+
+class DareConfig(SparseConfig, frozen=True):
+    rescale: bool = True
+
+
+class DareTiesConfig(DareConfig, frozen=True):
+    elects_sign: ClassVar[bool] = True
+
+
+class DensityInputParams(InputParams, frozen=True):
+    """``density``: the fraction of a delta's entries kept (by magnitude, or the keep probability in DARE)."""
+
+    density: float = 1.0
+
+    def check(self, index: int) -> None:
+        super().check(index)
+        require_param(0 < self.density <= 1, f"inputs[{index}].density", f"must be in (0, 1], got {self.density}")
+
+
+class BreadcrumbsInputParams(DensityInputParams, frozen=True):
+    """``gamma``: the fraction of largest-|δ| entries dropped as outliers (mergekit's default 0.01)."""
+
+    gamma: float = 0.01
+
+    def check(self, index: int) -> None:
+        super().check(index)
+        require_param(0 <= self.gamma < 1, f"inputs[{index}].gamma", f"must be in [0, 1), got {self.gamma}")
+
+
+def _sum(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    # A running sum: one extra tensor, where stacking would copy all of them.
+    total = tensors[0].clone()
+    for t in tensors[1:]:
+        total += t
+    return total
+
+
+def _sparsified(
+    delta: torch.Tensor,
+    params: InputParams,
+    method: Sparsification,
+    rescale: bool,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    density = params.density if isinstance(params, DensityInputParams) else 1.0
+    gamma = params.gamma if isinstance(params, BreadcrumbsInputParams) else 0.0
+    return sparsify(delta, method, density=density, gamma=gamma, rescale=rescale, generator=generator)
+
+
+def generalized_task_arithmetic(sparsification: Sparsification, consensus: Consensus | None) -> MergeFn:
+    """The merge function for one combination of sparsifier and sign consensus."""
+
+    def merge(
+        deltas: Sequence[torch.Tensor],
+        inputs: Sequence[InputParams],
+        config: MethodConfig,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        if not isinstance(config, TaskArithmeticConfig):
+            raise TypeError(f"expected a TaskArithmeticConfig, got {type(config).__name__}")
+        rescale = isinstance(config, SparseConfig) and config.rescale
+        weights = [p.weight for p in inputs]
+        weighted = [
+            _sparsified(delta, p, sparsification, rescale, generator) * p.weight
+            for delta, p in zip(deltas, inputs, strict=True)
+        ]
+
+        if consensus == "sum":
+            # Elect by mass: the sign of the weighted sum (0 counts as +, as mergekit).
+            positive = _sum(weighted) >= 0
+            mixed = torch.zeros_like(weighted[0])
+            per_entry = torch.zeros_like(weighted[0])
+            for d, w in zip(weighted, weights, strict=True):
+                agrees = torch.where(positive, d > 0, d < 0)
+                mixed += torch.where(agrees, d, 0.0)
+                per_entry += agrees * w
+            # An entry no input agrees on is 0 already; dividing it by 1 leaves it so.
+            divisor: torch.Tensor | float = torch.where(per_entry == 0, 1.0, per_entry)
+        elif consensus is None:
+            mixed = _sum(weighted)
+            total = math.fsum(weights)
+            divisor = 1.0 if abs(total) < ZERO_SUM else total
+        else:
+            raise NotImplementedError(consensus)
+
+        if config.normalize:
+            mixed = mixed / divisor
+        if config.lambda_ != 1:
+            mixed = mixed * config.lambda_
+        return mixed
+
+    merge.__name__ = f"task_arithmetic_{sparsification.value}_{consensus or 'none'}"
+    return merge
