@@ -104,6 +104,8 @@ _FRONT_MATTER_RE = re.compile(r"\A---[ \t]*\r?\n(?P<yaml>.*?)^---[ \t]*(?:\r?\n|
 class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
+    # [begin, end) in the file's data area (after the 8-byte length and the header)
+    data_offsets: tuple[int, int] = field(default=(0, 0), compare=False)
 
     @property
     def numel(self) -> int:
@@ -182,11 +184,13 @@ def _parse_entry(name: str, entry: Any, *, param: str) -> tuple[TensorInfo, int,
     bits = math.prod(shape) * _DTYPE_BITS[dtype]
     if bits % 8 or end - begin != bits // 8:
         raise bad(f"spans {end - begin} bytes but {dtype} {_fmt_shape(shape)} needs {bits / 8:g}")
-    return TensorInfo(dtype=dtype, shape=tuple(shape)), begin, end
+    return TensorInfo(dtype=dtype, shape=tuple(shape), data_offsets=(begin, end)), begin, end
 
 
 def read_safetensors_header(path: Path, *, param: str) -> dict[str, TensorInfo]:
-    """Read and fully validate the header of a safetensors file without touching tensor data."""
+    """Read and fully validate the header of a safetensors file without touching tensor data.
+
+    The data area starts at ``data_start(path)``; each TensorInfo's ``data_offsets`` are relative to it."""
     with open(path, "rb") as fh:
         file_size = os.fstat(fh.fileno()).st_size
         prefix = fh.read(8)
@@ -237,6 +241,12 @@ def read_safetensors_header(path: Path, *, param: str) -> dict[str, TensorInfo]:
             raise ValidationFailed(f"corrupt safetensors header: tensor {name!r} {what}", param=param)
         cursor = end
     return tensors
+
+
+def data_start(path: Path) -> int:
+    """Byte offset of a safetensors file's data area (8-byte length prefix + header)."""
+    with open(path, "rb") as fh:
+        return 8 + int.from_bytes(fh.read(8), "little")
 
 
 # -- file names and folder walk ----------------------------------------------------------------------
@@ -453,7 +463,7 @@ def inspect_folder(folder: Path) -> FolderInspection:
 
 
 @dataclass
-class _LoraModule:
+class LoraModule:
     embedding: bool = False
     a: TensorInfo | None = None
     b: TensorInfo | None = None
@@ -462,14 +472,14 @@ class _LoraModule:
     keys: list[str] = field(default_factory=list)
 
 
-def _split_adapter_keys(tensors: dict[str, TensorInfo]) -> tuple[dict[str, _LoraModule], dict[str, str]]:
+def split_adapter_keys(tensors: dict[str, TensorInfo]) -> tuple[dict[str, LoraModule], dict[str, str]]:
     """Group LoRA tensors by base module path; return the other keys mapped to their base tensor names."""
-    modules: dict[str, _LoraModule] = {}
+    modules: dict[str, LoraModule] = {}
     others: dict[str, str] = {}
     for key, info in tensors.items():
         rel = key.removeprefix(PEFT_PREFIX)
         if (m := _LORA_LINEAR_RE.match(rel)) and (m["part"], m["param"]) != ("lora_A", "bias"):
-            mod = modules.setdefault(m["module"], _LoraModule())
+            mod = modules.setdefault(m["module"], LoraModule())
             if m["param"] == "bias":
                 mod.b_bias = info
             elif m["part"] == "lora_A":
@@ -477,14 +487,14 @@ def _split_adapter_keys(tensors: dict[str, TensorInfo]) -> tuple[dict[str, _Lora
             else:
                 mod.b = info
         elif m := _LORA_EMBED_RE.match(rel):
-            mod = modules.setdefault(m["module"], _LoraModule())
+            mod = modules.setdefault(m["module"], LoraModule())
             mod.embedding = True
             if m["part"] == "lora_embedding_A":
                 mod.a = info
             else:
                 mod.b = info
         elif m := _LORA_MAGNITUDE_RE.match(rel):
-            mod = modules.setdefault(m["module"], _LoraModule())
+            mod = modules.setdefault(m["module"], LoraModule())
             mod.magnitude = info
         else:
             # PEFT saves a LoRA-wrapped layer's own weight under ".base_layer."; the base has it without.
@@ -494,13 +504,13 @@ def _split_adapter_keys(tensors: dict[str, TensorInfo]) -> tuple[dict[str, _Lora
     return modules, others
 
 
-def _lora_out_in(mod: _LoraModule) -> tuple[int, int, int]:
+def _lora_out_in(mod: LoraModule) -> tuple[int, int, int]:
     """(out, in, r) of B·A for a validated module."""
     assert mod.a is not None and mod.b is not None
     return mod.b.shape[0], mod.a.shape[1], mod.a.shape[0]
 
 
-def _pattern_value(pattern: dict[str, Any], module: str) -> Any:
+def pattern_value(pattern: dict[str, Any], module: str) -> Any:
     # Same matching rule PEFT uses for rank_pattern / alpha_pattern keys: a suffix match on the module path.
     for key, value in pattern.items():
         try:
@@ -553,7 +563,7 @@ def _fill_adapter(insp: FolderInspection, cfg: dict[str, Any]) -> None:
         raise ValidationFailed("adapter_config.json: base_model_name_or_path must be a string", param=param_cfg)
     bias_mode = cfg.get("bias", "none")
 
-    modules, others = _split_adapter_keys(insp.tensors)
+    modules, others = split_adapter_keys(insp.tensors)
     for key in insp.tensors:
         if not key.startswith(PEFT_PREFIX):
             raise ValidationFailed(
@@ -595,7 +605,7 @@ def _fill_adapter(insp: FolderInspection, cfg: dict[str, Any]) -> None:
 
 def _check_lora_module(
     module: str,
-    mod: _LoraModule,
+    mod: LoraModule,
     insp: FolderInspection,
     *,
     r: int,
@@ -619,7 +629,7 @@ def _check_lora_module(
         raise ValidationFailed(
             f"module {module}: rank mismatch, {a_name} has r={r_a}, {b_name} has r={r_b}", param=param
         )
-    expected = _pattern_value(rank_pattern, module)
+    expected = pattern_value(rank_pattern, module)
     expected_r = expected if _is_nonneg_int(expected) else r
     if r_a != expected_r:
         raise ValidationFailed(
@@ -650,7 +660,7 @@ def _check_lora_module(
 
 def adapter_module_shapes(insp: FolderInspection) -> dict[str, tuple[int, int]]:
     """Base module path -> (out_features, in_features) of B·A, for every LoRA-adapted module."""
-    modules, _ = _split_adapter_keys(insp.tensors)
+    modules, _ = split_adapter_keys(insp.tensors)
     return {
         module: _lora_out_in(mod)[:2]
         for module, mod in sorted(modules.items())
@@ -661,7 +671,7 @@ def adapter_module_shapes(insp: FolderInspection) -> dict[str, tuple[int, int]]:
 # -- compatibility with a base -----------------------------------------------------------------------
 
 
-def _base_tensor(base: FolderInspection, name: str) -> TensorInfo | None:
+def base_tensor(base: FolderInspection, name: str) -> TensorInfo | None:
     """The base tensor of that name; a tied lm_head resolves to the input embedding."""
     if name in base.tensors:
         return base.tensors[name]
@@ -681,7 +691,7 @@ def _require_model_base(base: FolderInspection, base_slug: str) -> None:
 def check_adapter_fits_base(adapter: FolderInspection, base: FolderInspection, *, base_slug: str) -> None:
     """Every LoRA-adapted module and every saved full tensor must exist in the base with a matching shape."""
     _require_model_base(base, base_slug)
-    modules, others = _split_adapter_keys(adapter.tensors)
+    modules, others = split_adapter_keys(adapter.tensors)
     fan_in_fan_out = bool((adapter.adapter_config or {}).get("fan_in_fan_out", False))
     for module, mod in sorted(modules.items()):
         if mod.a is None or mod.b is None:
@@ -689,7 +699,7 @@ def check_adapter_fits_base(adapter: FolderInspection, base: FolderInspection, *
         out_f, in_f, _ = _lora_out_in(mod)
         # Embedding weights are [num_embeddings, dim] and Conv1D (fan_in_fan_out) weights are [in, out].
         expected = (in_f, out_f) if mod.embedding or fan_in_fan_out else (out_f, in_f)
-        found = _base_tensor(base, f"{module}.weight")
+        found = base_tensor(base, f"{module}.weight")
         if found is None:
             raise ValidationFailed(f"module {module} not found in base {base_slug}", param="target_modules")
         if found.shape != expected:
@@ -699,7 +709,7 @@ def check_adapter_fits_base(adapter: FolderInspection, base: FolderInspection, *
             )
     for key, base_name in sorted(others.items()):
         info = adapter.tensors[key]
-        found = _base_tensor(base, base_name)
+        found = base_tensor(base, base_name)
         if found is None:
             raise ValidationFailed(f"tensor {base_name} not found in base {base_slug}", param="modules_to_save")
         if found.shape != info.shape:

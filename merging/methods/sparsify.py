@@ -19,6 +19,8 @@ L1 rule is deterministic given the mask. When either norm is below 1e-7 nothing 
 from __future__ import annotations
 
 import enum
+import math
+from dataclasses import dataclass
 
 import torch
 
@@ -33,6 +35,40 @@ class Sparsification(enum.Enum):
     magnitude_outliers = "magnitude_outliers"
 
 
+# Above this many entries the k-th largest is found through a sample (see kth_largest).
+SAMPLED_SELECTION_MIN = 1 << 21
+_SAMPLE_SIZE = 1 << 16
+
+
+def kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest value of a 1-D tensor (1 ≤ k ≤ n), exactly.
+
+    ``torch.kthvalue`` copies the whole tensor and allocates int64 indices beside it (3x its size, 0.7 s
+    for an embedding matrix here). For large tensors a strided sample brackets the threshold, everything
+    above the bracket is counted, and the selection runs on the few entries inside it; if the bracket
+    misses (a badly ordered tensor), it falls back to ``kthvalue`` on everything. Same value either way.
+    """
+    n = flat.numel()
+    if n < SAMPLED_SELECTION_MIN:
+        return torch.kthvalue(flat, n - k + 1).values  # the k-th largest is the (n − k + 1)-th smallest
+    step = n // _SAMPLE_SIZE
+    sample = flat[::step].contiguous()
+    m = sample.numel()
+    expected = k * m / n  # the threshold's rank in the sample, counted from the top
+    margin = 6 * math.sqrt(max(expected * (1 - k / n), 1.0)) + 8
+    top_rank = max(1, math.floor(expected - margin))  # a sample value likely above the threshold
+    low_rank = min(m, math.ceil(expected + margin))  # and one likely below it
+    upper = torch.kthvalue(sample, m - top_rank + 1).values
+    lower = torch.kthvalue(sample, m - low_rank + 1).values
+    above = int(torch.count_nonzero(flat > upper))  # .sum() of booleans would widen them to int64 first
+    need = k - above
+    if top_rank > 1 and low_rank < m and need >= 1:
+        inside = flat[(flat <= upper) & (flat >= lower)]
+        if need <= inside.numel():
+            return torch.kthvalue(inside, inside.numel() - need + 1).values
+    return torch.kthvalue(flat, n - k + 1).values
+
+
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask (shape of ``scores``) of exactly ``k`` entries with the largest scores.
 
@@ -45,12 +81,11 @@ def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros_like(scores, dtype=torch.bool)
     if k >= n:
         return torch.ones_like(scores, dtype=torch.bool)
-    # The k-th largest is the (n − k + 1)-th smallest: a selection, not a sort.
-    threshold = torch.kthvalue(flat, n - k + 1).values
+    threshold = kth_largest(flat, k)
     mask = flat > threshold
     at_threshold = flat == threshold
-    need = k - int(mask.sum())
-    tied = int(at_threshold.sum())
+    need = k - int(torch.count_nonzero(mask))
+    tied = int(torch.count_nonzero(at_threshold))
     if tied == need:
         mask |= at_threshold
     else:
@@ -67,32 +102,57 @@ def keep_count(density: float, numel: int) -> int:
     return max(1, int(density * numel))
 
 
-def apply_mask(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor:
-    """``delta`` with the unmasked entries zeroed; with ``rescale`` the kept ones scaled so the L1 norm
-    matches the original's (mergekit's ``rescale``)."""
-    masked = delta * mask
+@dataclass(frozen=True)
+class Kept:
+    """What a sparsifier keeps of one delta: a mask (None: every entry) and the factor the kept entries
+    are scaled by (None: 1). Held instead of the sparsified delta, so a merge keeps one boolean per entry
+    per input rather than another float copy; ``apply`` rebuilds it with the same arithmetic each time."""
+
+    mask: torch.Tensor | None = None
+    factor: torch.Tensor | None = None
+
+    def apply(self, delta: torch.Tensor, weight: float | None = None) -> torch.Tensor:
+        """The kept delta (times ``weight``): δ·mask·factor·weight, multiplied in that order, in place
+        on one new tensor. Without mask, factor or weight it is ``delta`` itself."""
+        if self.mask is None and self.factor is None and weight is None:
+            return delta
+        out = delta * self.mask if self.mask is not None else delta.clone()
+        if self.factor is not None:
+            out *= self.factor
+        if weight is not None:
+            out *= weight
+        return out
+
+
+def masked(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> Kept:
+    """Keep ``mask``; with ``rescale`` the kept entries are scaled so the L1 norm matches the original's
+    (mergekit's ``rescale``; below ``RESCALE_EPS`` before or after masking, no scaling)."""
     if not rescale:
-        return masked
+        return Kept(mask)
     before = delta.abs().sum()
-    after = masked.abs().sum()
+    after = (delta * mask).abs().sum()
     if before < RESCALE_EPS or after < RESCALE_EPS:
-        return masked
-    return masked * (before / after)
+        return Kept(mask)
+    return Kept(mask, before / after)
 
 
-def magnitude(delta: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
+def apply_mask(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor:
+    """``delta`` with the unmasked entries zeroed (and rescaled, see ``masked``)."""
+    return masked(delta, mask, rescale).apply(delta)
+
+
+def magnitude_kept(delta: torch.Tensor, density: float, rescale: bool = False) -> Kept:
     """Keep the ``keep_count(density, n)`` entries largest in |δ| (TIES' trim).
 
-    As mergekit 0.1.5: density ≥ 1 returns δ untouched (no rescale), and a positive density keeps at
+    As mergekit 0.1.5: density ≥ 1 keeps δ untouched (no rescale), and a positive density keeps at
     least one entry.
     """
     if density >= 1:
-        return delta
-    mask = top_k_mask(delta.abs(), keep_count(density, delta.numel()))
-    return apply_mask(delta, mask, rescale)
+        return Kept()
+    return masked(delta, top_k_mask(delta.abs(), keep_count(density, delta.numel())), rescale)
 
 
-def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, rescale: bool = False) -> torch.Tensor:
+def outliers_kept(delta: torch.Tensor, density: float, gamma: float, rescale: bool = False) -> Kept:
     """Model Breadcrumbs: drop the int(gamma·n) largest |δ| and the smallest, keeping k = int(density·n).
 
     When k + int(gamma·n) > n, fewer outliers are dropped so k entries stay (as mergekit). When
@@ -100,10 +160,10 @@ def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, rescal
     is never silently dropped. mergekit before 0.1.5 sliced ``[n_bot:-n_top]``, which is empty for
     n_top = 0 and so dropped the whole delta; 0.1.5 keeps the k largest as here. One deliberate
     difference remains: when density·n < 1, mergekit 0.1.5 keeps nothing (k = 0), ours keeps one entry,
-    as its ``magnitude`` does. density ≥ 1 returns δ untouched whatever gamma (as mergekit).
+    as its ``magnitude`` does. density ≥ 1 keeps δ untouched whatever gamma (as mergekit).
     """
     if density >= 1:
-        return delta
+        return Kept()
     n = delta.numel()
     keep = keep_count(density, n)
     n_bottom = max(0, n - keep - int(gamma * n))
@@ -113,20 +173,54 @@ def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, rescal
     mask = top_k_mask(scores, keep + n_top)
     if n_top > 0:
         mask &= ~top_k_mask(scores, n_top)
-    return apply_mask(delta, mask, rescale)
+    return masked(delta, mask, rescale)
 
 
-def dare(delta: torch.Tensor, density: float, generator: torch.Generator | None, rescale: bool = True) -> torch.Tensor:
+def dare_kept(delta: torch.Tensor, density: float, generator: torch.Generator | None, rescale: bool = True) -> Kept:
     """DARE: keep each entry with probability ``density``, drawn from ``generator`` only (never the
-    global RNG), so a merge is reproducible from its seed. density ≥ 1 returns δ untouched."""
+    global RNG), so a merge is reproducible from its seed. density ≥ 1 keeps δ untouched."""
     if density >= 1:
-        return delta
+        return Kept()
     if generator is None:
         raise ValueError("random sparsification needs a seeded torch.Generator")
     # Draw on the generator's device (it cannot draw elsewhere), then move the mask to the delta.
     draws = torch.rand(delta.shape, generator=generator, device=generator.device)
-    mask = (draws < density).to(delta.device)
-    return apply_mask(delta, mask, rescale)
+    return masked(delta, (draws < density).to(delta.device), rescale)
+
+
+def kept(
+    delta: torch.Tensor,
+    method: Sparsification,
+    *,
+    density: float = 1.0,
+    gamma: float = 0.0,
+    rescale: bool = False,
+    generator: torch.Generator | None = None,
+) -> Kept:
+    if method is Sparsification.none:
+        return Kept()
+    if method is Sparsification.magnitude:
+        return magnitude_kept(delta, density, rescale)
+    if method is Sparsification.magnitude_outliers:
+        return outliers_kept(delta, density, gamma, rescale)
+    if method is Sparsification.random:
+        return dare_kept(delta, density, generator, rescale)
+    raise NotImplementedError(method)
+
+
+# The sparsified deltas themselves, for tests and one-off use.
+
+
+def magnitude(delta: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
+    return magnitude_kept(delta, density, rescale).apply(delta)
+
+
+def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, rescale: bool = False) -> torch.Tensor:
+    return outliers_kept(delta, density, gamma, rescale).apply(delta)
+
+
+def dare(delta: torch.Tensor, density: float, generator: torch.Generator | None, rescale: bool = True) -> torch.Tensor:
+    return dare_kept(delta, density, generator, rescale).apply(delta)
 
 
 def sparsify(
@@ -138,12 +232,4 @@ def sparsify(
     rescale: bool = False,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    if method is Sparsification.none:
-        return delta
-    if method is Sparsification.magnitude:
-        return magnitude(delta, density, rescale)
-    if method is Sparsification.magnitude_outliers:
-        return magnitude_outliers(delta, density, gamma, rescale)
-    if method is Sparsification.random:
-        return dare(delta, density, generator, rescale)
-    raise NotImplementedError(method)
+    return kept(delta, method, density=density, gamma=gamma, rescale=rescale, generator=generator).apply(delta)

@@ -25,7 +25,7 @@ import msgspec
 import torch
 
 from merging.methods.base import ZERO_SUM, InputParams, MergeFn, MethodConfig, refuse_zero_weight_sum, require_param
-from merging.methods.sparsify import Sparsification, sparsify
+from merging.methods.sparsify import Kept, Sparsification, kept
 
 Consensus = Literal["sum"]
 
@@ -95,24 +95,16 @@ class BreadcrumbsInputParams(DensityInputParams, frozen=True):
         require_param(0 <= self.gamma < 1, f"inputs[{index}].gamma", f"must be in [0, 1), got {self.gamma}")
 
 
-def _sum(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    # A running sum: one extra tensor, where stacking would copy all of them.
-    total = tensors[0].clone()
-    for t in tensors[1:]:
-        total += t
-    return total
-
-
-def _sparsified(
+def _kept(
     delta: torch.Tensor,
     params: InputParams,
     method: Sparsification,
     rescale: bool,
     generator: torch.Generator | None,
-) -> torch.Tensor:
+) -> Kept:
     density = params.density if isinstance(params, DensityInputParams) else 1.0
     gamma = params.gamma if isinstance(params, BreadcrumbsInputParams) else 0.0
-    return sparsify(delta, method, density=density, gamma=gamma, rescale=rescale, generator=generator)
+    return kept(delta, method, density=density, gamma=gamma, rescale=rescale, generator=generator)
 
 
 def generalized_task_arithmetic(sparsification: Sparsification, consensus: Consensus | None) -> MergeFn:
@@ -128,33 +120,38 @@ def generalized_task_arithmetic(sparsification: Sparsification, consensus: Conse
             raise TypeError(f"expected a TaskArithmeticConfig, got {type(config).__name__}")
         rescale = isinstance(config, SparseConfig) and config.rescale
         weights = [p.weight for p in inputs]
-        weighted = [
-            _sparsified(delta, p, sparsification, rescale, generator) * p.weight
-            for delta, p in zip(deltas, inputs, strict=True)
-        ]
+        # Masks only; each weighted, sparsified delta d_i is rebuilt when used (the same operations in the
+        # same order, so the same bits), which keeps a large tensor's merge at about the inputs' size.
+        sparse = [_kept(delta, p, sparsification, rescale, generator) for delta, p in zip(deltas, inputs, strict=True)]
 
+        def weighted(i: int) -> torch.Tensor:
+            return sparse[i].apply(deltas[i], weights[i])
+
+        mixed = weighted(0)
+        for i in range(1, len(deltas)):
+            mixed += weighted(i)
         if consensus == "sum":
             # Elect by mass: the sign of the weighted sum (0 counts as +, as mergekit).
-            positive = _sum(weighted) >= 0
-            mixed = torch.zeros_like(weighted[0])
-            per_entry = torch.zeros_like(weighted[0])
-            for d, w in zip(weighted, weights, strict=True):
+            positive = mixed >= 0
+            mixed.zero_()
+            per_entry = torch.zeros_like(mixed)
+            for i, w in enumerate(weights):
+                d = weighted(i)
                 agrees = torch.where(positive, d > 0, d < 0)
-                mixed += torch.where(agrees, d, 0.0)
-                per_entry += agrees * w
+                mixed += d.mul_(agrees)
+                per_entry.add_(agrees, alpha=w)  # += agrees·w without a float copy of agrees
             # An entry no input agrees on is 0 already; dividing it by 1 leaves it so.
-            divisor: torch.Tensor | float = torch.where(per_entry == 0, 1.0, per_entry)
+            divisor: torch.Tensor | float = per_entry.masked_fill_(per_entry == 0, 1.0)
         elif consensus is None:
-            mixed = _sum(weighted)
             total = math.fsum(weights)
             divisor = 1.0 if abs(total) < ZERO_SUM else total
         else:
             raise NotImplementedError(consensus)
 
         if config.normalize:
-            mixed = mixed / divisor
+            mixed /= divisor
         if config.lambda_ != 1:
-            mixed = mixed * config.lambda_
+            mixed *= config.lambda_
         return mixed
 
     merge.__name__ = f"task_arithmetic_{sparsification.value}_{consensus or 'none'}"
