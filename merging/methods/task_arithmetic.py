@@ -95,6 +95,11 @@ class BreadcrumbsInputParams(DensityInputParams, frozen=True):
         require_param(0 <= self.gamma < 1, f"inputs[{index}].gamma", f"must be in [0, 1), got {self.gamma}")
 
 
+# Tensors with at least this many entries rebuild each weighted, sparsified delta when it is used instead of
+# holding it (an embedding matrix: 28M entries, 113 MB per copy in float32).
+_REBUILD_FROM = 1 << 22
+
+
 def _kept(
     delta: torch.Tensor,
     params: InputParams,
@@ -124,8 +129,18 @@ def generalized_task_arithmetic(sparsification: Sparsification, consensus: Conse
         # same order, so the same bits), which keeps a large tensor's merge at about the inputs' size.
         sparse = [_kept(delta, p, sparsification, rescale, generator) for delta, p in zip(deltas, inputs, strict=True)]
 
-        def weighted(i: int) -> torch.Tensor:
-            return sparse[i].apply(deltas[i], weights[i])
+        def rebuilt(i: int) -> torch.Tensor:
+            out = sparse[i].apply(deltas[i], weights[i])
+            return out.clone() if out is deltas[i] else out  # ours to modify, never the caller's input
+
+        if deltas[0].numel() < _REBUILD_FROM:  # small: hold the weighted deltas rather than rebuild them
+            held = [rebuilt(i) for i in range(len(deltas))]
+
+            def weighted(i: int) -> torch.Tensor:
+                return held[i].clone() if i == 0 else held[i]  # the running sum starts from #0: a copy
+
+        else:
+            weighted = rebuilt
 
         mixed = weighted(0)
         for i in range(1, len(deltas)):
