@@ -70,6 +70,9 @@ class Settings:
         default=(), metadata={"help": "base (slug or id) = URL of a vLLM server elsewhere; no process is started"}
     )
     vllm_kv_cache_gib: int = field(default=2, metadata={"help": "VLLM_CPU_KVCACHE_SPACE for managed servers"})
+    vllm_max_servers: int = field(
+        default=3, metadata={"help": "managed vLLM servers at once; the least recently used idle one makes room"}
+    )
     vllm_max_model_len: int = field(default=2048, metadata={"help": "--max-model-len of managed servers"})
     vllm_cpu_threads_bind: str = field(
         default="all", metadata={"help": "VLLM_CPU_OMP_THREADS_BIND of managed servers (`all`: every CPU here)"}
@@ -89,9 +92,19 @@ class Settings:
         },
     )
 
+    merge_stale_after_s: int = field(
+        default=30,
+        metadata={"help": "a running merge job whose heartbeat is older than this lost its worker: it is failed"},
+    )
+
     @property
     def store_dir(self) -> Path:
         return self.home / "store"
+
+    @property
+    def merges_dir(self) -> Path:
+        """Where merge jobs write their output before it is registered (then removed)."""
+        return self.home / "merges"
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -120,9 +133,11 @@ class Settings:
             default_max_tokens=_int_env(env, "MOERGE_DEFAULT_MAX_TOKENS", 256),
             vllm_remote=_pairs_env(env, "MOERGE_VLLM_REMOTE"),
             vllm_kv_cache_gib=_int_env(env, "MOERGE_VLLM_KV_CACHE_GIB", 2),
+            vllm_max_servers=_int_env(env, "MOERGE_VLLM_MAX_SERVERS", 3),
             vllm_max_model_len=_int_env(env, "MOERGE_VLLM_MAX_MODEL_LEN", 2048),
             embedding_model=env.get("MOERGE_EMBEDDING_MODEL") or None,
             embedding_backend=_choice_env(env, "MOERGE_EMBEDDING_BACKEND", EMBEDDING_BACKENDS, "onnx"),
             vllm_cpu_threads_bind=env.get("MOERGE_VLLM_CPU_THREADS_BIND") or "all",
             vllm_lora_ops=_choice_env(env, "MOERGE_VLLM_LORA_OPS", LORA_OPS_CHOICES, "grouped"),
+            merge_stale_after_s=_int_env(env, "MOERGE_MERGE_STALE_S", 30),
         )

@@ -18,12 +18,11 @@ import yaml
 from merging.methods import METHODS, InputParams, MergeMethod, MethodConfig
 from registry.errors import ValidationFailed
 from registry.schemas import check_slug, decode_strict
+from serving.vllm_process import VALID_LORA_RANKS  # a merged LoRA must fit vLLM's --max-lora-rank
 
 OutputFormat = Literal["full", "lora", "cat"]
 OUTPUT_FORMATS: tuple[str, ...] = ("full", "lora", "cat")
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
-# vLLM's --max-lora-rank accepts only these; a merged LoRA must be servable by its base's server.
-LORA_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # Methods whose merged delta is a weighted sum of the inputs' deltas: only they can be written as an exact
 # concatenation of the adapters (``cat``).
 LINEAR_IN_DELTAS: frozenset[str] = frozenset({"task_arithmetic", "linear"})
@@ -36,7 +35,8 @@ class ModelEntry(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, froze
 
 class OutputSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
     format: str = "full"  # full | lora (truncated SVD of the merged delta) | cat (adapters stacked, exact)
-    rank: int | None = None  # lora: the rank kept by the SVD (default 16)
+    rank: int | None = None  # lora: the rank kept by the SVD (default: the inputs' largest, so the base's
+    # running vLLM server, started for them, can serve the result at once)
 
 
 class MergeRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
@@ -106,9 +106,9 @@ def check_request(request: MergeRequest) -> CheckedRequest:
     if output.rank is not None:
         if output.format != "lora":
             raise ValidationFailed("output.rank: only a `lora` output has a rank to choose", param="output.rank")
-        if output.rank not in LORA_RANKS:
+        if output.rank not in VALID_LORA_RANKS:
             raise ValidationFailed(
-                f"output.rank: {output.rank} is not a rank vLLM serves ({', '.join(map(str, LORA_RANKS))})",
+                f"output.rank: {output.rank} is not a rank vLLM serves ({', '.join(map(str, VALID_LORA_RANKS))})",
                 param="output.rank",
             )
     if output.format == "cat" and method.name not in LINEAR_IN_DELTAS:

@@ -25,8 +25,7 @@ from registry.inspect import (
     inspect_folder,
     split_adapter_keys,
 )
-
-DEFAULT_LORA_RANK = 16
+from serving.vllm_process import lora_rank_for
 
 
 @dataclass(frozen=True)
@@ -162,7 +161,8 @@ def _plan_lora_output(plan: MergePlan) -> None:
         )
     plan.lora_modules = sorted({mod for m in plan.inputs for mod in split_adapter_keys(m.insp.tensors)[0]})
     if checked.output.format == "lora":
-        plan.rank = checked.output.rank or DEFAULT_LORA_RANK
+        ranks = [r for m in plan.inputs for r in (m.insp.r, *m.insp.rank_pattern.values()) if r]
+        plan.rank = checked.output.rank or lora_rank_for(max(ranks, default=8))
 
 
 def _check_fits(model: PlannedModel, reference: PlannedModel) -> None:

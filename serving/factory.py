@@ -54,6 +54,7 @@ async def create_engine(settings: Settings, sessionmaker: async_sessionmaker[Asy
         max_lora_rank=rank,
         remote_servers=await remote_servers_by_id(settings, sessionmaker),
         kv_cache_gib=settings.vllm_kv_cache_gib,
+        max_servers=settings.vllm_max_servers,
         max_model_len=settings.vllm_max_model_len,
         cpu_threads_bind=settings.vllm_cpu_threads_bind,
         lora_ops=settings.vllm_lora_ops,

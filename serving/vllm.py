@@ -82,6 +82,13 @@ class VLLMConfig:
         },
     )
     kv_cache_gib: float = field(default=2, metadata={"help": "VLLM_CPU_KVCACHE_SPACE: KV cache per server, GiB"})
+    max_servers: int = field(
+        default=3,
+        metadata={
+            "help": "managed servers running at once (each holds its model and KV cache); starting one more "
+            "stops the least recently used idle one"
+        },
+    )
     dtype: str = field(default="float32", metadata={"help": "--dtype; float32 is 3-5x faster than bf16 on this CPU"})
     cpu_threads_bind: str = field(
         default="all",
@@ -132,7 +139,14 @@ class VLLMConfig:
             raise ValueError(f"max_lora_rank must be one of {VALID_LORA_RANKS}, got {self.max_lora_rank}")
         if self.lora_ops not in LORA_OPS_CHOICES:
             raise ValueError(f"lora_ops must be one of {LORA_OPS_CHOICES}, got {self.lora_ops!r}")
-        for name in ("max_model_len", "max_loras", "startup_timeout_s", "request_timeout_s", "health_interval_s"):
+        for name in (
+            "max_model_len",
+            "max_loras",
+            "startup_timeout_s",
+            "request_timeout_s",
+            "health_interval_s",
+            "max_servers",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
 
@@ -169,6 +183,8 @@ class _Server:
     last_error: str | None = None
     stopping: bool = False
     pool: aiohttp.ClientSession | None = None  # generation connections to the current process
+    in_flight: int = 0  # requests using it now (an idle server may be stopped to make room)
+    last_used: float = 0.0
 
     def drop_pool(self) -> asyncio.Task[None] | None:
         """Forget the current process's connections (it died or is stopping); returns the closing task."""
@@ -188,6 +204,9 @@ class _Watch:
     def __init__(self, server: _Server) -> None:
         self.died = server.died
         self._waiter: asyncio.Future[Any] | None = None
+        self._server: _Server | None = server
+        server.in_flight += 1
+        server.last_used = time.monotonic()
 
     async def run(self, aw: Awaitable[T]) -> T:
         if self.died.is_set():
@@ -208,6 +227,10 @@ class _Watch:
     def close(self) -> None:
         if self._waiter is not None:
             self._waiter.cancel()
+        if self._server is not None:
+            self._server.in_flight -= 1
+            self._server.last_used = time.monotonic()
+            self._server = None
 
 
 class VLLMEngine:
@@ -481,6 +504,8 @@ class VLLMEngine:
             if server.proc is not None and server.proc.alive:
                 return server
             self._notice_exit(server)  # died, and the exit watcher has not run yet
+        if server.state == "dead" and not server.busy_starting:
+            await self._make_room(server)
         async with server.start_lock:  # concurrent first requests start one process
             if server.state == "dead" and not server.busy_starting:
                 server.state = "starting"
@@ -494,6 +519,28 @@ class VLLMEngine:
             if server.state == "ready":
                 return server
         raise self._unavailable(server)
+
+    async def _make_room(self, newcomer: _Server) -> None:
+        """Stop least recently used idle servers until ``newcomer`` fits under ``max_servers``."""
+        while True:
+            running = [
+                s
+                for s in self._servers.values()
+                if s is not newcomer and not s.remote and (s.state != "dead" or s.busy_starting)
+            ]
+            if len(running) < self.config.max_servers:
+                return
+            idle = [s for s in running if s.state == "ready" and s.in_flight == 0]
+            if not idle:
+                raise EngineUnavailable(
+                    f"all {self.config.max_servers} vLLM servers are busy (max_servers); retry shortly",
+                    retry_after=5,
+                )
+            victim = min(idle, key=lambda s: s.last_used)
+            log.info(
+                "stopping the vLLM server for %s (least recently used) to start %s", victim.base_id, newcomer.base_id
+            )
+            await self.stop_server(victim.base_id)
 
     async def _start(self, server: _Server) -> bool:
         """Start a process for ``server`` and wait until it is healthy. Never raises; False on failure."""

@@ -358,3 +358,20 @@ async def test_composed_answer_survives_a_member_server_dying(models: Models, tm
         assert failed.slug == "doomed-lora" and failed.error
     finally:
         await eng.close()
+
+
+async def test_least_recently_used_idle_server_makes_room(models: Models, tmp_path: Path) -> None:
+    """max_servers=1: a request for a second base (a merged full model, say) stops the idle first server."""
+    eng = VLLMEngine(_config(tmp_path, 18600, max_servers=1))
+    try:
+        first, second = models.target(base_id="lru-first"), models.target(base_id="lru-second")
+        _ok((await eng.generate([GenRequest(first, GREEDY, prompt=PROMPT)]))[0])
+        [entry] = await eng.status()
+        first_pid = entry["pid"]
+        _ok((await eng.generate([GenRequest(second, GREEDY, prompt=PROMPT)]))[0])
+        entries = await eng.status()
+        assert [e["base_id"] for e in entries] == ["lru-second"] and entries[0]["state"] == "ready"
+        with pytest.raises(ProcessLookupError):
+            os.killpg(first_pid, 0)  # the first server's whole process group is gone
+    finally:
+        await eng.close()
