@@ -184,6 +184,7 @@ class _Server:
     stopping: bool = False
     pool: aiohttp.ClientSession | None = None  # generation connections to the current process
     in_flight: int = 0  # requests using it now (an idle server may be stopped to make room)
+    started_rank: int = 0  # --max-lora-rank of the running process
     last_used: float = 0.0
 
     def drop_pool(self) -> asyncio.Task[None] | None:
@@ -416,12 +417,8 @@ class VLLMEngine:
         adapter_path = str(Path(target.adapter_dir).resolve()) if not server.remote else str(target.adapter_dir)
         if not server.remote:
             rank = _adapter_rank(Path(adapter_path))
-            if rank is not None and rank > server.rank:
-                raise ValidationFailed(
-                    f"adapter {adapter_id!r} has rank {rank}, above the --max-lora-rank {server.rank} its base "
-                    f"server runs with; raise max_lora_rank (or Target.max_lora_rank) and restart it",
-                    param="model",
-                )
+            if rank is not None and rank > server.started_rank:
+                await self._restart_for_rank(server, target, adapter_id, rank)
         lock = server.adapter_locks.setdefault(adapter_id, asyncio.Lock())
         async with lock:  # concurrent first requests for one adapter load it once
             if adapter_id in server.adapters:
@@ -520,6 +517,31 @@ class VLLMEngine:
                 return server
         raise self._unavailable(server)
 
+    async def _restart_for_rank(self, server: _Server, target: Target, adapter_id: str, rank: int) -> None:
+        """An adapter above the running server's --max-lora-rank (a merged LoRA, say): restart the server
+        with a rank that fits once it is idle, and tell the caller to come back (EngineUnavailable)."""
+        server.rank = max(server.rank, lora_rank_for(rank))  # every later start keeps it
+        if server.in_flight > 1:
+            raise EngineUnavailable(
+                f"adapter {adapter_id!r} has rank {rank}, above the --max-lora-rank {server.started_rank} the vLLM "
+                f"server for {server.base_id!r} runs with; it restarts with {server.rank} once its "
+                f"{server.in_flight - 1} other requests are done",
+                retry_after=5,
+            )
+        log.info(
+            "restarting vLLM for %s with --max-lora-rank %d for adapter %s", server.base_id, server.rank, adapter_id
+        )
+        await self._stop(server)
+        server.stopping = False
+        try:
+            await self._acquire(target, wait=False)
+        except EngineUnavailable as exc:
+            raise EngineUnavailable(
+                f"restarting the vLLM server for {server.base_id!r} with --max-lora-rank {server.rank} for adapter "
+                f"{adapter_id!r} (rank {rank})",
+                retry_after=exc.retry_after,
+            ) from None
+
     async def _make_room(self, newcomer: _Server) -> None:
         """Stop least recently used idle servers until ``newcomer`` fits under ``max_servers``."""
         while True:
@@ -557,6 +579,7 @@ class VLLMEngine:
             avoid = {s.port for s in self._servers.values() if s is not server and s.port is not None}
             port = pick_port(cfg.host, cfg.port_start, prefer=server.port, avoid=avoid)
             server.port, server.url = port, f"http://{cfg.host}:{port}"
+            server.started_rank = server.rank
             command = server_command(
                 model_dir=server.base_dir,
                 served_name=server.model_name,

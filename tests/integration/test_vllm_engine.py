@@ -375,3 +375,23 @@ async def test_least_recently_used_idle_server_makes_room(models: Models, tmp_pa
             os.killpg(first_pid, 0)  # the first server's whole process group is gone
     finally:
         await eng.close()
+
+
+async def test_adapter_above_the_running_rank_restarts_the_server(models: Models, tmp_path: Path) -> None:
+    """A merged LoRA of a higher rank than the base's server was started with: the idle server restarts
+    with a rank that fits (the caller is told to retry), then serves it."""
+    from tests.fixtures.vllm_models import build_vllm_tiny_lora
+
+    wide = build_vllm_tiny_lora(models.base, tmp_path / "wide", seed=3, r=16)
+    eng = VLLMEngine(_config(tmp_path, 18650, max_lora_rank=8))
+    try:
+        narrow = models.target("a", base_id="rank-base")
+        _ok((await eng.generate([GenRequest(narrow, GREEDY, prompt=PROMPT)]))[0])
+        target = Target("rank-base", models.base, adapter_id="rank-base-wide", adapter_dir=wide)
+        [first] = await eng.generate([GenRequest(target, GREEDY, prompt=PROMPT)])
+        assert isinstance(first, EngineUnavailable) and "--max-lora-rank 16" in first.message
+        await eng.ensure_server(target)
+        assert _ok((await eng.generate([GenRequest(target, GREEDY, prompt=PROMPT)]))[0]).text
+        assert _ok((await eng.generate([GenRequest(narrow, GREEDY, prompt=PROMPT)]))[0]).text  # reloaded
+    finally:
+        await eng.close()
