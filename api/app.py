@@ -13,9 +13,11 @@ from api.compositions.controllers import CompositionController, RouteController
 from api.deps import Runtime, provide_key_service, provide_session, provide_settings, provide_store
 from api.exceptions import exception_handlers
 from api.experts.controllers import ExpertController
+from api.merges.controllers import MergeController
 from api.openai.controllers import OpenAIController
 from api.settings import Settings
 from api.system.controllers import EngineController, HealthController
+from merging.jobs import InProcessRunner
 from registry.db import ensure_migrated, make_engine, make_sessionmaker
 from registry.epoch import StampReader
 from registry.store import ArtifactStore
@@ -42,10 +44,15 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
                 serving, sessionmaker, store, LazyEmbedder(settings.embedding_model, settings.embedding_backend)
             )
             stamps = StampReader(settings.database_url)
-            app.state.runtime = Runtime(settings, db_engine, sessionmaker, store, stamps, serving, routing)
+            merges = InProcessRunner(
+                sessionmaker, store, settings.merges_dir, stale_after_s=settings.merge_stale_after_s
+            )
+            app.state.runtime = Runtime(settings, db_engine, sessionmaker, store, stamps, serving, routing, merges)
             try:
+                await merges.start()  # settles jobs a dead worker left, then takes queued ones
                 yield
             finally:
+                await merges.stop()  # a merge in progress stops at its next tensor and is re-queued
                 stamps.close()
                 if engine is None:  # an engine passed in belongs to the caller
                     await serving.close()
@@ -58,6 +65,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             ExpertController,
             CompositionController,
             RouteController,
+            MergeController,
             OpenAIController,
             EngineController,
         ],

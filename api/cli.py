@@ -1,4 +1,4 @@
-"""The `moerge` command line: init, db, serve, demo, expert add|list|show|rm|verify.
+"""The `moerge` command line: init, db, serve, demo, expert add|list|show|rm|verify, merge, merges.
 
 Commands act on the local database and store through the same services as the API. Every refusal is a
 one-line message on stderr naming the field, and a non-zero exit.
@@ -14,13 +14,13 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.settings import Settings
 from registry import db
@@ -30,6 +30,9 @@ from registry.errors import MoergeError
 from registry.schemas import ExpertSpec
 from registry.services import ApiKeyService, ExpertService, expert_summary
 from registry.store import ArtifactStore
+
+if TYPE_CHECKING:
+    from merging.jobs import MergeJobService  # imports torch: loaded only by the merge commands
 
 app = typer.Typer(
     help="moerge: recycle specialist models and LoRA adapters into one composed system.",
@@ -42,6 +45,8 @@ app.add_typer(db_app, name="db")
 app.add_typer(expert_app, name="expert")
 composition_app = typer.Typer(help="Create, list, show, update and remove compositions.", no_args_is_help=True)
 app.add_typer(composition_app, name="composition")
+merges_app = typer.Typer(help="List, show and cancel merge jobs (run one with `moerge merge`).", no_args_is_help=True)
+app.add_typer(merges_app, name="merges")
 
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
@@ -67,8 +72,11 @@ def handles_errors(fn: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
-async def _with_session(
-    settings: Settings, work: Callable[[AsyncSession, ArtifactStore], Awaitable[T]], *, check: bool = True
+async def _with_sessionmaker(
+    settings: Settings,
+    work: Callable[[async_sessionmaker[AsyncSession], ArtifactStore], Awaitable[T]],
+    *,
+    check: bool = True,
 ) -> T:
     engine = db.make_engine(settings.database_url)
     try:
@@ -76,10 +84,19 @@ async def _with_session(
             await db.ensure_migrated(engine)
         store = ArtifactStore(settings.store_dir)
         store.ensure()
-        async with db.make_sessionmaker(engine)() as session:
-            return await work(session, store)
+        return await work(db.make_sessionmaker(engine), store)
     finally:
         await engine.dispose()
+
+
+async def _with_session(
+    settings: Settings, work: Callable[[AsyncSession, ArtifactStore], Awaitable[T]], *, check: bool = True
+) -> T:
+    async def in_session(sessionmaker: async_sessionmaker[AsyncSession], store: ArtifactStore) -> T:
+        async with sessionmaker() as session:
+            return await work(session, store)
+
+    return await _with_sessionmaker(settings, in_session, check=check)
 
 
 async def _with_services(
@@ -675,6 +692,141 @@ def composition_rm(name: Annotated[str, typer.Argument(help="the composition")])
 
     run(_with_session(Settings.from_env(), work))
     out.print(f"removed composition {name}")
+
+
+# -- merges ----------------------------------------------------------------------------------------------
+CONFIG_SUFFIXES = {".yaml": True, ".yml": True, ".json": False}  # suffix -> is YAML
+
+
+@app.command()
+@handles_errors
+def merge(
+    config: Annotated[Path, typer.Argument(help="merge config: mergekit-style YAML (.yaml, .yml) or JSON (.json)")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="also write the merged model folder here (new or empty)")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the finished job as JSON")] = False,
+) -> None:
+    """Merge experts as CONFIG says, in this process with a progress bar, and register the result as a
+    `merged` expert (the same job, checks and code as `POST /api/merges`)."""
+    yaml_text = CONFIG_SUFFIXES.get(config.suffix.lower())
+    if yaml_text is None:
+        raise fail(f"config: {config} is not a .yaml, .yml or .json file")
+    if not config.is_file():
+        raise fail(f"config: {config} is not a file")
+    if output is not None and output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise fail(f"output: {output} exists and is not an empty folder")
+    raw = config.read_text()
+    settings = Settings.from_env()
+    summary, folder = run(
+        _with_sessionmaker(settings, lambda sm, store: _run_merge(settings, sm, store, raw, yaml_text))
+    )
+    if output is not None:
+        _copy_folder(folder, output)
+    if as_json:
+        out.print_json(json.dumps(summary))
+        return
+    result = summary["result_expert"]
+    out.print(f"registered merged expert {result['slug']} ({result['id']}), job {summary['id']}", highlight=False)
+    if output is not None:
+        out.print(f"wrote {output}", highlight=False)
+
+
+async def _run_merge(
+    settings: Settings, sessionmaker: async_sessionmaker[AsyncSession], store: ArtifactStore, raw: str, yaml_text: bool
+) -> tuple[dict[str, Any], Path]:
+    """Submit the job already claimed by this process (no server's worker takes it), run it, return its
+    summary and the registered expert's folder."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from merging.jobs import InProcessRunner, MergeJobService, job_name
+
+    async with sessionmaker() as session:
+        job = await MergeJobService(session, store).submit(raw, yaml_text=yaml_text, claim=True)
+    runner = InProcessRunner(sessionmaker, store, settings.merges_dir, stale_after_s=settings.merge_stale_after_s)
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"))
+    with Progress(*columns, TimeElapsedColumn(), console=err) as progress:
+        bar = progress.add_task(f"merge {job_name(job)}", total=1.0)
+        job = await runner.run_job(
+            job.id, on_tick=lambda done, message: progress.update(bar, completed=done, description=message[:60])
+        )
+    async with sessionmaker() as session:
+        summary = await MergeJobService(session, store).describe(job)
+    if job.status != "succeeded":
+        raise MoergeError(f"merge job {job.id} {job.status}: {job.error or job.message}")
+    assert job.result_expert_id is not None
+    return summary, store.expert_dir(job.result_expert_id)
+
+
+def _copy_folder(source: Path, dest: Path) -> None:
+    """Copy a stored expert's folder (hard links to read-only blobs) as plain files, whole or not at all."""
+    import shutil
+    import uuid
+
+    partial = dest.parent / f".{dest.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        shutil.copytree(source, partial, copy_function=shutil.copyfile)
+        if dest.exists():
+            dest.rmdir()  # checked empty before the merge
+        partial.rename(dest)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def _merge_service(work: Callable[[MergeJobService], Awaitable[T]]) -> T:
+    from merging.jobs import MergeJobService
+
+    return run(_with_session(Settings.from_env(), lambda session, store: work(MergeJobService(session, store))))
+
+
+@merges_app.command("list")
+@handles_errors
+def merges_list(
+    status: Annotated[str | None, typer.Option(help="queued, running, succeeded, failed or cancelled")] = None,
+    limit: int = 50,
+    offset: int = 0,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List merge jobs, newest first."""
+
+    async def work(merges: MergeJobService) -> dict[str, Any]:
+        page = await merges.list_jobs(status=status, limit=limit, offset=offset)
+        return {"data": await merges.describe_many(page.items), "total": page.total}
+
+    listing = _merge_service(work)
+    if as_json:
+        out.print_json(json.dumps(listing))
+        return
+    table = Table("id", "name", "method", "status", "progress", "result", "created", title=f"{listing['total']} jobs")
+    for j in listing["data"]:
+        result = j["result_expert"]["slug"] if j["result_expert"] else (j["error"] or "")[:60]
+        progress = f"{100 * j['progress']:.0f}%"
+        table.add_row(j["id"], j["name"], j["method"], j["status"], progress, result, j["created_at"][:19])
+    out.print(table)
+
+
+@merges_app.command("show")
+@handles_errors
+def merges_show(job_id: Annotated[str, typer.Argument(help="the job's id")]) -> None:
+    """Show one merge job (JSON)."""
+
+    async def work(merges: MergeJobService) -> dict[str, Any]:
+        return await merges.describe(await merges.get(job_id))
+
+    out.print_json(json.dumps(_merge_service(work)))
+
+
+@merges_app.command("cancel")
+@handles_errors
+def merges_cancel(job_id: Annotated[str, typer.Argument(help="the job's id")]) -> None:
+    """Cancel a queued job, or ask a running one to stop at its next tensor."""
+
+    async def work(merges: MergeJobService) -> dict[str, Any]:
+        return await merges.describe(await merges.cancel(job_id))
+
+    job = _merge_service(work)
+    out.print(f"merge job {job['id']}: {job['status']} ({job['message']})", highlight=False)
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ from litestar.di import NamedDependency
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from api.settings import Settings
+from merging.jobs import MergeRunner
 from registry.epoch import StampReader
 from registry.errors import MoergeError
 from registry.services import ApiKeyService, ExpertService
@@ -29,6 +30,7 @@ class Runtime:
     stamps: StampReader
     serving: Engine | None = None
     routing: RouterContext | None = None
+    merges: MergeRunner | None = None  # runs queued merge jobs (api/app.py starts and stops it)
 
 
 def runtime_of(state: State) -> Runtime:

@@ -11,7 +11,7 @@ import hashlib
 import secrets
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,9 +120,22 @@ class ExpertService:
 
     # -- registration --------------------------------------------------------------------------------
     async def register_folder(
-        self, folder: Path, spec: ExpertSpec, *, source_uri: str | None = None, exist_ok: bool = False
+        self,
+        folder: Path,
+        spec: ExpertSpec,
+        *,
+        source_uri: str | None = None,
+        exist_ok: bool = False,
+        parents: Sequence[str] | None = None,
+        merge_job_id: uuid.UUID | None = None,
+        before_commit: Callable[[Expert], Awaitable[None]] | None = None,
     ) -> Expert:
-        """Validate ``folder`` against ``spec`` and register it (files copied into the store)."""
+        """Validate ``folder`` against ``spec`` and register it (files copied into the store).
+
+        ``parents`` and ``merge_job_id`` record a merge's lineage (default parents: the base).
+        ``before_commit`` runs in the registration's transaction once the row is flushed (a merge job marks
+        itself succeeded there): if it raises, nothing is registered.
+        """
         spec.validate()
         existing = await self.find(spec.slug)
         insp = inspect_folder(folder)
@@ -151,9 +164,14 @@ class ExpertService:
             expert = _expert_from(expert_id, spec, insp, kind, base, source_uri)
             expert.manifest_sha256 = manifest_digest((rel, sha) for rel, sha, _ in ingest.files)
             expert.files = [ExpertFile(path=rel, sha256=sha, size=size) for rel, sha, size in ingest.files]
+            if parents is not None:
+                expert.parents = list(parents)
+            expert.merge_job_id = merge_job_id
             self.session.add(expert)
             await self.session.flush()
             self.store.materialize(expert_id, [(rel, sha) for rel, sha, _ in ingest.files])
+            if before_commit is not None:
+                await before_commit(expert)
             await self.session.commit()
         except BaseException as exc:
             await self.session.rollback()
@@ -171,6 +189,8 @@ class ExpertService:
                 raise ValidationFailed("a base model cannot itself have a base", param="base")
             return None
         ref = spec.base or (insp.base_model_name_or_path if insp.kind == "adapter" else None)
+        if not ref and kind == ExpertKind.merged and insp.kind != "adapter":
+            return None  # a merge of full models without a shared base stands on its own
         if not ref:
             raise ValidationFailed(
                 f"a {kind.value} needs its base model: give `base` (slug of a registered base)", param="base"

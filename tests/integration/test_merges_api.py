@@ -1,0 +1,256 @@
+"""/api/merges on a live server (uvicorn in a thread, torch engine, tiny models), on SQLite and PostgreSQL:
+a TIES merge of two finetunes and a task-arithmetic merge of two LoRAs into a LoRA end as registered
+`merged` experts with lineage, equal to the executor run directly and answering at once through /v1; every
+refusal is a 4xx naming the field with nothing written; the progress stream ends after the terminal status.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from merging.config import check_request, parse_request
+from merging.executor import execute
+from merging.plan import ModelRef, plan_merge
+from registry.schemas import ExpertSpec
+from serving.torch_engine import TorchEngine
+from tests.fixtures.db import BACKENDS, RegistryEnv
+from tests.fixtures.live import register, serve
+from tests.fixtures.tiny import build_tiny_finetune, build_tiny_llama, build_tiny_lora
+
+pytestmark = pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
+
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+@pytest.fixture(scope="module")
+def models(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two finetunes and two LoRAs of the tiny base, a LoRA of another base, and a base of another width."""
+    root = tmp_path_factory.mktemp("merge-inputs")
+    other_base = build_tiny_llama(root / "other-base", seed=5)
+    return {
+        "ft-a": build_tiny_finetune(tiny_base, root / "ft-a", seed=1),
+        "ft-b": build_tiny_finetune(tiny_base, root / "ft-b", seed=2),
+        "lora-a": build_tiny_lora(tiny_base, root / "lora-a", seed=3, target_modules=("q_proj", "v_proj", "o_proj")),
+        "lora-b": build_tiny_lora(tiny_base, root / "lora-b", seed=4),
+        "other-base": other_base,
+        "other-lora": build_tiny_lora(other_base, root / "other-lora", seed=6),
+        "wide-base": build_tiny_llama(root / "wide-base", hidden_size=48, seed=7),
+    }
+
+
+@pytest.fixture
+def live(registry_env: RegistryEnv, tiny_base: Path, models: dict[str, Path]) -> Iterator[dict[str, Any]]:
+    settings = registry_env.settings
+    register(settings, tiny_base, ExpertSpec(slug="tiny-base"))
+    register(settings, models["other-base"], ExpertSpec(slug="other-base"))
+    register(settings, models["wide-base"], ExpertSpec(slug="wide-base"))
+    for slug in ("ft-a", "ft-b"):
+        register(settings, models[slug], ExpertSpec(slug=slug, base="tiny-base"))
+    for slug in ("lora-a", "lora-b"):
+        register(settings, models[slug], ExpertSpec(slug=slug, base="tiny-base"))
+    register(settings, models["other-lora"], ExpertSpec(slug="other-lora", base="other-base"))
+    with serve(settings, TorchEngine()) as url:
+        yield {"url": url, "env": registry_env, "http": httpx.Client(base_url=url, timeout=60)}
+
+
+def submit(live: dict[str, Any], body: dict[str, Any] | str) -> httpx.Response:
+    env: RegistryEnv = live["env"]
+    if isinstance(body, str):
+        return live["http"].post("/api/merges", content=body, headers={**env.admin, "content-type": "application/yaml"})
+    return live["http"].post("/api/merges", json=body, headers=env.admin)
+
+
+def wait_done(live: dict[str, Any], job_id: str, timeout_s: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        job = live["http"].get(f"/api/merges/{job_id}", headers=live["env"].query).json()
+        if job["status"] in TERMINAL:
+            return job
+        assert time.monotonic() < deadline, job
+        time.sleep(0.1)
+
+
+def expert(live: dict[str, Any], ref: str) -> dict[str, Any]:
+    resp = live["http"].get(f"/api/experts/{ref}", headers=live["env"].query)
+    assert resp.status_code == 200, resp.text
+    return resp.json()  # type: ignore[no-any-return]
+
+
+def chat(live: dict[str, Any], model: str) -> dict[str, Any]:
+    body = {"model": model, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, "temperature": 0}
+    resp = live["http"].post("/v1/chat/completions", json=body, headers=live["env"].query)
+    assert resp.status_code == 200, resp.text
+    return resp.json()  # type: ignore[no-any-return]
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    found: dict[str, torch.Tensor] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        found.update(load_file(path))
+    return found
+
+
+def no_leftovers(env: RegistryEnv) -> None:
+    merges = env.settings.merges_dir
+    assert not merges.exists() or not list(merges.iterdir()), list(merges.iterdir())
+    assert env.leftovers() == []
+
+
+TIES = {
+    "merge_method": "ties",
+    "base_model": "tiny-base",
+    "models": [
+        {"model": "ft-a", "parameters": {"weight": 1.0, "density": 0.5}},
+        {"model": "ft-b", "parameters": {"weight": 0.7, "density": 0.3}},
+    ],
+    "parameters": {"normalize": True},
+    "name": "tiny-ties",
+    "description": "two tiny finetunes, TIES",
+}
+
+
+def test_ties_merge_registers_a_merged_expert(live: dict[str, Any]) -> None:
+    env: RegistryEnv = live["env"]
+    resp = submit(live, TIES)
+    assert resp.status_code == 201, resp.text
+    job = resp.json()
+    assert job["status"] in ("queued", "running", "succeeded") and job["name"] == "tiny-ties"
+    assert job["method"] == "ties" and job["config"]["models"][1]["parameters"]["density"] == 0.3
+    assert job["plan"]["base_model"] == "tiny-base" and job["plan"]["output"] == {"format": "full"}
+
+    done = wait_done(live, job["id"])
+    assert done["status"] == "succeeded", done
+    assert done["progress"] == 1.0 and done["error"] is None
+    assert done["result_expert"]["slug"] == "tiny-ties"
+
+    merged = expert(live, "tiny-ties")
+    ids = {slug: expert(live, slug)["id"] for slug in ("tiny-base", "ft-a", "ft-b")}
+    assert merged["kind"] == "merged" and merged["description"] == "two tiny finetunes, TIES"
+    assert merged["lineage"]["base"] == "tiny-base"
+    assert merged["lineage"]["parents"] == [ids["tiny-base"], ids["ft-a"], ids["ft-b"]]
+    assert merged["lineage"]["merge_job_id"] == job["id"]
+    assert {"merged", "ties"} <= set(merged["tags"]) and merged["compatibility"]["peft_type"] is None
+    assert {f["path"] for f in merged["integrity"]["files"]} >= {"config.json", "README.md", "moerge_merge.json"}
+
+    # the stored weights are exactly what the executor writes for the same plan
+    store = env.store
+    refs = [ModelRef(s, store.expert_dir(ids[s]), ids[s], ids["tiny-base"]) for s in ("ft-a", "ft-b")]
+    base = ModelRef("tiny-base", store.expert_dir(ids["tiny-base"]), ids["tiny-base"])
+    plan = plan_merge(check_request(parse_request(TIES)), base, refs)
+    direct = execute(plan, env.settings.home / "direct").folder
+    want, got = tensors(direct), tensors(store.expert_dir(merged["id"]))
+    assert set(want) == set(got)
+    assert all(torch.equal(want[name], got[name]) for name in want)
+
+    listed = live["http"].get("/api/merges", params={"status": "succeeded"}, headers=env.query).json()
+    assert listed["total"] == 1 and listed["data"][0]["id"] == job["id"]
+    assert chat(live, "tiny-ties")["model"] == "tiny-ties"  # served at once by the torch engine
+    # an expert a merge job used stays until the job's record is dropped with force
+    refused = live["http"].delete("/api/experts/ft-a", headers=env.admin)
+    assert refused.status_code == 409 and "merge job" in refused.json()["error"]["message"]
+    no_leftovers(env)
+
+
+def test_lora_merge_from_yaml_is_a_merged_adapter(live: dict[str, Any]) -> None:
+    yaml_body = """
+merge_method: task_arithmetic
+base_model: tiny-base
+models:
+  - model: lora-a
+    parameters: {weight: 1.0}
+  - model: lora-b
+    parameters: {weight: 0.5}
+output: {format: lora, rank: 8}
+"""
+    resp = submit(live, yaml_body)
+    assert resp.status_code == 201, resp.text
+    job = resp.json()
+    assert job["name"].startswith("task_arithmetic-") and job["config"]["output"] == {"format": "lora", "rank": 8}
+    done = wait_done(live, job["id"])
+    assert done["status"] == "succeeded", done
+    merged = expert(live, done["result_expert"]["slug"])
+    assert merged["kind"] == "merged" and merged["lineage"]["base"] == "tiny-base"
+    assert merged["compatibility"]["peft_type"] == "LORA" and merged["compatibility"]["r"] == 8
+    assert set(merged["compatibility"]["target_modules"]) == {"q_proj", "v_proj", "o_proj"}
+    assert {f["path"] for f in merged["integrity"]["files"]} >= {"adapter_config.json", "adapter_model.safetensors"}
+    answer = chat(live, merged["slug"])  # a merged LoRA runs on its base
+    assert answer["model"] == merged["slug"] and answer["choices"][0]["message"]["content"] is not None
+    no_leftovers(live["env"])
+
+
+# (body, status, the field named, a word of the reason)
+REFUSALS = [
+    ({**TIES, "merge_method": "nope"}, 400, "merge_method", "unknown merge method"),
+    (
+        {**TIES, "models": [{"model": "ft-a", "parameters": {"density": 1.5}}, {"model": "ft-b"}]},
+        400,
+        "models[0].parameters.density",
+        "density",
+    ),
+    ({k: v for k, v in TIES.items() if k != "base_model"}, 400, "base_model", "give base_model"),
+    (
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": "tiny-base",
+            "models": [{"model": "lora-a"}, {"model": "other-lora"}],
+        },
+        400,
+        "models[1].model",
+        "another base",
+    ),
+    (
+        {"merge_method": "linear", "models": [{"model": "tiny-base"}, {"model": "wide-base"}]},
+        400,
+        "models[1].model",
+        "shape",
+    ),
+    ({**TIES, "models": [{"model": "no-such-expert"}, {"model": "ft-b"}]}, 400, "models[0].model", "no registered"),
+    ({**TIES, "base_model": "no-such-base"}, 400, "base_model", "no registered"),
+    ({**TIES, "name": "ft-a"}, 409, "name", "already exists"),
+    ({**TIES, "output": {"format": "lora", "rank": 8}}, 400, "output.format", "full model"),
+    ({**TIES, "surprise": 1}, 400, "surprise", "unknown field"),
+    ("merge_method: [unclosed", 400, "body", "YAML"),
+]
+
+
+def test_refusals_name_the_field_and_write_nothing(live: dict[str, Any]) -> None:
+    env: RegistryEnv = live["env"]
+    for body, status, param, reason in REFUSALS:
+        resp = submit(live, body)
+        assert resp.status_code == status, (body, resp.text)
+        error = resp.json()["error"]
+        assert error["param"] == param and reason in error["message"], (body, error)
+    listing = live["http"].get("/api/merges", headers=env.query).json()
+    assert listing["total"] == 0 and listing["data"] == []  # no job row for any refused request
+    no_leftovers(env)
+    assert live["http"].get("/api/merges/not-a-job", headers=env.query).status_code == 404
+    assert live["http"].post("/api/merges", json=TIES, headers=env.query).status_code == 403
+    assert live["http"].get("/api/merges", params={"status": "done"}, headers=env.query).status_code == 400
+
+
+def test_progress_stream_ends_after_the_terminal_status(live: dict[str, Any]) -> None:
+    env: RegistryEnv = live["env"]
+    job = submit(live, {**TIES, "name": "streamed"}).json()
+    events = []
+    with live["http"].stream("GET", f"/api/merges/{job['id']}/events", headers=env.query) as resp:
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+        for line in resp.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line.removeprefix("data: ")))
+    assert events and events[-1]["status"] == "succeeded" and events[-1]["progress"] == 1.0
+    assert events[-1]["result_expert"]["slug"] == "streamed"
+    progress = [e["progress"] for e in events]
+    assert progress == sorted(progress)
+    # a finished job cannot be cancelled; its stream is one event
+    assert live["http"].post(f"/api/merges/{job['id']}/cancel", headers=env.admin).status_code == 409
+    with live["http"].stream("GET", f"/api/merges/{job['id']}/events", headers=env.query) as resp:
+        assert [line for line in resp.iter_lines() if line.startswith("data: ")] == [f"data: {json.dumps(events[-1])}"]
