@@ -57,6 +57,10 @@ ORACLE = "oracle"
 """Pseudo-model: every query goes to its own task's expert (the upper bound of query-level routing)."""
 
 
+# How long a query keeps retrying while the engine answers 503 (a vLLM server starting takes 30-60 s here).
+UNAVAILABLE_PATIENCE_S = 600.0
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """Linear-interpolated percentile (q in [0, 100]) without numpy."""
     if not values:
@@ -84,10 +88,16 @@ async def _ask(
     elif TASK_PLACEHOLDER in model:  # one composition per task, e.g. `kshot-{task}`
         model = model.replace(TASK_PLACEHOLDER, task.name.replace("_", "-"))
     body = {"model": model, "messages": chat_messages(prompt), "max_tokens": task.max_new_tokens, "temperature": 0.0}
+    deadline = time.monotonic() + UNAVAILABLE_PATIENCE_S
     async with gate:
-        start = time.perf_counter()
-        resp = await client.post("/v1/chat/completions", json=body)
-        latency = time.perf_counter() - start
+        while True:
+            start = time.perf_counter()
+            resp = await client.post("/v1/chat/completions", json=body)
+            latency = time.perf_counter() - start
+            # 503: a server (re)starting, e.g. for a merged adapter of a higher rank; come back as told.
+            if resp.status_code != 503 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(min(5.0, max(1.0, float(resp.headers.get("retry-after", "5")))))
     if resp.status_code != 200:
         raise GenerationFailed(f"{model}: HTTP {resp.status_code}: {resp.text[:300]}", param="model")
     data = resp.json()

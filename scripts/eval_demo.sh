@@ -5,10 +5,12 @@
 #   2. one composition per router (and per aggregator, k = 2), created here if missing;
 #   3. oracle routing and every composition on the same mixed queries;
 #   4. the held-out composite task (two skills in one message): k = 1 against k = 2, the latter with the
-#      whole query sent to both experts and with each numbered part sent to its own expert (--decompose).
+#      whole query sent to both experts and with each numbered part sent to its own expert (--decompose);
+#   5. the six experts merged with each merge method (configs in evals/merges/, `moerge merge`), each merged
+#      model beside the base and every expert on every task.
 # Usage: scripts/eval_demo.sh [N]    (N queries per task, default 30: prefill-bound vLLM on 2 cores answers
 #        about 2 queries/s, so 30 per task is ~25 minutes for all the rows)
-#        STEPS="composite" runs only the named steps (of: experts routers composite).
+#        STEPS="composite" runs only the named steps (of: experts routers composite merges).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N="${1:-30}"
@@ -27,7 +29,7 @@ create() {  # create NAME ARGS...: a composition, unless it exists
   fi
 }
 
-STEPS="${STEPS:-experts routers composite}"
+STEPS="${STEPS:-experts routers composite merges}"
 step() { [[ " $STEPS " == *" $1 "* ]]; }
 
 if step experts; then
@@ -66,4 +68,19 @@ if step composite; then
   --title "Composite held-out task: two skills in one message (n=$N, vLLM)" > /dev/null
 mv "$OUT/eval.md" "$OUT/composite.md"; mv "$OUT/eval.json" "$OUT/composite.json"; mv "$OUT/eval.png" "$OUT/composite.png"
 fi
-echo "wrote $OUT/{experts,routers,composite}.{md,json,png}"
+if step merges; then
+  merged=()
+  for config in evals/merges/*.yaml; do
+    name=$(.venv/bin/python -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['name'])" "$config")
+    if ! "$MOERGE" expert show "$name" >/dev/null 2>&1; then
+      "$MOERGE" merge "$config" >/dev/null
+      echo "merged $name"
+    fi
+    merged+=("$name")
+  done
+  "$MOERGE" eval "$BASE" "${EXPERTS[@]}" "${merged[@]}" --n "$N" --out "$OUT" \
+    --title "Merged experts: each merge method against the base and every expert (eval split, n=$N per task, vLLM)" \
+    > /dev/null
+  mv "$OUT/eval.md" "$OUT/merges.md"; mv "$OUT/eval.json" "$OUT/merges.json"; mv "$OUT/eval.png" "$OUT/merges.png"
+fi
+echo "wrote $OUT/{experts,routers,composite,merges}.{md,json,png}"

@@ -71,3 +71,36 @@ def test_routing_accuracy_counts_only_composition_queries() -> None:
     table = markdown_table([row("base", {"dates": 0.5}), routed])
     assert "| model | dates | mean | routing |" in table
     assert "| auto | 100% | **100.0%** | 66.7% |" in table and "| base | 50% | **50.0%** | – |" in table
+
+
+async def test_a_query_comes_back_after_503_as_told(unused_tcp_port: int) -> None:
+    """A server that is (re)starting answers 503 + Retry-After: the harness waits and asks again."""
+    import asyncio
+
+    import httpx
+    from aiohttp import web
+
+    from evals.harness import _ask
+    from evals.tasks import get_task
+
+    calls: list[float] = []
+
+    async def chat(_request: web.Request) -> web.Response:
+        calls.append(asyncio.get_running_loop().time())
+        if len(calls) < 3:
+            return web.json_response({"error": {"message": "starting"}}, status=503, headers={"retry-after": "1"})
+        body = {"choices": [{"message": {"content": "42"}}], "usage": {"completion_tokens": 1}}
+        return web.json_response(body)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{unused_tcp_port}") as client:
+            outcome = await _ask(client, "m", get_task("arithmetic"), "1+41?", "42", asyncio.Semaphore(1))
+    finally:
+        await runner.cleanup()
+    assert len(calls) == 3 and outcome.output == "42" and outcome.correct
+    assert calls[2] - calls[0] >= 1.9  # it waited the Retry-After each time
