@@ -57,14 +57,15 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                 for i, folder in enumerate(loras):
                     await experts.register_folder(folder, ExpertSpec(slug=f"lora-{i}", base="tiny"))
                 _, key = await ApiKeyService(session).create("t", ["query"])
-                return key
+                _, admin = await ApiKeyService(session).create("a", ["admin"])
+                return key, admin
         finally:
             await engine.dispose()
 
-    key = asyncio.run(setup())
+    key, admin = asyncio.run(setup())
     with serve(settings) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=600)
-        yield {"url": url, "key": key, "client": client}
+        yield {"url": url, "key": key, "admin": admin, "client": client}
 
 
 def test_chat_stream_and_batch_through_vllm(live: dict[str, Any]) -> None:
@@ -142,3 +143,49 @@ def test_missing_model_and_bad_params_never_reach_vllm(live: dict[str, Any], tmp
     with pytest.raises(openai.BadRequestError) as bad:
         client.chat.completions.create(model="lora-0", messages=CHAT, top_p=0)
     assert bad.value.body["param"] == "top_p"
+
+
+def _merge(live: dict[str, Any], config: dict[str, Any]) -> None:
+    """Run a merge job through the API and wait until it has registered its result."""
+    headers = {"authorization": f"Bearer {live['admin']}"}
+    resp = httpx.post(f"{live['url']}/api/merges", json=config, headers=headers)
+    assert resp.status_code == 201, resp.text
+    job = resp.json()
+    deadline = time.time() + 300
+    while job["status"] in ("queued", "running"):
+        assert time.time() < deadline, job
+        time.sleep(0.5)
+        job = httpx.get(f"{live['url']}/api/merges/{job['id']}", headers=headers).json()
+    assert job["status"] == "succeeded", job
+
+
+def test_merged_models_are_served_at_once(live: dict[str, Any]) -> None:
+    """A merged LoRA runs on its base's server; a merged full model gets its own server. Task arithmetic
+    of one adapter with weight 1 is base + that adapter's delta: the same greedy text as the adapter."""
+    client: openai.OpenAI = live["client"]
+    solo = {"merge_method": "task_arithmetic", "base_model": "tiny", "models": [{"model": "lora-0"}]}
+    _merge(live, {**solo, "name": "lora-0-as-model"})
+    _merge(live, {**solo, "name": "lora-0-as-lora", "output": {"format": "cat"}})
+    _merge(
+        live,
+        {
+            "merge_method": "ties",
+            "base_model": "tiny",
+            "name": "ties-pair",
+            "models": [{"model": "lora-0", "parameters": {"density": 0.5}}, {"model": "lora-1"}],
+            "output": {"format": "lora"},
+        },
+    )
+
+    def greedy(model: str) -> str:
+        out = client.completions.create(model=model, prompt="The quick brown fox", max_tokens=12, temperature=0)
+        return out.choices[0].text
+
+    want = greedy("lora-0")
+    assert greedy("lora-0-as-lora") == want
+    assert greedy("lora-0-as-model") == want
+    assert greedy("ties-pair")
+    engines = httpx.get(f"{live['url']}/api/engines", headers={"authorization": f"Bearer {live['key']}"}).json()
+    servers = {s["base_id"]: s for s in engines["servers"]}
+    assert len(servers) == 2  # the base's (with the merged LoRAs) and the merged full model's own
+    assert sum(len(s["adapters"]) for s in servers.values()) >= 3  # lora-0 and the two merged LoRAs at least
