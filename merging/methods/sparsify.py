@@ -118,7 +118,9 @@ class Kept:
             weight = None  # x·1 is x exactly: skip the pass
         if self.mask is None and self.factor is None and weight is None:
             return delta
-        out = delta * self.mask if self.mask is not None else delta.clone()
+        # Multiplying by the mask as floats: the same products as by booleans (x·1, x·0, signed zeros
+        # included), without torch's slow mixed-dtype path (about 5x slower here).
+        out = delta * self.mask.to(delta.dtype) if self.mask is not None else delta.clone()
         if self.factor is not None:
             out *= self.factor
         if weight is not None:

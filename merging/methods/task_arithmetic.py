@@ -147,14 +147,16 @@ def generalized_task_arithmetic(sparsification: Sparsification, consensus: Conse
             mixed += weighted(i)
         if consensus == "sum":
             # Elect by mass: the sign of the weighted sum (0 counts as +, as mergekit).
-            positive = mixed >= 0
+            elected = torch.where(mixed >= 0, 1.0, -1.0)
             mixed.zero_()
             per_entry = torch.zeros_like(mixed)
             for i, w in enumerate(weights):
                 d = weighted(i)
-                agrees = torch.where(positive, d > 0, d < 0)
-                mixed += d.mul_(agrees)
-                per_entry.add_(agrees, alpha=w)  # += agrees·w without a float copy of agrees
+                # 1.0 where d has the elected sign, else 0.0 (a zero entry never agrees), in float arithmetic:
+                # boolean intermediates and bool-by-float products are several times slower in torch.
+                agrees = torch.mul(d, elected).sign_().clamp_(min=0.0)
+                mixed.addcmul_(d, agrees)  # += d·agrees, exact: agrees is 0 or 1
+                per_entry.add_(agrees, alpha=w)
             # An entry no input agrees on is 0 already; dividing it by 1 leaves it so.
             divisor: torch.Tensor | float = per_entry.masked_fill_(per_entry == 0, 1.0)
         elif consensus is None:
