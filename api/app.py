@@ -1,4 +1,4 @@
-"""The Litestar application: /api (native) now; /v1 (OpenAI-compatible) and /admin join it later."""
+"""The Litestar application: /api (native), /v1 (OpenAI-compatible) and the /admin panel."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from litestar import Litestar
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 
+from api.admin import admin_plugins, admin_router, template_config
 from api.compositions.controllers import CompositionController, RouteController
 from api.deps import Runtime, provide_key_service, provide_session, provide_settings, provide_store
 from api.exceptions import exception_handlers
@@ -68,6 +69,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             MergeController,
             OpenAIController,
             EngineController,
+            *admin_router(settings),
         ],
         dependencies={
             "db_session": Provide(provide_session),
@@ -76,6 +78,8 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             "keys": Provide(provide_key_service, sync_to_thread=False),
         },
         lifespan=[lifespan],
+        template_config=template_config(),
+        plugins=admin_plugins(),
         exception_handlers=exception_handlers,
         request_max_body_size=settings.max_upload_bytes,
         openapi_config=OpenAPIConfig(title="moerge", version="0.1.0", path="/api/schema"),

@@ -5,7 +5,9 @@ Every knob is a ``MOERGE_*`` variable; :meth:`Settings.from_env` is the only rea
 
 from __future__ import annotations
 
+import hashlib
 import os
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,6 +94,13 @@ class Settings:
         },
     )
 
+    session_secret: str | None = field(
+        default=None,
+        metadata={
+            "help": "signs and encrypts the admin panel's session and CSRF cookies "
+            "(default: generated once, kept in $MOERGE_HOME/session-secret)"
+        },
+    )
     merge_stale_after_s: int = field(
         default=30,
         metadata={"help": "a running merge job whose heartbeat is older than this lost its worker: it is failed"},
@@ -100,6 +109,25 @@ class Settings:
     @property
     def store_dir(self) -> Path:
         return self.home / "store"
+
+    def session_key(self, purpose: str) -> bytes:
+        """32 bytes for one use (``session``, ``csrf``) derived from the session secret; without one, a secret
+        is generated once and kept (mode 0600) in the home folder, so sessions survive a restart."""
+        secret = self.session_secret
+        if not secret:
+            path = self.home / "session-secret"
+            secret = _read_key_file(path)
+            if secret is None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                except FileExistsError:  # another process made it first
+                    pass
+                else:
+                    with os.fdopen(fd, "w") as out:
+                        out.write(secrets.token_urlsafe(32))
+                secret = _read_key_file(path) or ""
+        return hashlib.sha256(f"moerge-{purpose}:{secret}".encode()).digest()
 
     @property
     def merges_dir(self) -> Path:
@@ -140,4 +168,5 @@ class Settings:
             vllm_cpu_threads_bind=env.get("MOERGE_VLLM_CPU_THREADS_BIND") or "all",
             vllm_lora_ops=_choice_env(env, "MOERGE_VLLM_LORA_OPS", LORA_OPS_CHOICES, "grouped"),
             merge_stale_after_s=_int_env(env, "MOERGE_MERGE_STALE_S", 30),
+            session_secret=env.get("MOERGE_SESSION_SECRET") or None,
         )

@@ -88,9 +88,11 @@ class ExpertService:
         base: str | None = None,
         skill: str | None = None,
         tag: str | None = None,
+        text: str | None = None,
         limit: int = 50,
         offset: int = 0,
     ) -> Page:
+        """A page of experts, oldest first; ``text`` matches slug, aliases and descriptions (any case)."""
         if not 1 <= limit <= 500:
             raise ValidationFailed("limit must be between 1 and 500", param="limit")
         if offset < 0:
@@ -108,6 +110,8 @@ class ExpertService:
             experts = [e for e in experts if skill in (e.skills or [])]
         if tag:
             experts = [e for e in experts if tag in (e.tags or [])]
+        if text and (needle := text.strip().lower()):
+            experts = [e for e in experts if needle in _searchable(e)]
         return Page(experts[offset : offset + limit], len(experts), limit, offset)
 
     async def _names_taken(self, names: Sequence[str], *, exclude: uuid.UUID | None = None) -> str | None:
@@ -313,6 +317,12 @@ class ExpertService:
         return {kind: count for kind, count in rows.all()}
 
 
+def _searchable(expert: Expert) -> str:
+    return " ".join(
+        [expert.slug, *(expert.aliases or []), expert.description or "", expert.task_description or ""]
+    ).lower()
+
+
 def _resolve_kind(spec: ExpertSpec, insp: FolderInspection) -> ExpertKind:
     if insp.kind == "adapter":
         if spec.kind not in (None, ExpertKind.adapter.value, ExpertKind.merged.value):
@@ -422,9 +432,13 @@ class ApiKeyService:
         return int(await self.session.scalar(select(func.count()).select_from(ApiKey)) or 0)
 
     async def authenticate(self, secret: str | None, *, need: str) -> ApiKey:
-        if not secret:
+        return await self.authenticate_digest(hash_key(secret) if secret else None, need=need)
+
+    async def authenticate_digest(self, digest: str | None, *, need: str) -> ApiKey:
+        """Like :meth:`authenticate`, from the key's hash (what the admin panel's session keeps)."""
+        if not digest:
             raise Unauthorized("missing API key: send `Authorization: Bearer <key>`", param="authorization")
-        key = await self.session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(secret)))
+        key = await self.session.scalar(select(ApiKey).where(ApiKey.key_hash == digest))
         if key is None or key.revoked:
             raise Unauthorized("invalid API key", param="authorization")
         check_scope(key.scopes, need)

@@ -31,7 +31,7 @@ def _service(db_session: AsyncSession, store: ArtifactStore) -> CompositionServi
     return CompositionService(db_session, store)
 
 
-def _fitter(db_session: AsyncSession, routing: RouterContext) -> PrepareHook:
+def router_fitter(db_session: AsyncSession, routing: RouterContext) -> PrepareHook:
     async def fit(spec: CompositionSpec, experts: list[Expert]) -> None:
         await RoutingService(db_session, routing).fit(spec.router, spec.router_params, experts)
 
@@ -76,7 +76,7 @@ class CompositionController(Controller):
     ) -> dict[str, Any]:
         spec: CompositionSpec = decode_strict(await request.body(), CompositionSpec)
         service = _service(db_session, store)
-        return await service.describe(await service.create(spec, prepare=_fitter(db_session, routing)))
+        return await service.describe(await service.create(spec, prepare=router_fitter(db_session, routing)))
 
     @get("/{name:str}", guards=[require_query])
     async def get_composition(
@@ -96,7 +96,7 @@ class CompositionController(Controller):
     ) -> dict[str, Any]:
         changes: CompositionPatch = decode_strict(await request.body(), CompositionPatch)
         service = _service(db_session, store)
-        return await service.describe(await service.update(name, changes, prepare=_fitter(db_session, routing)))
+        return await service.describe(await service.update(name, changes, prepare=router_fitter(db_session, routing)))
 
     @delete("/{name:str}", guards=[require_admin], status_code=HTTP_204_NO_CONTENT)
     async def delete_composition(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from typing import Any
 
 from litestar import Controller, Request, Response, delete, get, patch, post
@@ -11,15 +10,13 @@ from litestar.params import FromPath, FromQuery
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 
 from api.deps import provide_expert_service
-from api.experts.intake import spec_from_fields, stage_upload
+from api.experts.intake import register_import, register_upload
 from api.security import require_admin, require_query
 from api.settings import Settings
 from registry.cards import card_body, card_metadata, render_card
 from registry.errors import ValidationFailed
 from registry.schemas import EvalIn, ExpertPatch, ImportRequest, decode_strict
 from registry.services import ExpertService, expert_summary
-from registry.store import ArtifactStore
-from registry.uploads import resolve_import_path
 
 
 class ExpertController(Controller):
@@ -35,10 +32,13 @@ class ExpertController(Controller):
         base: FromQuery[str | None] = None,
         skill: FromQuery[str | None] = None,
         tag: FromQuery[str | None] = None,
+        q: FromQuery[str | None] = None,
         limit: FromQuery[int] = 50,
         offset: FromQuery[int] = 0,
     ) -> dict[str, Any]:
-        page = await experts.list_experts(kind=kind, base=base, skill=skill, tag=tag, limit=limit, offset=offset)
+        page = await experts.list_experts(
+            kind=kind, base=base, skill=skill, tag=tag, text=q, limit=limit, offset=offset
+        )
         return {
             "object": "list",
             "data": [expert_summary(e) for e in page.items],
@@ -52,24 +52,13 @@ class ExpertController(Controller):
         self,
         request: Request[Any, Any, Any],
         experts: NamedDependency[ExpertService],
-        store: NamedDependency[ArtifactStore],
         settings: NamedDependency[Settings],
     ) -> dict[str, Any]:
         """Register from a multipart upload: form fields of the spec plus `files` parts or one `archive`."""
         if request.content_type[0] != "multipart/form-data":
             raise ValidationFailed("send multipart/form-data (fields + `files` or `archive`)", param="content-type")
         form = await request.form()
-        pairs = list(form.multi_items())
-        stage_root = store.staging_dir()
-        try:
-            spec = spec_from_fields(pairs)
-            folder = await stage_upload(pairs, stage_root, max_unpacked_bytes=settings.max_unpacked_bytes)
-            expert = await experts.register_folder(folder, spec, source_uri=f"upload:{spec.slug}")
-        finally:
-            shutil.rmtree(stage_root, ignore_errors=True)
-            for _, value in pairs:
-                if hasattr(value, "close"):
-                    await value.close()
+        expert = await register_upload(experts, settings, list(form.multi_items()))
         return expert_summary(expert)
 
     @post("/import", guards=[require_admin], status_code=HTTP_201_CREATED)
@@ -81,8 +70,7 @@ class ExpertController(Controller):
     ) -> dict[str, Any]:
         """Register a folder that already lies under one of the configured import roots."""
         body: ImportRequest = decode_strict(await request.body(), ImportRequest)
-        folder = resolve_import_path(body.path, settings.import_roots, param="path")
-        expert = await experts.register_folder(folder, body.expert, source_uri=f"file://{folder}")
+        expert = await register_import(experts, settings, body.path, body.expert)
         return expert_summary(expert)
 
     @get("/{ref:str}", guards=[require_query])

@@ -5,14 +5,18 @@ Shared by the JSON API and the admin panel's registration form, so both refuse t
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
 from litestar.datastructures import UploadFile
 
+from api.settings import Settings
 from registry.errors import ValidationFailed
+from registry.models import Expert
 from registry.schemas import ExpertSpec, decode_strict
-from registry.uploads import check_member_path, copy_stream_limited, extract_archive
+from registry.services import ExpertService
+from registry.uploads import check_member_path, copy_stream_limited, extract_archive, resolve_import_path
 
 LIST_FIELDS = ("skills", "domains", "example_prompts", "tags", "aliases", "datasets")
 SCALAR_FIELDS = (
@@ -87,3 +91,24 @@ async def stage_upload(pairs: list[tuple[str, Any]], stage_root: Path, *, max_un
         target.parent.mkdir(parents=True, exist_ok=True)
         budget -= copy_stream_limited(upload.file, target, limit=budget, param=f"files[{name}]")
     return folder
+
+
+async def register_upload(experts: ExpertService, settings: Settings, pairs: list[tuple[str, Any]]) -> Expert:
+    """Register an expert from form fields + uploaded files (or one archive); the staged copy is always
+    removed and the uploads closed."""
+    stage_root = experts.store.staging_dir()
+    try:
+        spec = spec_from_fields(pairs)
+        folder = await stage_upload(pairs, stage_root, max_unpacked_bytes=settings.max_unpacked_bytes)
+        return await experts.register_folder(folder, spec, source_uri=f"upload:{spec.slug}")
+    finally:
+        shutil.rmtree(stage_root, ignore_errors=True)
+        for _, value in pairs:
+            if hasattr(value, "close"):
+                await value.close()
+
+
+async def register_import(experts: ExpertService, settings: Settings, path: str, spec: ExpertSpec) -> Expert:
+    """Register a folder that already lies under one of the configured import roots."""
+    folder = resolve_import_path(path, settings.import_roots, param="path")
+    return await experts.register_folder(folder, spec, source_uri=f"file://{folder}")

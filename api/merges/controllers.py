@@ -20,6 +20,7 @@ from api.deps import Runtime, runtime_of
 from api.openai.controllers import SSE_HEADERS
 from api.security import require_admin, require_query
 from merging.jobs import TERMINAL, MergeJobService, job_progress
+from registry.models import MergeJob
 from registry.store import ArtifactStore
 
 YAML_TYPES = frozenset({"application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml"})
@@ -29,6 +30,17 @@ KEEPALIVE_S = 15.0
 
 def _service(db_session: NamedDependency[AsyncSession], store: NamedDependency[ArtifactStore]) -> MergeJobService:
     return MergeJobService(db_session, store)
+
+
+async def submit_job(
+    merges: MergeJobService, state: State, raw: bytes | dict[str, Any], *, yaml_text: bool = False
+) -> MergeJob:
+    """Check and queue a merge, then wake this app's runner (the API and the admin panel's launcher)."""
+    job = await merges.submit(raw, yaml_text=yaml_text)
+    runner = runtime_of(state).merges
+    if runner is not None:  # else another worker (a durable queue) takes it
+        runner.wake()
+    return job
 
 
 class MergeController(Controller):
@@ -44,10 +56,7 @@ class MergeController(Controller):
     ) -> dict[str, Any]:
         """Check the merge completely (4xx naming the field, nothing written), then queue it."""
         yaml_text = request.content_type[0] in YAML_TYPES
-        job = await merges.submit(await request.body(), yaml_text=yaml_text)
-        runner = runtime_of(request.app.state).merges
-        if runner is not None:  # else another worker (a durable queue) takes it
-            runner.wake()
+        job = await submit_job(merges, request.app.state, await request.body(), yaml_text=yaml_text)
         return await merges.describe(job)
 
     @get("/", guards=[require_query])

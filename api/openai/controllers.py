@@ -20,7 +20,7 @@ from registry.schemas import decode_strict
 from registry.store import ArtifactStore
 from routers.query import RouterContext
 from serving.compose import query_text
-from serving.engine import Engine
+from serving.engine import Engine, GenRequest
 from serving.resolve import Resolved, resolve_model
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
@@ -77,11 +77,8 @@ class OpenAIController(Controller):
         routing: NamedDependency[RouterContext],
     ) -> Response[Any]:
         body: ChatCompletionRequest = decode_strict(await request.body(), ChatCompletionRequest)
-        messages = body.checked_messages()
-        sampling = body.sampling(settings.default_max_tokens)
-        resolved = await _resolve(request, db_session, store, routing, body.model, query_text(messages, None))
-        run = CompletionRun(engine, resolved, sampling, chat=True)
-        return await _respond(run, run.request(messages=messages), body.stream, body.include_usage())
+        run, gen = await prepare_chat(request, db_session, store, settings, engine, routing, body)
+        return await _respond(run, gen, body.stream, body.include_usage())
 
     @post("/completions", status_code=200)
     async def completions(
@@ -99,6 +96,24 @@ class OpenAIController(Controller):
         resolved = await _resolve(request, db_session, store, routing, body.model, prompt)
         run = CompletionRun(engine, resolved, sampling, chat=False)
         return await _respond(run, run.request(prompt=prompt), body.stream, body.include_usage())
+
+
+async def prepare_chat(
+    request: Request[Any, Any, Any],
+    db_session: AsyncSession,
+    store: ArtifactStore,
+    settings: Settings,
+    engine: Engine,
+    routing: RouterContext,
+    body: ChatCompletionRequest,
+) -> tuple[CompletionRun, GenRequest]:
+    """A chat request checked, its model resolved (a composition routed): ready to run. /v1 and the admin
+    panel's "try it" box and playground both go through here."""
+    messages = body.checked_messages()
+    sampling = body.sampling(settings.default_max_tokens)
+    resolved = await _resolve(request, db_session, store, routing, body.model, query_text(messages, None))
+    run = CompletionRun(engine, resolved, sampling, chat=True)
+    return run, run.request(messages=messages)
 
 
 async def _resolve(

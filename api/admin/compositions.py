@@ -1,0 +1,178 @@
+"""Compositions: list, create, edit, delete, through the JSON API's service and router fitting."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from litestar import Controller, Request, Response, get, post
+from litestar.di import NamedDependency, Provide
+from litestar.params import FromPath
+from litestar.response import Redirect, Template
+from litestar.status_codes import HTTP_303_SEE_OTHER
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from aggregators import AGGREGATORS
+from api.admin.views import FormErrors
+from api.compositions.controllers import router_fitter
+from api.deps import provide_router_context
+from registry.compositions import CompositionPatch, CompositionService, CompositionSpec
+from registry.errors import MoergeError, ValidationFailed
+from registry.schemas import decode_strict
+from registry.store import ArtifactStore
+from routers.query import ROUTERS, RouterContext
+
+FIELDS = (
+    "name",
+    "description",
+    "router",
+    "router_params",
+    "experts",
+    "k",
+    "aggregator",
+    "aggregator_params",
+    "fallback",
+    "decompose",
+)
+
+
+def _json_field(form: Any, name: str) -> dict[str, Any]:
+    text = str(form.get(name) or "").strip()
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValidationFailed(f"not valid JSON ({exc.msg})", param=name) from None
+    if not isinstance(value, dict):
+        raise ValidationFailed("must be a JSON object", param=name)
+    return value
+
+
+def _spec_data(form: Any) -> dict[str, Any]:
+    """The form as the API's JSON body (the same struct decodes and checks it)."""
+    k_text = str(form.get("k") or "1").strip()
+    if not k_text.lstrip("-").isdigit():
+        raise ValidationFailed("k must be a whole number", param="k")
+    return {
+        "description": str(form.get("description") or ""),
+        "router": str(form.get("router") or "direct"),
+        "router_params": _json_field(form, "router_params"),
+        "experts": [str(e) for e in form.getall("experts", [])],
+        "k": int(k_text),
+        "aggregator": str(form.get("aggregator") or "") or None,
+        "aggregator_params": _json_field(form, "aggregator_params"),
+        "fallback": str(form.get("fallback") or "") or None,
+        "decompose": form.get("decompose") in ("on", "true", "1"),
+    }
+
+
+def _values(form: Any) -> dict[str, Any]:
+    values: dict[str, Any] = {name: str(form.get(name) or "") for name in FIELDS}
+    values["experts"] = [str(e) for e in form.getall("experts", [])]
+    values["decompose"] = form.get("decompose") in ("on", "true", "1")
+    return values
+
+
+def _compositions(
+    db_session: NamedDependency[AsyncSession], store: NamedDependency[ArtifactStore]
+) -> CompositionService:
+    return CompositionService(db_session, store)
+
+
+class CompositionPages(Controller):
+    path = "/admin/compositions"
+    dependencies = {
+        "routing": Provide(provide_router_context, sync_to_thread=False),
+        "compositions": Provide(_compositions, sync_to_thread=False),
+    }
+
+    @get("/")
+    async def list_page(self, compositions: NamedDependency[CompositionService]) -> Template:
+        rows = [await compositions.describe(c) for c in await compositions.list_compositions()]
+        return Template("compositions.html", context={"compositions": rows})
+
+    async def _form(
+        self,
+        compositions: CompositionService,
+        values: dict[str, Any],
+        errors: FormErrors,
+        *,
+        editing: str | None = None,
+        status: int = 200,
+    ) -> Template:
+        experts = (await compositions.experts.list_experts(limit=500)).items
+        return Template(
+            "composition_form.html",
+            context={
+                "values": values,
+                "errors": errors,
+                "editing": editing,
+                "experts": experts,
+                "routers": ROUTERS.names(),
+                "aggregators": AGGREGATORS.names(),
+            },
+            status_code=status,
+        )
+
+    @get("/new")
+    async def new_form(self, compositions: NamedDependency[CompositionService]) -> Template:
+        values = {"router": "embedding", "k": "1", "experts": [], "router_params": "", "aggregator_params": ""}
+        return await self._form(compositions, values, FormErrors())
+
+    async def _save(
+        self, request: Request[Any, Any, Any], service: CompositionService, routing: RouterContext, editing: str | None
+    ) -> Response[Any]:
+        """Create (``editing`` None) or update a composition from the form; a refusal re-renders the form
+        with the error beside its field."""
+        form = await request.form()
+        fit = router_fitter(service.session, routing)
+        try:
+            if editing is None:
+                data = {"name": str(form.get("name") or "").strip(), **_spec_data(form)}
+                name = (await service.create(decode_strict(data, CompositionSpec), prepare=fit)).name
+                target = f"/admin/playground?composition={name}"
+            else:
+                await service.update(editing, decode_strict(_spec_data(form), CompositionPatch), prepare=fit)
+                target = "/admin/compositions/"
+        except MoergeError as exc:
+            await service.session.rollback()
+            errors = FormErrors.of(exc, {n: n for n in FIELDS})
+            values = _values(form) | ({"name": editing} if editing else {})
+            return await self._form(service, values, errors, editing=editing, status=exc.status_code)
+        return Redirect(target, status_code=HTTP_303_SEE_OTHER)
+
+    @post("/new")
+    async def create(
+        self,
+        request: Request[Any, Any, Any],
+        compositions: NamedDependency[CompositionService],
+        routing: NamedDependency[RouterContext],
+    ) -> Response[Any]:
+        return await self._save(request, compositions, routing, None)
+
+    @get("/{name:str}/edit")
+    async def edit_form(self, name: FromPath[str], compositions: NamedDependency[CompositionService]) -> Template:
+        described = await compositions.describe(await compositions.get(name))
+        values = {
+            **{k: "" if v is None else v for k, v in described.items()},
+            "router_params": json.dumps(described["router_params"]) if described["router_params"] else "",
+            "aggregator_params": json.dumps(described["aggregator_params"]) if described["aggregator_params"] else "",
+            "k": str(described["k"]),
+        }
+        return await self._form(compositions, values, FormErrors(), editing=name)
+
+    @post("/{name:str}/edit")
+    async def update(
+        self,
+        name: FromPath[str],
+        request: Request[Any, Any, Any],
+        compositions: NamedDependency[CompositionService],
+        routing: NamedDependency[RouterContext],
+    ) -> Response[Any]:
+        return await self._save(request, compositions, routing, name)
+
+    @post("/{name:str}/delete")
+    async def delete(self, name: FromPath[str], compositions: NamedDependency[CompositionService]) -> Redirect:
+        await compositions.delete(name)
+        return Redirect("/admin/compositions/", status_code=HTTP_303_SEE_OTHER)

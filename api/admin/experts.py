@@ -1,0 +1,168 @@
+"""Experts: the filtered, paginated list; the card (fields, lineage, evals, model card, "try it"); the
+registration form (upload an archive or import a server-side path) with errors beside their fields."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from litestar import Controller, Request, Response, get, post
+from litestar.datastructures import UploadFile
+from litestar.di import NamedDependency, Provide
+from litestar.params import FromPath, FromQuery
+from litestar.response import Redirect, Template
+from litestar.status_codes import HTTP_303_SEE_OTHER
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from api.admin.asking import ask
+from api.admin.views import PAGE_SIZE, FormErrors, Pager, lineage_svg, markdown
+from api.deps import provide_expert_service
+from api.experts.intake import LIST_FIELDS, register_import, register_upload, spec_from_fields
+from api.settings import Settings
+from registry.cards import card_body
+from registry.errors import MoergeError, ValidationFailed
+from registry.models import Expert, ExpertKind
+from registry.services import ExpertService, expert_summary
+from registry.store import ArtifactStore
+
+FORM_FIELDS = ("slug", "kind", "base", "description", "task_description", "skills", "example_prompts", "tags")
+_SPLIT = re.compile(r"[\n,]")
+_LINES = ("example_prompts",)  # one item a line (prompts may hold commas); other lists: commas or lines
+
+
+def _form_pairs(form: Any) -> tuple[str, list[tuple[str, Any]]]:
+    """The registration form as the intake's (field, value) pairs, list fields split into items."""
+    mode = str(form.get("mode") or "upload")
+    pairs: list[tuple[str, Any]] = []
+    for name in FORM_FIELDS:
+        value = str(form.get(name) or "").strip()
+        if name in LIST_FIELDS:
+            items = value.splitlines() if name in _LINES else _SPLIT.split(value)
+            pairs += [(name, item.strip()) for item in items if item.strip()]
+        elif value:
+            pairs.append((name, value))
+    if mode == "upload":
+        pairs += [("archive", f) for f in form.getall("archive", []) if isinstance(f, UploadFile) and f.filename]
+    return mode, pairs
+
+
+async def _lineage(db_session: AsyncSession, expert: Expert) -> dict[str, Any]:
+    rows = (await db_session.execute(select(Expert.id, Expert.slug, Expert.base_id, Expert.parents))).all()
+    slugs = {str(row.id): row.slug for row in rows}
+    parents = [slugs.get(str(p), str(p)[:8]) for p in expert.parents or []]
+    me = str(expert.id)
+    children = [r.slug for r in rows if str(r.base_id) == me or me in [str(p) for p in r.parents or []]]
+    return lineage_svg(expert, parents, children[:8])
+
+
+class ExpertPages(Controller):
+    path = "/admin/experts"
+    dependencies = {"experts": Provide(provide_expert_service, sync_to_thread=False)}
+
+    @get("/")
+    async def list_page(
+        self,
+        experts: NamedDependency[ExpertService],
+        kind: FromQuery[str | None] = None,
+        q: FromQuery[str | None] = None,
+        offset: FromQuery[int] = 0,
+    ) -> Template:
+        kind = kind or None
+        page = await experts.list_experts(kind=kind, text=q, limit=PAGE_SIZE, offset=max(0, offset))
+        return Template(
+            "experts.html",
+            context={
+                "experts": page.items,
+                "kinds": [k.value for k in ExpertKind],
+                "kind": kind or "",
+                "q": q or "",
+                "pager": Pager(page.total, page.offset, PAGE_SIZE, {"kind": kind or "", "q": q or ""}),
+            },
+        )
+
+    async def _form(
+        self, experts: ExpertService, values: dict[str, Any], errors: FormErrors, status: int = 200
+    ) -> Template:
+        bases = [e for e in (await experts.list_experts(limit=500)).items if e.kind != ExpertKind.adapter.value]
+        return Template(
+            "register.html",
+            context={"values": values, "errors": errors, "kinds": [k.value for k in ExpertKind], "bases": bases},
+            status_code=status,
+        )
+
+    @get("/new")
+    async def register_form(self, experts: NamedDependency[ExpertService]) -> Template:
+        return await self._form(experts, {"mode": "upload"}, FormErrors())
+
+    @post("/new")
+    async def register(
+        self,
+        request: Request[Any, Any, Any],
+        experts: NamedDependency[ExpertService],
+        settings: NamedDependency[Settings],
+    ) -> Response[Any]:
+        form = await request.form()
+        mode, pairs = _form_pairs(form)
+        values = {name: str(form.get(name) or "") for name in (*FORM_FIELDS, "path")} | {"mode": mode}
+        file_field = "archive" if mode == "upload" else "path"
+        try:
+            if mode == "import":
+                path = str(form.get("path") or "").strip()
+                if not path:
+                    raise ValidationFailed("give a folder path under an import root", param="path")
+                expert = await register_import(experts, settings, path, spec_from_fields(pairs))
+            else:
+                expert = await register_upload(experts, settings, pairs)
+        except MoergeError as exc:
+            await experts.session.rollback()
+            names = {n: n for n in (*FORM_FIELDS, "path", "archive")} | {"files": file_field, "folder": file_field}
+            errors = FormErrors.of(exc, names, default=file_field)
+            return await self._form(experts, values, errors, status=exc.status_code)
+        return Redirect(f"/admin/experts/{expert.slug}", status_code=HTTP_303_SEE_OTHER)
+
+    @get("/{ref:str}")
+    async def card(
+        self,
+        ref: FromPath[str],
+        db_session: NamedDependency[AsyncSession],
+        experts: NamedDependency[ExpertService],
+    ) -> Template:
+        expert = await experts.get(ref)
+        return Template("expert.html", context=await self._card(db_session, expert))
+
+    async def _card(self, db_session: AsyncSession, expert: Expert, **extra: Any) -> dict[str, Any]:
+        return {
+            "expert": expert,
+            "summary": expert_summary(expert),
+            "lineage": await _lineage(db_session, expert),
+            "evals": sorted(expert.evals, key=lambda r: (r.task, r.metric)),
+            "card_html": markdown(card_body(expert), shift=2),
+            "message": "",
+            "answer": None,
+            "error": None,
+            **extra,
+        }
+
+    @post("/{ref:str}/try")
+    async def try_it(
+        self,
+        ref: FromPath[str],
+        request: Request[Any, Any, Any],
+        db_session: NamedDependency[AsyncSession],
+        store: NamedDependency[ArtifactStore],
+        settings: NamedDependency[Settings],
+        experts: NamedDependency[ExpertService],
+    ) -> Template:
+        """The answer as a fragment (HTMX), or the whole card with it (a plain form post)."""
+        expert = await experts.get(ref)
+        message = str((await request.form()).get("message") or "")
+        answer, error = None, None
+        try:
+            answer = await ask(request, db_session, store, settings, expert.slug, message)
+        except MoergeError as exc:
+            error = exc.message
+        context = {"message": message, "answer": answer, "error": error}
+        if request.headers.get("hx-request"):
+            return Template("fragments/answer.html", context=context)
+        return Template("expert.html", context=await self._card(db_session, expert, **context))

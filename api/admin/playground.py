@@ -1,0 +1,88 @@
+"""The playground: a query to a composition, answered as /v1 answers it, shown with the routing decision
+(every candidate's score as a bar), each chosen expert's answer and the aggregate."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Controller, Request, get, post
+from litestar.di import NamedDependency
+from litestar.params import FromQuery
+from litestar.response import Template
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from api.admin.asking import MAX_TOKENS, Answer, ask
+from api.admin.views import score_bars
+from api.settings import Settings
+from registry.compositions import CompositionService
+from registry.errors import MoergeError, ValidationFailed
+from registry.store import ArtifactStore
+
+
+def _result(answer: Answer) -> dict[str, Any]:
+    decision = answer.resolved.decision
+    return {
+        "bars": score_bars(decision.scores, decision.slugs) if decision else [],
+        "reason": decision.reason if decision else "",
+        "router": answer.resolved.router,
+        "fallback": answer.resolved.fallback,
+        "routed": list(decision.experts) if decision else [],
+        # after aggregation: the experts the final answer came from (a vote keeps the winners)
+        "answered_by": list(zip(answer.resolved.experts, answer.resolved.weights, strict=False)),
+        "answers": answer.answers,
+        "aggregate": answer.text,
+        "aggregator": answer.resolved.aggregator_name,
+        "aggregation": answer.aggregation,
+        "failed": answer.resolved.failed,
+    }
+
+
+class PlaygroundPage(Controller):
+    path = "/admin/playground"
+
+    async def _names(self, db_session: AsyncSession, store: ArtifactStore) -> list[str]:
+        return [c.name for c in await CompositionService(db_session, store).list_compositions()]
+
+    @get("/")
+    async def page(
+        self,
+        db_session: NamedDependency[AsyncSession],
+        store: NamedDependency[ArtifactStore],
+        composition: FromQuery[str | None] = None,
+    ) -> Template:
+        context = {
+            "compositions": await self._names(db_session, store),
+            "composition": composition or "",
+            "query": "",
+            "max_tokens": MAX_TOKENS,
+            "result": None,
+            "error": None,
+        }
+        return Template("playground.html", context=context)
+
+    @post("/")
+    async def run(
+        self,
+        request: Request[Any, Any, Any],
+        db_session: NamedDependency[AsyncSession],
+        store: NamedDependency[ArtifactStore],
+        settings: NamedDependency[Settings],
+    ) -> Template:
+        form = await request.form()
+        name = str(form.get("composition") or "")
+        query = str(form.get("query") or "")
+        max_text = str(form.get("max_tokens") or MAX_TOKENS)
+        result, error = None, None
+        try:
+            if not max_text.isdigit():
+                raise ValidationFailed("max tokens must be a whole number", param="max_tokens")
+            if not name:
+                raise ValidationFailed("pick a composition", param="composition")
+            await CompositionService(db_session, store).get(name)  # an expert's name is not a composition
+            result = _result(await ask(request, db_session, store, settings, name, query, int(max_text)))
+        except MoergeError as exc:
+            error = exc.message
+        context = {"result": result, "error": error, "composition": name, "query": query, "max_tokens": max_text}
+        if request.headers.get("hx-request"):
+            return Template("fragments/playground_result.html", context=context)
+        return Template("playground.html", context={**context, "compositions": await self._names(db_session, store)})

@@ -1,0 +1,117 @@
+"""Small view helpers of the admin panel: pagination, the lineage graph, the score bars, form errors."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlencode
+
+from markdown_it import MarkdownIt
+
+from registry.errors import MoergeError
+from registry.models import Expert
+
+PAGE_SIZE = 20
+_MD = MarkdownIt("js-default", {"html": False})  # tables on, raw HTML off: cards are user content
+
+
+_HEADING = re.compile(r"<(/?)h([1-6])>")
+
+
+def markdown(text: str | None, *, shift: int = 0) -> str:
+    """Markdown as HTML; ``shift`` lowers its headings (a model card inside a page that has its own h1)."""
+    html = _MD.render(text or "")
+    if shift:
+        html = _HEADING.sub(lambda m: f"<{m[1]}h{min(6, int(m[2]) + shift)}>", html)
+    return html
+
+
+@dataclass
+class Pager:
+    """One page of a long list, with the links to its neighbours (other query parameters kept)."""
+
+    total: int
+    offset: int
+    limit: int = PAGE_SIZE
+    params: dict[str, str] = field(default_factory=dict)
+
+    def _link(self, offset: int) -> str:
+        return "?" + urlencode({**{k: v for k, v in self.params.items() if v}, "offset": offset})
+
+    @property
+    def prev(self) -> str | None:
+        return self._link(max(0, self.offset - self.limit)) if self.offset > 0 else None
+
+    @property
+    def next(self) -> str | None:
+        return self._link(self.offset + self.limit) if self.offset + self.limit < self.total else None
+
+    @property
+    def first_shown(self) -> int:
+        return min(self.total, self.offset + 1)
+
+    @property
+    def last_shown(self) -> int:
+        return min(self.total, self.offset + self.limit)
+
+
+@dataclass
+class FormErrors:
+    """A refused form: the message per field (the service's ValidationFailed names it in ``param``)."""
+
+    fields: dict[str, str] = field(default_factory=dict)
+    general: str | None = None
+
+    @classmethod
+    def of(cls, exc: MoergeError, field_of: dict[str, str], default: str | None = None) -> FormErrors:
+        """``field_of`` maps a ``param`` (or its prefix before ``[`` / ``.``) to a form field; params naming
+        no field land on ``default`` (or above the form)."""
+        param = exc.param or ""
+        head = param.split("[", 1)[0].split(".", 1)[0]
+        name = field_of.get(param) or field_of.get(head) or default
+        detail = exc.message if not param or name == param else f"{param}: {exc.message}"
+        return cls({name: detail}) if name else cls(general=detail)
+
+    def __bool__(self) -> bool:
+        return bool(self.fields or self.general)
+
+
+def lineage_svg(expert: Expert, parents: list[str], children: list[str]) -> dict[str, Any]:
+    """Nodes and edges of a small left-to-right graph: parents (or the base) -> this expert -> children.
+    The template draws it as inline SVG."""
+    left = parents or ([expert.base.slug] if expert.base else [])
+    rows = max(len(left), len(children), 1)
+    height = 20 + rows * 44
+    width, box_w = 660, 190
+
+    def column(names: list[str], x: int) -> list[dict[str, Any]]:
+        gap = height / (len(names) + 1)
+        return [{"label": n, "x": x, "y": round(gap * (i + 1) - 14), "href": n} for i, n in enumerate(names)]
+
+    me: dict[str, Any] = {"label": expert.slug, "x": (width - box_w) // 2, "y": round(height / 2 - 14), "href": None}
+    nodes_left = column(left, 5)
+    nodes_right = column(children, width - box_w - 5)
+    edges = [(n["x"] + box_w, n["y"] + 14, me["x"], me["y"] + 14) for n in nodes_left]
+    edges += [(me["x"] + box_w, me["y"] + 14, n["x"], n["y"] + 14) for n in nodes_right]
+    return {
+        "width": width,
+        "height": height,
+        "box_w": box_w,
+        "nodes": [*nodes_left, me, *nodes_right],
+        "edges": edges,
+    }
+
+
+def score_bars(scores: dict[str, float], chosen: list[str]) -> list[dict[str, Any]]:
+    """The routing decision as bars, best first, widths relative to the range of the scores."""
+    if not scores:
+        return []
+    ordered = sorted(scores.items(), key=lambda kv: kv[1], reverse=True)
+    low = min(0.0, min(scores.values()))
+    high = max(scores.values())
+    span = (high - low) or 1.0
+    return [
+        {"slug": slug, "score": score, "pct": round(100 * (score - low) / span, 1), "chosen": slug in chosen}
+        for slug, score in ordered
+    ]
