@@ -7,13 +7,13 @@ from typing import Any
 
 from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency, Provide
-from litestar.params import FromPath
+from litestar.params import FromPath, FromQuery
 from litestar.response import Redirect, Template
 from litestar.status_codes import HTTP_303_SEE_OTHER
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from aggregators import AGGREGATORS
-from api.admin.views import FormErrors
+from api.admin.views import PAGE_SIZE, FormErrors, Pager
 from api.compositions.controllers import router_fitter
 from api.deps import provide_router_context
 from registry.compositions import CompositionPatch, CompositionService, CompositionSpec
@@ -88,9 +88,13 @@ class CompositionPages(Controller):
     }
 
     @get("/")
-    async def list_page(self, compositions: NamedDependency[CompositionService]) -> Template:
-        rows = [await compositions.describe(c) for c in await compositions.list_compositions()]
-        return Template("compositions.html", context={"compositions": rows})
+    async def list_page(
+        self, compositions: NamedDependency[CompositionService], offset: FromQuery[int] = 0
+    ) -> Template:
+        everything = await compositions.list_compositions()
+        offset = max(0, offset)
+        rows = [await compositions.describe(c) for c in everything[offset : offset + PAGE_SIZE]]
+        return Template("compositions.html", context={"compositions": rows, "pager": Pager(len(everything), offset)})
 
     async def _form(
         self,
