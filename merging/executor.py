@@ -32,6 +32,7 @@ from merging.plan import MergePlan, PlannedModel
 from merging.tensor_io import SafetensorsReader, ShardWriter, TensorSpec
 from registry.errors import MoergeError
 from registry.inspect import PEFT_PREFIX, LoraModule, pattern_value, split_adapter_keys
+from registry.store import fsync_dir
 
 ProgressFn = Callable[[int, int, str], None]  # (done, total, tensor name)
 CancelFn = Callable[[], bool]
@@ -171,9 +172,9 @@ def execute(
             tensors, written, read = _merge_lora(plan, sources, partial, options, on_progress, should_cancel)
         _write_card(plan, partial)
         (partial / MERGE_RECORD).write_text(json.dumps(plan.summary(), indent=2) + "\n")
-        _fsync_dir(partial)
+        fsync_dir(partial)
         os.rename(partial, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -492,11 +493,3 @@ def _prefer_mmap_for_large_blocks() -> None:
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 _MMAP_THRESHOLD_SET = False
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -36,7 +36,8 @@ def manifest_digest(entries: Iterable[tuple[str, str]]) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in ``path`` durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -106,7 +107,7 @@ class ArtifactStore:
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, final)
             os.chmod(final, 0o444)  # blobs are immutable; hard links share this inode
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
             return sha, size, True
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -141,7 +142,7 @@ class ArtifactStore:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

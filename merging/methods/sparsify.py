@@ -226,15 +226,3 @@ def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, rescal
 
 def dare(delta: torch.Tensor, density: float, generator: torch.Generator | None, rescale: bool = True) -> torch.Tensor:
     return dare_kept(delta, density, generator, rescale).apply(delta)
-
-
-def sparsify(
-    delta: torch.Tensor,
-    method: Sparsification,
-    *,
-    density: float = 1.0,
-    gamma: float = 0.0,
-    rescale: bool = False,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    return kept(delta, method, density=density, gamma=gamma, rescale=rescale, generator=generator).apply(delta)
