@@ -75,8 +75,12 @@ class ArrowRouter(TokenRouter):
             self._cache[key] = arrow_prototypes(adapter)
         return self._cache[key]
 
-    def route(self, x: torch.Tensor, state: torch.Tensor, available: torch.Tensor) -> Route:
+    def route(
+        self, x: torch.Tensor, state: torch.Tensor, available: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> Route:
         scores = (x @ state.T.to(x.dtype)).abs()
+        if bias is not None:
+            scores = scores + bias.to(scores.dtype)
         if not bool(available.all()):
             scores = scores.masked_fill(~available.to(scores.device), float("-inf"))
         k = min(self.config.top_k, int(available.sum()))

@@ -52,10 +52,13 @@ class TokenRouter(ABC):
         Pure (depends on the adapter's weights only), so the result can be stored as an artifact."""
 
     @abstractmethod
-    def route(self, x: torch.Tensor, state: torch.Tensor, available: torch.Tensor) -> Route:
+    def route(
+        self, x: torch.Tensor, state: torch.Tensor, available: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> Route:
         """Choose experts for every row of ``x`` [tokens, in]. ``state`` [E, in] stacks the adapters' vectors
         of this module; ``available`` [E] (bool) is False where an adapter does not adapt this module, and such
-        an adapter must never be chosen."""
+        an adapter must never be chosen. ``bias`` [tokens, E], when given, is added to the token scores before
+        the top-k (GLIDER's global, per-sequence preference for some experts)."""
 
 
 @dataclass(frozen=True)

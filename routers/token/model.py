@@ -53,6 +53,8 @@ class MixtureLinear(nn.Module):
         self.register_buffer("available", stack.available.to(device), persistent=False)
         self.record = False  # when True, keep the last forward's route in ``last_route`` (traces, tests)
         self.last_route: Route | None = None
+        # Per-sequence router bias [batch, E] (GLIDER), set by the engine around a batch; None = no bias.
+        self.row_bias: torch.Tensor | None = None
 
     @property
     def in_features(self) -> int:
@@ -65,7 +67,10 @@ class MixtureLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         flat = x.reshape(-1, x.shape[-1])
-        route = self.router.route(flat, self.state, self.available)
+        bias = None
+        if self.row_bias is not None:  # [batch, E] -> one row per token of each sequence
+            bias = self.row_bias.to(flat.device).repeat_interleave(flat.shape[0] // self.row_bias.shape[0], dim=0)
+        route = self.router.route(flat, self.state, self.available, bias)
         if self.record:
             self.last_route = route
         delta = sparse_lora_delta(flat, self.A, self.B, self.scale, route.experts, route.weights, self.ranks)
