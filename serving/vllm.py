@@ -458,7 +458,7 @@ class VLLMEngine:
                 f"the vLLM server for {server.base_id!r} gave no answer within {self.config.request_timeout_s:g} s"
             ) from exc
         except (httpx.TransportError, aiohttp.ClientError) as exc:
-            self._notice_exit(server)
+            await self._confirm_exit(server)
             raise GenerationFailed(
                 f"connection to the vLLM server for {server.base_id!r} failed mid-request: {type(exc).__name__}"
                 + (f" ({exc})" if str(exc) else "")
@@ -659,6 +659,20 @@ class VLLMEngine:
             self._declare_dead(server, proc)
         elif refused:
             self._declare_dead(server, proc, "its port refused connections")
+
+    async def _confirm_exit(self, server: _Server, within_s: float = 1.0) -> None:
+        """A connection broke mid-request: if the process is exiting, wait (briefly) until it is reaped and
+        declare it dead before the request's error is returned, so the next request already sees a restart
+        under way (503) instead of a reset from a process that is still tearing down its memory."""
+        proc = server.proc
+        deadline = time.monotonic() + within_s
+        while proc is not None and not server.remote and server.state == "ready" and proc is server.proc:
+            if not proc.alive:
+                self._declare_dead(server, proc)
+                return
+            if server.died.is_set() or time.monotonic() >= deadline:
+                return
+            await asyncio.sleep(0.02)
 
     def _declare_dead(self, server: _Server, proc: VLLMProcess, reason: str | None = None) -> None:
         """``proc`` exited (or was killed as hung): fail its requests, kill its group, restart in the background."""
