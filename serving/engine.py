@@ -36,8 +36,30 @@ class GenerationFailed(MoergeError):
 
 
 @dataclass(frozen=True)
+class TokenMixture:
+    """A token-level composition: LoRA adapters of one base mixed per token and module by a token router
+    (``routers/token``). Runs in the torch engine only; one loaded model per distinct mixture."""
+
+    composition: str
+    router: str
+    router_params: tuple[tuple[str, Any], ...]  # sorted items, so the mixture is hashable
+    adapters: tuple[tuple[str, str, Path], ...]  # (expert id, slug, folder), in the composition's order
+    # The adapters' router states (Arrow prototypes, PHATGOOSE gates), read from the router artifacts.
+    states: tuple[dict[str, Any], ...] = field(default=(), compare=False, hash=False, repr=False)
+
+    @property
+    def key(self) -> str:
+        return f"mixture:{self.composition}:{hash((self.router, self.router_params, self.adapters)) & 0xFFFFFFFF:08x}"
+
+    @property
+    def slugs(self) -> list[str]:
+        return [slug for _, slug, _ in self.adapters]
+
+
+@dataclass(frozen=True)
 class Target:
-    """What to run: a base model folder, optionally with one LoRA adapter folder on top."""
+    """What to run: a base model folder, optionally with one LoRA adapter folder on top, or a token-level
+    mixture of several adapters of that base."""
 
     base_id: str  # registry id of the base (or merged full model): one vLLM server per base
     base_dir: Path
@@ -45,9 +67,12 @@ class Target:
     adapter_dir: Path | None = None
     max_lora_rank: int = 8
     served_name: str = ""  # the registry slug answering, reported as `model` in responses
+    mixture: TokenMixture | None = None
 
     @property
     def key(self) -> str:
+        if self.mixture is not None:
+            return self.mixture.key
         return self.adapter_id or self.base_id
 
 
@@ -70,6 +95,8 @@ class GenRequest:
     messages: list[dict[str, Any]] | None = None  # chat
     prompt: str | None = None  # plain completion
     request_id: str = ""
+    # A token-level mixture's per-request router bias, one value per adapter (GLIDER's global preference).
+    router_bias: tuple[float, ...] | None = None
 
 
 @dataclass
@@ -80,6 +107,30 @@ class GenResult:
     completion_tokens: int
     latency_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TokenTrace:
+    """Which adapters acted on each token in each layer of a token-level mixture: ``weights[l][t][e]`` is the
+    mixing weight of adapter ``e`` on token ``t`` in layer ``l``, averaged over the layer's adapted modules
+    (0 where the adapter was not among the chosen)."""
+
+    tokens: list[str]
+    prompt_tokens: int  # tokens[:prompt_tokens] are the prompt, the rest the completion
+    experts: list[str]
+    layers: list[str]
+    weights: list[list[list[float]]]
+    top_k: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "tokens": self.tokens,
+            "prompt_tokens": self.prompt_tokens,
+            "experts": self.experts,
+            "layers": self.layers,
+            "top_k": self.top_k,
+            "weights": self.weights,
+        }
 
 
 @dataclass

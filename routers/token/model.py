@@ -77,9 +77,15 @@ class MixtureLinear(nn.Module):
         return y + delta.view(*x.shape[:-1], delta.shape[-1]).to(y.dtype)
 
 
-def apply_mixture(model: nn.Module, adapters: Sequence[LoraAdapter], router: TokenRouter) -> dict[str, MixtureLinear]:
+def apply_mixture(
+    model: nn.Module,
+    adapters: Sequence[LoraAdapter],
+    router: TokenRouter,
+    states: Sequence[dict[str, torch.Tensor]] | None = None,
+) -> dict[str, MixtureLinear]:
     """Replace, in place, every linear layer any adapter targets with a MixtureLinear; returns them by
-    module path. Router states are fitted once per adapter (``router.fit_adapter``)."""
+    module path. ``states``: the adapters' router states if already known (stored router artifacts), else
+    fitted here once per adapter (``router.fit_adapter``)."""
     if not adapters:
         raise ValueError("a token-level mixture needs at least one adapter")
     names = [a.name for a in adapters]
@@ -95,7 +101,10 @@ def apply_mixture(model: nn.Module, adapters: Sequence[LoraAdapter], router: Tok
             owner = next(a.name for a in adapters if module in a.modules)
             what = "absent from the base" if layer is None else f"a {type(layer).__name__}, not a Linear"
             raise refused(owner, f"it targets {module}, which is {what}")
-    states = [router.fit_adapter(a) for a in adapters]
+    if states is None:
+        states = [router.fit_adapter(a) for a in adapters]
+    elif len(states) != len(adapters):
+        raise ValueError(f"got {len(states)} router states for {len(adapters)} adapters")
     wrapped: dict[str, MixtureLinear] = {}
     for module in targets:
         parent_name, _, leaf = module.rpartition(".")
