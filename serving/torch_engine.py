@@ -56,9 +56,12 @@ from serving.engine import (
     GenRequest,
     GenResult,
     Target,
+    TokenMixture,
+    TokenTrace,
 )
 
 BASE_ROUTE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+MIXTURE_ROUTE = "__mixture__"  # every row of a mixture slot: the routed adapters act per token
 
 Outcome = GenResult | BaseException
 
@@ -135,6 +138,8 @@ class _Slot:
     queue: list[_Job] = field(default_factory=list)
     runner: asyncio.Task[None] | None = None
     loaded_at: float | None = None
+    mixture: TokenMixture | None = None  # a token-level composition: its own copy of the base, adapters mixed in
+    mixture_layers: dict[str, Any] = field(default_factory=dict)  # module path -> MixtureLinear
 
     @property
     def generator_model(self) -> Any:
@@ -399,16 +404,26 @@ class TorchEngine:
         slot = self._slot(target)
         await asyncio.to_thread(self._load_locked, slot, target)
 
+    async def trace(self, request: GenRequest, completion: str = "") -> TokenTrace:
+        """The per-token, per-layer adapter choices of a token-level mixture on the request's prompt followed
+        by ``completion`` (e.g. its answer), from one forward pass (routing is causal: each token's choice
+        depends on its prefix only, so this is what generation chose, up to float ties)."""
+        if request.target.mixture is None:
+            raise ValidationFailed("a trace needs a composition with a token-level router", param="model")
+        slot = self._slot(request.target)
+        return await asyncio.to_thread(self._trace, slot, request, completion)
+
     async def status(self) -> list[dict[str, Any]]:
         return [
             {
                 "engine": self.name,
-                "name": slot.base_id,
+                "name": slot.mixture.composition if slot.mixture is not None else slot.base_id,
                 "base_dir": str(slot.base_dir),
                 "state": "loaded" if slot.model is not None else "not_loaded",
                 "device": str(self.device),
                 "dtype": str(self.dtype).removeprefix("torch."),
-                "adapters": sorted(slot.adapters),
+                "adapters": slot.mixture.slugs if slot.mixture is not None else sorted(slot.adapters),
+                **({"router": slot.mixture.router} if slot.mixture is not None else {}),
                 "queued": len(slot.queue),
                 "loaded_at": slot.loaded_at,
             }
@@ -428,10 +443,11 @@ class TorchEngine:
     # -- scheduling --------------------------------------------------------------------------------------
 
     def _slot(self, target: Target) -> _Slot:
-        key = (target.base_id, str(Path(target.base_dir)))
+        mixture = target.mixture
+        key = (target.base_id, str(Path(target.base_dir)), mixture.key if mixture is not None else "")
         slot = self._slots.get(key)
         if slot is None:
-            slot = self._slots[key] = _Slot(base_id=target.base_id, base_dir=Path(target.base_dir))
+            slot = self._slots[key] = _Slot(base_id=target.base_id, base_dir=Path(target.base_dir), mixture=mixture)
         return slot
 
     def _submit(self, job: _Job) -> None:
@@ -507,6 +523,7 @@ class TorchEngine:
             self._drop(slot)
 
     def _drop(self, slot: _Slot) -> None:
+        slot.mixture_layers = {}
         slot.model = slot.peft = slot.tokenizer = None
         slot.adapters.clear()
         slot.loaded_at = None
@@ -528,6 +545,8 @@ class TorchEngine:
             pad = model.generation_config.pad_token_id
         if pad is None:
             pad = min(eos) if eos else 0  # any id works: padded positions are masked out
+        if slot.mixture is not None:
+            slot.mixture_layers = _mix(model, slot.mixture)
         slot.tokenizer, slot.model, slot.peft = tokenizer, model, None
         slot.eos_ids, slot.pad_id = frozenset(eos), int(pad)
         slot.max_positions = getattr(model.config, "max_position_embeddings", None)
@@ -536,6 +555,8 @@ class TorchEngine:
 
     def _ensure_adapter(self, slot: _Slot, target: Target) -> str:
         """The row's route: the base, or the PEFT name of the target's adapter (attached on first use)."""
+        if slot.mixture is not None:
+            return MIXTURE_ROUTE
         if target.adapter_id is None and target.adapter_dir is None:
             return BASE_ROUTE
         if target.adapter_id is None or target.adapter_dir is None:
@@ -651,7 +672,7 @@ class TorchEngine:
             pad_token_id=slot.pad_id,
         )
         try:
-            with hooks.context:
+            with hooks.context, _row_bias(slot, rows):
                 slot.generator_model.generate(
                     input_ids=input_ids.to(self.device),
                     attention_mask=attention.to(self.device),
@@ -671,3 +692,95 @@ class TorchEngine:
             if row.reason is None:
                 row.reason = "length"
                 tracker.finish(row)
+
+    def _trace(self, slot: _Slot, request: GenRequest, completion: str) -> TokenTrace:
+        with slot.lock, torch.inference_mode():
+            self._ensure_base(slot)
+            assert slot.mixture is not None and slot.model is not None
+            prompt_ids = self._encode(slot, request)
+            extra = slot.tokenizer(completion, add_special_tokens=False)["input_ids"] if completion else []
+            ids = torch.tensor([prompt_ids + list(extra)], dtype=torch.long, device=self.device)
+            layers = slot.mixture_layers
+            for layer in layers.values():
+                layer.record = True
+            try:
+                with _row_bias(slot, [request]):
+                    slot.model(input_ids=ids)
+                routes = {name: layer.last_route for name, layer in layers.items()}
+            finally:
+                for layer in layers.values():
+                    layer.record, layer.last_route = False, None
+        return _trace_of(slot.mixture, slot.tokenizer, ids[0].tolist(), len(prompt_ids), routes)
+
+
+# --- token-level mixtures --------------------------------------------------------------------------------
+
+
+def _mix(model: PreTrainedModel, mixture: TokenMixture) -> dict[str, Any]:
+    """Wrap ``model``'s adapted linear layers with the mixture (in place); refusals name the adapter."""
+    from routers.token import TOKEN_ROUTERS, AdapterRefused, apply_mixture, load_lora_adapter
+
+    router = TOKEN_ROUTERS.build(mixture.router, dict(mixture.router_params))
+    try:
+        adapters = [load_lora_adapter(folder, slug) for _, slug, folder in mixture.adapters]
+        states = [{k: torch.as_tensor(v) for k, v in state.items()} for state in mixture.states] or None
+        return apply_mixture(model, adapters, router, states)
+    except AdapterRefused as exc:
+        raise ValidationFailed(str(exc), param="experts") from exc
+
+
+@contextlib.contextmanager
+def _row_bias(slot: _Slot, rows: list[Any]) -> Iterator[None]:
+    """Set each sequence's router bias (GLIDER) on the mixture layers for one forward or generate call."""
+    requests = [r.job.request if isinstance(r, _Row) else r for r in rows]
+    if slot.mixture is None or all(req.router_bias is None for req in requests):
+        yield
+        return
+    n = len(slot.mixture.adapters)
+    bias = torch.zeros(len(requests), n, dtype=torch.float32)
+    for i, req in enumerate(requests):
+        if req.router_bias is not None:
+            if len(req.router_bias) != n:
+                raise ValidationFailed(f"router_bias has {len(req.router_bias)} values for {n} adapters")
+            bias[i] = torch.tensor(req.router_bias, dtype=torch.float32)
+    for layer in slot.mixture_layers.values():
+        layer.row_bias = bias
+    try:
+        yield
+    finally:
+        for layer in slot.mixture_layers.values():
+            layer.row_bias = None
+
+
+def _layer_of(module: str) -> str:
+    """``model.layers.3.self_attn.q_proj`` -> ``3`` (the decoder layer); other modules keep their path."""
+    parts = module.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part == "layers" and parts[i + 1].isdigit():
+            return parts[i + 1]
+    return module
+
+
+def _trace_of(
+    mixture: TokenMixture, tokenizer: Any, ids: list[int], prompt_tokens: int, routes: dict[str, Any]
+) -> TokenTrace:
+    experts = len(mixture.adapters)
+    by_layer: dict[str, list[torch.Tensor]] = {}
+    top_k = 0
+    for module, route in routes.items():
+        if route is None:
+            continue
+        dense = torch.zeros(len(ids), experts)
+        dense.scatter_add_(1, route.experts.reshape(len(ids), -1), route.weights.reshape(len(ids), -1).float())
+        top_k = max(top_k, route.experts.shape[-1])
+        by_layer.setdefault(_layer_of(module), []).append(dense)
+    order = sorted(by_layer, key=lambda name: (0, int(name)) if name.isdigit() else (1, name))
+    weights = [torch.stack(by_layer[name]).mean(0) for name in order]
+    return TokenTrace(
+        tokens=[str(tokenizer.decode([i])) for i in ids],
+        prompt_tokens=prompt_tokens,
+        experts=mixture.slugs,
+        layers=order,
+        weights=[[[round(float(w), 4) for w in row] for row in layer.tolist()] for layer in weights],
+        top_k=top_k,
+    )
