@@ -546,8 +546,14 @@ def _cli_fitter(settings: Settings, session: AsyncSession) -> PrepareHook:
     from routers.query import ROUTERS, RouterContext
     from routers.query.embedder import LazyEmbedder
     from routers.query.service import RoutingService
+    from serving.mixtures import is_token_level, token_states
 
     async def fit(spec: CompositionSpec, experts: list[Any]) -> None:
+        if is_token_level(spec.router):
+            if spec.router == "glider":
+                return  # its global part runs a model: the server fits it on the first query
+            await token_states(session, ArtifactStore(settings.store_dir), spec.router, spec.router_params, experts)
+            return
         if ROUTERS.get(spec.router).cls.fit_uses_model:
             return
         context = RouterContext(embedder=LazyEmbedder(settings.embedding_model, settings.embedding_backend))

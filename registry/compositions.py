@@ -114,6 +114,16 @@ class CompositionService:
         return [experts[i] for i in ids if i in experts]
 
     async def _validated(self, spec: CompositionSpec) -> tuple[list[Expert], Expert | None]:
+        from routers.token import TOKEN_ROUTERS  # imports torch: not at module level, the CLI imports this module
+
+        if spec.router in TOKEN_ROUTERS:
+            return await self._validated_token_level(spec)
+        if spec.router not in ROUTERS:
+            raise ValidationFailed(
+                f"unknown router {spec.router!r}; query-level: {', '.join(ROUTERS.names())}; "
+                f"token-level: {', '.join(TOKEN_ROUTERS.names())}",
+                param="router",
+            )
         router = ROUTERS.get(spec.router).cls
         ROUTERS.config(spec.router, spec.router_params)
         if len(spec.experts) < router.min_experts:
@@ -152,6 +162,46 @@ class CompositionService:
                 )
             if model is not None:
                 await self.experts.get(model, param="aggregator_params.model")
+        return members, fallback
+
+    async def _validated_token_level(self, spec: CompositionSpec) -> tuple[list[Expert], Expert | None]:
+        """A token-level router mixes LoRA adapters of one base inside one model: one answer (k = 1), no
+        aggregator, no decomposition; how many adapters act on each token is the router's ``top_k``."""
+        from routers.token import TOKEN_ROUTERS
+
+        TOKEN_ROUTERS.config(spec.router, spec.router_params)
+        if not spec.experts:
+            raise ValidationFailed(f"router {spec.router!r} mixes at least one LoRA adapter", param="experts")
+        if len(set(spec.experts)) != len(spec.experts):
+            raise ValidationFailed("an expert is listed twice", param="experts")
+        if spec.k != 1:
+            raise ValidationFailed(
+                f"k must be 1 with the token-level router {spec.router!r} (one model answers; router_params.top_k "
+                f"sets how many adapters act on each token), got {spec.k}",
+                param="k",
+            )
+        if spec.aggregator is not None or spec.aggregator_params:
+            raise ValidationFailed(
+                f"the token-level router {spec.router!r} mixes adapters inside one model: no aggregator",
+                param="aggregator",
+            )
+        if spec.decompose:
+            raise ValidationFailed("decompose needs a query-level router", param="decompose")
+        members = [await self.experts.get(ref, param=f"experts[{i}]") for i, ref in enumerate(spec.experts)]
+        for i, expert in enumerate(members):
+            if (expert.peft_type or "").upper() != "LORA" or expert.base_id is None:
+                raise ValidationFailed(
+                    f"{expert.slug!r} is a {expert.kind} model, not a LoRA adapter: router {spec.router!r} mixes "
+                    "adapters of one base",
+                    param=f"experts[{i}]",
+                )
+            if expert.base_id != members[0].base_id:
+                raise ValidationFailed(
+                    f"{expert.slug!r} adapts another base than {members[0].slug!r}: a token-level mixture needs "
+                    "adapters of one base",
+                    param=f"experts[{i}]",
+                )
+        fallback = await self.experts.get(spec.fallback, param="fallback") if spec.fallback else None
         return members, fallback
 
     async def create(self, spec: CompositionSpec, *, prepare: PrepareHook | None = None) -> Composition:

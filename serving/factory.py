@@ -60,4 +60,6 @@ async def create_engine(settings: Settings, sessionmaker: async_sessionmaker[Asy
         lora_ops=settings.vllm_lora_ops,
         log_dir=settings.home / "logs",
     )
-    return VLLMEngine(config)
+    from serving.dispatch import EngineSet
+
+    return EngineSet(VLLMEngine(config))  # token-level mixtures run in a torch engine beside it

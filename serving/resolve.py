@@ -47,6 +47,7 @@ class Resolved:
     aggregator_target: Target | None = None
     fallback: bool = False
     failed: list[str] = field(default_factory=list)  # members whose generation failed (set while serving)
+    router_bias: tuple[float, ...] | None = None  # a token-level mixture's per-query bias (glider)
 
     @property
     def composite(self) -> bool:
@@ -130,6 +131,10 @@ async def resolve_composition(
     stamp: Stamp | None = None,
 ) -> Resolved:
     stamp = stamp if stamp is not None else await registry_stamp(session)
+    from serving import mixtures  # imports this module
+
+    if mixtures.is_token_level(comp.router):
+        return await mixtures.resolve_token_composition(session, store, comp, query, context, stamp)
     decision = await RoutingService(session, context).decide(comp, query, stamp)
     if decision.fallback:
         if comp.fallback_id is None:

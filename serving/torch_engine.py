@@ -351,7 +351,7 @@ class TorchEngine:
         self.max_batch_size = max_batch_size
         self.dtype = dtype
         self.device = torch.device(device)
-        self._slots: dict[tuple[str, str], _Slot] = {}
+        self._slots: dict[tuple[str, str, str], _Slot] = {}
 
     # -- public API ------------------------------------------------------------------------------------
 

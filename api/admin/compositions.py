@@ -130,7 +130,7 @@ class CompositionPages(Controller):
         """Create (``editing`` None) or update a composition from the form; a refusal re-renders the form
         with the error beside its field."""
         form = await request.form()
-        fit = router_fitter(service.session, routing)
+        fit = router_fitter(service.session, service.experts.store, routing)
         try:
             if editing is None:
                 data = {"name": str(form.get("name") or "").strip(), **_spec_data(form)}

@@ -12,7 +12,7 @@ from litestar.params import FromPath
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.deps import provide_router_context
+from api.deps import provide_engine, provide_router_context
 from api.openai.serving import routing_headers
 from api.security import require_admin, require_query
 from registry.compositions import CompositionPatch, CompositionService, CompositionSpec, PrepareHook
@@ -22,8 +22,10 @@ from registry.models import Expert
 from registry.schemas import decode_strict
 from registry.store import ArtifactStore
 from routers.query import RouterContext
-from routers.query.service import RoutingService
 from serving.compose import query_text
+from serving.dispatch import trace
+from serving.engine import Engine, GenRequest, Sampling
+from serving.mixtures import fit_router
 from serving.resolve import find_composition, resolve_composition, routing_only
 
 
@@ -31,9 +33,9 @@ def _service(db_session: AsyncSession, store: ArtifactStore) -> CompositionServi
     return CompositionService(db_session, store)
 
 
-def router_fitter(db_session: AsyncSession, routing: RouterContext) -> PrepareHook:
+def router_fitter(db_session: AsyncSession, store: ArtifactStore, routing: RouterContext) -> PrepareHook:
     async def fit(spec: CompositionSpec, experts: list[Expert]) -> None:
-        await RoutingService(db_session, routing).fit(spec.router, spec.router_params, experts)
+        await fit_router(db_session, store, routing, spec.router, spec.router_params, experts)
 
     return fit
 
@@ -44,6 +46,10 @@ class RouteRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     model: str
     query: str | None = None
     messages: list[dict[str, Any]] | None = None
+    trace: bool = False  # token-level routers: every prompt token's adapter weights in every layer
+
+    def chat(self) -> list[dict[str, Any]]:
+        return self.messages if self.messages is not None else [{"role": "user", "content": self.query or ""}]
 
     def text(self) -> str:
         if (self.query is None) == (self.messages is None):
@@ -76,7 +82,7 @@ class CompositionController(Controller):
     ) -> dict[str, Any]:
         spec: CompositionSpec = decode_strict(await request.body(), CompositionSpec)
         service = _service(db_session, store)
-        return await service.describe(await service.create(spec, prepare=router_fitter(db_session, routing)))
+        return await service.describe(await service.create(spec, prepare=router_fitter(db_session, store, routing)))
 
     @get("/{name:str}", guards=[require_query])
     async def get_composition(
@@ -96,7 +102,9 @@ class CompositionController(Controller):
     ) -> dict[str, Any]:
         changes: CompositionPatch = decode_strict(await request.body(), CompositionPatch)
         service = _service(db_session, store)
-        return await service.describe(await service.update(name, changes, prepare=router_fitter(db_session, routing)))
+        return await service.describe(
+            await service.update(name, changes, prepare=router_fitter(db_session, store, routing))
+        )
 
     @delete("/{name:str}", guards=[require_admin], status_code=HTTP_204_NO_CONTENT)
     async def delete_composition(
@@ -108,7 +116,10 @@ class CompositionController(Controller):
 class RouteController(Controller):
     path = "/api/route"
     tags = ["compositions"]
-    dependencies = {"routing": Provide(provide_router_context, sync_to_thread=False)}
+    dependencies = {
+        "routing": Provide(provide_router_context, sync_to_thread=False),
+        "engine": Provide(provide_engine, sync_to_thread=False),
+    }
 
     @post("/", guards=[require_query], status_code=HTTP_200_OK)
     async def route(
@@ -117,6 +128,7 @@ class RouteController(Controller):
         db_session: NamedDependency[AsyncSession],
         store: NamedDependency[ArtifactStore],
         routing: NamedDependency[RouterContext],
+        engine: NamedDependency[Engine],
     ) -> Response[dict[str, Any]]:
         body: RouteRequest = decode_strict(await request.body(), RouteRequest)
         query = body.text()
@@ -137,4 +149,11 @@ class RouteController(Controller):
             "aggregator": resolved.aggregator_name,
             "latency_ms": round(took_ms, 3),
         }
+        if body.trace:
+            if resolved.target.mixture is None:
+                raise ValidationFailed(
+                    f"a trace shows token-level routes; {comp.name!r} routes per query ({comp.router})", param="trace"
+                )
+            gen = GenRequest(resolved.target, Sampling(), messages=body.chat(), router_bias=resolved.router_bias)
+            result["trace"] = (await trace(engine, gen)).as_dict()
         return Response(result, headers=routing_headers(resolved))

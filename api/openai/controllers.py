@@ -94,7 +94,7 @@ class OpenAIController(Controller):
         prompt = body.checked_prompt()
         sampling = body.sampling(settings.default_max_tokens)
         resolved = await _resolve(request, db_session, store, routing, body.model, prompt)
-        run = CompletionRun(engine, resolved, sampling, chat=False)
+        run = CompletionRun(engine, resolved, sampling, chat=False, trace=body.checked_trace())
         return await _respond(run, run.request(prompt=prompt), body.stream, body.include_usage())
 
 
@@ -112,7 +112,7 @@ async def prepare_chat(
     messages = body.checked_messages()
     sampling = body.sampling(settings.default_max_tokens)
     resolved = await _resolve(request, db_session, store, routing, body.model, query_text(messages, None))
-    run = CompletionRun(engine, resolved, sampling, chat=True)
+    run = CompletionRun(engine, resolved, sampling, chat=True, trace=body.checked_trace())
     return run, run.request(messages=messages)
 
 

@@ -39,6 +39,13 @@ class _Common(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     metadata: dict[str, Any] | None = None
     store: bool | None = None
     service_tier: str | None = None
+    # moerge's extension: a token-level composition's per-token, per-layer adapter choices in `moerge.trace`
+    moerge_trace: bool = False
+
+    def checked_trace(self) -> bool:
+        if self.moerge_trace and self.stream:
+            raise ValidationFailed("moerge_trace is given with non-streamed responses only", param="moerge_trace")
+        return self.moerge_trace
 
     def sampling(self, default_max_tokens: int) -> Sampling:
         requested = self._max_tokens()

@@ -10,8 +10,9 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from registry.errors import MoergeError
+from registry.errors import MoergeError, ValidationFailed
 from serving.compose import compose, compose_stream, query_text
+from serving.dispatch import trace
 from serving.engine import Engine, GenChunk, GenRequest, GenResult, Sampling, Target
 from serving.resolve import Resolved
 
@@ -49,16 +50,31 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 class CompletionRun:
     """One /v1 request: chat (messages) or text completion (prompt), streamed or not."""
 
-    def __init__(self, engine: Engine, resolved: Resolved, sampling: Sampling, *, chat: bool) -> None:
+    def __init__(
+        self, engine: Engine, resolved: Resolved, sampling: Sampling, *, chat: bool, trace: bool = False
+    ) -> None:
         self.engine = engine
         self.resolved = resolved
         self.sampling = sampling
         self.chat = chat
+        if trace and resolved.target.mixture is None:
+            raise ValidationFailed(
+                f"moerge_trace shows token-level routes; {resolved.model!r} has no token-level router",
+                param="moerge_trace",
+            )
+        self.trace = trace
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
     def request(self, *, messages: list[dict[str, Any]] | None = None, prompt: str | None = None) -> GenRequest:
-        return GenRequest(self.resolved.target, self.sampling, messages=messages, prompt=prompt, request_id=self.id)
+        return GenRequest(
+            self.resolved.target,
+            self.sampling,
+            messages=messages,
+            prompt=prompt,
+            request_id=self.id,
+            router_bias=self.resolved.router_bias,
+        )
 
     def for_target(self, request: GenRequest, target: Target) -> GenRequest:
         return dataclasses.replace(request, target=target)
@@ -84,7 +100,10 @@ class CompletionRun:
         (result,) = await self.engine.generate([request])
         if isinstance(result, BaseException):
             raise result
-        return self.body(result)
+        body = self.body(result)
+        if self.trace:
+            body["moerge"] = {"trace": (await trace(self.engine, request, result.text)).as_dict()}
+        return body
 
     def body(self, result: GenResult) -> dict[str, Any]:
         if self.chat:

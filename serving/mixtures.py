@@ -1,0 +1,165 @@
+"""Compositions whose router is token-level (``routers/token``): their adapters mixed per token and module
+inside one model, run by the torch engine.
+
+Resolving such a composition routes nothing per query (the routing happens per token, in the engine): it
+builds a ``TokenMixture`` target from the composition's adapters and their router states (the stored router
+artifacts), memoized while the registry stands still. ``glider`` adds a per-query bias: the base model
+describes the query's task (GLIDER's global router, the `instruct` query router) and every adapter's
+expert is scored by how well its description matches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from registry.compositions import CompositionView
+from registry.epoch import Stamp, StampedMemo, registry_stamp
+from registry.errors import Conflict
+from registry.models import CompositionMember, Expert
+from registry.store import ArtifactStore
+from routers.query import ROUTERS, RouteDecision, RouterContext
+from routers.query.service import RoutingService, candidate_of
+from serving.engine import Target, TokenMixture
+from serving.resolve import Resolved, target_for
+
+
+def is_token_level(router: str) -> bool:
+    from routers.token import TOKEN_ROUTERS  # torch: imported where a token router is actually in play
+
+    return router in TOKEN_ROUTERS
+
+
+async def token_states(
+    session: AsyncSession, store: ArtifactStore, router: str, params: dict[str, Any], experts: list[Expert]
+) -> list[dict[str, Any]]:
+    """Every adapter's router state (module -> vector) for ``router``."""
+    from routers.token import TOKEN_ROUTERS, load_lora_adapter
+
+    token_router = TOKEN_ROUTERS.build(router, params)
+    folders = [(e.slug, store.expert_dir(e.id)) for e in experts]
+
+    def fit() -> list[dict[str, Any]]:
+        return [token_router.fit_adapter(load_lora_adapter(folder, slug)) for slug, folder in folders]
+
+    return await asyncio.to_thread(fit)  # CPU work: off the event loop
+
+
+async def fit_router(
+    session: AsyncSession,
+    store: ArtifactStore,
+    context: RouterContext,
+    router: str,
+    params: dict[str, Any],
+    experts: list[Expert],
+) -> None:
+    """Fit a composition's router states now (on create or update), query-level or token-level."""
+    if is_token_level(router):
+        await token_states(session, store, router, params, experts)
+        if router == "glider":
+            await RoutingService(session, context).fit("instruct", _instruct_params(params), experts)
+        return
+    await RoutingService(session, context).fit(router, params, experts)
+
+
+# composition id -> (mixture target, adapter experts' slugs); valid while the registry epoch stands still
+_MIXTURES = StampedMemo[tuple[Target, list[Expert]]](128)
+
+
+async def resolve_token_composition(
+    session: AsyncSession,
+    store: ArtifactStore,
+    comp: CompositionView,
+    query: str,
+    context: RouterContext,
+    stamp: Stamp | None = None,
+) -> Resolved:
+    stamp = stamp if stamp is not None else await registry_stamp(session)
+    found = _MIXTURES.get(stamp, (str(store.root), comp.id))
+    if found is None:
+        experts = await _adapters(session, comp)
+        states = await token_states(session, store, comp.router, dict(comp.router_params), experts)
+        base = target_for(experts[0], store)
+        mixture = TokenMixture(
+            composition=comp.name,
+            router=comp.router,
+            router_params=tuple(sorted(_token_params(comp.router, dict(comp.router_params)).items())),
+            adapters=tuple((str(e.id), e.slug, store.expert_dir(e.id)) for e in experts),
+            states=tuple(states),
+        )
+        target = Target(base.base_id, base.base_dir, served_name=comp.name, mixture=mixture)
+        found = _MIXTURES.put(stamp, (str(store.root), comp.id), (target, experts))
+    target, experts = found
+    assert target.mixture is not None
+    slugs = target.mixture.slugs
+    bias: tuple[float, ...] | None = None
+    scores = dict.fromkeys(slugs, 0.0)
+    extra: dict[str, Any] = {"level": "token", "top_k": dict(target.mixture.router_params).get("top_k")}
+    if comp.router == "glider":
+        described = await _describe_query(session, context, comp, experts, query)
+        scores = {slug: float(described.scores.get(slug, 0.0)) for slug in slugs}
+        bias = _glider_bias(comp, [scores[s] for s in slugs])
+        extra["task_description"] = described.extra.get("task_description")
+        extra["bias"] = dict(zip(slugs, bias, strict=True))
+    decision = RouteDecision(
+        router=comp.router,
+        experts=[(slug, 1.0 / len(slugs)) for slug in slugs],
+        scores=scores,
+        reason=f"token-level: every token picks its adapters in every layer among {len(slugs)} (ask for a trace)",
+        extra=extra,
+    )
+    resolved = Resolved(comp.name, target, comp.router, list(slugs), decision.weights, decision)
+    resolved.router_bias = bias
+    return resolved
+
+
+def _token_params(router: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The router's own parameters, defaults filled in (the engine builds the router from these)."""
+    import msgspec
+
+    from routers.token import TOKEN_ROUTERS
+
+    return msgspec.to_builtins(TOKEN_ROUTERS.config(router, params))  # type: ignore[no-any-return]
+
+
+def _instruct_params(params: dict[str, Any]) -> dict[str, Any]:
+    """glider's global part is the `instruct` router; its model and length come from glider's params."""
+    keep = {k: params[k] for k in ("model", "max_new_tokens") if params.get(k) is not None}
+    return {**keep, "threshold": -1.0}
+
+
+async def _describe_query(
+    session: AsyncSession, context: RouterContext, comp: CompositionView, experts: list[Expert], query: str
+) -> RouteDecision:
+    router = ROUTERS.build("instruct", _instruct_params(dict(comp.router_params)), context)
+    candidates = [candidate_of(e, []) for e in experts]
+    service = RoutingService(session, context)
+    prepared = await service.states.prepared(router, candidates)
+    await session.close()  # no connection held while the model writes the description
+    return await router.route(query, candidates, prepared, len(candidates))
+
+
+def _glider_bias(comp: CompositionView, similarities: list[float]) -> tuple[float, ...]:
+    params = _token_params(comp.router, dict(comp.router_params))
+    scale = float(params.get("bias_scale", 1.0))
+    return tuple(scale * s for s in similarities)
+
+
+async def _adapters(session: AsyncSession, comp: CompositionView) -> list[Expert]:
+    rows = {
+        e.slug: e
+        for e in await session.scalars(
+            select(Expert).join(CompositionMember).where(CompositionMember.composition_id == comp.id)
+        )
+    }
+    missing = [s for s in comp.declared_experts if s not in rows]
+    if missing or not rows:
+        raise Conflict(
+            f"composition {comp.name!r} names deleted expert(s): {', '.join(missing) or 'all of them'}",
+            param="model",
+            code="composition_expert_deleted",
+        )
+    return [rows[s] for s in comp.declared_experts or sorted(rows)]
