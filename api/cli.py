@@ -378,6 +378,7 @@ def eval_models(
             )
         )
     paths = write_reports(rows, out, title=title or f"moerge eval ({split} split)", concurrency=concurrency)
+    paths.update(_trace_heatmaps(settings, models, task or TASKS.names(), split, out))
     if record:
         from api.client import ApiClient
 
@@ -391,6 +392,23 @@ def eval_models(
     sys.stdout.write(markdown_table(rows, title=title, concurrency=concurrency))
     out.mkdir(parents=True, exist_ok=True)
     err.print(f"wrote {', '.join(str(p) for p in paths.values())}", highlight=False)
+
+
+def _trace_heatmaps(settings: Settings, models: list[str], tasks: list[str], split: str, out: Path) -> dict[str, Path]:
+    """For each token-level composition among ``models``: the trace of one sample query (the first of the
+    first task) drawn as a heatmap, ``trace-<model>.png``."""
+    from evals.harness import fetch_trace, plot_trace
+    from evals.tasks import get_task
+
+    sample = get_task(tasks[0]).examples("heldout" if split == "heldout" else "eval", 1)[0].prompt
+    drawn: dict[str, Path] = {}
+    for model in models:
+        found = run(fetch_trace(settings.api_url, settings.api_key, model, sample))
+        if found is not None:
+            path = out / f"trace-{model}.png"
+            plot_trace(found, path, title=f"{model}: adapter with the largest weight per token and layer")
+            drawn[f"trace {model}"] = path
+    return drawn
 
 
 # -- experts ------------------------------------------------------------------------------------------

@@ -116,9 +116,14 @@ async def _ask(
     )
 
 
+TOKEN_LEVEL_ROUTERS = frozenset({"arrow", "phatgoose", "glider"})
+"""Routers that mix every adapter per token: the headers name all of them, so "routed to the task's expert"
+says nothing there (the trace heatmap shows their choices instead)."""
+
+
 def routing_accuracy(outcomes: Sequence[QueryOutcome]) -> float | None:
     """Share of a composition's queries whose answer came from (or included) their task's own expert."""
-    judged = [o for o in outcomes if o.router != "none" and o.expected_expert]
+    judged = [o for o in outcomes if o.router != "none" and o.router not in TOKEN_LEVEL_ROUTERS and o.expected_expert]
     if not judged:
         return None
     return sum(o.expected_expert in o.experts.split(",") for o in judged) / len(judged)
@@ -270,3 +275,50 @@ def write_reports(
     paths["json"].write_text(json.dumps(payload, indent=1))
     plot(rows, paths["png"], title=title)
     return paths
+
+
+async def fetch_trace(base_url: str, api_key: str | None, model: str, prompt: str) -> dict[str, Any] | None:
+    """A token-level composition's trace of ``prompt`` (its per-token, per-layer adapter weights), or None
+    when ``model`` routes per query (or is no composition)."""
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=600, trust_env=False) as client:
+        resp = await client.post("/api/route", json={"model": model, "messages": chat_messages(prompt), "trace": True})
+    if resp.status_code in (400, 404):
+        return None
+    resp.raise_for_status()
+    trace: dict[str, Any] = resp.json()["trace"]
+    return trace
+
+
+def plot_trace(trace: dict[str, Any], path: Path, *, title: str = "") -> None:
+    """Heatmap of a trace: one row per layer, one column per token; the colour names the adapter with the
+    largest mixing weight there, its strength that weight (white = spread evenly)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.patches import Patch
+
+    weights = np.asarray(trace["weights"], dtype=np.float32)  # [layers, tokens, experts]
+    experts = list(trace["experts"])
+    palette = plt.get_cmap("tab10" if len(experts) <= 10 else "tab20")
+    colours = np.asarray([palette(i % palette.N)[:3] for i in range(len(experts))], dtype=np.float32)
+    best = weights.argmax(-1)
+    strength = weights.max(-1)
+    floor = 1.0 / len(experts)  # an even spread shows as white
+    alpha = np.clip((strength - floor) / max(1e-6, 1 - floor), 0, 1)[..., None]
+    image = alpha * colours[best] + (1 - alpha) * np.ones(3, dtype=np.float32)
+    tokens = [t.replace("\n", "\\n") or " " for t in trace["tokens"]]
+    fig, ax = plt.subplots(figsize=(max(8, 0.22 * len(tokens)), max(3, 0.22 * len(trace["layers"]) + 1.5)))
+    ax.imshow(image, aspect="auto", interpolation="nearest")
+    ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=6)
+    ax.set_yticks(range(len(trace["layers"])), trace["layers"], fontsize=6)
+    ax.set_ylabel("layer")
+    ax.axvline(trace["prompt_tokens"] - 0.5, color="black", linewidth=0.8)  # prompt | answer
+    ax.set_title(title or "token-level routing")
+    handles = [Patch(color=colours[i], label=name) for i, name in enumerate(experts)]
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

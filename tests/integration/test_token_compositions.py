@@ -5,6 +5,7 @@ sends mixtures to a torch engine beside vLLM."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,9 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from typer.testing import CliRunner
 
+from api.cli import app as cli
 from registry.schemas import ExpertSpec
 from serving.dispatch import EngineSet
 from serving.engine import GenRequest, GenResult, Sampling, Target, TokenMixture
@@ -148,3 +151,20 @@ async def test_engine_set_sends_mixtures_to_its_torch_engine(tiny_base: Path, tm
         assert "".join([c.text async for c in engines.stream(mixed)]) == results[1].text  # type: ignore[union-attr]
     finally:
         await engines.close()
+
+
+def test_eval_draws_the_trace_heatmap(live: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    env: RegistryEnv = live["env"]
+    monkeypatch.setenv("MOERGE_URL", live["url"])
+    monkeypatch.setenv("MOERGE_API_KEY", env.admin_key)
+    assert _create(live, name="arrow-mix", router="arrow", experts=list(SLUGS)).status_code == 201
+    assert _create(live, name="plain", router="direct", experts=["mix-a"]).status_code == 201
+    result = CliRunner().invoke(
+        cli, ["eval", "arrow-mix", "plain", "--task", "arithmetic", "--n", "2", "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    heatmap = tmp_path / "trace-arrow-mix.png"
+    assert heatmap.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and heatmap.stat().st_size > 5000
+    assert not (tmp_path / "trace-plain.png").exists()  # a query-level router has no token trace
+    rows = {r["model"]: r for r in json.loads((tmp_path / "eval.json").read_text())["rows"]}
+    assert rows["arrow-mix"]["routing_accuracy"] is None  # every adapter is in play: not a routing score
