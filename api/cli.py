@@ -597,7 +597,12 @@ AggParams = Annotated[list[str] | None, typer.Option("--agg-param", help="aggreg
 @handles_errors
 def composition_create(
     name: Annotated[str, typer.Argument(help="the composition's name, queried like a model")],
-    router: Annotated[str, typer.Option(help="router: direct, embedding, two_step, skills, kshot, instruct")],
+    router: Annotated[
+        str,
+        typer.Option(
+            help="per query: direct, embedding, two_step, skills, kshot, instruct; per token: arrow, phatgoose, glider"
+        ),
+    ],
     expert: Experts = None,
     param: RouterParams = None,
     k: Annotated[int, typer.Option(help="how many experts answer each query")] = 1,

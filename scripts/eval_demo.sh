@@ -7,10 +7,13 @@
 #   4. the held-out composite task (two skills in one message): k = 1 against k = 2, the latter with the
 #      whole query sent to both experts and with each numbered part sent to its own expert (--decompose);
 #   5. the six experts merged with each merge method (configs in evals/merges/, `moerge merge`), each merged
-#      model beside the base and every expert on every task.
+#      model beside the base and every expert on every task;
+#   6. token-level routers (arrow, phatgoose, glider: the six adapters mixed per token in the torch engine)
+#      on the mixed queries beside oracle routing, the query-level routers and every merged model, and on
+#      the composite task beside the single experts; plus a heatmap of each one's routes on a sample query.
 # Usage: scripts/eval_demo.sh [N]    (N queries per task, default 30: prefill-bound vLLM on 2 cores answers
 #        about 2 queries/s, so 30 per task is ~25 minutes for all the rows)
-#        STEPS="composite" runs only the named steps (of: experts routers composite merges).
+#        STEPS="composite" runs only the named steps (of: experts routers composite merges token).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N="${1:-30}"
@@ -29,7 +32,7 @@ create() {  # create NAME ARGS...: a composition, unless it exists
   fi
 }
 
-STEPS="${STEPS:-experts routers composite merges}"
+STEPS="${STEPS:-experts routers composite merges token}"
 step() { [[ " $STEPS " == *" $1 "* ]]; }
 
 if step experts; then
@@ -83,4 +86,23 @@ if step merges; then
     > /dev/null
   mv "$OUT/eval.md" "$OUT/merges.md"; mv "$OUT/eval.json" "$OUT/merges.json"; mv "$OUT/eval.png" "$OUT/merges.png"
 fi
-echo "wrote $OUT/{experts,routers,composite,merges}.{md,json,png}"
+if step token; then
+  create arrow --router arrow -p top_k=2 "${expert_flags[@]}"
+  create phatgoose --router phatgoose -p top_k=2 "${expert_flags[@]}"
+  create glider --router glider -p top_k=2 -p "model=$BASE" "${expert_flags[@]}"
+  merged=()
+  for config in evals/merges/*.yaml; do
+    merged+=("$(.venv/bin/python -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['name'])" "$config")")
+  done
+  "$MOERGE" eval oracle auto two-step skills instruct arrow phatgoose glider "${merged[@]}" --n "$N" --out "$OUT" \
+    --title "Token-level routers on mixed queries, beside query-level routing and merging (eval split, n=$N per task)" \
+    > /dev/null
+  mv "$OUT/eval.md" "$OUT/token.md"; mv "$OUT/eval.json" "$OUT/token.json"; mv "$OUT/eval.png" "$OUT/token.png"
+  for r in arrow phatgoose glider; do mv "$OUT/trace-$r.png" "$OUT/token-trace-$r.png"; done
+  "$MOERGE" eval sentiment-lora arithmetic-lora arrow phatgoose glider pair-synthesize-parts \
+    --task arithmetic_sentiment --split heldout --n "$N" --out "$OUT" \
+    --title "Composite held-out task with token-level routers (n=$N)" > /dev/null
+  mv "$OUT/eval.md" "$OUT/token-composite.md"; mv "$OUT/eval.json" "$OUT/token-composite.json"
+  mv "$OUT/eval.png" "$OUT/token-composite.png"; rm -f "$OUT"/trace-*.png
+fi
+echo "wrote $OUT/{experts,routers,composite,merges,token,token-composite}.{md,json,png}"
