@@ -38,6 +38,11 @@ class Answer:
         return [{"expert": slug, "weight": 1.0, "part": None, "text": self.text, "error": None}]
 
     @property
+    def trace(self) -> dict[str, Any] | None:
+        found = (self.body.get("moerge") or {}).get("trace")
+        return dict(found) if found else None
+
+    @property
     def aggregation(self) -> str | None:
         return (self.body.get("moerge") or {}).get("aggregation")
 
@@ -60,4 +65,5 @@ async def ask(
     run, gen = await prepare_chat(
         request, db_session, store, settings, provide_engine(state), provide_router_context(state), body
     )
+    run.trace = run.resolved.target.mixture is not None  # a token-level router: show its per-token choices
     return Answer(run.resolved, await run.complete(gen))

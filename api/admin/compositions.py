@@ -21,6 +21,7 @@ from registry.errors import MoergeError, ValidationFailed
 from registry.schemas import decode_strict
 from registry.store import ArtifactStore
 from routers.query import ROUTERS, RouterContext
+from routers.token import TOKEN_ROUTERS
 
 FIELDS = (
     "name",
@@ -113,7 +114,7 @@ class CompositionPages(Controller):
                 "errors": errors,
                 "editing": editing,
                 "experts": experts,
-                "routers": ROUTERS.names(),
+                "routers": [*ROUTERS.names(), *TOKEN_ROUTERS.names()],
                 "aggregators": AGGREGATORS.names(),
             },
             status_code=status,

@@ -12,7 +12,7 @@ from litestar.response import Template
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.admin.asking import MAX_TOKENS, Answer, ask
-from api.admin.views import score_bars
+from api.admin.views import score_bars, trace_grid
 from api.settings import Settings
 from registry.compositions import CompositionService
 from registry.errors import MoergeError, ValidationFailed
@@ -34,6 +34,7 @@ def _result(answer: Answer) -> dict[str, Any]:
         "aggregator": answer.resolved.aggregator_name,
         "aggregation": answer.aggregation,
         "failed": answer.resolved.failed,
+        "trace": trace_grid(answer.trace) if answer.trace else None,
     }
 
 

@@ -115,3 +115,32 @@ def score_bars(scores: dict[str, float], chosen: list[str]) -> list[dict[str, An
         {"slug": slug, "score": score, "pct": round(100 * (score - low) / span, 1), "chosen": slug in chosen}
         for slug, score in ordered
     ]
+
+
+TRACE_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22")
+
+
+def trace_grid(trace: dict[str, Any]) -> dict[str, Any]:
+    """A token-level trace as a grid for the playground: one row per layer, one cell per token, coloured by
+    the adapter with the largest weight there (opacity = that weight)."""
+    experts = list(trace["experts"])
+    colour = {i: TRACE_COLOURS[i % len(TRACE_COLOURS)] for i in range(len(experts))}
+    rows = []
+    for name, layer in zip(trace["layers"], trace["weights"], strict=True):
+        cells = []
+        for token, weights in zip(trace["tokens"], layer, strict=True):
+            best = max(range(len(weights)), key=weights.__getitem__)
+            cells.append(
+                {
+                    "colour": colour[best],
+                    "opacity": round(weights[best], 2),
+                    "title": f"{token!r}: {experts[best]} {weights[best]:.2f}",
+                }
+            )
+        rows.append({"layer": name, "cells": cells})
+    return {
+        "tokens": trace["tokens"],
+        "prompt_tokens": trace["prompt_tokens"],
+        "legend": [{"slug": slug, "colour": colour[i]} for i, slug in enumerate(experts)],
+        "rows": rows,
+    }

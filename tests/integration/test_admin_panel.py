@@ -150,3 +150,30 @@ def test_inline_errors_pagination_and_fragments(
     assert resp.status_code == 404 and "no expert named" in resp.text and "<html" in resp.text
     resp = client.get("/admin/merges/00000000-0000-0000-0000-000000000000/progress", headers={"hx-request": "true"})
     assert resp.status_code == 200 and "banner" in resp.text and "<html" not in resp.text
+
+
+def test_playground_shows_token_routes(
+    client: TestClient,  # type: ignore[type-arg]
+    registry_env: RegistryEnv,
+    tiny_base: Path,
+    tmp_path: Path,
+) -> None:
+    """A token-level composition in the playground: its per-token, per-layer choices as a grid."""
+    for i, slug in enumerate(("tok-a", "tok-b")):
+        register(
+            registry_env.settings,
+            build_tiny_lora(tiny_base, tmp_path / slug, seed=70 + i),
+            ExpertSpec(slug=slug, base="tiny-base"),
+        )
+    sign_in(client, registry_env.admin_key)
+    form_page = client.get("/admin/compositions/new").text
+    assert '<option value="arrow"' in form_page  # token-level routers are offered
+    body = {"name": "tok", "router": "arrow", "router_params": {"top_k": 1}, "experts": ["tok-a", "tok-b"]}
+    assert client.post("/api/compositions", json=body, headers=registry_env.admin).status_code == 201
+    token = _token(client.get("/admin/playground/").text)
+    form = {"_csrf_token": token, "composition": "tok", "query": "hello there", "max_tokens": "3"}
+    resp = client.post("/admin/playground/", data=form, headers={"hx-request": "1"})
+    assert resp.status_code == 200 and 'id="trace"' in resp.text, resp.text[-800:]
+    rows = re.findall(r"<tr><th>(\d+)</th>", resp.text)
+    assert rows == ["0", "1"]  # one row per decoder layer
+    assert "tok-a" in resp.text and "tok-b" in resp.text
