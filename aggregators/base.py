@@ -68,6 +68,9 @@ class Aggregator(ABC):
     # True: can combine answers to different parts of a query (a composition with `decompose` needs it);
     # vote and select compare answers to one question and cannot.
     combines_parts: ClassVar[bool] = False
+    # True: the chosen experts decode one answer together (``fusion`` builds the engine's fused request)
+    # instead of answering each and being combined; only engines with ``fuses_logits`` (torch) run it.
+    fuses_logits: ClassVar[bool] = False
 
     def __init__(self, config: AggregatorConfig) -> None:
         self.config = config
