@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -17,6 +18,7 @@ import msgspec
 
 from registry.errors import ValidationFailed
 from registry.schemas import convert_params
+from serving.engine import FusedMember, Fusion
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,10 @@ class Aggregator(ABC):
 
     def finish(self, query: str, answers: list[ExpertAnswer], model_output: str) -> Aggregation:
         """For model-based aggregators: the final answer from the aggregator model's output."""
+        raise NotImplementedError
+
+    def fusion(self, members: Sequence[FusedMember]) -> Fusion:
+        """For aggregators with ``fuses_logits``: the fused request's spec for the chosen experts."""
         raise NotImplementedError
 
     @abstractmethod

@@ -166,12 +166,12 @@ def reference_fused(
     tok = AutoTokenizer.from_pretrained(base)
     model: Any = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     names: dict[Path, str] = {}
-    for i, adapter in enumerate(a for a in adapters if a is not None):
-        names[adapter] = f"a{i}"
+    for i, path in enumerate(a for a in adapters if a is not None):
+        names[path] = f"a{i}"
         if i == 0:
-            model = PeftModel.from_pretrained(model, str(adapter), adapter_name="a0").eval()
+            model = PeftModel.from_pretrained(model, str(path), adapter_name="a0").eval()
         else:
-            model.load_adapter(str(adapter), adapter_name=f"a{i}")
+            model.load_adapter(str(path), adapter_name=f"a{i}")
     ids = tok(PROMPT)["input_ids"]
     out: list[int] = []
     with torch.inference_mode():
@@ -346,7 +346,12 @@ async def test_stop_strings_and_max_tokens_end_the_whole_group(
     stop = full.text[5:8]
     seen: list[list[Any]] = []
     real_hooks = logit_fusion.hooks
-    monkeypatch.setattr(logit_fusion, "hooks", lambda rows, eos: seen.append(list(rows)) or real_hooks(rows, eos))
+
+    def spy(rows: Any, eos_ids: frozenset[int]) -> Any:
+        seen.append(list(rows))
+        return real_hooks(rows, eos_ids)
+
+    monkeypatch.setattr(logit_fusion, "hooks", spy)
     stopped = ok((await engine.generate([fused(members, Sampling(max_tokens=24, ignore_eos=True, stop=(stop,)))]))[0])
     assert stopped.finish_reason == "stop" and stopped.text == full.text[: full.text.find(stop)]
     leader, other = seen[0]
@@ -391,7 +396,13 @@ def test_aggregator_config_is_typed_and_validated() -> None:
     agg: Any = AGGREGATORS.build("logit_fusion", {})
     assert agg.fuses_logits and not agg.uses_model and agg.config.mode == "entropy"
     assert AGGREGATORS.build("logit_fusion", {"mode": "static", "tau": 0.5}).config.tau == 0.5  # type: ignore[attr-defined]
-    for params, field in [({"tau": 0}, "tau"), ({"tau": -1.0}, "tau"), ({"mode": "median"}, "mode"), ({"x": 1}, "x")]:
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"tau": 0}, "tau"),
+        ({"tau": -1.0}, "tau"),
+        ({"mode": "median"}, "mode"),
+        ({"x": 1}, "x"),
+    ]
+    for params, field in cases:
         with pytest.raises(ValidationFailed) as refused:
             AGGREGATORS.build("logit_fusion", params)
         assert refused.value.param == f"aggregator_params.{field}"
