@@ -17,10 +17,12 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from aggregators import AGGREGATORS
-from registry.errors import ValidationFailed
+from registry.errors import Unprocessable, ValidationFailed
 from serving import logit_fusion
+from serving.compose import compose, compose_stream
 from serving.engine import FusedMember, Fusion, GenChunk, GenerationFailed, GenRequest, GenResult, Sampling, Target
 from serving.logit_fusion import mix_distributions, step_weights
+from serving.resolve import Member, Resolved
 from serving.torch_engine import TorchEngine
 
 # the `confident` fixture adapts the tied lm_head, which PEFT warns about every time it loads it
@@ -406,3 +408,50 @@ def test_aggregator_config_is_typed_and_validated() -> None:
         with pytest.raises(ValidationFailed) as refused:
             AGGREGATORS.build("logit_fusion", params)
         assert refused.value.param == f"aggregator_params.{field}"
+
+
+def _resolved(members: list[FusedMember], params: dict[str, Any]) -> Resolved:
+    return Resolved(
+        "fused",
+        members[0].target,
+        router="embedding",
+        members=[Member(m.name, m.weight, m.target) for m in members],
+        aggregator=AGGREGATORS.build("logit_fusion", params),
+        aggregator_name="logit_fusion",
+    )
+
+
+async def test_compose_sends_one_fused_request(
+    engine: TorchEngine, tiny_base: Path, tiny_lora: Path, lora2: Path
+) -> None:
+    members = [member(tiny_base, tiny_lora, 0.6), member(tiny_base, lora2, 0.4)]
+    direct = ok((await engine.generate([fused(members, mode="static")]))[0])
+
+    def build(t: Target) -> GenRequest:
+        return GenRequest(t, GREEDY, prompt=PROMPT)
+
+    resolved = _resolved(members, {"mode": "static"})
+    done = await compose(engine, resolved, PROMPT, build, GREEDY)
+    assert done.aggregation.text == direct.text and done.completion_tokens == direct.completion_tokens
+    assert done.prompt_tokens == direct.prompt_tokens  # the prompt once, not once per member
+    assert done.aggregation.extra["fusion"]["mean_weights"] == {"tiny-lora": 0.6, "tiny-lora2": 0.4}
+    assert resolved.experts == ["tiny-lora", "tiny-lora2"] and resolved.weights == [0.6, 0.4]
+    assert [a.slug for a in done.answers] == ["tiny-lora", "tiny-lora2"]
+
+    stream = await compose_stream(engine, _resolved(members, {"mode": "static"}), PROMPT, build, GREEDY)
+    assert "".join([c.text async for c in stream]) == direct.text
+
+
+async def test_compose_refuses_an_engine_without_fusion(tiny_base: Path, tiny_lora: Path) -> None:
+    class NoFusion:
+        name = "vllm"
+
+        async def generate(self, requests: list[GenRequest]) -> list[GenResult | BaseException]:
+            raise AssertionError("must not be called")
+
+    members = [member(tiny_base, None), member(tiny_base, tiny_lora)]
+    vllm_like: Any = NoFusion()
+    for run in (compose, compose_stream):
+        with pytest.raises(Unprocessable) as refused:
+            await run(vllm_like, _resolved(members, {}), PROMPT, lambda t: GenRequest(t, GREEDY, prompt=PROMPT), GREEDY)
+        assert refused.value.code == "fusion_unsupported" and "torch engine" in refused.value.message
