@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import math
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -455,3 +456,32 @@ async def test_compose_refuses_an_engine_without_fusion(tiny_base: Path, tiny_lo
         with pytest.raises(Unprocessable) as refused:
             await run(vllm_like, _resolved(members, {}), PROMPT, lambda t: GenRequest(t, GREEDY, prompt=PROMPT), GREEDY)
         assert refused.value.code == "fusion_unsupported" and "torch engine" in refused.value.message
+
+
+def test_composition_members_must_be_one_base_and_its_loras() -> None:
+    from registry.compositions import CompositionSpec, _check_fusable
+    from registry.models import Expert
+
+    base_a, base_b = uuid.uuid4(), uuid.uuid4()
+    base = Expert(id=base_a, slug="base-a", kind="base")
+    lora = Expert(id=uuid.uuid4(), slug="lora-a", kind="adapter", base_id=base_a, peft_type="LORA")
+    merged_lora = Expert(id=uuid.uuid4(), slug="merged-a", kind="merged", base_id=base_a, peft_type="LORA")
+    finetune = Expert(id=uuid.uuid4(), slug="ft-a", kind="finetune", base_id=base_a)
+    dora = Expert(id=uuid.uuid4(), slug="dora-a", kind="adapter", base_id=base_a, peft_type="LORA", use_dora=True)
+    elsewhere = Expert(id=uuid.uuid4(), slug="lora-b", kind="adapter", base_id=base_b, peft_type="LORA")
+
+    def spec(k: int = 2) -> CompositionSpec:
+        return CompositionSpec(name="f", router="embedding", k=k, aggregator="logit_fusion")
+
+    _check_fusable(spec(3), [base, lora, merged_lora])  # fine
+    for members, k, param, named in [
+        ([lora, elsewhere], 2, "experts[1]", "lora-b"),
+        ([lora, finetune], 2, "experts[1]", "ft-a"),
+        ([dora, lora], 2, "experts[0]", "dora-a"),
+        ([base, lora], 1, "k", None),
+    ]:
+        with pytest.raises(ValidationFailed) as refused:
+            _check_fusable(spec(k), members)
+        assert refused.value.param == param
+        if named:
+            assert f"'{named}'" in refused.value.message
