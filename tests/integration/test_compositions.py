@@ -473,7 +473,7 @@ def test_logit_fusion_decodes_the_chosen_experts_together(live: dict[str, Any], 
         aggregator_params={"mode": "entropy", "tau": 0.5},
     )
     assert resp.status_code == 201, resp.text
-    client: openai.OpenAI = live["client"]
+    client: Any = live["client"]  # an openai.OpenAI; untyped here, as the chat messages are plain dicts
     raw = client.chat.completions.with_raw_response.create(
         model="fused", messages=_chat(MATH_QUERY), max_tokens=8, temperature=0
     )
