@@ -1,6 +1,6 @@
 """Aggregators: combine the chosen experts' answers into one. Importing this package registers them all."""
 
-from aggregators import select, synthesize, vote
+from aggregators import logit_fusion, select, synthesize, vote
 from aggregators.base import AGGREGATORS, Aggregation, Aggregator, AggregatorConfig, ExpertAnswer
 
 __all__ = [
@@ -9,6 +9,7 @@ __all__ = [
     "Aggregator",
     "AggregatorConfig",
     "ExpertAnswer",
+    "logit_fusion",
     "select",
     "synthesize",
     "vote",

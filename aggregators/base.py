@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -17,6 +18,7 @@ import msgspec
 
 from registry.errors import ValidationFailed
 from registry.schemas import convert_params
+from serving.engine import FusedMember, Fusion
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,9 @@ class Aggregator(ABC):
     # True: can combine answers to different parts of a query (a composition with `decompose` needs it);
     # vote and select compare answers to one question and cannot.
     combines_parts: ClassVar[bool] = False
+    # True: the chosen experts decode one answer together (``fusion`` builds the engine's fused request)
+    # instead of answering each and being combined; only engines with ``fuses_logits`` (torch) run it.
+    fuses_logits: ClassVar[bool] = False
 
     def __init__(self, config: AggregatorConfig) -> None:
         self.config = config
@@ -86,6 +91,10 @@ class Aggregator(ABC):
 
     def finish(self, query: str, answers: list[ExpertAnswer], model_output: str) -> Aggregation:
         """For model-based aggregators: the final answer from the aggregator model's output."""
+        raise NotImplementedError
+
+    def fusion(self, members: Sequence[FusedMember]) -> Fusion:
+        """For aggregators with ``fuses_logits``: the fused request's spec for the chosen experts."""
         raise NotImplementedError
 
     @abstractmethod

@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from aggregators import AGGREGATORS
 from registry.errors import Conflict, NotFound, ValidationFailed
-from registry.models import Composition, CompositionMember, Expert, utcnow
+from registry.models import Composition, CompositionMember, Expert, ExpertKind, utcnow
 from registry.schemas import check_slug
 from registry.services import ExpertService
 from registry.store import ArtifactStore
@@ -82,6 +82,33 @@ class CompositionView:
             decompose=bool(comp.decompose),
             declared_experts=tuple(str(s) for s in comp.declared_experts or ()),
         )
+
+
+def _check_fusable(spec: CompositionSpec, members: list[Expert]) -> None:
+    """An aggregator that fuses logits (``logit_fusion``) decodes k >= 2 chosen experts together in one base
+    model's batch: every candidate must be that base or a LoRA adapter of it (one tokenizer, one model)."""
+    if spec.k < 2:
+        raise ValidationFailed(f"aggregator {spec.aggregator!r} fuses k >= 2 experts, got k = {spec.k}", param="k")
+    first: uuid.UUID | None = None
+    for i, expert in enumerate(members):
+        if expert.kind == ExpertKind.base.value:
+            base_id = expert.id
+        elif expert.peft_type and expert.base_id is not None and not expert.use_dora:
+            base_id = expert.base_id  # a LoRA adapter (or a merged LoRA): runs on its base
+        else:
+            raise ValidationFailed(
+                f"aggregator {spec.aggregator!r}: expert {expert.slug!r} ({expert.kind}) is neither a base model nor "
+                "a LoRA adapter of one; only those can decode together",
+                param=f"experts[{i}]",
+            )
+        if first is None:
+            first = base_id
+        elif base_id != first:
+            raise ValidationFailed(
+                f"aggregator {spec.aggregator!r}: expert {expert.slug!r} runs on another base model than "
+                f"{members[0].slug!r}; fused experts must share one base (and its tokenizer)",
+                param=f"experts[{i}]",
+            )
 
 
 PrepareHook = Callable[[CompositionSpec, list[Expert]], Awaitable[None]]
@@ -162,6 +189,8 @@ class CompositionService:
                 )
             if model is not None:
                 await self.experts.get(model, param="aggregator_params.model")
+            if aggregator.fuses_logits:
+                _check_fusable(spec, members)
         return members, fallback
 
     async def _validated_token_level(self, spec: CompositionSpec) -> tuple[list[Expert], Expert | None]:

@@ -2,6 +2,10 @@
 
 An expert that fails is left out of the aggregate and reported in ``Resolved.failed`` (the response
 names it in ``x-moerge-failed``); only when every chosen expert fails does the request fail.
+
+An aggregator with ``fuses_logits`` (``logit_fusion``) is the exception: the chosen experts decode one
+answer together, as ONE fused request to the engine (``fused_request``); there is nothing to combine
+afterwards, and a member that cannot take part fails the request (naming it).
 """
 
 from __future__ import annotations
@@ -14,11 +18,11 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from aggregators import Aggregation, ExpertAnswer
-from registry.errors import MoergeError
+from registry.errors import MoergeError, Unprocessable
 from registry.store import ArtifactStore
 from routers.query import RouterContext
 from routers.query.base import Embedder
-from serving.engine import Engine, GenChunk, GenerationFailed, GenRequest, GenResult, Sampling, Target
+from serving.engine import Engine, FusedMember, GenChunk, GenerationFailed, GenRequest, GenResult, Sampling, Target
 from serving.resolve import Resolved, target_of_slug
 
 
@@ -86,9 +90,46 @@ def _record(resolved: Resolved, aggregation: Aggregation) -> None:
     resolved.weights = [round(w, 6) for w in weights.values()]
 
 
+def fused_request(engine: Engine, resolved: Resolved, build: Callable[[Target], GenRequest]) -> GenRequest:
+    """The chosen experts as one fused request (their router weights as the prior), on the first one's base."""
+    aggregator = resolved.aggregator
+    assert aggregator is not None and aggregator.fuses_logits
+    if not getattr(engine, "fuses_logits", False):  # the app's EngineSet sends them to its torch engine
+        raise Unprocessable(
+            f"composition {resolved.model!r}: aggregator {resolved.aggregator_name!r} decodes the experts "
+            f"together, which only the torch engine can do; this server runs the {engine.name} engine",
+            param="model",
+            code="fusion_unsupported",
+        )
+    members = tuple(FusedMember(m.slug, m.target, m.weight) for m in resolved.members)
+    return dataclasses.replace(build(members[0].target), fusion=aggregator.fusion(members))
+
+
+async def compose_fused(engine: Engine, resolved: Resolved, build: Callable[[Target], GenRequest]) -> ComposedAnswer:
+    (result,) = await engine.generate([fused_request(engine, resolved, build)])
+    if isinstance(result, BaseException):
+        raise result
+    summary = result.extra.get("fusion") or {}
+    mean = summary.get("mean_weights") or {}
+    shown = ", ".join(f"{slug} {weight:.3g}" for slug, weight in mean.items())
+    aggregation = Aggregation(
+        result.text,
+        [m.slug for m in resolved.members],
+        reason=f"the experts decoded one answer together ({summary.get('mode', '?')} logit fusion; "
+        f"mean weights per step: {shown})",
+        extra={"fusion": summary},
+    )
+    _record(resolved, aggregation)
+    # Every member decoded the same tokens: each one's answer is the fused text.
+    answers = [ExpertAnswer(m.slug, m.weight, result.text) for m in resolved.members]
+    return ComposedAnswer(aggregation, answers, result.prompt_tokens, result.completion_tokens, result.finish_reason)
+
+
 async def compose(
     engine: Engine, resolved: Resolved, query: str, build: Callable[[Target], GenRequest], sampling: Sampling
 ) -> ComposedAnswer:
+    if resolved.aggregator is not None and resolved.aggregator.fuses_logits:
+        return await compose_fused(engine, resolved, build)
     answers, results = await answer_members(engine, resolved, build)
     prompt_tokens = sum(r.prompt_tokens for r in results)
     completion_tokens = sum(r.completion_tokens for r in results)
@@ -116,6 +157,10 @@ async def compose_stream(
     aggregator model's own stream when its output is the answer, else the final answer in one chunk."""
     aggregator = resolved.aggregator
     assert aggregator is not None
+    if aggregator.fuses_logits:  # one fused decode: its own stream is the answer's
+        request = fused_request(engine, resolved, build)
+        _record(resolved, Aggregation("", [m.slug for m in resolved.members]))
+        return aggr_stream(engine.stream(request))
     if aggregator.uses_model and aggregator.streams_output:
         answers, _ = await answer_members(engine, resolved, build)
         _record(resolved, Aggregation("", [a.slug for a in answers if a.ok]))

@@ -1,8 +1,9 @@
 """The app's engine when it serves with vLLM: vLLM for experts, the torch engine for what only it can run.
 
 vLLM cannot mix several LoRA adapters per token (DESIGN.md: token-level mixtures inside vLLM are a later
-step), so a request whose target is a token-level mixture goes to an in-process ``TorchEngine``, created on
-first use; everything else goes to the main engine. Callers see one ``Engine``.
+step) nor decode several experts together (logit fusion), so a request whose target is a token-level
+mixture, or a fused request, goes to an in-process ``TorchEngine``, created on first use; everything else
+goes to the main engine. Callers see one ``Engine``.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from serving.torch_engine import TorchEngine
 
 
 def needs_torch(request: GenRequest) -> bool:
-    return request.target.mixture is not None
+    return request.target.mixture is not None or request.fusion is not None
 
 
 class EngineSet:
     """``Engine`` over a main engine plus a lazily created torch engine (see the module docstring)."""
+
+    fuses_logits = True  # fused requests run on the torch engine
 
     def __init__(self, main: Engine, torch_engine: TorchEngine | None = None) -> None:
         self.main = main

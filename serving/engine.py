@@ -88,15 +88,37 @@ class Sampling:
     ignore_eos: bool = False  # keep generating past end-of-sequence until max_tokens
 
 
+@dataclass(frozen=True)
+class FusedMember:
+    """One member of a fused request: its name (the expert's slug, used in errors and the weight summary),
+    what runs it (the shared base, or a LoRA adapter of it) and its prior weight (the router's)."""
+
+    name: str
+    target: Target
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """Logit fusion: the members decode ONE answer together, mixing their next-token distributions with
+    per-step weights (``serving/logit_fusion.py``). ``mode``: ``static`` mixes with the prior weights,
+    ``entropy`` reweights them every step by each member's confidence, with temperature ``tau``."""
+
+    members: tuple[FusedMember, ...]
+    mode: Literal["static", "entropy"] = "entropy"
+    tau: float = 1.0
+
+
 @dataclass
 class GenRequest:
-    target: Target
+    target: Target  # for a fused request, the first member's target (it picks the base the group runs on)
     sampling: Sampling
     messages: list[dict[str, Any]] | None = None  # chat
     prompt: str | None = None  # plain completion
     request_id: str = ""
     # A token-level mixture's per-request router bias, one value per adapter (GLIDER's global preference).
     router_bias: tuple[float, ...] | None = None
+    fusion: Fusion | None = None  # set: several members decode this request together (torch engine only)
 
 
 @dataclass

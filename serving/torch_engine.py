@@ -49,6 +49,7 @@ from transformers import (
 )
 
 from registry.errors import MoergeError, ValidationFailed
+from serving import logit_fusion
 from serving.engine import (
     EngineUnavailable,
     GenChunk,
@@ -59,6 +60,10 @@ from serving.engine import (
     TokenMixture,
     TokenTrace,
 )
+
+# transformers builds a model on the meta device inside a process-wide torch device context: two loads in
+# two threads at once (two slots, or two engines) break each other ("Cannot copy out of meta tensor").
+_LOADING = threading.Lock()
 
 BASE_ROUTE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 MIXTURE_ROUTE = "__mixture__"  # every row of a mixture slot: the routed adapters act per token
@@ -177,6 +182,8 @@ class _Row:
     out_ids: list[int] = field(default_factory=list)
     reason: str | None = None  # "stop", "length", or "cancelled"; set once, when the row finishes
     sent: int = 0  # characters already streamed
+    fusion: logit_fusion.FusionGroup | None = None  # logit fusion: the group of rows decoding one answer
+    extra: dict[str, Any] = field(default_factory=dict)  # merged into the result's extra
 
     @property
     def sampling(self) -> Any:
@@ -329,6 +336,7 @@ class _Tracker(StoppingCriteria):
                     "engine": "torch",
                     "adapter": row.job.request.target.adapter_id,
                     "batch_size": self.batch_size,
+                    **row.extra,
                 },
             )
         )
@@ -344,6 +352,7 @@ class TorchEngine:
     ``dtype``: float32 by default, the fastest on this CPU (bf16 measured 3-5 times slower)."""
 
     name = "torch"
+    fuses_logits = True  # runs GenRequest.fusion (logit fusion); the vLLM engine does not
 
     def __init__(self, *, max_batch_size: int = 16, dtype: torch.dtype = torch.float32, device: str = "cpu") -> None:
         if max_batch_size < 1:
@@ -487,12 +496,16 @@ class TorchEngine:
                 if job.cancelled:
                     continue
                 try:
-                    rows.append(self._prepare(slot, job))
+                    if job.request.fusion is not None:  # one row per member: serving/logit_fusion.py
+                        follower = lambda r, j=job: self._prepare(slot, _Job(request=r, loop=j.loop))  # noqa: E731
+                        rows += logit_fusion.fused_rows(job.request, follower, job, switching=switching)
+                    else:
+                        rows.append(self._prepare(slot, job))
                 except Exception as exc:
                     job.deliver(_failure(exc, "request failed"))
             if not switching:
-                for start in range(0, len(rows), self.max_batch_size):
-                    self._decode(slot, rows[start : start + self.max_batch_size])
+                for batch in logit_fusion.batches(rows, self.max_batch_size):  # a fused group stays in one batch
+                    self._decode(slot, batch)
                 return
             groups: dict[str, list[_Row]] = {}
             for row in rows:
@@ -531,8 +544,9 @@ class TorchEngine:
     def _ensure_base(self, slot: _Slot) -> None:
         if slot.model is not None:
             return
-        tokenizer = AutoTokenizer.from_pretrained(slot.base_dir)
-        model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(slot.base_dir, dtype=self.dtype)
+        with _LOADING:
+            tokenizer = AutoTokenizer.from_pretrained(slot.base_dir)
+            model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(slot.base_dir, dtype=self.dtype)
         if self.device.type != "cpu":
             model.to(self.device)  # type: ignore[arg-type]  # transformers' stub types .to() for dtypes only
         model.eval()
@@ -659,7 +673,8 @@ class TorchEngine:
             input_ids[i, width - n :] = torch.tensor(row.prompt_ids, dtype=torch.long)
             attention[i, width - n :] = 1
         hooks = slot.batch_hooks([r.route for r in rows]) if mixed else BatchHooks()
-        processors = LogitsProcessorList(hooks.processors)
+        fusion_processors, fusion_stoppers = logit_fusion.hooks(rows, slot.eos_ids)
+        processors = LogitsProcessorList([*hooks.processors, *fusion_processors])
         if slot.eos_ids and any(r.sampling.ignore_eos or r.sampling.min_tokens for r in rows):
             processors.append(_EosBlocker(rows, slot.eos_ids))  # before sampling, so EOS is never drawn
         if any(r.sampling.temperature > 0 for r in rows):
@@ -678,7 +693,7 @@ class TorchEngine:
                     attention_mask=attention.to(self.device),
                     generation_config=config,
                     logits_processor=processors,
-                    stopping_criteria=StoppingCriteriaList([tracker]),
+                    stopping_criteria=StoppingCriteriaList([tracker, *fusion_stoppers]),
                     **hooks.generate_kwargs,
                 )
         except Exception as exc:

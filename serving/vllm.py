@@ -276,6 +276,7 @@ class VLLMEngine:
     async def stream(self, request: GenRequest, *, wait_for_start: bool | None = None) -> AsyncIterator[GenChunk]:
         """Yield the completion's text as it is generated; the last chunk has the finish reason and token counts."""
         wait = self.config.wait_for_start if wait_for_start is None else wait_for_start
+        _refuse_torch_only(request)
         path, body, chat = _payload(request, stream=True)
         server = await self._acquire(request.target, wait=wait)
         watch = _Watch(server)
@@ -376,6 +377,7 @@ class VLLMEngine:
     # ------------------------------------------------------------------ requests
 
     async def _run(self, request: GenRequest, wait: bool) -> GenResult:
+        _refuse_torch_only(request)
         path, body, chat = _payload(request, stream=False)  # invalid input fails before any server starts
         server = await self._acquire(request.target, wait=wait)
         watch = _Watch(server)
@@ -948,3 +950,11 @@ def _adapter_rank(adapter_dir: Path) -> int | None:
         return None
     ranks = [int(cfg.get("r") or 0), *(int(v) for v in (cfg.get("rank_pattern") or {}).values())]
     return max(ranks) or None
+
+
+def _refuse_torch_only(request: GenRequest) -> None:
+    """vLLM runs one adapter per request: a token-level mixture or a fused request would silently be answered
+    by one model alone (the app's EngineSet sends them to its torch engine instead)."""
+    if request.target.mixture is not None or request.fusion is not None:
+        what = "a token-level mixture" if request.target.mixture is not None else "a logit-fusion request"
+        raise ValidationFailed(f"the vLLM engine cannot run {what}; use the torch engine", param="model")

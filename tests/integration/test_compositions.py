@@ -24,7 +24,7 @@ from registry.store import ArtifactStore
 from serving.torch_engine import TorchEngine
 from tests.fixtures.db import BACKENDS, RegistryEnv
 from tests.fixtures.live import register, serve
-from tests.fixtures.tiny import build_tiny_lora
+from tests.fixtures.tiny import build_tiny_llama, build_tiny_lora
 
 MATH = ExpertSpec(
     slug="math-lora",
@@ -456,3 +456,67 @@ def test_decompose_sends_each_part_to_its_expert(live: dict[str, Any]) -> None:
     assert patched.status_code == 200 and patched.json()["decompose"] is False
     undecomposed = _route(live, "parts", query).json()
     assert len(undecomposed["answered_by"]) == 1 and "parts" not in undecomposed.get("extra", {})
+
+
+def test_logit_fusion_decodes_the_chosen_experts_together(live: dict[str, Any], tmp_path: Path) -> None:
+    """k = 2 LoRA experts of tiny-base decode one answer together in the torch engine (one fused request,
+    no separate answers to combine); streaming gives the same text; creation refuses experts that cannot
+    decode together, naming the expert."""
+    resp = _create(
+        live,
+        name="fused",
+        router="embedding",
+        router_params={"threshold": -1.0},
+        experts=["math-lora", "dates-lora", "tiny-base"],
+        k=2,
+        aggregator="logit_fusion",
+        aggregator_params={"mode": "entropy", "tau": 0.5},
+    )
+    assert resp.status_code == 201, resp.text
+    client: Any = live["client"]  # an openai.OpenAI; untyped here, as the chat messages are plain dicts
+    raw = client.chat.completions.with_raw_response.create(
+        model="fused", messages=_chat(MATH_QUERY), max_tokens=8, temperature=0
+    )
+    reply = raw.parse()
+    assert raw.headers["x-moerge-aggregator"] == "logit_fusion"
+    named = raw.headers["x-moerge-experts"].split(",")
+    assert len(named) == 2 and set(named) <= {"math-lora", "dates-lora", "tiny-base"}
+    extension = reply.model_extra["moerge"] if reply.model_extra else {}
+    assert "logit fusion" in extension["aggregation"] and "mean weights" in extension["aggregation"]
+    text = reply.choices[0].message.content
+    assert text and all(a["text"] == text for a in extension["answers"])  # every member decoded the same tokens
+    # one prompt and one answer's tokens, not k of each
+    direct = client.chat.completions.create(model=named[0], messages=_chat(MATH_QUERY), max_tokens=8, temperature=0)
+    assert reply.usage is not None and direct.usage is not None
+    assert reply.usage.prompt_tokens == direct.usage.prompt_tokens and reply.usage.completion_tokens <= 8
+
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(
+            model="fused", messages=_chat(MATH_QUERY), max_tokens=8, temperature=0, stream=True
+        )
+        if c.choices
+    )
+    assert streamed == text
+
+    # experts on another base, or a full fine-tune, cannot decode in tiny-base's batch; k must be >= 2
+    settings = live["env"].settings
+    other_base = build_tiny_llama(tmp_path / "other-base", hidden_size=48)
+    register(settings, other_base, ExpertSpec(slug="other-base", task_description="Another base."))
+    register(
+        settings,
+        build_tiny_lora(other_base, tmp_path / "other-lora", seed=5),
+        ExpertSpec(slug="other-lora", base="other-base", task_description="Arithmetic on another base."),
+    )
+    fused = {"router": "embedding", "k": 2, "aggregator": "logit_fusion"}
+    for experts, k, param, named_expert in [
+        (["math-lora", "other-lora"], 2, "experts[1]", "other-lora"),
+        (["other-base", "math-lora"], 2, "experts[1]", "math-lora"),
+        (["math-lora", "dates-lora"], 1, "k", None),
+    ]:
+        bad = _create(live, name="bad-fused", **{**fused, "experts": experts, "k": k})
+        assert bad.status_code == 400, bad.text
+        error = bad.json()["error"]
+        assert error["param"] == param, error
+        if named_expert:
+            assert f"'{named_expert}'" in error["message"] and "share one base" in error["message"]

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from api.cli import app as cli
 from registry.schemas import ExpertSpec
 from serving.dispatch import EngineSet
-from serving.engine import GenRequest, GenResult, Sampling, Target, TokenMixture
+from serving.engine import FusedMember, Fusion, GenRequest, GenResult, Sampling, Target, TokenMixture
 from serving.torch_engine import TorchEngine
 from tests.fixtures.db import RegistryEnv
 from tests.fixtures.live import register, serve
@@ -144,11 +144,21 @@ async def test_engine_set_sends_mixtures_to_its_torch_engine(tiny_base: Path, tm
         plain = GenRequest(Target("b", tiny_base), Sampling(max_tokens=4), prompt="hi")
         mixed = GenRequest(Target("b", tiny_base, mixture=mixture), Sampling(max_tokens=4), prompt="hi")
         results = await engines.generate([plain, mixed, plain])
-        assert all(isinstance(r, GenResult) for r in results)
+        assert all(isinstance(r, GenResult) for r in results), results
         assert [s["name"] for s in await main.status()] == ["b"]
         assert [s["name"] for s in await local.status()] == ["m"]
         assert len(await engines.status()) == 2
         assert "".join([c.text async for c in engines.stream(mixed)]) == results[1].text  # type: ignore[union-attr]
+        # a fused request (logit_fusion) also runs on the torch engine, never on the main one
+        lora = Target("b", tiny_base, adapter_id="lora-id", adapter_dir=adapter)
+        members = (FusedMember("b", Target("b", tiny_base), 0.5), FusedMember("a", lora, 0.5))
+        [fused] = await engines.generate(
+            [GenRequest(members[0].target, Sampling(max_tokens=4), prompt="hi", fusion=Fusion(members))]
+        )
+        assert isinstance(fused, GenResult) and fused.extra["fusion"]["members"]
+        assert all("lora-id" not in s["adapters"] for s in await main.status())
+        assert any("lora-id" in s["adapters"] for s in await local.status())
+        assert engines.fuses_logits
     finally:
         await engines.close()
 
