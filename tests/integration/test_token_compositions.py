@@ -178,3 +178,26 @@ def test_eval_draws_the_trace_heatmap(live: dict[str, Any], monkeypatch: pytest.
     assert not (tmp_path / "trace-plain.png").exists()  # a query-level router has no token trace
     rows = {r["model"]: r for r in json.loads((tmp_path / "eval.json").read_text())["rows"]}
     assert rows["arrow-mix"]["routing_accuracy"] is None  # every adapter is in play: not a routing score
+
+
+async def test_vllm_refuses_what_only_torch_runs(tiny_base: Path, tmp_path: Path) -> None:
+    """Sent to vLLM directly, a mixture or a fused request is refused before any server starts (vLLM would
+    answer it with one model alone)."""
+    from registry.errors import ValidationFailed
+    from serving.vllm import VLLMConfig, VLLMEngine
+
+    adapter = build_tiny_lora(tiny_base, tmp_path / "a", seed=1)
+    eng = VLLMEngine(VLLMConfig(log_dir=tmp_path))
+    try:
+        mixture = TokenMixture("m", "arrow", (("top_k", 1),), (("id", "a", adapter),))
+        mixed = GenRequest(Target("b", tiny_base, mixture=mixture), Sampling(max_tokens=4), prompt="hi")
+        plain = Target("b", tiny_base)
+        fused = GenRequest(plain, Sampling(max_tokens=4), prompt="hi", fusion=Fusion((FusedMember("b", plain, 1.0),)))
+        for request in (mixed, fused):
+            [result] = await eng.generate([request])
+            assert isinstance(result, ValidationFailed) and "torch engine" in result.message
+            with pytest.raises(ValidationFailed):
+                await anext(aiter(eng.stream(request)))
+        assert await eng.status() == []  # no server was started
+    finally:
+        await eng.close()
