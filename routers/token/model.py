@@ -77,9 +77,16 @@ class MixtureLinear(nn.Module):
         return y + delta.view(*x.shape[:-1], delta.shape[-1]).to(y.dtype)
 
 
-def apply_mixture(model: nn.Module, adapters: Sequence[LoraAdapter], router: TokenRouter) -> dict[str, MixtureLinear]:
+def apply_mixture(
+    model: nn.Module,
+    adapters: Sequence[LoraAdapter],
+    router: TokenRouter,
+    states: Sequence[dict[str, torch.Tensor]] | None = None,
+) -> dict[str, MixtureLinear]:
     """Replace, in place, every linear layer any adapter targets with a MixtureLinear; returns them by
-    module path. Router states are fitted once per adapter (``router.fit_adapter``)."""
+    module path. ``states`` (one per adapter, e.g. stored ones from ``routers.token.states``) are used as
+    given; without them each adapter's state is fitted here (``router.fit_adapter``, which a router that
+    trains on data cannot do without its FitContext)."""
     if not adapters:
         raise ValueError("a token-level mixture needs at least one adapter")
     names = [a.name for a in adapters]
@@ -95,7 +102,10 @@ def apply_mixture(model: nn.Module, adapters: Sequence[LoraAdapter], router: Tok
             owner = next(a.name for a in adapters if module in a.modules)
             what = "absent from the base" if layer is None else f"a {type(layer).__name__}, not a Linear"
             raise refused(owner, f"it targets {module}, which is {what}")
-    states = [router.fit_adapter(a) for a in adapters]
+    if states is None:
+        states = [router.fit_adapter(a) for a in adapters]
+    elif len(states) != len(adapters):
+        raise ValueError(f"give one router state per adapter ({len(adapters)}), got {len(states)}")
     wrapped: dict[str, MixtureLinear] = {}
     for module in targets:
         parent_name, _, leaf = module.rpartition(".")
@@ -113,6 +123,7 @@ def load_mixture_model(
     *,
     names: Sequence[str] | None = None,
     dtype: torch.dtype = torch.float32,
+    states: Sequence[dict[str, torch.Tensor]] | None = None,
 ) -> tuple[nn.Module, dict[str, MixtureLinear]]:
     """A causal LM from ``base_dir`` with the adapters in ``adapter_dirs`` mixed per token by ``router``."""
     from transformers import AutoModelForCausalLM
@@ -122,4 +133,4 @@ def load_mixture_model(
     adapters = [load_lora_adapter(path, None if names is None else names[i]) for i, path in enumerate(adapter_dirs)]
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype)
     model.eval()
-    return model, apply_mixture(model, adapters, router)
+    return model, apply_mixture(model, adapters, router, states)
