@@ -150,9 +150,18 @@ def train_gates(
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # Draw rows in a seeded order and encode only as many as the steps use (steps x batch_size at most),
+    # skipping those longer than max_length.
+    rng = random.Random(config.seed)
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    wanted = config.steps * config.batch_size
     data: list[tuple[list[int], list[int]]] = []
     skipped = 0
-    for row in examples:
+    for i in order:
+        if len(data) >= wanted:
+            break
+        row = examples[i]
         try:
             data.append(encode_chat(tokenizer, list(row.messages), row.answer, config.max_length))
         except ValueError:
@@ -184,17 +193,12 @@ def train_gates(
 
     params = [g.gate for g in gated.values()]
     optimizer = torch.optim.Adam(params, lr=config.lr)
-    rng = random.Random(config.seed)
-    pool: list[int] = []
     losses: list[float] = []
+    cursor = 0
     for step in range(1, config.steps + 1):
-        batch: list[int] = []
-        while len(batch) < min(config.batch_size, len(data)):
-            if not pool:
-                pool = list(range(len(data)))
-                rng.shuffle(pool)
-            batch.append(pool.pop())
-        loss = answer_loss(model, [data[i] for i in batch], pad_id)
+        batch = [data[(cursor + j) % len(data)] for j in range(min(config.batch_size, len(data)))]
+        cursor = (cursor + len(batch)) % len(data)
+        loss = answer_loss(model, batch, pad_id)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
