@@ -164,19 +164,21 @@ class TokenStateStore:
         # Fitting takes seconds to minutes: hold no database connection meanwhile.
         await self.session.close()
         for job in stale:
-            state = await self._fit_once(router, owner, config_hash, job)
+            state, mine = await self._fit_once(router, owner, config_hash, job)
             out[job.index] = state
-            await self._save(owner, config_hash, job, state)
+            if mine:  # a caller that waited for another's fit leaves the saving to that one
+                await self._save(owner, config_hash, job, state)
             _MEMO.put((owner, config_hash, job.expert_id, job.fingerprint), state)
         return [out[j.index] for j in jobs]
 
-    async def _fit_once(self, router: TokenRouter, owner: str, config_hash: str, job: _Job) -> State:
-        """Fit ``job`` in a worker thread, shared by every caller in this process that asks meanwhile."""
+    async def _fit_once(self, router: TokenRouter, owner: str, config_hash: str, job: _Job) -> tuple[State, bool]:
+        """Fit ``job`` in a worker thread, shared by every caller in this process that asks meanwhile; returns
+        the state and whether this caller ran the fit."""
         key = (owner, config_hash, job.expert_id, job.fingerprint)
         loop = asyncio.get_running_loop()
         running = _INFLIGHT.get(key)
         if running is not None and running.get_loop() is loop:
-            return await asyncio.shield(running)
+            return await asyncio.shield(running), False
         future: asyncio.Future[State] = loop.create_future()
         _INFLIGHT[key] = future
         try:
@@ -198,7 +200,7 @@ class TokenStateStore:
                 del _INFLIGHT[key]
         future.set_result(state)
         self.fitted.append(job.slug)
-        return state
+        return state, True
 
     async def _save(self, owner: str, config_hash: str, job: _Job, state: State) -> None:
         expert_id = uuid.UUID(job.expert_id)
