@@ -530,7 +530,9 @@ def expert_training_data(
     ref: Annotated[str, typer.Argument(help="the expert (slug, id or alias)")],
     file: Annotated[
         Path | None,
-        typer.Argument(help="JSONL or JSON list of {prompt, answer} or {messages} rows; omit to show the attached data"),
+        typer.Argument(
+            help="JSONL or JSON list of {prompt, answer} or {messages} rows; omit to show the attached data"
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
 ) -> None:
@@ -553,7 +555,9 @@ def expert_training_data(
     if not file.is_file():
         raise fail(f"file: {file} is not a file")
     rows = parse_training_data(file.read_bytes())
-    attached = run(_with_session(settings, lambda session, store: TrainingDataService(session, store).attach(ref, rows)))
+    attached = run(
+        _with_session(settings, lambda session, store: TrainingDataService(session, store).attach(ref, rows))
+    )
     if as_json:
         out.print_json(json.dumps(attached.as_dict()))
     else:

@@ -108,7 +108,9 @@ def parse_row(obj: Any, index: int = 0, *, jsonl: bool = False) -> TrainingRow:
                 raise _bad(index, jsonl, f"{fld}.content", "must be a non-empty string")
             turns.append({"role": msg["role"], "content": msg["content"]})
         if turns[-1]["role"] != "assistant":
-            raise _bad(index, jsonl, f"messages[{len(turns) - 1}].role", "must be `assistant`: the last message is the answer")
+            raise _bad(
+                index, jsonl, f"messages[{len(turns) - 1}].role", "must be `assistant`: the last message is the answer"
+            )
         if all(t["role"] != "user" for t in turns[:-1]):
             raise _bad(index, jsonl, "messages", "must hold a `user` message before the answer")
         return TrainingRow(turns[:-1], turns[-1]["content"])
@@ -158,9 +160,7 @@ def parse_training_data(body: bytes) -> list[TrainingRow]:
 
 def encode_rows(rows: list[TrainingRow]) -> bytes:
     """Canonical JSONL: one row per line, keys sorted, UTF-8 (equal data, equal bytes, equal sha256)."""
-    return b"".join(
-        json.dumps(r.as_json(), sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n" for r in rows
-    )
+    return b"".join(json.dumps(r.as_json(), sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n" for r in rows)
 
 
 def decode_rows(payload: bytes) -> list[TrainingRow]:

@@ -231,9 +231,7 @@ class PhatgooseRouter(TokenRouter):
                 param="experts",
                 code="no_training_data",
             )
-        result = train_gates(
-            adapter, context.base_dir, context.examples, self.config.training, on_step=context.on_step
-        )
+        result = train_gates(adapter, context.base_dir, context.examples, self.config.training, on_step=context.on_step)
         type(self).last_training = result
         return result.gates
 

@@ -19,7 +19,13 @@ from tests.integration.test_experts_api import assert_refused, folder_files, reg
 
 ROWS = [
     {"prompt": "What is 2+2?", "answer": "4"},
-    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6"}]},
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "3+3?"},
+            {"role": "assistant", "content": "6"},
+        ]
+    },
     {"prompt": "Reverse: a b c", "answer": "c b a"},
 ]
 
@@ -90,12 +96,22 @@ BAD = [
     (jsonl([ROWS[0]]) + b"{not json\n", "training_data.line[2]", "invalid JSON"),
     (jsonl([{"prompt": "x", "answer": "y", "lang": "en"}]), "training_data.line[1].lang", "not a known field"),
     (
-        json.dumps([ROWS[0], {"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "x"}]}]).encode(),
+        json.dumps(
+            [ROWS[0], {"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "x"}]}]
+        ).encode(),
         "training_data[1].messages[1].role",
         "assistant",
     ),
-    (json.dumps([ROWS[0], {"messages": [{"role": "bot", "content": "hi"}]}]).encode(), "training_data[1].messages", "at least two"),
-    (json.dumps([{"messages": [{"role": "robot", "content": "a"}, {"role": "assistant", "content": "b"}]}]).encode(), "training_data[0].messages[0].role", "one of"),
+    (
+        json.dumps([ROWS[0], {"messages": [{"role": "bot", "content": "hi"}]}]).encode(),
+        "training_data[1].messages",
+        "at least two",
+    ),
+    (
+        json.dumps([{"messages": [{"role": "robot", "content": "a"}, {"role": "assistant", "content": "b"}]}]).encode(),
+        "training_data[0].messages[0].role",
+        "one of",
+    ),
     (json.dumps([ROWS[0], "just text"]).encode(), "training_data[1]", "row 1"),
     (b"", "training_data", "no rows"),
     (b"\xff\xfe", "training_data", "UTF-8"),
@@ -103,7 +119,9 @@ BAD = [
 
 
 @pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
-def test_bad_rows_are_refused_and_nothing_is_stored(client: TestClient[Any], registry_env: RegistryEnv, lora: str) -> None:
+def test_bad_rows_are_refused_and_nothing_is_stored(
+    client: TestClient[Any], registry_env: RegistryEnv, lora: str
+) -> None:
     blobs = registry_env.store.blob_count()
     for body, param, reason in BAD:
         assert_refused(_post(client, registry_env, body), 400, param, reason)
@@ -125,7 +143,9 @@ def test_bad_rows_are_refused_and_nothing_is_stored(client: TestClient[Any], reg
     assert_refused(_post(client, registry_env, jsonl(ROWS), ref="nope"), 404, "expert", "no expert")
 
 
-def test_cli_attaches_and_shows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_base: Path, tiny_lora: Path) -> None:
+def test_cli_attaches_and_shows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_base: Path, tiny_lora: Path
+) -> None:
     monkeypatch.setenv("MOERGE_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("MOERGE_DATABASE_URL", raising=False)
 
