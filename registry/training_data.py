@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from registry.errors import NotFound, PayloadTooLarge, ValidationFailed
+from registry.errors import Conflict, NotFound, PayloadTooLarge, ValidationFailed
 from registry.models import Expert, ExpertFile, ExpertTrainingData, utcnow
 from registry.store import ArtifactStore
 
@@ -213,10 +214,15 @@ class TrainingDataService:
             # A change of the expert: bumps the registry epoch, so memos built on the expert are re-read.
             expert.updated_at = utcnow()
             await self.session.commit()
-        except BaseException:
+        except BaseException as exc:
             await self.session.rollback()
             if created:
                 self.store.discard_blobs([sha])
+            if isinstance(exc, IntegrityError):  # another upload for this expert committed first
+                raise Conflict(
+                    f"training data of {expert.slug!r} was attached by another request at the same time: retry",
+                    param=PARAM,
+                ) from exc
             raise
         if old_sha is not None:
             await self._discard_if_unused(old_sha)
