@@ -1,4 +1,4 @@
-"""The `moerge` command line: init, db, serve, demo, expert add|list|show|rm|verify, merge, merges.
+"""The `moerge` command line: init, db, serve, demo, expert add|list|show|rm|verify|training-data, merge, merges.
 
 Commands act on the local database and store through the same services as the API. Every refusal is a
 one-line message on stderr naming the field, and a non-zero exit.
@@ -540,6 +540,46 @@ def expert_verify(
     if damaged:
         raise typer.Exit(1)
     out.print(f"{len(report)} experts verified")
+
+
+@expert_app.command("training-data")
+@handles_errors
+def expert_training_data(
+    ref: Annotated[str, typer.Argument(help="the expert (slug, id or alias)")],
+    file: Annotated[
+        Path | None,
+        typer.Argument(
+            help="JSONL or JSON list of {prompt, answer} or {messages} rows; omit to show the attached data"
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+) -> None:
+    """Attach training examples to an expert (PHATGOOSE trains its gates on them on first use), or show them."""
+    from registry.training_data import TrainingDataService, parse_training_data
+
+    settings = Settings.from_env()
+    if file is None:
+
+        async def show(session: AsyncSession, store: ArtifactStore) -> tuple[Any, list[Any]]:
+            service = TrainingDataService(session, store)
+            return await service.info(ref), await service.rows(ref)
+
+        info, rows = run(_with_session(settings, show))
+        if as_json:
+            out.print_json(json.dumps({**info.as_dict(), "data": [r.as_json() for r in rows]}))
+        else:
+            out.print(f"{info.expert}: {info.rows} training rows, {info.size:,} bytes, sha256 {info.sha256[:12]}")
+        return
+    if not file.is_file():
+        raise fail(f"file: {file} is not a file")
+    rows = parse_training_data(file.read_bytes())
+    attached = run(
+        _with_session(settings, lambda session, store: TrainingDataService(session, store).attach(ref, rows))
+    )
+    if as_json:
+        out.print_json(json.dumps(attached.as_dict()))
+    else:
+        out.print(f"attached {attached.rows} training rows to {attached.expert} (sha256 {attached.sha256[:12]})")
 
 
 # -- compositions ----------------------------------------------------------------------------------------

@@ -96,12 +96,23 @@ async def register_demo(settings: Settings, log: Callable[[str], None]) -> tuple
                     license="apache-2.0",
                 )
                 expert = await experts.register_folder(folder, spec, exist_ok=True)
+                await attach_demo_training_data(session, store, expert.slug, task)
                 sample = task.examples("eval", 1)[0]
                 registered.append(DemoExpert(expert.slug, task.name, sample.prompt, sample.answer))
             await ensure_auto_composition(session, store, settings, [e.slug for e in registered], log)
             return registered, secret
     finally:
         await engine.dispose()
+
+
+async def attach_demo_training_data(session: AsyncSession, store: ArtifactStore, slug: str, task: Task) -> None:
+    """Attach the examples the recipe trained the expert on (the task's train split, same count), so the
+    expert is ready for ``phatgoose`` (its gates are trained on them on first use). Idempotent."""
+    from evals.recipe import LoraRecipe
+    from registry.training_data import TrainingDataService, TrainingRow
+
+    rows = [TrainingRow.from_prompt(ex.prompt, ex.answer) for ex in task.examples("train", LoraRecipe().train_examples)]
+    await TrainingDataService(session, store).attach(slug, rows)
 
 
 AUTO = "auto"

@@ -199,10 +199,17 @@ def _move_into_place(tmp: Path, dest: Path) -> None:
 
 def _encode(tokenizer: Any, ex: Example, max_length: int) -> tuple[list[int], list[int]]:
     """Token ids of the chat-formatted example and labels that score only the answer turn."""
-    prompt = tokenizer.apply_chat_template(chat_messages(ex.prompt), add_generation_prompt=True, tokenize=False)
-    full = tokenizer.apply_chat_template(
-        [*chat_messages(ex.prompt), {"role": "assistant", "content": ex.answer}], tokenize=False
-    )
+    return encode_chat(tokenizer, chat_messages(ex.prompt), ex.answer, max_length)
+
+
+def encode_chat(
+    tokenizer: Any, messages: list[dict[str, str]], answer: str, max_length: int
+) -> tuple[list[int], list[int]]:
+    """Token ids of ``messages`` followed by the assistant turn ``answer``, chat-formatted, and labels that
+    score only that final answer turn (everything before it is IGNORE_INDEX). Raises ValueError when the
+    whole exceeds ``max_length`` tokens. The demo recipe and PHATGOOSE gate training both encode with it."""
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": answer}], tokenize=False)
     if not full.startswith(prompt):
         raise ValueError("the chat template renders the prompt differently with and without the answer")
     # The answer turn up to and including its end-of-turn token (<|im_end|>); the newline after it is
@@ -213,7 +220,8 @@ def _encode(tokenizer: Any, ex: Example, max_length: int) -> tuple[list[int], li
     completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
     ids = prompt_ids + completion_ids
     if len(ids) > max_length:
-        raise ValueError(f"example of {len(ids)} tokens exceeds max_length={max_length}: {ex.prompt[:60]!r}")
+        first = next((m["content"] for m in messages if m.get("role") == "user"), "")
+        raise ValueError(f"example of {len(ids)} tokens exceeds max_length={max_length}: {first[:60]!r}")
     return ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids
 
 

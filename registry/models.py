@@ -275,3 +275,16 @@ class RegistryEpoch(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     instance: Mapped[str] = mapped_column(String(36))
     value: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class ExpertTrainingData(Base):
+    """The training examples attached to an expert (PHATGOOSE trains its gates on them): canonical JSONL
+    in the content-addressed store under ``sha256``; one row per expert, replaced when new data is sent."""
+
+    __tablename__ = "expert_training_data"
+
+    expert_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("experts.id", ondelete="CASCADE"), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    rows: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -40,6 +40,7 @@ from registry.models import (
 )
 from registry.schemas import EvalIn, ExpertPatch, ExpertSpec
 from registry.store import ArtifactStore, Damage, manifest_digest
+from registry.training_data import referenced_blobs_query
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
@@ -296,6 +297,8 @@ class ExpertService:
             raise
         shutil.rmtree(aside, ignore_errors=True)
         referenced = set(await self.session.scalars(select(ExpertFile.sha256).distinct()))
+        # Attached training data sets live in the same store (registry/training_data.py).
+        referenced |= set(await self.session.scalars(referenced_blobs_query()))
         self.store.collect_garbage(referenced)
 
     async def verify(self, ref: str | None = None) -> dict[str, list[Damage]]:

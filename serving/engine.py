@@ -7,6 +7,8 @@ hands the engine ``GenRequest``s; it never talks to vLLM or transformers itself.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,14 +44,20 @@ class TokenMixture:
 
     composition: str
     router: str
-    router_params: tuple[tuple[str, Any], ...]  # sorted items, so the mixture is hashable
+    router_params: str  # canonical JSON (sorted keys), so the mixture is hashable
     adapters: tuple[tuple[str, str, Path], ...]  # (expert id, slug, folder), in the composition's order
     # The adapters' router states (Arrow prototypes, PHATGOOSE gates), read from the router artifacts.
     states: tuple[dict[str, Any], ...] = field(default=(), compare=False, hash=False, repr=False)
 
     @property
     def key(self) -> str:
-        return f"mixture:{self.composition}:{hash((self.router, self.router_params, self.adapters)) & 0xFFFFFFFF:08x}"
+        identity = repr((self.router, self.router_params, [(i, str(folder)) for i, _, folder in self.adapters]))
+        return f"mixture:{self.composition}:{hashlib.sha1(identity.encode()).hexdigest()[:12]}"
+
+    @property
+    def params(self) -> dict[str, Any]:
+        params: dict[str, Any] = json.loads(self.router_params)
+        return params
 
     @property
     def slugs(self) -> list[str]:

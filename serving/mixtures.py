@@ -10,7 +10,7 @@ expert is scored by how well its description matches.
 
 from __future__ import annotations
 
-import asyncio
+import json
 from typing import Any
 
 from sqlalchemy import select
@@ -36,16 +36,11 @@ def is_token_level(router: str) -> bool:
 async def token_states(
     session: AsyncSession, store: ArtifactStore, router: str, params: dict[str, Any], experts: list[Expert]
 ) -> list[dict[str, Any]]:
-    """Every adapter's router state (module -> vector) for ``router``."""
-    from routers.token import TOKEN_ROUTERS, load_lora_adapter
+    """Every adapter's router state (module -> vector: Arrow prototypes, PHATGOOSE gates), fitted once per
+    expert and kept as a router artifact (``routers/token/states.py``)."""
+    from routers.token.states import token_router_states
 
-    token_router = TOKEN_ROUTERS.build(router, params)
-    folders = [(e.slug, store.expert_dir(e.id)) for e in experts]
-
-    def fit() -> list[dict[str, Any]]:
-        return [token_router.fit_adapter(load_lora_adapter(folder, slug)) for slug, folder in folders]
-
-    return await asyncio.to_thread(fit)  # CPU work: off the event loop
+    return await token_router_states(session, store, router, params, experts)
 
 
 async def fit_router(
@@ -86,7 +81,7 @@ async def resolve_token_composition(
         mixture = TokenMixture(
             composition=comp.name,
             router=comp.router,
-            router_params=tuple(sorted(_token_params(comp.router, dict(comp.router_params)).items())),
+            router_params=json.dumps(_token_params(comp.router, dict(comp.router_params)), sort_keys=True),
             adapters=tuple((str(e.id), e.slug, store.expert_dir(e.id)) for e in experts),
             states=tuple(states),
         )
@@ -97,11 +92,14 @@ async def resolve_token_composition(
     slugs = target.mixture.slugs
     bias: tuple[float, ...] | None = None
     scores = dict.fromkeys(slugs, 0.0)
-    extra: dict[str, Any] = {"level": "token", "top_k": dict(target.mixture.router_params).get("top_k")}
+    params = target.mixture.params
+    extra: dict[str, Any] = {"level": "token", "top_k": (params.get("local_params") or params).get("top_k")}
     if comp.router == "glider":
         described = await _describe_query(session, context, comp, experts, query)
         scores = {slug: float(described.scores.get(slug, 0.0)) for slug in slugs}
-        bias = _glider_bias(comp, [scores[s] for s in slugs])
+        # glider_bias's formula (scale · cosine of the query's task description and each expert's), on the
+        # cosines `instruct` computed from its stored expert embeddings.
+        bias = tuple(float(params["scale"]) * scores[s] for s in slugs)
         extra["task_description"] = described.extra.get("task_description")
         extra["bias"] = dict(zip(slugs, bias, strict=True))
     decision = RouteDecision(
@@ -126,7 +124,8 @@ def _token_params(router: str, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _instruct_params(params: dict[str, Any]) -> dict[str, Any]:
-    """glider's global part is the `instruct` router; its model and length come from glider's params."""
+    """glider's global part is the `instruct` router (its embeddings stored as instruct's states); the model
+    writing the description and its length come from glider's params. Every expert keeps a score."""
     keep = {k: params[k] for k in ("model", "max_new_tokens") if params.get(k) is not None}
     return {**keep, "threshold": -1.0}
 
@@ -140,12 +139,6 @@ async def _describe_query(
     prepared = await service.states.prepared(router, candidates)
     await session.close()  # no connection held while the model writes the description
     return await router.route(query, candidates, prepared, len(candidates))
-
-
-def _glider_bias(comp: CompositionView, similarities: list[float]) -> tuple[float, ...]:
-    params = _token_params(comp.router, dict(comp.router_params))
-    scale = float(params.get("bias_scale", 1.0))
-    return tuple(scale * s for s in similarities)
 
 
 async def _adapters(session: AsyncSession, comp: CompositionView) -> list[Expert]:

@@ -735,7 +735,7 @@ def _mix(model: PreTrainedModel, mixture: TokenMixture) -> dict[str, Any]:
     """Wrap ``model``'s adapted linear layers with the mixture (in place); refusals name the adapter."""
     from routers.token import TOKEN_ROUTERS, AdapterRefused, apply_mixture, load_lora_adapter
 
-    router = TOKEN_ROUTERS.build(mixture.router, dict(mixture.router_params))
+    router = TOKEN_ROUTERS.build(mixture.router, mixture.params)
     try:
         adapters = [load_lora_adapter(folder, slug) for _, slug, folder in mixture.adapters]
         states = [{k: torch.as_tensor(v) for k, v in state.items()} for state in mixture.states] or None

@@ -1,4 +1,4 @@
-"""/api/experts: register (upload or import), list, get, card, patch, delete, evals."""
+"""/api/experts: register (upload or import), list, get, card, patch, delete, evals, training data."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from api.experts.intake import register_import, register_upload
 from api.security import require_admin, require_query
 from api.settings import Settings
 from registry.cards import card_body, card_metadata, render_card
-from registry.errors import ValidationFailed
+from registry.errors import PayloadTooLarge, ValidationFailed
 from registry.schemas import EvalIn, ExpertPatch, ImportRequest, decode_strict
 from registry.services import ExpertService, expert_summary
+from registry.training_data import MAX_TRAINING_DATA_BYTES, TrainingDataService, parse_training_data
 
 
 class ExpertController(Controller):
@@ -113,3 +114,34 @@ class ExpertController(Controller):
         self, ref: FromPath[str], experts: NamedDependency[ExpertService], force: FromQuery[bool] = False
     ) -> None:
         await experts.delete(ref, force=force)
+
+    @post("/{ref:str}/training-data", guards=[require_admin], status_code=HTTP_201_CREATED)
+    async def put_training_data(
+        self, ref: FromPath[str], request: Request[Any, Any, Any], experts: NamedDependency[ExpertService]
+    ) -> dict[str, Any]:
+        """Attach training examples (JSONL or a JSON list of {prompt, answer} or {messages} rows), replacing
+        any attached before. Every row is checked first: a bad one is refused naming its line (JSONL, from 1)
+        or index (JSON list, from 0) and field, and nothing is stored. PHATGOOSE gates are trained on first
+        use (routers/token/states.py), not here."""
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_TRAINING_DATA_BYTES:
+            raise PayloadTooLarge("training data is too large", param="training_data")
+        await experts.get(ref)  # 404 before reading a large body
+        rows = parse_training_data(await request.body())
+        info = await TrainingDataService(experts.session, experts.store).attach(ref, rows)
+        return info.as_dict()
+
+    @get("/{ref:str}/training-data", guards=[require_query])
+    async def get_training_data(
+        self, ref: FromPath[str], experts: NamedDependency[ExpertService], format: FromQuery[str] = "json"
+    ) -> Response[Any]:
+        """The attached rows: `json` (info + rows) or `jsonl` (the stored canonical JSONL)."""
+        service = TrainingDataService(experts.session, experts.store)
+        rows = await service.rows(ref)
+        info = await service.info(ref)
+        assert info is not None
+        if format == "jsonl":
+            return Response(service.store.blob_path(info.sha256).read_bytes(), media_type="application/jsonl")
+        if format == "json":
+            return Response({**info.as_dict(), "data": [r.as_json() for r in rows]})
+        raise ValidationFailed("format must be `json` or `jsonl`", param="format")

@@ -1,14 +1,16 @@
 """Token-level routers: which adapters act on each token in each layer (torch engine); importing this
 package registers every one of them in ``TOKEN_ROUTERS``."""
 
-from routers.token import arrow
+from routers.token import arrow, glider, phatgoose
 from routers.token.adapters import AdapterRefused, LoraAdapter, load_lora_adapter
-from routers.token.base import TOKEN_ROUTERS, Route, TokenRouter, TokenRouterConfig
+from routers.token.base import TOKEN_ROUTERS, FitContext, Route, TokenRouter, TokenRouterConfig
+from routers.token.glider import glider_bias
 from routers.token.model import MixtureLinear, apply_mixture, load_mixture_model
 
 __all__ = [
     "TOKEN_ROUTERS",
     "AdapterRefused",
+    "FitContext",
     "LoraAdapter",
     "MixtureLinear",
     "Route",
@@ -16,6 +18,9 @@ __all__ = [
     "TokenRouterConfig",
     "apply_mixture",
     "arrow",
+    "glider",
+    "glider_bias",
     "load_lora_adapter",
     "load_mixture_model",
+    "phatgoose",
 ]

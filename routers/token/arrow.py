@@ -13,7 +13,7 @@ import torch
 
 from routers.query.base import require
 from routers.token.adapters import LoraAdapter
-from routers.token.base import TOKEN_ROUTERS, Route, TokenRouter, TokenRouterConfig
+from routers.token.base import TOKEN_ROUTERS, FitContext, Route, TokenRouter, TokenRouterConfig
 
 POWER_ITERS = 1000
 POWER_TOL = 1e-7
@@ -66,8 +66,9 @@ class ArrowRouter(TokenRouter):
     config: ArrowConfig
     _cache: ClassVar[dict[str, dict[str, torch.Tensor]]] = {}  # adapter fingerprint -> prototypes
 
-    def fit_adapter(self, adapter: LoraAdapter) -> dict[str, torch.Tensor]:
-        # Prototypes depend on the weights only (not on top_k / temperature): share them across routers.
+    def fit_adapter(self, adapter: LoraAdapter, context: FitContext | None = None) -> dict[str, torch.Tensor]:
+        # Prototypes depend on the weights only (not on top_k / temperature, nor on any training data):
+        # share them across routers.
         key = adapter.fingerprint
         if not key:
             return arrow_prototypes(adapter)

@@ -2,16 +2,24 @@
 
 A token-level router scores, for every token reaching one LoRA target module, the adapters stacked in that
 module and keeps a few of them with mixing weights. Its per-adapter state (Arrow prototypes, PHATGOOSE gates)
-is one vector per module, computed by ``fit_adapter`` from that adapter alone, so it can be stored once per
-expert as a router artifact and reused by every composition containing the expert.
+is one vector per module, computed by ``fit_adapter`` from that adapter (plus, for routers that train, the
+base model and the expert's training examples, passed in a ``FitContext``), so it can be stored once per
+expert as a router artifact and reused by every composition containing the expert
+(``routers/token/states.py``). ``state_key`` names what the stored state depends on: the router whose state
+it is and a hash of only those config fields that change the fit (``state_fields``), so routing-only
+parameters (top_k, temperature) share one stored state.
 """
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
+import msgspec
 import torch
 
 from registry.errors import ValidationFailed
@@ -19,6 +27,7 @@ from registry.schemas import convert_params
 from routers.query.base import RouterConfig
 
 if TYPE_CHECKING:
+    from registry.training_data import TrainingRow
     from routers.token.adapters import LoraAdapter
 
 
@@ -34,22 +43,49 @@ class TokenRouterConfig(RouterConfig, frozen=True):
     """Base of every token router's config (typed, validated by ``check``, hashed by ``digest``)."""
 
 
+@dataclass(frozen=True)
+class FitContext:
+    """What a router that trains needs besides the adapter: the base model folder the adapter belongs to and
+    the expert's own training examples. ``on_step`` (step, steps, loss) reports training progress."""
+
+    base_dir: Path | None = None
+    examples: Sequence[TrainingRow] = field(default=())
+    on_step: Callable[[int, int, float], None] | None = None
+
+
 class TokenRouter(ABC):
     """One token-level routing method. Subclasses set ``name``, ``config_cls`` and ``help``."""
 
     name: ClassVar[str]
     config_cls: ClassVar[type[TokenRouterConfig]]
     help: ClassVar[str]
+    # True: fit_adapter trains on the expert's examples and needs FitContext(base_dir, examples).
+    needs_training_data: ClassVar[bool] = False
+    # The config fields the fitted state depends on; () means the adapter's weights alone (Arrow).
+    state_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: TokenRouterConfig | None = None) -> None:
         cfg = config if config is not None else self.config_cls()
         cfg.check()
         self.config = cfg
 
+    def requires_training_data(self) -> bool:
+        """Whether ``fit_adapter`` needs a FitContext with the base and training examples (a router that
+        delegates its state to another one, like ``glider``, answers for that one)."""
+        return type(self).needs_training_data
+
+    def state_key(self) -> tuple[str, str]:
+        """(router name, config hash) a fitted state is stored under: the hash covers only ``state_fields``,
+        so configs differing in routing parameters alone share the stored state."""
+        fields = {name: getattr(self.config, name) for name in self.state_fields}
+        digest = hashlib.sha256(msgspec.json.encode(fields, order="sorted")).hexdigest()[:16]
+        return self.name, digest
+
     @abstractmethod
-    def fit_adapter(self, adapter: LoraAdapter) -> dict[str, torch.Tensor]:
+    def fit_adapter(self, adapter: LoraAdapter, context: FitContext | None = None) -> dict[str, torch.Tensor]:
         """This adapter's routing state: module name -> one float32 vector of the module's in_features.
-        Pure (depends on the adapter's weights only), so the result can be stored as an artifact."""
+        Deterministic given the adapter, ``context`` and the ``state_fields`` of the config, so the result
+        can be stored as an artifact (``state_key``)."""
 
     @abstractmethod
     def route(

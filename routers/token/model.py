@@ -84,8 +84,9 @@ def apply_mixture(
     states: Sequence[dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, MixtureLinear]:
     """Replace, in place, every linear layer any adapter targets with a MixtureLinear; returns them by
-    module path. ``states``: the adapters' router states if already known (stored router artifacts), else
-    fitted here once per adapter (``router.fit_adapter``)."""
+    module path. ``states`` (one per adapter, e.g. stored ones from ``routers.token.states``) are used as
+    given; without them each adapter's state is fitted here (``router.fit_adapter``, which a router that
+    trains on data cannot do without its FitContext)."""
     if not adapters:
         raise ValueError("a token-level mixture needs at least one adapter")
     names = [a.name for a in adapters]
@@ -104,7 +105,7 @@ def apply_mixture(
     if states is None:
         states = [router.fit_adapter(a) for a in adapters]
     elif len(states) != len(adapters):
-        raise ValueError(f"got {len(states)} router states for {len(adapters)} adapters")
+        raise ValueError(f"give one router state per adapter ({len(adapters)}), got {len(states)}")
     wrapped: dict[str, MixtureLinear] = {}
     for module in targets:
         parent_name, _, leaf = module.rpartition(".")
@@ -122,6 +123,7 @@ def load_mixture_model(
     *,
     names: Sequence[str] | None = None,
     dtype: torch.dtype = torch.float32,
+    states: Sequence[dict[str, torch.Tensor]] | None = None,
 ) -> tuple[nn.Module, dict[str, MixtureLinear]]:
     """A causal LM from ``base_dir`` with the adapters in ``adapter_dirs`` mixed per token by ``router``."""
     from transformers import AutoModelForCausalLM
@@ -131,4 +133,4 @@ def load_mixture_model(
     adapters = [load_lora_adapter(path, None if names is None else names[i]) for i, path in enumerate(adapter_dirs)]
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype)
     model.eval()
-    return model, apply_mixture(model, adapters, router)
+    return model, apply_mixture(model, adapters, router, states)

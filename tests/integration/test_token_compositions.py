@@ -25,6 +25,11 @@ from tests.fixtures.live import register, serve
 from tests.fixtures.tiny import build_tiny_llama, build_tiny_lora
 
 SLUGS = ("mix-a", "mix-b", "mix-c")
+DESCRIPTIONS = (
+    "Converts dates written in words to ISO 8601.",
+    "Labels the sentiment of a product review.",
+    "Sorts a list of integers in ascending order.",
+)
 
 
 @pytest.fixture
@@ -32,7 +37,7 @@ def live(registry_env: RegistryEnv, tiny_base: Path, tmp_path: Path) -> Iterator
     settings = registry_env.settings
     register(settings, tiny_base, ExpertSpec(slug="tiny-base", task_description="General chat."))
     for i, slug in enumerate(SLUGS):
-        spec = ExpertSpec(slug=slug, base="tiny-base", task_description=f"Skill {slug}.")
+        spec = ExpertSpec(slug=slug, base="tiny-base", task_description=DESCRIPTIONS[i])
         register(settings, build_tiny_lora(tiny_base, tmp_path / slug, alpha=32, seed=60 + i), spec)
     other = build_tiny_llama(tmp_path / "other-base", seed=5)
     register(settings, other, ExpertSpec(slug="other-base"))
@@ -137,7 +142,7 @@ def test_trace_needs_a_token_router(live: dict[str, Any]) -> None:
 
 async def test_engine_set_sends_mixtures_to_its_torch_engine(tiny_base: Path, tmp_path: Path) -> None:
     adapter = build_tiny_lora(tiny_base, tmp_path / "a", seed=1)
-    mixture = TokenMixture("m", "arrow", (("top_k", 1),), (("id", "a", adapter),))
+    mixture = TokenMixture("m", "arrow", '{"top_k": 1}', (("id", "a", adapter),))
     main, local = TorchEngine(), TorchEngine()
     engines = EngineSet(main, local)
     try:
@@ -189,7 +194,7 @@ async def test_vllm_refuses_what_only_torch_runs(tiny_base: Path, tmp_path: Path
     adapter = build_tiny_lora(tiny_base, tmp_path / "a", seed=1)
     eng = VLLMEngine(VLLMConfig(log_dir=tmp_path))
     try:
-        mixture = TokenMixture("m", "arrow", (("top_k", 1),), (("id", "a", adapter),))
+        mixture = TokenMixture("m", "arrow", '{"top_k": 1}', (("id", "a", adapter),))
         mixed = GenRequest(Target("b", tiny_base, mixture=mixture), Sampling(max_tokens=4), prompt="hi")
         plain = Target("b", tiny_base)
         fused = GenRequest(plain, Sampling(max_tokens=4), prompt="hi", fusion=Fusion((FusedMember("b", plain, 1.0),)))
@@ -201,3 +206,52 @@ async def test_vllm_refuses_what_only_torch_runs(tiny_base: Path, tmp_path: Path
         assert await eng.status() == []  # no server was started
     finally:
         await eng.close()
+
+
+def _attach(live: dict[str, Any], slug: str, rows: list[dict[str, str]]) -> None:
+    body = "\n".join(json.dumps(r) for r in rows)
+    resp = httpx.post(
+        f"{live['url']}/api/experts/{slug}/training-data",
+        content=body,
+        headers={**live["env"].admin, "content-type": "application/x-ndjson"},
+        timeout=60,
+    )
+    assert resp.status_code in (200, 201), resp.text
+
+
+def test_phatgoose_and_glider_compositions(live: dict[str, Any]) -> None:
+    """phatgoose needs each expert's training data (a clear 400 naming the expert without it); with it, the gates
+    are trained at creation and stored; glider adds the per-query bias from the base's task description."""
+    training = {"training": {"steps": 3, "batch_size": 2}}
+    resp = _create(live, name="gates", router="phatgoose", router_params=training, experts=list(SLUGS))
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "experts[0]", resp.text
+    for i, slug in enumerate(SLUGS):
+        _attach(live, slug, [{"prompt": f"say {w} {i}", "answer": f"{w}{i}"} for w in ("one", "two", "three")])
+    resp = _create(live, name="gates", router="phatgoose", router_params=training, experts=list(SLUGS))
+    assert resp.status_code == 201, resp.text
+    client = live["client"]
+    messages = [{"role": "user", "content": "say two 1"}]
+    done = client.chat.completions.create(model="gates", messages=messages, max_tokens=6, temperature=0)
+    assert done.choices[0].message.content is not None and done.model == "gates"
+
+    scale = 1e4  # overwhelming: the favoured expert must then carry (almost) all weight everywhere
+    params = {"local": "phatgoose", "local_params": training, "model": "tiny-base", "max_new_tokens": 4, "scale": scale}
+    resp = _create(live, name="glide", router="glider", router_params=params, experts=list(SLUGS))
+    assert resp.status_code == 201, resp.text
+    routed = httpx.post(
+        f"{live['url']}/api/route",
+        headers=live["env"].query,
+        json={"model": "glide", "messages": messages, "trace": True},
+        timeout=120,
+    ).json()
+    extra = routed["extra"]
+    assert extra["level"] == "token" and isinstance(extra["task_description"], str)
+    bias = extra["bias"]
+    assert bias == {s: pytest.approx(scale * routed["scores"][s]) for s in SLUGS}  # scale x cosine
+    ranked = sorted(bias.values())
+    assert ranked[-1] - ranked[-2] > 1, bias  # distinct descriptions: one expert clearly favoured
+    favoured = SLUGS.index(max(bias, key=bias.__getitem__))
+    weights = [row[favoured] for layer in routed["trace"]["weights"] for row in layer]
+    assert min(weights) > 0.99
+    done = client.chat.completions.create(model="glide", messages=messages, max_tokens=6, temperature=0)
+    assert done.choices[0].message.content is not None

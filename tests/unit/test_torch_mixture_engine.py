@@ -4,6 +4,7 @@ streams equal plain generations, and the trace reports every layer's choices."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ def mixture(adapters: list[Path], **params: Any) -> TokenMixture:
     return TokenMixture(
         composition="mix",
         router="arrow",
-        router_params=tuple(sorted(params.items())),
+        router_params=json.dumps(params, sort_keys=True),
         adapters=tuple((f"id{i}", f"e{i}", path) for i, path in enumerate(adapters)),
     )
 
