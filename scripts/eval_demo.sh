@@ -89,7 +89,7 @@ fi
 if step token; then
   create arrow --router arrow -p top_k=2 "${expert_flags[@]}"
   create phatgoose --router phatgoose -p top_k=2 "${expert_flags[@]}"
-  create glider --router glider -p top_k=2 -p "model=$BASE" "${expert_flags[@]}"
+  create glider --router glider -p local=phatgoose -p 'local_params={"top_k": 2}' -p "model=$BASE" "${expert_flags[@]}"
   merged=()
   for config in evals/merges/*.yaml; do
     merged+=("$(.venv/bin/python -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['name'])" "$config")")
