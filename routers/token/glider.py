@@ -13,8 +13,8 @@ with q the embedding of the query's task description and t_e that of expert e's 
 instruction, embedded, matched to expert embeddings by cosine similarity, the global scores combined with the
 local router's); the paper's full text could not be consulted offline while writing this, so the additive
 form with one ``scale`` follows the paper's abstract and DESIGN.md ("PHATGOOSE or Arrow scores plus a global
-bias from the similarity ..."), not a checked equation. The local router (``local``: ``phatgoose``, GLIDER's choice, or ``arrow``) adds it to
-its token scores before its top-k. ``scale`` (a config field, default 1) trades global against local:
+bias from the similarity ..."), not a checked equation. The local router (``local``: ``phatgoose``, GLIDER's
+choice, or ``arrow``) adds it to its token scores before its top-k. ``scale`` (a config field, default 1) trades global against local:
 PHATGOOSE's scores are standardized dot products / √d, Arrow's are |x·v| with unit v, so the useful scale
 depends on the local router. The serving layer computes q as ``routers/query/instruct.py`` does (the base LLM
 describes the query's task; the description is embedded), calls ``glider_bias`` once per query, and passes
