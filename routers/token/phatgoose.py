@@ -16,7 +16,9 @@ Cost (``bench/gate_training.py``): every step runs the base forward and a backwa
 gradients), so it costs about two thirds of a LoRA training step on the same tokens. On SmolLM2-135M with
 the defaults (100 steps of 4 chat examples, ~75 tokens each) it took 356 s with one thread on this 2-core
 machine while other jobs kept it loaded (load average 4-5; 30 steps: 56 s at load ~4); unloaded it should be
-near 2 minutes, by the DESIGN.md LoRA-step figure. Lower ``batch_size`` or ``steps`` to go faster.
+near 2 minutes, by the DESIGN.md LoRA-step figure. With two torch threads on the loaded machine the same run
+did not finish in 15 minutes (OpenMP threads spinning against other processes): torch's thread count is
+process-wide and is left to the caller. Lower ``batch_size`` or ``steps`` to go faster.
 """
 
 from __future__ import annotations
