@@ -9,17 +9,19 @@ task is about are favoured across all layers while each token still chooses loca
     bias_e = scale · cos(q, t_e) = scale · q·t_e / (‖q‖·‖t_e‖)
 
 with q the embedding of the query's task description and t_e that of expert e's description
-(:func:`glider_bias`). Source: GLIDER's global router (the paper's Methodology section: an LLM-written task
-instruction, embedded, matched to expert embeddings by cosine similarity, the global scores combined with the
-local router's); the paper's full text could not be consulted offline while writing this, so the additive
-form with one ``scale`` follows the paper's abstract and DESIGN.md ("PHATGOOSE or Arrow scores plus a global
-bias from the similarity ..."), not a checked equation. The local router (``local``: ``phatgoose``, GLIDER's
-choice, or ``arrow``) adds it to its token scores before its top-k. ``scale`` (a config field, default 1)
-trades global against local: PHATGOOSE's scores are standardized dot products / √d, Arrow's are |x·v| with
-unit v, so the useful scale depends on the local router. The serving layer (``serving/mixtures.py``)
-lets the `instruct` query router compute the cosines (the base LLM describes the query's task; the description
-is embedded and compared with the experts' stored embeddings), scales them as ``glider_bias`` does, and passes
-the result to every module as ``MixtureLinear.row_bias`` (one row per sequence).
+(:func:`glider_bias`). Source: GLIDER's global router (an LLM-written task instruction, embedded, matched to
+the experts' embeddings by cosine similarity, its scores combined with the local router's). The paper's full
+text could not be consulted offline while writing this, so the additive form with one ``scale`` follows the
+paper's abstract and DESIGN.md ("PHATGOOSE or Arrow scores plus a global bias from the similarity ..."),
+not a checked equation.
+
+The local router (``local``: ``phatgoose``, GLIDER's choice, or ``arrow``) adds the bias to its token scores
+before its top-k. ``scale`` (a config field, default 1) trades global against local: PHATGOOSE's scores are
+standardized dot products / √d, Arrow's are |x·v| with unit v, so the useful scale depends on the local
+router. The serving layer (``serving/mixtures.py``) lets the `instruct` query router compute the cosines (the
+base LLM describes the query's task; the description is embedded and compared with the experts' stored
+embeddings), scales them as ``glider_bias`` does, and passes the result to every module as
+``MixtureLinear.row_bias`` (one row per sequence).
 
 The state (gates or prototypes) is the local router's, stored under its name: a glider mixture reuses what
 a phatgoose or arrow mixture over the same experts already fitted.

@@ -11,6 +11,14 @@ Routing: at a module, a token's activation u and every expert's gate v are stand
 its mean, divided by its standard deviation), each expert scores û·v̂ / √d, the optional bias (GLIDER) is
 added, a softmax runs over the experts that adapt this module, the ``top_k`` (default 2) are kept and their
 probabilities renormalized to sum to 1.
+
+Cost (``bench/gate_training.py``): every step runs the base forward and a backward through it (no weight
+gradients), so it costs about two thirds of a LoRA training step on the same tokens. On SmolLM2-135M with
+the defaults (100 steps of 4 chat examples, ~75 tokens each) it took 356 s with one thread on this 2-core
+machine while other jobs kept it loaded (load average 4-5; 30 steps: 56 s at load ~4); unloaded it should be
+near 2 minutes, by the DESIGN.md LoRA-step figure. With two torch threads on the loaded machine the same run
+did not finish in 15 minutes (OpenMP threads spinning against other processes): torch's thread count is
+process-wide and is left to the caller. Lower ``batch_size`` or ``steps`` to go faster.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ from routers.token.phatgoose import (
     standardize,
     train_gates,
 )
-from tests.fixtures.db import RegistryEnv
+from tests.fixtures.db import BACKENDS, RegistryEnv
 
 
 class _Letters(Task):
@@ -415,6 +415,7 @@ def fits(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
 TINY_PG = {"training": {"steps": 3, "batch_size": 2, "max_length": 64}}
 
 
+@pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
 async def test_states_are_stored_once_and_reused(
     registry_env: RegistryEnv, sharp_base: Path, task_experts: dict[str, Path], fits: list[tuple[str, str]]
 ) -> None:
@@ -470,6 +471,7 @@ async def test_states_are_stored_once_and_reused(
         await env.engine.dispose()
 
 
+@pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
 async def test_changed_expert_or_data_is_refitted(
     registry_env: RegistryEnv, sharp_base: Path, task_experts: dict[str, Path], fits: list[tuple[str, str]]
 ) -> None:
@@ -509,6 +511,7 @@ async def test_changed_expert_or_data_is_refitted(
         await env.engine.dispose()
 
 
+@pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
 async def test_concurrent_callers_fit_once_and_a_racing_replica_is_tolerated(
     registry_env: RegistryEnv,
     sharp_base: Path,
