@@ -186,6 +186,7 @@ def measure_forward(
 
                 steps[name, w] = run
             steps[name, w]()  # warm-up (PEFT's Arrow builds its prototypes on the first call)
+        print(f"  {name}: warmed up (load {load_text()})", flush=True)
     for r in range(rounds):
         for w, (batch, repeat) in workloads.items():
             tokens = batch if w.startswith("decode") else prefill

@@ -57,7 +57,7 @@ class SharedInputMixture(nn.Module):
         self.experts = int(A[0].shape[0])
         self.all_available = bool(self.available.all())
         # Arrow-like routers route all members in one call; others route each member with ``route``.
-        self.shared_routing = len(A) == 1 or hasattr(router, "route_shared")
+        self.shared_routing = hasattr(router, "route_shared")
         self.k = router.route_k(self.available) if hasattr(router, "route_k") else None
         self.fused = True
         self.members: list[MixtureLinear] = []  # plain list: the members are modules of the model already

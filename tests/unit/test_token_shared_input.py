@@ -17,7 +17,8 @@ from transformers import AutoModelForCausalLM
 from routers.token import TOKEN_ROUTERS, MixtureLinear, load_lora_adapter, load_mixture_model
 from routers.token import mixture as mixture_mod
 from routers.token import model as model_mod
-from routers.token.arrow import ArrowRouter
+from routers.token.arrow import ArrowConfig, ArrowRouter
+from routers.token.base import Route, TokenRouter
 from routers.token.mixture import dense_lora_delta, project_down, project_up
 from routers.token.model import MAX_MISSES, SharedInputMixture, apply_mixture
 from tests.fixtures.tiny import build_tiny_lora
@@ -225,3 +226,39 @@ def test_group_follows_to(tiny_base: Path, experts: list[Path]) -> None:
     assert layers["model.layers.0.mlp.up_proj"].Bt.dtype == torch.float64
     with torch.no_grad():
         assert model(input_ids=_ids(1, 1, 3)).logits.dtype == torch.float64
+
+
+class _PlainRouter(TokenRouter):
+    """A router with only the base interface (no route_shared), like a new router would start."""
+
+    name = "plain_test"
+    config_cls = ArrowConfig
+    help = "test only"
+
+    def __init__(self) -> None:
+        super().__init__(ArrowConfig(top_k=2))
+        self.arrow = _arrow(2)
+
+    def fit_adapter(self, adapter: Any, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        return self.arrow.fit_adapter(adapter)
+
+    def route(
+        self, x: torch.Tensor, state: torch.Tensor, available: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> Route:
+        return self.arrow.route(x, state, available, bias)
+
+
+def test_router_without_route_shared(tiny_base: Path, experts: list[Path]) -> None:
+    """Such a router is called per module (no groups), and gives what arrow gives."""
+    plain, plain_layers = load_mixture_model(tiny_base, experts, _PlainRouter())
+    arrow, _ = load_mixture_model(tiny_base, experts, _arrow(2))
+    assert all(layer.group.size == 1 for layer in plain_layers.values())
+    bias = torch.zeros(2, 5)
+    bias[1, 3] = 1e3
+    for model in (plain, arrow):
+        for m in model.modules():
+            if isinstance(m, MixtureLinear):
+                m.row_bias = bias
+    ids = _ids(2, 2, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, arrow(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
