@@ -113,7 +113,11 @@ class ArrowRouter(TokenRouter):
             scores = scores.masked_fill(~available.to(scores.device), float("-inf"))
         if k is None:
             k = self.route_k(available)
-        top, experts = scores.topk(k, dim=-1)
+        top, experts = scores.topk(k, dim=-1)  # sorted: the first column is each row's maximum
+        # The softmax written out: torch.softmax enters a parallel region even for a handful of values, which
+        # on a busy 2-core CPU cost up to ~8 ms a call (vs ~2 us single-threaded); exp / sum does not.
+        logits = top - top[..., :1]
         if self.config.temperature != 1.0:
-            top = top / self.config.temperature
-        return Route(experts, torch.softmax(top, dim=-1))
+            logits = logits / self.config.temperature
+        e = logits.exp()
+        return Route(experts, e / e.sum(dim=-1, keepdim=True))
