@@ -44,6 +44,7 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 PEFT_PREFIX = "base_model.model."
 RANK, ALPHA = 8, 16
 B_STD = 0.013  # std of lora_B in the trained demo experts (lora_A keeps PEFT's kaiming-uniform init scale)
+SECTION = "Token-level mixture cost (arrow, SmolLM2-135M)"
 PROMPTS = [
     "Write one sentence about the sea.",
     "Name three colours and one fruit.",
@@ -256,7 +257,12 @@ def main() -> None:
     parser.add_argument("--skip-generation", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "token_mixture.json")
     parser.add_argument("--no-write", action="store_true", help="print only; leave results and RESULTS.md alone")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the RESULTS.md section from --out")
     args = parser.parse_args()
+    if args.report_only:
+        results = json.loads(args.out.read_text())
+        write_section(ROOT / "bench" / "RESULTS.md", SECTION, report(results))
+        return
     sizes = [int(s) for s in args.sizes.split(",")]
     torch.manual_seed(0)
     load_before = load_text()
@@ -325,7 +331,7 @@ def main() -> None:
         return
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
-    write_section(ROOT / "bench" / "RESULTS.md", "Token-level mixture cost (arrow, SmolLM2-135M)", report(results))
+    write_section(ROOT / "bench" / "RESULTS.md", SECTION, report(results))
 
 
 def report(results: dict[str, Any]) -> str:

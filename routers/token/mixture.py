@@ -1,10 +1,13 @@
 """Routed mixture of stacked LoRA adapters, pure tensor code (no transformers, no PEFT).
 
-delta(x_t) = Σ_{e in chosen(t)} c_{t,e} · scale_e · B_e A_e x_t, computed with sparse dispatch: the
-(token, expert) pairs are sorted by expert and each chosen expert runs one pair of matmuls on its own
-tokens only (a single token, as in decoding with batch 1, skips the sort). Inputs are flat
-[tokens, in], so a batch of sequences with different routes is one call (the layout vLLM hands its
-linear layers).
+delta(x_t) = Σ_{e in chosen(t)} c_{t,e} · scale_e · B_e A_e x_t, computed with sparse dispatch: only the
+chosen (token, expert) pairs are computed, never a dense pass over all experts. Inputs are flat [tokens, in],
+so a batch of sequences with different routes is one call (the layout vLLM hands its linear layers).
+
+``project_down`` / ``project_up`` are what MixtureLinear runs (see below: the A side shared by the modules of
+one input, gathered per pair for few tokens, segment matmuls for many); ``sparse_lora_delta`` is the plain
+one-module form (pairs sorted by expert, one matmul pair per chosen expert) and ``dense_lora_delta`` the
+reference tests compare against.
 """
 
 from __future__ import annotations

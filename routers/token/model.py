@@ -133,16 +133,21 @@ class SharedInputMixture(nn.Module):
             return None
         first = biases[0]
         if first is not None and all(b is first for b in biases):
-            return _token_bias(first, tokens).unsqueeze(1)
+            return _token_bias(first, tokens, self.state.device).unsqueeze(1)
         return torch.stack(
-            [_token_bias(b, tokens) if b is not None else self.state.new_zeros(tokens, self.experts) for b in biases],
+            [
+                _token_bias(b, tokens, self.state.device)
+                if b is not None
+                else self.state.new_zeros(tokens, self.experts)
+                for b in biases
+            ],
             dim=1,
         )
 
 
-def _token_bias(row_bias: torch.Tensor, tokens: int) -> torch.Tensor:
+def _token_bias(row_bias: torch.Tensor, tokens: int, device: torch.device) -> torch.Tensor:
     """A per-sequence bias [batch, E] repeated for each token of its sequence: [tokens, E]."""
-    return row_bias.repeat_interleave(tokens // row_bias.shape[0], dim=0)
+    return row_bias.to(device).repeat_interleave(tokens // row_bias.shape[0], dim=0)
 
 
 class MixtureLinear(nn.Module):
