@@ -255,6 +255,9 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=128, help="prompt tokens of the prefill")
     parser.add_argument("--new-tokens", type=int, default=64, help="new tokens per sequence in generate")
     parser.add_argument("--skip-generation", action="store_true")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch intra-op threads (0: torch's default, one per core)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "token_mixture.json")
     parser.add_argument("--no-write", action="store_true", help="print only; leave results and RESULTS.md alone")
     parser.add_argument("--report-only", action="store_true", help="rewrite the RESULTS.md section from --out")
@@ -264,6 +267,8 @@ def main() -> None:
         write_section(ROOT / "bench" / "RESULTS.md", SECTION, report(results))
         return
     sizes = [int(s) for s in args.sizes.split(",")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     load_before = load_text()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {load_before}", flush=True)
