@@ -397,6 +397,21 @@ def report(results: dict[str, Any]) -> str:
         + ("" if fast["met"] else " (slower in: " + ", ".join(k for k, ok in fast["per_case"].items() if not ok) + ")")
         + ".",
     ]
+    lines += [
+        "",
+        "How moerge's mixture runs (routers/token/model.py, mixture.py): modules that read one input (q/k/v; "
+        "gate/up) are routed together, one score matmul over their concatenated prototypes and one top-k, each "
+        "module keeping its own route; their A sides run as one gather of the chosen (token, expert) pairs' A "
+        "and one batched matmul (a segment matmul over pairs sorted by expert above 64 tokens); each module adds "
+        "its B side into the base output in place. Only chosen experts are computed. PEFT's Arrow computes every "
+        "expert on every token (and re-stacks the adapters at every call).",
+        "",
+        "Threads: with torch's default 2 threads on this shared machine, `torch.softmax` enters an OpenMP "
+        "parallel region even for 2 values and took ~8 ms a call under load (2 us with 1 thread); moerge's "
+        "router no longer calls it, PEFT's Arrow calls it once per module per forward, which made a 2-thread "
+        "run too slow to finish (PEFT's Arrow at seconds per decode step). When `threads` above reads 1, every "
+        "model ran single-threaded (`--threads 1`), which removes that effect for all of them.",
+    ]
     return "\n".join(lines)
 
 
