@@ -398,6 +398,15 @@ def report(results: dict[str, Any]) -> str:
         + ("" if fast["met"] else " (slower in: " + ", ".join(k for k, ok in fast["per_case"].items() if not ok) + ")")
         + ".",
     ]
+    single = gen.get("one LoRA (PEFT)")
+    if single:
+        for name, ks in gen.items():
+            if name.startswith("moerge"):
+                lines.append(
+                    f"- generation, {name} vs the single adapter (no threshold in the issue): "
+                    + ", ".join(f"{k} {v / single[k]:.2f}x" for k, v in ks.items())
+                    + " the single adapter's tokens/s."
+                )
     lines += [
         "",
         "How moerge's mixture runs (routers/token/model.py, mixture.py): modules that read one input (q/k/v; "
