@@ -1,15 +1,19 @@
 """Routed mixture of stacked LoRA adapters, pure tensor code (no transformers, no PEFT).
 
-delta(x_t) = Σ_{e in chosen(t)} c_{t,e} · scale_e · B_e A_e x_t, computed with sparse dispatch: the
-(token, expert) pairs are sorted by expert and each chosen expert runs one pair of matmuls on its own
-tokens only (a single token, as in decoding with batch 1, skips the sort). Inputs are flat
-[tokens, in], so a batch of sequences with different routes is one call (the layout vLLM hands its
-linear layers).
+delta(x_t) = Σ_{e in chosen(t)} c_{t,e} · scale_e · B_e A_e x_t, computed with sparse dispatch: only the
+chosen (token, expert) pairs are computed, never a dense pass over all experts. Inputs are flat [tokens, in],
+so a batch of sequences with different routes is one call (the layout vLLM hands its linear layers).
+
+``project_down`` / ``project_up`` are what MixtureLinear runs (see below: the A side shared by the modules of
+one input, gathered per pair for few tokens, segment matmuls for many); ``sparse_lora_delta`` is the plain
+one-module form (pairs sorted by expert, one matmul pair per chosen expert) and ``dense_lora_delta`` the
+reference tests compare against.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -88,3 +92,109 @@ def dense_lora_delta(
     coeff = x.new_zeros(x.shape[0], A.shape[0])
     coeff.scatter_add_(1, experts, weights.to(x.dtype))
     return torch.einsum("te,teo->to", coeff, all_paths)
+
+
+# -- the fast path MixtureLinear runs: the A side shared by the modules of one input, the B side per module --
+#
+# Modules that read the same input (q, k and v; gate and up) keep their own prototypes and their own routes,
+# but their A stacks are concatenated into one [M*E, r, in] tensor (module j's expert e at row j*E + e), so
+# the A side of all of them is one gather and one batched matmul. Each module then adds its B side into its
+# base output in place. Two layouts, both computing only the chosen (token, expert) pairs:
+#   gathered (few tokens, decode): each pair's A and B are gathered and multiplied in a batched matmul; no
+#     sort, no host sync, a constant number of ops whatever the number of experts;
+#   grouped (many tokens, prefill): pairs sorted by (module, expert) and one segmented matmul over the
+#     sorted rows, so each expert's weights are read once instead of once per token.
+
+GATHER_MAX_TOKENS = 32
+"""Up to this many tokens per call the gathered layout runs; above it, the grouped one."""
+
+
+class LowRank(NamedTuple):
+    """The A side of a routed mixture for the M modules sharing one input ``x`` [T, in].
+
+    gathered: ``z`` [T, M, k, r], the chosen experts' A x already scaled by c_e·scale_e.
+    grouped: ``z`` [M*T*k, r] in (module, expert) order, ``token_of`` [M*T*k] the token of each row and
+    ``offs`` [M*E] (int32) the cumulative row counts of the (module, expert) segments.
+    """
+
+    z: torch.Tensor
+    experts: torch.Tensor  # [T, M, k]
+    token_of: torch.Tensor | None = None
+    offs: torch.Tensor | None = None
+
+
+def segment_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows ``offs[g-1]:offs[g]`` of ``a`` [P, K] times ``b[g]`` [K, N], for every group g: [P, N]."""
+    if _HAS_GROUPED_MM:
+        return torch._grouped_mm(a, b, offs=offs)
+    out = a.new_empty(a.shape[0], b.shape[2])
+    start = 0
+    for g, end in enumerate(offs.tolist()):
+        if end > start:
+            torch.mm(a[start:end], b[g], out=out[start:end])
+        start = end
+    return out
+
+
+def _grouped_mm_works() -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        a, b = torch.ones(3, 2), torch.ones(3, 2, 1).transpose(1, 2).transpose(1, 2)
+        out = torch._grouped_mm(a, b, offs=torch.tensor([1, 1, 3], dtype=torch.int32))
+        return bool(out.shape == (3, 1) and torch.equal(out, torch.full((3, 1), 2.0)))
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+_HAS_GROUPED_MM = _grouped_mm_works()
+
+
+def project_down(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    scale: torch.Tensor,
+    experts: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    grouped: bool | None = None,
+) -> LowRank:
+    """A side of M modules sharing ``x`` [T, in]: A [M*E, r, in] and ``scale`` [M*E] concatenate the
+    modules' stacks, ``experts`` / ``weights`` [T, M, k] are each module's route (indices into its own E).
+    ``grouped`` picks the layout (default: by the number of tokens)."""
+    T, M, k = experts.shape
+    E = A.shape[0] // M
+    offset = torch.arange(0, M * E, E, device=experts.device).view(1, M, 1)
+    rows = experts + offset  # [T, M, k] rows of the concatenated stack
+    coef = weights.to(x.dtype) * scale.index_select(0, rows.view(-1)).view(T, M, k)
+    if grouped is None:
+        grouped = T > GATHER_MAX_TOKENS
+    if not grouped:
+        r = A.shape[1]
+        Ag = A.index_select(0, rows.view(-1)).view(T, M * k * r, -1)  # index_select: a row copy per pair
+        # One token: matrix-vector; more: row vector times matrix (bmm with one column is slow here).
+        z = torch.bmm(Ag, x.unsqueeze(-1)) if T == 1 else torch.bmm(x.unsqueeze(1), Ag.transpose(1, 2))
+        return LowRank(z.view(T, M, k, r) * coef.unsqueeze(-1), experts)
+    # (module, expert) order: module j's T*k rows come j-th, so each module's segment is known without a sync.
+    flat = rows.transpose(0, 1).reshape(-1)  # [M*T*k], module-major
+    order = torch.argsort(flat, stable=True)
+    token_of = (order % (T * k)) // k
+    counts = torch.bincount(flat, minlength=M * E)
+    offs = counts.cumsum(0).to(torch.int32)
+    z = segment_mm(x[token_of], A.transpose(1, 2), offs)
+    z = z * coef.transpose(0, 1).reshape(-1)[order].unsqueeze(-1)
+    return LowRank(z, experts, token_of, offs)
+
+
+def project_up(low: LowRank, member: int, Bt: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Add module ``member``'s mixture delta into ``out`` [T, out] in place and return it; ``Bt`` [E, r, out]
+    is that module's B stack transposed."""
+    T, _, k = low.experts.shape
+    E, r, d_out = Bt.shape
+    if low.offs is None:  # gathered
+        Bg = Bt.index_select(0, low.experts[:, member].reshape(-1)).view(T, k * r, d_out)
+        return out.view(T, 1, d_out).baddbmm_(low.z[:, member].reshape(T, 1, k * r), Bg).view(T, d_out)
+    assert low.token_of is not None
+    seg = slice(member * T * k, (member + 1) * T * k)
+    offs = low.offs[member * E : (member + 1) * E] - member * T * k
+    return out.index_add_(0, low.token_of[seg], segment_mm(low.z[seg], Bt, offs))
