@@ -39,6 +39,17 @@ class Route(NamedTuple):
     weights: torch.Tensor
 
 
+def softmax_of_sorted(top: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Softmax over the last axis of ``top``, whose first column is each row's maximum (``topk``'s sorted
+    output). Written out because ``torch.softmax`` enters an OpenMP parallel region even for a handful of
+    values, which on a busy 2-core CPU cost up to ~8 ms a call (vs ~2 us single-threaded); exp / sum does not."""
+    logits = top - top[..., :1]
+    if temperature != 1.0:
+        logits = logits / temperature
+    e = logits.exp()
+    return e / e.sum(dim=-1, keepdim=True)
+
+
 class TokenRouterConfig(RouterConfig, frozen=True):
     """Base of every token router's config (typed, validated by ``check``, hashed by ``digest``)."""
 

@@ -39,7 +39,7 @@ from registry.errors import ValidationFailed
 from registry.training_data import TrainingRow
 from routers.query.base import RouterConfig, require
 from routers.token.adapters import LoraAdapter, refused
-from routers.token.base import TOKEN_ROUTERS, FitContext, Route, TokenRouter, TokenRouterConfig
+from routers.token.base import TOKEN_ROUTERS, FitContext, Route, TokenRouter, TokenRouterConfig, softmax_of_sorted
 
 STD_EPS = 1e-6  # a constant vector (a zero gate) standardizes to zeros instead of dividing by 0
 
@@ -102,10 +102,10 @@ def phatgoose_route(
         scores = scores + bias.to(scores.dtype)
     if not bool(available.all()):
         scores = scores.masked_fill(~available.to(scores.device), float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
     k = min(top_k, int(available.sum()))
-    top, experts = probs.topk(k, dim=-1)
-    return Route(experts, top / top.sum(dim=-1, keepdim=True))
+    # softmax, top-k, renormalize == a softmax over the kept scores alone (the dropped terms cancel)
+    top, experts = scores.topk(k, dim=-1)
+    return Route(experts, softmax_of_sorted(top))
 
 
 # -- gate training ------------------------------------------------------------------------------------
