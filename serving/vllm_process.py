@@ -91,6 +91,10 @@ def server_env(kv_cache_gib: float, extra: Mapping[str, str] | None = None) -> d
             "PYTHONUNBUFFERED": "1",
         }
     )
+    # torch's OpenMP threads (libgomp) spin ~300,000 times after every parallel region before sleeping; with
+    # one thread per core they hold both cores while moerge's API process waits to relay the answer. A short
+    # spin (libgomp's own value when threads outnumber cores) hands the CPU back sooner. An explicit setting wins.
+    env.setdefault("GOMP_SPINCOUNT", "1000")
     env.update(extra or {})
     return env
 

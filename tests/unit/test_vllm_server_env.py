@@ -1,0 +1,18 @@
+"""The environment a managed vLLM server starts with (no server is started here)."""
+
+from __future__ import annotations
+
+import pytest
+
+from serving.vllm_process import server_env
+
+
+def test_short_openmp_spin_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    env = server_env(2)
+    assert env["GOMP_SPINCOUNT"] == "1000"  # torch's threads hand the cores back soon after each parallel region
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "2" and env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    monkeypatch.setenv("GOMP_SPINCOUNT", "300000")
+    assert server_env(2)["GOMP_SPINCOUNT"] == "300000"  # an operator's own setting wins
+    assert server_env(1.5, {"GOMP_SPINCOUNT": "0"})["GOMP_SPINCOUNT"] == "0"
+    assert server_env(1.5)["VLLM_CPU_KVCACHE_SPACE"] == "1.5"
