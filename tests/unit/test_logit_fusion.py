@@ -33,6 +33,19 @@ PROMPT = "hello"
 GREEDY = Sampling(max_tokens=12)
 
 
+def spy_on_hooks(monkeypatch: pytest.MonkeyPatch) -> list[list[Any]]:
+    """Record the rows of every fused batch the engine decodes (``logit_fusion.hooks`` still does the work)."""
+    seen: list[list[Any]] = []
+    real_hooks = logit_fusion.hooks
+
+    def spy(rows: Any, eos_ids: frozenset[int]) -> Any:
+        seen.append(list(rows))
+        return real_hooks(rows, eos_ids)
+
+    monkeypatch.setattr(logit_fusion, "hooks", spy)
+    return seen
+
+
 @pytest.fixture(scope="module")
 def lora2(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.fixtures.tiny import build_tiny_lora
@@ -229,14 +242,7 @@ async def test_two_members_decode_together_like_the_reference(
     mode: str,
     tau: float,
 ) -> None:
-    seen: list[list[Any]] = []
-    real_hooks = logit_fusion.hooks
-
-    def spy(rows: Any, eos_ids: frozenset[int]) -> Any:
-        seen.append(list(rows))
-        return real_hooks(rows, eos_ids)
-
-    monkeypatch.setattr(logit_fusion, "hooks", spy)
+    seen = spy_on_hooks(monkeypatch)
     prior = [0.7, 0.3]
     members = [member(tiny_base, tiny_lora, prior[0]), member(tiny_base, confident, prior[1])]
     result = ok((await engine.generate([fused(members, mode=mode, tau=tau)]))[0])
@@ -347,14 +353,7 @@ async def test_stop_strings_and_max_tokens_end_the_whole_group(
     full = ok((await engine.generate([fused(members, Sampling(max_tokens=24, ignore_eos=True))]))[0])
     assert full.finish_reason == "length" and full.completion_tokens == 24
     stop = full.text[5:8]
-    seen: list[list[Any]] = []
-    real_hooks = logit_fusion.hooks
-
-    def spy(rows: Any, eos_ids: frozenset[int]) -> Any:
-        seen.append(list(rows))
-        return real_hooks(rows, eos_ids)
-
-    monkeypatch.setattr(logit_fusion, "hooks", spy)
+    seen = spy_on_hooks(monkeypatch)
     stopped = ok((await engine.generate([fused(members, Sampling(max_tokens=24, ignore_eos=True, stop=(stop,)))]))[0])
     assert stopped.finish_reason == "stop" and stopped.text == full.text[: full.text.find(stop)]
     leader, other = seen[0]
