@@ -13,7 +13,9 @@
 #      the composite task beside the single experts; plus a heatmap of each one's routes on a sample query.
 # Usage: scripts/eval_demo.sh [N]    (N queries per task, default 30: prefill-bound vLLM on 2 cores answers
 #        about 2 queries/s, so 30 per task is ~25 minutes for all the rows)
-#        STEPS="composite" runs only the named steps (of: experts routers composite merges token).
+#        STEPS="composite" runs only the named steps (of: experts routers composite merges token token-nested).
+#   7. token-level routers over the two experts a nested composite needs (json_dates: find a JSON field, then
+#      write it as an ISO date; json_units: find it, then convert it), top-2 and top-1, beside those experts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N="${1:-30}"
@@ -32,7 +34,7 @@ create() {  # create NAME ARGS...: a composition, unless it exists
   fi
 }
 
-STEPS="${STEPS:-experts routers composite merges token}"
+STEPS="${STEPS:-experts routers composite merges token token-nested}"
 step() { [[ " $STEPS " == *" $1 "* ]]; }
 
 if step experts; then
@@ -110,4 +112,27 @@ if step token; then
   mv "$OUT/eval.md" "$OUT/token.md"; mv "$OUT/eval.json" "$OUT/token.json"; mv "$OUT/eval.png" "$OUT/token.png"
   for r in arrow phatgoose glider; do mv "$OUT/trace-$r.png" "$OUT/token-trace-$r.png"; done
 fi
-echo "wrote $OUT/{experts,routers,composite,merges,token,token-composite}.{md,json,png}"
+if step token-nested; then
+  GATES='{"steps": 30}'
+  rows=()
+  for pair in dates:dates-lora units:units-lora; do
+    skill=${pair%%:*}; expert=${pair##*:}; pair_flags=(-e json-extract-lora -e "$expert")
+    for k in 2 1; do
+      suffix=$([[ $k == 2 ]] && echo "" || echo "$k")
+      create "arrow$suffix-json-$skill" --router arrow -p "top_k=$k" "${pair_flags[@]}"
+      OMP_NUM_THREADS=1 create "phatgoose$suffix-json-$skill" --router phatgoose -p "top_k=$k" -p "training=$GATES" \
+        "${pair_flags[@]}"
+      create "glider$suffix-json-$skill" --router glider -p local=phatgoose \
+        -p "local_params={\"top_k\": $k, \"training\": $GATES}" -p "model=$BASE" "${pair_flags[@]}"
+    done
+  done
+  for skill in dates units; do
+    expert="$skill-lora"
+    "$MOERGE" eval json-extract-lora "$expert" {arrow,phatgoose,glider}{,1}-json-$skill --task "json_$skill" \
+      --split heldout --n "$N" --out "$OUT" \
+      --title "Nested composite json_$skill: token-level routers over json-extract-lora + $expert (n=$N)" > /dev/null
+    mv "$OUT/eval.md" "$OUT/token-json-$skill.md"; mv "$OUT/eval.json" "$OUT/token-json-$skill.json"
+    mv "$OUT/eval.png" "$OUT/token-json-$skill.png"; rm -f "$OUT"/trace-*.png
+  done
+fi
+echo "wrote $OUT/{experts,routers,composite,merges,token,token-composite,token-json-*}.{md,json,png}"

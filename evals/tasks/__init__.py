@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from evals.tasks.arithmetic import ArithmeticTask
 from evals.tasks.base import SPLITS, Example, Split, Task, chat_messages, first_line, split_of
-from evals.tasks.composite import ArithmeticSentimentTask
+from evals.tasks.composite import ArithmeticSentimentTask, JsonDatesTask, JsonUnitsTask
 from evals.tasks.dates import DatesTask
 from evals.tasks.json_extract import JsonExtractTask
 from evals.tasks.list_sort import ListSortTask
@@ -17,7 +17,7 @@ from evals.tasks.units import UnitsTask
 
 TASKS = TaskRegistry([ArithmeticTask(), DatesTask(), JsonExtractTask(), ListSortTask(), SentimentTask(), UnitsTask()])
 # Held out: never trained on; evaluated only when asked for by name.
-COMPOSITE_TASKS = TaskRegistry([ArithmeticSentimentTask()])
+COMPOSITE_TASKS = TaskRegistry([ArithmeticSentimentTask(), JsonDatesTask(), JsonUnitsTask()])
 
 
 def get_task(name: str) -> Task:

@@ -127,12 +127,12 @@ def segment_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Te
     """Rows ``offs[g-1]:offs[g]`` of ``a`` [P, K] times ``b[g]`` [K, N], for every group g: [P, N]."""
     if _HAS_GROUPED_MM:
         return torch._grouped_mm(a, b, offs=offs)
+    # One split and one unbind give every group's views in two ops (slicing per group cost more than its mm).
+    counts = torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
     out = a.new_empty(a.shape[0], b.shape[2])
-    start = 0
-    for g, end in enumerate(offs.tolist()):
-        if end > start:
-            torch.mm(a[start:end], b[g], out=out[start:end])
-        start = end
+    for rows, dest, weight, n in zip(a.split(counts), out.split(counts), b.unbind(0), counts, strict=True):
+        if n:
+            torch.mm(rows, weight, out=dest)
     return out
 
 
@@ -181,7 +181,7 @@ def project_down(
     token_of = (order % (T * k)) // k
     counts = torch.bincount(flat, minlength=M * E)
     offs = counts.cumsum(0).to(torch.int32)
-    z = segment_mm(x[token_of], A.transpose(1, 2), offs)
+    z = segment_mm(x.index_select(0, token_of), A.transpose(1, 2), offs)
     z = z * coef.transpose(0, 1).reshape(-1)[order].unsqueeze(-1)
     return LowRank(z, experts, token_of, offs)
 

@@ -170,3 +170,49 @@ def test_composite_task_needs_both_answers() -> None:
     assert not task.grade(f"1{number}\n{label}", ex.answer)  # not inside a longer number
     # its splits stay apart like every task's
     assert not {e.prompt for e in task.examples("train", 50)} & {e.prompt for e in task.examples("eval", 50)}
+
+
+def _json_and_key(prompt: str) -> tuple[dict[str, object], str]:
+    import json
+    import re
+
+    first, question = prompt.split("\n", 1)
+    obj = json.loads(first.removeprefix("JSON: "))
+    key = re.search(r'"(\w+)"', question)
+    assert key is not None
+    return obj, key.group(1)
+
+
+def test_json_dates_answer_is_the_asked_fields_date_in_iso() -> None:
+    import datetime as dt
+
+    from evals.tasks import TASKS, get_task
+
+    task = get_task("json_dates")
+    assert "json_dates" not in TASKS  # held out: no expert is trained on it
+    seen_other = False
+    for ex in task.examples("heldout", 30):
+        obj, key = _json_and_key(ex.prompt)
+        dates = {k: v for k, v in obj.items() if k != "name"}
+        assert len(dates) == 2 and key in dates  # two dates: finding the field is part of the skill
+        day = dt.date.fromisoformat(ex.answer)
+        written = str(dates[key])
+        assert str(day.year) in written and (day.strftime("%B") in written or day.strftime("%b") in written)
+        other = next(str(v) for k, v in dates.items() if k != key)
+        seen_other |= str(day.year) not in other
+        assert task.grade(ex.answer, ex.answer) and not task.grade(written, ex.answer)  # copying is not enough
+    assert seen_other
+
+
+def test_json_units_answer_converts_the_asked_field() -> None:
+    from evals.tasks import get_task
+    from evals.tasks.units import _CONVERSIONS
+
+    task = get_task("json_units")
+    factors = {(src, dst): f for src, dst, f, _ in _CONVERSIONS}
+    for ex in task.examples("heldout", 30):
+        obj, key = _json_and_key(ex.prompt)
+        assert len(obj) == 3 and len(set(obj.values())) == 3  # three different quantities to choose from
+        (factor,) = [f for (src, dst), f in factors.items() if f" {src}" in ex.prompt and f" {dst}" in ex.prompt]
+        assert ex.answer == str(int(obj[key]) * factor)  # type: ignore[call-overload]
+        assert not task.grade(str(obj[key]), ex.answer)
