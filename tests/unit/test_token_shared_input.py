@@ -177,6 +177,11 @@ def _baddbmm_flop(self_shape: Any, a_shape: Any, b_shape: Any, out_shape: Any = 
     return 2 * batch * n * inner * int(b_shape[2])
 
 
+def _grouped_mm_flop(a_shape: Any, b_shape: Any, *_: Any, **__: Any) -> int:
+    rows, inner = a_shape  # every row of ``a`` meets exactly one group's [inner, n] matrix
+    return 2 * rows * inner * int(b_shape[2])
+
+
 @pytest.mark.parametrize("tokens", [1, 5, 70])
 @pytest.mark.parametrize("grouped", [False, True])
 def test_project_down_up_equal_dense_and_compute_only_chosen(tokens: int, grouped: bool) -> None:
@@ -190,8 +195,10 @@ def test_project_down_up_equal_dense_and_compute_only_chosen(tokens: int, groupe
     )
     experts[0, 0] = torch.tensor([2, 2])
     weights = torch.softmax(torch.randn(tokens, M, k, generator=gen), dim=-1)
-    # The counter knows baddbmm but not its in-place form, which the gathered layout adds into the output with.
-    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.baddbmm_: _baddbmm_flop}) as flops:
+    # The counter knows baddbmm but not its in-place form, which the gathered layout adds into the output with,
+    # nor _grouped_mm, which the grouped layout runs its segments with.
+    mapping = {torch.ops.aten.baddbmm_: _baddbmm_flop, torch.ops.aten._grouped_mm: _grouped_mm_flop}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as flops:
         low = project_down(x, A, scale, experts, weights, grouped=grouped)
         outs = [project_up(low, j, Bts[j], torch.zeros(tokens, Bts[j].shape[2])) for j in range(M)]
     for j in range(M):
@@ -262,3 +269,16 @@ def test_router_without_route_shared(tiny_base: Path, experts: list[Path]) -> No
     ids = _ids(2, 2, 5)
     with torch.no_grad():
         torch.testing.assert_close(plain(input_ids=ids).logits, arrow(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("inner", [8, 6])  # 6 floats a row is not whole 16-byte blocks: the loop runs
+def test_segment_mm_with_empty_groups(inner: int) -> None:
+    from routers.token.mixture import segment_mm
+
+    gen = torch.Generator().manual_seed(inner)
+    counts = [0, 3, 0, 0, 5, 1, 0]  # empty groups first, between and last
+    a = torch.randn(sum(counts), inner, generator=gen)
+    b = torch.randn(len(counts), inner, 4, generator=gen)
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    want = torch.cat([rows @ b[g] for g, rows in enumerate(a.split(counts)) if counts[g]])
+    torch.testing.assert_close(segment_mm(a, b, offs), want)
