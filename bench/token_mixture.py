@@ -392,7 +392,10 @@ def report(results: dict[str, Any]) -> str:
         "one LoRA: "
         + ", ".join(f"{w} {v:.2f}x" for w, v in small["ratio"].items())
         + f" -> **{'met' if small['met'] else 'not met'}**. Counting only what each adds over the base: "
-        + ", ".join(f"{w} {v:.1f}x" for w, v in small["added_over_base_ratio"].items())
+        + ", ".join(
+            f"{w} {v:.1f}x" if v > 0 else f"{w} n/a (the one LoRA measured no slower than the base: noise)"
+            for w, v in small["added_over_base_ratio"].items()
+        )
         + " the one LoRA's addition.",
         f"- faster than PEFT's Arrow at every size: **{'met' if fast['met'] else 'not met'}**"
         + ("" if fast["met"] else " (slower in: " + ", ".join(k for k, ok in fast["per_case"].items() if not ok) + ")")
@@ -412,13 +415,14 @@ def report(results: dict[str, Any]) -> str:
         "How moerge's mixture runs (routers/token/model.py, mixture.py): modules that read one input (q/k/v; "
         "gate/up) are routed together, one score matmul over their concatenated prototypes and one top-k, each "
         "module keeping its own route; their A sides run as one gather of the chosen (token, expert) pairs' A "
-        "and one batched matmul (a segment matmul over pairs sorted by expert above 64 tokens); each module adds "
+        "and one batched matmul (above 32 tokens: pairs sorted by expert, one grouped matmul, torch._grouped_mm); "
+        "each module adds "
         "its B side into the base output in place. Only chosen experts are computed. PEFT's Arrow computes every "
         "expert on every token (and re-stacks the adapters at every call).",
         "",
-        f"Noise: with {p['rounds']} rounds on a machine at load ~4, figures move by up to ~20% between "
-        "runs (the mixtures of 4 to 32 do the same work per token at decode, yet differ by that much here); "
-        "read ratios near a threshold with that in mind.",
+        f"Noise: with {p['rounds']} rounds on a shared machine (see the load above), figures move by up to "
+        "~20% between runs (the mixtures of 4 to 32 do the same work per token at decode, yet differ by that "
+        "much here); read ratios near a threshold with that in mind.",
         "",
         "Threads: with torch's default 2 threads on this shared machine, `torch.softmax` enters an OpenMP "
         "parallel region even for 2 values and took ~8 ms a call under load (2 us with 1 thread); moerge's "
