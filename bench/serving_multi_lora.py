@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,7 @@ def make_adapters(base_dir: Path, out: Path, count: int) -> list[Path]:
             for name, param in peft_model.named_parameters():
                 if "lora_B" in name:
                     param.mul_(0.02)
-        peft_model.save_pretrained(folder)
+        peft_model.save_pretrained(str(folder))
         folders.append(folder)
     return folders
 
@@ -143,7 +144,8 @@ async def sequential_overhead(
     """Same one-token request, one at a time, alternating paths: the difference is moerge's own cost. Which
     path goes first alternates from pair to pair, so whatever the second request of a pair gains or loses
     (a warm cache, a server just woken) falls on both paths alike."""
-    via_moerge, via_direct = [], []
+    via_moerge: list[float] = []
+    via_direct: list[float] = []
     for i in range(repeats):
         paths = [(moerge, moerge_models, via_moerge), (direct, direct_models, via_direct)]
         for client, model, sink in paths if i % 2 == 0 else paths[::-1]:
@@ -188,9 +190,11 @@ def peft_switching(
     start = time.perf_counter()
     for body in bodies:  # all 16 arrive at once; each waits for the ones before it
         peft_model.set_adapter(body["model"])
-        ids = tokenizer.apply_chat_template(
+        encoded = tokenizer.apply_chat_template(
             body["messages"], add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
+        assert isinstance(encoded, Mapping)  # return_dict=True: input_ids and attention_mask
+        ids: dict[str, torch.Tensor] = dict(encoded)
         fixed_length = body["max_tokens"] if body.get("ignore_eos") else 0
         with torch.no_grad():
             out = peft_model.generate(
