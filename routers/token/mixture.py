@@ -137,9 +137,15 @@ def segment_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Te
 
 
 def _grouped_mm_fits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """torch._grouped_mm wants every stride a multiple of 16 bytes: K and N rows of whole 16-byte blocks."""
+    """torch._grouped_mm takes float32 / bfloat16 / float16 only, and every stride a multiple of 16 bytes: K and
+    N rows of whole 16-byte blocks."""
+    if a.dtype not in _GROUPED_MM_DTYPES or b.dtype != a.dtype or a.shape[0] == 0:
+        return False
     block = 16 // a.element_size()
-    return a.shape[0] > 0 and a.shape[1] % block == 0 and b.shape[2] % block == 0 and a.dtype == b.dtype
+    return a.shape[1] % block == 0 and b.shape[2] % block == 0
+
+
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _grouped_mm_works() -> bool:

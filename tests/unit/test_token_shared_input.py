@@ -271,14 +271,15 @@ def test_router_without_route_shared(tiny_base: Path, experts: list[Path]) -> No
         torch.testing.assert_close(plain(input_ids=ids).logits, arrow(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("inner", [8, 6])  # 6 floats a row is not whole 16-byte blocks: the loop runs
-def test_segment_mm_with_empty_groups(inner: int) -> None:
+# 6 floats a row is not whole 16-byte blocks, and _grouped_mm refuses float64: the loop runs for those two
+@pytest.mark.parametrize(("inner", "dtype"), [(8, torch.float32), (6, torch.float32), (8, torch.float64)])
+def test_segment_mm_with_empty_groups(inner: int, dtype: torch.dtype) -> None:
     from routers.token.mixture import segment_mm
 
     gen = torch.Generator().manual_seed(inner)
     counts = [0, 3, 0, 0, 5, 1, 0]  # empty groups first, between and last
-    a = torch.randn(sum(counts), inner, generator=gen)
-    b = torch.randn(len(counts), inner, 4, generator=gen)
+    a = torch.randn(sum(counts), inner, generator=gen, dtype=dtype)
+    b = torch.randn(len(counts), inner, 4, generator=gen, dtype=dtype)
     offs = torch.tensor(counts).cumsum(0).to(torch.int32)
     want = torch.cat([rows @ b[g] for g, rows in enumerate(a.split(counts)) if counts[g]])
     torch.testing.assert_close(segment_mm(a, b, offs), want)
