@@ -55,11 +55,11 @@ class ArithmeticSentimentTask(TwoSkillTask):
     max_new_tokens = ArithmeticTask.max_new_tokens + SentimentTask.max_new_tokens + 8
 
 
-def _json_question(rng: random.Random, fields: dict[str, str | int], key: str, ask: str) -> str:
-    """A JSON object of ``fields`` (in a random order) and a question about ``key``."""
+def _json_question(rng: random.Random, fields: dict[str, str | int], question: str) -> str:
+    """A JSON object of ``fields`` (in a random order), then ``question`` on the next line."""
     items = list(fields.items())
     rng.shuffle(items)
-    return f"JSON: {json.dumps(dict(items))}\n{ask.format(key=key)}"
+    return f"JSON: {json.dumps(dict(items))}\n{question}"
 
 
 class JsonDatesTask(Task):
@@ -80,7 +80,7 @@ class JsonDatesTask(Task):
         fields: dict[str, str | int] = {k: dates._written(d, rng.randrange(6)) for k, d in zip(keys, days, strict=True)}
         fields["name"] = rng.choice(("Ada", "Bruno", "Chiara", "Dmitri", "Elena", "Farid"))
         asked = rng.randrange(2)
-        prompt = _json_question(rng, fields, keys[asked], rng.choice(self._ASKS))
+        prompt = _json_question(rng, fields, rng.choice(self._ASKS).format(key=keys[asked]))
         return Example(prompt, days[asked].isoformat())
 
 
@@ -106,5 +106,5 @@ class JsonUnitsTask(Task):
         keys = [key, *rng.sample([k for k in self._KEY_OF.values() if k != key], 2)]
         values = rng.sample(units._QUANTITIES[top], 3)
         fields: dict[str, str | int] = dict(zip(keys, values, strict=True))
-        prompt = _json_question(rng, fields, keys[0], rng.choice(self._ASKS).format(key="{key}", src=src, dst=dst))
+        prompt = _json_question(rng, fields, rng.choice(self._ASKS).format(key=key, src=src, dst=dst))
         return Example(prompt, str(values[0] * factor))
