@@ -37,24 +37,25 @@ def _stacked(weights: torch.Tensor) -> torch.Tensor:
 # depends only on the indices (a token x slot one-hot) is built once, and the expand weights' [slots * rank,
 # out] layout once per adapter layout. vLLM refills its index buffers and slot weights in place, and only
 # then calls the punica wrapper's ``update_metadata`` (serving/vllm_plugin.py hooks it to call
-# :func:`mapping_updated`), so entries live until that call. Entries hold the tensor they were built from
-# and match on identity, offset and shape. Without the hook (ops called on their own) nothing is cached.
+# :func:`mapping_updated`), so entries live until that call. Entries match on the source's address, shape,
+# strides and dtype, and hold the source. Without the hook (ops called on their own) nothing is cached.
 
 
 @dataclass
 class _Derived:
-    owner: torch.Tensor
-    offset: int
-    shape: tuple[int, ...]
+    source: torch.Tensor  # held so its memory cannot be freed and reused by another tensor while cached
     value: Any
 
 
 class _Caches:
     enabled = False
     slot_layout: tuple[int | None, ...] | None = None
-    one_hot: dict[int, _Derived] = {}
-    per_token: dict[int, _Derived] = {}
-    expand_weights: dict[int, _Derived] = {}
+    one_hot: dict[tuple[Any, ...], _Derived] = {}
+    per_token: dict[tuple[Any, ...], _Derived] = {}
+    expand_weights: dict[tuple[Any, ...], _Derived] = {}
+    routing: dict[tuple[Any, ...], _Derived] = {}
+    packed: dict[tuple[Any, ...], _Derived] = {}
+    packed_slot_sets: set[tuple[int, ...]] = set()
 
 
 def mapping_updated(slot_layout: Sequence[int | None]) -> None:
@@ -62,39 +63,36 @@ def mapping_updated(slot_layout: Sequence[int | None]) -> None:
     _Caches.enabled = True
     _Caches.one_hot.clear()
     _Caches.per_token.clear()
+    _Caches.routing.clear()
     if tuple(slot_layout) != _Caches.slot_layout:
         _Caches.expand_weights.clear()
+        _Caches.packed.clear()
+        _Caches.packed_slot_sets.clear()
         _Caches.slot_layout = tuple(slot_layout)
 
 
-def _owner(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor._base if tensor._base is not None else tensor
+def _cached(
+    cache: dict[tuple[Any, ...], _Derived], tensor: torch.Tensor, extra: Any = None
+) -> tuple[Any, tuple[Any, ...]]:
+    """(value or None, key) for what was derived from ``tensor``'s memory since the last mapping update.
 
-
-def _cached(cache: dict[int, _Derived], tensor: torch.Tensor, extra: int = 0) -> tuple[Any, int]:
-    """(value or None, key) for what was derived from ``tensor`` since the last mapping update."""
-    owner = _owner(tensor)
-    key = hash((id(owner), tensor.storage_offset(), tuple(tensor.shape), extra))
+    Keyed by address, not by tensor object: vLLM hands the ops a fresh view of its buffers on every call, and
+    under ``torch.inference_mode`` a view does not record its base, so object identity never repeats.
+    """
+    key = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype, extra)
     entry = cache.get(key) if _Caches.enabled else None
-    if (
-        entry is not None
-        and entry.owner is owner
-        and entry.offset == tensor.storage_offset()
-        and entry.shape == tuple(tensor.shape)
-    ):
-        return entry.value, key
-    return None, key
+    return (entry.value if entry is not None else None), key
 
 
-def _remember(cache: dict[int, _Derived], key: int, tensor: torch.Tensor, value: Any) -> Any:
+def _remember(cache: dict[tuple[Any, ...], _Derived], key: tuple[Any, ...], tensor: torch.Tensor, value: Any) -> Any:
     if _Caches.enabled:
-        cache[key] = _Derived(_owner(tensor), int(tensor.storage_offset()), tuple(tensor.shape), value)
+        cache[key] = _Derived(tensor, value)
     return value
 
 
 def _one_hot(indices: torch.Tensor, slots: int, dtype: torch.dtype) -> torch.Tensor:
     """[tokens, slots]: 1 where the token uses that slot; an all-zero row for index -1 (no adapter)."""
-    hot, key = _cached(_Caches.one_hot, indices, hash((slots, dtype)))
+    hot, key = _cached(_Caches.one_hot, indices, (slots, dtype))
     if hot is not None:
         return hot  # type: ignore[no-any-return]
     hot = (indices.view(-1, 1) == torch.arange(slots, device=indices.device)).to(dtype)
@@ -202,7 +200,7 @@ def bgmv_expand_slice(
 
 def _per_token(lora_indices_tensor: torch.Tensor, seq_len_tensor: torch.Tensor) -> torch.Tensor:
     """Each prefill token's adapter index (one tensor between mapping updates, so its one-hot is cached)."""
-    per_token, key = _cached(_Caches.per_token, lora_indices_tensor, id(_owner(seq_len_tensor)))
+    per_token, key = _cached(_Caches.per_token, lora_indices_tensor, seq_len_tensor.data_ptr())
     if per_token is not None:
         return per_token  # type: ignore[no-any-return]
     per_token = torch.repeat_interleave(lora_indices_tensor, seq_len_tensor)
@@ -257,6 +255,112 @@ def sgmv_expand_slice(
 ) -> None:
     indices = _per_token(lora_indices_tensor, seq_len_tensor)
     bgmv_expand_slice(inputs, lora_b_weights, output_tensor, indices, slice_offset, slice_size, add_inputs)
+
+
+# --- a whole LoRA linear layer in two products ------------------------------------------------------------
+# vLLM's CPU wrapper runs a packed layer (qkv: 3 slices, gate_up: 2) as one shrink and one expand per slice,
+# each a Python op with its own dispatch: 12 ops a decoder layer, where at one token per step the arithmetic
+# is a few microseconds. ``add_lora_linear`` packs the active slots' A of every slice into one matrix and their
+# B into one block matrix (each slice's columns at its offset), so a layer is x @ A.T then one addmm.
+
+# Packed weights are kept per set of active slots; a new set beyond this many starts the cache afresh, which
+# bounds memory when batches keep changing their mix of adapters.
+MAX_PACKED_SLOT_SETS = 4
+
+
+@dataclass
+class _Routing:
+    """How one mapping's tokens use the adapter slots."""
+
+    slots: tuple[int, ...]  # active slots, ascending
+    uniform: bool  # every token uses slots[0]: no mask needed
+    hot: torch.Tensor  # [tokens, len(slots)] 1 where the token uses that slot (float32)
+    members: tuple[torch.Tensor, ...]  # per active slot, its token rows
+    masks: dict[tuple[int, torch.dtype], torch.Tensor]  # hot widened to each slot's packed columns
+
+
+def _routing(indices: torch.Tensor, tokens: int) -> _Routing:
+    routing, key = _cached(_Caches.routing, indices, tokens)
+    if routing is not None:
+        return routing  # type: ignore[no-any-return]
+    known = indices[:tokens]
+    slots = tuple(int(s) for s in torch.unique(known).tolist() if s >= 0)
+    hot = torch.zeros(tokens, len(slots))
+    if slots:
+        hot[: known.shape[0]] = (known.view(-1, 1) == torch.tensor(slots, device=known.device)).to(hot.dtype)
+    uniform = len(slots) == 1 and known.shape[0] == tokens and bool(torch.all(known == slots[0]))
+    members = tuple(hot[:, j].nonzero(as_tuple=True)[0] for j in range(len(slots)))
+    return _remember(_Caches.routing, key, indices, _Routing(slots, uniform, hot, members, {}))  # type: ignore[no-any-return]
+
+
+def _packed(
+    lora_a_stacked: Sequence[torch.Tensor],
+    lora_b_stacked: Sequence[torch.Tensor],
+    output_slices: Sequence[int],
+    slots: tuple[int, ...],
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A [slots * slices * rank, in], B [slots * slices * rank, sum(output_slices)]), slot-major: the rows
+    of one active slot are contiguous, and each slice's B rows fill only that slice's output columns."""
+    first = lora_a_stacked[0]
+    packed, key = _cached(_Caches.packed, first, (lora_b_stacked[0].data_ptr(), slots, dtype))
+    if packed is not None:
+        return packed  # type: ignore[no-any-return]
+    if slots not in _Caches.packed_slot_sets and len(_Caches.packed_slot_sets) >= MAX_PACKED_SLOT_SETS:
+        _Caches.packed.clear()
+        _Caches.packed_slot_sets.clear()
+    a_parts: list[torch.Tensor] = []
+    b_blocks: list[torch.Tensor] = []
+    total = sum(output_slices)
+    for slot in slots:
+        offset = 0
+        for a_stacked, b_stacked, width in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
+            a = _stacked(a_stacked)[slot].to(dtype)  # [rank, in]
+            b = _stacked(b_stacked)[slot].to(dtype)  # [out, rank]
+            block = a.new_zeros(a.shape[0], total)
+            used = min(width, b.shape[0])
+            block[:, offset : offset + used] = b[:used].T
+            a_parts.append(a)
+            b_blocks.append(block)
+            offset += width
+    packed = (torch.cat(a_parts).contiguous(), torch.cat(b_blocks).contiguous())
+    if _Caches.enabled:
+        _Caches.packed_slot_sets.add(slots)
+    return _remember(_Caches.packed, key, first, packed)  # type: ignore[no-any-return]
+
+
+def add_lora_linear(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a_stacked: Sequence[torch.Tensor],
+    lora_b_stacked: Sequence[torch.Tensor],
+    scale: float,
+    output_slices: Sequence[int],
+    token_indices: torch.Tensor,
+) -> None:
+    """y[:, slice i] += scale * (x @ A_i[slot].T) @ B_i[slot].T for each token's slot (vLLM's
+    ``PunicaWrapperBase.add_lora_linear`` semantics); a token with index -1 (or past the indices) is left alone."""
+    tokens = x.shape[0]
+    routing = _routing(token_indices, tokens)
+    if not routing.slots:
+        return
+    a, b = _packed(lora_a_stacked, lora_b_stacked, output_slices, routing.slots, y.dtype)
+    target = y[:, : b.shape[1]]
+    inputs = x.to(y.dtype)
+    if routing.uniform:
+        target.addmm_(inputs @ a.T, b, alpha=scale)
+        return
+    per_slot = a.shape[0] // len(routing.slots)
+    if a.shape[0] <= DENSE_SLOT_COLUMNS:
+        mask = routing.masks.get((per_slot, y.dtype))
+        if mask is None:
+            mask = routing.hot.to(y.dtype).repeat_interleave(per_slot, dim=1)
+            routing.masks[(per_slot, y.dtype)] = mask
+        target.addmm_((inputs @ a.T).mul_(mask), b, alpha=scale)
+        return
+    for j, rows in enumerate(routing.members):
+        block = slice(j * per_slot, (j + 1) * per_slot)
+        target.index_add_(0, rows, (inputs.index_select(0, rows) @ a[block].T) @ b[block], alpha=scale)
 
 
 OPS = {

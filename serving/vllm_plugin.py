@@ -40,4 +40,25 @@ def register() -> None:
 
         update_metadata._moerge_hooked = True  # type: ignore[attr-defined]
         wrapper.update_metadata = update_metadata  # type: ignore[method-assign]
-    logger.info("%s (%s)", PATCHED_MESSAGE, ", ".join(OPS))
+
+    wrapper.add_lora_linear = _packed_lora_linear  # type: ignore[method-assign]
+    logger.info("%s (%s, add_lora_linear)", PATCHED_MESSAGE, ", ".join(OPS))
+
+
+def _packed_lora_linear(
+    self: Any,
+    y: Any,
+    x: Any,
+    lora_a_stacked: Any,
+    lora_b_stacked: Any,
+    scale: float,
+    output_slices: Any,
+    **kw: Any,
+) -> None:
+    """PunicaWrapperCPU.add_lora_linear through :func:`serving.lora_ops.add_lora_linear` (two products a layer)."""
+    from serving.lora_ops import add_lora_linear
+
+    # The per-token slot indices: vLLM fills them for prefill and decode alike.
+    add_lora_linear(
+        y, x.view(-1, x.shape[-1]), lora_a_stacked, lora_b_stacked, scale, output_slices, self.token_lora_indices
+    )

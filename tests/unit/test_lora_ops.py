@@ -108,11 +108,18 @@ def test_plugin_patches_the_cpu_wrapper_only_when_asked(monkeypatch: pytest.Monk
     monkeypatch.setenv(vllm_plugin.LORA_OPS_ENV, "vllm")
     vllm_plugin.register()
     assert all(getattr(punica_cpu, n) is f for n, f in originals.items())
+    wrapper = punica_cpu.PunicaWrapperCPU
+    assert "add_lora_linear" in vars(wrapper)  # vLLM's own, before the plugin
     for name, original in originals.items():
         monkeypatch.setattr(punica_cpu, name, original)  # restored after the test
+    for method in ("update_metadata", "add_lora_linear"):
+        monkeypatch.setattr(wrapper, method, getattr(wrapper, method))
+    vllms_linear = wrapper.add_lora_linear
     monkeypatch.setenv(vllm_plugin.LORA_OPS_ENV, "grouped")
     vllm_plugin.register()
     assert all(getattr(punica_cpu, n) is f for n, f in lora_ops.OPS.items())
+    assert wrapper.add_lora_linear is not vllms_linear
+    assert getattr(wrapper.update_metadata, "_moerge_hooked", False)
 
 
 def test_caches_follow_vllms_mapping_updates(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -144,3 +151,88 @@ def test_caches_follow_vllms_mapping_updates(monkeypatch: pytest.MonkeyPatch) ->
     lora_ops.mapping_updated([7, 10, 9])
     assert lora_ops._Caches.expand_weights == {}
     assert not torch.equal(step([0] * 5), first)
+
+
+def _reference_lora_linear(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a: tuple[torch.Tensor, ...],
+    b: tuple[torch.Tensor, ...],
+    scale: float,
+    slices: tuple[int, ...],
+    indices: torch.Tensor,
+) -> None:
+    """vLLM's PunicaWrapperCPU.add_lora_linear, slice by slice, with vLLM's own reference ops; the -1 rows
+    (which the reference op would send to the last slot) are restored afterwards."""
+    before = y.clone()
+    offset = 0
+    for a_i, b_i, width in zip(a, b, slices, strict=True):
+        buffer = torch.zeros(x.shape[0], a_i.shape[-2])
+        reference.bgmv_shrink(x, a_i, buffer, indices, scale)
+        reference.bgmv_expand_slice(buffer, b_i, y, indices, offset, width, True)
+        offset += width
+    y[indices < 0] = before[indices < 0]
+
+
+@pytest.mark.parametrize(
+    ("slots", "pattern"),
+    [
+        (4, "one"),  # every token on one slot: the unmasked path
+        (4, "mixed"),  # several slots and tokens without an adapter: the masked path
+        (16, "mixed"),  # 16 x 3 slices x rank 8 = 384 packed columns > 256: grouped by slot
+    ],
+)
+def test_packed_lora_linear_equals_vllms_slice_by_slice(slots: int, pattern: str) -> None:
+    gen = torch.Generator().manual_seed(slots)
+    tokens, slices = 23, (WIDE, 32, 32)
+    x = torch.randn(tokens, HIDDEN, generator=gen)
+    if pattern == "one":
+        indices = torch.full((tokens,), 2)
+    else:
+        indices = torch.randint(-1, slots, (tokens,), generator=gen)
+        indices[:3] = torch.tensor([-1, 0, slots - 1])
+    a = tuple(_weights(slots, RANK, HIDDEN, four_d=True, seed=10 + i) for i in range(3))
+    b = tuple(_weights(slots, width, RANK, four_d=True, seed=20 + i) for i, width in enumerate(slices))
+    start = torch.randn(tokens, sum(slices), generator=gen)
+    ours, ref = start.clone(), start.clone()
+    lora_ops.add_lora_linear(ours, x, a, b, 0.5, slices, indices)
+    _reference_lora_linear(ref, x, a, b, 0.5, slices, indices)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(ours[indices < 0], start[indices < 0])
+    assert torch.all((ours != start)[indices >= 0].any(dim=1))
+
+
+def test_packed_lora_linear_leaves_rows_past_the_indices_alone() -> None:
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(6, HIDDEN, generator=gen)
+    a = (_weights(2, RANK, HIDDEN, four_d=True, seed=1),)
+    b = (_weights(2, WIDE, RANK, four_d=True, seed=2),)
+    y = torch.zeros(6, WIDE)
+    lora_ops.add_lora_linear(y, x, a, b, 1.0, (WIDE,), torch.tensor([1, 1, 1, 1]))  # vLLM padded x by 2 rows
+    torch.testing.assert_close(y[:4], x[:4] @ a[0][1, 0].T @ b[0][1, 0].T, rtol=1e-4, atol=1e-4)
+    assert torch.all(y[4:] == 0)
+
+
+def test_caches_hit_on_fresh_views_under_inference_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM runs the model under torch.inference_mode and passes a new view of its index buffer to every
+    call; such views record no base tensor, so the caches must match on memory, not on objects."""
+    for name in ("one_hot", "per_token", "expand_weights", "routing", "packed"):
+        monkeypatch.setattr(lora_ops._Caches, name, {})
+    monkeypatch.setattr(lora_ops._Caches, "packed_slot_sets", set())
+    buffer = torch.tensor([1, 0, 1, 1, 0, 0, 0, 0])
+    a = (_weights(2, RANK, HIDDEN, four_d=True, seed=3),)
+    b = (_weights(2, WIDE, RANK, four_d=True, seed=4),)
+    x = torch.randn(4, HIDDEN)
+    lora_ops.mapping_updated([5, 6])
+    with torch.inference_mode():
+        outs = []
+        for _ in range(3):
+            y = torch.zeros(4, WIDE)
+            lora_ops.add_lora_linear(y, x, a, b, 1.0, (WIDE,), buffer[:4])
+            out = torch.zeros(4, WIDE)
+            lora_ops.bgmv_expand(torch.ones(4, RANK), b[0], out, buffer[:4], True)
+            outs.append((y, out))
+    assert len(lora_ops._Caches.routing) == 1 and len(lora_ops._Caches.packed) == 1
+    assert len(lora_ops._Caches.one_hot) == 1 and len(lora_ops._Caches.expand_weights) == 1
+    for y, out in outs[1:]:
+        assert torch.equal(y, outs[0][0]) and torch.equal(out, outs[0][1])
