@@ -10,6 +10,10 @@ with plain matrix products:
   FLOPs are slots x rank per token, far below the base model's, and the shapes never depend on the data;
 - many slots: tokens are grouped by adapter and each group does one product with its adapter's weights.
 
+Linear layers skip the per-slice ops altogether: ``add_lora_linear`` replaces the wrapper's method of that name
+and runs a whole (packed) layer as two products over the active slots' stacked weights (see below). With one
+adapter at batch 1 a decode step went from 112 ms (vLLM's ops: 120) to 70 ms here, the base model's being 62.
+
 Semantics follow vLLM's reference ops exactly (same arguments, same in-place writes); an index of -1 means
 "no adapter" and contributes nothing. Pure tensor functions: ``serving/vllm_plugin.py`` installs them.
 """
