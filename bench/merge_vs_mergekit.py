@@ -167,7 +167,8 @@ def main() -> None:
     config = mergekit_config(args.method, base, finetunes, PARAMS, dtype="float32")
     python = mergekit_python()
     work = Path(tempfile.mkdtemp(prefix="merge-bench-"))
-    ours_runs, theirs_runs = [], []
+    ours_runs: list[dict[str, Any]] = []
+    theirs_runs: list[dict[str, Any]] = []
     try:
         for i in range(args.rounds):
             for label, sink in (("moerge", ours_runs), ("mergekit", theirs_runs)):
