@@ -7,6 +7,8 @@ that, the new blobs, the expert's folder and the row are all taken back.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import secrets
 import shutil
@@ -39,7 +41,7 @@ from registry.models import (
     utcnow,
 )
 from registry.schemas import EvalIn, ExpertPatch, ExpertSpec
-from registry.store import ArtifactStore, Damage, manifest_digest
+from registry.store import ArtifactStore, Damage, IngestResult, manifest_digest
 from registry.training_data import referenced_blobs_query
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
@@ -143,9 +145,10 @@ class ExpertService:
         """
         spec.validate()
         existing = await self.find(spec.slug)
-        insp = inspect_folder(folder)
+        # File work (headers, hashing, copying gigabytes) runs in threads: the event loop keeps serving.
+        insp = await asyncio.to_thread(inspect_folder, folder)
         if existing is not None:
-            if exist_ok and existing.manifest_sha256 == _manifest_of_folder(folder, insp):
+            if exist_ok and existing.manifest_sha256 == await asyncio.to_thread(_manifest_of_folder, folder, insp):
                 return existing
             raise Conflict(f"an expert named {spec.slug!r} already exists", param="slug", code="duplicate_slug")
         if clash := await self._names_taken(spec.aliases):
@@ -153,7 +156,7 @@ class ExpertService:
         kind = _resolve_kind(spec, insp)
         base = await self._resolve_base(spec, insp, kind)
         if base is not None:
-            base_insp = inspect_folder(self.store.expert_dir(base.id))
+            base_insp = await asyncio.to_thread(inspect_folder, self.store.expert_dir(base.id))
             if insp.kind == "adapter":
                 check_adapter_fits_base(insp, base_insp, base_slug=base.slug)
             else:
@@ -163,7 +166,7 @@ class ExpertService:
                 "a base model needs its tokenizer (tokenizer.json or tokenizer.model)", param="files"
             )
 
-        ingest = self.store.ingest_folder(folder, [rel for rel, _ in insp.files])
+        ingest = await _ingest_off_loop(self.store, folder, [rel for rel, _ in insp.files])
         expert_id = uuid.uuid4()
         try:
             expert = _expert_from(expert_id, spec, insp, kind, base, source_uri)
@@ -338,6 +341,18 @@ def _resolve_kind(spec: ExpertSpec, insp: FolderInspection) -> ExpertKind:
     if spec.kind is not None:
         return ExpertKind(spec.kind)
     return ExpertKind.finetune if spec.base else ExpertKind.base
+
+
+async def _ingest_off_loop(store: ArtifactStore, folder: Path, relpaths: list[str]) -> IngestResult:
+    """``store.ingest_folder`` in a worker thread. A thread cannot be stopped: if the caller is cancelled
+    meanwhile, the copy is let finish and the blobs it added are removed before the cancellation goes on."""
+    work = asyncio.ensure_future(asyncio.to_thread(store.ingest_folder, folder, relpaths))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):  # a failed ingest has removed its own blobs
+            store.discard_blobs((await work).new_blobs)
+        raise
 
 
 def _manifest_of_folder(folder: Path, insp: FolderInspection) -> str:
