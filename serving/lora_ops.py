@@ -59,7 +59,7 @@ class _Caches:
     expand_weights: dict[tuple[Any, ...], _Derived] = {}
     routing: dict[tuple[Any, ...], _Derived] = {}
     packed: dict[tuple[Any, ...], _Derived] = {}
-    packed_slot_sets: set[tuple[int, ...]] = set()
+    packed_bytes = 0
 
 
 def mapping_updated(slot_layout: Sequence[int | None]) -> None:
@@ -71,7 +71,7 @@ def mapping_updated(slot_layout: Sequence[int | None]) -> None:
     if tuple(slot_layout) != _Caches.slot_layout:
         _Caches.expand_weights.clear()
         _Caches.packed.clear()
-        _Caches.packed_slot_sets.clear()
+        _Caches.packed_bytes = 0
         _Caches.slot_layout = tuple(slot_layout)
 
 
@@ -267,9 +267,10 @@ def sgmv_expand_slice(
 # is a few microseconds. ``add_lora_linear`` packs the active slots' A of every slice into one matrix and their
 # B into one block matrix (each slice's columns at its offset), so a layer is x @ A.T then one addmm.
 
-# Packed weights are kept per set of active slots; a new set beyond this many starts the cache afresh, which
-# bounds memory when batches keep changing their mix of adapters.
-MAX_PACKED_SLOT_SETS = 4
+# Packed weights are kept per layer and set of active slots (about 15 MB per slot for SmolLM2-135M at rank 8,
+# 8x that at rank 64); past this many bytes the cache starts afresh, which bounds memory when batches keep
+# changing their mix of adapters.
+PACKED_CACHE_BYTES = 512 * 1024 * 1024
 
 
 @dataclass
@@ -310,9 +311,6 @@ def _packed(
     packed, key = _cached(_Caches.packed, first, (lora_b_stacked[0].data_ptr(), slots, dtype))
     if packed is not None:
         return packed  # type: ignore[no-any-return]
-    if slots not in _Caches.packed_slot_sets and len(_Caches.packed_slot_sets) >= MAX_PACKED_SLOT_SETS:
-        _Caches.packed.clear()
-        _Caches.packed_slot_sets.clear()
     a_parts: list[torch.Tensor] = []
     b_blocks: list[torch.Tensor] = []
     total = sum(output_slices)
@@ -328,8 +326,12 @@ def _packed(
             b_blocks.append(block)
             offset += width
     packed = (torch.cat(a_parts).contiguous(), torch.cat(b_blocks).contiguous())
+    size = sum(t.numel() * t.element_size() for t in packed)
     if _Caches.enabled:
-        _Caches.packed_slot_sets.add(slots)
+        if _Caches.packed_bytes + size > PACKED_CACHE_BYTES:
+            _Caches.packed.clear()
+            _Caches.packed_bytes = 0
+        _Caches.packed_bytes += size
     return _remember(_Caches.packed, key, first, packed)  # type: ignore[no-any-return]
 
 

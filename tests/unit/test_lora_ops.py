@@ -218,7 +218,7 @@ def test_caches_hit_on_fresh_views_under_inference_mode(monkeypatch: pytest.Monk
     call; such views record no base tensor, so the caches must match on memory, not on objects."""
     for name in ("one_hot", "per_token", "expand_weights", "routing", "packed"):
         monkeypatch.setattr(lora_ops._Caches, name, {})
-    monkeypatch.setattr(lora_ops._Caches, "packed_slot_sets", set())
+    monkeypatch.setattr(lora_ops._Caches, "packed_bytes", 0)
     buffer = torch.tensor([1, 0, 1, 1, 0, 0, 0, 0])
     a = (_weights(2, RANK, HIDDEN, four_d=True, seed=3),)
     b = (_weights(2, WIDE, RANK, four_d=True, seed=4),)
@@ -236,3 +236,26 @@ def test_caches_hit_on_fresh_views_under_inference_mode(monkeypatch: pytest.Monk
     assert len(lora_ops._Caches.one_hot) == 1 and len(lora_ops._Caches.expand_weights) == 1
     for y, out in outs[1:]:
         assert torch.equal(y, outs[0][0]) and torch.equal(out, outs[0][1])
+
+
+def test_packed_weights_cache_stays_within_its_byte_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches that keep changing their mix of adapters must not grow the packed-weights cache without bound."""
+    for name in ("one_hot", "per_token", "expand_weights", "routing", "packed"):
+        monkeypatch.setattr(lora_ops._Caches, name, {})
+    monkeypatch.setattr(lora_ops._Caches, "packed_bytes", 0)
+    a = (_weights(4, RANK, HIDDEN, four_d=True, seed=1),)
+    b = (_weights(4, WIDE, RANK, four_d=True, seed=2),)
+    one_slot = RANK * (HIDDEN + WIDE) * 4  # bytes of one slot's packed A and B (float32)
+    monkeypatch.setattr(lora_ops, "PACKED_CACHE_BYTES", 3 * one_slot)
+    lora_ops.mapping_updated([1, 2, 3, 4])
+    x = torch.randn(2, HIDDEN)
+    buffer = torch.zeros(2, dtype=torch.long)
+    for slot in (0, 1, 2, 3, 0):  # one active slot per mapping; the fourth overflows the budget
+        buffer.fill_(slot)
+        lora_ops.mapping_updated([1, 2, 3, 4])
+        y = torch.zeros(2, WIDE)
+        lora_ops.add_lora_linear(y, x, a, b, 1.0, (WIDE,), buffer)
+        torch.testing.assert_close(y, x @ a[0][slot, 0].T @ b[0][slot, 0].T, rtol=1e-4, atol=1e-4)
+        assert lora_ops._Caches.packed_bytes <= 3 * one_slot
+        assert lora_ops._Caches.packed_bytes == len(lora_ops._Caches.packed) * one_slot
+    assert len(lora_ops._Caches.packed) == 2  # emptied at the fourth set, then the fourth and the first again
