@@ -8,7 +8,6 @@ that, the new blobs, the expert's folder and the row are all taken back.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import secrets
 import shutil
@@ -40,8 +39,9 @@ from registry.models import (
     MergeJobInput,
     utcnow,
 )
+from registry.offload import run_to_completion
 from registry.schemas import EvalIn, ExpertPatch, ExpertSpec
-from registry.store import ArtifactStore, Damage, IngestResult, manifest_digest
+from registry.store import ArtifactStore, Damage, manifest_digest
 from registry.training_data import referenced_blobs_query
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
@@ -166,7 +166,12 @@ class ExpertService:
                 "a base model needs its tokenizer (tokenizer.json or tokenizer.model)", param="files"
             )
 
-        ingest = await _ingest_off_loop(self.store, folder, [rel for rel, _ in insp.files])
+        ingest = await run_to_completion(
+            self.store.ingest_folder,
+            folder,
+            [rel for rel, _ in insp.files],
+            on_cancel=lambda done: self.store.discard_blobs(done.new_blobs),
+        )
         expert_id = uuid.uuid4()
         try:
             expert = _expert_from(expert_id, spec, insp, kind, base, source_uri)
@@ -341,18 +346,6 @@ def _resolve_kind(spec: ExpertSpec, insp: FolderInspection) -> ExpertKind:
     if spec.kind is not None:
         return ExpertKind(spec.kind)
     return ExpertKind.finetune if spec.base else ExpertKind.base
-
-
-async def _ingest_off_loop(store: ArtifactStore, folder: Path, relpaths: list[str]) -> IngestResult:
-    """``store.ingest_folder`` in a worker thread. A thread cannot be stopped: if the caller is cancelled
-    meanwhile, the copy is let finish and the blobs it added are removed before the cancellation goes on."""
-    work = asyncio.ensure_future(asyncio.to_thread(store.ingest_folder, folder, relpaths))
-    try:
-        return await asyncio.shield(work)
-    except asyncio.CancelledError:
-        with contextlib.suppress(Exception):  # a failed ingest has removed its own blobs
-            store.discard_blobs((await work).new_blobs)
-        raise
 
 
 def _manifest_of_folder(folder: Path, insp: FolderInspection) -> str:

@@ -6,6 +6,7 @@ Shared by the JSON API and the admin panel's registration form, so both refuse t
 from __future__ import annotations
 
 import shutil
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from litestar.datastructures import UploadFile
 from api.settings import Settings
 from registry.errors import ValidationFailed
 from registry.models import Expert
+from registry.offload import run_to_completion
 from registry.schemas import ExpertSpec, decode_strict
 from registry.services import ExpertService
 from registry.uploads import check_member_path, copy_stream_limited, extract_archive, resolve_import_path
@@ -74,8 +76,14 @@ async def stage_upload(pairs: list[tuple[str, Any]], stage_root: Path, *, max_un
         )
     if archives:
         archive_path = stage_root / "upload.archive"
-        copy_stream_limited(archives[0].file, archive_path, limit=max_unpacked_bytes, param="archive")
-        extract_archive(archive_path, folder, max_unpacked_bytes=max_unpacked_bytes, param="archive")
+        # In threads, so the event loop keeps serving; cleanup (the caller's) waits for them if cancelled.
+        archive = archives[0].file
+        await run_to_completion(
+            partial(copy_stream_limited, archive, archive_path, limit=max_unpacked_bytes, param="archive")
+        )
+        await run_to_completion(
+            partial(extract_archive, archive_path, folder, max_unpacked_bytes=max_unpacked_bytes, param="archive")
+        )
         archive_path.unlink()
         return folder
     folder.mkdir()
@@ -89,7 +97,9 @@ async def stage_upload(pairs: list[tuple[str, Any]], stage_root: Path, *, max_un
         seen.add(str(rel))
         target = folder / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        budget -= copy_stream_limited(upload.file, target, limit=budget, param=f"files[{name}]")
+        budget -= await run_to_completion(
+            partial(copy_stream_limited, upload.file, target, limit=budget, param=f"files[{name}]")
+        )
     return folder
 
 
