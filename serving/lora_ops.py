@@ -12,7 +12,8 @@ with plain matrix products:
 
 Linear layers skip the per-slice ops altogether: ``add_lora_linear`` replaces the wrapper's method of that name
 and runs a whole (packed) layer as two products over the active slots' stacked weights (see below). With one
-adapter at batch 1 a decode step went from 112 ms (vLLM's ops: 120) to 70 ms here, the base model's being 62.
+adapter a decode step costs 11% more than the base model's at batch 1 and 16, against 97% and 73% with vLLM's
+own ops (``bench/vllm_lora_step.py``).
 
 Semantics follow vLLM's reference ops exactly (same arguments, same in-place writes); an index of -1 means
 "no adapter" and contributes nothing. Pure tensor functions: ``serving/vllm_plugin.py`` installs them.
