@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -282,7 +282,7 @@ class _Routing:
     uniform: bool  # every token uses slots[0]: no mask needed
     hot: torch.Tensor  # [tokens, len(slots)] 1 where the token uses that slot (float32)
     members: tuple[torch.Tensor, ...]  # per active slot, its token rows
-    masks: dict[tuple[int, torch.dtype], torch.Tensor]  # hot widened to each slot's packed columns
+    masks: dict[tuple[tuple[int, ...], torch.dtype], torch.Tensor]  # hot widened to each slot's packed columns
 
 
 def _routing(indices: torch.Tensor, tokens: int) -> _Routing:
@@ -299,35 +299,53 @@ def _routing(indices: torch.Tensor, tokens: int) -> _Routing:
     return _remember(_Caches.routing, key, indices, _Routing(slots, uniform, hot, members, {}))  # type: ignore[no-any-return]
 
 
+class _Packed(NamedTuple):
+    a: torch.Tensor  # [columns, in]: every active slot's A rows, slot-major, slice after slice
+    b: torch.Tensor  # [columns, sum(output_slices)]: the matching B rows, each slice's at its output columns
+    columns: tuple[int, ...]  # columns per active slot (its used rank, summed over slices)
+
+
+def _used_rank(a: torch.Tensor) -> int:
+    """Rows of one slot's A [rank, in] up to its last nonzero row. vLLM pads an adapter of a smaller rank than
+    --max-lora-rank with zero rows (a server with one rank-64 adapter pads every rank-8 one 8x); a zero row of A
+    contributes nothing, so it is left out of the products."""
+    nonzero = (a != 0).any(dim=1).nonzero()
+    return int(nonzero[-1]) + 1 if nonzero.numel() else 0
+
+
 def _packed(
     lora_a_stacked: Sequence[torch.Tensor],
     lora_b_stacked: Sequence[torch.Tensor],
     output_slices: Sequence[int],
     slots: tuple[int, ...],
     dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A [slots * slices * rank, in], B [slots * slices * rank, sum(output_slices)]), slot-major: the rows
-    of one active slot are contiguous, and each slice's B rows fill only that slice's output columns."""
+) -> _Packed:
+    """The active slots' A and B of every slice stacked (see :class:`_Packed`), padding rows dropped."""
     first = lora_a_stacked[0]
     packed, key = _cached(_Caches.packed, first, (lora_b_stacked[0].data_ptr(), slots, dtype))
     if packed is not None:
         return packed  # type: ignore[no-any-return]
     a_parts: list[torch.Tensor] = []
     b_blocks: list[torch.Tensor] = []
+    columns: list[int] = []
     total = sum(output_slices)
     for slot in slots:
-        offset = 0
+        offset, used_columns = 0, 0
         for a_stacked, b_stacked, width in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
-            a = _stacked(a_stacked)[slot].to(dtype)  # [rank, in]
-            b = _stacked(b_stacked)[slot].to(dtype)  # [out, rank]
-            block = a.new_zeros(a.shape[0], total)
+            full = _stacked(a_stacked)[slot]  # [rank, in]
+            rank = _used_rank(full)
+            a = full[:rank].to(dtype)
+            b = _stacked(b_stacked)[slot][:, :rank].to(dtype)  # [out, rank]
+            block = a.new_zeros(rank, total)
             used = min(width, b.shape[0])
             block[:, offset : offset + used] = b[:used].T
             a_parts.append(a)
             b_blocks.append(block)
             offset += width
-    packed = (torch.cat(a_parts).contiguous(), torch.cat(b_blocks).contiguous())
-    size = sum(t.numel() * t.element_size() for t in packed)
+            used_columns += rank
+        columns.append(used_columns)
+    packed = _Packed(torch.cat(a_parts).contiguous(), torch.cat(b_blocks).contiguous(), tuple(columns))
+    size = packed.a.numel() * packed.a.element_size() + packed.b.numel() * packed.b.element_size()
     if _Caches.enabled:
         if _Caches.packed_bytes + size > PACKED_CACHE_BYTES:
             _Caches.packed.clear()
@@ -351,23 +369,27 @@ def add_lora_linear(
     routing = _routing(token_indices, tokens)
     if not routing.slots:
         return
-    a, b = _packed(lora_a_stacked, lora_b_stacked, output_slices, routing.slots, y.dtype)
+    a, b, columns = _packed(lora_a_stacked, lora_b_stacked, output_slices, routing.slots, y.dtype)
+    if a.shape[0] == 0:  # every active adapter is all zeros here
+        return
     target = y[:, : b.shape[1]]
     inputs = x.to(y.dtype)
     if routing.uniform:
         target.addmm_(inputs @ a.T, b, alpha=scale)
         return
-    per_slot = a.shape[0] // len(routing.slots)
     if a.shape[0] <= DENSE_SLOT_COLUMNS:
-        mask = routing.masks.get((per_slot, y.dtype))
+        mask = routing.masks.get((columns, y.dtype))
         if mask is None:
-            mask = routing.hot.to(y.dtype).repeat_interleave(per_slot, dim=1)
-            routing.masks[(per_slot, y.dtype)] = mask
+            mask = routing.hot.to(y.dtype).repeat_interleave(torch.tensor(columns), dim=1)
+            routing.masks[(columns, y.dtype)] = mask
         target.addmm_((inputs @ a.T).mul_(mask), b, alpha=scale)
         return
-    for j, rows in enumerate(routing.members):
-        block = slice(j * per_slot, (j + 1) * per_slot)
-        target.index_add_(0, rows, (inputs.index_select(0, rows) @ a[block].T) @ b[block], alpha=scale)
+    start = 0
+    for rows, count in zip(routing.members, columns, strict=True):
+        block = slice(start, start + count)
+        start += count
+        if count and rows.numel():
+            target.index_add_(0, rows, (inputs.index_select(0, rows) @ a[block].T) @ b[block], alpha=scale)
 
 
 OPS = {

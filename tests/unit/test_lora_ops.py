@@ -259,3 +259,29 @@ def test_packed_weights_cache_stays_within_its_byte_budget(monkeypatch: pytest.M
         assert lora_ops._Caches.packed_bytes <= 3 * one_slot
         assert lora_ops._Caches.packed_bytes == len(lora_ops._Caches.packed) * one_slot
     assert len(lora_ops._Caches.packed) == 2  # emptied at the fourth set, then the fourth and the first again
+
+
+@pytest.mark.parametrize(("slots", "pattern"), [(4, "one"), (4, "mixed"), (40, "mixed")])
+def test_packed_lora_linear_drops_vllms_rank_padding(slots: int, pattern: str) -> None:
+    """vLLM pads an adapter of a smaller rank than --max-lora-rank with zero rows of A (and columns of B); the
+    packed layer leaves them out and still equals the reference, an all-zero slot included."""
+    gen = torch.Generator().manual_seed(40 + slots)
+    tokens, slices = 19, (WIDE, 32)
+    used = [(3 * s) % (RANK + 1) for s in range(slots)]  # 0 (an all-zero slot), 3, 6, 0, ...
+    a = tuple(_weights(slots, RANK, HIDDEN, four_d=True, seed=50 + i) for i in range(2))
+    b = tuple(_weights(slots, width, RANK, four_d=True, seed=60 + i) for i, width in enumerate(slices))
+    for s, rank in enumerate(used):
+        for a_i, b_i in zip(a, b, strict=True):
+            a_i[s, 0, rank:] = 0
+            b_i[s, 0, :, rank:] = 0
+    x = torch.randn(tokens, HIDDEN, generator=gen)
+    indices = torch.full((tokens,), 1) if pattern == "one" else torch.randint(-1, slots, (tokens,), generator=gen)
+    start = torch.randn(tokens, sum(slices), generator=gen)
+    ours, ref = start.clone(), start.clone()
+    lora_ops.add_lora_linear(ours, x, a, b, 0.5, slices, indices)
+    _reference_lora_linear(ref, x, a, b, 0.5, slices, indices)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    active = tuple(int(s) for s in torch.unique(indices[indices >= 0]).tolist())
+    packed = lora_ops._packed(a, b, slices, active, torch.float32)
+    assert packed.columns == tuple(2 * used[s] for s in active)
+    assert packed.a.shape[0] == sum(packed.columns) < len(active) * 2 * RANK
