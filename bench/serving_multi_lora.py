@@ -123,6 +123,7 @@ async def concurrent_round(client: httpx.AsyncClient, bodies: list[dict[str, Any
     return {
         "wall_s": wall,
         "tokens": tokens,
+        "answer_tokens": sorted((r[1] for r in results), reverse=True),
         "tokens_per_s": tokens / wall,
         "p50_ms": percentile(latencies, 50),
         "p95_ms": percentile(latencies, 95),
@@ -298,8 +299,9 @@ def main() -> None:
         a, c = part["moerge_vllm"], part["vllm_direct"]
         lines.append(
             f"- {workload}: throughput (a)/(b) **{part['throughput_ratio_moerge_over_peft']:.1f}x** (target >= 3x); "
-            f"{a['tokens'] // 16} tokens per answer on average; concurrent p50 (a) - (c) = "
-            f"{a['p50_ms'] - c['p50_ms']:+.0f} ms."
+            f"{a['tokens'] // 16} tokens per answer on average, the longest {a['answer_tokens'][0]} (then "
+            f"{', '.join(map(str, a['answer_tokens'][1:4]))}); (a) took {a['wall_s']:.2f} s; "
+            f"concurrent p50 (a) - (c) = {a['p50_ms'] - c['p50_ms']:+.0f} ms."
         )
     lines.append(
         f"- moerge's added latency over vLLM direct, same one-token request one at a time ({o['repeats']} each, "
