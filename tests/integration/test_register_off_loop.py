@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from registry import db
 from registry.models import Expert
@@ -47,34 +50,19 @@ async def _wait_for(event: threading.Event) -> None:
     raise AssertionError("the ingest never started")
 
 
-async def test_ingest_runs_while_the_event_loop_keeps_going(
-    tmp_path: Path, tiny_base: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    url = f"sqlite+aiosqlite:///{tmp_path / 'moerge.db'}"
-    await asyncio.to_thread(db.upgrade, url)
-    store = ArtifactStore(tmp_path / "store")
-    store.ensure()
-    held = _HeldIngest(store.ingest_folder)
-    monkeypatch.setattr(store, "ingest_folder", held)
-    engine = db.make_engine(url)
-    try:
-        async with db.make_sessionmaker(engine)() as session:
-            registration = asyncio.create_task(
-                ExpertService(session, store).register_folder(tiny_base, ExpertSpec(slug="tiny"))
-            )
-            await _wait_for(held.started)  # the copy is under way, and this coroutine still runs
-            held.release.set()
-            expert = await registration
-        assert held.released_in_time
-        assert held.thread_id is not None and held.thread_id != threading.get_ident()
-        assert expert.slug == "tiny" and (store.expert_dir(expert.id) / "config.json").exists()
-    finally:
-        await engine.dispose()
+@dataclass
+class _Registration:
+    task: asyncio.Task[Expert]  # register_folder, now inside its held copy
+    ingest: _HeldIngest
+    store: ArtifactStore
+    sessions: async_sessionmaker[AsyncSession]
 
 
-async def test_cancelled_mid_copy_leaves_nothing(
-    tmp_path: Path, tiny_base: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@asynccontextmanager
+async def _registration_in_its_copy(
+    tmp_path: Path, folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[_Registration]:
+    """A registration of ``folder`` into a fresh SQLite registry, started and waiting inside its file copy."""
     url = f"sqlite+aiosqlite:///{tmp_path / 'moerge.db'}"
     await asyncio.to_thread(db.upgrade, url)
     store = ArtifactStore(tmp_path / "store")
@@ -85,20 +73,36 @@ async def test_cancelled_mid_copy_leaves_nothing(
     try:
         sessions = db.make_sessionmaker(engine)
         async with sessions() as session:
-            registration = asyncio.create_task(
-                ExpertService(session, store).register_folder(tiny_base, ExpertSpec(slug="tiny"))
-            )
-            await _wait_for(held.started)
-            registration.cancel()
-            await asyncio.sleep(0.05)
-            assert not registration.done()  # it waits for the copy it cannot stop ...
-            held.release.set()
-            with pytest.raises(asyncio.CancelledError):
-                await registration
-        assert held.released_in_time
-        assert store.blob_count() == 0  # ... and removes what the copy added
-        assert not any(store.experts.iterdir()) and store.leftovers() == []
-        async with sessions() as session:
-            assert await session.scalar(select(func.count()).select_from(Expert)) == 0
+            task = asyncio.create_task(ExpertService(session, store).register_folder(folder, ExpertSpec(slug="tiny")))
+            await _wait_for(held.started)  # the copy is under way, and this coroutine still runs
+            yield _Registration(task, held, store, sessions)
     finally:
         await engine.dispose()
+
+
+async def test_ingest_runs_while_the_event_loop_keeps_going(
+    tmp_path: Path, tiny_base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with _registration_in_its_copy(tmp_path, tiny_base, monkeypatch) as reg:
+        reg.ingest.release.set()
+        expert = await reg.task
+    assert reg.ingest.released_in_time
+    assert reg.ingest.thread_id is not None and reg.ingest.thread_id != threading.get_ident()
+    assert expert.slug == "tiny" and (reg.store.expert_dir(expert.id) / "config.json").exists()
+
+
+async def test_cancelled_mid_copy_leaves_nothing(
+    tmp_path: Path, tiny_base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with _registration_in_its_copy(tmp_path, tiny_base, monkeypatch) as reg:
+        reg.task.cancel()
+        await asyncio.sleep(0.05)
+        assert not reg.task.done()  # it waits for the copy it cannot stop ...
+        reg.ingest.release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await reg.task
+        assert reg.ingest.released_in_time
+        assert reg.store.blob_count() == 0  # ... and removes what the copy added
+        assert not any(reg.store.experts.iterdir()) and reg.store.leftovers() == []
+        async with reg.sessions() as session:
+            assert await session.scalar(select(func.count()).select_from(Expert)) == 0
