@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.results import write_section  # noqa: E402
+from bench.serving_multi_lora import make_adapters  # noqa: E402
 
 OP_SETS = ("grouped", "vllm")
 PROMPT: list[Any] = [{"role": "user", "content": "Rewrite the date 3 March 2021 in ISO format."}]
@@ -68,19 +69,6 @@ def measure(base_dir: str, adapter_dir: str, rounds: int, batches: list[int]) ->
     return out
 
 
-def random_adapter(base_dir: Path, dest: Path) -> Path:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False))
-    peft_model.save_pretrained(str(dest))
-    return dest
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
@@ -99,7 +87,7 @@ def main() -> None:
     adapter = expert_dir(get_task("dates"), base_dir)
     source = "the demo's dates expert"
     if not (adapter / ".complete").exists():
-        adapter = random_adapter(base_dir, Path(tempfile.mkdtemp(prefix="moerge-step-")) / "lora")
+        [adapter] = make_adapters(base_dir, Path(tempfile.mkdtemp(prefix="moerge-step-")), 1)
         source = "a seeded random rank-8 LoRA"
     results: dict[str, Any] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "adapter": source}
     for ops in OP_SETS:
