@@ -58,6 +58,7 @@ async def create_engine(settings: Settings, sessionmaker: async_sessionmaker[Asy
         max_model_len=settings.vllm_max_model_len,
         cpu_threads_bind=settings.vllm_cpu_threads_bind,
         lora_ops=settings.vllm_lora_ops,
+        compile=settings.vllm_compile,
         log_dir=settings.home / "logs",
     )
     from serving.dispatch import EngineSet

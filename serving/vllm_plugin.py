@@ -4,7 +4,8 @@ Registered under the ``vllm.general_plugins`` entry point in pyproject.toml, so 
 in every one of its processes (API server, engine core, worker); a patch made only in moerge's process would
 never reach the worker that runs the model. Managed servers get ``MOERGE_VLLM_LORA_OPS=grouped`` unless
 ``VLLMConfig.lora_ops`` says ``vllm``; a vLLM server started by hand keeps vLLM's own ops unless that
-variable is set in its environment.
+variable is set in its environment. With ``MOERGE_VLLM_COMPILE=1`` (managed servers unless
+``VLLMConfig.compile`` is off) vLLM keeps its compiled model with LoRA on (``serving/vllm_compile.py``).
 """
 
 from __future__ import annotations
@@ -15,13 +16,20 @@ from typing import Any
 
 LORA_OPS_ENV = "MOERGE_VLLM_LORA_OPS"
 LORA_OPS_CHOICES = ("grouped", "vllm")
+COMPILE_ENV = "MOERGE_VLLM_COMPILE"
 
 # A child of vLLM's logger, so the line lands in the server's log beside vLLM's own.
 logger = logging.getLogger("vllm.moerge_lora_ops")
 PATCHED_MESSAGE = "moerge: vLLM CPU LoRA ops replaced by serving.lora_ops"
+COMPILE_MESSAGE = "moerge: vLLM compiles the model with LoRA enabled (serving.vllm_compile)"
 
 
 def register() -> None:
+    if os.environ.get(COMPILE_ENV) == "1":
+        from serving.vllm_compile import install
+
+        install()
+        logger.info(COMPILE_MESSAGE)
     if os.environ.get(LORA_OPS_ENV, "vllm") != "grouped":
         return
     from vllm.lora.punica_wrapper import punica_cpu  # the CPU wrapper binds the op names at import

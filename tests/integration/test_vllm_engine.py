@@ -217,20 +217,25 @@ async def test_remote_mode_uses_existing_server(engine: VLLMEngine, models: Mode
 
 
 async def test_moerge_lora_ops_match_vllms_own(engine: VLLMEngine, models: Models, tmp_path: Path) -> None:
-    """The module's server runs moerge's LoRA ops (the plugin says so in its log); a server on vLLM's own ops
-    gives the same greedy text for base and both adapters in one mixed batch, fixed-length (ignore_eos)."""
+    """The module's server runs moerge's LoRA ops inside vLLM's compiled model (its log says both: the plugin's
+    lines and vLLM's compilation mode); a server on vLLM's own ops, eager as vLLM runs LoRA on CPU, gives the same
+    greedy text for base and both adapters in one mixed batch, fixed-length (ignore_eos)."""
     [entry] = await engine.status()
-    from serving.vllm_plugin import PATCHED_MESSAGE
+    from serving.vllm_plugin import COMPILE_MESSAGE, PATCHED_MESSAGE
 
-    assert PATCHED_MESSAGE in Path(entry["log"]).read_text()
+    log = Path(entry["log"]).read_text()
+    assert PATCHED_MESSAGE in log and COMPILE_MESSAGE in log
+    assert "'mode': <CompilationMode.DYNAMO_TRACE_ONCE" in log
     fixed = Sampling(max_tokens=24, ignore_eos=True)
     requests = [GenRequest(models.target(x), fixed, prompt=PROMPT) for x in (None, "a", "b", "a")]
     requests += [GenRequest(models.target(x), fixed, messages=MESSAGES) for x in ("b", None, "a")]
-    reference_engine = VLLMEngine(_config(tmp_path, 18480, lora_ops="vllm"))
+    reference_engine = VLLMEngine(_config(tmp_path, 18480, lora_ops="vllm", compile=False))
     try:
         want = [_ok(r) for r in await reference_engine.generate(requests)]
         [ref_entry] = await reference_engine.status()
-        assert PATCHED_MESSAGE not in Path(ref_entry["log"]).read_text()
+        ref_log = Path(ref_entry["log"]).read_text()
+        assert PATCHED_MESSAGE not in ref_log and COMPILE_MESSAGE not in ref_log
+        assert "'mode': <CompilationMode.NONE" in ref_log
     finally:
         await reference_engine.close()
     got = [_ok(r) for r in await engine.generate(requests)]

@@ -16,3 +16,20 @@ def test_short_openmp_spin_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
     assert server_env(2)["GOMP_SPINCOUNT"] == "300000"  # an operator's own setting wins
     assert server_env(1.5, {"GOMP_SPINCOUNT": "0"})["GOMP_SPINCOUNT"] == "0"
     assert server_env(1.5)["VLLM_CPU_KVCACHE_SPACE"] == "1.5"
+
+
+def test_compiled_model_cache_uses_inductors_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VLLM_USE_AOT_COMPILE", raising=False)
+    assert server_env(2)["VLLM_USE_AOT_COMPILE"] == "0"  # vLLM's CPU build cannot load its AOT artifacts back
+    monkeypatch.setenv("VLLM_USE_AOT_COMPILE", "1")
+    assert server_env(2)["VLLM_USE_AOT_COMPILE"] == "1"
+
+
+def test_compile_setting_reaches_managed_servers() -> None:
+    from api.settings import Settings
+    from serving.vllm_plugin import COMPILE_ENV
+
+    assert Settings.from_env({}).vllm_compile is True
+    assert Settings.from_env({COMPILE_ENV: "0"}).vllm_compile is False
+    with pytest.raises(ValueError, match=COMPILE_ENV):
+        Settings.from_env({COMPILE_ENV: "yes"})

@@ -1,0 +1,122 @@
+"""Lets vLLM's CPU build run its compiled model (torch.compile + inductor) with LoRA enabled.
+
+vLLM's CPU platform turns compilation off whenever LoRA is on (``CpuPlatform.check_and_update_config``): its
+CPU LoRA path reads Python-side state on every call (the per-token slot indices are a buffer sliced to a
+length kept in a Python list, and moerge's ops cache by tensor address), which a graph traced once would freeze
+at the values of the first batch. Yet the compiled base model decodes a token in about 28 ms here against 41 ms
+eager (bench/vllm_lora_step.py), and at batch 1 that difference is most of a request's wall time.
+
+So each LoRA layer's adapter work becomes one opaque custom op, ``moerge::lora_into``, that Dynamo records
+without looking inside: the compiled graph calls it with the layer's input and output and an integer naming
+the layer, and the op runs the layer's eager LoRA code (``serving/lora_ops.py``) with the mapping of the batch
+at hand. Everything else (the base linear layers, norms, attention, activations) is compiled as usual.
+
+Installed by ``serving.vllm_plugin.register`` in every vLLM process when ``MOERGE_VLLM_COMPILE=1`` (managed
+servers set it unless ``VLLMConfig.compile`` is off).
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from typing import Any
+
+import torch
+
+OP_NAMESPACE = "moerge"
+# Layer key -> the LoRA layer; weak, so an engine torn down in this process frees its layers.
+_LAYERS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+_NEXT_KEY = itertools.count(1)
+_installed = False
+
+
+def _layer(key: int) -> Any:
+    layer = _LAYERS.get(key)
+    if layer is None:
+        raise RuntimeError(f"moerge::lora ops: no LoRA layer with key {key} in this process")
+    return layer
+
+
+@torch.library.custom_op(f"{OP_NAMESPACE}::lora_into", mutates_args=("output",))
+def lora_into(output: torch.Tensor, x: torch.Tensor, layer_key: int) -> None:
+    """Adds layer ``layer_key``'s LoRA term for each token's adapter to ``output`` (the base layer's output)."""
+    layer = _layer(layer_key)
+    layer._moerge_eager_lora(x, output)
+
+
+@lora_into.register_fake
+def _(output: torch.Tensor, x: torch.Tensor, layer_key: int) -> None:
+    return None
+
+
+@torch.library.custom_op(f"{OP_NAMESPACE}::lora_embedding", mutates_args=())
+def lora_embedding(input_ids: torch.Tensor, layer_key: int) -> torch.Tensor:
+    """The embedding layer ``layer_key`` with its LoRA term: vLLM's eager forward of that layer."""
+    return _layer(layer_key)._moerge_eager_forward(input_ids)  # type: ignore[no-any-return]
+
+
+@lora_embedding.register_fake
+def _(input_ids: torch.Tensor, layer_key: int) -> torch.Tensor:
+    weight = _layer(layer_key).base_layer.weight
+    return input_ids.new_empty((*input_ids.shape, weight.shape[1]), dtype=weight.dtype)
+
+
+def _keyed_init(original: Any) -> Any:
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        self._moerge_key = next(_NEXT_KEY)
+        _LAYERS[self._moerge_key] = self
+
+    return __init__
+
+
+def install() -> None:
+    """Patches vLLM (once per process): the platform keeps compilation with LoRA, and the LoRA layers route
+    their adapter work through the opaque ops while Dynamo traces (eager calls keep the direct path)."""
+    global _installed
+    if _installed:
+        return
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+    from vllm.lora.layers.vocab_parallel_embedding import VocabParallelEmbeddingWithLoRA
+    from vllm.platforms.cpu import CpuPlatform
+
+    check = CpuPlatform.check_and_update_config.__func__  # type: ignore[attr-defined]
+
+    def check_and_update_config(cls: Any, vllm_config: Any) -> None:
+        lora_config = vllm_config.lora_config
+        if lora_config is None:
+            check(cls, vllm_config)
+            return
+        # The platform's only use of lora_config here is to switch compilation off; hide it for that call.
+        vllm_config.lora_config = None
+        try:
+            check(cls, vllm_config)
+        finally:
+            vllm_config.lora_config = lora_config
+
+    CpuPlatform.check_and_update_config = classmethod(check_and_update_config)  # type: ignore[method-assign,assignment]
+
+    for layer_cls in (BaseLinearLayerWithLoRA, VocabParallelEmbeddingWithLoRA):
+        layer_cls.__init__ = _keyed_init(layer_cls.__init__)  # type: ignore[method-assign]
+
+    eager_lora = BaseLinearLayerWithLoRA._apply_lora_to_output
+    BaseLinearLayerWithLoRA._moerge_eager_lora = eager_lora  # type: ignore[attr-defined]
+
+    def _apply_lora_to_output(self: Any, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            return eager_lora(self, x, output)  # type: ignore[no-any-return]
+        torch.ops.moerge.lora_into(output, x, self._moerge_key)
+        return output
+
+    BaseLinearLayerWithLoRA._apply_lora_to_output = _apply_lora_to_output  # type: ignore[method-assign]
+
+    eager_embedding = VocabParallelEmbeddingWithLoRA.forward
+    VocabParallelEmbeddingWithLoRA._moerge_eager_forward = eager_embedding  # type: ignore[attr-defined]
+
+    def forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            return eager_embedding(self, x)  # type: ignore[no-any-return]
+        return torch.ops.moerge.lora_embedding(x, self._moerge_key)  # type: ignore[no-any-return]
+
+    VocabParallelEmbeddingWithLoRA.forward = forward  # type: ignore[method-assign]
+    _installed = True
