@@ -263,6 +263,7 @@ def main() -> None:
         "max_tokens": args.max_tokens,
         "adapter_source": "demo experts" if demo_adapters(4) else "random rank-8 LoRAs",
         "lora_ops": env.get("MOERGE_VLLM_LORA_OPS", "grouped"),
+        "vllm_model": "eager" if env.get("MOERGE_VLLM_COMPILE", "1") == "0" else "compiled",
     }
     try:
         asyncio.run(_run_vllm_parts(port, headers, names, args, results))
@@ -282,7 +283,8 @@ def main() -> None:
     lines = [
         f"16 concurrent chat requests over {len(adapters)} LoRA adapters ({results['adapter_source']}) of "
         f"SmolLM2-135M-Instruct, greedy, max_tokens={args.max_tokens}, float32, {results['machine']}; "
-        f"median of {args.rounds} rounds; vLLM's multi-LoRA ops: {results['lora_ops']}.",
+        f"median of {args.rounds} rounds; vLLM's multi-LoRA ops: {results['lora_ops']}, its model "
+        f"{results['vllm_model']} (MOERGE_VLLM_COMPILE).",
         "",
         "| workload | path | tokens/s | p50 latency ms | p95 latency ms |",
         "| --- | --- | ---: | ---: | ---: |",

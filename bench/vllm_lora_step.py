@@ -1,8 +1,10 @@
-"""Benchmark: one vLLM decode step with and without a LoRA adapter, moerge's CPU LoRA ops vs vLLM's own.
+"""Benchmark: one vLLM decode step with and without a LoRA adapter, moerge's CPU LoRA ops vs vLLM's own, in
+vLLM's compiled model (serving/vllm_compile.py) and eager (how vLLM itself runs LoRA on CPU).
 
 vLLM runs in process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, the ``uni`` executor) so nothing else competes for
-the two cores. For each op set (``MOERGE_VLLM_LORA_OPS``: ``grouped`` = serving/lora_ops.py, ``vllm`` = vLLM's
-own; each in a fresh process, since the plugin patches vLLM once per process) and batch size, a step is timed
+the two cores. For each variant (``MOERGE_VLLM_LORA_OPS``: ``grouped`` = serving/lora_ops.py, ``vllm`` = vLLM's
+own; ``MOERGE_VLLM_COMPILE``; each in a fresh process, since the plugin patches vLLM once per process; a
+compiled variant's first run also compiles, which the warm-up absorbs) and batch size, a step is timed
 as (time of 65 forced tokens - time of 1) / 64, base model and one adapter (the demo's dates expert when
 trained, else a seeded random rank-8 LoRA) interleaved, median of the rounds. Writes bench/results/vllm_lora_step.json
 and a section of bench/RESULTS.md.
@@ -29,8 +31,10 @@ sys.path.insert(0, str(ROOT))
 
 from bench.results import write_section  # noqa: E402
 from bench.serving_multi_lora import make_adapters  # noqa: E402
+from serving.vllm_process import server_env  # noqa: E402
 
-OP_SETS = ("grouped", "vllm")
+# label -> (MOERGE_VLLM_LORA_OPS, MOERGE_VLLM_COMPILE)
+VARIANTS = {"grouped, compiled": ("grouped", "1"), "grouped, eager": ("grouped", "0"), "vllm, eager": ("vllm", "0")}
 PROMPT: list[Any] = [{"role": "user", "content": "Rewrite the date 3 March 2021 in ISO format."}]
 
 
@@ -90,31 +94,35 @@ def main() -> None:
         [adapter] = make_adapters(base_dir, Path(tempfile.mkdtemp(prefix="moerge-step-")), 1)
         source = "a seeded random rank-8 LoRA"
     results: dict[str, Any] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "adapter": source}
-    for ops in OP_SETS:
-        env = {**os.environ, "MOERGE_VLLM_LORA_OPS": ops, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-        env.setdefault("GOMP_SPINCOUNT", "1000")  # as managed servers run (serving/vllm_process.server_env)
+    for label, (ops, compiled) in VARIANTS.items():
+        env = {
+            **server_env(2),  # as managed servers run
+            "MOERGE_VLLM_LORA_OPS": ops,
+            "MOERGE_VLLM_COMPILE": compiled,
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        }
         command = [sys.executable, __file__, "--child", str(base_dir), str(adapter), "--rounds", str(args.rounds)]
         command += ["--batches", *map(str, args.batches)]
         done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
         if done.returncode != 0:
-            raise SystemExit(f"the {ops} run failed:\n{done.stderr[-3000:]}")
-        results[ops] = json.loads(done.stdout.strip().splitlines()[-1])
+            raise SystemExit(f"the {label} run failed:\n{done.stderr[-3000:]}")
+        results[label] = json.loads(done.stdout.strip().splitlines()[-1])
     (ROOT / "bench/results").mkdir(parents=True, exist_ok=True)
     (ROOT / "bench/results/vllm_lora_step.json").write_text(json.dumps(results, indent=1))
     lines = [
         f"`bench/vllm_lora_step.py`: one decode step of SmolLM2-135M-Instruct in vLLM (in process, float32, "
         f"{results['machine']}), base model vs one adapter ({source}), forced tokens, median of {args.rounds} rounds; "
         "`grouped` = moerge's CPU LoRA ops (serving/lora_ops.py: a packed LoRA layer as two products), `vllm` = "
-        "vLLM's own.",
+        "vLLM's own; `compiled` = vLLM's torch.compile'd model with each LoRA layer's adapter work as one opaque op "
+        "(serving/vllm_compile.py; vLLM itself runs eager on CPU whenever LoRA is enabled).",
         "",
-        "| LoRA ops | batch | base ms/step | with the adapter ms/step | LoRA adds |",
+        "| LoRA ops, model | batch | base ms/step | with the adapter ms/step | LoRA adds |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
-    for ops in OP_SETS:
-        for batch, row in results[ops].items():
+    for label in VARIANTS:
+        for batch, row in results[label].items():
             lines.append(
-                f"| {ops} | {batch} | {row['base']:.1f} | {row['lora']:.1f} | "
+                f"| {label} | {batch} | {row['base']:.1f} | {row['lora']:.1f} | "
                 f"{row['lora'] - row['base']:+.1f} ms ({row['lora'] / row['base'] - 1:+.0%}) |"
             )
     body = "\n".join(lines)

@@ -37,28 +37,30 @@ def _layer(key: int) -> Any:
     return layer
 
 
-@torch.library.custom_op(f"{OP_NAMESPACE}::lora_into", mutates_args=("output",))
-def lora_into(output: torch.Tensor, x: torch.Tensor, layer_key: int) -> None:
+def _lora_into(output: torch.Tensor, x: torch.Tensor, layer_key: int) -> None:
     """Adds layer ``layer_key``'s LoRA term for each token's adapter to ``output`` (the base layer's output)."""
-    layer = _layer(layer_key)
-    layer._moerge_eager_lora(x, output)
+    _layer(layer_key)._moerge_eager_lora(x, output)
 
 
-@lora_into.register_fake
-def _(output: torch.Tensor, x: torch.Tensor, layer_key: int) -> None:
-    return None
-
-
-@torch.library.custom_op(f"{OP_NAMESPACE}::lora_embedding", mutates_args=())
-def lora_embedding(input_ids: torch.Tensor, layer_key: int) -> torch.Tensor:
+def _lora_embedding(input_ids: torch.Tensor, layer_key: int) -> torch.Tensor:
     """The embedding layer ``layer_key`` with its LoRA term: vLLM's eager forward of that layer."""
     return _layer(layer_key)._moerge_eager_forward(input_ids)  # type: ignore[no-any-return]
 
 
-@lora_embedding.register_fake
-def _(input_ids: torch.Tensor, layer_key: int) -> torch.Tensor:
+def _lora_embedding_shape(input_ids: torch.Tensor, layer_key: int) -> torch.Tensor:
     weight = _layer(layer_key).base_layer.weight
     return input_ids.new_empty((*input_ids.shape, weight.shape[1]), dtype=weight.dtype)
+
+
+# Defined through torch.library.Library rather than the torch.library.custom_op decorator: a call costs about
+# 3 us instead of about 23 (measured here), and a decode step makes one per LoRA layer (121 for SmolLM2).
+_LIBRARY = torch.library.Library(OP_NAMESPACE, "DEF")
+_LIBRARY.define("lora_into(Tensor(a!) output, Tensor x, int layer_key) -> ()")
+_LIBRARY.impl("lora_into", _lora_into, "CPU")
+_LIBRARY.impl("lora_into", lambda output, x, layer_key: None, "Meta")
+_LIBRARY.define("lora_embedding(Tensor input_ids, int layer_key) -> Tensor")
+_LIBRARY.impl("lora_embedding", _lora_embedding, "CPU")
+_LIBRARY.impl("lora_embedding", _lora_embedding_shape, "Meta")
 
 
 def _keyed_init(original: Any) -> Any:
