@@ -15,7 +15,8 @@
 #        about 2 queries/s, so 30 per task is ~25 minutes for all the rows)
 #        STEPS="composite" runs only the named steps (of: experts routers composite merges token token-nested).
 #   7. token-level routers over the two experts a nested composite needs (json_dates: find a JSON field, then
-#      write it as an ISO date; json_units: find it, then convert it), top-2 and top-1, beside those experts.
+#      write it as an ISO date; json_units: find it, then convert it), top-2 and top-1, beside those experts;
+#      plus `mixer`, whose router is trained for the composition on 64 examples of the task's train split.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N="${1:-30}"
@@ -125,11 +126,13 @@ if step token-nested; then
       create "glider$suffix-json-$skill" --router glider -p local=phatgoose \
         -p "local_params={\"top_k\": $k, \"training\": $GATES}" -p "model=$BASE" "${pair_flags[@]}"
     done
+    # The router is trained when the composition is created (minutes on 2 cores) and stored for reuse.
+    OMP_NUM_THREADS=1 create "mixer-json-$skill" --router mixer -p "task=json_$skill" "${pair_flags[@]}"
   done
   for skill in dates units; do
     expert="$skill-lora"
-    "$MOERGE" eval json-extract-lora "$expert" {arrow,phatgoose,glider}{,1}-json-$skill --task "json_$skill" \
-      --split heldout --n "$N" --out "$OUT" \
+    "$MOERGE" eval json-extract-lora "$expert" {arrow,phatgoose,glider}{,1}-json-$skill "mixer-json-$skill" \
+      --task "json_$skill" --split heldout --n "$N" --out "$OUT" \
       --title "Nested composite json_$skill: token-level routers over json-extract-lora + $expert (n=$N)" > /dev/null
     mv "$OUT/eval.md" "$OUT/token-json-$skill.md"; mv "$OUT/eval.json" "$OUT/token-json-$skill.json"
     mv "$OUT/eval.png" "$OUT/token-json-$skill.png"; rm -f "$OUT"/trace-*.png

@@ -75,6 +75,19 @@ def refused(name: str, reason: str) -> AdapterRefused:
     return AdapterRefused(f"adapter {name!r}: {reason}; a token-level mixture cannot apply it exactly")
 
 
+def target_linear(model: torch.nn.Module, module: str, owner: str) -> torch.nn.Linear:
+    """The base's Linear layer at ``module``; AdapterRefused naming adapter ``owner`` when it is absent or not
+    a Linear."""
+    try:
+        layer = model.get_submodule(module)
+    except AttributeError:
+        layer = None
+    if not isinstance(layer, torch.nn.Linear):
+        what = "absent from the base" if layer is None else f"a {type(layer).__name__}, not a Linear"
+        raise refused(owner, f"it targets {module}, which is {what}")
+    return layer
+
+
 def load_lora_adapter(path: Path | str, name: str | None = None) -> LoraAdapter:
     """Read ``adapter_config.json`` and ``adapter_model.safetensors`` of a PEFT LoRA folder (float32)."""
     path = Path(path)

@@ -74,6 +74,9 @@ class TokenRouter(ABC):
     needs_training_data: ClassVar[bool] = False
     # The config fields the fitted state depends on; () means the adapter's weights alone (Arrow).
     state_fields: ClassVar[tuple[str, ...]] = ()
+    # True: one state for the whole expert set, trained together by ``fit_composition`` (``mixer``) and
+    # stored under the set, not per expert.
+    joint: ClassVar[bool] = False
 
     def __init__(self, config: TokenRouterConfig | None = None) -> None:
         cfg = config if config is not None else self.config_cls()
@@ -84,6 +87,11 @@ class TokenRouter(ABC):
         """Whether ``fit_adapter`` needs a FitContext with the base and training examples (a router that
         delegates its state to another one, like ``glider``, answers for that one)."""
         return type(self).needs_training_data
+
+    def state_width(self, in_features: int) -> int:
+        """Length of this router's state vector at a module with ``in_features`` inputs (one per input
+        feature unless the router stores more, e.g. ``mixer``'s bias)."""
+        return in_features
 
     def state_key(self) -> tuple[str, str]:
         """(router name, config hash) a fitted state is stored under: the hash covers only ``state_fields``,
@@ -97,6 +105,16 @@ class TokenRouter(ABC):
         """This adapter's routing state: module name -> one float32 vector of the module's in_features.
         Deterministic given the adapter, ``context`` and the ``state_fields`` of the config, so the result
         can be stored as an artifact (``state_key``)."""
+
+    def fit_composition(
+        self, adapters: Sequence[LoraAdapter], context: FitContext | None = None
+    ) -> list[dict[str, torch.Tensor]]:
+        """A ``joint`` router's states for ``adapters`` fitted together, one per adapter, in order."""
+        raise NotImplementedError(f"{self.name} fits one state per adapter (fit_adapter)")
+
+    def examples_digest(self) -> str:
+        """A ``joint`` router's hash of the examples it trains on, when they come with its config."""
+        return ""
 
     @abstractmethod
     def route(

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from routers.token.adapters import LoraAdapter, load_lora_adapter, refused, stack_module
+from routers.token.adapters import LoraAdapter, load_lora_adapter, stack_module, target_linear
 from routers.token.base import Route, TokenRouter
 from routers.token.mixture import LowRank, project_down, project_up
 
@@ -172,7 +172,7 @@ class MixtureLinear(nn.Module):
         dtype = base.weight.dtype
         stack = stack_module(adapters, name, base.in_features, base.out_features, dtype)
         self.ranks = stack.ranks
-        state = torch.zeros(len(adapters), base.in_features, dtype=torch.float32)
+        state = torch.zeros(len(adapters), router.state_width(base.in_features), dtype=torch.float32)
         for e, s in enumerate(states):
             if name in s:
                 state[e] = s[name]
@@ -297,14 +297,7 @@ def apply_mixture(
         raise ValueError(f"adapter names must be unique, got {names}")
     targets = sorted({m for a in adapters for m in a.modules})
     for module in targets:
-        try:
-            layer = model.get_submodule(module)
-        except AttributeError:
-            layer = None
-        if not isinstance(layer, nn.Linear):
-            owner = next(a.name for a in adapters if module in a.modules)
-            what = "absent from the base" if layer is None else f"a {type(layer).__name__}, not a Linear"
-            raise refused(owner, f"it targets {module}, which is {what}")
+        target_linear(model, module, next(a.name for a in adapters if module in a.modules))
     if states is None:
         states = [router.fit_adapter(a) for a in adapters]
     elif len(states) != len(adapters):

@@ -24,8 +24,6 @@ process-wide and is left to the caller. Lower ``batch_size`` or ``steps`` to go 
 from __future__ import annotations
 
 import math
-import random
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,35 +35,12 @@ from torch import nn
 
 from registry.errors import ValidationFailed
 from registry.training_data import TrainingRow
-from routers.query.base import RouterConfig, require
-from routers.token.adapters import LoraAdapter, refused
+from routers.query.base import require
+from routers.token.adapters import LoraAdapter
 from routers.token.base import TOKEN_ROUTERS, FitContext, Route, TokenRouter, TokenRouterConfig, softmax_of_sorted
+from routers.token.training import GateTrainingConfig, train_layers
 
 STD_EPS = 1e-6  # a constant vector (a zero gate) standardizes to zeros instead of dividing by 0
-
-
-class GateTrainingConfig(RouterConfig, frozen=True):
-    """How the gates are trained; every field changes the stored gates (it is hashed into their key).
-
-    steps: optimizer steps (1..10000; the paper trains about 100).
-    lr: Adam learning rate (> 0, at most 1).
-    batch_size: examples per step (1..256).
-    max_length: longest example in tokens, prompt + answer (16..4096); longer ones are skipped.
-    seed: seeds the order the examples are drawn in.
-    """
-
-    steps: int = 100
-    lr: float = 1e-2
-    batch_size: int = 4
-    max_length: int = 192
-    seed: int = 0
-
-    def check(self) -> None:
-        require(1 <= self.steps <= 10_000, "training.steps", "must lie between 1 and 10000")
-        require(math.isfinite(self.lr) and 0 < self.lr <= 1, "training.lr", "must be positive (at most 1)")
-        require(1 <= self.batch_size <= 256, "training.batch_size", "must lie between 1 and 256")
-        require(16 <= self.max_length <= 4096, "training.max_length", "must lie between 16 and 4096")
-        require(self.seed >= 0, "training.seed", "must be 0 or more")
 
 
 class PhatgooseConfig(TokenRouterConfig, frozen=True):
@@ -149,74 +124,26 @@ def train_gates(
 ) -> GateTraining:
     """Train one gate vector per LoRA target module of ``adapter`` on ``examples`` (TrainingRow: messages
     before the answer, and the answer), base and adapter frozen. CPU heavy: run it off the event loop."""
-    # Heavy imports stay local (importing the router registry must not load transformers).
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from evals.recipe import answer_loss, encode_chat
-
     config = config or GateTrainingConfig()
-    started = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    # Draw rows in a seeded order and encode only as many as the steps use (steps x batch_size at most),
-    # skipping those longer than max_length.
-    rng = random.Random(config.seed)
-    order = list(range(len(examples)))
-    rng.shuffle(order)
-    wanted = config.steps * config.batch_size
-    data: list[tuple[list[int], list[int]]] = []
-    skipped = 0
-    for i in order:
-        if len(data) >= wanted:
-            break
-        row = examples[i]
-        try:
-            data.append(encode_chat(tokenizer, list(row.messages), row.answer, config.max_length))
-        except ValueError:
-            skipped += 1
-    if not data:
-        raise ValidationFailed(
-            f"adapter {adapter.name!r}: none of its {len(examples)} training examples fits in "
-            f"max_length={config.max_length} tokens",
-            param="router_params.training.max_length",
-        )
+    weights = adapter.modules
+    trained = train_layers(
+        base_dir,
+        examples,
+        config,
+        f"adapter {adapter.name!r}",
+        weights,
+        blame=lambda _: adapter.name,
+        shape=lambda m: (weights[m].A.shape[1], weights[m].B.shape[0]),
+        make=lambda m, layer: GatedLoraLinear(layer, weights[m].A, weights[m].B, weights[m].scale),
+        on_step=on_step,
+    )
+    gates = {name: _gate(g) for name, g in trained.layers.items()}
+    return GateTraining(gates, trained.losses, trained.examples, trained.skipped, trained.seconds)
 
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    model.requires_grad_(False)
-    model.eval()  # no dropout: the gates see the activations routing will see
-    gated: dict[str, GatedLoraLinear] = {}
-    for module, w in adapter.modules.items():
-        try:
-            layer = model.get_submodule(module)
-        except AttributeError:
-            layer = None
-        if not isinstance(layer, nn.Linear):
-            raise refused(adapter.name, f"it targets {module}, which is not a Linear layer of the base")
-        if (layer.in_features, layer.out_features) != (w.A.shape[1], w.B.shape[0]):
-            raise refused(adapter.name, f"module {module} does not fit the base layer's shape")
-        parent_name, _, leaf = module.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        gated[module] = GatedLoraLinear(layer, w.A, w.B, w.scale)
-        setattr(parent, leaf, gated[module])
 
-    params = [g.gate for g in gated.values()]
-    optimizer = torch.optim.Adam(params, lr=config.lr)
-    losses: list[float] = []
-    cursor = 0
-    for step in range(1, config.steps + 1):
-        batch = [data[(cursor + j) % len(data)] for j in range(min(config.batch_size, len(data)))]
-        cursor = (cursor + len(batch)) % len(data)
-        loss = answer_loss(model, batch, pad_id)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.item()))
-        if not math.isfinite(losses[-1]):
-            raise RuntimeError(f"gate training of {adapter.name!r} diverged at step {step} (loss {losses[-1]})")
-        if on_step is not None:
-            on_step(step, config.steps, losses[-1])
-    gates = {name: g.gate.detach().to(torch.float32).clone() for name, g in gated.items()}
-    return GateTraining(gates, losses, len(data), skipped, time.perf_counter() - started)
+def _gate(layer: nn.Module) -> torch.Tensor:
+    assert isinstance(layer, GatedLoraLinear)
+    return layer.gate.detach().to(torch.float32).clone()
 
 
 @TOKEN_ROUTERS.register

@@ -10,6 +10,11 @@ train on data, the sha256 of the expert's attached training data: a changed expe
 is refitted on its next use. PHATGOOSE gates are therefore trained on first use, here, not when the data is
 attached.
 
+A router that trains one state for a whole expert set (``joint``, e.g. ``mixer``, trained on the
+composition's own examples) stores it the same way, one row per expert, but under a hash of its config, of
+the sorted expert ids and of its training examples, and with one fingerprint over every expert's: it is
+fitted once for the set and refitted, for all of them, when any of them (or the examples) changes.
+
 Fitting is CPU heavy: it runs in a worker thread (one fit at a time per process: two fits would only share
 the two cores), never on the event loop, and without holding a database connection. Concurrent callers in
 one process share one fit of the same state; callers in other processes (replicas) may fit it too, and the
@@ -23,10 +28,10 @@ import asyncio
 import hashlib
 import threading
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import load as load_tensors
@@ -44,9 +49,10 @@ from routers.token.adapters import AdapterRefused, load_lora_adapter
 from routers.token.base import TOKEN_ROUTERS, FitContext, TokenRouter
 
 State = dict[str, torch.Tensor]
+T = TypeVar("T")
 
 _MEMO = LRU(4096)  # (router, config hash, expert id, fingerprint) -> state
-_INFLIGHT: dict[tuple[str, str, str, str], asyncio.Future[State]] = {}
+_INFLIGHT: dict[tuple[str, str, str, str], asyncio.Future[Any]] = {}
 _FIT_LOCK = threading.Lock()  # one CPU-heavy fit at a time in this process
 
 
@@ -130,6 +136,9 @@ class TokenStateStore:
                 )
             )
 
+        if router.joint:
+            return await self._joint_states(router, owner, config_hash, jobs)
+
         out: dict[int, State] = {}
         for job in jobs:
             memo = _MEMO.get((owner, config_hash, job.expert_id, job.fingerprint))
@@ -140,16 +149,7 @@ class TokenStateStore:
         if not missing:
             return [out[j.index] for j in jobs]
 
-        rows = {
-            str(row.expert_id): row
-            for row in await self.session.scalars(
-                select(RouterState).where(
-                    RouterState.router == owner,
-                    RouterState.config_hash == config_hash,
-                    RouterState.expert_id.in_([uuid.UUID(j.expert_id) for j in missing]),
-                )
-            )
-        }
+        rows = await self._stored(owner, config_hash, [j.expert_id for j in missing])
         stale: list[_Job] = []
         for job in missing:
             row = rows.get(job.expert_id)
@@ -171,36 +171,64 @@ class TokenStateStore:
             _MEMO.put((owner, config_hash, job.expert_id, job.fingerprint), state)
         return [out[j.index] for j in jobs]
 
+    async def _stored(self, owner: str, config_hash: str, expert_ids: list[str]) -> dict[str, RouterState]:
+        """The stored rows of these experts under (owner, config hash), by expert id."""
+        found = await self.session.scalars(
+            select(RouterState).where(
+                RouterState.router == owner,
+                RouterState.config_hash == config_hash,
+                RouterState.expert_id.in_([uuid.UUID(i) for i in expert_ids]),
+            )
+        )
+        return {str(row.expert_id): row for row in found}
+
     async def _fit_once(self, router: TokenRouter, owner: str, config_hash: str, job: _Job) -> tuple[State, bool]:
         """Fit ``job`` in a worker thread, shared by every caller in this process that asks meanwhile; returns
         the state and whether this caller ran the fit."""
-        key = (owner, config_hash, job.expert_id, job.fingerprint)
-        loop = asyncio.get_running_loop()
-        running = _INFLIGHT.get(key)
-        if running is not None and running.get_loop() is loop:
-            return await asyncio.shield(running), False
-        future: asyncio.Future[State] = loop.create_future()
-        _INFLIGHT[key] = future
-        try:
+
+        async def fit() -> State:
             examples = (
                 await asyncio.to_thread(TrainingDataService(self.session, self.store).read, job.data_sha)
                 if job.data_sha is not None
                 else []
             )
-            state = await asyncio.to_thread(_fit, router, job, examples)
-        except asyncio.CancelledError:
-            future.cancel()
-            raise
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved, so an unawaited failure is not reported twice
-            raise
-        finally:
-            if _INFLIGHT.get(key) is future:
-                del _INFLIGHT[key]
-        future.set_result(state)
-        self.fitted.append(job.slug)
-        return state, True
+            return await asyncio.to_thread(_fit, router, job, examples)
+
+        state, mine = await _shared((owner, config_hash, job.expert_id, job.fingerprint), fit)
+        if mine:
+            self.fitted.append(job.slug)
+        return state, mine
+
+    async def _joint_states(self, router: TokenRouter, owner: str, config_hash: str, jobs: list[_Job]) -> list[State]:
+        """States of a router trained for the whole expert set at once (``mixer``): stored one row per expert
+        under a hash of the config, the set of experts and the training examples, with a fingerprint of
+        every expert's, so a change to any of them refits them all (in one fit)."""
+        if len({j.base_dir for j in jobs}) > 1:
+            raise ValidationFailed(f"router {router.name!r} mixes adapters of one base only", param="experts")
+        digest = router.examples_digest()
+        ids = sorted(j.expert_id for j in jobs)
+        set_hash = hashlib.sha256("\0".join([config_hash, digest, *ids]).encode()).hexdigest()[:16]
+        by_id = {j.expert_id: j for j in jobs}
+        fingerprint = hashlib.sha256("\0".join(by_id[i].fingerprint for i in ids).encode()).hexdigest()
+        memo = [_MEMO.get((owner, set_hash, j.expert_id, fingerprint)) for j in jobs]
+        self.fitted = []
+        if all(m is not None for m in memo):
+            return [m for m in memo if m is not None]
+        rows = await self._stored(owner, set_hash, ids)
+        if all(i in rows and rows[i].fingerprint == fingerprint for i in ids):
+            states = [decode_state(rows[j.expert_id].payload) for j in jobs]
+        else:
+            await self.session.close()  # the fit takes minutes: hold no database connection meanwhile
+            states, mine = await _shared(
+                (owner, set_hash, ",".join(ids), fingerprint), lambda: asyncio.to_thread(_fit_joint, router, jobs)
+            )
+            if mine:
+                self.fitted = [j.slug for j in jobs]
+                for job, state in zip(jobs, states, strict=True):
+                    await self._save(owner, set_hash, replace(job, fingerprint=fingerprint), state)
+        for job, state in zip(jobs, states, strict=True):
+            _MEMO.put((owner, set_hash, job.expert_id, fingerprint), state)
+        return states
 
     async def _save(self, owner: str, config_hash: str, job: _Job, state: State) -> None:
         expert_id = uuid.UUID(job.expert_id)
@@ -227,6 +255,44 @@ class TokenStateStore:
         except IntegrityError:
             # Another caller (another replica) stored this state at the same moment: its row is as good.
             await self.session.rollback()
+
+
+async def _shared(key: tuple[str, str, str, str], fit: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
+    """Run ``fit`` once for every caller in this process (on this loop) asking for ``key`` meanwhile; returns
+    its result and whether this caller ran it."""
+    loop = asyncio.get_running_loop()
+    running = _INFLIGHT.get(key)
+    if running is not None and running.get_loop() is loop:
+        return await asyncio.shield(running), False
+    future: asyncio.Future[Any] = loop.create_future()
+    _INFLIGHT[key] = future
+    try:
+        result = await fit()
+    except asyncio.CancelledError:
+        future.cancel()
+        raise
+    except BaseException as exc:
+        future.set_exception(exc)
+        future.exception()  # retrieved, so an unawaited failure is not reported twice
+        raise
+    finally:
+        if _INFLIGHT.get(key) is future:
+            del _INFLIGHT[key]
+    future.set_result(result)
+    return result, True
+
+
+def _fit_joint(router: TokenRouter, jobs: Sequence[_Job]) -> list[State]:
+    adapters = []
+    for job in jobs:
+        try:
+            adapters.append(load_lora_adapter(job.adapter_dir, job.slug))
+        except AdapterRefused as exc:
+            raise ValidationFailed(str(exc), param=f"experts[{job.index}]") from exc
+    context = FitContext(base_dir=jobs[0].base_dir)
+    with _FIT_LOCK:
+        states = router.fit_composition(adapters, context)
+    return [{k: v.detach().to(torch.float32).contiguous() for k, v in s.items()} for s in states]
 
 
 def _fit(router: TokenRouter, job: _Job, examples: Sequence[Any]) -> State:

@@ -219,6 +219,13 @@ def _attach(live: dict[str, Any], slug: str, rows: list[dict[str, str]]) -> None
     assert resp.status_code in (200, 201), resp.text
 
 
+def _traced(live: dict[str, Any], model: str, messages: list[dict[str, str]]) -> dict[str, Any]:
+    """/api/route's answer for ``model`` with the per-token trace."""
+    body = {"model": model, "messages": messages, "trace": True}
+    resp = httpx.post(f"{live['url']}/api/route", headers=live["env"].query, json=body, timeout=120)
+    return resp.json()  # type: ignore[no-any-return]
+
+
 def test_phatgoose_and_glider_compositions(live: dict[str, Any]) -> None:
     """phatgoose needs each expert's training data (a clear 400 naming the expert without it); with it, the gates
     are trained at creation and stored; glider adds the per-query bias from the base's task description."""
@@ -238,12 +245,7 @@ def test_phatgoose_and_glider_compositions(live: dict[str, Any]) -> None:
     params = {"local": "phatgoose", "local_params": training, "model": "tiny-base", "max_new_tokens": 4, "scale": scale}
     resp = _create(live, name="glide", router="glider", router_params=params, experts=list(SLUGS))
     assert resp.status_code == 201, resp.text
-    routed = httpx.post(
-        f"{live['url']}/api/route",
-        headers=live["env"].query,
-        json={"model": "glide", "messages": messages, "trace": True},
-        timeout=120,
-    ).json()
+    routed = _traced(live, "glide", messages)
     extra = routed["extra"]
     assert extra["level"] == "token" and isinstance(extra["task_description"], str)
     bias = extra["bias"]
@@ -255,3 +257,30 @@ def test_phatgoose_and_glider_compositions(live: dict[str, Any]) -> None:
     assert min(weights) > 0.99
     done = client.chat.completions.create(model="glide", messages=messages, max_tokens=6, temperature=0)
     assert done.choices[0].message.content is not None
+
+
+def test_mixer_composition(live: dict[str, Any]) -> None:
+    """mixer: bad params are a 400 naming the field; its router is trained at creation on the composition's own
+    examples (the experts need no training data), stored, and the composition answers and traces through the API
+    with gates (weights in (0, 1), not summing to 1) as its mixing weights."""
+    examples = [{"prompt": f"say {w}", "answer": w} for w in ("one", "two", "three")]
+    for params, field in (
+        ({}, "router_params.examples"),
+        ({"examples": [{"prompt": "say one"}]}, "router_params.examples[0].answer"),
+        ({"examples": examples, "init": 2.0}, "router_params.init"),
+        ({"task": "nope"}, "router_params.task"),
+    ):
+        resp = _create(live, name="mix", router="mixer", router_params=params, experts=list(SLUGS))
+        assert resp.status_code == 400, (params, resp.text)
+        assert resp.json()["error"]["param"] == field, (params, resp.json())
+    params = {"examples": examples, "training": {"steps": 3, "batch_size": 2}}
+    resp = _create(live, name="mix", router="mixer", router_params=params, experts=list(SLUGS[:2]))
+    assert resp.status_code == 201, resp.text
+    messages = [{"role": "user", "content": "say two"}]
+    done = live["client"].chat.completions.create(model="mix", messages=messages, max_tokens=6, temperature=0)
+    assert done.choices[0].message.content is not None and done.model == "mix"
+    routed = _traced(live, "mix", messages)
+    assert routed["extra"]["level"] == "token"
+    rows = [row for layer in routed["trace"]["weights"] for row in layer]
+    assert rows and all(0 < w < 1 for row in rows for w in row)
+    assert any(abs(sum(row) - 1) > 1e-3 for row in rows)
