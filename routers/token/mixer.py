@@ -19,6 +19,14 @@ takes) or ``task``, an evals task whose seeded train split gives ``task_examples
 depends on the whole expert set and on the examples, so it is keyed by both (``joint``).
 
 Stored form: per expert and module one vector [in_features + 1], w_e followed by b_e (``state_width``).
+
+Cost: a training step runs the base forward and backward plus every expert's LoRA path at every module;
+with the defaults (100 steps of 4 examples, 64 examples of ``json_dates``) over two SmolLM2-135M experts it
+took 6.5 min on one thread of this 2-core machine while other jobs loaded it. Routing costs what
+``phatgoose`` does (one [E, d] product per module and token). The router rows, d + 1 numbers per expert and
+module (about 0.3M for two SmolLM2 experts, an eighth of one rank-8 LoRA), are themselves trained on the task:
+trained the same way over ``dates-lora`` alone they reach 37% on ``json_dates`` held-out, against 72% over both
+experts (n=100), so the gain comes from composing the two experts, not from the router alone.
 """
 
 from __future__ import annotations
