@@ -54,7 +54,8 @@ def free_port() -> int:
 
 
 def make_adapters(base_dir: Path, out: Path, count: int) -> list[Path]:
-    """The demo's trained experts when cached; otherwise seeded random rank-8 LoRAs on all projections."""
+    """``count`` seeded random rank-8 LoRAs on every projection of ``base_dir``, written under ``out`` (the
+    benchmarks' stand-ins when the demo's trained experts are not cached: see :func:`demo_adapters`)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -81,6 +82,7 @@ def make_adapters(base_dir: Path, out: Path, count: int) -> list[Path]:
 
 
 def demo_adapters(count: int) -> list[Path] | None:
+    """The first ``count`` demo experts' folders when all of them are trained and cached, else None."""
     try:
         from evals.recipe import expert_dir
         from evals.tasks import TASKS

@@ -346,13 +346,15 @@ async def test_composed_answer_survives_a_member_server_dying(models: Models, tm
         long = Sampling(max_tokens=450)
         expected = _ok((await eng.generate([GenRequest(alive, long, prompt=PROMPT)]))[0]).text
 
+        # The doomed server is frozen first, so its member's request is surely still in flight when it dies (a
+        # compiled tiny model can finish 450 tokens before a kill would land).
+        doomed_pid = next(s["pid"] for s in await eng.status() if s["base_id"] == "tiny-doomed")
+        os.killpg(doomed_pid, signal.SIGSTOP)
         task = asyncio.create_task(
             compose(eng, resolved, PROMPT, lambda target: GenRequest(target, long, prompt=PROMPT), long)
         )
-        probe = eng.stream(GenRequest(doomed, long, prompt=PROMPT))
-        await probe.__anext__()  # the doomed server is generating
+        await asyncio.sleep(1.0)  # both requests sent; the alive member answers, the doomed one cannot
         assert not task.done()
-        doomed_pid = next(s["pid"] for s in await eng.status() if s["base_id"] == "tiny-doomed")
         os.killpg(doomed_pid, signal.SIGKILL)
 
         done = await asyncio.wait_for(task, timeout=120)
