@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 import msgspec
 from sqlalchemy import func, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from merging.config import CheckedRequest, MergeRequest, check_request, parse_request
@@ -124,6 +125,7 @@ class MergeJobService:
             id=job_id,
             status=MergeJobStatus.running.value if claim else MergeJobStatus.queued.value,
             method=checked.method.name,
+            result_name=name,
             params=params,
             progress=0.0,
             message="starting" if claim else "queued",
@@ -133,7 +135,13 @@ class MergeJobService:
             inputs=[MergeJobInput(expert_id=eid, weight=w) for eid, w in weights.items()],
         )
         self.session.add(job)
-        await self.session.commit()
+        try:
+            await self.session.commit()
+        except IntegrityError as exc:  # a job submitted at the same moment took the name after our check
+            await self.session.rollback()
+            raise Conflict(
+                f"name: another merge job will register {name!r}", param="name", code="duplicate_slug"
+            ) from exc
         return job
 
     async def resolve(self, checked: CheckedRequest, pinned: dict[str, Any] | None = None) -> Resolved:
@@ -173,16 +181,18 @@ class MergeJobService:
     async def _check_name_free(self, name: str) -> None:
         if await ExpertService(self.session, self.store).find(name) is not None:
             raise Conflict(f"name: an expert named {name!r} already exists", param="name", code="duplicate_slug")
-        pending = await self.session.scalars(
-            select(MergeJob).where(MergeJob.status.in_([MergeJobStatus.queued.value, MergeJobStatus.running.value]))
+        pending = await self.session.scalar(
+            select(MergeJob).where(
+                MergeJob.result_name == name,
+                MergeJob.status.in_([MergeJobStatus.queued.value, MergeJobStatus.running.value]),
+            )
         )
-        for job in pending:
-            if job_name(job) == name:
-                raise Conflict(
-                    f"name: merge job {job.id} ({job.status}) will register {name!r}",
-                    param="name",
-                    code="duplicate_slug",
-                )
+        if pending is not None:
+            raise Conflict(
+                f"name: merge job {pending.id} ({pending.status}) will register {name!r}",
+                param="name",
+                code="duplicate_slug",
+            )
 
     async def get(self, job_id: str | uuid.UUID) -> MergeJob:
         try:

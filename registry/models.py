@@ -18,6 +18,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     String,
@@ -25,6 +26,7 @@ from sqlalchemy import (
     UniqueConstraint,
     Uuid,
     false,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -229,14 +231,29 @@ class MergeJobStatus(enum.StrEnum):
     cancelled = "cancelled"
 
 
+PENDING_JOB_SQL = f"status IN ('{MergeJobStatus.queued.value}', '{MergeJobStatus.running.value}')"
+
+
 class MergeJob(Base):
     """A merge job; the row is the source of truth for its state (the merging issue fills in the worker)."""
 
     __tablename__ = "merge_jobs"
+    # Two jobs queued or running at once never promise the same result name: the database refuses the second
+    # (a check before the insert alone would let two racing requests both pass it, then both do the work).
+    __table_args__ = (
+        Index(
+            "uq_merge_jobs_pending_result_name",
+            "result_name",
+            unique=True,
+            sqlite_where=text(PENDING_JOB_SQL),
+            postgresql_where=text(PENDING_JOB_SQL),
+        ),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     status: Mapped[str] = mapped_column(String(16), default=MergeJobStatus.queued.value, index=True)
     method: Mapped[str] = mapped_column(String(64))
+    result_name: Mapped[str | None] = mapped_column(String(128))  # the slug the result will be registered as
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     message: Mapped[str] = mapped_column(Text, default="")

@@ -254,3 +254,47 @@ def test_progress_stream_ends_after_the_terminal_status(live: dict[str, Any]) ->
     assert live["http"].post(f"/api/merges/{job['id']}/cancel", headers=env.admin).status_code == 409
     with live["http"].stream("GET", f"/api/merges/{job['id']}/events", headers=env.query) as resp:
         assert [line for line in resp.iter_lines() if line.startswith("data: ")] == [f"data: {json.dumps(events[-1])}"]
+
+
+def test_racing_merges_for_one_name_the_database_refuses_the_second(
+    registry_env: RegistryEnv, tiny_base: Path, models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two requests for one result name that both passed the name check before either was written (the race is
+    made certain by skipping the check: a stand-in for timing we cannot force): the database's unique index on
+    pending jobs' names refuses the second, which writes no row. Once the first job ends, the name is free."""
+    import asyncio
+
+    from sqlalchemy import func, select
+
+    from merging.jobs import MergeJobService
+    from registry import db
+    from registry.errors import Conflict
+    from registry.models import MergeJob
+
+    settings = registry_env.settings
+    register(settings, tiny_base, ExpertSpec(slug="tiny-base"))
+    for slug in ("ft-a", "ft-b"):
+        register(settings, models[slug], ExpertSpec(slug=slug, base="tiny-base"))
+
+    async def skipped_check(self: MergeJobService, name: str) -> None:
+        return None
+
+    monkeypatch.setattr(MergeJobService, "_check_name_free", skipped_check)
+
+    async def run() -> None:
+        engine = db.make_engine(settings.database_url)
+        try:
+            async with db.make_sessionmaker(engine)() as session:
+                jobs = MergeJobService(session, registry_env.store)
+                first_id = (await jobs.submit(TIES)).id
+                with pytest.raises(Conflict, match="another merge job will register 'tiny-ties'") as refused:
+                    await jobs.submit(TIES)
+                assert refused.value.param == "name"
+                assert await session.scalar(select(func.count()).select_from(MergeJob)) == 1
+                await jobs.cancel(first_id)  # queued: cancelled at once, so the name is no longer pending
+                again = await jobs.submit(TIES)
+                assert again.result_name == "tiny-ties" and again.id != first_id
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run())
