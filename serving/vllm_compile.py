@@ -86,7 +86,9 @@ def install() -> None:
 
     def check_and_update_config(cls: Any, vllm_config: Any) -> None:
         lora_config = vllm_config.lora_config
-        if lora_config is None:
+        # Fully sharded LoRA layers call vLLM's shrink / expand ops from their own forward, outside the layers
+        # patched below: those servers stay eager, as vLLM runs them.
+        if lora_config is None or getattr(lora_config, "fully_sharded_loras", False):
             check(cls, vllm_config)
             return
         # The platform's only use of lora_config here is to switch compilation off; hide it for that call.
