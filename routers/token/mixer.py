@@ -102,9 +102,14 @@ class MixerConfig(TokenRouterConfig, frozen=True):
         return [TrainingRow.from_prompt(e.prompt, e.answer) for e in self.examples]
 
 
-def mixer_gates(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """[..., E] gates σ(x·w_e/√d + b_e) for x [..., d], weight [E, d], bias [E]."""
-    return torch.sigmoid((x @ weight.T.to(x.dtype)) / math.sqrt(x.shape[-1]) + bias.to(x.dtype))
+def mixer_gates(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, extra: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[..., E] gates σ(x·w_e/√d + b_e (+ extra)) for x [..., d], weight [E, d], bias [E], extra [..., E]."""
+    logits = (x @ weight.T.to(x.dtype)) / math.sqrt(x.shape[-1]) + bias.to(x.dtype)
+    if extra is not None:
+        logits = logits + extra.to(logits.dtype)
+    return torch.sigmoid(logits)
 
 
 def mixer_route(
@@ -112,10 +117,7 @@ def mixer_route(
 ) -> Route:
     """Gates of the available experts (state [E, d + 1]: w_e then b_e; ``bias`` [tokens, E] is added to the
     logits), the top_k of them kept as they are."""
-    logits = (x @ state[:, :-1].T.to(x.dtype)) / math.sqrt(x.shape[-1]) + state[:, -1].to(x.dtype)
-    if bias is not None:
-        logits = logits + bias.to(logits.dtype)
-    gates = torch.sigmoid(logits)
+    gates = mixer_gates(x, state[:, :-1], state[:, -1], bias)
     if not bool(available.all()):
         gates = gates.masked_fill(~available.to(gates.device), -1.0)  # below any gate: never kept
     k = min(top_k, int(available.sum()))
