@@ -25,7 +25,7 @@ def test_compiled_model_cache_uses_inductors_unless_set(monkeypatch: pytest.Monk
     assert server_env(2)["VLLM_USE_AOT_COMPILE"] == "1"
 
 
-def test_compile_setting_reaches_managed_servers() -> None:
+def test_compile_setting_is_read_from_the_environment() -> None:
     from api.settings import Settings
     from serving.vllm_plugin import COMPILE_ENV
 
