@@ -174,49 +174,56 @@ async def sequential_overhead(
     }
 
 
-def peft_switching(
-    base_dir: Path, adapters: list[Path], bodies: list[dict[str, Any]], names: list[str]
-) -> dict[str, Any]:
-    """(b): PEFT in process, `set_adapter` per request, requests one at a time (what adapter switching means)."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+class PeftSwitching:
+    """(b): PEFT in process, `set_adapter` per request, requests one at a time (what adapter switching means).
 
-    torch.set_num_threads(os.cpu_count() or 2)
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    peft_model = PeftModel.from_pretrained(model, adapters[0], adapter_name=names[0])
-    for name, folder in zip(names[1:], adapters[1:], strict=True):
-        peft_model.load_adapter(folder, adapter_name=name)
-    peft_model.eval()
-    latencies, tokens = [], 0
-    start = time.perf_counter()
-    for body in bodies:  # all 16 arrive at once; each waits for the ones before it
-        peft_model.set_adapter(body["model"])
-        encoded = tokenizer.apply_chat_template(
-            body["messages"], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
-        assert isinstance(encoded, Mapping)  # return_dict=True: input_ids and attention_mask
-        ids: dict[str, torch.Tensor] = dict(encoded)
-        fixed_length = body["max_tokens"] if body.get("ignore_eos") else 0
-        with torch.no_grad():
-            out = peft_model.generate(
-                **ids,
-                max_new_tokens=body["max_tokens"],
-                min_new_tokens=fixed_length,
-                do_sample=False,
-                pad_token_id=tokenizer.eos_token_id,
+    Loaded once; :meth:`round` runs one round. The rounds alternate with (a)'s and (c)'s (the vLLM server sits
+    idle meanwhile), so a machine that drifts slower or faster during the benchmark affects every path alike."""
+
+    def __init__(self, base_dir: Path, adapters: list[Path], names: list[str]) -> None:
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.set_num_threads(os.cpu_count() or 2)
+        self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        self.model = PeftModel.from_pretrained(model, adapters[0], adapter_name=names[0])
+        for name, folder in zip(names[1:], adapters[1:], strict=True):
+            self.model.load_adapter(folder, adapter_name=name)
+        self.model.eval()
+
+    def round(self, bodies: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        latencies, tokens = [], 0
+        start = time.perf_counter()
+        for body in bodies:  # all 16 arrive at once; each waits for the ones before it
+            self.model.set_adapter(body["model"])
+            encoded = self.tokenizer.apply_chat_template(
+                body["messages"], add_generation_prompt=True, return_tensors="pt", return_dict=True
             )
-        tokens += int(out.shape[1] - ids["input_ids"].shape[1])
-        latencies.append((time.perf_counter() - start) * 1000)
-    wall = time.perf_counter() - start
-    return {
-        "wall_s": wall,
-        "tokens": tokens,
-        "tokens_per_s": tokens / wall,
-        "p50_ms": percentile(latencies, 50),
-        "p95_ms": percentile(latencies, 95),
-    }
+            assert isinstance(encoded, Mapping)  # return_dict=True: input_ids and attention_mask
+            ids: dict[str, torch.Tensor] = dict(encoded)
+            fixed_length = body["max_tokens"] if body.get("ignore_eos") else 0
+            with torch.no_grad():
+                out = self.model.generate(
+                    **ids,
+                    max_new_tokens=body["max_tokens"],
+                    min_new_tokens=fixed_length,
+                    do_sample=False,
+                    pad_token_id=self.tokenizer.eos_token_id,
+                )
+            tokens += int(out.shape[1] - ids["input_ids"].shape[1])
+            latencies.append((time.perf_counter() - start) * 1000)
+        wall = time.perf_counter() - start
+        return {
+            "wall_s": wall,
+            "tokens": tokens,
+            "tokens_per_s": tokens / wall,
+            "p50_ms": percentile(latencies, 50),
+            "p95_ms": percentile(latencies, 95),
+        }
 
 
 def main() -> None:
@@ -267,15 +274,14 @@ def main() -> None:
         "lora_ops": env.get("MOERGE_VLLM_LORA_OPS", "grouped"),
         "vllm_model": "eager" if env.get("MOERGE_VLLM_COMPILE", "1") == "0" else "compiled",
     }
+    peft = PeftSwitching(base_dir, adapters, names)
     try:
-        asyncio.run(_run_vllm_parts(port, headers, names, args, results))
+        asyncio.run(_run_all_paths(port, headers, names, peft, args, results))
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
         log.close()
-    for workload, fixed in WORKLOADS.items():
-        part = results["workloads"][workload]
-        part["peft_switching"] = peft_switching(base_dir, adapters, requests_for(names, args.max_tokens, fixed), names)
+    for part in results["workloads"].values():
         part["throughput_ratio_moerge_over_peft"] = (
             part["moerge_vllm"]["tokens_per_s"] / part["peft_switching"]["tokens_per_s"]
         )
@@ -285,8 +291,8 @@ def main() -> None:
     lines = [
         f"16 concurrent chat requests over {len(adapters)} LoRA adapters ({results['adapter_source']}) of "
         f"SmolLM2-135M-Instruct, greedy, max_tokens={args.max_tokens}, float32, {results['machine']}; "
-        f"median of {args.rounds} rounds; vLLM's multi-LoRA ops: {results['lora_ops']}, its model "
-        f"{results['vllm_model']} (MOERGE_VLLM_COMPILE).",
+        f"median of {args.rounds} rounds per path, the paths taking turns; vLLM's multi-LoRA ops: "
+        f"{results['lora_ops']}, its model {results['vllm_model']} (MOERGE_VLLM_COMPILE).",
         "",
         "| workload | path | tokens/s | p50 latency ms | p95 latency ms |",
         "| --- | --- | ---: | ---: | ---: |",
@@ -322,8 +328,13 @@ def _row(workload: str, label: str, r: dict[str, Any]) -> str:
     return f"| {workload} | {label} | {r['tokens_per_s']:.1f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} |"
 
 
-async def _run_vllm_parts(
-    port: int, headers: dict[str, str], names: list[str], args: argparse.Namespace, results: dict[str, Any]
+async def _run_all_paths(
+    port: int,
+    headers: dict[str, str],
+    names: list[str],
+    peft: PeftSwitching,
+    args: argparse.Namespace,
+    results: dict[str, Any],
 ) -> None:
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     async with httpx.AsyncClient(
@@ -359,12 +370,14 @@ async def _run_vllm_parts(
             for workload, fixed in WORKLOADS.items():
                 bodies = requests_for(names, args.max_tokens, fixed)
                 direct_bodies = requests_for(direct_names, args.max_tokens, fixed)
-                a_rounds, c_rounds = [], []
-                for _ in range(args.rounds):  # alternate so drift affects both paths alike
+                a_rounds, b_rounds, c_rounds = [], [], []
+                for _ in range(args.rounds):  # alternate so drift affects every path alike
                     a_rounds.append(await concurrent_round(client, bodies))
                     c_rounds.append(await concurrent_round(direct, direct_bodies))
+                    b_rounds.append(peft.round(bodies))  # in this process; the vLLM server is idle
                 results["workloads"][workload] = {
                     "moerge_vllm": median_round(a_rounds),
+                    "peft_switching": median_round(b_rounds),
                     "vllm_direct": median_round(c_rounds),
                 }
             results["overhead"] = await sequential_overhead(client, direct, names, direct_names, args.overhead_repeats)

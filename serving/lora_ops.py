@@ -63,12 +63,19 @@ class _Caches:
     packed_bytes = 0
 
 
+# Plans per layer (keyed by the caller: serving/vllm_compile.py's layer keys), valid until the next mapping
+# update, so a decode step costs one lookup and two products per LoRA layer. Filled only while the caches are
+# enabled (the update hook is installed), else nothing would ever clear it.
+LAYER_PLANS: dict[int, LinearPlan | None] = {}
+
+
 def mapping_updated(slot_layout: Sequence[int | None]) -> None:
     """vLLM refilled the LoRA index buffers (and, when ``slot_layout`` changed, the slots' weights)."""
     _Caches.enabled = True
     _Caches.one_hot.clear()
     _Caches.per_token.clear()
     _Caches.routing.clear()
+    LAYER_PLANS.clear()
     if tuple(slot_layout) != _Caches.slot_layout:
         _Caches.expand_weights.clear()
         _Caches.packed.clear()
@@ -354,6 +361,66 @@ def _packed(
     return _remember(_Caches.packed, key, first, packed)  # type: ignore[no-any-return]
 
 
+class LinearPlan(NamedTuple):
+    """One mapping's LoRA work for one linear layer, ready to apply: ``y[:, :width] += scale * mask(x @ a_t) @ b``."""
+
+    a_t: torch.Tensor  # [in, columns]: the active slots' A rows, transposed (a view)
+    b: torch.Tensor  # [columns, width]
+    scale: float
+    mask: torch.Tensor | None  # [tokens, columns]: 1 where the token's slot owns the column; None if uniform
+    groups: tuple[tuple[torch.Tensor, slice], ...] | None  # many slots: (token rows, columns) per slot
+    tokens: int
+
+
+def linear_plan(
+    lora_a_stacked: Sequence[torch.Tensor],
+    lora_b_stacked: Sequence[torch.Tensor],
+    scale: float,
+    output_slices: Sequence[int],
+    token_indices: torch.Tensor,
+    tokens: int,
+    dtype: torch.dtype,
+) -> LinearPlan | None:
+    """What :func:`add_lora_linear` does for these weights and this mapping, or None when no token has an
+    adapter with nonzero weights here (the layer's output stays as it is)."""
+    routing = _routing(token_indices, tokens)
+    if not routing.slots:
+        return None
+    a, b, columns = _packed(lora_a_stacked, lora_b_stacked, output_slices, routing.slots, dtype)
+    if a.shape[0] == 0:  # every active adapter is all zeros here
+        return None
+    if routing.uniform:
+        return LinearPlan(a.T, b, scale, None, None, tokens)
+    if a.shape[0] <= DENSE_SLOT_COLUMNS:
+        mask = routing.masks.get((columns, dtype))
+        if mask is None:
+            mask = routing.hot.to(dtype).repeat_interleave(torch.tensor(columns), dim=1)
+            routing.masks[(columns, dtype)] = mask
+        return LinearPlan(a.T, b, scale, mask, None, tokens)
+    groups, start = [], 0
+    for rows, count in zip(routing.members, columns, strict=True):
+        if count and rows.numel():
+            groups.append((rows, slice(start, start + count)))
+        start += count
+    return LinearPlan(a.T, b, scale, None, tuple(groups), tokens)
+
+
+def apply_linear_plan(plan: LinearPlan, y: torch.Tensor, x: torch.Tensor) -> None:
+    """y (+)= the plan's LoRA term for x ([tokens, in]), in place; y's columns past the plan's width untouched."""
+    b = plan.b
+    target = y if y.shape[1] == b.shape[1] else y[:, : b.shape[1]]
+    if x.dtype != b.dtype:
+        x = x.to(b.dtype)
+    if plan.groups is None:
+        shrunk = torch.mm(x, plan.a_t)
+        if plan.mask is not None:
+            shrunk.mul_(plan.mask)
+        target.addmm_(shrunk, b, alpha=plan.scale)
+        return
+    for rows, block in plan.groups:
+        target.index_add_(0, rows, (x.index_select(0, rows) @ plan.a_t[:, block]) @ b[block], alpha=plan.scale)
+
+
 def add_lora_linear(
     y: torch.Tensor,
     x: torch.Tensor,
@@ -365,31 +432,14 @@ def add_lora_linear(
 ) -> None:
     """y[:, slice i] += scale * (x @ A_i[slot].T) @ B_i[slot].T for each token's slot (vLLM's
     ``PunicaWrapperBase.add_lora_linear`` semantics); a token with index -1 (or past the indices) is left alone."""
-    tokens = x.shape[0]
-    routing = _routing(token_indices, tokens)
-    if not routing.slots:
-        return
-    a, b, columns = _packed(lora_a_stacked, lora_b_stacked, output_slices, routing.slots, y.dtype)
-    if a.shape[0] == 0:  # every active adapter is all zeros here
-        return
-    target = y[:, : b.shape[1]]
-    inputs = x.to(y.dtype)
-    if routing.uniform:
-        target.addmm_(inputs @ a.T, b, alpha=scale)
-        return
-    if a.shape[0] <= DENSE_SLOT_COLUMNS:
-        mask = routing.masks.get((columns, y.dtype))
-        if mask is None:
-            mask = routing.hot.to(y.dtype).repeat_interleave(torch.tensor(columns), dim=1)
-            routing.masks[(columns, y.dtype)] = mask
-        target.addmm_((inputs @ a.T).mul_(mask), b, alpha=scale)
-        return
-    start = 0
-    for rows, count in zip(routing.members, columns, strict=True):
-        block = slice(start, start + count)
-        start += count
-        if count and rows.numel():
-            target.index_add_(0, rows, (inputs.index_select(0, rows) @ a[block].T) @ b[block], alpha=scale)
+    plan = linear_plan(lora_a_stacked, lora_b_stacked, scale, output_slices, token_indices, x.shape[0], y.dtype)
+    if plan is not None:
+        apply_linear_plan(plan, y, x)
+
+
+def remember_layer_plan(key: int, plan: LinearPlan | None) -> None:
+    if _Caches.enabled:
+        LAYER_PLANS[key] = plan
 
 
 OPS = {

@@ -23,11 +23,21 @@ from typing import Any
 
 import torch
 
+from serving.lora_ops import LAYER_PLANS, apply_linear_plan, linear_plan, remember_layer_plan
+
 OP_NAMESPACE = "moerge"
 # Layer key -> the LoRA layer; weak, so an engine torn down in this process frees its layers.
 _LAYERS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 _NEXT_KEY = itertools.count(1)
 _installed = False
+# Set when moerge's grouped LoRA ops run the punica wrapper (serving/vllm_plugin.py): linear layers then apply
+# a plan cached per layer and mapping (serving.lora_ops.LAYER_PLANS) instead of going through vLLM's Python.
+_packed_plans = False
+
+
+def use_packed_plans() -> None:
+    global _packed_plans
+    _packed_plans = True
 
 
 def _layer(key: int) -> Any:
@@ -39,7 +49,26 @@ def _layer(key: int) -> Any:
 
 def _lora_into(output: torch.Tensor, x: torch.Tensor, layer_key: int) -> None:
     """Adds layer ``layer_key``'s LoRA term for each token's adapter to ``output`` (the base layer's output)."""
-    _layer(layer_key)._moerge_eager_lora(x, output)
+    if not _packed_plans or x.dim() != 2:
+        _layer(layer_key)._moerge_eager_lora(x, output)
+        return
+    # A decode step calls this once per LoRA layer (121 times for SmolLM2) with a mapping that rarely changes:
+    # the plan is built on the first call after a mapping update and reused until the next.
+    plan = LAYER_PLANS.get(layer_key)
+    if (plan is None and layer_key not in LAYER_PLANS) or (plan is not None and plan.tokens != x.shape[0]):
+        layer = _layer(layer_key)
+        plan = linear_plan(
+            layer.lora_a_stacked,
+            layer.lora_b_stacked,
+            1.0,  # vLLM folds each adapter's scaling into its stacked B
+            layer.output_slices,
+            layer.punica_wrapper.token_lora_indices,
+            x.shape[0],
+            output.dtype,
+        )
+        remember_layer_plan(layer_key, plan)
+    if plan is not None:
+        apply_linear_plan(plan, output, x)
 
 
 def _lora_embedding(input_ids: torch.Tensor, layer_key: int) -> torch.Tensor:

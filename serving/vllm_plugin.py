@@ -50,6 +50,10 @@ def register() -> None:
         wrapper.update_metadata = update_metadata  # type: ignore[method-assign]
 
     wrapper.add_lora_linear = _packed_lora_linear  # type: ignore[method-assign]
+    if os.environ.get(COMPILE_ENV) == "1":
+        from serving.vllm_compile import use_packed_plans
+
+        use_packed_plans()
     logger.info("%s (%s, add_lora_linear)", PATCHED_MESSAGE, ", ".join(OPS))
 
 
