@@ -114,7 +114,8 @@ def main() -> None:
         f"{results['machine']}), base model vs one adapter ({source}), forced tokens, median of {args.rounds} rounds; "
         "`grouped` = moerge's CPU LoRA ops (serving/lora_ops.py: a packed LoRA layer as two products), `vllm` = "
         "vLLM's own; `compiled` = vLLM's torch.compile'd model with each LoRA layer's adapter work as one opaque op "
-        "(serving/vllm_compile.py; vLLM itself runs eager on CPU whenever LoRA is enabled).",
+        "(serving/vllm_compile.py; with grouped ops the op applies a plan kept per layer until the batch's adapter "
+        "mapping changes; vLLM itself runs eager on CPU whenever LoRA is enabled).",
         "",
         "| LoRA ops, model | batch | base ms/step | with the adapter ms/step | LoRA adds |",
         "| --- | ---: | ---: | ---: | ---: |",
