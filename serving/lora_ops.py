@@ -11,9 +11,10 @@ with plain matrix products:
 - many slots: tokens are grouped by adapter and each group does one product with its adapter's weights.
 
 Linear layers skip the per-slice ops altogether: ``add_lora_linear`` replaces the wrapper's method of that name
-and runs a whole (packed) layer as two products over the active slots' stacked weights (see below). With one
-adapter a decode step costs 11% more than the base model's at batch 1 and 16, against 97% and 73% with vLLM's
-own ops (``bench/vllm_lora_step.py``).
+and runs a whole (packed) layer as two products over the active slots' stacked weights (see below); in vLLM's
+compiled model the same work is a plan per layer (:func:`linear_plan`, :func:`apply_linear_plan`). With one
+adapter an eager decode step costs 11-16% more than the base model's at batch 1 and 16, against 81-110% with
+vLLM's own ops (``bench/vllm_lora_step.py``, bench/RESULTS.md).
 
 Semantics follow vLLM's reference ops exactly (same arguments, same in-place writes); an index of -1 means
 "no adapter" and contributes nothing. Pure tensor functions: ``serving/vllm_plugin.py`` installs them.
@@ -307,7 +308,7 @@ def _routing(indices: torch.Tensor, tokens: int) -> _Routing:
 
 
 class _Packed(NamedTuple):
-    a: torch.Tensor  # [columns, in]: every active slot's A rows, slot-major, slice after slice
+    a_t: torch.Tensor  # [in, columns]: every active slot's A rows (slot-major, slice after slice), transposed
     b: torch.Tensor  # [columns, sum(output_slices)]: the matching B rows, each slice's at its output columns
     columns: tuple[int, ...]  # columns per active slot (its used rank, summed over slices)
 
@@ -351,8 +352,8 @@ def _packed(
             offset += width
             used_columns += rank
         columns.append(used_columns)
-    packed = _Packed(torch.cat(a_parts).contiguous(), torch.cat(b_blocks).contiguous(), tuple(columns))
-    size = packed.a.numel() * packed.a.element_size() + packed.b.numel() * packed.b.element_size()
+    packed = _Packed(torch.cat(a_parts).T.contiguous(), torch.cat(b_blocks).contiguous(), tuple(columns))
+    size = packed.a_t.numel() * packed.a_t.element_size() + packed.b.numel() * packed.b.element_size()
     if _Caches.enabled:
         if _Caches.packed_bytes + size > PACKED_CACHE_BYTES:
             _Caches.packed.clear()
@@ -364,7 +365,7 @@ def _packed(
 class LinearPlan(NamedTuple):
     """One mapping's LoRA work for one linear layer, ready to apply: ``y[:, :width] += scale * mask(x @ a_t) @ b``."""
 
-    a_t: torch.Tensor  # [in, columns]: the active slots' A rows, transposed (a view)
+    a_t: torch.Tensor  # [in, columns]: the active slots' A rows, transposed
     b: torch.Tensor  # [columns, width]
     scale: float
     mask: torch.Tensor | None  # [tokens, columns]: 1 where the token's slot owns the column; None if uniform
@@ -386,23 +387,23 @@ def linear_plan(
     routing = _routing(token_indices, tokens)
     if not routing.slots:
         return None
-    a, b, columns = _packed(lora_a_stacked, lora_b_stacked, output_slices, routing.slots, dtype)
-    if a.shape[0] == 0:  # every active adapter is all zeros here
+    a_t, b, columns = _packed(lora_a_stacked, lora_b_stacked, output_slices, routing.slots, dtype)
+    if a_t.shape[1] == 0:  # every active adapter is all zeros here
         return None
     if routing.uniform:
-        return LinearPlan(a.T, b, scale, None, None, tokens)
-    if a.shape[0] <= DENSE_SLOT_COLUMNS:
+        return LinearPlan(a_t, b, scale, None, None, tokens)
+    if a_t.shape[1] <= DENSE_SLOT_COLUMNS:
         mask = routing.masks.get((columns, dtype))
         if mask is None:
             mask = routing.hot.to(dtype).repeat_interleave(torch.tensor(columns), dim=1)
             routing.masks[(columns, dtype)] = mask
-        return LinearPlan(a.T, b, scale, mask, None, tokens)
+        return LinearPlan(a_t, b, scale, mask, None, tokens)
     groups, start = [], 0
     for rows, count in zip(routing.members, columns, strict=True):
         if count and rows.numel():
             groups.append((rows, slice(start, start + count)))
         start += count
-    return LinearPlan(a.T, b, scale, None, tuple(groups), tokens)
+    return LinearPlan(a_t, b, scale, None, tuple(groups), tokens)
 
 
 def apply_linear_plan(plan: LinearPlan, y: torch.Tensor, x: torch.Tensor) -> None:

@@ -284,4 +284,4 @@ def test_packed_lora_linear_drops_vllms_rank_padding(slots: int, pattern: str) -
     active = tuple(int(s) for s in torch.unique(indices[indices >= 0]).tolist())
     packed = lora_ops._packed(a, b, slices, active, torch.float32)
     assert packed.columns == tuple(2 * used[s] for s in active)
-    assert packed.a.shape[0] == sum(packed.columns) < len(active) * 2 * RANK
+    assert packed.a_t.shape[1] == sum(packed.columns) < len(active) * 2 * RANK
