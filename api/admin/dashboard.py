@@ -16,6 +16,7 @@ from registry.services import ExpertService
 from registry.store import ArtifactStore
 
 RECENT_JOBS = 8
+REFRESH_S = 5  # how often an open dashboard fetches its counts, servers and jobs again
 
 
 class DashboardPage(Controller):
@@ -41,5 +42,6 @@ class DashboardPage(Controller):
                 "engine": serving.name if serving is not None else None,
                 "servers": servers,
                 "jobs": jobs,
+                "refresh_s": REFRESH_S,
             },
         )

@@ -330,6 +330,21 @@ def test_merge_progress_to_result(page: Any, live: dict[str, Any], shots: Any) -
     expect(page.locator("body")).to_contain_text("browser-ties")
 
 
+def test_open_dashboard_shows_a_new_merge_without_a_reload(page: Any, live: dict[str, Any], shots: Any) -> None:
+    from playwright.sync_api import expect
+
+    dashboard = page.context.new_page()  # a second tab, signed in through the same session cookie
+    dashboard.goto(f"{live['url']}/admin/")
+    expect(dashboard.locator("#live")).not_to_contain_text("browser-watched")
+    navigations: list[str] = []
+    dashboard.on("framenavigated", lambda frame: navigations.append(frame.url))
+    _launch(page, live, "browser-watched", "tiny-base", ["ft-1", "ft-2"])
+    expect(dashboard.locator("#live")).to_contain_text("browser-watched", timeout=20_000)  # HTMX polls the page
+    assert navigations == []  # swapped in place, not reloaded
+    shots(dashboard, "15-dashboard-refreshed")
+    dashboard.close()
+
+
 def test_cancel_a_merge(page: Any, live: dict[str, Any], shots: Any) -> None:
     from playwright.sync_api import expect
 
