@@ -6,7 +6,8 @@
 
 Two workloads: fixed-length answers (every request generates exactly max_tokens: `ignore_eos` on vLLM,
 `min_new_tokens` on PEFT, the way vLLM's own serving benchmark measures throughput) and natural-length ones
-(the model stops when it wants; the demo experts answer in 1-10 tokens, so this one is mostly prefill).
+(the model stops when it wants: most demo answers take 1-11 tokens, one runs to max_tokens, so a round is a
+prefill of all 16 prompts and then mostly that one answer decoding alone).
 Reports tokens/s and p50/p95 latency of each, moerge's added latency over (c) (same requests, one at a
 time, interleaved), and writes bench/results/serving.json and a section of bench/RESULTS.md.
 

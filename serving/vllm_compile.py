@@ -56,7 +56,7 @@ def _lora_into(output: torch.Tensor, x: torch.Tensor, layer_key: int) -> None:
     if not _packed_plans or x.dim() != 2:
         _layer(layer_key)._moerge_eager_lora(x, output)
         return
-    # A decode step calls this once per LoRA layer (121 times for SmolLM2) with a mapping that rarely changes:
+    # A decode step calls this once per LoRA linear layer (120 times for SmolLM2), with a mapping that rarely changes:
     # the plan is built on the first call after a mapping update and reused until the next.
     plan = LAYER_PLANS.get(layer_key)
     if (plan is None and layer_key not in LAYER_PLANS) or (plan is not None and plan.tokens != x.shape[0]):
