@@ -131,6 +131,8 @@ class _Sources:
         self.lora: dict[int, _LoraSource] = {}
         for i, m in enumerate(plan.inputs):
             reader = self._open(m.ref.folder)
+            for name, stored in m.aliases.items():
+                reader.alias(name, stored)
             if m.is_lora:
                 self.lora[i] = _LoraSource(m, reader)
             else:

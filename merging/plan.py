@@ -27,6 +27,8 @@ from registry.inspect import (
 )
 from serving.vllm_process import lora_rank_for
 
+OUTPUT_HEAD = "lm_head.weight"  # absent from models that tie it to the input embeddings
+
 
 @dataclass(frozen=True)
 class ModelRef:
@@ -43,6 +45,7 @@ class PlannedModel:
     ref: ModelRef
     param: str  # the request field naming it: base_model or models[i].model
     insp: FolderInspection
+    aliases: dict[str, str] = field(default_factory=dict)  # tensor name -> the stored tensor that serves it
 
     @property
     def is_lora(self) -> bool:
@@ -108,12 +111,7 @@ def plan_merge(checked: CheckedRequest, base: ModelRef | None, inputs: list[Mode
                 f"{m.param}: {m.label} is a DoRA adapter; its magnitude vectors do not merge as task vectors",
                 param=m.param,
             )
-        known = base_model is not None and None not in (m.ref.base_id, base_model.ref.expert_id)
-        if known and base_model is not None and m.ref.base_id != base_model.ref.expert_id:
-            raise ValidationFailed(
-                f"{m.param}: {m.label} is an adapter of another base than base_model {base_model.label}",
-                param=m.param,
-            )
+    _check_one_base(planned, base_model)
     lora_bases = {m.ref.base_id for m in loras}
     if len(lora_bases) > 1 or (None in lora_bases and base_model is None and loras):
         raise ValidationFailed(
@@ -129,6 +127,8 @@ def plan_merge(checked: CheckedRequest, base: ModelRef | None, inputs: list[Mode
     for m in planned:
         if m is not reference:
             _check_fits(m, reference)
+            if not m.is_lora:
+                _match_output_head(m, reference)
 
     plan = MergePlan(checked, base_model, planned, _out_dtype(checked, reference))
     if output.format in ("lora", "cat"):
@@ -163,6 +163,59 @@ def _plan_lora_output(plan: MergePlan) -> None:
     if checked.output.format == "lora":
         ranks = [r for m in plan.inputs for r in (m.insp.r, *m.insp.rank_pattern.values()) if r]
         plan.rank = checked.output.rank or lora_rank_for(max(ranks, default=8))
+
+
+def _check_one_base(planned: list[PlannedModel], base_model: PlannedModel | None) -> None:
+    """Registered inputs must descend from base_model (its id, or its own base when it is a finetune);
+    without a base_model, from one base. A task vector taken against another base is noise."""
+
+    def root(ref: ModelRef) -> uuid.UUID | None:
+        return ref.base_id or ref.expert_id  # a base model is its own root
+
+    if base_model is not None:
+        allowed = {base_model.ref.expert_id, base_model.ref.base_id} - {None}
+        for m in planned:
+            found = root(m.ref)
+            if allowed and found is not None and found not in allowed:
+                what = "an adapter" if m.is_lora else "a model"
+                raise ValidationFailed(
+                    f"{m.param}: {m.label} is {what} of another base than base_model {base_model.label}",
+                    param=m.param,
+                )
+        return
+    roots = {root(m.ref) for m in planned} - {None}
+    if len(roots) > 1:
+        raise ValidationFailed(
+            "models: the inputs are on different bases; merge models of one base, and name it in base_model",
+            param="models",
+        )
+
+
+def _match_output_head(model: PlannedModel, reference: PlannedModel) -> None:
+    """A model with tied embeddings stores no lm_head: where the reference has one, that model's head is its
+    input embedding. The opposite (an own head where the reference ties it) has nowhere to go: refused."""
+    head = OUTPUT_HEAD
+    has, wanted = head in model.insp.tensors, head in reference.insp.tensors
+    if has == wanted:
+        return
+    if has:
+        raise ValidationFailed(
+            f"{model.param}: {model.label} has its own {head} but {reference.label} ties it to the input "
+            "embeddings, so the merged model could not hold it; merge onto a base with its own lm_head",
+            param=model.param,
+        )
+    shape = reference.insp.tensors[head].shape
+    embeddings = [
+        name
+        for name, info in model.insp.tensors.items()
+        if info.shape == shape and "emb" in name.rsplit(".", 2)[-2] and name.endswith(".weight")
+    ]
+    if len(embeddings) != 1:
+        raise ValidationFailed(
+            f"{model.param}: {model.label} has no {head} and no single input embedding of its shape to tie it to",
+            param=model.param,
+        )
+    model.aliases[head] = embeddings[0]
 
 
 def _check_fits(model: PlannedModel, reference: PlannedModel) -> None:

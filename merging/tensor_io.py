@@ -79,6 +79,10 @@ class SafetensorsReader:
     def folder(cls, folder: Path) -> SafetensorsReader:
         return cls(sorted(Path(folder).glob("*.safetensors")))
 
+    def alias(self, name: str, stored: str) -> None:
+        """Serve ``name`` from the bytes of ``stored`` (a tied weight saved once)."""
+        self._entries[name] = self._entries[stored]
+
     def names(self) -> list[str]:
         return list(self._entries)
 

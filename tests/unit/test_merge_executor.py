@@ -273,3 +273,56 @@ def test_incompatible_shapes_are_named(models: dict[str, Any]) -> None:
             [models["finetunes"][0], models["other"]],
         )
     assert info.value.param == "models[1].model" and "m1" in info.value.message
+
+
+def test_inputs_must_descend_from_the_base(models: dict[str, Any]) -> None:
+    """Registered finetunes (not only adapters) are checked against base_model's lineage: a task vector taken
+    against another base of the same shapes would be noise. A finetune of a finetune merges onto that finetune."""
+    import uuid
+
+    base_a, base_b, finetune_of_a = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    checked = check_request(
+        parse_request({"merge_method": "ties", "base_model": "base", "models": [{"model": "m0"}, {"model": "m1"}]})
+    )
+    fts = models["finetunes"]
+
+    def plan(base: ModelRef | None, bases: list[uuid.UUID]) -> Any:
+        refs = [ModelRef(f"m{i}", fts[i], expert_id=uuid.uuid4(), base_id=b) for i, b in enumerate(bases)]
+        return plan_merge(checked, base, refs)
+
+    on_a = ModelRef("base", models["base"], expert_id=base_a)
+    with pytest.raises(ValidationFailed) as info:
+        plan(on_a, [base_a, base_b])
+    assert info.value.param == "models[1].model" and "another base than base_model base" in info.value.message
+    assert plan(on_a, [base_a, base_a]).base is not None
+    # base_model is itself a finetune of A: inputs on A and inputs finetuned from it both fit
+    on_finetune = ModelRef("base", models["base"], expert_id=finetune_of_a, base_id=base_a)
+    assert plan(on_finetune, [base_a, finetune_of_a]).base is not None
+    linear = check_request(parse_request({"merge_method": "linear", "models": [{"model": "m0"}, {"model": "m1"}]}))
+    refs = [ModelRef(f"m{i}", fts[i], expert_id=uuid.uuid4(), base_id=b) for i, b in enumerate([base_a, base_b])]
+    with pytest.raises(ValidationFailed) as info:
+        plan_merge(linear, None, refs)
+    assert info.value.param == "models" and "different bases" in info.value.message
+
+
+def test_tied_head_merges_as_its_embedding_and_an_untied_one_onto_a_tied_base_is_refused(
+    models: dict[str, Any], tmp_path: Path
+) -> None:
+    """A finetune with tied embeddings stores no lm_head; merged onto a base with its own head, its head is its
+    embedding (not a KeyError mid-merge). A finetune with its own head cannot merge onto a tied base."""
+    untied = build_tiny_llama(tmp_path / "untied", seed=11, tie_word_embeddings=False)
+    tied_ft = models["finetunes"][0]
+    raw = {"merge_method": "task_arithmetic", "base_model": "base", "models": [{"model": "m0"}]}
+    outcome = execute(_plan(raw, untied, [tied_ft]), tmp_path / "out")
+    got, base, ft = _weights(outcome.folder), _weights(untied), _weights(tied_ft)
+    assert "lm_head.weight" not in ft and set(got) == set(base)
+    method = METHODS.get("task_arithmetic")
+    config, inputs = METHODS.configure("task_arithmetic", {}, [{}])
+    head = base["lm_head.weight"]
+    expected = head + merge_tensor(method, [ft["model.embed_tokens.weight"] - head], inputs, config)
+    assert torch.equal(got["lm_head.weight"], expected)
+
+    untied_ft = build_tiny_finetune(untied, tmp_path / "untied-ft", seed=12)
+    with pytest.raises(ValidationFailed) as info:
+        _plan(raw, models["base"], [untied_ft])
+    assert info.value.param == "models[0].model" and "own lm_head.weight" in info.value.message
