@@ -108,6 +108,13 @@ class Settings:
             "(default: generated once, kept in $MOERGE_HOME/session-secret)"
         },
     )
+    admin_cookie_secure: bool = field(
+        default=False,
+        metadata={
+            "help": "mark the admin panel's session and CSRF cookies Secure (sent over HTTPS only); off by default "
+            "so the panel works on http://127.0.0.1"
+        },
+    )
     merge_stale_after_s: int = field(
         default=30,
         metadata={"help": "a running merge job whose heartbeat is older than this lost its worker: it is failed"},
@@ -177,4 +184,5 @@ class Settings:
             vllm_compile=_choice_env(env, COMPILE_ENV, ("1", "0"), "1") == "1",
             merge_stale_after_s=_int_env(env, "MOERGE_MERGE_STALE_S", 30),
             session_secret=env.get("MOERGE_SESSION_SECRET") or None,
+            admin_cookie_secure=_choice_env(env, "MOERGE_ADMIN_COOKIE_SECURE", ("0", "1"), "0") == "1",
         )

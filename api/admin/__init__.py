@@ -13,7 +13,7 @@ from litestar.middleware import DefineMiddleware
 from litestar.middleware.csrf import CSRFMiddleware
 from litestar.middleware.session import SessionMiddleware
 from litestar.middleware.session.client_side import ClientSideSessionBackend, CookieBackendConfig
-from litestar.plugins.htmx import HTMXPlugin
+from litestar.plugins.htmx import HTMXPlugin, HTMXRequest
 from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.static_files import create_static_files_router
 from litestar.template.config import TemplateConfig
@@ -45,10 +45,13 @@ def admin_plugins() -> list[Any]:
     return [HTMXPlugin()]
 
 
-def _session_middleware(app: ASGIApp, secret: bytes) -> ASGIApp:
-    """The session: encrypted (AES-GCM) and signed, http-only, SameSite=Lax, sent to /admin only. Built per
-    route stack (a router copies its middleware definitions, and the cipher cannot be copied)."""
-    config = CookieBackendConfig(secret=secret, key="moerge_admin", path="/admin", httponly=True, samesite="lax")
+def _session_middleware(app: ASGIApp, secret: bytes, secure: bool) -> ASGIApp:
+    """The session: encrypted (AES-GCM) and signed, http-only, SameSite=Lax, sent to /admin only (and over
+    HTTPS only when ``secure``). Built per route stack (a router copies its middleware definitions, and the
+    cipher cannot be copied)."""
+    config = CookieBackendConfig(
+        secret=secret, key="moerge_admin", path="/admin", httponly=True, samesite="lax", secure=secure
+    )
     return SessionMiddleware(app=app, backend=ClientSideSessionBackend(config=config))
 
 
@@ -60,6 +63,7 @@ def admin_router(settings: Settings) -> list[Any]:
         cookie_path="/admin",
         cookie_httponly=True,  # the token reaches forms and HTMX headers from the page, not from JS cookies
         cookie_samesite="lax",
+        cookie_secure=settings.admin_cookie_secure,
         header_name="x-csrftoken",
     )
     pages = Router(
@@ -74,8 +78,11 @@ def admin_router(settings: Settings) -> list[Any]:
             EvalPage,
         ],
         guards=[require_admin_session],
+        request_class=HTMXRequest,  # handlers read `request.htmx` (the app's plugin sets it too)
         middleware=[
-            DefineMiddleware(_session_middleware, secret=settings.session_key("session")),
+            DefineMiddleware(
+                _session_middleware, secret=settings.session_key("session"), secure=settings.admin_cookie_secure
+            ),
             DefineMiddleware(CSRFMiddleware, config=csrf),
         ],
         exception_handlers={

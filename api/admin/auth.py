@@ -12,6 +12,7 @@ from litestar.connection import ASGIConnection
 from litestar.exceptions import HTTPException, NotAuthorizedException, PermissionDeniedException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.params import FromQuery
+from litestar.plugins.htmx import ClientRedirect, HTMXRequest, HTMXTemplate
 from litestar.response import Redirect, Template
 from litestar.status_codes import HTTP_303_SEE_OTHER
 
@@ -43,14 +44,21 @@ async def require_admin_session(connection: ASGIConnection[Any, Any, Any, Any], 
         raise NotAuthorizedException(exc.message) from exc
 
 
+def _htmx(request: Request[Any, Any, Any]) -> bool:
+    """Whether HTMX sent the request (the app's request class is HTMXRequest: its plugin sets it)."""
+    return isinstance(request, HTMXRequest) and bool(request.htmx)
+
+
 def signed_out_response(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     """No (valid) session: to the sign-in page, coming back here afterwards. HTMX requests are told to
     load the page (a swapped-in sign-in form would be nonsense)."""
     query = f"?{request.url.query}" if request.url.query else ""
     target = f"{request.url.path}{query}" if request.method == "GET" else "/admin/"
     login = f"/admin/login?next={quote(target)}"
-    if request.headers.get("hx-request"):
-        return Response(content="", status_code=401, headers={"HX-Redirect": login})
+    if _htmx(request):
+        redirect = ClientRedirect(login)
+        redirect.status_code = 401  # HTMX follows HX-Redirect whatever the status; other clients see 401
+        return redirect
     return Redirect(login, status_code=HTTP_303_SEE_OTHER)
 
 
@@ -65,8 +73,8 @@ def error_page(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]
     else:
         log.exception("admin panel: unhandled error", exc_info=exc)
         status, message = 500, f"internal error: {type(exc).__name__}"
-    if request.headers.get("hx-request"):
-        return Template("fragments/error.html", context={"message": message}, status_code=200)
+    if _htmx(request):  # 200: HTMX swaps only successful responses in
+        return HTMXTemplate(template_name="fragments/error.html", context={"message": message}, status_code=200)
     return Template("error.html", context={"message": message, "status": status}, status_code=status)
 
 

@@ -10,14 +10,16 @@ from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath, FromQuery
 from litestar.response import Redirect, Template
 from litestar.status_codes import HTTP_303_SEE_OTHER
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from aggregators import AGGREGATORS
-from api.admin.views import PAGE_SIZE, FormErrors, Pager
+from api.admin.views import PAGE_SIZE, FormErrors, Pager, expert_picker, json_object, split_slugs
 from api.compositions.controllers import router_fitter
 from api.deps import provide_router_context
 from registry.compositions import CompositionPatch, CompositionService, CompositionSpec
 from registry.errors import MoergeError, ValidationFailed
+from registry.models import Composition
 from registry.schemas import decode_strict
 from registry.store import ArtifactStore
 from routers.query import ROUTERS, RouterContext
@@ -35,19 +37,13 @@ FIELDS = (
     "fallback",
     "decompose",
 )
+FIELD_OF = {n: n for n in FIELDS} | {"more_experts": "experts"}
 
 
-def _json_field(form: Any, name: str) -> dict[str, Any]:
-    text = str(form.get(name) or "").strip()
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValidationFailed(f"not valid JSON ({exc.msg})", param=name) from None
-    if not isinstance(value, dict):
-        raise ValidationFailed("must be a JSON object", param=name)
-    return value
+def _experts(form: Any) -> list[str]:
+    """The ticked candidates, then the typed ones (a slug past the picker's list), each once."""
+    ticked = [str(e) for e in form.getall("experts", [])]
+    return list(dict.fromkeys([*ticked, *split_slugs(str(form.get("more_experts") or ""))]))
 
 
 def _spec_data(form: Any) -> dict[str, Any]:
@@ -58,12 +54,12 @@ def _spec_data(form: Any) -> dict[str, Any]:
     return {
         "description": str(form.get("description") or ""),
         "router": str(form.get("router") or "direct"),
-        "router_params": _json_field(form, "router_params"),
-        "experts": [str(e) for e in form.getall("experts", [])],
+        "router_params": json_object(form, "router_params"),
+        "experts": _experts(form),
         "k": int(k_text),
         "aggregator": str(form.get("aggregator") or "") or None,
-        "aggregator_params": _json_field(form, "aggregator_params"),
-        "fallback": str(form.get("fallback") or "") or None,
+        "aggregator_params": json_object(form, "aggregator_params"),
+        "fallback": str(form.get("fallback") or "").strip() or None,
         "decompose": form.get("decompose") in ("on", "true", "1"),
     }
 
@@ -71,6 +67,7 @@ def _spec_data(form: Any) -> dict[str, Any]:
 def _values(form: Any) -> dict[str, Any]:
     values: dict[str, Any] = {name: str(form.get(name) or "") for name in FIELDS}
     values["experts"] = [str(e) for e in form.getall("experts", [])]
+    values["more_experts"] = str(form.get("more_experts") or "")
     values["decompose"] = form.get("decompose") in ("on", "true", "1")
     return values
 
@@ -92,10 +89,14 @@ class CompositionPages(Controller):
     async def list_page(
         self, compositions: NamedDependency[CompositionService], offset: FromQuery[int] = 0
     ) -> Template:
-        everything = await compositions.list_compositions()
         offset = max(0, offset)
-        rows = [await compositions.describe(c) for c in everything[offset : offset + PAGE_SIZE]]
-        return Template("compositions.html", context={"compositions": rows, "pager": Pager(len(everything), offset)})
+        session = compositions.session
+        total = int(await session.scalar(select(func.count()).select_from(Composition)) or 0)
+        page = list(
+            await session.scalars(select(Composition).order_by(Composition.name).limit(PAGE_SIZE).offset(offset))
+        )
+        rows = [await compositions.describe(c) for c in page]
+        return Template("compositions.html", context={"compositions": rows, "pager": Pager(total, offset)})
 
     async def _form(
         self,
@@ -106,14 +107,19 @@ class CompositionPages(Controller):
         editing: str | None = None,
         status: int = 200,
     ) -> Template:
-        experts = (await compositions.experts.list_experts(limit=500)).items
+        picker = await expert_picker(compositions.experts)
+        offered = {e.slug for e in picker.experts}
+        # members past the picker's list are shown as typed slugs, so saving the form keeps them
+        if beyond := [s for s in values.get("experts", []) if s not in offered]:
+            typed = split_slugs(str(values.get("more_experts") or ""))
+            values = values | {"more_experts": ", ".join(dict.fromkeys([*typed, *beyond]))}
         return Template(
             "composition_form.html",
             context={
                 "values": values,
                 "errors": errors,
                 "editing": editing,
-                "experts": experts,
+                "picker": picker,
                 "routers": [*ROUTERS.names(), *TOKEN_ROUTERS.names()],
                 "aggregators": AGGREGATORS.names(),
             },
@@ -142,7 +148,7 @@ class CompositionPages(Controller):
                 target = "/admin/compositions/"
         except MoergeError as exc:
             await service.session.rollback()
-            errors = FormErrors.of(exc, {n: n for n in FIELDS})
+            errors = FormErrors.of(exc, FIELD_OF)
             values = _values(form) | ({"name": editing} if editing else {})
             return await self._form(service, values, errors, editing=editing, status=exc.status_code)
         return Redirect(target, status_code=HTTP_303_SEE_OTHER)

@@ -2,18 +2,50 @@
 
 from __future__ import annotations
 
+import contextlib
+import uuid
 from typing import Any
 
 from litestar import Controller, Request, get
 from litestar.di import NamedDependency
 from litestar.response import Template
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.deps import runtime_of
 from merging.jobs import MergeJobService
-from registry.models import ExpertKind
+from registry.models import Expert, ExpertKind
 from registry.services import ExpertService
 from registry.store import ArtifactStore
+
+SERVER_ID_FIELDS = ("name", "base_id")  # status fields an engine fills with an expert's id
+
+
+async def _with_slugs(db_session: AsyncSession, servers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Engines report bases and adapters by id; the dashboard shows their slugs (unknown ids stay)."""
+    ids: set[uuid.UUID] = set()
+    for server in servers:
+        for value in [*(server.get(f) for f in SERVER_ID_FIELDS), *(server.get("adapters") or [])]:
+            with contextlib.suppress(TypeError, ValueError):
+                ids.add(uuid.UUID(str(value)))
+    if not ids:
+        return servers
+    slugs = {
+        str(i): slug for i, slug in (await db_session.execute(select(Expert.id, Expert.slug).where(Expert.id.in_(ids))))
+    }
+
+    def named(value: Any) -> Any:
+        return slugs.get(str(value), value)
+
+    return [
+        {
+            **server,
+            **{f: named(server[f]) for f in SERVER_ID_FIELDS if f in server},
+            "adapters": [named(a) for a in server.get("adapters") or []],
+        }
+        for server in servers
+    ]
+
 
 RECENT_JOBS = 8
 REFRESH_S = 5  # how often an open dashboard fetches its counts, servers and jobs again
@@ -33,7 +65,7 @@ class DashboardPage(Controller):
         merges = MergeJobService(db_session, store)
         jobs = await merges.describe_many((await merges.list_jobs(limit=RECENT_JOBS)).items)
         serving = runtime_of(request.app.state).serving
-        servers = await serving.status() if serving is not None else []
+        servers = await _with_slugs(db_session, await serving.status()) if serving is not None else []
         return Template(
             "dashboard.html",
             context={

@@ -3,21 +3,22 @@ fragment HTMX polls until the job ends, with a cancel button and a link to the m
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath, FromQuery
+from litestar.plugins.htmx import HTMXRequest, HTMXTemplate
 from litestar.response import Redirect, Template
 from litestar.status_codes import HTTP_303_SEE_OTHER
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.admin.views import PAGE_SIZE, FormErrors, Pager
+from api.admin.views import PAGE_SIZE, FormErrors, Pager, expert_picker, json_object, split_slugs
 from api.merges.controllers import submit_job
 from merging.jobs import STATUSES, TERMINAL, MergeJobService, job_progress
 from merging.methods import METHODS
 from registry.errors import MoergeError, ValidationFailed
+from registry.models import ExpertKind
 from registry.services import ExpertService
 from registry.store import ArtifactStore
 
@@ -32,27 +33,17 @@ FIELD_OF = {
     "output": "output",
     "dtype": "parameters",
     "model_parameters": "model_parameters",
+    "more_models": "models",
 }
+BASE_KINDS = [k.value for k in ExpertKind if k != ExpertKind.adapter]
 
 
 def _service(db_session: NamedDependency[AsyncSession], store: NamedDependency[ArtifactStore]) -> MergeJobService:
     return MergeJobService(db_session, store)
 
 
-def _json_object(form: Any, name: str) -> dict[str, Any]:
-    text = str(form.get(name) or "").strip()
-    try:
-        value = json.loads(text) if text else {}
-    except json.JSONDecodeError as exc:
-        raise ValidationFailed(f"not valid JSON ({exc.msg})", param=name) from None
-    if not isinstance(value, dict):
-        raise ValidationFailed("must be a JSON object", param=name)
-    return value
-
-
-def _weight(form: Any, slug: str) -> float | None:
-    text = str(form.get(f"weight:{slug}") or "").strip()
-    if not text:
+def _number(text: str, slug: str) -> float | None:
+    if not text.strip():
         return None
     try:
         return float(text)
@@ -60,17 +51,28 @@ def _weight(form: Any, slug: str) -> float | None:
         raise ValidationFailed(f"the weight of {slug} must be a number", param="models") from None
 
 
+def _models(form: Any) -> dict[str, float | None]:
+    """Each chosen expert with its weight (None: the method's default): the ticked ones, then the typed
+    ``slug`` or ``slug=weight`` items (experts past the launcher's list)."""
+    chosen = {
+        slug: _number(str(form.get(f"weight:{slug}") or ""), slug) for slug in map(str, form.getall("models", []))
+    }
+    for item in split_slugs(str(form.get("more_models") or "")):
+        slug, _, weight = item.partition("=")
+        chosen[slug] = _number(weight, slug)
+    return chosen
+
+
 def _request(form: Any) -> dict[str, Any]:
     """The launcher's form as a merge request (the API's JSON shape: the same checks refuse it)."""
-    shared = _json_object(form, "model_parameters")
+    shared = json_object(form, "model_parameters")
     models = []
-    for slug in (str(s) for s in form.getall("models", [])):
-        weight = _weight(form, slug)
+    for slug, weight in _models(form).items():
         models.append({"model": slug, "parameters": {**shared, **({"weight": weight} if weight is not None else {})}})
     body: dict[str, Any] = {
         "merge_method": str(form.get("method") or ""),
         "models": models,
-        "parameters": _json_object(form, "parameters"),
+        "parameters": json_object(form, "parameters"),
         "output": {"format": str(form.get("output") or "full")},
         "description": str(form.get("description") or ""),
     }
@@ -96,7 +98,7 @@ class MergePages(Controller):
         code: int = 200,
     ) -> Template:
         page = await merges.list_jobs(status=status_filter or None, limit=PAGE_SIZE, offset=max(0, offset))
-        experts = (await ExpertService(merges.session, merges.store).list_experts(limit=500)).items
+        service = ExpertService(merges.session, merges.store)
         return Template(
             "merges.html",
             context={
@@ -106,7 +108,8 @@ class MergePages(Controller):
                 "status": status_filter or "",
                 "methods": METHODS.names(),
                 "formats": OUTPUT_FORMATS,
-                "experts": experts,
+                "picker": await expert_picker(service),
+                "bases": await expert_picker(service, BASE_KINDS),
                 "values": values,
                 "errors": errors,
             },
@@ -130,7 +133,7 @@ class MergePages(Controller):
             values: dict[str, Any] = {
                 k: str(form.get(k) or "") for k in ("name", "method", "base_model", "output", "description")
             }
-            values |= {k: str(form.get(k) or "") for k in ("parameters", "model_parameters")}
+            values |= {k: str(form.get(k) or "") for k in ("parameters", "model_parameters", "more_models")}
             values["models"] = [str(s) for s in form.getall("models", [])]
             values["weights"] = {s: str(form.get(f"weight:{s}") or "") for s in values["models"]}
             return await self._page(merges, values, FormErrors.of(exc, FIELD_OF), code=exc.status_code)
@@ -150,10 +153,11 @@ class MergePages(Controller):
 
     @post("/{job_id:str}/cancel")
     async def cancel(
-        self, job_id: FromPath[str], request: Request[Any, Any, Any], merges: NamedDependency[MergeJobService]
+        self, job_id: FromPath[str], request: HTMXRequest, merges: NamedDependency[MergeJobService]
     ) -> Response[Any]:
         job = await merges.cancel(job_id)
-        if request.headers.get("hx-request"):
+        if request.htmx:  # the button's form swaps the progress section in place
             event = job_progress(*(await merges.with_result_slug(job)))
-            return Template("fragments/progress.html", context={"job": event, "terminal": event["status"] in TERMINAL})
+            context = {"job": event, "terminal": event["status"] in TERMINAL}
+            return HTMXTemplate(template_name="fragments/progress.html", context=context)
         return Redirect(f"/admin/merges/{job.id}", status_code=HTTP_303_SEE_OTHER)

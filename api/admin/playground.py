@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from litestar import Controller, Request, get, post
+from litestar import Controller, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromQuery
+from litestar.plugins.htmx import HTMXRequest, HTMXTemplate
 from litestar.response import Template
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -64,7 +65,7 @@ class PlaygroundPage(Controller):
     @post("/")
     async def run(
         self,
-        request: Request[Any, Any, Any],
+        request: HTMXRequest,
         db_session: NamedDependency[AsyncSession],
         store: NamedDependency[ArtifactStore],
         settings: NamedDependency[Settings],
@@ -84,6 +85,6 @@ class PlaygroundPage(Controller):
         except MoergeError as exc:
             error = exc.message
         context = {"result": result, "error": error, "composition": name, "query": query, "max_tokens": max_text}
-        if request.headers.get("hx-request"):
-            return Template("fragments/playground_result.html", context=context)
+        if request.htmx:  # the form's hx-post swaps only the result in
+            return HTMXTemplate(template_name="fragments/playground_result.html", context=context)
         return Template("playground.html", context={**context, "compositions": await self._names(db_session, store)})

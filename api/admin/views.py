@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
 
 from markdown_it import MarkdownIt
 
-from registry.errors import MoergeError
+from registry.errors import MoergeError, ValidationFailed
 from registry.models import Expert
+from registry.services import ExpertService
 
 PAGE_SIZE = 20
+# Experts a form offers as choices; past this, the form says how many there are and takes typed slugs
+# (the services check those like any other).
+PICKER_LIMIT = 500
+LINEAGE_CHILDREN = 8  # children drawn in the lineage graph; the rest are counted ("and N more")
 _MD = MarkdownIt("js-default", {"html": False})  # tables on, raw HTML off: cards are user content
 
 
@@ -77,10 +84,55 @@ class FormErrors:
         return bool(self.fields or self.general)
 
 
+def json_object(form: Any, name: str) -> dict[str, Any]:
+    """A form field holding a JSON object (empty: ``{}``); anything else is refused beside that field."""
+    text = str(form.get(name) or "").strip()
+    try:
+        value = json.loads(text) if text else {}
+    except json.JSONDecodeError as exc:
+        raise ValidationFailed(f"not valid JSON ({exc.msg})", param=name) from None
+    if not isinstance(value, dict):
+        raise ValidationFailed("must be a JSON object", param=name)
+    return value
+
+
+def split_slugs(text: str) -> list[str]:
+    """Slugs typed into a text field, separated by commas, spaces or lines."""
+    return [s for s in re.split(r"[\s,]+", text) if s]
+
+
+@dataclass
+class Picker:
+    """The experts a form offers (at most PICKER_LIMIT) and how many match in all."""
+
+    experts: list[Expert]
+    total: int
+
+    @property
+    def truncated(self) -> bool:
+        return self.total > len(self.experts)
+
+
+async def expert_picker(service: ExpertService, kinds: Iterable[str] | None = None) -> Picker:
+    """A bounded list of experts (of ``kinds``, default any) for a form's choices."""
+    if kinds is None:
+        page = await service.list_experts(limit=PICKER_LIMIT)
+        return Picker(page.items, page.total)
+    experts: list[Expert] = []
+    total = 0
+    for kind in kinds:
+        page = await service.list_experts(kind=kind, limit=PICKER_LIMIT)
+        experts += page.items
+        total += page.total
+    return Picker(experts[:PICKER_LIMIT], total)
+
+
 def lineage_svg(expert: Expert, parents: list[str], children: list[str]) -> dict[str, Any]:
-    """Nodes and edges of a small left-to-right graph: parents (or the base) -> this expert -> children.
-    The template draws it as inline SVG."""
+    """Nodes and edges of a small left-to-right graph: parents (or the base) -> this expert -> children
+    (the first LINEAGE_CHILDREN, then one "and N more" node). The template draws it as inline SVG."""
     left = parents or ([expert.base.slug] if expert.base else [])
+    hidden = max(0, len(children) - LINEAGE_CHILDREN)
+    children = children[:LINEAGE_CHILDREN] + ([f"and {hidden} more"] if hidden else [])
     rows = max(len(left), len(children), 1)
     height = 20 + rows * 44
     width, box_w = 660, 190
@@ -92,6 +144,8 @@ def lineage_svg(expert: Expert, parents: list[str], children: list[str]) -> dict
     me: dict[str, Any] = {"label": expert.slug, "x": (width - box_w) // 2, "y": round(height / 2 - 14), "href": None}
     nodes_left = column(left, 5)
     nodes_right = column(children, width - box_w - 5)
+    if hidden:
+        nodes_right[-1] |= {"href": None, "more": True}
     edges = [(n["x"] + box_w, n["y"] + 14, me["x"], me["y"] + 14) for n in nodes_left]
     edges += [(me["x"] + box_w, me["y"] + 14, n["x"], n["y"] + 14) for n in nodes_right]
     return {

@@ -94,7 +94,7 @@ def test_forms_need_the_csrf_token(client: TestClient, registry_env: RegistryEnv
     assert resp.status_code == 200 and "<html" in resp.text and "Routing decision" in resp.text, resp.text[-800:]
     assert 'id="aggregate"' in resp.text and "tiny-base" in resp.text
     # an expert's name is not a composition
-    resp = client.post("/admin/playground/", data={**form, "composition": "tiny-base"}, headers={"hx-request": "1"})
+    resp = client.post("/admin/playground/", data={**form, "composition": "tiny-base"}, headers={"hx-request": "true"})
     assert "no composition named" in resp.text and "<html" not in resp.text
 
 
@@ -172,7 +172,7 @@ def test_playground_shows_token_routes(
     assert client.post("/api/compositions", json=body, headers=registry_env.admin).status_code == 201
     token = _token(client.get("/admin/playground/").text)
     form = {"_csrf_token": token, "composition": "tok", "query": "hello there", "max_tokens": "3"}
-    resp = client.post("/admin/playground/", data=form, headers={"hx-request": "1"})
+    resp = client.post("/admin/playground/", data=form, headers={"hx-request": "true"})
     assert resp.status_code == 200 and 'id="trace"' in resp.text, resp.text[-800:]
     rows = re.findall(r"<tr><th>(\d+)</th>", resp.text)
     assert rows == ["0", "1"]  # one row per decoder layer
