@@ -66,7 +66,8 @@ def handles_errors(fn: Callable[..., T]) -> Callable[..., T]:
         try:
             return fn(*args, **kwargs)
         except MoergeError as exc:
-            where = f"{exc.param}: " if exc.param else ""
+            # most messages already start with the field they name
+            where = f"{exc.param}: " if exc.param and not exc.message.startswith(exc.param) else ""
             raise fail(f"{where}{exc.message}") from None
 
     return wrapper

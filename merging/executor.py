@@ -254,6 +254,7 @@ def _merge_full(
         writer.abort()
         raise
     _copy_side_files(plan.reference.ref.folder, out)
+    _write_chat_template(plan, out)
     _write_config(plan, out)
     return len(names), int(info["total_size"]), _input_bytes(plan)  # type: ignore[call-overload]
 
@@ -432,6 +433,19 @@ def _copy_side_files(source: Path, out: Path) -> None:
     for name in _MODEL_SIDE_FILES:
         if (source / name).is_file():
             shutil.copyfile(source / name, out / name)
+
+
+def _write_chat_template(plan: MergePlan, out: Path) -> None:
+    """A Jinja ``chat_template`` in the request replaces the copied one (``auto`` keeps the reference's)."""
+    template = plan.checked.request.chat_template
+    if template is None or template == "auto":
+        return
+    (out / "chat_template.jinja").write_text(template)
+    tokenizer_config = out / "tokenizer_config.json"
+    if tokenizer_config.is_file():  # older transformers read the template from here
+        settings = json.loads(tokenizer_config.read_text())
+        settings["chat_template"] = template
+        tokenizer_config.write_text(json.dumps(settings, indent=2) + "\n")
 
 
 def _write_config(plan: MergePlan, out: Path) -> None:

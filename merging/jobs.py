@@ -115,8 +115,8 @@ class MergeJobService:
             },
         }
         weights: dict[uuid.UUID, float | None] = {}
-        for expert, entry in zip(resolved.inputs, request.models, strict=True):
-            weight = entry.parameters.get("weight")
+        for expert, parameters in zip(resolved.inputs, checked.input_parameters, strict=True):
+            weight = parameters.get("weight")
             weights.setdefault(expert.id, float(weight) if isinstance(weight, int | float) else None)
         if resolved.base is not None:
             weights.setdefault(resolved.base.id, None)
@@ -154,11 +154,10 @@ class MergeJobService:
         if request.base_model is not None:
             base = await self._expert(request.base_model, "base_model", pinned.get("base_model"))
             base_ref = self._ref(request.base_model, base)
-        ids = pinned.get("models") or [None] * len(request.models)
-        inputs = [
-            await self._expert(entry.model, f"models[{i}].model", ids[i]) for i, entry in enumerate(request.models)
-        ]
-        refs = [self._ref(entry.model, e) for entry, e in zip(request.models, inputs, strict=True)]
+        entries = checked.models
+        ids = pinned.get("models") or [None] * len(entries)
+        inputs = [await self._expert(entry.model, checked.model_param(i), ids[i]) for i, entry in enumerate(entries)]
+        refs = [self._ref(entry.model, e) for entry, e in zip(entries, inputs, strict=True)]
         plan = plan_merge(checked, base_ref, refs)
         return Resolved(plan, base, inputs)
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import torch
 
 from merging.config import CheckedRequest
@@ -79,16 +80,17 @@ class MergePlan:
         return self.base if self.base is not None else self.inputs[0]
 
     def summary(self) -> dict[str, Any]:
-        """What the model card and the job record say about the merge."""
+        """What the model card and the job record say about the merge: every parameter as used, defaults
+        included, so the record alone reproduces it."""
         req = self.checked.request
         return {
             "merge_method": self.method_name,
             "base_model": self.base.label if self.base else None,
             "models": [
-                {"model": m.label, "parameters": dict(entry.parameters)}
-                for m, entry in zip(self.inputs, req.models, strict=True)
+                {"model": m.label, "parameters": msgspec.to_builtins(params)}
+                for m, params in zip(self.inputs, self.checked.inputs, strict=True)
             ],
-            "parameters": dict(req.parameters),
+            "parameters": msgspec.to_builtins(self.checked.config),
             "dtype": str(self.out_dtype).removeprefix("torch."),
             "output": {"format": self.output_format, **({"rank": self.rank} if self.rank else {})},
             "seed": req.seed,
@@ -99,7 +101,7 @@ def plan_merge(checked: CheckedRequest, base: ModelRef | None, inputs: list[Mode
     """Inspect every folder and check the inputs fit each other and the method; no tensor is read."""
     method = checked.method
     output = checked.output
-    planned = [_inspect(ref, f"models[{i}].model") for i, ref in enumerate(inputs)]
+    planned = [_inspect(ref, checked.model_param(i)) for i, ref in enumerate(inputs)]
     loras = [m for m in planned if m.is_lora]
     base_model = _inspect(base, "base_model") if base is not None else None
     if base_model is not None and base_model.is_lora:
@@ -167,7 +169,8 @@ def _plan_lora_output(plan: MergePlan) -> None:
 
 def _check_one_base(planned: list[PlannedModel], base_model: PlannedModel | None) -> None:
     """Registered inputs must descend from base_model (its id, or its own base when it is a finetune);
-    without a base_model, from one base. A task vector taken against another base is noise."""
+    without a base_model, those with a declared base must share it. A task vector taken against another base
+    is noise. (Without a base_model, models registered as bases themselves may be averaged if they fit.)"""
 
     def root(ref: ModelRef) -> uuid.UUID | None:
         return ref.base_id or ref.expert_id  # a base model is its own root
@@ -183,7 +186,7 @@ def _check_one_base(planned: list[PlannedModel], base_model: PlannedModel | None
                     param=m.param,
                 )
         return
-    roots = {root(m.ref) for m in planned} - {None}
+    roots = {m.ref.base_id for m in planned} - {None}
     if len(roots) > 1:
         raise ValidationFailed(
             "models: the inputs are on different bases; merge models of one base, and name it in base_model",
@@ -238,7 +241,7 @@ def _relabel(param: str, check: Callable[[], Any], prefix: str = "") -> Any:
 
 
 def _out_dtype(checked: CheckedRequest, reference: PlannedModel) -> torch.dtype:
-    name = checked.request.dtype or reference.insp.dtype or "float32"
+    name = checked.output_dtype or reference.insp.dtype or "float32"
     if name not in NAME_TO_TORCH:
         raise ValidationFailed(
             f"dtype: {reference.label} is stored as {name}; give dtype (float32, bfloat16 or float16)", param="dtype"

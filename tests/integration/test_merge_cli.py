@@ -20,6 +20,7 @@ from merging.jobs import MergeJobService
 from registry import db
 from registry.store import ArtifactStore
 from tests.fixtures.db import BACKENDS
+from tests.fixtures.merges import REFUSALS, build_merge_inputs, register_merge_inputs
 from tests.fixtures.tiny import build_tiny_finetune
 
 pytestmark = pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
@@ -38,13 +39,23 @@ name: cli-ties
 
 
 @pytest.fixture
-def home(
-    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_base: Path, tiny_finetune: Path
-) -> Path:
+def empty_home(database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """MOERGE_HOME and the database for the CLI, migrated, nothing registered."""
     home = tmp_path / "home"
     monkeypatch.setenv("MOERGE_HOME", str(home))
     monkeypatch.setenv("MOERGE_DATABASE_URL", database_url)
     assert invoke("db", "upgrade")[0] == 0
+    return home
+
+
+@pytest.fixture(scope="module")
+def merge_inputs(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return build_merge_inputs(tiny_base, tmp_path_factory.mktemp("merge-inputs"))
+
+
+@pytest.fixture
+def home(empty_home: Path, tmp_path: Path, tiny_base: Path, tiny_finetune: Path) -> Path:
+    home = empty_home
     other = build_tiny_finetune(tiny_base, tmp_path / "ft-b", seed=9)
     for args in (
         (str(tiny_base), "--slug", "tiny-base"),
@@ -124,6 +135,24 @@ def test_bad_config_fails_before_any_job(home: Path, tmp_path: Path) -> None:
     assert code == 1 and "config" in output
     assert jobs() == []
     assert invoke_json("expert", "list", "--json")["total"] == 3
+
+
+def test_every_refusal_names_the_field_and_exits_nonzero(
+    empty_home: Path, tmp_path: Path, tiny_base: Path, merge_inputs: dict[str, Path]
+) -> None:
+    """The API's refusals, through `moerge merge`: exit 1, the field in the message once, no job, no folder."""
+    home = empty_home
+    register_merge_inputs(Settings.from_env(), tiny_base, merge_inputs)
+    config = tmp_path / "refused.yaml"
+    dest = tmp_path / "out"
+    for body, _status, param, reason in REFUSALS:
+        config.write_text(body if isinstance(body, str) else json.dumps(body))
+        code, output = invoke("merge", str(config), "--output", str(dest))
+        flat = " ".join(output.split())  # rich wraps long lines
+        assert code == 1 and param in flat and reason in flat, (body, output)
+        assert f"{param}: {param}" not in flat, output  # named once, not prefixed twice
+    assert jobs() == [] and not dest.exists()
+    assert not (home / "merges").exists() or not list((home / "merges").iterdir())
 
 
 def test_cancel_a_queued_job(home: Path) -> None:

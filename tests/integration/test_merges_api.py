@@ -24,7 +24,7 @@ from registry.schemas import ExpertSpec
 from serving.torch_engine import TorchEngine
 from tests.fixtures.db import BACKENDS, RegistryEnv
 from tests.fixtures.live import register, serve
-from tests.fixtures.tiny import build_tiny_finetune, build_tiny_llama, build_tiny_lora
+from tests.fixtures.merges import REFUSALS, TIES, build_merge_inputs, register_merge_inputs
 
 pytestmark = pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
 
@@ -33,32 +33,13 @@ TERMINAL = {"succeeded", "failed", "cancelled"}
 
 @pytest.fixture(scope="module")
 def models(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Two finetunes and two LoRAs of the tiny base, a LoRA of another base, and a base of another width."""
-    root = tmp_path_factory.mktemp("merge-inputs")
-    other_base = build_tiny_llama(root / "other-base", seed=5)
-    return {
-        "ft-a": build_tiny_finetune(tiny_base, root / "ft-a", seed=1),
-        "ft-b": build_tiny_finetune(tiny_base, root / "ft-b", seed=2),
-        "lora-a": build_tiny_lora(tiny_base, root / "lora-a", seed=3, target_modules=("q_proj", "v_proj", "o_proj")),
-        "lora-b": build_tiny_lora(tiny_base, root / "lora-b", seed=4),
-        "other-base": other_base,
-        "other-lora": build_tiny_lora(other_base, root / "other-lora", seed=6),
-        "wide-base": build_tiny_llama(root / "wide-base", hidden_size=48, seed=7),
-    }
+    return build_merge_inputs(tiny_base, tmp_path_factory.mktemp("merge-inputs"))
 
 
 @pytest.fixture
 def live(registry_env: RegistryEnv, tiny_base: Path, models: dict[str, Path]) -> Iterator[dict[str, Any]]:
-    settings = registry_env.settings
-    register(settings, tiny_base, ExpertSpec(slug="tiny-base"))
-    register(settings, models["other-base"], ExpertSpec(slug="other-base"))
-    register(settings, models["wide-base"], ExpertSpec(slug="wide-base"))
-    for slug in ("ft-a", "ft-b"):
-        register(settings, models[slug], ExpertSpec(slug=slug, base="tiny-base"))
-    for slug in ("lora-a", "lora-b"):
-        register(settings, models[slug], ExpertSpec(slug=slug, base="tiny-base"))
-    register(settings, models["other-lora"], ExpertSpec(slug="other-lora", base="other-base"))
-    with serve(settings, TorchEngine()) as url:
+    register_merge_inputs(registry_env.settings, tiny_base, models)
+    with serve(registry_env.settings, TorchEngine()) as url:
         yield {"url": url, "env": registry_env, "http": httpx.Client(base_url=url, timeout=60)}
 
 
@@ -103,19 +84,6 @@ def no_leftovers(env: RegistryEnv) -> None:
     merges = env.settings.merges_dir
     assert not merges.exists() or not list(merges.iterdir()), list(merges.iterdir())
     assert env.leftovers() == []
-
-
-TIES = {
-    "merge_method": "ties",
-    "base_model": "tiny-base",
-    "models": [
-        {"model": "ft-a", "parameters": {"weight": 1.0, "density": 0.5}},
-        {"model": "ft-b", "parameters": {"weight": 0.7, "density": 0.3}},
-    ],
-    "parameters": {"normalize": True},
-    "name": "tiny-ties",
-    "description": "two tiny finetunes, TIES",
-}
 
 
 def test_ties_merge_registers_a_merged_expert(live: dict[str, Any]) -> None:
@@ -185,41 +153,6 @@ output: {format: lora, rank: 8}
     answer = chat(live, merged["slug"])  # a merged LoRA runs on its base
     assert answer["model"] == merged["slug"] and answer["choices"][0]["message"]["content"] is not None
     no_leftovers(live["env"])
-
-
-# (body, status, the field named, a word of the reason)
-REFUSALS = [
-    ({**TIES, "merge_method": "nope"}, 400, "merge_method", "unknown merge method"),
-    (
-        {**TIES, "models": [{"model": "ft-a", "parameters": {"density": 1.5}}, {"model": "ft-b"}]},
-        400,
-        "models[0].parameters.density",
-        "density",
-    ),
-    ({k: v for k, v in TIES.items() if k != "base_model"}, 400, "base_model", "give base_model"),
-    (
-        {
-            "merge_method": "task_arithmetic",
-            "base_model": "tiny-base",
-            "models": [{"model": "lora-a"}, {"model": "other-lora"}],
-        },
-        400,
-        "models[1].model",
-        "another base",
-    ),
-    (
-        {"merge_method": "linear", "models": [{"model": "tiny-base"}, {"model": "wide-base"}]},
-        400,
-        "models[1].model",
-        "shape",
-    ),
-    ({**TIES, "models": [{"model": "no-such-expert"}, {"model": "ft-b"}]}, 400, "models[0].model", "no registered"),
-    ({**TIES, "base_model": "no-such-base"}, 400, "base_model", "no registered"),
-    ({**TIES, "name": "ft-a"}, 409, "name", "already exists"),
-    ({**TIES, "output": {"format": "lora", "rank": 8}}, 400, "output.format", "full model"),
-    ({**TIES, "surprise": 1}, 400, "surprise", "unknown field"),
-    ("merge_method: [unclosed", 400, "body", "YAML"),
-]
 
 
 def test_refusals_name_the_field_and_write_nothing(live: dict[str, Any]) -> None:
