@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -89,7 +90,13 @@ def test_full_merge_equals_whole_state_dict_merge(models: dict[str, Any], tmp_pa
     record = json.loads((outcome.folder / MERGE_RECORD).read_text())
     assert record["merge_method"] == "ties" and [m["model"] for m in record["models"]] == ["m0", "m1", "m2"]
     card = (outcome.folder / "README.md").read_text()
-    assert card.startswith("---") and "ties" in card and "m2" in card
+    front, body = card.removeprefix("---\n").split("\n---\n", 1)
+    assert yaml.safe_load(front)["base_model"] == ["base", "m0", "m1", "m2"]  # parents, base first
+    m2_line = next(line for line in body.splitlines() if line.startswith("- `m2`"))
+    assert "- base: `base`" in body and "'weight': 2.0" in m2_line and "'density': 0.2" in m2_line
+    recorded = yaml.safe_load(body.split("```yaml\n", 1)[1].split("```", 1)[0])
+    assert recorded["parameters"]["lambda"] == 0.8 and recorded["base_model"] == "base"
+    assert [m["parameters"]["density"] for m in recorded["models"]] == [0.3, 0.5, 0.2]
     model = AutoModelForCausalLM.from_pretrained(outcome.folder)  # a loadable model folder
     assert model.config.hidden_size == 32
 
@@ -326,3 +333,45 @@ def test_tied_head_merges_as_its_embedding_and_an_untied_one_onto_a_tied_base_is
     with pytest.raises(ValidationFailed) as info:
         _plan(raw, models["base"], [untied_ft])
     assert info.value.param == "models[0].model" and "own lm_head.weight" in info.value.message
+
+
+def test_in_flight_tensors_are_bounded_and_spread_over_threads(
+    models: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What bounds memory: at most ``max_in_flight`` tensor names are being merged at once, on the worker
+    threads (not the caller's)."""
+    import threading
+    import time
+
+    import merging.executor as executor_module
+
+    lock = threading.Lock()
+    running = 0
+    most = 0
+    threads: set[str] = set()
+    original = executor_module.merge_tensor
+
+    def counting(*args: Any, **kwargs: Any) -> torch.Tensor:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+            threads.add(threading.current_thread().name)
+        time.sleep(0.005)  # long enough for the others to pile up if nothing held them back
+        try:
+            return original(*args, **kwargs)
+        finally:
+            with lock:
+                running -= 1
+
+    monkeypatch.setattr(executor_module, "merge_tensor", counting)
+    raw = {"merge_method": "ties", "base_model": "base", "models": [{"model": "m0"}, {"model": "m1"}]}
+    for workers, in_flight in ((4, 2), (3, 3)):
+        most, threads = 0, set()
+        execute(
+            _plan(raw, models["base"], models["finetunes"][:2]),
+            tmp_path / f"out-{workers}-{in_flight}",
+            options=ExecutorOptions(workers=workers, max_in_flight=in_flight),
+        )
+        assert most == in_flight, (workers, in_flight, most)
+        assert len(threads) > 1 and all(name.startswith("merge") for name in threads), threads
