@@ -77,7 +77,8 @@ class FormErrors:
         param = exc.param or ""
         head = param.split("[", 1)[0].split(".", 1)[0]
         name = field_of.get(param) or field_of.get(head) or default
-        detail = exc.message if not param or name == param else f"{param}: {exc.message}"
+        named = not param or name == param or exc.message.startswith(param)
+        detail = exc.message if named else f"{param}: {exc.message}"
         return cls({name: detail}) if name else cls(general=detail)
 
     def __bool__(self) -> bool:

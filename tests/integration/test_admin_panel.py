@@ -3,19 +3,29 @@ every form, each page rendered as HTML, inline form errors, pagination, HTMX fra
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from litestar.testing import TestClient
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
+from api.admin.auth import PUBLIC
 from api.app import create_app
+from api.settings import Settings
+from registry import db
+from registry.models import ApiKey, Base, MergeJob, utcnow
 from registry.schemas import ExpertSpec
+from registry.services import ApiKeyService, hash_key
 from serving.torch_engine import TorchEngine
 from tests.fixtures.db import RegistryEnv
 from tests.fixtures.live import register
-from tests.fixtures.tiny import build_tiny_lora
+from tests.fixtures.tiny import build_tiny_finetune, build_tiny_lora
 
 PAGES = [
     "/admin/",
@@ -177,3 +187,253 @@ def test_playground_shows_token_routes(
     rows = re.findall(r"<tr><th>(\d+)</th>", resp.text)
     assert rows == ["0", "1"]  # one row per decoder layer
     assert "tok-a" in resp.text and "tok-b" in resp.text
+
+
+# --- every /admin route, taken from the app's route table --------------------------------------------------
+
+
+def _admin_routes() -> list[Any]:
+    """(method, path, public) of every /admin handler: a route added later is covered without editing this."""
+    settings = Settings(
+        home=Path("/nonexistent-moerge-home"),
+        database_url="sqlite+aiosqlite://",
+        import_roots=(),
+        session_secret="route-table",
+    )
+    found = []
+    for route in create_app(settings, engine=TorchEngine()).routes:
+        if not route.path.startswith("/admin") or route.path.startswith("/admin/static"):
+            continue
+        for handler in getattr(route, "route_handlers", []):
+            for method in sorted(handler.http_methods - {"OPTIONS", "HEAD"}):
+                public = bool(handler.opt.get(PUBLIC))
+                found.append(pytest.param(method, route.path, public, id=f"{method} {route.path}"))
+    return found
+
+
+ADMIN_ROUTES = _admin_routes()
+SKIP_COLUMNS = {("api_keys", "last_used_at")}  # touched by signing in, not by the action under test
+
+
+def _in_db(url: str, work: Callable[[AsyncSession], Awaitable[Any]]) -> Any:
+    async def go() -> Any:
+        engine = db.make_engine(url)
+        try:
+            async with db.make_sessionmaker(engine)() as session:
+                return await work(session)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(go())
+
+
+def _snapshot(settings: Settings) -> dict[str, list[str]]:
+    """Every row of every table (and the store's files): equal snapshots mean nothing changed."""
+
+    async def rows(session: AsyncSession) -> dict[str, list[str]]:
+        out = {}
+        for table in Base.metadata.sorted_tables:
+            columns = [c for c in table.c if (table.name, c.name) not in SKIP_COLUMNS]
+            out[table.name] = sorted(repr(tuple(r)) for r in (await session.execute(select(*columns))).all())
+        return out
+
+    snapshot = _in_db(settings.database_url, rows)
+    snapshot["store"] = sorted(str(p.relative_to(settings.store_dir)) for p in settings.store_dir.rglob("*"))
+    return snapshot
+
+
+def _new_admin_key(settings: Settings) -> str:
+    async def make(session: AsyncSession) -> str:
+        return (await ApiKeyService(session).create("panel-test", ["admin", "query"]))[1]
+
+    return str(_in_db(settings.database_url, make))
+
+
+def _change_key(settings: Settings, secret: str, how: str) -> None:
+    """Through the ORM, so the registry epoch moves as it does when keys change for real."""
+
+    async def change(session: AsyncSession) -> None:
+        key = await session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(secret)))
+        assert key is not None
+        if how == "query-scope":
+            key.scopes = ["query"]
+        else:
+            key.revoked = True
+        await session.commit()
+
+    _in_db(settings.database_url, change)
+
+
+def _add_jobs(settings: Settings, count: int, *, status: str = "succeeded", prefix: str = "job") -> list[str]:
+    """Merge job rows without running anything (a `running` one stays so: its heartbeat is fresh)."""
+
+    async def add(session: AsyncSession) -> list[str]:
+        jobs = [
+            MergeJob(
+                status=status,
+                method="ties",
+                params={"config": {"name": f"{prefix}-{i:02d}"}},
+                progress=1.0 if status == "succeeded" else 0.4,
+                heartbeat_at=utcnow(),
+            )
+            for i in range(count)
+        ]
+        session.add_all(jobs)
+        await session.commit()
+        return [str(j.id) for j in jobs]
+
+    return list(_in_db(settings.database_url, add))
+
+
+@dataclass
+class Panel:
+    client: TestClient  # type: ignore[type-arg]
+    settings: Settings
+    ids: dict[str, str]  # path parameter -> a real value
+    bodies: dict[str, dict[str, Any]]  # route path -> a form that changes something if it is accepted
+
+
+def _panel_bodies(import_folder: Path) -> dict[str, dict[str, Any]]:
+    return {
+        "/admin/login": {"key": "", "next": "/admin/"},  # the key is filled in by the test
+        "/admin/experts/new": {"mode": "import", "path": str(import_folder), "slug": "intruder", "base": "tiny-base"},
+        "/admin/experts/{ref:str}/edit": {"description": "changed by an intruder", "tags": "intruded"},
+        "/admin/experts/{ref:str}/delete": {"force": "on"},
+        "/admin/experts/{ref:str}/try": {"message": "hello"},
+        "/admin/compositions/new": {"name": "intruder-combo", "router": "direct", "experts": ["lora-a"], "k": "1"},
+        "/admin/compositions/{name:str}/edit": {"description": "changed", "router": "direct", "experts": ["lora-a"]},
+        "/admin/compositions/{name:str}/delete": {},
+        "/admin/playground": {"composition": "combo", "query": "hello", "max_tokens": "2"},
+        "/admin/merges": {"method": "ties", "base_model": "tiny-base", "models": ["ft-a", "ft-b"], "name": "intruded"},
+        "/admin/merges/{job_id:str}/cancel": {},
+    }
+
+
+def _fill(path: str, ids: dict[str, str]) -> str:
+    """The route's path with real ids (an unknown parameter fails the test: give it an id here)."""
+    if path.startswith("/admin/evals/plot/"):
+        return path.replace("{name:str}", "experts")
+    return re.sub(r"\{(\w+):\w+\}", lambda m: ids[m[1]], path)
+
+
+@pytest.fixture(scope="module")
+def panel(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Panel]:
+    """One app for every route (SQLite): tiny-base, an adapter, two finetunes, a composition, a running
+    merge job (it stays running: nothing works on it), and a folder the register form could import."""
+    root = tmp_path_factory.mktemp("admin-routes")
+    imports = root / "imports"
+    imports.mkdir()
+    settings = Settings(
+        home=root / "home",
+        database_url=f"sqlite+aiosqlite:///{root / 'moerge.db'}",
+        import_roots=(imports.resolve(),),
+        merge_stale_after_s=3600,
+    )
+    db.upgrade(settings.database_url)
+    register(settings, tiny_base, ExpertSpec(slug="tiny-base"))
+    register(settings, build_tiny_lora(tiny_base, root / "lora-a", seed=3), ExpertSpec(slug="lora-a", base="tiny-base"))
+    for i, slug in enumerate(("ft-a", "ft-b")):
+        register(
+            settings, build_tiny_finetune(tiny_base, root / slug, seed=40 + i), ExpertSpec(slug=slug, base="tiny-base")
+        )
+    folder = build_tiny_lora(tiny_base, imports / "intruder", seed=4)
+    with TestClient(create_app(settings, engine=TorchEngine())) as client:
+        admin = {"Authorization": f"Bearer {_new_admin_key(settings)}"}
+        resp = client.post("/api/compositions", json={"name": "combo", "experts": ["lora-a"]}, headers=admin)
+        assert resp.status_code == 201, resp.text
+        [job] = _add_jobs(settings, 1, status="running", prefix="running")
+        ids = {"ref": "lora-a", "name": "combo", "job_id": job}
+        yield Panel(client, settings, ids, _panel_bodies(folder))
+
+
+def _send(client: TestClient, method: str, url: str, body: dict[str, Any] | None) -> Any:  # type: ignore[type-arg]
+    if method == "GET":
+        return client.get(url, follow_redirects=False)
+    return client.post(url, data=body or {}, follow_redirects=False)
+
+
+def _refused(resp: Any) -> bool:
+    to_sign_in = resp.status_code == 303 and resp.headers["location"].startswith("/admin/login")
+    return to_sign_in or resp.status_code in (401, 403)
+
+
+@pytest.mark.parametrize(("method", "path", "public"), ADMIN_ROUTES)
+def test_every_admin_route_is_guarded(panel: Panel, method: str, path: str, public: bool) -> None:
+    """No session, a session whose key lost its admin scope or was revoked, a POST without the CSRF token:
+    each refused, with nothing changed."""
+    client, settings = panel.client, panel.settings
+    url = _fill(path, panel.ids)
+    body = dict(panel.bodies.get(path, {}))
+    if path == "/admin/login":
+        body["key"] = _new_admin_key(settings)
+
+    if not public:
+        client.cookies.clear()
+        token = _token(client.get("/admin/login").text)  # a real token: only the session is missing
+        before = _snapshot(settings)
+        resp = _send(client, method, url, {**body, "_csrf_token": token})
+        assert _refused(resp), (resp.status_code, resp.text[:300])
+        assert _snapshot(settings) == before
+
+        for how in ("query-scope", "revoked"):
+            client.cookies.clear()
+            secret = _new_admin_key(settings)
+            assert sign_in(client, secret)[0] == 200
+            token = _token(client.get("/admin/").text)
+            _change_key(settings, secret, how)
+            before = _snapshot(settings)
+            resp = _send(client, method, url, {**body, "_csrf_token": token})
+            assert _refused(resp), (how, resp.status_code, resp.text[:300])
+            assert _snapshot(settings) == before, how
+            assert _refused(client.get("/admin/", follow_redirects=False)), how  # and the session is gone
+
+    if method == "POST":
+        client.cookies.clear()
+        assert sign_in(client, _new_admin_key(settings))[0] == 200
+        before = _snapshot(settings)
+        resp = _send(client, method, url, body)  # everything but the token
+        assert resp.status_code == 403 and "CSRF" in resp.text, (resp.status_code, resp.text[:300])
+        assert _snapshot(settings) == before
+        assert client.get("/admin/", follow_redirects=False).status_code == 200  # still signed in (logout too)
+
+
+def test_the_guarded_forms_do_change_things_when_allowed(
+    client: TestClient,  # type: ignore[type-arg]
+    registry_env: RegistryEnv,
+    tiny_base: Path,
+) -> None:
+    """The forms the guard test sends are effective: with a session and the token, each changes the registry
+    (so "nothing changed" above is the guard's doing)."""
+    settings = registry_env.settings
+    register(
+        settings, build_tiny_lora(tiny_base, settings.home / "la", seed=3), ExpertSpec(slug="lora-a", base="tiny-base")
+    )
+    for i, slug in enumerate(("ft-a", "ft-b")):
+        register(
+            settings,
+            build_tiny_finetune(tiny_base, settings.home / slug, seed=40 + i),
+            ExpertSpec(slug=slug, base="tiny-base"),
+        )
+    folder = build_tiny_lora(tiny_base, settings.import_roots[0] / "intruder", seed=4)
+    resp = client.post("/api/compositions", json={"name": "combo", "experts": ["lora-a"]}, headers=registry_env.admin)
+    assert resp.status_code == 201
+    [job] = _add_jobs(settings, 1, status="queued", prefix="queued")
+    ids = {"ref": "lora-a", "name": "combo", "job_id": job}
+    sign_in(client, registry_env.admin_key)
+    order = [  # deletions last: the others need what they delete
+        "/admin/experts/new",
+        "/admin/experts/{ref:str}/edit",
+        "/admin/compositions/new",
+        "/admin/compositions/{name:str}/edit",
+        "/admin/merges/{job_id:str}/cancel",
+        "/admin/merges",
+        "/admin/compositions/{name:str}/delete",
+        "/admin/experts/{ref:str}/delete",
+    ]
+    bodies = _panel_bodies(folder)
+    for path in order:
+        token = _token(client.get("/admin/").text)
+        before = _snapshot(settings)
+        resp = client.post(_fill(path, ids), data={**bodies[path], "_csrf_token": token}, follow_redirects=False)
+        assert resp.status_code == 303, (path, resp.status_code, re.findall(r'role="alert">([^<]*)', resp.text))
+        assert _snapshot(settings) != before, path
