@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -21,11 +22,14 @@ from api.system.controllers import EngineController, HealthController
 from merging.jobs import InProcessRunner
 from registry.db import ensure_migrated, make_engine, make_sessionmaker
 from registry.epoch import StampReader
+from registry.services import ExpertService
 from registry.store import ArtifactStore
 from routers.query.embedder import LazyEmbedder
 from serving.compose import router_context
 from serving.engine import Engine
 from serving.factory import create_engine
+
+log = logging.getLogger("moerge")
 
 
 def create_app(settings: Settings | None = None, *, engine: Engine | None = None) -> Litestar:
@@ -40,6 +44,10 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             store = ArtifactStore(settings.store_dir)
             store.ensure()
             sessionmaker = make_sessionmaker(db_engine)
+            async with sessionmaker() as session:
+                swept = await ExpertService(session, store).sweep_store(min_age_s=settings.store_orphan_age_s)
+            if swept:
+                log.warning("removed %d leftovers of interrupted writes from the store", len(swept))
             serving = engine or await create_engine(settings, sessionmaker)
             routing = router_context(
                 serving, sessionmaker, store, LazyEmbedder(settings.embedding_model, settings.embedding_backend)

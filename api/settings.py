@@ -119,6 +119,13 @@ class Settings:
         default=30,
         metadata={"help": "a running merge job whose heartbeat is older than this lost its worker: it is failed"},
     )
+    store_orphan_age_s: int = field(
+        default=600,
+        metadata={
+            "help": "at start, files a killed process left in the store (half-registered experts, temporary "
+            "files, unreferenced blobs) untouched for this long are removed"
+        },
+    )
 
     @property
     def store_dir(self) -> Path:
@@ -183,6 +190,7 @@ class Settings:
             vllm_lora_ops=_choice_env(env, "MOERGE_VLLM_LORA_OPS", LORA_OPS_CHOICES, "grouped"),
             vllm_compile=_choice_env(env, COMPILE_ENV, ("1", "0"), "1") == "1",
             merge_stale_after_s=_int_env(env, "MOERGE_MERGE_STALE_S", 30),
+            store_orphan_age_s=_int_env(env, "MOERGE_STORE_ORPHAN_AGE_S", 600),
             session_secret=env.get("MOERGE_SESSION_SECRET") or None,
             admin_cookie_secure=_choice_env(env, "MOERGE_ADMIN_COOKIE_SECURE", ("0", "1"), "0") == "1",
         )

@@ -304,10 +304,19 @@ class ExpertService:
                 aside.rename(folder)
             raise
         shutil.rmtree(aside, ignore_errors=True)
+        self.store.collect_garbage(await self._referenced_blobs())
+
+    async def _referenced_blobs(self) -> set[str]:
         referenced = set(await self.session.scalars(select(ExpertFile.sha256).distinct()))
         # Attached training data sets live in the same store (registry/training_data.py).
         referenced |= set(await self.session.scalars(referenced_blobs_query()))
-        self.store.collect_garbage(referenced)
+        return referenced
+
+    async def sweep_store(self, *, min_age_s: float) -> list[Path]:
+        """Clear the store of what a killed process left mid-registration (see ``ArtifactStore.sweep``)."""
+        experts = {str(i) for i in await self.session.scalars(select(Expert.id))}
+        referenced = await self._referenced_blobs()
+        return await asyncio.to_thread(self.store.sweep, referenced, experts, min_age_s=min_age_s)
 
     async def verify(self, ref: str | None = None) -> dict[str, list[Damage]]:
         experts = [await self.get(ref)] if ref else list(await self.session.scalars(select(Expert)))

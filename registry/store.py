@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -103,6 +104,8 @@ class ArtifactStore:
             final = self.blob_path(sha)
             if final.exists():
                 tmp.unlink()
+                # fresh again: a sweep spares a blob someone is about to refer to (see ``sweep``)
+                os.utime(final)
                 return sha, size, False
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, final)
@@ -166,6 +169,34 @@ class ArtifactStore:
             if path.name not in referenced:
                 path.unlink(missing_ok=True)
                 removed.append(path.name)
+        return removed
+
+    def sweep(self, referenced: set[str], experts: set[str], *, min_age_s: float) -> list[Path]:
+        """Remove what a process killed mid-write left: anything in tmp/, expert folders without a row
+        (``experts`` are the ids that have one) and blobs no one refers to. Only entries untouched for
+        ``min_age_s``, so another process's registration in progress is left alone. Returns what went."""
+        cutoff = time.time() - min_age_s
+        removed: list[Path] = []
+
+        def stale(path: Path) -> bool:
+            try:
+                newest = max([path.lstat().st_mtime, *(p.lstat().st_mtime for p in path.rglob("*"))])
+            except FileNotFoundError:  # gone meanwhile
+                return False
+            return newest <= cutoff
+
+        candidates = [*(self.tmp.iterdir() if self.tmp.exists() else [])]
+        if self.experts.exists():
+            candidates += [p for p in self.experts.iterdir() if p.name not in experts]
+        if self.blobs.exists():
+            candidates += [p for p in self.blobs.glob("*/*") if p.name not in referenced]
+        for path in candidates:
+            if stale(path):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+                removed.append(path)
         return removed
 
     # -- checking ------------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ class Server:
             MOERGE_HOME=str(self.home),
             MOERGE_ENGINE="torch",
             MOERGE_MERGE_STALE_S="3",
+            MOERGE_STORE_ORPHAN_AGE_S="0",  # no other process writes this store: sweep at once
             MOERGE_HOST="127.0.0.1",
             MOERGE_PORT=str(port),
         )
@@ -227,3 +228,54 @@ def test_stopped_server_requeues_and_killed_worker_fails(live: dict[str, Any]) -
     assert final["result_expert"] is None
     no_expert(live, "smol-killed")
     assert outputs(live) == []
+
+
+def store_leftovers(live: dict[str, Any]) -> list[str]:
+    """What in the store no database row accounts for: temporary files, expert folders without a row, blobs
+    no expert refers to (read while no server runs)."""
+    from sqlalchemy import select
+
+    from registry.models import Expert, ExpertFile
+
+    async def read() -> tuple[set[str], set[str]]:
+        engine = db.make_engine(live["settings"].database_url)
+        try:
+            async with db.make_sessionmaker(engine)() as session:
+                ids = {str(i) for i in await session.scalars(select(Expert.id))}
+                return ids, set(await session.scalars(select(ExpertFile.sha256)))
+        finally:
+            await engine.dispose()
+
+    ids, shas = asyncio.run(read())
+    store = live["settings"].store_dir
+    found = [f"tmp/{p.name}" for p in (store / "tmp").iterdir()]
+    found += [f"experts/{p.name}" for p in (store / "experts").iterdir() if p.name not in ids]
+    found += [f"blobs/{p.name}" for p in (store / "blobs").glob("*/*") if p.name not in shas]
+    return found
+
+
+def test_worker_killed_while_registering_leaves_no_half_registered_expert(live: dict[str, Any]) -> None:
+    """SIGKILL while the result is being stored (blobs copied, folder built, row not yet committed): on the
+    next start the job has ended one way or the other, whole, and the store holds nothing no row accounts for."""
+    server: Server = live["server"]
+    job = api(live, "POST", "/api/merges", json={**TIES, "name": "smol-killed-registering"}).json()
+    seen = wait_for(
+        live, job["id"], lambda j: j["message"] == "registering the merged model" or j["status"] in TERMINAL
+    )
+    server.kill()
+    assert seen["status"] == "running", seen  # killed mid-registration, not after
+    server.stop()  # (already dead) so the store is read with no server running
+    server.start()
+    final = wait_for(live, job["id"], lambda j: j["status"] in TERMINAL, timeout_s=60)
+    server.stop()
+    try:
+        assert store_leftovers(live) == []
+    finally:
+        server.start()
+    if final["status"] == "succeeded":  # the commit landed before the kill: recovered, and whole
+        assert final["result_expert"]["slug"] == "smol-killed-registering"
+        verify = api(live, "GET", "/api/experts/smol-killed-registering")
+        assert verify.status_code == 200 and verify.json()["kind"] == "merged"
+    else:
+        assert final["status"] == "failed" and final["result_expert"] is None, final
+        no_expert(live, "smol-killed-registering")

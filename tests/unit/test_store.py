@@ -70,3 +70,39 @@ def test_verify_finds_missing_and_changed(store: ArtifactStore, tmp_path: Path) 
 def test_manifest_digest_is_order_independent() -> None:
     assert manifest_digest([("a", "1"), ("b", "2")]) == manifest_digest([("b", "2"), ("a", "1")])
     assert manifest_digest([("a", "1")]) != manifest_digest([("a", "2")])
+
+
+def test_sweep_removes_what_a_killed_write_left_once_it_is_old(store: ArtifactStore, tmp_path: Path) -> None:
+    """A process killed mid-registration leaves a staging folder, an expert folder with no row and blobs no
+    row refers to; a sweep removes them once untouched for min_age_s, and never what is referenced."""
+    folder = tmp_path / "f"
+    folder.mkdir()
+    for name in ("kept", "orphan", "shared"):
+        (folder / name).write_bytes(name.encode())
+    kept = store.ingest_folder(folder, ["kept", "shared"])
+    store.materialize("live", [(rel, sha) for rel, sha, _ in kept.files])
+    orphan = store.ingest_folder(folder, ["orphan"])
+    store.materialize("dead", [(rel, sha) for rel, sha, _ in orphan.files])
+    staging = store.staging_dir()
+    (staging / "upload.part").write_bytes(b"half")
+    referenced = {sha for _, sha, _ in kept.files}
+
+    assert store.sweep(referenced, {"live"}, min_age_s=3600) == []  # all fresh: maybe another process's
+    old = 1_000_000_000.0
+
+    def age() -> None:
+        for path in [*store.tmp.rglob("*"), *store.experts.rglob("*"), *store.blobs.glob("*/*")]:
+            os.utime(path, (old, old), follow_symlinks=False)
+
+    age()
+    # a blob that a new registration just found already stored is fresh again, so it (and the folder that
+    # links it) is spared
+    store.put_file(folder / "orphan")
+    assert store.sweep(referenced, {"live"}, min_age_s=3600) == [staging]
+    age()
+    assert store.sweep(referenced, {"live"}, min_age_s=3600) == [
+        store.expert_dir("dead"),
+        store.blob_path(orphan.files[0][1]),
+    ]
+    assert store.leftovers() == [] and sorted(p.name for p in store.experts.iterdir()) == ["live"]
+    assert store.blob_count() == 2 and (store.expert_dir("live") / "kept").read_bytes() == b"kept"
