@@ -6,16 +6,19 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 from litestar.testing import TestClient
-from sqlalchemy import select
+from sqlalchemy import event, select
+from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from api.admin import views
 from api.admin.auth import PUBLIC
+from api.admin.views import LINEAGE_CHILDREN, PAGE_SIZE
 from api.app import create_app
 from api.settings import Settings
 from registry import db
@@ -23,7 +26,7 @@ from registry.models import ApiKey, Base, MergeJob, utcnow
 from registry.schemas import ExpertSpec
 from registry.services import ApiKeyService, hash_key
 from serving.torch_engine import TorchEngine
-from tests.fixtures.db import RegistryEnv
+from tests.fixtures.db import BACKENDS, RegistryEnv
 from tests.fixtures.live import register
 from tests.fixtures.tiny import build_tiny_finetune, build_tiny_lora
 
@@ -437,3 +440,206 @@ def test_the_guarded_forms_do_change_things_when_allowed(
         resp = client.post(_fill(path, ids), data={**bodies[path], "_csrf_token": token}, follow_redirects=False)
         assert resp.status_code == 303, (path, resp.status_code, re.findall(r'role="alert">([^<]*)', resp.text))
         assert _snapshot(settings) != before, path
+
+
+# --- pagination, pickers, lineage -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
+def test_compositions_and_merges_paginate_in_the_query(
+    client: TestClient,  # type: ignore[type-arg]
+    registry_env: RegistryEnv,
+) -> None:
+    settings = registry_env.settings
+    for i in range(PAGE_SIZE + 2):
+        body = {"name": f"combo-{i:02d}", "experts": ["tiny-base"]}
+        assert client.post("/api/compositions", json=body, headers=registry_env.admin).status_code == 201
+    _add_jobs(settings, PAGE_SIZE + 1, prefix="done")
+    _add_jobs(settings, 2, status="failed", prefix="broken")
+    sign_in(client, registry_env.admin_key)
+    statements: list[str] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(" ".join(statement.split()).lower())
+
+    event.listen(Engine, "before_cursor_execute", seen)
+    try:
+        first = client.get("/admin/compositions/").text
+    finally:
+        event.remove(Engine, "before_cursor_execute", seen)
+    listed = [s for s in statements if s.startswith("select") and "from compositions" in s and "count(" not in s]
+    assert listed and all(" limit " in s for s in listed), listed  # one page read, not every row
+    names = re.findall(r'href="/admin/playground/\?composition=(combo-\d+)"', first)
+    assert names == [f"combo-{i:02d}" for i in range(PAGE_SIZE)]
+    assert f"1–{PAGE_SIZE} of {PAGE_SIZE + 2}" in first and 'rel="next"' in first
+    second = client.get(f"/admin/compositions/?offset={PAGE_SIZE}").text
+    assert re.findall(r"composition=(combo-\d+)", second) == [f"combo-{i:02d}" for i in (PAGE_SIZE, PAGE_SIZE + 1)]
+    assert 'rel="prev"' in second and 'rel="next"' not in second
+
+    jobs = client.get("/admin/merges/").text
+    assert f"1–{PAGE_SIZE} of {PAGE_SIZE + 3}" in jobs and jobs.count('href="/admin/merges/') == PAGE_SIZE + 1
+    assert (
+        f"{PAGE_SIZE + 1}–{PAGE_SIZE + 3} of {PAGE_SIZE + 3}" in client.get(f"/admin/merges/?offset={PAGE_SIZE}").text
+    )
+    done = client.get("/admin/merges/?status=succeeded").text  # the filter is kept by the pager's links
+    assert f"of {PAGE_SIZE + 1}" in done and "status=succeeded&amp;offset=20" in done and "broken-" not in done
+
+
+def test_pickers_past_their_limit_take_typed_slugs(
+    client: TestClient,  # type: ignore[type-arg]
+    registry_env: RegistryEnv,
+    tiny_base: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With more experts than a picker lists: the form says so, and a slug typed beside it works (and a
+    wrong one is refused beside the field, by the same service check as the API's)."""
+    monkeypatch.setattr(views, "PICKER_LIMIT", 2)
+    for i in range(3):
+        folder = build_tiny_lora(tiny_base, tmp_path / f"p{i}", seed=50 + i)
+        register(registry_env.settings, folder, ExpertSpec(slug=f"pick-{i}", base="tiny-base"))
+    sign_in(client, registry_env.admin_key)
+    form = client.get("/admin/compositions/new").text
+    assert "listing the first 2 of 4 experts" in form and 'value="pick-2"' not in form
+    assert 'id="fallback-slugs"' in form  # the fallback is a text input suggesting slugs
+    token = _token(form)
+    data = {"_csrf_token": token, "name": "far", "router": "direct", "k": "1", "more_experts": "pick-2"}
+    resp = client.post("/admin/compositions/new", data={**data, "fallback": "pick-1"})
+    assert resp.status_code == 200 and resp.url.path.startswith("/admin/playground"), resp.text[-500:]
+    described = client.get("/api/compositions/far", headers=registry_env.admin).json()
+    assert described["experts"] == ["pick-2"] and described["fallback"] == "pick-1"
+    edit = client.get("/admin/compositions/far/edit").text  # the member past the list stays in the form
+    assert re.search(r'id="more_experts"[^>]*value="pick-2"', edit)
+    resp = client.post("/admin/compositions/new", data={**data, "name": "nope", "more_experts": "nobody-here"})
+    assert resp.status_code == 404 and 'id="experts-error"' in resp.text and "nobody-here" in resp.text
+
+    launcher = client.get("/admin/merges/").text
+    assert "listing the first 2 of 4 experts" in launcher
+    token = _token(launcher)
+    resp = client.post("/admin/merges/", data={"_csrf_token": token, "method": "ties", "more_models": "ghost=0.5"})
+    assert resp.status_code in (400, 404) and 'id="models-error"' in resp.text and "ghost" in resp.text
+    resp = client.post("/admin/merges/", data={"_csrf_token": token, "method": "ties", "more_models": "pick-2=heavy"})
+    assert resp.status_code == 400 and "must be a number" in resp.text
+    register_form = client.get("/admin/experts/new").text
+    assert 'id="base-slugs"' in register_form and '<option value="tiny-base">' in register_form
+
+
+def test_lineage_counts_the_children_it_does_not_draw(
+    client: TestClient,  # type: ignore[type-arg]
+    registry_env: RegistryEnv,
+    tiny_base: Path,
+    tmp_path: Path,
+) -> None:
+    extra = 3
+    for i in range(LINEAGE_CHILDREN + extra):
+        folder = build_tiny_lora(tiny_base, tmp_path / f"c{i}", seed=80 + i)
+        register(registry_env.settings, folder, ExpertSpec(slug=f"child-{i:02d}", base="tiny-base"))
+    sign_in(client, registry_env.admin_key)
+    svg = client.get("/admin/experts/tiny-base").text.split('<svg class="lineage"', 1)[1].split("</svg>", 1)[0]
+    assert len(re.findall(r'href="/admin/experts/child-\d+"', svg)) == LINEAGE_CHILDREN
+    assert f"and {extra} more" in svg
+
+
+# --- evals, expert edit and delete, dashboard, composition edit, cookies ----------------------------------------
+
+
+def test_recorded_evals_on_the_eval_page_and_the_card(
+    client: TestClient,  # type: ignore[type-arg]
+    registry_env: RegistryEnv,
+) -> None:
+    result = {"task": "arith", "metric": "exact_match", "value": 0.8125, "dataset": "arith-v1", "split": "test"}
+    assert client.post("/api/experts/tiny-base/evals", json=result, headers=registry_env.admin).status_code == 201
+    sign_in(client, registry_env.admin_key)
+    page = client.get("/admin/evals/").text
+    table = page.split('id="recorded-evals"', 1)[1].split("</table>", 1)[0]
+    assert "tiny-base" in table and "arith-v1" in table and "0.8125" in table and "exact_match" in table
+    plots = re.findall(r'<img class="plot" src="([^"]+)"', page)
+    assert plots  # the demo's plots are served as PNG images
+    resp = client.get(plots[0])
+    assert resp.status_code == 200 and resp.content.startswith(b"\x89PNG")
+    card = client.get("/admin/experts/tiny-base").text.split('id="evals"', 1)[1].split("</table>", 1)[0]
+    assert "arith" in card and "0.8125" in card
+
+
+def test_expert_edit_and_delete_from_the_card(
+    client: TestClient,  # type: ignore[type-arg]
+    registry_env: RegistryEnv,
+    tiny_base: Path,
+    tmp_path: Path,
+) -> None:
+    register(
+        registry_env.settings,
+        build_tiny_lora(tiny_base, tmp_path / "e", seed=5),
+        ExpertSpec(slug="ed", base="tiny-base"),
+    )
+    sign_in(client, registry_env.admin_key)
+    token = _token(client.get("/admin/experts/ed").text)
+    edit = {"_csrf_token": token, "description": "edited", "skills": "a, b", "example_prompts": "one, two\nthree"}
+    resp = client.post("/admin/experts/ed/edit", data={**edit, "aliases": "Not An Alias"})
+    assert resp.status_code == 400 and 'id="aliases-error"' in resp.text and '<details id="edit" open' in resp.text
+    assert client.get("/api/experts/ed", headers=registry_env.admin).json()["description"] != "edited"
+    resp = client.post("/admin/experts/ed/edit", data={**edit, "aliases": "ed-alias", "tags": "x"})
+    assert resp.status_code == 200 and resp.url.path == "/admin/experts/ed"
+    got = client.get("/api/experts/ed-alias", headers=registry_env.admin).json()  # the alias resolves
+    assert got["description"] == "edited" and got["tags"] == ["x"]
+    assert got["routing"]["skills"] == ["a", "b"] and got["routing"]["example_prompts"] == ["one, two", "three"]
+
+    confirm = client.get("/admin/experts/tiny-base/delete").text
+    assert "ed" in confirm.split("Experts built on it", 1)[1]
+    resp = client.post("/admin/experts/tiny-base/delete", data={"_csrf_token": token})
+    assert resp.status_code == 409 and 'id="delete-error"' in resp.text and "delete those first" in resp.text
+    assert client.get("/api/experts/tiny-base", headers=registry_env.admin).status_code == 200
+    resp = client.post("/admin/experts/ed/delete", data={"_csrf_token": token})
+    assert resp.status_code == 200 and resp.url.path == "/admin/experts/"
+    assert client.get("/api/experts/ed", headers=registry_env.admin).status_code == 404
+
+
+def test_dashboard_engines_show_slugs_and_state(
+    client: TestClient,  # type: ignore[type-arg]
+    registry_env: RegistryEnv,
+) -> None:
+    sign_in(client, registry_env.admin_key)
+    empty = client.get("/admin/").text
+    assert "no model loaded yet" in empty
+    body = {"model": "tiny-base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert client.post("/v1/chat/completions", json=body, headers=registry_env.query).status_code == 200
+    page = client.get("/admin/").text
+    assert "Serving engine: torch" in page
+    rows = re.findall(r"<tr>\s*<td>([^<]*)</td>\s*<td>([^<]*)</td>\s*<td>([^<]*)</td>", page.split('id="engines"')[1])
+    assert ("tiny-base", "loaded", "") in rows, rows
+    uuid = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-")
+    assert not any(uuid.search(cell) for row in rows for cell in row)
+
+
+def test_composition_edit_shows_errors_inline(client: TestClient, registry_env: RegistryEnv) -> None:  # type: ignore[type-arg]
+    body = {"name": "ed", "experts": ["tiny-base"]}
+    assert client.post("/api/compositions", json=body, headers=registry_env.admin).status_code == 201
+    sign_in(client, registry_env.admin_key)
+    form = client.get("/admin/compositions/ed/edit").text
+    data = {"_csrf_token": _token(form), "router": "direct", "experts": ["tiny-base"], "description": "kept"}
+    resp = client.post("/admin/compositions/ed/edit", data={**data, "router_params": "{not json"})
+    assert resp.status_code == 400 and 'id="router_params-error"' in resp.text and "not valid JSON" in resp.text
+    assert 'value="kept"' in resp.text  # what was typed stays
+    resp = client.post("/admin/compositions/ed/edit", data={**data, "k": "x"})
+    assert resp.status_code == 400 and 'id="k-error"' in resp.text
+    assert client.get("/api/compositions/ed", headers=registry_env.admin).json()["description"] == ""
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_cookies_secure_flag_follows_the_setting(registry_env: RegistryEnv, secure: bool) -> None:
+    settings = replace(registry_env.settings, admin_cookie_secure=secure)
+    # over https: a client does not send Secure cookies back over http
+    with TestClient(create_app(settings, engine=TorchEngine()), base_url="https://testserver.local") as client:
+        page = client.get("/admin/login")
+        resp = client.post(
+            "/admin/login",
+            data={"key": registry_env.admin_key, "_csrf_token": _token(page.text)},
+            follow_redirects=False,
+        )
+        cookies = [*page.headers.get_list("set-cookie"), *resp.headers.get_list("set-cookie")]
+        for name in ("moerge_csrf", "moerge_admin"):
+            [cookie] = [c for c in cookies if c.startswith(f"{name}=")]
+            assert ("secure" in cookie.lower().split("; ")) is secure, cookie
+    env = {"MOERGE_HOME": str(registry_env.settings.home)}
+    assert Settings.from_env(env).admin_cookie_secure is False
+    assert Settings.from_env({**env, "MOERGE_ADMIN_COOKIE_SECURE": "1"}).admin_cookie_secure is True
