@@ -375,3 +375,26 @@ def test_in_flight_tensors_are_bounded_and_spread_over_threads(
         )
         assert most == in_flight, (workers, in_flight, most)
         assert len(threads) > 1 and all(name.startswith("merge") for name in threads), threads
+
+
+def test_a_finetune_and_a_lora_merge_together(models: dict[str, Any], tmp_path: Path) -> None:
+    """Mixed inputs: the finetune's task vector and the adapter's scale·B·A (as PEFT merges it) go into one
+    TIES merge, tensor by tensor; modules the adapter leaves alone get a zero delta from it."""
+    raw = {
+        "merge_method": "ties",
+        "base_model": "base",
+        "models": [{"model": "m0", "parameters": {"density": 0.4}}, {"model": "m1", "parameters": {"weight": 0.6}}],
+    }
+    got = _weights(
+        execute(_plan(raw, models["base"], [models["finetunes"][0], models["loras"][1]]), tmp_path / "o").folder
+    )
+    base = _weights(models["base"])
+    ft = _weights(models["finetunes"][0])
+    peft_base = AutoModelForCausalLM.from_pretrained(models["base"], dtype=torch.float32)
+    lora_full = PeftModel.from_pretrained(peft_base, models["loras"][1]).merge_and_unload().state_dict()
+    method = METHODS.get("ties")
+    config, inputs = METHODS.configure("ties", {}, [{"density": 0.4}, {"weight": 0.6}])
+    assert set(got) == set(base)
+    for name, w0 in base.items():
+        expected = w0 + merge_tensor(method, [ft[name] - w0, lora_full[name] - w0], inputs, config)
+        assert torch.allclose(got[name], expected, atol=1e-6), name
