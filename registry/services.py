@@ -36,6 +36,7 @@ from registry.models import (
     Expert,
     ExpertFile,
     ExpertKind,
+    ExpertTrainingData,
     MergeJobInput,
     utcnow,
 )
@@ -289,6 +290,12 @@ class ExpertService:
             )
             await self.session.execute(delete(MergeJobInput).where(MergeJobInput.expert_id == expert.id))
         expert_id = expert.id
+        own_blobs = {f.sha256 for f in expert.files}
+        own_blobs |= set(
+            await self.session.scalars(
+                select(ExpertTrainingData.sha256).where(ExpertTrainingData.expert_id == expert_id)
+            )
+        )
         # The folder is moved aside first so that a failed commit can put it back untouched.
         folder = self.store.expert_dir(expert_id)
         aside = self.store.tmp / f"deleted-{expert_id}"
@@ -304,7 +311,9 @@ class ExpertService:
                 aside.rename(folder)
             raise
         shutil.rmtree(aside, ignore_errors=True)
-        self.store.collect_garbage(await self._referenced_blobs())
+        # Only this expert's blobs that nothing else refers to: a blob another registration has just stored
+        # and not yet committed is unreferenced too, and must stay (the start-up sweep takes true orphans).
+        self.store.discard_blobs(own_blobs - await self._referenced_blobs())
 
     async def _referenced_blobs(self) -> set[str]:
         referenced = set(await self.session.scalars(select(ExpertFile.sha256).distinct()))

@@ -160,17 +160,6 @@ class ArtifactStore:
     def remove_expert_dir(self, expert_id: uuid.UUID | str) -> None:
         shutil.rmtree(self.expert_dir(expert_id), ignore_errors=True)
 
-    def collect_garbage(self, referenced: set[str]) -> list[str]:
-        """Delete blobs no expert refers to; returns the removed hashes."""
-        removed: list[str] = []
-        if not self.blobs.exists():
-            return removed
-        for path in self.blobs.glob("*/*"):
-            if path.name not in referenced:
-                path.unlink(missing_ok=True)
-                removed.append(path.name)
-        return removed
-
     def sweep(self, referenced: set[str], experts: set[str], *, min_age_s: float) -> list[Path]:
         """Remove what a process killed mid-write left: anything in tmp/, expert folders without a row
         (``experts`` are the ids that have one) and blobs no one refers to. Only entries untouched for

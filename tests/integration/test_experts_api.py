@@ -196,10 +196,17 @@ def test_card_patch_delete(client: TestClient[Any], registry_env: RegistryEnv, t
     assert resp.status_code == 201 and resp.json()["evals"][0]["value"] == 0.9
     assert "model-index" in client.get("/api/experts/carded/card", headers=registry_env.query).text
 
+    # a blob another registration has stored but not yet committed: no row refers to it, and it must stay
+    (tmp_path / "in-flight.bin").write_bytes(b"another registration's file")
+    in_flight = registry_env.store.put_file(tmp_path / "in-flight.bin")[0]
+    own = [
+        f["sha256"] for f in client.get("/api/experts/carded", headers=registry_env.query).json()["integrity"]["files"]
+    ]
     blobs_before = registry_env.store.blob_count()
     assert client.delete("/api/experts/carded", headers=registry_env.admin).status_code == 204
     assert client.get("/api/experts/carded", headers=registry_env.query).status_code == 404
-    assert registry_env.store.blob_count() < blobs_before  # unreferenced blobs are collected
+    assert registry_env.store.blob_count() == blobs_before - len(set(own))  # its own blobs went
+    assert registry_env.store.blob_path(in_flight).exists()
     assert not any(registry_env.store.experts.iterdir())
 
 
