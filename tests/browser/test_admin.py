@@ -3,10 +3,11 @@ against a live server (uvicorn in a thread, SQLite, torch engine on tiny models)
 
 Flows: sign in (a query-scope key refused, pages need a session); register an adapter (a pickle checkpoint
 refused with the error beside the file field, then a good archive); its card (lineage graph, "try it");
-create a composition; a playground query with its score chart, answers and aggregate; launch a merge,
-watch it reach 100% and open the merged expert; cancel a second merge queued behind a slow one; the
-experts list without JavaScript. Every page visited is saved as a PNG screenshot (under pytest's tmp dir,
-and under $MOERGE_ARTIFACTS when set).
+create and edit a composition; a playground query with its score chart, answers and aggregate; launch a
+merge, watch it reach 100% and open the merged expert; cancel a second merge queued behind a slow one;
+every read-only page without JavaScript; recorded evals and loaded plots; edit and delete an expert; the
+four forms by keyboard only. Every page visited is saved as a PNG screenshot, numbered (under pytest's tmp
+dir, and under $MOERGE_ARTIFACTS/admin when set).
 """
 
 from __future__ import annotations
@@ -74,8 +75,12 @@ def shots(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     if artifacts := os.environ.get("MOERGE_ARTIFACTS"):
         folders.append(Path(artifacts) / "admin")
         folders[-1].mkdir(parents=True, exist_ok=True)
+    prefixes: set[str] = set()
 
     def save(page: Any, name: str) -> None:
+        prefix = name.split("-", 1)[0]
+        assert prefix not in prefixes, f"two screenshots numbered {prefix}"  # one number, one page
+        prefixes.add(prefix)
         png = page.screenshot(full_page=True)
         for folder in folders:
             (folder / f"{name}.png").write_bytes(png)
@@ -118,7 +123,12 @@ def live(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     register(settings, build_tiny_lora(tiny_base, models / "math", seed=20), MATH)
     register(settings, build_tiny_lora(tiny_base, models / "dates", seed=21), DATES)
     for i in (1, 2):
-        register(settings, build_tiny_finetune(tiny_base, models / f"ft-{i}", seed=i), ExpertSpec(slug=f"ft-{i}"))
+        folder = build_tiny_finetune(tiny_base, models / f"ft-{i}", seed=i)
+        register(settings, folder, ExpertSpec(slug=f"ft-{i}", base="tiny-base"))
+    spare = ExpertSpec(slug="spare-lora", base="tiny-base", skills=["spare"])  # edited, then deleted
+    register(settings, build_tiny_lora(tiny_base, models / "spare", seed=22), spare)
+    # what the keyboard registers by import (a file chooser is not a keyboard's)
+    build_tiny_lora(tiny_base, imports / "kbd-lora", seed=31)
     big = build_tiny_llama(models / "big-base", hidden_size=512, intermediate_size=2048, num_layers=8, seed=9)
     register(settings, big, ExpertSpec(slug="big-base"))
     for i in (1, 2, 3):
@@ -143,6 +153,7 @@ def live(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             "query_key": query_key,
             "good_archive": good,
             "bad_archive": bad,
+            "imports": imports,
         }
 
 
@@ -217,8 +228,8 @@ def test_register_adapter_inline_error_then_card(page: Any, live: dict[str, Any]
     shots(page, "04-register-form")
 
     def fill(slug: str, archive: Path) -> None:
-        page.get_by_label("Slug").fill(slug)
-        page.get_by_label("Base model").select_option("tiny-base")
+        page.get_by_label("Slug", exact=True).fill(slug)
+        page.get_by_label("Base model (slug)").fill("tiny-base")
         page.get_by_label("Description", exact=True).fill("an adapter registered from the browser")
         page.get_by_label("Skills (comma-separated)").fill("web, browsing")
         page.locator("#archive").set_input_files(str(archive))
@@ -229,7 +240,7 @@ def test_register_adapter_inline_error_then_card(page: Any, live: dict[str, Any]
     error = page.locator("#archive-error")  # beside the file field, not above the form
     expect(error).to_contain_text("pickle checkpoints are refused")
     assert page.locator(".field.invalid #archive").count() == 1
-    expect(page.get_by_label("Slug")).to_have_value("web-lora")  # what was typed is kept
+    expect(page.get_by_label("Slug", exact=True)).to_have_value("web-lora")  # what was typed is kept
     shots(page, "05-register-inline-error")
 
     fill("web-lora", live["good_archive"])
@@ -287,9 +298,14 @@ def test_composition_and_playground(page: Any, live: dict[str, Any], shots: Any)
     expect(page.locator("#result")).to_contain_text("Routed to: math-lora")
     shots(page, "10-playground")
 
-    # edit, then delete
+    # edit (a refusal beside its field first), then delete
     page.goto(f"{live['url']}/admin/compositions/browser-combo/edit")
+    page.get_by_label("Router parameters (JSON object)").fill("{oops")
+    page.get_by_role("button", name="Save").click()
+    expect(page.locator("#router_params-error")).to_contain_text("not valid JSON")
+    page.get_by_label("Router parameters (JSON object)").fill('{"threshold": -1.0}')
     page.get_by_label("Description", exact=True).fill("edited in the browser")
+    shots(page, "11-composition-edit")
     page.get_by_role("button", name="Save").click()
     page.wait_for_url(re.compile(r".*/admin/compositions/?$"))
     expect(page.locator("#compositions")).to_contain_text("edited in the browser")
@@ -301,7 +317,7 @@ def test_composition_and_playground(page: Any, live: dict[str, Any], shots: Any)
 def _launch(page: Any, live: dict[str, Any], name: str, base: str, models: list[str]) -> None:
     page.goto(f"{live['url']}/admin/merges/")
     page.get_by_label("Method", exact=True).select_option("ties")
-    page.get_by_label("Base model").select_option(base)
+    page.get_by_label("Base model (slug)").fill(base)
     for slug in models:
         page.get_by_label(slug, exact=True).check()
         page.get_by_label(f"weight of {slug}").fill("0.5")
@@ -315,16 +331,16 @@ def test_merge_progress_to_result(page: Any, live: dict[str, Any], shots: Any) -
     from playwright.sync_api import expect
 
     page.goto(f"{live['url']}/admin/merges/")
-    shots(page, "11-merge-launcher")
+    shots(page, "12-merge-launcher")
     _launch(page, live, "browser-ties", "tiny-base", ["ft-1", "ft-2"])
     expect(page.locator("#job-status")).to_have_text("succeeded")  # HTMX polls the progress fragment
     expect(page.locator("#job-percent")).to_have_text("100%")
-    shots(page, "12-merge-done")
+    shots(page, "13-merge-done")
     page.locator("#result-link").click()
     page.wait_for_url(re.compile(r".*/admin/experts/browser-ties$"))
     expect(page.locator("svg.lineage")).to_contain_text("ft-1")
     expect(page.locator("svg.lineage")).to_contain_text("ft-2")
-    shots(page, "13-merged-expert")
+    shots(page, "14-merged-expert")
 
     page.goto(f"{live['url']}/admin/")
     expect(page.locator("body")).to_contain_text("browser-ties")
@@ -350,39 +366,198 @@ def test_cancel_a_merge(page: Any, live: dict[str, Any], shots: Any) -> None:
 
     _launch(page, live, "browser-slow", "big-base", ["big-ft-1", "big-ft-2", "big-ft-3"])
     slow = page.url
+    expect(page.locator("#job-status")).to_have_text(re.compile("queued|running"))
+    shots(page, "16-merge-running")
     _launch(page, live, "browser-cancelled", "big-base", ["big-ft-1", "big-ft-2"])  # queued behind it
     expect(page.locator("#job-status")).to_have_text(re.compile("queued|running"))
     page.get_by_role("button", name="Cancel merge").click()
     expect(page.locator("#job-status")).to_have_text("cancelled")
     expect(page.locator("#result-link")).to_have_count(0)
-    shots(page, "14-merge-cancelled")
+    shots(page, "17-merge-cancelled")
     page.goto(slow)  # the first one is unaffected
     expect(page.locator("#job-status")).to_have_text("succeeded", timeout=120_000)
+    page.goto(f"{live['url']}/admin/merges/")
+    expect(page.locator("table").last).to_contain_text("browser-cancelled")
+    expect(page.locator("table").last).to_contain_text("browser-slow")
+    shots(page, "18-merges-list")
+
+
+def _api(live: dict[str, Any], method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    """A JSON API call with the admin key (test data the panel then shows)."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {live['admin_key']}"}
+    resp = httpx.request(method, f"{live['url']}{path}", json=body, headers=headers, timeout=60)
+    assert resp.status_code in (200, 201), resp.text
+    return dict(resp.json())
 
 
 def test_pages_render_without_javascript(browser: Any, live: dict[str, Any], shots: Any) -> None:
+    """Every read-only page, JavaScript off: its key element is there (and the "try it" box works)."""
     from playwright.sync_api import expect
 
+    _api(live, "POST", "/api/compositions", {"name": "nojs-combo", "experts": ["math-lora"]})
+    models = [{"model": slug, "parameters": {"weight": 0.5, "density": 0.5}} for slug in ("ft-1", "ft-2")]
+    merge = {"merge_method": "ties", "base_model": "tiny-base", "models": models, "name": "nojs-merged"}
+    job = _api(live, "POST", "/api/merges", merge)["id"]
     context = browser.new_context(java_script_enabled=False)
     context.set_default_timeout(TIMEOUT_MS)
     page = context.new_page()
+    url = live["url"]
+    pages = [  # (path, what must render, its text, screenshot)
+        ("/admin/", "#counts", "adapter", "19-no-js-dashboard"),
+        ("/admin/experts/", "#experts", "math-lora", "20-no-js-experts"),
+        ("/admin/experts/math-lora", "svg.lineage", "tiny-base", "21-no-js-expert-card"),
+        ("/admin/compositions/", "#compositions", "nojs-combo", "22-no-js-compositions"),
+        ("/admin/compositions/nojs-combo/edit", "form.stack", "Candidate experts", "23-no-js-composition-edit"),
+        ("/admin/merges/", "#launcher", "Launch merge", "24-no-js-merges"),
+        (f"/admin/merges/{job}", "#job-status", "", "25-no-js-merge-job"),
+        ("/admin/evals/", "#recorded-evals", "expert", "26-no-js-evals"),
+        ("/admin/playground/?composition=nojs-combo", "#composition", "nojs-combo", "27-no-js-playground"),
+    ]
     try:
         sign_in(page, live, live["admin_key"])  # a plain form post
-        page.goto(f"{live['url']}/admin/experts/")
-        expect(page.locator("#experts")).to_contain_text("math-lora")
-        shots(page, "15-experts-no-js")
-        page.goto(f"{live['url']}/admin/experts/math-lora")
-        expect(page.locator("svg.lineage")).to_contain_text("tiny-base")
+        for path, selector, text, shot in pages:
+            page.goto(f"{url}{path}")
+            expect(page.locator(selector).first).to_be_visible()
+            if text:
+                expect(page.locator(selector).first).to_contain_text(text)
+            shots(page, shot)
+        expect(page.locator("#composition option:checked")).to_have_text("nojs-combo")
+        page.goto(f"{url}/admin/experts/math-lora")
         page.get_by_label("Message to math-lora").fill("What is 2 + 2?")  # a plain form post: the whole card
         page.get_by_role("button", name="Ask").click()
         expect(page.locator("#try-answer")).to_contain_text("answered by math-lora")
         expect(page.locator("svg.lineage")).to_be_visible()
-        page.goto(f"{live['url']}/admin/evals/")
-        expect(page.locator("h1")).to_have_text("Evaluation results")
-        expect(page.locator("table").first).to_be_visible()
-        shots(page, "16-evals")
     finally:
         context.close()
+
+
+def test_evals_show_recorded_results_and_plots(page: Any, live: dict[str, Any], shots: Any) -> None:
+    from playwright.sync_api import expect
+
+    result = {"task": "browser-arith", "metric": "exact_match", "value": 0.625, "dataset": "arith-v2"}
+    _api(live, "POST", "/api/experts/math-lora/evals", result)
+    page.goto(f"{live['url']}/admin/evals/")
+    recorded = page.locator("#recorded-evals")
+    expect(recorded).to_contain_text("browser-arith")
+    expect(recorded.locator("tr", has_text="browser-arith")).to_contain_text("math-lora")
+    plots = page.locator("img.plot")
+    assert plots.count() > 0
+    page.wait_for_function("() => [...document.querySelectorAll('img.plot')].every(i => i.complete)")
+    widths = plots.evaluate_all("imgs => imgs.map(i => i.naturalWidth)")
+    assert all(w > 0 for w in widths), widths  # every plot loaded as an image
+    shots(page, "28-evals")
+    page.goto(f"{live['url']}/admin/experts/math-lora")
+    expect(page.locator("#evals")).to_contain_text("browser-arith")
+    expect(page.locator("#evals")).to_contain_text("0.625")
+
+
+def test_edit_and_delete_an_expert(page: Any, live: dict[str, Any], shots: Any) -> None:
+    from playwright.sync_api import expect
+
+    page.goto(f"{live['url']}/admin/experts/spare-lora")
+    page.locator("#edit summary").click()
+    edit = page.locator("#edit")
+    edit.get_by_label("Description", exact=True).fill("edited from the card")
+    edit.get_by_label("Tags (comma-separated)").fill("edited, browser")
+    edit.get_by_label("Aliases (comma-separated)").fill("Bad Alias")
+    edit.get_by_role("button", name="Save changes").click()
+    expect(page.locator("#aliases-error")).to_be_visible()  # refused beside the field, the form kept open
+    page.locator("#edit").get_by_label("Aliases (comma-separated)").fill("spare")
+    page.locator("#edit").get_by_role("button", name="Save changes").click()
+    page.wait_for_url(re.compile(r".*/admin/experts/spare-lora$"))
+    expect(page.locator("#fields")).to_contain_text("edited, browser")
+    expect(page.locator("#fields")).to_contain_text("spare")
+    expect(page.locator("p", has_text="edited from the card").first).to_be_visible()
+    shots(page, "29-expert-edited")
+
+    page.goto(f"{live['url']}/admin/experts/tiny-base/delete")  # experts are built on it: refused
+    page.get_by_role("button", name="Delete tiny-base").click()
+    expect(page.locator("#delete-error")).to_contain_text("delete those first")
+    shots(page, "30-expert-delete-refused")
+
+    page.goto(f"{live['url']}/admin/experts/spare-lora")
+    page.locator("#delete-link").click()
+    page.get_by_role("button", name="Delete spare-lora").click()
+    page.wait_for_url(re.compile(r".*/admin/experts/?$"))
+    expect(page.locator("#experts")).not_to_contain_text("spare-lora")
+    page.goto(f"{live['url']}/admin/experts/spare-lora")
+    expect(page.locator(".banner")).to_contain_text("no expert named")
+    shots(page, "31-error-page")
+
+
+def _tab_to(page: Any, selector: str, limit: int = 120) -> None:
+    """Press Tab until the element matching ``selector`` has the focus (the keyboard's way to a field)."""
+    for _ in range(limit):
+        page.keyboard.press("Tab")
+        if page.evaluate("s => document.activeElement !== null && document.activeElement.matches(s)", selector):
+            return
+    raise AssertionError(f"Tab never reached {selector}")
+
+
+def test_forms_by_keyboard_only(page: Any, live: dict[str, Any], shots: Any) -> None:
+    """Register (import), a composition, the playground and a merge: focus by Tab, type, Space, Enter."""
+    from playwright.sync_api import expect
+
+    keys = page.keyboard
+    page.goto(f"{live['url']}/admin/experts/new")
+    _tab_to(page, "input[name=mode]:checked")
+    keys.press("ArrowDown")  # the radio group: import a folder on the server
+    _tab_to(page, "#path")
+    keys.type(str(live["imports"] / "kbd-lora"))
+    _tab_to(page, "#slug")
+    keys.type("kbd-lora")
+    _tab_to(page, "#base")
+    keys.type("tiny-base")
+    _tab_to(page, "#skills")
+    keys.type("keyboard, typing")
+    _tab_to(page, "form[action='/admin/experts/new'] button[type=submit]")
+    keys.press("Enter")
+    page.wait_for_url(re.compile(r".*/admin/experts/kbd-lora$"))
+    expect(page.locator("#fields")).to_contain_text("keyboard, typing")
+    shots(page, "32-keyboard-registered")
+
+    page.goto(f"{live['url']}/admin/compositions/new")
+    _tab_to(page, "#name")
+    keys.type("kbd-combo")
+    _tab_to(page, "#router_params")
+    keys.type('{"threshold": -1.0}')
+    _tab_to(page, "input[name=experts][value=kbd-lora]")
+    keys.press("Space")
+    _tab_to(page, "input[name=experts][value=math-lora]")
+    keys.press("Space")
+    _tab_to(page, "form.stack button[type=submit]")
+    keys.press("Enter")
+    page.wait_for_url(re.compile(r".*/admin/playground.*composition=kbd-combo"))
+
+    _tab_to(page, "#query")  # the playground, with the new composition chosen
+    keys.type("What is 3 + 4?")
+    _tab_to(page, "form.stack button[type=submit]")
+    keys.press("Enter")
+    expect(page.locator("#chart .bar-row")).to_have_count(2)
+    expect(page.locator("#chart")).to_contain_text("kbd-lora")
+    expect(page.locator("#aggregate")).to_be_visible()
+    shots(page, "33-keyboard-playground")
+
+    page.goto(f"{live['url']}/admin/merges/")
+    _tab_to(page, "#base_model")
+    keys.type("tiny-base")
+    for slug in ("ft-1", "ft-2"):
+        _tab_to(page, f"input[name=models][value={slug}]")
+        keys.press("Space")
+        _tab_to(page, f"input[name='weight:{slug}']")
+        keys.type("0.5")
+    _tab_to(page, "#model_parameters")
+    keys.type('{"density": 0.5}')
+    _tab_to(page, "#name")
+    keys.type("kbd-merged")
+    _tab_to(page, "#launcher button[type=submit]")
+    keys.press("Enter")
+    page.wait_for_url(re.compile(r".*/admin/merges/[0-9a-f-]{36}$"))
+    expect(page.locator("#job-status")).to_have_text("succeeded")
+    expect(page.locator("#result-link")).to_have_text("kbd-merged")
+    shots(page, "34-keyboard-merge")
 
 
 def test_csrf_and_session_required_outside_the_browser(live: dict[str, Any]) -> None:
