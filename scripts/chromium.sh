@@ -4,7 +4,7 @@
 set -euo pipefail
 [ -x /usr/bin/chromium ] && exit 0
 if ! command -v apt-get >/dev/null; then
-  echo "chromium: /usr/bin/chromium is missing and apt-get is not available; the browser tests will skip" >&2
+  echo "chromium: /usr/bin/chromium is missing and apt-get is not available; the browser tests will skip (fail under CI=1)" >&2
   exit 0
 fi
 SUDO=""

@@ -7,4 +7,6 @@ bash scripts/setup.sh
 bash scripts/chromium.sh
 MOERGE_TEST_POSTGRES_URL=${MOERGE_TEST_POSTGRES_URL:-$(bash scripts/postgres.sh)}
 export MOERGE_TEST_POSTGRES_URL
+# the admin panel's browser tests save their screenshots here (gitignored), so every run keeps them
+export MOERGE_ARTIFACTS="${MOERGE_ARTIFACTS:-$PWD/artifacts}"
 exec .venv/bin/python -m pytest "$@"
