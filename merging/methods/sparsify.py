@@ -111,6 +111,10 @@ class Kept:
     mask: torch.Tensor | None = None
     factor: torch.Tensor | None = None
 
+    def slice(self, lo: int, hi: int) -> Kept:
+        """What is kept of the flat entries ``lo:hi`` (the factor is the whole tensor's)."""
+        return Kept(self.mask.reshape(-1)[lo:hi] if self.mask is not None else None, self.factor)
+
     def apply(self, delta: torch.Tensor, weight: float | None = None) -> torch.Tensor:
         """The kept delta (times ``weight``): δ·mask·factor·weight, multiplied in that order, in place
         on one new tensor. Without mask, factor or weight it is ``delta`` itself."""

@@ -95,9 +95,10 @@ class BreadcrumbsInputParams(DensityInputParams, frozen=True):
         require_param(0 <= self.gamma < 1, f"inputs[{index}].gamma", f"must be in [0, 1), got {self.gamma}")
 
 
-# Tensors with at least this many entries rebuild each weighted, sparsified delta when it is used instead of
-# holding it (an embedding matrix: 28M entries, 113 MB per copy in float32).
-_REBUILD_FROM = 1 << 22
+# The elementwise part of a merge (weighting, sum, sign election, divisor) runs over slices of this many
+# entries: every step is per entry, so slicing changes no bit, and a large tensor (an embedding matrix: 28M
+# entries, 113 MB per float32 copy) needs a few slice-sized temporaries instead of five full copies.
+SLICE_ENTRIES = 1 << 20
 
 
 def _kept(
@@ -125,51 +126,61 @@ def generalized_task_arithmetic(sparsification: Sparsification, consensus: Conse
             raise TypeError(f"expected a TaskArithmeticConfig, got {type(config).__name__}")
         rescale = isinstance(config, SparseConfig) and config.rescale
         weights = [p.weight for p in inputs]
-        # Masks only; each weighted, sparsified delta d_i is rebuilt when used (the same operations in the
-        # same order, so the same bits), which keeps a large tensor's merge at about the inputs' size.
+        # Masks need the whole tensor (top-k, rescale norms); the rest is per entry.
         sparse = [_kept(delta, p, sparsification, rescale, generator) for delta, p in zip(deltas, inputs, strict=True)]
-
-        def rebuilt(i: int) -> torch.Tensor:
-            out = sparse[i].apply(deltas[i], weights[i])
-            return out.clone() if out is deltas[i] else out  # ours to modify, never the caller's input
-
-        if deltas[0].numel() < _REBUILD_FROM:  # small: hold the weighted deltas rather than rebuild them
-            held = [rebuilt(i) for i in range(len(deltas))]
-
-            def weighted(i: int) -> torch.Tensor:
-                return held[i].clone() if i == 0 else held[i]  # the running sum starts from #0: a copy
-
-        else:
-            weighted = rebuilt
-
-        mixed = weighted(0)
-        for i in range(1, len(deltas)):
-            mixed += weighted(i)
-        if consensus == "sum":
-            # Elect by mass: the sign of the weighted sum (0 counts as +, as mergekit).
-            elected = torch.where(mixed >= 0, 1.0, -1.0)
-            mixed.zero_()
-            per_entry = torch.zeros_like(mixed)
-            for i, w in enumerate(weights):
-                d = weighted(i)
-                # 1.0 where d has the elected sign, else 0.0 (a zero entry never agrees), in float arithmetic:
-                # boolean intermediates and bool-by-float products are several times slower in torch.
-                agrees = torch.mul(d, elected).sign_().clamp_(min=0.0)
-                mixed.addcmul_(d, agrees)  # += d·agrees, exact: agrees is 0 or 1
-                per_entry.add_(agrees, alpha=w)
-            # An entry no input agrees on is 0 already; dividing it by 1 leaves it so.
-            divisor: torch.Tensor | float = per_entry.masked_fill_(per_entry == 0, 1.0)
-        elif consensus is None:
-            total = math.fsum(weights)
-            divisor = 1.0 if abs(total) < ZERO_SUM else total
-        else:
-            raise NotImplementedError(consensus)
-
-        if config.normalize:
-            mixed /= divisor
-        if config.lambda_ != 1:
-            mixed *= config.lambda_
-        return mixed
+        n = deltas[0].numel()
+        if n <= SLICE_ENTRIES:
+            return _combine(deltas, sparse, weights, consensus, config)
+        flat = [d.reshape(-1) for d in deltas]
+        out = torch.empty(n, dtype=torch.float32)
+        for lo in range(0, n, SLICE_ENTRIES):
+            hi = min(n, lo + SLICE_ENTRIES)
+            parts = [f[lo:hi] for f in flat]
+            out[lo:hi] = _combine(parts, [k.slice(lo, hi) for k in sparse], weights, consensus, config)
+        return out.view(deltas[0].shape)
 
     merge.__name__ = f"task_arithmetic_{sparsification.value}_{consensus or 'none'}"
     return merge
+
+
+def _combine(
+    deltas: Sequence[torch.Tensor],
+    sparse: Sequence[Kept],
+    weights: Sequence[float],
+    consensus: Consensus | None,
+    config: TaskArithmeticConfig,
+) -> torch.Tensor:
+    """Steps 2-4 of the module docstring on (a slice of) the deltas, with their masks: a new tensor."""
+
+    def weighted(i: int) -> torch.Tensor:
+        out = sparse[i].apply(deltas[i], weights[i])
+        return out.clone() if out is deltas[i] else out  # ours to modify, never the caller's input
+
+    held = [weighted(i) for i in range(len(deltas))]
+    mixed = held[0].clone()
+    for d in held[1:]:
+        mixed += d
+    if consensus == "sum":
+        # Elect by mass: the sign of the weighted sum (0 counts as +, as mergekit).
+        elected = torch.where(mixed >= 0, 1.0, -1.0)
+        mixed.zero_()
+        per_entry = torch.zeros_like(mixed)
+        for d, w in zip(held, weights, strict=True):
+            # 1.0 where d has the elected sign, else 0.0 (a zero entry never agrees), in float arithmetic:
+            # boolean intermediates and bool-by-float products are several times slower in torch.
+            agrees = torch.mul(d, elected).sign_().clamp_(min=0.0)
+            mixed.addcmul_(d, agrees)  # += d·agrees, exact: agrees is 0 or 1
+            per_entry.add_(agrees, alpha=w)
+        # An entry no input agrees on is 0 already; dividing it by 1 leaves it so.
+        divisor: torch.Tensor | float = per_entry.masked_fill_(per_entry == 0, 1.0)
+    elif consensus is None:
+        total = math.fsum(weights)
+        divisor = 1.0 if abs(total) < ZERO_SUM else total
+    else:
+        raise NotImplementedError(consensus)
+
+    if config.normalize:
+        mixed /= divisor
+    if config.lambda_ != 1:
+        mixed *= config.lambda_
+    return mixed

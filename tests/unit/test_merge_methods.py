@@ -282,6 +282,27 @@ def test_every_method_runs_shape_dtype_and_leaves_inputs(name: str) -> None:
     assert all(torch.equal(t, c) for t, c in zip(float_inputs, snapshot, strict=True))
 
 
+@pytest.mark.parametrize("name", TASK_VECTOR_METHODS)
+def test_sliced_elementwise_part_changes_no_bit(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large tensors run the per-entry part in slices (memory); every bit equals the one-pass result, including
+    slices that do not divide the tensor, negative weights and entries no input agrees on."""
+    import merging.methods.task_arithmetic as task_arithmetic
+
+    tensors = [randn(33, 31, seed=s) for s in range(3)]
+    tensors[2][:5] = 0.0  # whole rows without a vote
+    inputs: list[dict[str, Any]] = [{"weight": 0.7}, {"weight": -0.4}, {"weight": 1.3}]
+    if METHODS.get(name).input_cls is not InputParams:
+        inputs = [{**p, "density": d} for p, d in zip(inputs, (0.3, 0.6, 0.5), strict=True)]
+    params = {"normalize": True, "lambda": 0.9} if name != "task_arithmetic" else {"lambda": 0.9}
+    if "dare" in name:
+        params["rescale"] = True
+    whole = merge(name, tensors, inputs, params)
+    monkeypatch.setattr(task_arithmetic, "SLICE_ENTRIES", 100)  # 1023 entries: 11 slices, the last short
+    sliced = merge(name, tensors, inputs, params)
+    assert sliced.shape == whole.shape and torch.equal(sliced, whole)
+    assert torch.count_nonzero(whole) > 0
+
+
 def test_registered_methods_and_mergekit_defaults() -> None:
     assert METHODS.names() == sorted(["linear", *TASK_VECTOR_METHODS])
     expected: dict[str, dict[str, Any]] = {  # mergekit 0.1.5, mergekit/merge_methods/registry.py
