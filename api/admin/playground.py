@@ -10,13 +10,16 @@ from litestar.di import NamedDependency
 from litestar.params import FromQuery
 from litestar.plugins.htmx import HTMXRequest, HTMXTemplate
 from litestar.response import Template
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from api.admin import views
 from api.admin.asking import MAX_TOKENS, Answer, ask
 from api.admin.views import score_bars, trace_grid
 from api.settings import Settings
 from registry.compositions import CompositionService
 from registry.errors import MoergeError, ValidationFailed
+from registry.models import Composition
 from registry.store import ArtifactStore
 
 
@@ -42,18 +45,24 @@ def _result(answer: Answer) -> dict[str, Any]:
 class PlaygroundPage(Controller):
     path = "/admin/playground"
 
-    async def _names(self, db_session: AsyncSession, store: ArtifactStore) -> list[str]:
-        return [c.name for c in await CompositionService(db_session, store).list_compositions()]
+    async def _names(self, db_session: AsyncSession) -> dict[str, Any]:
+        """The first PICKER_LIMIT composition names for the choice, and how many there are (past the limit
+        the form also takes a typed name)."""
+        limit = views.PICKER_LIMIT
+        names = list(await db_session.scalars(select(Composition.name).order_by(Composition.name).limit(limit)))
+        total = len(names)
+        if total == limit:
+            total = int(await db_session.scalar(select(func.count()).select_from(Composition)) or 0)
+        return {"compositions": names, "compositions_total": total}
 
     @get("/")
     async def page(
         self,
         db_session: NamedDependency[AsyncSession],
-        store: NamedDependency[ArtifactStore],
         composition: FromQuery[str | None] = None,
     ) -> Template:
         context = {
-            "compositions": await self._names(db_session, store),
+            **await self._names(db_session),
             "composition": composition or "",
             "query": "",
             "max_tokens": MAX_TOKENS,
@@ -71,7 +80,7 @@ class PlaygroundPage(Controller):
         settings: NamedDependency[Settings],
     ) -> Template:
         form = await request.form()
-        name = str(form.get("composition") or "")
+        name = str(form.get("composition_typed") or "").strip() or str(form.get("composition") or "")
         query = str(form.get("query") or "")
         max_text = str(form.get("max_tokens") or MAX_TOKENS)
         result, error = None, None
@@ -87,4 +96,4 @@ class PlaygroundPage(Controller):
         context = {"result": result, "error": error, "composition": name, "query": query, "max_tokens": max_text}
         if request.htmx:  # the form's hx-post swaps only the result in
             return HTMXTemplate(template_name="fragments/playground_result.html", context=context)
-        return Template("playground.html", context={**context, "compositions": await self._names(db_session, store)})
+        return Template("playground.html", context={**context, **await self._names(db_session)})

@@ -523,6 +523,19 @@ def test_pickers_past_their_limit_take_typed_slugs(
     register_form = client.get("/admin/experts/new").text
     assert 'id="base-slugs"' in register_form and '<option value="tiny-base">' in register_form
 
+    for name in ("more-1", "more-2"):  # three compositions: the playground lists two and takes a typed name
+        assert (
+            client.post(
+                "/api/compositions", json={"name": name, "experts": ["pick-0"]}, headers=registry_env.admin
+            ).status_code
+            == 201
+        )
+    playground = client.get("/admin/playground/").text
+    assert "listing the first 2 of 3 compositions" in playground and 'value="more-2"' not in playground
+    typed = {"_csrf_token": _token(playground), "composition": "", "query": "hi", "max_tokens": "2"}
+    resp = client.post("/admin/playground/", data={**typed, "composition_typed": "nothing-named-so"})
+    assert resp.status_code == 200 and "nothing-named-so" in resp.text and "listing the first 2" in resp.text
+
 
 def test_lineage_counts_the_children_it_does_not_draw(
     client: TestClient,  # type: ignore[type-arg]
