@@ -155,6 +155,39 @@ output: {format: lora, rank: 8}
     no_leftovers(live["env"])
 
 
+def test_a_mergekit_yaml_with_the_base_among_the_models(live: dict[str, Any]) -> None:
+    """As mergekit writes them: the base listed first among the models (not a task vector), per-model
+    defaults under the top-level parameters. The job (submitted, then re-planned by the worker from the
+    stored ids) merges exactly what the same merge written out merges."""
+    env: RegistryEnv = live["env"]
+    yaml_body = """
+models:
+  - model: tiny-base
+  - model: ft-a
+    parameters: {weight: 1.0, density: 0.5}
+  - model: ft-b
+    parameters: {weight: 0.7}
+merge_method: ties
+base_model: tiny-base
+parameters: {normalize: true, density: 0.3}
+out_dtype: float32
+tokenizer_source: base
+name: mergekit-style
+"""
+    job = submit(live, yaml_body).json()
+    assert [m["model"] for m in job["plan"]["models"]] == ["ft-a", "ft-b"]
+    assert [m["parameters"]["density"] for m in job["plan"]["models"]] == [0.5, 0.3]
+    done = wait_done(live, job["id"])
+    assert done["status"] == "succeeded", done
+    explicit = submit(live, {**TIES, "name": "written-out"}).json()  # TIES: the same merge, spelled out
+    assert wait_done(live, explicit["id"])["status"] == "succeeded"
+    store = env.store
+    got = tensors(store.expert_dir(expert(live, "mergekit-style")["id"]))
+    want = tensors(store.expert_dir(expert(live, "written-out")["id"]))
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    no_leftovers(env)
+
+
 def test_refusals_name_the_field_and_write_nothing(live: dict[str, Any]) -> None:
     env: RegistryEnv = live["env"]
     for body, status, param, reason in REFUSALS:
