@@ -57,7 +57,24 @@ class Settings:
     home: Path = field(metadata={"help": "data directory: database, artifact store, converted models"})
     database_url: str = field(metadata={"help": "SQLAlchemy async URL (sqlite+aiosqlite or postgresql+asyncpg)"})
     import_roots: tuple[Path, ...] = field(metadata={"help": "folders the API may import experts from by path"})
-    max_upload_bytes: int = field(default=8 * GiB, metadata={"help": "largest request body accepted"})
+    max_upload_bytes: int = field(
+        default=8 * GiB,
+        metadata={
+            "help": "largest body of an upload route (POST /api/experts, the admin register form); "
+            "authenticated callers only"
+        },
+    )
+    max_json_bytes: int = field(
+        default=1024**2,
+        metadata={"help": "largest body of every other route (/v1, JSON API routes, admin forms)"},
+    )
+    max_lora_rank: int = field(
+        default=512,
+        metadata={
+            "help": "largest LoRA rank (r and every rank_pattern value) a registration may declare "
+            "(512: vLLM's largest --max-lora-rank)"
+        },
+    )
     max_unpacked_bytes: int = field(default=16 * GiB, metadata={"help": "largest total size an archive may unpack to"})
     admin_key: str | None = field(default=None, metadata={"help": "first admin key for `moerge init`"})
     host: str = field(default="127.0.0.1", metadata={"help": "address `moerge serve` binds"})
@@ -172,6 +189,8 @@ class Settings:
             import_roots=roots,
             max_upload_bytes=_int_env(env, "MOERGE_MAX_UPLOAD_BYTES", 8 * GiB),
             max_unpacked_bytes=_int_env(env, "MOERGE_MAX_UNPACKED_BYTES", 16 * GiB),
+            max_json_bytes=_int_env(env, "MOERGE_MAX_JSON_BYTES", 1024**2),
+            max_lora_rank=_int_env(env, "MOERGE_MAX_LORA_RANK", 512),
             admin_key=env.get("MOERGE_ADMIN_KEY") or None,
             host=env.get("MOERGE_HOST", "127.0.0.1"),
             port=_int_env(env, "MOERGE_PORT", 8000),
