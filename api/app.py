@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 from litestar import Litestar
 from litestar.di import Provide
+from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 
 from api.admin import admin_plugins, admin_router, template_config
@@ -15,8 +16,11 @@ from api.compositions.controllers import CompositionController, RouteController
 from api.deps import Runtime, provide_key_service, provide_session, provide_settings, provide_store
 from api.exceptions import exception_handlers
 from api.experts.controllers import ExpertController
+from api.keys.controllers import KeyController
+from api.limits import BodyLimitMiddleware, close_if_body_unread
 from api.merges.controllers import MergeController
 from api.openai.controllers import OpenAIController
+from api.security import key_meter_lifespan
 from api.settings import Settings
 from api.system.controllers import EngineController, HealthController
 from merging.jobs import InProcessRunner
@@ -77,6 +81,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             MergeController,
             OpenAIController,
             EngineController,
+            KeyController,
             *admin_router(settings),
         ],
         dependencies={
@@ -85,10 +90,20 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             "settings": Provide(provide_settings, sync_to_thread=False),
             "keys": Provide(provide_key_service, sync_to_thread=False),
         },
-        lifespan=[lifespan],
+        lifespan=[lifespan, key_meter_lifespan],  # the key meter needs the runtime the first one makes
         template_config=template_config(),
         plugins=admin_plugins(),
         exception_handlers=exception_handlers,
-        request_max_body_size=settings.max_upload_bytes,
+        # Every body is bounded before it is read (api/limits.py): max_json_bytes, or for an upload route
+        # max_upload_bytes once its caller is authenticated. Litestar's own limit is the backstop.
+        middleware=[
+            DefineMiddleware(
+                BodyLimitMiddleware,
+                max_json_bytes=settings.max_json_bytes,
+                max_upload_bytes=settings.max_upload_bytes,
+            )
+        ],
+        before_send=[close_if_body_unread],
+        request_max_body_size=settings.max_json_bytes,
         openapi_config=OpenAPIConfig(title="moerge", version="0.1.0", path="/api/schema"),
     )

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
+from datetime import datetime
 from functools import wraps
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -26,10 +27,11 @@ from api.settings import Settings
 from registry import db
 from registry.cards import render_card
 from registry.compositions import CompositionPatch, CompositionService, CompositionSpec, PrepareHook
-from registry.errors import MoergeError
+from registry.errors import MoergeError, ValidationFailed
+from registry.keys import KeySettings
 from registry.schemas import ExpertSpec
 from registry.services import ApiKeyService, ExpertService, expert_summary
-from registry.store import ArtifactStore
+from registry.store import ArtifactStore, Damage
 
 if TYPE_CHECKING:
     from merging.jobs import MergeJobService  # imports torch: loaded only by the merge commands
@@ -104,7 +106,11 @@ async def _with_services(
     settings: Settings, work: Callable[[ExpertService, ApiKeyService], Awaitable[T]], *, check: bool = True
 ) -> T:
     return await _with_session(
-        settings, lambda session, store: work(ExpertService(session, store), ApiKeyService(session)), check=check
+        settings,
+        lambda session, store: work(
+            ExpertService(session, store, max_lora_rank=settings.max_lora_rank), ApiKeyService(session)
+        ),
+        check=check,
     )
 
 
@@ -169,10 +175,79 @@ app.add_typer(keys_app, name="keys")
 def keys_create(
     name: str,
     scope: Annotated[list[str], typer.Option("--scope", help="query or admin; repeat for both")] = ["query"],  # noqa: B006
+    model: Annotated[
+        list[str] | None, typer.Option("--model", help="a model it may use; repeat (default: every model)")
+    ] = None,
+    rpm_limit: Annotated[int | None, typer.Option(help="requests per minute")] = None,
+    tpm_limit: Annotated[int | None, typer.Option(help="tokens (prompt + completion) per minute")] = None,
+    token_budget: Annotated[int | None, typer.Option(help="tokens in all, never renewed")] = None,
+    duration: Annotated[str | None, typer.Option(help="expires after this long: 30d, 12h, 15m, 90s, 2w")] = None,
+    expires_at: Annotated[str | None, typer.Option(help="expires at this ISO date and time (UTC if no zone)")] = None,
 ) -> None:
-    """Create an API key and print its secret once."""
-    settings = Settings.from_env()
-    _, secret = run(_with_services(settings, lambda _e, keys: keys.create(name, scope)))
+    """Create an API key and print its secret once (only its hash is stored)."""
+    try:
+        expires = datetime.fromisoformat(expires_at) if expires_at else None
+    except ValueError:
+        raise ValidationFailed("expires_at must be an ISO date and time", param="expires_at") from None
+    options = KeySettings.checked(name, scope, models=model or None, rpm_limit=rpm_limit, tpm_limit=tpm_limit,
+                                  token_budget=token_budget, duration=duration, expires_at=expires)  # fmt: skip
+    _, secret = run(_with_services(Settings.from_env(), lambda _e, keys: keys.create_with(options)))
+    out.print(secret)
+
+
+def _key_rows(keys: Any) -> list[dict[str, Any]]:
+    import msgspec
+
+    from api.keys.schemas import describe
+
+    return [msgspec.to_builtins(describe(k, minute)) for k, minute in keys]
+
+
+@keys_app.command("list")
+@handles_errors
+def keys_list(
+    include_revoked: Annotated[bool, typer.Option("--all", help="revoked keys too")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List API keys: prefix, scopes, status, expiry, limits and usage (never a secret or hash)."""
+
+    async def work(_e: ExpertService, keys: ApiKeyService) -> list[dict[str, Any]]:
+        page = await keys.list_keys(limit=500, include_revoked=include_revoked)
+        minutes = await keys.window_usage([k.id for k in page.items])
+        return _key_rows([(k, minutes.get(k.id)) for k in page.items])
+
+    rows = run(_with_services(Settings.from_env(), work))
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table(title="API keys (revoke or rotate one by its prefix or id; --json shows the ids)")
+    table.add_column("prefix", no_wrap=True)
+    for column in ("name", "scopes", "status", "expires", "models", "limits", "usage"):
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        limits = ", ".join(f"{n}={r[n]}" for n in ("rpm_limit", "tpm_limit", "token_budget") if r[n] is not None)
+        usage = r["usage"]
+        table.add_row(
+            r["prefix"], escape(r["name"]), ",".join(r["scopes"]), r["status"], (r["expires_at"] or "never")[:16],
+            escape(",".join(r["models"])) if r["models"] is not None else "any", limits or "none",
+            f"{usage['requests']} req, {usage['tokens']} tok" if usage["counted"] else "not counted",
+        )  # fmt: skip
+    out.print(table)
+
+
+@keys_app.command("revoke")
+@handles_errors
+def keys_revoke(key: Annotated[str, typer.Argument(help="the key's id or prefix")]) -> None:
+    """Revoke a key: every server refuses it within a second; its admin panel sessions end."""
+    revoked = run(_with_services(Settings.from_env(), lambda _e, keys: keys.revoke(key)))
+    out.print(f"revoked {escape(revoked.name)} ({revoked.prefix}..., {revoked.id})")
+
+
+@keys_app.command("rotate")
+@handles_errors
+def keys_rotate(key: Annotated[str, typer.Argument(help="the key's id or prefix")]) -> None:
+    """A new secret with the same settings (printed once); the old key is revoked."""
+    _, secret = run(_with_services(Settings.from_env(), lambda _e, keys: keys.rotate(key)))
     out.print(secret)
 
 
@@ -527,15 +602,25 @@ def expert_rm(
 def expert_verify(
     ref: Annotated[str | None, typer.Argument(help="one expert; all when omitted")] = None,
 ) -> None:
-    """Re-hash stored files and report any damage (exit 1 if any)."""
+    """Re-hash stored files and report any damage, and LoRA adapters that cannot be served under
+    MOERGE_MAX_LORA_RANK or the rules registration now enforces (exit 1 if any)."""
     settings = Settings.from_env()
-    report = run(_with_services(settings, lambda e, _k: e.verify(ref)))
+
+    async def check(experts: ExpertService) -> tuple[dict[str, list[Damage]], list[dict[str, str]]]:
+        return await experts.verify(ref), await experts.unservable(ref)
+
+    report, unservable = run(_with_services(settings, lambda e, _k: check(e)))
+    refused = {entry["slug"]: entry for entry in unservable}
     damaged = 0
     for slug, damage in report.items():
-        if damage:
+        if damage or slug in refused:
             damaged += 1
             for d in damage:
                 err.print(f"[red]DAMAGED[/red] {slug}: {d.path} ({d.sha256[:12]}): {d.problem}", highlight=False)
+            if slug in refused:
+                entry = refused[slug]
+                line = f"{slug}: {entry['reason']}; fix: {entry['fix']}"  # a key may hold [brackets]
+                err.print(f"[red]UNSERVABLE[/red] {escape(line)}", highlight=False)
         else:
             out.print(f"ok {slug}")
     if damaged:

@@ -51,9 +51,11 @@ def provide_settings(state: State) -> Settings:
 
 
 def provide_expert_service(
-    db_session: NamedDependency[AsyncSession], store: NamedDependency[ArtifactStore]
+    db_session: NamedDependency[AsyncSession],
+    store: NamedDependency[ArtifactStore],
+    settings: NamedDependency[Settings],
 ) -> ExpertService:
-    return ExpertService(db_session, store)
+    return ExpertService(db_session, store, max_lora_rank=settings.max_lora_rank)
 
 
 def provide_key_service(db_session: NamedDependency[AsyncSession]) -> ApiKeyService:

@@ -1,9 +1,18 @@
 """Errors to HTTP, once, at the edge: every error leaves in the OpenAI shape
-``{"error": {"message", "type", "param", "code"}}``; /v1 errors carry the x-moerge-* routing headers too."""
+``{"error": {"message", "type", "param", "code"}}``; /v1 errors carry the x-moerge-* routing headers too.
+
+Messages to a caller without the admin scope carry no path on this machine (see ``redact_local_paths``)."""
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from litestar import Request, Response
@@ -33,6 +42,45 @@ def error_body(message: str, *, type_: str, param: str | None, code: str | None)
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+# A path ends at whitespace, a quote or a bracket; it starts at one of the roots, not inside a longer name.
+_PATH_TAIL = r"(?![A-Za-z0-9_.-])[^\s'\"`,;()\[\]{}<>]*"
+REDACTED = "<path>"
+
+
+@functools.lru_cache(maxsize=16)
+def _roots_pattern(roots: tuple[str, ...]) -> re.Pattern[str] | None:
+    usable = sorted({r.rstrip("/") for r in roots if len(r.rstrip("/")) > 1}, key=len, reverse=True)
+    if not usable:
+        return None
+    return re.compile("|".join(re.escape(r) + _PATH_TAIL for r in usable))
+
+
+def redact_local_paths(message: str, roots: Iterable[str | Path]) -> str:
+    """``message`` with every path under one of ``roots`` replaced by ``<path>``. A backstop: the engines
+    already keep paths and log lines out of their errors (they log them), but an exception's own text
+    (transformers, PEFT, the OS) can name a model folder, the store or a cache."""
+    pattern = _roots_pattern(tuple(sorted({str(r) for r in roots})))
+    return pattern.sub(REDACTED, message) if pattern is not None else message
+
+
+def local_roots(request: Request[Any, Any, Any]) -> list[str]:
+    """Folders whose paths callers never see: moerge's home (store, logs, converted models), the import roots,
+    the temp folder, the Python environment, the code and the user's home."""
+    roots: list[Path] = [Path(tempfile.gettempdir()), Path(sys.prefix), Path(__file__).resolve().parents[1]]
+    runtime = getattr(request.app.state, "runtime", None)
+    if runtime is not None:
+        roots += [runtime.settings.home, *runtime.settings.import_roots]
+    roots.append(Path(os.path.expanduser("~")))  # never raises, unlike Path.home() without HOME
+    return [str(p) for root in roots for p in (root, root.resolve())]
+
+
+def for_caller(request: Request[Any, Any, Any], message: str) -> str:
+    """An error message as this caller may read it: whole for an admin key, without local paths otherwise."""
+    if "admin" in (getattr(request.state, "api_key_scopes", None) or ()):
+        return message
+    return redact_local_paths(message, local_roots(request))
+
+
 def _extra_headers(request: Request[Any, Any, Any], exc: Exception) -> dict[str, str]:
     """Routing headers on /v1 errors too, and Retry-After when the engine is coming back."""
     headers: dict[str, str] = {}
@@ -47,7 +95,7 @@ def _extra_headers(request: Request[Any, Any, Any], exc: Exception) -> dict[str,
 
 def moerge_error_handler(request: Request[Any, Any, Any], exc: MoergeError) -> Response[dict[str, Any]]:
     return Response(
-        error_body(exc.message, type_=exc.error_type, param=exc.param, code=exc.code),
+        error_body(for_caller(request, exc.message), type_=exc.error_type, param=exc.param, code=exc.code),
         status_code=exc.status_code,
         headers=_extra_headers(request, exc),
     )
@@ -62,7 +110,12 @@ def http_error_handler(request: Request[Any, Any, Any], exc: HTTPException) -> R
             param = first.get("key") or None
             message = f"{exc.detail}: {first.get('message', '')}".rstrip(": ")
     return Response(
-        error_body(message, type_=_TYPES.get(exc.status_code, "server_error"), param=param, code=str(exc.status_code)),
+        error_body(
+            for_caller(request, message),
+            type_=_TYPES.get(exc.status_code, "server_error"),
+            param=param,
+            code=str(exc.status_code),
+        ),
         status_code=exc.status_code,
         headers={**(exc.headers or {}), **_extra_headers(request, exc)},
     )

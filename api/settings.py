@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from registry.limits import MAX_LORA_RANK
 from routers.query.embedder import EMBEDDING_BACKENDS
 from serving.vllm_plugin import COMPILE_ENV, LORA_OPS_CHOICES
 
@@ -52,6 +54,15 @@ def _pairs_env(env: dict[str, str], name: str) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+def _names_env(env: dict[str, str], name: str) -> tuple[str, ...]:
+    """`A,B_C` -> ("A", "B_C"): environment variable names."""
+    names = tuple(filter(None, (n.strip() for n in env.get(name, "").split(","))))
+    for item in names:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", item):
+            raise ValueError(f"{name}: expected environment variable names separated by commas, got {item!r}")
+    return names
+
+
 @dataclass(frozen=True)
 class Settings:
     home: Path = field(metadata={"help": "data directory: database, artifact store, converted models"})
@@ -69,7 +80,7 @@ class Settings:
         metadata={"help": "largest body of every other route (/v1, JSON API routes, admin forms)"},
     )
     max_lora_rank: int = field(
-        default=512,
+        default=MAX_LORA_RANK,
         metadata={
             "help": "largest LoRA rank (r and every rank_pattern value) a registration may declare "
             "(512: vLLM's largest --max-lora-rank)"
@@ -105,6 +116,14 @@ class Settings:
         metadata={
             "help": "managed CPU servers run vLLM's compiled model with LoRA on (serving/vllm_compile.py): about "
             "30% faster decoding; the first start of a model compiles it (a minute or two here, cached after)"
+        },
+    )
+    vllm_env_passthrough: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "comma-separated names of more environment variables managed vLLM servers inherit; they "
+            "get only an allow-list (PATH, HOME, locale, VLLM_*, OMP_*, torch/inductor/triton, HF_* but no "
+            "token, ...), never moerge's keys, secrets or database URL"
         },
     )
     embedding_backend: str = field(
@@ -190,7 +209,7 @@ class Settings:
             max_upload_bytes=_int_env(env, "MOERGE_MAX_UPLOAD_BYTES", 8 * GiB),
             max_unpacked_bytes=_int_env(env, "MOERGE_MAX_UNPACKED_BYTES", 16 * GiB),
             max_json_bytes=_int_env(env, "MOERGE_MAX_JSON_BYTES", 1024**2),
-            max_lora_rank=_int_env(env, "MOERGE_MAX_LORA_RANK", 512),
+            max_lora_rank=_int_env(env, "MOERGE_MAX_LORA_RANK", MAX_LORA_RANK),
             admin_key=env.get("MOERGE_ADMIN_KEY") or None,
             host=env.get("MOERGE_HOST", "127.0.0.1"),
             port=_int_env(env, "MOERGE_PORT", 8000),
@@ -208,6 +227,7 @@ class Settings:
             vllm_cpu_threads_bind=env.get("MOERGE_VLLM_CPU_THREADS_BIND") or "all",
             vllm_lora_ops=_choice_env(env, "MOERGE_VLLM_LORA_OPS", LORA_OPS_CHOICES, "grouped"),
             vllm_compile=_choice_env(env, COMPILE_ENV, ("1", "0"), "1") == "1",
+            vllm_env_passthrough=_names_env(env, "MOERGE_VLLM_ENV_PASSTHROUGH"),
             merge_stale_after_s=_int_env(env, "MOERGE_MERGE_STALE_S", 30),
             store_orphan_age_s=_int_env(env, "MOERGE_STORE_ORPHAN_AGE_S", 600),
             session_secret=env.get("MOERGE_SESSION_SECRET") or None,

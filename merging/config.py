@@ -17,9 +17,9 @@ import re
 from typing import Any, Literal
 
 import msgspec
-import yaml
 
 from merging.methods import METHODS, InputParams, MergeMethod, MethodConfig
+from registry.documents import load_yaml
 from registry.errors import ValidationFailed
 from registry.schemas import check_slug, decode_strict
 from serving.vllm_process import VALID_LORA_RANKS  # a merged LoRA must fit vLLM's --max-lora-rank
@@ -90,11 +90,8 @@ class CheckedRequest(msgspec.Struct, frozen=True, kw_only=True):
 
 def parse_request(raw: bytes | str | dict[str, Any], *, yaml_text: bool = False) -> MergeRequest:
     """Decode JSON (or a parsed dict), or YAML with ``yaml_text``; errors name the field."""
-    if yaml_text:
-        try:
-            loaded = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            raise ValidationFailed(f"body is not valid YAML: {exc}", param="body") from exc
+    if yaml_text and not isinstance(raw, dict):
+        loaded = load_yaml(raw, param="body", what="the body")  # bounded: no aliases, size and depth capped
         if not isinstance(loaded, dict):
             raise ValidationFailed("a merge config is a mapping (merge_method, models, ...)", param="body")
         raw = loaded

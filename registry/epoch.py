@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -54,11 +55,14 @@ async def registry_stamp(session: AsyncSession) -> Stamp | None:
 
 
 class StampedMemo(Generic[V]):
-    """An LRU of values read from the registry, each valid only under the stamp it was read at."""
+    """An LRU of values read from the registry, each valid only under the stamp it was read at and, with
+    ``max_age_s``, for at most that long (a write that bypassed the ORM, e.g. a raw SQL UPDATE, moves no
+    stamp: the age bounds how long it can go unseen)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, *, max_age_s: float | None = None) -> None:
         self.size = size
-        self._items: OrderedDict[tuple[str, Hashable], tuple[int, V]] = OrderedDict()
+        self.max_age_s = max_age_s
+        self._items: OrderedDict[tuple[str, Hashable], tuple[int, float, V]] = OrderedDict()
 
     def get(self, stamp: Stamp | None, key: Hashable) -> V | None:
         if stamp is None:
@@ -66,12 +70,14 @@ class StampedMemo(Generic[V]):
         found = self._items.get((stamp.instance, key))
         if found is None or found[0] != stamp.value:
             return None
+        if self.max_age_s is not None and time.monotonic() - found[1] >= self.max_age_s:
+            return None
         self._items.move_to_end((stamp.instance, key))
-        return found[1]
+        return found[2]
 
     def put(self, stamp: Stamp | None, key: Hashable, value: V) -> V:
         if stamp is not None:
-            self._items[(stamp.instance, key)] = (stamp.value, value)
+            self._items[(stamp.instance, key)] = (stamp.value, time.monotonic(), value)
             self._items.move_to_end((stamp.instance, key))
             while len(self._items) > self.size:
                 self._items.popitem(last=False)

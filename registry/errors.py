@@ -70,6 +70,21 @@ class Forbidden(MoergeError):
     default_code = "forbidden"
 
 
+class RateLimited(MoergeError):
+    """A key's limit is spent: requests or tokens this minute (``retry_after``: seconds until the window
+    frees), or its token budget (no ``retry_after``: waiting does not help)."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+
+    def __init__(
+        self, message: str, *, param: str | None = None, code: str | None = None, retry_after: int | None = None
+    ) -> None:
+        super().__init__(message, param=param, code=code)
+        self.retry_after = retry_after
+
+
 class DatabaseNotReady(MoergeError):
     """The database is missing migrations: the app refuses to start on it."""
 

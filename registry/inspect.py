@@ -7,6 +7,7 @@ base. Every refusal is a ``ValidationFailed`` naming the field the client sent a
 
 from __future__ import annotations
 
+import codecs
 import datetime as dt
 import hashlib
 import json
@@ -19,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-import yaml
-
+from registry.documents import load_yaml
 from registry.errors import ValidationFailed
+from registry.limits import MAX_LORA_RANK, first_lora_fault, is_pattern_key
 
 __all__ = [
     "FORBIDDEN_SUFFIXES",
@@ -43,8 +44,18 @@ PEFT_PREFIX = "base_model.model."
 
 # A header is a small JSON index; anything larger is an attack or garbage, not a model.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+# All headers of one folder together: many shards each near MAX_HEADER_BYTES would otherwise add up. The largest
+# real checkpoints' headers (tens of thousands of tensors over a hundred shards) total a few tens of MiB.
+MAX_HEADERS_TOTAL_BYTES = 100 * 1024 * 1024
 # Config-like files are read whole; bound them so a hostile upload cannot exhaust memory.
 MAX_DOC_BYTES = 64 * 1024 * 1024
+# Widths of the registry columns these land in (registry/models.py): longer is refused, not truncated.
+_MAX_ARCHITECTURE_CHARS = 128
+_MAX_DTYPE_CHARS = 32
+_MAX_LICENSE_CHARS = 64
+# What no database text holds: NUL (PostgreSQL refuses it) and unpaired surrogates (not encodable as UTF-8),
+# which JSON and YAML escapes (\u0000, \ud800) produce from valid UTF-8 files.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 # Bits per element of every dtype the safetensors format defines (sub-byte floats included).
 _DTYPE_BITS: dict[str, int] = {
@@ -210,6 +221,8 @@ def read_safetensors_header(path: Path, *, param: str) -> dict[str, TensorInfo]:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ValidationFailed(f"corrupt safetensors header: not valid JSON ({exc})", param=param) from None
+    except RecursionError:  # arrays nested thousands deep: no header nests
+        raise ValidationFailed("corrupt safetensors header: nested too deeply", param=param) from None
     if not isinstance(header, dict):
         raise ValidationFailed("corrupt safetensors header: not a JSON object", param=param)
 
@@ -241,6 +254,28 @@ def read_safetensors_header(path: Path, *, param: str) -> dict[str, TensorInfo]:
             raise ValidationFailed(f"corrupt safetensors header: tensor {name!r} {what}", param=param)
         cursor = end
     return tensors
+
+
+def declared_header_length(path: Path) -> int:
+    """The header length a safetensors file declares, or 0 if it declares none that could be read (which
+    ``read_safetensors_header`` then refuses, saying why). Reads 8 bytes."""
+    with open(path, "rb") as fh:
+        file_size = os.fstat(fh.fileno()).st_size
+        n = int.from_bytes(fh.read(8), "little")
+    return n if file_size >= 8 and 0 < n <= min(MAX_HEADER_BYTES, file_size - 8) else 0
+
+
+def _check_headers_total(folder: Path, weight_files: list[str]) -> None:
+    """Refuse a folder whose headers add up past MAX_HEADERS_TOTAL_BYTES before any of them is read."""
+    total = 0
+    for rel in weight_files:
+        total += declared_header_length(folder / rel)
+        if total > MAX_HEADERS_TOTAL_BYTES:
+            raise ValidationFailed(
+                f"the safetensors headers of this upload add up to more than "
+                f"{MAX_HEADERS_TOTAL_BYTES // (1024 * 1024)} MiB by {rel} ({total} bytes)",
+                param=f"files[{rel}]",
+            )
 
 
 def data_start(path: Path) -> int:
@@ -287,9 +322,33 @@ def _read_doc(folder: Path, relpath: str) -> str:
             f"{relpath} is larger than {MAX_DOC_BYTES // (1024 * 1024)} MiB", param=f"files[{relpath}]"
         )
     try:
-        return path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise ValidationFailed(f"{relpath} is not UTF-8 text", param=f"files[{relpath}]") from None
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValidationFailed(
+            f"{relpath} is not UTF-8 text (invalid byte at offset {exc.start})", param=f"files[{relpath}]"
+        ) from None
+    _check_text(text, relpath)
+    return text
+
+
+def _check_text(value: Any, relpath: str) -> None:
+    """Refuse NUL and unpaired surrogates anywhere in a parsed document (keys included); iterative, so a
+    deeply nested document cannot exhaust the stack."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+        # isascii() is O(1) in CPython: only non-ASCII strings are scanned for surrogates.
+        elif isinstance(item, str) and ("\x00" in item or (not item.isascii() and _SURROGATE.search(item))):
+            raise ValidationFailed(
+                f"{relpath} holds a NUL character or an unpaired surrogate (\\u0000, \\ud800-\\udfff), "
+                "which is not text",
+                param=f"files[{relpath}]",
+            )
 
 
 def _read_json_object(folder: Path, relpath: str) -> dict[str, Any]:
@@ -297,8 +356,11 @@ def _read_json_object(folder: Path, relpath: str) -> dict[str, Any]:
         doc = json.loads(_read_doc(folder, relpath))
     except ValueError as exc:
         raise ValidationFailed(f"{relpath} is not valid JSON ({exc})", param=f"files[{relpath}]") from None
+    except RecursionError:
+        raise ValidationFailed(f"{relpath} is not valid JSON (nested too deeply)", param=f"files[{relpath}]") from None
     if not isinstance(doc, dict):
         raise ValidationFailed(f"{relpath} must be a JSON object", param=f"files[{relpath}]")
+    _check_text(doc, relpath)
     return doc
 
 
@@ -325,10 +387,8 @@ def _parse_card(text: str) -> tuple[dict[str, Any], str]:
         if re.match(r"\A---[ \t]*\r?\n", text):
             raise ValidationFailed("README.md front matter opened with --- is never closed", param=param)
         return {}, text
-    try:
-        meta = yaml.safe_load(match.group("yaml"))
-    except yaml.YAMLError as exc:
-        raise ValidationFailed(f"README.md front matter is not valid YAML ({exc})", param=param) from None
+    # bounded: no anchors or aliases (billion laughs), size, depth and node count capped
+    meta = load_yaml(match.group("yaml"), param=param, what="README.md front matter")
     if meta is None:
         meta = {}
     if not isinstance(meta, dict):
@@ -344,9 +404,28 @@ def _tokenizer_hash(folder: Path, names: set[str]) -> str | None:
     for name in (vocab, *(n for n in _TOKENIZER_EXTRA_FILES if n in names)):
         # Frame each file by name and length so different splits of the same bytes never collide.
         digest.update(f"{name}\0{(folder / name).stat().st_size}\0".encode())
+        # The JSON ones are text every tokenizer loader decodes: check it here, chunk by chunk, while hashing.
+        text = codecs.getincrementaldecoder("utf-8")() if name.endswith(".json") else None
+        offset = 0
         with open(folder / name, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(chunk)
+                if text is not None:
+                    try:
+                        text.decode(chunk)
+                    except UnicodeDecodeError as exc:
+                        raise ValidationFailed(
+                            f"{name} is not UTF-8 text (invalid byte at offset {offset + exc.start})",
+                            param=f"files[{name}]",
+                        ) from None
+                offset += len(chunk)
+        if text is not None:
+            try:
+                text.decode(b"", final=True)
+            except UnicodeDecodeError:
+                raise ValidationFailed(
+                    f"{name} is not UTF-8 text (it ends mid-character)", param=f"files[{name}]"
+                ) from None
     return digest.hexdigest()
 
 
@@ -356,7 +435,13 @@ def _config_dtype(config: dict[str, Any] | None) -> str | None:
     for key in ("torch_dtype", "dtype"):
         value = config.get(key)
         if isinstance(value, str) and value and value != "auto":
-            return value.lower().removeprefix("torch.")
+            dtype = value.lower().removeprefix("torch.")
+            if len(dtype) > _MAX_DTYPE_CHARS:
+                raise ValidationFailed(
+                    f"config.json: {key} is longer than {_MAX_DTYPE_CHARS} characters; not a dtype",
+                    param="files[config.json]",
+                )
+            return dtype
     return None
 
 
@@ -377,6 +462,10 @@ def _architecture(config: dict[str, Any] | None, relpath: str) -> str | None:
     archs = config["architectures"]
     if not isinstance(archs, list) or not all(isinstance(a, str) and a for a in archs):
         raise ValidationFailed(f"{relpath}: architectures must be a list of names", param=f"files[{relpath}]")
+    if archs and len(archs[0]) > _MAX_ARCHITECTURE_CHARS:
+        raise ValidationFailed(
+            f"{relpath}: architecture name longer than {_MAX_ARCHITECTURE_CHARS} characters", param=f"files[{relpath}]"
+        )
     return archs[0] if archs else None
 
 
@@ -401,8 +490,10 @@ def _check_index(folder: Path, names: set[str], headers: dict[str, dict[str, Ten
                 )
 
 
-def inspect_folder(folder: Path) -> FolderInspection:
-    """Validate a model or PEFT LoRA folder and describe it; reads headers and small files only."""
+def inspect_folder(folder: Path, *, max_lora_rank: int = MAX_LORA_RANK) -> FolderInspection:
+    """Validate a model or PEFT LoRA folder and describe it; reads headers and small files only.
+
+    ``max_lora_rank``: the largest rank an adapter may declare (``MOERGE_MAX_LORA_RANK``)."""
     folder = Path(folder)
     if not folder.is_dir() or folder.is_symlink():
         raise ValidationFailed(f"{folder} is not a folder", param="files")
@@ -415,6 +506,7 @@ def inspect_folder(folder: Path) -> FolderInspection:
     if not weight_files:
         raise ValidationFailed("no .safetensors weights found", param="files")
 
+    _check_headers_total(folder, weight_files)
     headers = {rel: read_safetensors_header(folder / rel, param=f"files[{rel}]") for rel in weight_files}
     tensors: dict[str, TensorInfo] = {}
     tensor_files: dict[str, str] = {}
@@ -435,7 +527,16 @@ def inspect_folder(folder: Path) -> FolderInspection:
     card_metadata: dict[str, Any] = {}
     card_body: str | None = None
     if "README.md" in names:
-        card_metadata, card_body = _parse_card(_read_doc(folder, "README.md"))
+        try:
+            card_metadata, card_body = _parse_card(_read_doc(folder, "README.md"))
+        except RecursionError:
+            raise ValidationFailed("README.md front matter is nested too deeply", param="files[README.md]") from None
+        _check_text(card_metadata, "README.md")
+        license_ = card_metadata.get("license")
+        if license_ is not None and len(str(license_)) > _MAX_LICENSE_CHARS:
+            raise ValidationFailed(
+                f"README.md: license is longer than {_MAX_LICENSE_CHARS} characters", param="files[README.md]"
+            )
 
     insp = FolderInspection(
         kind="adapter" if is_adapter else "model",
@@ -453,7 +554,7 @@ def inspect_folder(folder: Path) -> FolderInspection:
         card_body=card_body,
     )
     if is_adapter:
-        _fill_adapter(insp, _read_json_object(folder, "adapter_config.json"))
+        _fill_adapter(insp, _read_json_object(folder, "adapter_config.json"), max_lora_rank=max_lora_rank)
     elif _INDEX_FILE in names:
         _check_index(folder, names, headers)
     return insp
@@ -510,15 +611,36 @@ def _lora_out_in(mod: LoraModule) -> tuple[int, int, int]:
     return mod.b.shape[0], mod.a.shape[1], mod.a.shape[0]
 
 
+def _key_matches(key: str, text: str, *, newlines: bool) -> bool:
+    """``re.fullmatch(key, text)`` for a module-name key, whose only metacharacter is ``.`` (any character
+    but a newline)."""
+    if "." not in key:
+        return key == text
+    return len(key) == len(text) and all(
+        k == c or (k == "." and not (newlines and c == "\n")) for k, c in zip(key, text, strict=True)
+    )
+
+
 def pattern_value(pattern: dict[str, Any], module: str) -> Any:
-    # Same matching rule PEFT uses for rank_pattern / alpha_pattern keys: a suffix match on the module path.
+    """The value of the first ``rank_pattern`` / ``alpha_pattern`` key that matches ``module``, by PEFT's rule:
+    ``re.fullmatch(rf"(.*[.])?(?:{key})", module)``, a suffix match on the module path.
+
+    Computed without a regex in time linear in the key, so a long module name cannot make it slow. Keys that
+    are not module names (an older row: registration refuses them, registry/limits.py) are matched as plain
+    text, never run as patterns."""
+    newlines = "\n" in module  # `.` and `.*` stop at a newline; only then is it worth checking for one
     for key, value in pattern.items():
-        try:
-            if re.fullmatch(rf"(.*\.)?(?:{key})", module):
-                return value
-        except re.error:
+        if not is_pattern_key(key):
             if module == key or module.endswith("." + key):
                 return value
+            continue
+        n = len(key)
+        if len(module) < n or (len(module) > n and module[-n - 1] != "."):
+            continue
+        if newlines and "\n" in module[: max(len(module) - n - 1, 0)]:
+            continue
+        if _key_matches(key, module[len(module) - n :], newlines=newlines):
+            return value
     return None
 
 
@@ -529,38 +651,50 @@ def _config_field(cfg: dict[str, Any], name: str, kinds: tuple[type, ...], defau
     # bool is an int subclass: accept it only where a bool is meant.
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
         raise ValidationFailed(
-            f"adapter_config.json: {name} has an invalid value {value!r}", param="adapter_config.json"
+            f"adapter_config.json: {name} has an invalid value {value!r}", param=f"adapter_config.json:{name}"
         )
     return value
 
 
-def _fill_adapter(insp: FolderInspection, cfg: dict[str, Any]) -> None:
-    param_cfg = "adapter_config.json"
+def _fill_adapter(insp: FolderInspection, cfg: dict[str, Any], *, max_lora_rank: int = MAX_LORA_RANK) -> None:
     peft_type = cfg.get("peft_type")
     if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
         raise ValidationFailed(
             f"adapter_config.json: peft_type {peft_type!r} is not supported; only LORA adapters are accepted",
-            param=param_cfg,
+            param="adapter_config.json:peft_type",
         )
-    raw_r = cfg.get("r")
-    if not _is_nonneg_int(raw_r) or raw_r == 0:
-        raise ValidationFailed(f"adapter_config.json: r must be a positive integer, got {raw_r!r}", param=param_cfg)
-    r: int = raw_r  # type: ignore[assignment]  # checked just above
+    # Ranks, alphas and pattern keys before anything else reads them: the module checks below match pattern
+    # keys against module names, and PEFT and vLLM later run them as regular expressions.
+    fault = first_lora_fault(
+        r=cfg.get("r"),
+        lora_alpha=cfg.get("lora_alpha"),
+        rank_pattern=cfg.get("rank_pattern"),
+        alpha_pattern=cfg.get("alpha_pattern"),
+        max_lora_rank=max_lora_rank,
+    )
+    if fault is not None:
+        raise ValidationFailed(f"adapter_config.json: {fault.reason}", param=f"adapter_config.json:{fault.field}")
+    r: int = cfg["r"]
     lora_alpha = _config_field(cfg, "lora_alpha", (int, float), 8)  # 8 is PEFT's default
     use_rslora = _config_field(cfg, "use_rslora", (bool,), False)
     use_dora = _config_field(cfg, "use_dora", (bool,), False)
     # Validated here; check_adapter_fits_base reads it from adapter_config to orient Conv1D weights.
     _config_field(cfg, "fan_in_fan_out", (bool,), False)
-    rank_pattern = _config_field(cfg, "rank_pattern", (dict,), {})
-    alpha_pattern = _config_field(cfg, "alpha_pattern", (dict,), {})
+    rank_pattern: dict[str, Any] = cfg.get("rank_pattern") or {}
+    alpha_pattern: dict[str, Any] = cfg.get("alpha_pattern") or {}
     modules_to_save = cfg.get("modules_to_save")
     if modules_to_save is not None and not (
         isinstance(modules_to_save, list) and all(isinstance(m, str) and m for m in modules_to_save)
     ):
-        raise ValidationFailed("adapter_config.json: modules_to_save must be a list of names", param=param_cfg)
+        raise ValidationFailed(
+            "adapter_config.json: modules_to_save must be a list of names", param="adapter_config.json:modules_to_save"
+        )
     base_ref = cfg.get("base_model_name_or_path")
     if base_ref is not None and not isinstance(base_ref, str):
-        raise ValidationFailed("adapter_config.json: base_model_name_or_path must be a string", param=param_cfg)
+        raise ValidationFailed(
+            "adapter_config.json: base_model_name_or_path must be a string",
+            param="adapter_config.json:base_model_name_or_path",
+        )
     bias_mode = cfg.get("bias", "none")
 
     modules, others = split_adapter_keys(insp.tensors)

@@ -1,4 +1,5 @@
-"""SQLAlchemy 2 models of the registry: experts, their files and evals, compositions, API keys, merge jobs.
+"""SQLAlchemy 2 models of the registry: experts, their files and evals, compositions, API keys (their usage
+and admin sessions), merge jobs.
 
 The database holds metadata only; weights live in the content-addressed store (``registry/store.py``).
 Types are portable between SQLite and PostgreSQL (``Uuid``, ``JSON`` with a JSONB variant).
@@ -209,7 +210,11 @@ class RouterState(Base):
 
 
 class ApiKey(Base):
-    """An API key, stored as the sha256 of its secret; only the prefix is kept in clear to identify it."""
+    """An API key, stored as the sha256 of its secret; only the prefix is kept in clear to identify it.
+
+    Its limits (LiteLLM's virtual keys are the model): an allow-list of model names (None: every model),
+    requests and tokens per minute, and a budget of tokens in all. ``requests_total`` / ``tokens_total``
+    are its usage so far; the per-minute counts live in ``key_usage``."""
 
     __tablename__ = "api_keys"
 
@@ -221,6 +226,41 @@ class ApiKey(Base):
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    models: Mapped[list[Any] | None] = mapped_column(JSONType)
+    rpm_limit: Mapped[int | None] = mapped_column(BigInteger)
+    tpm_limit: Mapped[int | None] = mapped_column(BigInteger)
+    token_budget: Mapped[int | None] = mapped_column(BigInteger)
+    requests_total: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+    tokens_total: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+    rotated_from_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)  # the key this one replaced
+
+
+class KeyUsage(Base):
+    """What one key used in one clock minute (``minute``: Unix time // 60), for keys with per-minute limits
+    or a budget: one row per key and minute, bumped by a single atomic upsert per request."""
+
+    __tablename__ = "key_usage"
+
+    key_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("api_keys.id", ondelete="CASCADE"), primary_key=True)
+    minute: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class AdminSession(Base):
+    """A signed-in admin panel session. The cookie holds a random token; the row is keyed by its sha256
+    (a database reader cannot take over a session). Signing out, or revoking the key, sets ``ended_at``."""
+
+    __tablename__ = "admin_sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("api_keys.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class MergeJobStatus(enum.StrEnum):

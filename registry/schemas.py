@@ -110,6 +110,10 @@ def decode_strict(raw: bytes | str | dict[str, Any], typ: type[msgspec.Struct]) 
         raise ValidationFailed(str(exc), param=_param_from_msgspec(str(exc))) from exc
     except msgspec.DecodeError as exc:
         raise ValidationFailed(f"body is not valid JSON: {exc}", param="body") from exc
+    except (UnicodeDecodeError, UnicodeEncodeError) as exc:  # msgspec's, for bad bytes inside a JSON string
+        raise ValidationFailed(
+            f"body is not valid UTF-8 ({exc.reason})", param="body", code="invalid_encoding"
+        ) from None
 
 
 def convert_params(params: dict[str, Any], typ: type[msgspec.Struct], field_name: str) -> Any:

@@ -8,8 +8,6 @@ that, the new blobs, the expert's folder and the row are all taken back.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import secrets
 import shutil
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -21,15 +19,15 @@ from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from registry.errors import Conflict, Forbidden, NotFound, Unauthorized, ValidationFailed
+from registry.errors import Conflict, NotFound, ValidationFailed
 from registry.inspect import (
     FolderInspection,
     check_adapter_fits_base,
     check_finetune_fits_base,
     inspect_folder,
 )
+from registry.limits import MAX_LORA_RANK, unservable_adapters
 from registry.models import (
-    ApiKey,
     Composition,
     CompositionMember,
     EvalResult,
@@ -57,9 +55,10 @@ class Page:
 
 
 class ExpertService:
-    def __init__(self, session: AsyncSession, store: ArtifactStore) -> None:
+    def __init__(self, session: AsyncSession, store: ArtifactStore, *, max_lora_rank: int = MAX_LORA_RANK) -> None:
         self.session = session
         self.store = store
+        self.max_lora_rank = max_lora_rank  # MOERGE_MAX_LORA_RANK: the largest LoRA rank registration accepts
 
     # -- lookup --------------------------------------------------------------------------------------
     async def find(self, ref: str) -> Expert | None:
@@ -147,7 +146,7 @@ class ExpertService:
         spec.validate()
         existing = await self.find(spec.slug)
         # File work (headers, hashing, copying gigabytes) runs in threads: the event loop keeps serving.
-        insp = await asyncio.to_thread(inspect_folder, folder)
+        insp = await asyncio.to_thread(inspect_folder, folder, max_lora_rank=self.max_lora_rank)
         if existing is not None:
             if exist_ok and existing.manifest_sha256 == await asyncio.to_thread(_manifest_of_folder, folder, insp):
                 return existing
@@ -341,6 +340,14 @@ class ExpertService:
             report[expert.slug] = damage
         return report
 
+    async def unservable(self, ref: str | None = None) -> list[dict[str, str]]:
+        """LoRA rows that cannot be served under this service's rank limit (``registry.limits``)."""
+        found = await unservable_adapters(self.session, self.max_lora_rank)
+        if ref is None:
+            return found
+        expert = await self.get(ref)
+        return [entry for entry in found if entry["id"] == str(expert.id)]
+
     async def count_by_kind(self) -> dict[str, int]:
         rows = await self.session.execute(select(Expert.kind, func.count()).group_by(Expert.kind))
         return {kind: count for kind, count in rows.all()}
@@ -420,63 +427,8 @@ def _expert_from(
     )
 
 
-# -- API keys ----------------------------------------------------------------------------------------
-SCOPES = ("query", "admin")
-KEY_PREFIX = "mk-"
-
-
-def hash_key(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
-
-
-class ApiKeyService:
-    def __init__(self, session: AsyncSession) -> None:
-        self.session = session
-
-    async def create(self, name: str, scopes: Sequence[str], *, secret: str | None = None) -> tuple[ApiKey, str]:
-        """Create a key; the secret is returned once and only its hash is stored."""
-        bad = [s for s in scopes if s not in SCOPES]
-        if bad or not scopes:
-            raise ValidationFailed(f"scopes must be a non-empty subset of {', '.join(SCOPES)}", param="scopes")
-        secret = secret or KEY_PREFIX + secrets.token_urlsafe(32)
-        if len(secret) < 16:
-            raise ValidationFailed("an API key must be at least 16 characters", param="key")
-        key = ApiKey(name=name, prefix=secret[:10], key_hash=hash_key(secret), scopes=list(scopes))
-        self.session.add(key)
-        try:
-            await self.session.commit()
-        except IntegrityError as exc:
-            await self.session.rollback()
-            raise Conflict("that key already exists", param="key") from exc
-        return key, secret
-
-    async def create_first_admin(self, secret: str | None = None) -> str | None:
-        """The first admin key, when there is no key yet; returns its secret (to show once) or None."""
-        if await self.count():
-            return None
-        _, created = await self.create("admin", ["admin", "query"], secret=secret)
-        return created
-
-    async def count(self) -> int:
-        return int(await self.session.scalar(select(func.count()).select_from(ApiKey)) or 0)
-
-    async def authenticate(self, secret: str | None, *, need: str) -> ApiKey:
-        return await self.authenticate_digest(hash_key(secret) if secret else None, need=need)
-
-    async def authenticate_digest(self, digest: str | None, *, need: str) -> ApiKey:
-        """Like :meth:`authenticate`, from the key's hash (what the admin panel's session keeps)."""
-        if not digest:
-            raise Unauthorized("missing API key: send `Authorization: Bearer <key>`", param="authorization")
-        key = await self.session.scalar(select(ApiKey).where(ApiKey.key_hash == digest))
-        if key is None or key.revoked:
-            raise Unauthorized("invalid API key", param="authorization")
-        check_scope(key.scopes, need)
-        return key
-
-
-def check_scope(scopes: Sequence[str], need: str) -> None:
-    if need not in scopes and "admin" not in scopes:
-        raise Forbidden(f"this key lacks the {need!r} scope", param="authorization", code="insufficient_scope")
+# -- API keys: their rules live in registry/keys.py; these names stay importable from here too --------------
+from registry.keys import KEY_PREFIX, SCOPES, ApiKeyService, check_scope, hash_key  # noqa: E402, F401
 
 
 def expert_summary(expert: Expert) -> dict[str, Any]:

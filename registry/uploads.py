@@ -12,13 +12,14 @@ import os
 import re
 import shutil
 import stat
+import struct
 import tarfile
 import zipfile
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO
+from typing import IO, Any
 
 from registry.errors import Forbidden, PayloadTooLarge, ValidationFailed
 
@@ -29,6 +30,12 @@ _CHUNK = 1024 * 1024
 _DRIVE = re.compile(r"^[A-Za-z]:")
 # Bounds the member list kept in memory: headers of empty tar members compress to almost nothing.
 DEFAULT_MAX_MEMBERS = 10_000
+# tarfile reads a pax ("x", "g") or GNU long-name ("L", "K") header's data whole, at the size the header
+# declares, and each such header recurses into the next one: both are capped before tarfile reads them.
+MAX_TAR_HEADER_BYTES = 64 * 1024
+MAX_TAR_HEADER_CHAIN = 8  # a real member has at most a global, an extended and two long-name headers
+# zipfile reads the whole central directory and builds one ZipInfo per entry in it: both are checked first.
+MAX_ZIP_DIRECTORY_BYTES = 16 * 1024 * 1024
 # What broken archive bytes raise while listing or reading; bz2 reports bad data as a bare OSError
 # and zipfile an unsupported compression method as NotImplementedError.
 _CORRUPT_ERRORS: tuple[type[BaseException], ...] = (
@@ -51,10 +58,30 @@ class _SourceBroken(Exception):
     """Reading the source failed in a way that means its bytes are bad."""
 
 
+class _Refused(Exception):
+    """An archive's structure exceeds a cap; turned into a 400/413 naming the archive by extract_archive."""
+
+    def __init__(self, reason: str, *, too_large: bool = False) -> None:
+        super().__init__(reason)
+        self.reason, self.too_large = reason, too_large
+
+
+def _shown(name: str) -> str:
+    """A member name fit for messages and ``param``: bytes that were not UTF-8 (tarfile keeps them as
+    surrogates) shown as \\xNN escapes, so the JSON error body can still be encoded."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _member_parts(name: str, param: str) -> tuple[str, ...]:
     """Validate a member name and return its clean components (empty for "." or "./")."""
     if not name:
         raise ValidationFailed("the path is empty", param=param)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # tarfile decodes names with surrogateescape: their bytes were not UTF-8
+        raise ValidationFailed(
+            f"the path {_shown(name)!r} is not valid UTF-8", param=param, code="invalid_encoding"
+        ) from None
     if "\x00" in name:
         raise ValidationFailed(f"the path {name!r} contains a NUL byte", param=param)
     # Archives made on Windows use backslashes; treat them as separators so "a\..\x" cannot hide.
@@ -181,7 +208,7 @@ def _zip_entries(zf: zipfile.ZipFile, budget: _Budget, param: str) -> list[_Entr
     entries: list[_Entry] = []
     for info in zf.infolist():
         name = info.filename
-        member_param = f"{param}[{name}]"
+        member_param = f"{param}[{_shown(name)}]"
         # Unix zips keep st_mode in the high 16 bits of the external attributes.
         mode = info.external_attr >> 16
         kind = stat.S_IFMT(mode)
@@ -229,7 +256,7 @@ def _tar_entries(tf: tarfile.TarFile, budget: _Budget, param: str) -> list[_Entr
     # Iterating (not getmembers) stops reading as soon as a member is refused.
     for member in tf:
         name = member.name
-        member_param = f"{param}[{name}]"
+        member_param = f"{param}[{_shown(name)}]"
         is_dir = member.isdir()
         parts = _entry_parts(name, is_dir, member_param)
         reason = _tar_kind(member)
@@ -309,16 +336,141 @@ def _write_files(plan: list[tuple[tuple[str, ...], _Entry]], dest: Path, archive
     return written
 
 
-def _open_archive(archive: Path, param: str) -> zipfile.ZipFile | tarfile.TarFile:
+# -- tar: extended headers bounded before tarfile reads them ----------------------------------------
+
+_EXTENDED_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE, b"X")
+# tarfile's documented subclass hook ("_proc_member() can be overridden in a subclass"); looked up here so
+# a Python without it fails at import rather than silently skipping the checks below.
+_PROC_MEMBER: Callable[[tarfile.TarInfo, tarfile.TarFile], tarfile.TarInfo] = vars(tarfile.TarInfo)["_proc_member"]
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile's own header parsing, refusing first what would make it read without bound: an extended
+    header (pax, GNU long name) whose declared data exceeds MAX_TAR_HEADER_BYTES, a chain of more than
+    MAX_TAR_HEADER_CHAIN of them (each recurses, holding its data), and GNU sparse members (their maps are
+    read from the member's data, entry by entry, as long as it lasts)."""
+
+    def _proc_member(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise _Refused("it holds a GNU sparse member, which is not supported")
+        if self.type not in _EXTENDED_TYPES:
+            return _PROC_MEMBER(self, tf)
+        if self.size > MAX_TAR_HEADER_BYTES:
+            raise _Refused(
+                f"an extended tar header declares {self.size} bytes; the limit is {MAX_TAR_HEADER_BYTES}",
+                too_large=True,
+            )
+        chain: int = getattr(tf, "_moerge_chain", 0) + 1
+        if chain > MAX_TAR_HEADER_CHAIN:
+            raise _Refused(f"more than {MAX_TAR_HEADER_CHAIN} extended tar headers follow each other")
+        setattr(tf, "_moerge_chain", chain)  # noqa: B010 - TarFile has no such attribute in its stubs
+        try:
+            return _PROC_MEMBER(self, tf)
+        finally:
+            setattr(tf, "_moerge_chain", chain - 1)  # noqa: B010
+
+    # pax-described sparse members (GNU formats 0.0, 0.1, 1.0): refused like the "S" type above.
+    def _proc_gnusparse_00(self, *_: Any) -> None:
+        raise _Refused("it holds a GNU sparse member, which is not supported")
+
+    _proc_gnusparse_01 = _proc_gnusparse_10 = _proc_gnusparse_00
+
+
+def _open_tar(archive: Path) -> tarfile.TarFile | None:
+    """The archive as a (plain, gz, bz2 or xz) tar parsed with the bounds above, or None if it is not one.
+    (``tarfile.is_tarfile`` would parse the first member without them.)"""
+    try:
+        return tarfile.open(archive, mode="r:*", tarinfo=_BoundedTarInfo)
+    except tarfile.ReadError:
+        return None
+
+
+# -- zip: the central directory checked before zipfile loads it -------------------------------------
+
+_EOCD = struct.Struct("<4s4H2LH")  # end of central directory record
+_ZIP64_LOCATOR = struct.Struct("<4sLQL")
+_ZIP64_EOCD = struct.Struct("<4sQ2H2L4Q")
+_CENTRAL_ENTRY = struct.Struct("<4s24xHHH12x")  # signature, then the name, extra and comment lengths
+
+
+def _zip_directory(fh: IO[bytes]) -> tuple[int, int, int] | None:
+    """(declared entries, size, start) of the central directory, located as zipfile locates it: the end
+    record at the very end of the file, else the last one in its final 64 KiB (after a comment), with a
+    ZIP64 end record right before it when a ZIP64 locator is there. None when there is no end record."""
+    size = fh.seek(0, os.SEEK_END)
+    tail_start = max(0, size - _EOCD.size - 0xFFFF)
+    fh.seek(tail_start)
+    tail = fh.read()
+    at = len(tail) - _EOCD.size
+    if at < 0 or tail[at : at + 4] != b"PK\x05\x06" or tail[-2:] != b"\0\0":
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or len(tail) - at < _EOCD.size:
+            return None
+    _, _, _, _, entries, dir_size, _, _ = _EOCD.unpack_from(tail, at)
+    end = tail_start + at
+    if end >= _ZIP64_LOCATOR.size + _ZIP64_EOCD.size:
+        fh.seek(end - _ZIP64_LOCATOR.size - _ZIP64_EOCD.size)
+        record = fh.read(_ZIP64_EOCD.size + _ZIP64_LOCATOR.size)
+        if record[_ZIP64_EOCD.size : _ZIP64_EOCD.size + 4] == b"PK\x06\x07" and record[:4] == b"PK\x06\x06":
+            fields = _ZIP64_EOCD.unpack_from(record)
+            entries, dir_size = fields[7], fields[8]
+            end -= _ZIP64_LOCATOR.size + _ZIP64_EOCD.size
+    return entries, dir_size, end - dir_size
+
+
+def _check_zip_directory(archive: Path, max_members: int) -> None:
+    """Refuse a zip whose central directory declares, or holds, more entries than ``max_members``, or is
+    larger than MAX_ZIP_DIRECTORY_BYTES, reading no more than that cap."""
+    with archive.open("rb") as fh:
+        found = _zip_directory(fh)
+        if found is None:
+            return  # zipfile will say what is wrong
+        entries, dir_size, start = found
+        if entries > max_members:
+            raise _Refused(f"it has more than {max_members} members (its central directory declares {entries})")
+        if dir_size > MAX_ZIP_DIRECTORY_BYTES:
+            raise _Refused(
+                f"its central directory is {dir_size} bytes; the limit is {MAX_ZIP_DIRECTORY_BYTES}", too_large=True
+            )
+        if start < 0:
+            return
+        fh.seek(start)
+        directory = fh.read(dir_size)
+    # Count what is really there: zipfile reads entries until the directory's size is used up, whatever
+    # the end record says.
+    count = at = 0
+    while at + _CENTRAL_ENTRY.size <= len(directory):
+        signature, name_len, extra_len, comment_len = _CENTRAL_ENTRY.unpack_from(directory, at)
+        if signature != b"PK\x01\x02":
+            return  # damaged: zipfile refuses it
+        count += 1
+        if count > max_members:
+            raise _Refused(f"it has more than {max_members} members (counted in its central directory)")
+        at += _CENTRAL_ENTRY.size + name_len + extra_len + comment_len
+
+
+def _open_archive(archive: Path, param: str, max_members: int) -> zipfile.ZipFile | tarfile.TarFile:
     """Open by content, not by file name: uploads arrive under staging names."""
     try:
-        if zipfile.is_zipfile(archive):
+        if zipfile.is_zipfile(archive):  # reads only the end record
+            _check_zip_directory(archive, max_members)
             return zipfile.ZipFile(archive)
-        if tarfile.is_tarfile(archive):
-            return tarfile.open(archive, mode="r:*")
+        if (tar := _open_tar(archive)) is not None:
+            return tar
+    except UnicodeDecodeError as exc:  # a zip member flagged as UTF-8 whose name is not
+        raise ValidationFailed(
+            f"archive {archive.name!r} has a member name that is not valid UTF-8 ({exc.reason})",
+            param=param,
+            code="invalid_encoding",
+        ) from None
     except _CORRUPT_ERRORS as exc:
         raise ValidationFailed(f"archive {archive.name!r} is damaged ({exc})", param=param) from exc
     raise ValidationFailed(f"{archive.name!r} is not a zip or tar archive", param=param)
+
+
+def _refusal(archive: Path, exc: _Refused, param: str) -> ValidationFailed:
+    error = PayloadTooLarge if exc.too_large else ValidationFailed
+    return error(f"archive {archive.name!r} is refused: {exc.reason}", param=param, code="archive_refused")
 
 
 def extract_archive(
@@ -344,12 +496,18 @@ def extract_archive(
         raise FileExistsError(f"extraction folder {dest} already exists")
     budget = _Budget(archive, param, max_unpacked_bytes, max_members)
 
-    with _open_archive(archive, param) as handle:
+    try:
+        handle = _open_archive(archive, param, max_members)
+    except _Refused as exc:
+        raise _refusal(archive, exc, param) from None
+    with handle:
         try:
             if isinstance(handle, zipfile.ZipFile):
                 entries = _zip_entries(handle, budget, param)
             else:
                 entries = _tar_entries(handle, budget, param)
+        except _Refused as exc:
+            raise _refusal(archive, exc, param) from None
         except _CORRUPT_ERRORS as exc:
             raise ValidationFailed(f"archive {archive.name!r} is damaged ({exc})", param=param) from exc
         plan = _plan(entries, archive, param)

@@ -7,6 +7,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.settings import Settings
 from registry.errors import ValidationFailed
+from registry.limits import MAX_LORA_RANK, largest_rank, row_fault
 from registry.models import Expert
 from registry.services import ExpertService
 from registry.store import ArtifactStore
@@ -30,11 +31,19 @@ async def remote_servers_by_id(settings: Settings, sessionmaker: async_sessionma
     return remote
 
 
-async def registered_lora_rank(sessionmaker: async_sessionmaker[AsyncSession]) -> int:
-    """The largest LoRA rank among registered adapters (0 if none)."""
+async def registered_lora_rank(
+    sessionmaker: async_sessionmaker[AsyncSession], max_lora_rank: int = MAX_LORA_RANK
+) -> int:
+    """The largest LoRA rank among registered adapters that can be served (0 if none). A row that cannot
+    (a rank above ``max_lora_rank``, values or keys registration now refuses) is left out: it is refused per
+    request with the fix, and must never stop the server from starting."""
     async with sessionmaker() as session:
-        rows = await session.execute(select(Expert.r, Expert.rank_pattern).where(Expert.peft_type.is_not(None)))
-        ranks = [max([int(r or 0), *(int(v) for v in (pattern or {}).values())]) for r, pattern in rows]
+        rows = await session.execute(
+            select(Expert.peft_type, Expert.r, Expert.lora_alpha, Expert.rank_pattern, Expert.alpha_pattern).where(
+                Expert.peft_type.is_not(None)
+            )
+        )
+        ranks = [largest_rank(row.r, row.rank_pattern) for row in rows if row_fault(row, max_lora_rank) is None]
     return max(ranks, default=0)
 
 
@@ -44,12 +53,15 @@ async def create_engine(settings: Settings, sessionmaker: async_sessionmaker[Asy
 
         return TorchEngine()
     from serving.vllm import VLLMConfig, VLLMEngine
-    from serving.vllm_process import lora_rank_for
+    from serving.vllm_process import VALID_LORA_RANKS, lora_rank_for
 
     # vLLM's CPU LoRA kernels copy each token's adapter weights padded to --max-lora-rank: size it to the
     # adapters registered now (8 at least) rather than a generous default. A larger adapter registered later
     # is refused with a message saying to restart.
-    rank = lora_rank_for(max(8, await registered_lora_rank(sessionmaker)))
+    # Capped at vLLM's largest: a limit raised above it must not stop the start either (such adapters are
+    # refused per request by the engine).
+    registered = await registered_lora_rank(sessionmaker, settings.max_lora_rank)
+    rank = lora_rank_for(min(max(8, registered), VALID_LORA_RANKS[-1]))
     config = VLLMConfig(
         max_lora_rank=rank,
         remote_servers=await remote_servers_by_id(settings, sessionmaker),
@@ -60,6 +72,7 @@ async def create_engine(settings: Settings, sessionmaker: async_sessionmaker[Asy
         lora_ops=settings.vllm_lora_ops,
         compile=settings.vllm_compile,
         log_dir=settings.home / "logs",
+        env_passthrough=settings.vllm_env_passthrough,
     )
     from serving.dispatch import EngineSet
 

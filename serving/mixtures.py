@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from registry.compositions import CompositionView
 from registry.epoch import Stamp, StampedMemo, registry_stamp
 from registry.errors import Conflict
+from registry.limits import MAX_LORA_RANK
 from registry.models import CompositionMember, Expert
 from registry.store import ArtifactStore
 from routers.query import ROUTERS, RouteDecision, RouterContext
@@ -71,13 +72,15 @@ async def resolve_token_composition(
     query: str,
     context: RouterContext,
     stamp: Stamp | None = None,
+    *,
+    max_lora_rank: int = MAX_LORA_RANK,
 ) -> Resolved:
     stamp = stamp if stamp is not None else await registry_stamp(session)
     found = _MIXTURES.get(stamp, (str(store.root), comp.id))
     if found is None:
         experts = await _adapters(session, comp)
         states = await token_states(session, store, comp.router, dict(comp.router_params), experts)
-        base = target_for(experts[0], store)
+        base = target_for(experts[0], store, max_lora_rank=max_lora_rank)
         mixture = TokenMixture(
             composition=comp.name,
             router=comp.router,

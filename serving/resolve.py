@@ -12,6 +12,7 @@ from aggregators import AGGREGATORS, Aggregator
 from registry.compositions import CompositionService, CompositionView
 from registry.epoch import Stamp, StampedMemo, registry_stamp
 from registry.errors import NotFound, Unprocessable, ValidationFailed
+from registry.limits import MAX_LORA_RANK, largest_rank, row_fault, unservable_message
 from registry.models import Expert, ExpertKind
 from registry.services import ExpertService
 from registry.store import ArtifactStore
@@ -54,57 +55,90 @@ class Resolved:
         return len(self.members) > 1
 
 
-def target_for(expert: Expert, store: ArtifactStore) -> Target:
-    """An adapter (or a merged LoRA) runs on its base's server; a full model runs on its own."""
+def _target_or_refusal(expert: Expert, store: ArtifactStore, max_lora_rank: int) -> Target | str:
+    """An adapter (or a merged LoRA) runs on its base's server; a full model runs on its own. A LoRA row
+    that cannot be served (a rank above ``max_lora_rank``, a pattern key or alpha registration now refuses:
+    registry/limits.py) gives the message it is refused with instead, per request and never at start-up."""
     if expert.kind == ExpertKind.adapter.value or (expert.kind == ExpertKind.merged.value and expert.peft_type):
         if expert.base is None:
             raise ValidationFailed(f"adapter {expert.slug!r} has no registered base", param="model")
+        fault = row_fault(expert, max_lora_rank)
+        if fault is not None:
+            return unservable_message(expert.slug, fault, max_lora_rank)
         return Target(
             base_id=str(expert.base.id),
             base_dir=store.expert_dir(expert.base.id),
             adapter_id=str(expert.id),
             adapter_dir=store.expert_dir(expert.id),
-            max_lora_rank=int(expert.r or 8),
+            max_lora_rank=largest_rank(expert.r, expert.rank_pattern) or 8,  # rank_pattern values count too
             served_name=expert.slug,
         )
     return Target(base_id=str(expert.id), base_dir=store.expert_dir(expert.id), served_name=expert.slug)
 
 
-# Memoized under the registry stamp (registry/epoch.py): resolving a model name or a chosen expert reads
-# one row while nothing in the registry changes, instead of 7 statements (~5 ms) per request.
-_NAMES = StampedMemo[CompositionView | tuple[str, Target]](4096)  # model name -> composition, or expert
-_EXPERTS = StampedMemo[tuple[str, Target]](4096)  # expert slug / id / alias -> (slug, target)
-
-
-async def expert_target(
-    session: AsyncSession, store: ArtifactStore, ref: str, *, param: str, stamp: Stamp | None = None
-) -> tuple[str, Target]:
-    """(slug, target) of an expert by slug, id or alias; NotFound naming ``param``."""
-    key = (str(store.root), ref)
-    found = _EXPERTS.get(stamp, key)
-    if found is None:
-        expert = await ExpertService(session, store).get(ref, param=param)
-        found = _EXPERTS.put(stamp, key, (expert.slug, target_for(expert, store)))
+def _served(found: Target | str, param: str) -> Target:
+    if isinstance(found, str):
+        raise Unprocessable(found, param=param, code="adapter_unservable")
     return found
 
 
-async def target_of_slug(
-    session: AsyncSession, store: ArtifactStore, slug: str, *, param: str, stamp: Stamp | None = None
+def target_for(
+    expert: Expert, store: ArtifactStore, *, max_lora_rank: int = MAX_LORA_RANK, param: str = "model"
 ) -> Target:
-    return (await expert_target(session, store, slug, param=param, stamp=stamp))[1]
+    """What runs ``expert``; ``Unprocessable`` naming ``param``, the adapter and the fix if it cannot be served."""
+    return _served(_target_or_refusal(expert, store, max_lora_rank), param)
+
+
+# Memoized under the registry stamp (registry/epoch.py): resolving a model name or a chosen expert reads
+# one row while nothing in the registry changes, instead of 7 statements (~5 ms) per request. A refusal
+# (an unservable adapter) is memoized as its message, so repeating a refused request costs no statements.
+_NAMES = StampedMemo[CompositionView | tuple[str, Target | str]](4096)  # model name -> composition, or expert
+_EXPERTS = StampedMemo[tuple[str, Target | str]](4096)  # expert slug / id / alias -> (slug, target or refusal)
+
+
+async def expert_target(
+    session: AsyncSession,
+    store: ArtifactStore,
+    ref: str,
+    *,
+    param: str,
+    stamp: Stamp | None = None,
+    max_lora_rank: int = MAX_LORA_RANK,
+) -> tuple[str, Target]:
+    """(slug, target) of an expert by slug, id or alias; NotFound naming ``param``, or Unprocessable if it
+    cannot be served under ``max_lora_rank`` (MOERGE_MAX_LORA_RANK)."""
+    key = (str(store.root), ref, max_lora_rank)
+    found = _EXPERTS.get(stamp, key)
+    if found is None:
+        expert = await ExpertService(session, store).get(ref, param=param)
+        found = _EXPERTS.put(stamp, key, (expert.slug, _target_or_refusal(expert, store, max_lora_rank)))
+    slug, target = found
+    return slug, _served(target, param)
+
+
+async def target_of_slug(
+    session: AsyncSession,
+    store: ArtifactStore,
+    slug: str,
+    *,
+    param: str,
+    stamp: Stamp | None = None,
+    max_lora_rank: int = MAX_LORA_RANK,
+) -> Target:
+    return (await expert_target(session, store, slug, param=param, stamp=stamp, max_lora_rank=max_lora_rank))[1]
 
 
 async def find_composition(
     session: AsyncSession, store: ArtifactStore, name: str, stamp: Stamp | None = None
 ) -> CompositionView | None:
-    found = await _find_model(session, store, name, stamp)
+    found = await _find_model(session, store, name, stamp, MAX_LORA_RANK)
     return found if isinstance(found, CompositionView) else None
 
 
 async def _find_model(
-    session: AsyncSession, store: ArtifactStore, name: str, stamp: Stamp | None
-) -> CompositionView | tuple[str, Target] | None:
-    key = (str(store.root), name)
+    session: AsyncSession, store: ArtifactStore, name: str, stamp: Stamp | None, max_lora_rank: int
+) -> CompositionView | tuple[str, Target | str] | None:
+    key = (str(store.root), name, max_lora_rank)
     found = _NAMES.get(stamp, key)
     if found is not None:
         return found
@@ -114,7 +148,7 @@ async def _find_model(
     expert = await ExpertService(session, store).find(name)
     if expert is None:
         return None
-    return _NAMES.put(stamp, key, (expert.slug, target_for(expert, store)))
+    return _NAMES.put(stamp, key, (expert.slug, _target_or_refusal(expert, store, max_lora_rank)))
 
 
 def routing_only(comp: CompositionView) -> Resolved:
@@ -129,12 +163,20 @@ async def resolve_composition(
     query: str,
     context: RouterContext,
     stamp: Stamp | None = None,
+    *,
+    max_lora_rank: int = MAX_LORA_RANK,
 ) -> Resolved:
     stamp = stamp if stamp is not None else await registry_stamp(session)
     from serving import mixtures  # imports this module
 
     if mixtures.is_token_level(comp.router):
-        return await mixtures.resolve_token_composition(session, store, comp, query, context, stamp)
+        resolved = await mixtures.resolve_token_composition(
+            session, store, comp, query, context, stamp, max_lora_rank=max_lora_rank
+        )
+        # The mixture is built on its first adapter's target: every other adapter must be servable too.
+        for expert_id, _, _ in resolved.target.mixture.adapters if resolved.target.mixture else ():
+            await expert_target(session, store, expert_id, param="model", stamp=stamp, max_lora_rank=max_lora_rank)
+        return resolved
     decision = await RoutingService(session, context).decide(comp, query, stamp)
     if decision.fallback:
         if comp.fallback_id is None:
@@ -143,9 +185,11 @@ async def resolve_composition(
                 param="model",
                 code="no_expert_fits",
             )
-        slug, target = await expert_target(session, store, str(comp.fallback_id), param="fallback", stamp=stamp)
+        slug, target = await expert_target(
+            session, store, str(comp.fallback_id), param="fallback", stamp=stamp, max_lora_rank=max_lora_rank
+        )
         return Resolved(comp.name, target, comp.router, [slug], [1.0], decision, fallback=True)
-    members = await _members(session, store, comp, decision, stamp)
+    members = await _members(session, store, comp, decision, stamp, max_lora_rank)
     resolved = Resolved(
         comp.name, members[0].target, comp.router, decision.slugs, decision.weights, decision, members=members
     )
@@ -158,11 +202,11 @@ async def resolve_composition(
             model = aggregator.model_slug()
             if model is not None:
                 resolved.aggregator_target = await target_of_slug(
-                    session, store, model, param="aggregator_params.model", stamp=stamp
+                    session, store, model, param="aggregator_params.model", stamp=stamp, max_lora_rank=max_lora_rank
                 )
             elif comp.fallback_id is not None:
                 resolved.aggregator_target = await target_of_slug(
-                    session, store, str(comp.fallback_id), param="fallback", stamp=stamp
+                    session, store, str(comp.fallback_id), param="fallback", stamp=stamp, max_lora_rank=max_lora_rank
                 )
             else:
                 raise ValidationFailed(
@@ -173,14 +217,23 @@ async def resolve_composition(
 
 
 async def _members(
-    session: AsyncSession, store: ArtifactStore, comp: CompositionView, decision: RouteDecision, stamp: Stamp | None
+    session: AsyncSession,
+    store: ArtifactStore,
+    comp: CompositionView,
+    decision: RouteDecision,
+    stamp: Stamp | None,
+    max_lora_rank: int,
 ) -> list[Member]:
     """The chosen experts; for a decomposed query, one member per part (the fallback answers a part no
     expert fits)."""
     routes = part_routes(decision)
     if not routes:
         return [
-            Member(slug, weight, await target_of_slug(session, store, slug, param="model", stamp=stamp))
+            Member(
+                slug,
+                weight,
+                await target_of_slug(session, store, slug, param="model", stamp=stamp, max_lora_rank=max_lora_rank),
+            )
             for slug, weight in decision.experts
         ]
     members = []
@@ -193,9 +246,12 @@ async def _members(
                     param="model",
                     code="no_expert_fits",
                 )
-            slug, target = await expert_target(session, store, str(comp.fallback_id), param="fallback", stamp=stamp)
+            slug, target = await expert_target(
+                session, store, str(comp.fallback_id), param="fallback", stamp=stamp, max_lora_rank=max_lora_rank
+            )
         else:
-            slug, target = route.expert, await target_of_slug(session, store, route.expert, param="model", stamp=stamp)
+            slug = route.expert
+            target = await target_of_slug(session, store, slug, param="model", stamp=stamp, max_lora_rank=max_lora_rank)
         members.append(Member(slug, 1 / len(routes), target, route.text))
     return members
 
@@ -209,12 +265,14 @@ async def resolve_model(
     context: RouterContext | None = None,
     on_composition: Callable[[Resolved], None] | None = None,
     stamp: Stamp | None = None,
+    max_lora_rank: int = MAX_LORA_RANK,
 ) -> Resolved:
     """``on_composition`` hears what is known of a composition before its router runs, so that an error
     while routing still carries the composition's router in the response headers. ``stamp``: the registry
-    stamp if the caller has read it already (the API's key check reads it in the same statement)."""
+    stamp if the caller has read it already (the API's key check reads it in the same statement).
+    ``max_lora_rank``: MOERGE_MAX_LORA_RANK; an adapter above it (or otherwise unservable) is refused here."""
     stamp = stamp if stamp is not None else await registry_stamp(session)
-    found = await _find_model(session, store, name, stamp)
+    found = await _find_model(session, store, name, stamp, max_lora_rank)
     if found is None:
         raise NotFound(f"The model `{name}` does not exist", param="model", code="model_not_found")
     if isinstance(found, CompositionView):
@@ -222,6 +280,6 @@ async def resolve_model(
             on_composition(routing_only(found))
         if context is None:
             raise ValidationFailed("compositions need a router context (embedder, engine)", param="model")
-        return await resolve_composition(session, store, found, query, context, stamp)
+        return await resolve_composition(session, store, found, query, context, stamp, max_lora_rank=max_lora_rank)
     slug, target = found
-    return Resolved(name, target, "none", [slug], [1.0])
+    return Resolved(name, _served(target, "model"), "none", [slug], [1.0])

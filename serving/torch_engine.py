@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import gc
 import hashlib
+import logging
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator
@@ -48,7 +49,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from registry.errors import MoergeError, ValidationFailed
+from registry.errors import MoergeError, Unprocessable, ValidationFailed
 from serving import logit_fusion
 from serving.engine import (
     EngineUnavailable,
@@ -60,6 +61,9 @@ from serving.engine import (
     TokenMixture,
     TokenTrace,
 )
+
+log = logging.getLogger(__name__)
+LOG_HINT = "an admin can read why in moerge's log"  # errors name the model, never its files: those are logged
 
 # transformers builds a model on the meta device inside a process-wide torch device context: two loads in
 # two threads at once (two slots, or two engines) break each other ("Cannot copy out of meta tensor").
@@ -108,10 +112,14 @@ def _resolve(future: asyncio.Future[Outcome], outcome: Outcome) -> None:
         future.set_result(outcome)
 
 
-def _failure(exc: BaseException, what: str) -> MoergeError:
+def _failure(exc: BaseException, what: str, where: Path | None = None) -> MoergeError:
+    """``exc`` as the caller sees it: a moerge error as it is; anything else by its type only, because its text
+    can name files (a model folder, a cache): the whole of it, and ``where``, go to moerge's log."""
     if isinstance(exc, MoergeError):
         return exc
-    return GenerationFailed(f"{what}: {type(exc).__name__}: {exc}")
+    if not isinstance(exc, asyncio.CancelledError):  # a shutdown, not a failure worth a traceback
+        log.warning("torch engine: %s%s", what, f" ({where})" if where is not None else "", exc_info=exc)
+    return GenerationFailed(f"{what} ({type(exc).__name__}); {LOG_HINT}")
 
 
 # --- per base model -------------------------------------------------------------------------------------
@@ -489,7 +497,7 @@ class TorchEngine:
                 self._ensure_base(slot)
             except Exception as exc:
                 for job in jobs:
-                    job.deliver(_failure(exc, f"cannot load base model {slot.base_id!r} from {slot.base_dir}"))
+                    job.deliver(_failure(exc, f"cannot load base model {slot.base_id!r}", slot.base_dir))
                 return
             rows: list[_Row] = []
             for job in jobs:
@@ -585,11 +593,12 @@ class TorchEngine:
             del slot.adapters[target.adapter_id]
         try:
             self._attach(slot, name, adapter_dir)
+        except Unprocessable as exc:  # the adapter is of a kind this engine cannot run: say which, and why
+            raise Unprocessable(f"adapter {target.adapter_id!r}: {exc.message}", param="model") from exc
         except Exception as exc:
-            raise GenerationFailed(
-                f"cannot load adapter {target.adapter_id!r} from {adapter_dir}: {type(exc).__name__}: {exc}",
-                param="model",
-            ) from exc
+            failure = _failure(exc, f"cannot load adapter {target.adapter_id!r}", adapter_dir)
+            failure.param = "model"
+            raise failure from exc
         slot.adapters[target.adapter_id] = (name, adapter_dir)
         return name
 
@@ -599,9 +608,9 @@ class TorchEngine:
         config = PeftConfig.from_pretrained(str(adapter_dir))
         # Mixed-adapter batches exist for LoRA only, and PEFT refuses DoRA in them: refuse up front, per request.
         if config.peft_type != PeftType.LORA:
-            raise ValueError(f"only LoRA adapters are supported, this one is {config.peft_type}")
+            raise Unprocessable(f"only LoRA adapters are supported, this one is {config.peft_type}", param="model")
         if getattr(config, "use_dora", False):
-            raise ValueError("DoRA adapters cannot run in mixed-adapter batches")
+            raise Unprocessable("DoRA adapters cannot run in mixed-adapter batches", param="model")
         if slot.peft is not None:
             try:
                 slot.peft.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=False)

@@ -32,7 +32,7 @@ import re
 import signal
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -40,7 +40,8 @@ from typing import Any, Literal, TypeVar
 import aiohttp
 import httpx
 
-from registry.errors import MoergeError, ValidationFailed
+from registry.errors import MoergeError, Unprocessable, ValidationFailed
+from registry.limits import largest_rank
 from serving.engine import EngineUnavailable, GenChunk, GenerationFailed, GenRequest, GenResult, Target
 from serving.vllm_plugin import COMPILE_ENV, LORA_OPS_CHOICES, LORA_OPS_ENV
 from serving.vllm_process import (
@@ -61,8 +62,11 @@ ServerState = Literal["starting", "ready", "dead", "remote"]
 
 # Used for retry_after before a server has ever started here (measured: 30-50 s on 2 cores).
 _DEFAULT_STARTUP_S = 60.0
-_ERROR_TAIL_CHARS = 1500  # of the server log, in start/death errors: enough for the end of a traceback
+_ERROR_TAIL_CHARS = 1500  # of the server log, in last_error (admin view): enough for the end of a traceback
 _ERROR_TAIL_LINES = 15
+# Errors to callers name the base and this, never a path, URL or log line: those go to moerge's log and to the
+# admin-only view of the server (its last_error, log path and pid).
+ADMIN_HINT = "an admin can read why with GET /api/engines (admin key) or in moerge's log"
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,13 @@ class VLLMConfig:
     max_connections: int = field(default=256, metadata={"help": "HTTP connection pool size (concurrent requests)"})
     terminate_timeout_s: float = field(default=15, metadata={"help": "SIGTERM grace before SIGKILL on close"})
     extra_args: tuple[str, ...] = field(default=(), metadata={"help": "more arguments for managed servers"})
+    env_passthrough: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "names of more environment variables managed servers inherit, beyond the allow-list "
+            "(serving/vllm_process.py: CHILD_ENV_NAMES, CHILD_ENV_PREFIXES); nothing else reaches them"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.max_lora_rank not in VALID_LORA_RANKS:
@@ -260,7 +271,8 @@ class VLLMEngine:
     async def ensure_server(self, target: Target, *, wait: bool = True) -> str:
         """Start ``target``'s base server if needed; with ``wait``, until it is ready (restarts included).
 
-        Returns the server's URL. Raises ``EngineUnavailable`` (with the log tail) if it does not come up.
+        Returns the server's URL. Raises ``EngineUnavailable`` if it does not come up (the log tail is in
+        ``status()``'s ``last_error``).
         """
         server = await self._acquire(target, wait=wait, force_wait=wait)
         return server.url
@@ -275,7 +287,7 @@ class VLLMEngine:
         for res in results:
             if isinstance(res, BaseException) and not isinstance(res, MoergeError | asyncio.CancelledError):
                 log.exception("vLLM request failed unexpectedly", exc_info=res)
-                failure = GenerationFailed(f"vLLM request failed: {type(res).__name__}: {res}")
+                failure = GenerationFailed(f"vLLM request failed ({type(res).__name__}); {ADMIN_HINT}")
                 failure.__cause__ = res
                 res = failure
             out.append(res)
@@ -320,7 +332,8 @@ class VLLMEngine:
                     break
                 event = json.loads(data)
                 if "error" in event:
-                    raise GenerationFailed(f"vLLM stream error: {_error_message(event)}")
+                    log.warning("vLLM for %s: error inside a stream: %s", server.base_id, _error_message(event))
+                    raise GenerationFailed(f"the vLLM server for {server.base_id!r} failed mid-stream; {ADMIN_HINT}")
                 for choice in event.get("choices") or []:
                     piece = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
                     if piece:
@@ -438,9 +451,17 @@ class VLLMEngine:
             resp = await self._call(server, watch, self._http().post(server.url + "/v1/load_lora_adapter", json=body))
             # "already been loaded": another engine (remote mode) or an earlier attempt loaded it; fine.
             if resp.status_code != 200 and not (resp.status_code == 400 and "already" in resp.text):
-                where = " (the path must be visible to the remote server)" if server.remote else ""
+                log.warning(
+                    "vLLM for %s could not load adapter %s from %s: %s",
+                    server.base_id,
+                    adapter_id,
+                    adapter_path,
+                    _error_message(resp),
+                )
+                where = " (its folder must be visible to the remote server, same path)" if server.remote else ""
                 raise GenerationFailed(
-                    f"vLLM could not load adapter {adapter_id!r} from {adapter_path}{where}: {_error_message(resp)}",
+                    f"the vLLM server for {server.base_id!r} could not load adapter {adapter_id!r}{where}; "
+                    + ADMIN_HINT,
                     param="model",
                 )
             if server.epoch == epoch:
@@ -452,15 +473,15 @@ class VLLMEngine:
         try:
             return await watch.run(aw)
         except _ServerDied:
-            # The log tail goes to status()/last_error; here only where to look.
+            # The log tail goes to status()/last_error (admin view); here only where to look.
             raise GenerationFailed(
-                f"the vLLM server for {server.base_id!r} died during the request; it is being restarted "
-                f"(log: {self._log_path(server)})"
+                f"the vLLM server for {server.base_id!r} died during the request; it is being restarted; {ADMIN_HINT}"
             ) from None
         except (httpx.ConnectError, httpx.ConnectTimeout, aiohttp.ClientConnectorError) as exc:
             refused = isinstance(exc, httpx.ConnectError | aiohttp.ClientConnectorError)
             self._notice_exit(server, refused=refused)
-            raise self._unavailable(server, f"cannot connect to {server.url}: {exc}") from exc
+            log.warning("vLLM for %s: cannot connect to %s: %s", server.base_id, server.url, exc)
+            raise self._unavailable(server, f"cannot connect to the vLLM server for {server.base_id!r}") from exc
         except httpx.PoolTimeout as exc:
             raise EngineUnavailable("too many requests in flight to vLLM; retry shortly", retry_after=1) from exc
         except (httpx.TimeoutException, TimeoutError) as exc:  # aiohttp's timeouts are TimeoutErrors
@@ -469,9 +490,9 @@ class VLLMEngine:
             ) from exc
         except (httpx.TransportError, aiohttp.ClientError) as exc:
             await self._confirm_exit(server)
+            log.warning("vLLM for %s: connection to %s failed mid-request: %r", server.base_id, server.url, exc)
             raise GenerationFailed(
                 f"connection to the vLLM server for {server.base_id!r} failed mid-request: {type(exc).__name__}"
-                + (f" ({exc})" if str(exc) else "")
             ) from exc
 
     # ------------------------------------------------------------------ servers
@@ -502,6 +523,8 @@ class VLLMEngine:
         if self._closed:
             raise EngineUnavailable("the vLLM engine is closed", retry_after=5)
         self._ensure_monitor()
+        if target.base_id not in self.config.remote_servers:
+            _served_rank(target.max_lora_rank, target)  # refused before a server is recorded or started
         server = self._record(target.base_id, target.base_dir, target.max_lora_rank)
         if server.remote:
             if not server.model_name:
@@ -530,7 +553,7 @@ class VLLMEngine:
     async def _restart_for_rank(self, server: _Server, target: Target, adapter_id: str, rank: int) -> None:
         """An adapter above the running server's --max-lora-rank (a merged LoRA, say): restart the server
         with a rank that fits once it is idle, and tell the caller to come back (EngineUnavailable)."""
-        server.rank = max(server.rank, lora_rank_for(rank))  # every later start keeps it
+        server.rank = max(server.rank, _served_rank(rank, target))  # every later start keeps it
         if server.in_flight > 1:
             raise EngineUnavailable(
                 f"adapter {adapter_id!r} has rank {rank}, above the --max-lora-rank {server.started_rank} the vLLM "
@@ -601,15 +624,7 @@ class VLLMEngine:
                 dtype=cfg.dtype,
                 extra_args=cfg.extra_args,
             )
-            env = server_env(
-                cfg.kv_cache_gib,
-                {
-                    "VLLM_CPU_OMP_THREADS_BIND": cpu_bind_list(cfg.cpu_threads_bind),
-                    LORA_OPS_ENV: cfg.lora_ops,
-                    COMPILE_ENV: "1" if cfg.compile else "0",
-                },
-            )
-            proc = VLLMProcess(command, env, self._log_path(server))
+            proc = VLLMProcess(command, child_env(cfg), self._log_path(server))
             proc.start()
             server.proc = proc
             started_proc = proc
@@ -748,8 +763,9 @@ class VLLMEngine:
             models = resp.json().get("data", [])
         except (httpx.HTTPError, ValueError) as exc:
             server.reachable = False
+            log.warning("the remote vLLM server for %s at %s is unreachable: %r", server.base_id, server.url, exc)
             raise EngineUnavailable(
-                f"the vLLM server for {server.base_id!r} at {server.url} is unreachable: {exc}",
+                f"the remote vLLM server for {server.base_id!r} is unreachable; {ADMIN_HINT}",
                 retry_after=max(1, math.ceil(self.config.health_interval_s)),
             ) from exc
         server.reachable = True
@@ -759,8 +775,10 @@ class VLLMEngine:
         elif len(roots) == 1:
             server.model_name = roots[0]
         else:
+            log.warning("the vLLM server at %s serves %s, none named %s", server.url, roots, server.base_id)
             raise GenerationFailed(
-                f"the vLLM server at {server.url} serves {roots}, none named {server.base_id!r}", param="model"
+                f"the remote vLLM server for {server.base_id!r} serves several models, none named so; {ADMIN_HINT}",
+                param="model",
             )
 
     async def _stop(self, server: _Server) -> None:
@@ -863,13 +881,24 @@ class VLLMEngine:
             retry = max(0.0, server.next_attempt_at - now) + expected
         else:
             retry = 1.0  # dead and idle: the next request starts it
-        what = detail or f"the vLLM server for {server.base_id!r} is {server.state}"
-        if server.last_error and not detail:
-            what += f" (last error: {server.last_error})"
-        return EngineUnavailable(what, retry_after=max(1, math.ceil(retry)))
+        return EngineUnavailable(detail or _unavailable_message(server), retry_after=max(1, math.ceil(retry)))
 
 
 # ---------------------------------------------------------------------- pure helpers
+
+
+def child_env(config: VLLMConfig, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment a managed server of ``config`` starts with (allow-listed: see ``server_env``)."""
+    return server_env(
+        config.kv_cache_gib,
+        {
+            "VLLM_CPU_OMP_THREADS_BIND": cpu_bind_list(config.cpu_threads_bind),
+            LORA_OPS_ENV: config.lora_ops,
+            COMPILE_ENV: "1" if config.compile else "0",
+        },
+        passthrough=config.env_passthrough,
+        environ=environ,
+    )
 
 
 def _payload(request: GenRequest, *, stream: bool) -> tuple[str, dict[str, Any], bool]:
@@ -942,11 +971,26 @@ def _raise_for_status(resp: httpx.Response | _Reply, server: _Server) -> None:
     param = None
     with contextlib.suppress(ValueError, AttributeError):
         param = (resp.json().get("error") or {}).get("param")
-    if resp.status_code in (400, 422):  # vLLM validated the request: the caller's input is wrong
+    if resp.status_code in (400, 422):  # vLLM validated the request: the caller's input is wrong, say why
         raise ValidationFailed(message, param=param)
+    # Anything else is vLLM's own trouble, whose text can name files: logged, not passed on.
+    log.warning("vLLM for %s answered %d: %s", server.base_id, resp.status_code, message)
     if resp.status_code == 503:
-        raise EngineUnavailable(f"the vLLM server for {server.base_id!r} is unavailable: {message}", retry_after=5)
-    raise GenerationFailed(f"vLLM answered {resp.status_code}: {message}", param=param)
+        raise EngineUnavailable(f"the vLLM server for {server.base_id!r} is unavailable; {ADMIN_HINT}", retry_after=5)
+    raise GenerationFailed(
+        f"the vLLM server for {server.base_id!r} answered {resp.status_code}; {ADMIN_HINT}", param=param
+    )
+
+
+def _unavailable_message(server: _Server) -> str:
+    """Why ``server`` cannot answer, for any caller: its state, and after a failure where an admin reads why
+    (``last_error`` holds the reason and the log tail, for the admin view only)."""
+    if server.state == "dead" and server.last_error and server.last_error.startswith("start failed"):
+        return f"the vLLM server for base {server.base_id!r} failed to start; {ADMIN_HINT}"
+    what = f"the vLLM server for base {server.base_id!r} is {server.state}"
+    if server.last_error and server.last_error != "stopped":
+        what += f" after a failure; {ADMIN_HINT}"
+    return what
 
 
 def _tail_suffix(proc: VLLMProcess, log_path: Path) -> str:
@@ -955,13 +999,29 @@ def _tail_suffix(proc: VLLMProcess, log_path: Path) -> str:
 
 
 def _adapter_rank(adapter_dir: Path) -> int | None:
-    """Largest LoRA rank in a PEFT adapter_config.json (r and any rank_pattern), if readable."""
+    """Largest LoRA rank in a PEFT adapter_config.json (r and any integer rank_pattern value), if readable.
+    Anything else in it is registration's to refuse (registry/limits.py), not a reason to fail here."""
     try:
         cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
-    ranks = [int(cfg.get("r") or 0), *(int(v) for v in (cfg.get("rank_pattern") or {}).values())]
-    return max(ranks) or None
+    if not isinstance(cfg, dict):
+        return None
+    return largest_rank(cfg.get("r"), cfg.get("rank_pattern")) or None
+
+
+def _served_rank(rank: int, target: Target) -> int:
+    """The --max-lora-rank that serves ``rank``; an adapter above vLLM's largest is refused, naming the fix."""
+    if rank > VALID_LORA_RANKS[-1]:
+        name = target.served_name or target.adapter_id
+        raise Unprocessable(
+            f"adapter {name!r} has rank {rank}, above {VALID_LORA_RANKS[-1]}, the largest --max-lora-rank vLLM "
+            f"serves: re-register it with r and every rank_pattern value <= {VALID_LORA_RANKS[-1]}, or serve it "
+            "with MOERGE_ENGINE=torch",
+            param="model",
+            code="adapter_unservable",
+        )
+    return lora_rank_for(rank)
 
 
 def _refuse_torch_only(request: GenRequest) -> None:

@@ -16,8 +16,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+
+from serving.vllm_plugin import COMPILE_ENV, LORA_OPS_ENV
 
 _SHM_DIR = Path("/dev/shm")
 # Shared-memory names vLLM's processes create (multiprocessing.shared_memory message queues, loky semaphores).
@@ -76,8 +78,49 @@ def server_command(
     ]
 
 
-def server_env(kv_cache_gib: float, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ)
+# What a managed vLLM server inherits from moerge's environment: an allow-list, because moerge's own
+# environment holds secrets (MOERGE_SESSION_SECRET, MOERGE_ADMIN_KEY, MOERGE_API_KEY, a database URL with its
+# password, cloud credentials) that a vLLM process, its log or a plugin in it has no use for. Kept: what the
+# interpreter, torch, OpenMP/oneDNN, inductor/triton, vLLM and moerge's plugin (serving/vllm_plugin.py) read.
+CHILD_ENV_NAMES = frozenset(
+    {
+        "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TEMP", "TMP",
+        "LD_LIBRARY_PATH", "LD_PRELOAD",  # vLLM's CPU docs preload tcmalloc / Intel OpenMP
+        "PYTHONPATH", "PYTHONHASHSEED", "VIRTUAL_ENV", "XDG_CACHE_HOME", "NO_COLOR",
+        "CC", "CXX", "CPATH", "C_INCLUDE_PATH", "CPLUS_INCLUDE_PATH", "LIBRARY_PATH", "MAX_JOBS",  # inductor's C++
+        "TOKENIZERS_PARALLELISM", "NUMEXPR_MAX_THREADS", "CUBLAS_WORKSPACE_CONFIG",
+        LORA_OPS_ENV, COMPILE_ENV,
+    }
+)  # fmt: skip
+CHILD_ENV_PREFIXES = (
+    "LC_", "VLLM_", "OMP_", "KMP_", "MKL_", "GOMP_", "ONEDNN_", "DNNL_", "CCL_", "CUDA_", "NVIDIA_", "NCCL_",
+    "TORCH", "PYTORCH_", "TRITON_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_",
+)  # fmt: skip
+# Never inherited through a prefix: HF_TOKEN (servers run offline on local folders, so the hub token is of no
+# use), VLLM_API_KEY (it would make the server refuse moerge's own requests), and the like. A name listed in
+# MOERGE_VLLM_ENV_PASSTHROUGH is passed all the same: that is the operator's explicit choice.
+_SECRET_PARTS = frozenset({"TOKEN", "SECRET", "SECRETS", "PASSWORD", "PASSWD", "KEY", "CREDENTIAL", "CREDENTIALS"})
+
+
+def child_env_allowed(name: str) -> bool:
+    """Whether a managed vLLM server inherits the variable ``name`` from moerge's environment."""
+    if _SECRET_PARTS.intersection(name.upper().split("_")):
+        return False
+    return name in CHILD_ENV_NAMES or name.startswith(CHILD_ENV_PREFIXES)
+
+
+def server_env(
+    kv_cache_gib: float,
+    extra: Mapping[str, str] | None = None,
+    *,
+    passthrough: Iterable[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The whole environment of a managed vLLM server: the allow-listed part of ``environ`` (default: this
+    process's), the names in ``passthrough`` (MOERGE_VLLM_ENV_PASSTHROUGH), moerge's settings, then ``extra``."""
+    source = os.environ if environ is None else environ
+    env = {name: value for name, value in source.items() if child_env_allowed(name)}
+    env.update({name: source[name] for name in passthrough if name in source})
     env.update(
         {
             # Needed for POST /v1/load_lora_adapter.

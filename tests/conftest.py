@@ -46,4 +46,4 @@ def smollm2_dir() -> Path:
 # --- end model fixtures ---
 
 # Database, store and API-key fixtures (SQLite and PostgreSQL).
-pytest_plugins = ["tests.fixtures.db"]
+pytest_plugins = ["tests.fixtures.db", "tests.fixtures.cli"]

@@ -1,5 +1,7 @@
-"""Admin sign-in: an admin API key, checked by the API's own key check, kept as its hash in the signed,
-encrypted, http-only session cookie. Every other admin page and action needs that session."""
+"""Admin sign-in: an admin API key, checked by the API's own key check, starts a server-side session (a row
+of ``admin_sessions``); the signed, encrypted, http-only cookie holds only that session's random token. Every
+other admin page and action needs a live session whose key is still valid with the admin scope. Signing out
+ends the row, so a copied cookie stops working too; revoking the key ends all of its sessions."""
 
 from __future__ import annotations
 
@@ -16,13 +18,14 @@ from litestar.plugins.htmx import ClientRedirect, HTMXRequest, HTMXTemplate
 from litestar.response import Redirect, Template
 from litestar.status_codes import HTTP_303_SEE_OTHER
 
+from api.deps import runtime_of
 from api.security import authorize
 from registry.errors import Forbidden, MoergeError, Unauthorized
-from registry.services import hash_key
+from registry.keys import AdminSessions, hash_key
 
 log = logging.getLogger("moerge.admin")
 
-SESSION_KEY = "key"  # the session's one entry: the admin key's hash
+SESSION_KEY = "sid"  # the cookie's one entry: the token of the admin_sessions row
 PUBLIC = "admin_public"  # route opt: reachable without a session (sign-in, static files)
 
 
@@ -34,14 +37,18 @@ async def require_admin_session(connection: ASGIConnection[Any, Any, Any, Any], 
     """The admin panel's guard: the same key check and scope rule as the API's ``require_admin``."""
     if handler.opt.get(PUBLIC):
         return
-    digest = _session(connection).get(SESSION_KEY)
-    if not digest:
+    token = _session(connection).get(SESSION_KEY)
+    if not token or not isinstance(token, str):
         raise NotAuthorizedException("sign in with an admin key")
-    try:
-        await authorize(connection, digest, "admin")
-    except (Unauthorized, Forbidden) as exc:  # the key was revoked or lost its admin scope
-        connection.clear_session()
-        raise NotAuthorizedException(exc.message) from exc
+    async with runtime_of(connection.app.state).sessionmaker() as db:
+        sessions = AdminSessions(db)
+        try:
+            row, digest = await sessions.find(token)
+            await authorize(connection, digest, "admin")
+        except (Unauthorized, Forbidden) as exc:  # signed out, expired, or the key was revoked / lost its scope
+            connection.clear_session()
+            raise NotAuthorizedException(exc.message) from exc
+        await sessions.touch(row)  # only a session that passed: a refused request writes nothing
 
 
 def _htmx(request: Request[Any, Any, Any]) -> bool:
@@ -96,16 +103,22 @@ class AuthController(Controller):
         secret = str(form.get("key") or "").strip()
         target = _safe_next(str(form.get("next") or ""))
         try:
-            await authorize(request, hash_key(secret) if secret else None, "admin")
+            grant = await authorize(request, hash_key(secret) if secret else None, "admin")
         except (Unauthorized, Forbidden) as exc:
             message = "this key has no admin scope" if isinstance(exc, Forbidden) else exc.message
             if not secret:
                 message = "enter an admin API key"
             return Template("login.html", context={"next": target, "error": message}, status_code=401)
-        request.set_session({SESSION_KEY: hash_key(secret)})
+        async with runtime_of(request.app.state).sessionmaker() as db:
+            token = await AdminSessions(db).start(grant.id)
+        request.set_session({SESSION_KEY: token})  # a new token on every sign-in (no session fixation)
         return Redirect(target, status_code=HTTP_303_SEE_OTHER)
 
     @post("/logout")
     async def logout(self, request: Request[Any, Any, Any]) -> Response[Any]:
+        token = _session(request).get(SESSION_KEY)
+        if token and isinstance(token, str):
+            async with runtime_of(request.app.state).sessionmaker() as db:
+                await AdminSessions(db).end(token)  # the cookie, copied or not, is dead from now on
         request.clear_session()
         return Redirect("/admin/login", status_code=HTTP_303_SEE_OTHER)

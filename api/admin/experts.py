@@ -20,6 +20,7 @@ from api.admin.asking import ask
 from api.admin.views import PAGE_SIZE, FormErrors, Pager, expert_picker, lineage_svg, markdown
 from api.deps import provide_expert_service
 from api.experts.intake import LIST_FIELDS, register_import, register_upload, spec_from_fields
+from api.limits import upload_opt
 from api.settings import Settings
 from registry.cards import card_body
 from registry.errors import MoergeError, ValidationFailed
@@ -123,7 +124,8 @@ class ExpertPages(Controller):
     async def register_form(self, experts: NamedDependency[ExpertService]) -> Template:
         return await self._form(experts, {"mode": "upload"}, FormErrors())
 
-    @post("/new")
+    # An upload: up to MOERGE_MAX_UPLOAD_BYTES once the session is checked (api/admin's gate, api/limits.py).
+    @post("/new", opt=upload_opt(), request_max_body_size=None)
     async def register(
         self,
         request: Request[Any, Any, Any],

@@ -12,9 +12,9 @@ from litestar.params import FromPath
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.deps import provide_engine, provide_router_context
+from api.deps import provide_engine, provide_router_context, runtime_of
 from api.openai.serving import routing_headers
-from api.security import require_admin, require_query
+from api.security import check_model, require_admin, require_query
 from registry.compositions import CompositionPatch, CompositionService, CompositionSpec, PrepareHook
 from registry.epoch import registry_stamp
 from registry.errors import NotFound, ValidationFailed
@@ -131,6 +131,7 @@ class RouteController(Controller):
         engine: NamedDependency[Engine],
     ) -> Response[dict[str, Any]]:
         body: RouteRequest = decode_strict(await request.body(), RouteRequest)
+        check_model(request, body.model)  # the key's allow-list, if it has one (api/security.py)
         query = body.text()
         started = time.perf_counter()
         stamp = getattr(request.state, "registry_stamp", None) or await registry_stamp(db_session)
@@ -138,7 +139,15 @@ class RouteController(Controller):
         if comp is None:
             raise NotFound(f"no composition named {body.model!r}", param="model", code="composition_not_found")
         request.state.moerge_route = routing_only(comp)
-        resolved = await resolve_composition(db_session, store, comp, query, routing, stamp)
+        resolved = await resolve_composition(
+            db_session,
+            store,
+            comp,
+            query,
+            routing,
+            stamp,
+            max_lora_rank=runtime_of(request.app.state).settings.max_lora_rank,
+        )
         took_ms = (time.perf_counter() - started) * 1000
         assert resolved.decision is not None
         result = {

@@ -11,10 +11,11 @@ from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 
 from api.deps import provide_expert_service
 from api.experts.intake import register_import, register_upload
+from api.limits import admin_upload, read_form, upload_opt
 from api.security import require_admin, require_query
 from api.settings import Settings
 from registry.cards import card_body, card_metadata, render_card
-from registry.errors import PayloadTooLarge, ValidationFailed
+from registry.errors import ValidationFailed
 from registry.schemas import EvalIn, ExpertPatch, ImportRequest, decode_strict
 from registry.services import ExpertService, expert_summary
 from registry.training_data import MAX_TRAINING_DATA_BYTES, TrainingDataService, parse_training_data
@@ -48,7 +49,8 @@ class ExpertController(Controller):
             "offset": page.offset,
         }
 
-    @post("/", guards=[require_admin], status_code=HTTP_201_CREATED)
+    # An upload: up to MOERGE_MAX_UPLOAD_BYTES, once the admin key is checked (api/limits.py).
+    @post("/", guards=[admin_upload], status_code=HTTP_201_CREATED, opt=upload_opt(), request_max_body_size=None)
     async def upload_expert(
         self,
         request: Request[Any, Any, Any],
@@ -58,7 +60,7 @@ class ExpertController(Controller):
         """Register from a multipart upload: form fields of the spec plus `files` parts or one `archive`."""
         if request.content_type[0] != "multipart/form-data":
             raise ValidationFailed("send multipart/form-data (fields + `files` or `archive`)", param="content-type")
-        form = await request.form()
+        form = await read_form(request)
         expert = await register_upload(experts, settings, list(form.multi_items()))
         return expert_summary(expert)
 
@@ -115,7 +117,14 @@ class ExpertController(Controller):
     ) -> None:
         await experts.delete(ref, force=force)
 
-    @post("/{ref:str}/training-data", guards=[require_admin], status_code=HTTP_201_CREATED)
+    # Rows may pass the JSON limit: an upload of at most 64 MiB, once the admin key is checked.
+    @post(
+        "/{ref:str}/training-data",
+        guards=[admin_upload],
+        status_code=HTTP_201_CREATED,
+        opt=upload_opt(MAX_TRAINING_DATA_BYTES, "training data: at most 64 MiB"),
+        request_max_body_size=None,
+    )
     async def put_training_data(
         self, ref: FromPath[str], request: Request[Any, Any, Any], experts: NamedDependency[ExpertService]
     ) -> dict[str, Any]:
@@ -123,9 +132,6 @@ class ExpertController(Controller):
         any attached before. Every row is checked first: a bad one is refused naming its line (JSONL, from 1)
         or index (JSON list, from 0) and field, and nothing is stored. PHATGOOSE gates are trained on first
         use (routers/token/states.py), not here."""
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > MAX_TRAINING_DATA_BYTES:
-            raise PayloadTooLarge("training data is too large", param="training_data")
         await experts.get(ref)  # 404 before reading a large body
         rows = parse_training_data(await request.body())
         info = await TrainingDataService(experts.session, experts.store).attach(ref, rows)

@@ -10,10 +10,10 @@ from litestar.response import Stream
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.deps import provide_engine, provide_router_context
+from api.deps import provide_engine, provide_router_context, runtime_of
 from api.openai.protocol import ChatCompletionRequest, CompletionRequest
 from api.openai.serving import CompletionRun, routing_headers
-from api.security import require_query
+from api.security import check_model, grant_of, require_query, token_meter
 from api.settings import Settings
 from registry.models import Composition, Expert
 from registry.schemas import decode_strict
@@ -36,7 +36,11 @@ class OpenAIController(Controller):
     }
 
     @get("/models")
-    async def list_models(self, db_session: NamedDependency[AsyncSession]) -> dict[str, Any]:
+    async def list_models(
+        self, request: Request[Any, Any, Any], db_session: NamedDependency[AsyncSession]
+    ) -> dict[str, Any]:
+        grant = grant_of(request)
+        allowed = grant.models if grant is not None else None  # a key with an allow-list sees only those
         experts = list(await db_session.scalars(select(Expert).order_by(Expert.created_at)))
         data: list[dict[str, Any]] = []
         for e in experts:
@@ -64,6 +68,8 @@ class OpenAIController(Controller):
                     "moerge": {"kind": "composition", "router": c.router, "k": c.k},
                 }
             )
+        if allowed is not None:
+            data = [entry for entry in data if entry["id"] in allowed]
         return {"object": "list", "data": data}
 
     @post("/chat/completions", status_code=200)
@@ -95,6 +101,7 @@ class OpenAIController(Controller):
         sampling = body.sampling(settings.default_max_tokens)
         resolved = await _resolve(request, db_session, store, routing, body.model, prompt)
         run = CompletionRun(engine, resolved, sampling, chat=False, trace=body.checked_trace())
+        run.tokens = token_meter(request)
         return await _respond(run, run.request(prompt=prompt), body.stream, body.include_usage())
 
 
@@ -113,6 +120,7 @@ async def prepare_chat(
     sampling = body.sampling(settings.default_max_tokens)
     resolved = await _resolve(request, db_session, store, routing, body.model, query_text(messages, None))
     run = CompletionRun(engine, resolved, sampling, chat=True, trace=body.checked_trace())
+    run.tokens = token_meter(request)  # a key with limits is charged the answer's tokens
     return run, run.request(messages=messages)
 
 
@@ -127,9 +135,17 @@ async def _resolve(
     def remember(resolved: Resolved) -> None:  # errors from here on carry these routing headers
         request.state.moerge_route = resolved
 
+    check_model(request, model)  # before any routing: a key's allow-list names what it may ask for
     stamp = getattr(request.state, "registry_stamp", None)  # read with the API key (api/security.py)
     resolved = await resolve_model(
-        db_session, store, model, query=query, context=routing, on_composition=remember, stamp=stamp
+        db_session,
+        store,
+        model,
+        query=query,
+        context=routing,
+        on_composition=remember,
+        stamp=stamp,
+        max_lora_rank=runtime_of(request.app.state).settings.max_lora_rank,
     )
     await db_session.close()  # release the connection before a long generation
     remember(resolved)

@@ -8,7 +8,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 
 from registry.errors import MoergeError, ValidationFailed
 from serving.compose import compose, compose_stream, query_text
@@ -47,6 +47,14 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+class TokenSink(Protocol):
+    """Where an answer's tokens (prompt + completion) are charged: the API key's usage (api/security.py)."""
+
+    async def charge(self, tokens: int) -> None: ...
+
+    def charge_later(self, tokens: int) -> None: ...
+
+
 class CompletionRun:
     """One /v1 request: chat (messages) or text completion (prompt), streamed or not."""
 
@@ -63,6 +71,7 @@ class CompletionRun:
                 param="moerge_trace",
             )
         self.trace = trace
+        self.tokens: TokenSink | None = None  # set for a key with limits: answers are charged to it
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
@@ -96,6 +105,7 @@ class CompletionRun:
                 ],
                 "aggregation": done.aggregation.reason,
             }
+            await self._charge(body)
             return body
         (result,) = await self.engine.generate([request])
         if isinstance(result, BaseException):
@@ -103,7 +113,12 @@ class CompletionRun:
         body = self.body(result)
         if self.trace:
             body["moerge"] = {"trace": (await trace(self.engine, request, result.text)).as_dict()}
+        await self._charge(body)
         return body
+
+    async def _charge(self, body: dict[str, Any]) -> None:
+        if self.tokens is not None:
+            await self.tokens.charge(int(body["usage"]["total_tokens"]))
 
     def body(self, result: GenResult) -> dict[str, Any]:
         if self.chat:
@@ -156,6 +171,8 @@ class CompletionRun:
         self, first: GenChunk, rest: AsyncIterator[GenChunk], *, include_usage: bool
     ) -> AsyncIterator[bytes]:
         usage: tuple[int, int] | None = None
+        pieces = 0  # chunks with text: what a stream cut short is charged (its usage never came)
+        charged = self.tokens is None
         try:
             if self.chat:
                 yield _event(self._chunk("", None, first=True))
@@ -163,9 +180,13 @@ class CompletionRun:
             while chunk is not None:
                 if chunk.text or chunk.finish_reason:
                     yield _event(self._chunk(chunk.text, chunk.finish_reason))
+                pieces += bool(chunk.text)
                 if chunk.prompt_tokens is not None and chunk.completion_tokens is not None:
                     usage = (chunk.prompt_tokens, chunk.completion_tokens)
                 chunk = await anext(rest, None)
+            if self.tokens is not None and usage is not None:
+                charged = True  # before the last events: a client that saw [DONE] sees the charge too
+                await self.tokens.charge(sum(usage))
             if include_usage and usage is not None:
                 yield _event({**self._chunk(None, None), "choices": [], "usage": _usage(*usage)})
         except MoergeError as exc:  # the stream has begun: report the error inside it, then end it
@@ -183,6 +204,9 @@ class CompletionRun:
                     }
                 }
             )
+        finally:
+            if not charged and self.tokens is not None:  # cut short (client gone, error): charge in the background
+                self.tokens.charge_later(sum(usage) if usage is not None else pieces)
         yield b"data: [DONE]\n\n"
 
 

@@ -1,20 +1,67 @@
-"""/api/health: liveness plus the state of the database and the store (no key needed)."""
+"""/api/health (no key needed) and /api/engines (query key).
+
+What a stranger may see is the least that is useful: health without an admin key says only ``ok`` or
+``degraded`` (the status code says the same); the engine's servers without an admin key show their base, state
+and adapters, never a pid, a URL, a folder, a log path or a log tail. An admin key gets everything.
+"""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from litestar import Controller, Response, get
+from litestar import Controller, Request, Response, get
 from litestar.di import NamedDependency, Provide
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.deps import provide_engine
-from api.security import require_query
+from api.security import authorize, bearer_token, require_query
 from api.settings import Settings
 from registry.db import head_revision
+from registry.errors import MoergeError
+from registry.limits import unservable_adapters
+from registry.services import hash_key
 from registry.store import ArtifactStore
 from serving.engine import Engine
+
+log = logging.getLogger(__name__)
+
+# The fields of an engine's server entry anyone with a query key may read (an allow-list, so a field an engine
+# adds later stays admin-only until named here). Not: pid, url, base_dir, log, last_error (it holds the log tail).
+PUBLIC_SERVER_FIELDS = (
+    "engine",
+    "base_id",
+    "name",
+    "state",
+    "adapters",
+    "restarts",
+    "reachable",
+    "startup_s",
+    "router",
+    "queued",
+    "loaded_at",
+)
+
+
+async def is_admin(request: Request[Any, Any, Any]) -> bool:
+    """Whether the request carries a valid admin key. Never raises: no key, a wrong key, a key without the
+    scope, or a database that cannot check it all mean "no" (health must answer all of them)."""
+    secret = bearer_token(request)
+    if not secret:
+        return False
+    try:
+        await authorize(request, hash_key(secret), "admin")
+    except MoergeError:
+        return False
+    except Exception:  # the database is down: the key cannot be checked, so it counts as none
+        log.warning("health: could not check the key", exc_info=True)
+        return False
+    return True
+
+
+def public_server(entry: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in entry.items() if k in PUBLIC_SERVER_FIELDS}
 
 
 class HealthController(Controller):
@@ -24,10 +71,12 @@ class HealthController(Controller):
     @get("/")
     async def health(
         self,
+        request: Request[Any, Any, Any],
         db_session: NamedDependency[AsyncSession],
         store: NamedDependency[ArtifactStore],
         settings: NamedDependency[Settings],
     ) -> Response[Any]:
+        """``{"status": "ok"|"degraded"}`` (200 or 503); with an admin key, also the checks behind it."""
         checks: dict[str, Any] = {}
         try:
             revision = await db_session.scalar(text("SELECT version_num FROM alembic_version"))
@@ -36,13 +85,20 @@ class HealthController(Controller):
             checks["database"] = {"ok": False, "error": type(exc).__name__}
         checks["store"] = {"ok": store.root.is_dir(), "path": str(store.root)}
         ok = all(c["ok"] for c in checks.values())
+        status_code = 200 if ok else 503
+        status = "ok" if ok else "degraded"
+        if not await is_admin(request):
+            return Response({"status": status}, status_code=status_code)
+        if checks["database"]["ok"]:
+            # Informative, not a health failure: such an adapter is refused per request, with the fix.
+            checks["unservable_adapters"] = await unservable_adapters(db_session, settings.max_lora_rank)
         body = {
-            "status": "ok" if ok else "degraded",
+            "status": status,
             "version": _version(),
             "checks": checks,
             "database_backend": settings.database_url.split(":", 1)[0],
         }
-        return Response(body, status_code=200 if ok else 503)
+        return Response(body, status_code=status_code)
 
 
 class EngineController(Controller):
@@ -51,9 +107,13 @@ class EngineController(Controller):
     dependencies = {"engine": Provide(provide_engine, sync_to_thread=False)}
 
     @get("/", guards=[require_query])
-    async def engines(self, engine: NamedDependency[Engine]) -> dict[str, Any]:
-        """The serving engine and its servers (state, URL, loaded adapters, restarts)."""
-        return {"engine": engine.name, "servers": await engine.status()}
+    async def engines(self, request: Request[Any, Any, Any], engine: NamedDependency[Engine]) -> dict[str, Any]:
+        """The serving engine and its servers: state and loaded adapters; with an admin key also URL, pid,
+        folders, log path and last error (with the log's tail)."""
+        servers = await engine.status()
+        if "admin" not in request.state.api_key_scopes:
+            servers = [public_server(s) for s in servers]
+        return {"engine": engine.name, "servers": servers}
 
 
 def _version() -> str:

@@ -8,23 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from api.cli import app
-
-
-@pytest.fixture
-def cli_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    home = tmp_path / "home"
-    monkeypatch.setenv("MOERGE_HOME", str(home))
-    monkeypatch.delenv("MOERGE_DATABASE_URL", raising=False)
-    monkeypatch.delenv("MOERGE_ADMIN_KEY", raising=False)
-    return home
-
-
-def invoke(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(app, list(args))
-    return result.exit_code, result.output
+from tests.fixtures.cli import invoke
 
 
 def test_refuses_unmigrated_database(cli_env: Path) -> None:

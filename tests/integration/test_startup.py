@@ -13,6 +13,7 @@ from api.app import create_app
 from api.settings import Settings
 from registry import db
 from registry.errors import DatabaseNotReady
+from registry.services import ApiKeyService
 from tests.fixtures.db import BACKENDS
 
 pytestmark = pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
@@ -62,5 +63,15 @@ def test_out_of_date_database_refused(database_url: str, tmp_path: Path) -> None
 
 def test_migrated_database_starts(database_url: str, tmp_path: Path) -> None:
     db.upgrade(database_url)
+
+    async def admin_key() -> str:
+        engine = db.make_engine(database_url)
+        try:
+            async with db.make_sessionmaker(engine)() as session:
+                return (await ApiKeyService(session).create("admin", ["admin"]))[1]
+        finally:
+            await engine.dispose()
+
+    headers = {"authorization": f"Bearer {asyncio.run(admin_key())}"}  # the revision is in the admin view
     with TestClient(app=create_app(settings_for(database_url, tmp_path))) as client:
-        assert client.get("/api/health").json()["checks"]["database"]["revision"] == db.head_revision()
+        assert client.get("/api/health", headers=headers).json()["checks"]["database"]["revision"] == db.head_revision()

@@ -107,7 +107,9 @@ def test_chat_stream_and_batch_through_vllm(live: dict[str, Any]) -> None:
 
 def test_dead_server_gives_503_then_comes_back(live: dict[str, Any]) -> None:
     headers = {"authorization": f"Bearer {live['key']}"}
-    (server,) = httpx.get(f"{live['url']}/api/engines", headers=headers).json()["servers"]
+    admin = {"authorization": f"Bearer {live['admin']}"}  # pids are in the admin view only
+    (server,) = httpx.get(f"{live['url']}/api/engines", headers=admin).json()["servers"]
+    assert "pid" not in httpx.get(f"{live['url']}/api/engines", headers=headers).json()["servers"][0]
     os.killpg(server["pid"], signal.SIGKILL)
     deadline = time.time() + 30
     while True:  # the engine notices the death at once (process watch); then requests are refused, not hung

@@ -257,14 +257,17 @@ async def test_status_reports_ready_server(engine: VLLMEngine, models: Models) -
 
 
 async def test_failed_first_start_reports_log_tail(models: Models, tmp_path: Path) -> None:
-    """A base folder vLLM cannot load: the waiting request gets EngineUnavailable carrying the server's error."""
+    """A base folder vLLM cannot load: the waiting request gets EngineUnavailable naming the base (no log lines,
+    no paths); the server's error is in status()'s last_error (the admin view)."""
     eng = VLLMEngine(_config(tmp_path, 18550))
     try:
         [result] = await eng.generate([GenRequest(Target("not-a-model", models.lora_a), GREEDY, prompt=PROMPT)])
         assert isinstance(result, EngineUnavailable)
-        assert "config.json" in result.message  # vLLM's own complaint, from the log tail
+        assert "'not-a-model' failed to start" in result.message and "config.json" not in result.message
+        assert str(tmp_path) not in result.message and str(models.lora_a) not in result.message
         [entry] = await eng.status()
         assert entry["state"] == "dead" and entry["pid"] is None and "start failed" in entry["last_error"]
+        assert "config.json" in entry["last_error"]  # vLLM's own complaint, from the log tail
     finally:
         await eng.close()
 

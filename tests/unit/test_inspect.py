@@ -366,7 +366,7 @@ def test_adapter_config_refused(tmp_path: Path, adapter_dir: Path, change: dict,
     (folder / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValidationFailed) as exc:
         inspect_folder(folder)
-    _expect(exc, "adapter_config.json", reason)
+    _expect(exc, f"adapter_config.json:{next(iter(change))}", reason)  # the param names the field
 
 
 def test_adapter_config_not_json(tmp_path: Path, adapter_dir: Path) -> None:

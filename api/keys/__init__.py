@@ -1,0 +1,1 @@
+"""/api/keys: list, create, get, revoke and rotate API keys (admin scope)."""
