@@ -58,7 +58,11 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             )
             stamps = StampReader(settings.database_url)
             merges = InProcessRunner(
-                sessionmaker, store, settings.merges_dir, stale_after_s=settings.merge_stale_after_s
+                sessionmaker,
+                store,
+                settings.merges_dir,
+                stale_after_s=settings.merge_stale_after_s,
+                max_lora_rank=settings.max_lora_rank,
             )
             app.state.runtime = Runtime(settings, db_engine, sessionmaker, store, stamps, serving, routing, merges)
             try:

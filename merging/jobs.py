@@ -40,6 +40,7 @@ from merging.config import CheckedRequest, MergeRequest, check_request, parse_re
 from merging.executor import ExecutorOptions, MergeCancelled, execute
 from merging.plan import MergePlan, ModelRef, plan_merge
 from registry.errors import Conflict, MoergeError, NotFound, ValidationFailed
+from registry.limits import MAX_LORA_RANK
 from registry.models import Expert, ExpertKind, MergeJob, MergeJobInput, MergeJobStatus, utcnow
 from registry.schemas import ExpertSpec
 from registry.services import ExpertService
@@ -357,8 +358,10 @@ class InProcessRunner:
         stale_after_s: float = STALE_AFTER_S,
         poll_s: float = 2.0,
         options: ExecutorOptions | None = None,
+        max_lora_rank: int = MAX_LORA_RANK,
     ) -> None:
         self.sessionmaker = sessionmaker
+        self.max_lora_rank = max_lora_rank  # a merged LoRA registers under the same rank rule as an upload
         self.store = store
         self.merges_dir = merges_dir
         self.heartbeat_s = heartbeat_s
@@ -532,7 +535,7 @@ class InProcessRunner:
                 if done.rowcount != 1:  # type: ignore[attr-defined]
                     raise Conflict("the job stopped running before its result was registered", param="id")
 
-            await ExpertService(session, self.store).register_folder(
+            await ExpertService(session, self.store, max_lora_rank=self.max_lora_rank).register_folder(
                 folder,
                 spec,
                 source_uri=spec.source_uri,

@@ -264,3 +264,30 @@ def test_racing_merges_for_one_name_the_database_refuses_the_second(
             await engine.dispose()
 
     asyncio.run(run())
+
+
+def test_a_merged_lora_above_the_servers_rank_limit_fails_the_job_and_registers_nothing(
+    registry_env: RegistryEnv, tiny_base: Path, models: dict[str, Path]
+) -> None:
+    """The worker registers its result under MOERGE_MAX_LORA_RANK like any upload: a rank-16 LoRA output on a
+    server limited to rank 8 ends the job failed, naming the limit, with nothing registered or left behind."""
+    import dataclasses
+
+    settings = dataclasses.replace(registry_env.settings, max_lora_rank=8)
+    register_merge_inputs(settings, tiny_base, models)
+    with serve(settings, TorchEngine()) as url:
+        live = {"url": url, "env": registry_env, "http": httpx.Client(base_url=url, timeout=60)}
+        body = {
+            "merge_method": "task_arithmetic",
+            "base_model": "tiny-base",
+            "models": [{"model": "lora-a", "parameters": {"weight": 1.0}}, {"model": "lora-b"}],
+            "output": {"format": "lora", "rank": 16},
+            "name": "too-wide",
+        }
+        resp = submit(live, body)
+        assert resp.status_code == 201, resp.text
+        done = wait_done(live, resp.json()["id"])
+        assert done["status"] == "failed", done
+        assert "MOERGE_MAX_LORA_RANK=8" in (done["error"] or done["message"]), done
+        assert live["http"].get("/api/experts/too-wide", headers=registry_env.query).status_code == 404
+    no_leftovers(registry_env)
