@@ -8,16 +8,13 @@ failures stay in one place.
 
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import msgspec
-
-from registry.errors import ValidationFailed
-from registry.schemas import convert_params
+from core.errors import ValidationFailed
+from core.strategies import Registry, StrategyClass, StrategyConfig
 from serving.engine import FusedMember, Fusion
 
 
@@ -46,12 +43,8 @@ class Aggregation:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class AggregatorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
-    def check(self) -> None:
-        """Raise ValidationFailed(param="aggregator_params.<field>") when a value is out of range."""
-
-    def digest(self) -> str:
-        return hashlib.sha256(msgspec.json.encode(self, order="sorted")).hexdigest()[:16]
+class AggregatorConfig(StrategyConfig, frozen=True):
+    """Base of every aggregator's config; ``check`` raises ValidationFailed(param="aggregator_params.<field>")."""
 
 
 def require(condition: bool, field_name: str, reason: str) -> None:
@@ -102,49 +95,7 @@ class Aggregator(ABC):
         """New tokens the aggregator model may write, given the request's max_tokens."""
 
 
-@dataclass(frozen=True)
-class AggregatorEntry:
-    name: str
-    cls: type[Aggregator]
-    config_cls: type[AggregatorConfig]
-    help: str
-
-
-class AggregatorRegistry:
-    def __init__(self) -> None:
-        self._entries: dict[str, AggregatorEntry] = {}
-
-    def register(self, cls: type[Aggregator]) -> type[Aggregator]:
-        name = getattr(cls, "name", "")
-        if not name or not name.replace("_", "").isalnum():
-            raise ValueError(f"{cls.__name__}: aggregator name must be a non-empty identifier, got {name!r}")
-        if name in self._entries:
-            raise ValueError(f"aggregator {name!r} is registered twice ({cls.__name__})")
-        if not isinstance(getattr(cls, "config_cls", None), type) or not issubclass(cls.config_cls, AggregatorConfig):
-            raise ValueError(f"{cls.__name__}: config_cls must subclass AggregatorConfig")
-        if not getattr(cls, "help", ""):
-            raise ValueError(f"{cls.__name__}: give the aggregator a one-line help text")
-        self._entries[name] = AggregatorEntry(name, cls, cls.config_cls, cls.help)
-        return cls
-
-    def names(self) -> list[str]:
-        return sorted(self._entries)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._entries
-
-    def get(self, name: str) -> AggregatorEntry:
-        if name not in self._entries:
-            raise ValidationFailed(f"unknown aggregator {name!r}; known: {', '.join(self.names())}", param="aggregator")
-        return self._entries[name]
-
-    def config(self, name: str, params: dict[str, Any]) -> AggregatorConfig:
-        config: AggregatorConfig = convert_params(params, self.get(name).config_cls, "aggregator_params")
-        config.check()
-        return config
-
-    def build(self, name: str, params: dict[str, Any]) -> Aggregator:
-        return self.get(name).cls(self.config(name, params))
-
-
-AGGREGATORS = AggregatorRegistry()
+# Name -> aggregator class; filled by one validated ``@AGGREGATORS.register`` per aggregator.
+AGGREGATORS: Registry[StrategyClass[Aggregator], AggregatorConfig] = Registry(
+    "aggregator", config_base=AggregatorConfig, params_field="aggregator_params", param="aggregator"
+)

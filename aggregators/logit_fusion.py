@@ -3,7 +3,7 @@ engine, mixing their next-token distributions with per-step weights (``serving/l
 mixture, the formula and its sources).
 
 Unlike the other aggregators it does not combine finished answers: ``fuses_logits`` tells the serving
-layer (``serving/compose.py``) to hand the composition's chosen experts to the engine as one fused
+layer (``composition/compose.py``) to hand the composition's chosen experts to the engine as one fused
 request (``fusion``) instead of answering each and calling ``combine``. The experts must be the base
 and/or LoRA adapters of one base model (they share its tokenizer); composition creation checks that.
 """
@@ -19,9 +19,15 @@ from serving.engine import FusedMember, Fusion
 
 
 class LogitFusionConfig(AggregatorConfig, frozen=True):
-    # static: mix with the router's weights; entropy: reweight them every step by each expert's confidence
+    """Parameters of ``logit_fusion``.
+
+    mode: "static": mix with the router's weights; "entropy": reweight them every step by each expert's
+        confidence.
+    tau: entropy mode: weights ∝ router weight · exp(-entropy / tau); a small tau follows the most confident
+        expert.
+    """
+
     mode: Literal["static", "entropy"] = "entropy"
-    # entropy mode: weights ∝ router weight · exp(-entropy / tau); small tau follows the most confident expert
     tau: float = 1.0
 
     def check(self) -> None:

@@ -22,9 +22,13 @@ _INTEGER_RE = re.compile(r"-?\d+")
 
 
 class SelectConfig(AggregatorConfig, frozen=True):
-    # slug of the expert that judges; None: the composition's fallback model
+    """Parameters of ``select``.
+
+    model: slug of the expert that judges (None: the composition's fallback model).
+    max_tokens: new tokens the judge may write (it only writes a number).
+    """
+
     model: str | None = None
-    # new tokens the judge may write (it only writes a number)
     max_tokens: int = 8
 
     def check(self) -> None:

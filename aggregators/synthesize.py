@@ -49,11 +49,15 @@ def check_model(model: str | None) -> None:
 
 
 class SynthesizeConfig(AggregatorConfig, frozen=True):
-    # slug of the expert that writes the synthesis; None: the composition's fallback model
+    """Parameters of ``synthesize``.
+
+    model: slug of the expert that writes the synthesis (None: the composition's fallback model).
+    max_tokens: new tokens the synthesis may have (None: the request's max_tokens).
+    instructions: extra text appended to the system message, e.g. a house style (None: none).
+    """
+
     model: str | None = None
-    # new tokens the synthesis may have; None: the request's max_tokens
     max_tokens: int | None = None
-    # extra text appended to the system message (e.g. a house style); None: none
     instructions: str | None = None
 
     def check(self) -> None:

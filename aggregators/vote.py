@@ -170,10 +170,14 @@ def strongest(answers: Sequence[ExpertAnswer]) -> ExpertAnswer:
 
 
 class VoteConfig(AggregatorConfig, frozen=True):
-    # how each expert's final answer is found: "auto" (boxed, then "Answer: X", then the first line),
-    # "number" (the last number), "label" (the first word) or "line" (the first non-empty line)
+    """Parameters of ``vote``.
+
+    extract: how each expert's final answer is found: "auto" (boxed, then "Answer: X", then the first line),
+        "number" (the last number), "label" (the first word) or "line" (the first non-empty line).
+    weighted: true: each answer counts its router weight; false: one vote per expert.
+    """
+
     extract: ExtractMode = "auto"
-    # true: each answer counts its router weight; false: one vote per expert
     weighted: bool = True
 
     def check(self) -> None:

@@ -21,17 +21,17 @@ from api.limits import BodyLimitMiddleware, close_if_body_unread
 from api.merges.controllers import MergeController
 from api.openai.controllers import OpenAIController
 from api.security import key_meter_lifespan
-from api.settings import Settings
 from api.system.controllers import EngineController, HealthController
+from composition.compose import router_context
+from composition.factory import create_engine
+from core.settings import Settings
 from merging.jobs import InProcessRunner
 from registry.db import ensure_migrated, make_engine, make_sessionmaker
 from registry.epoch import StampReader
 from registry.services import ExpertService
 from registry.store import ArtifactStore
 from routers.query.embedder import LazyEmbedder
-from serving.compose import router_context
 from serving.engine import Engine
-from serving.factory import create_engine
 
 log = logging.getLogger("moerge")
 

@@ -23,11 +23,11 @@ from rich.markup import escape
 from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from api.settings import Settings
+from composition.service import CompositionPatch, CompositionService, CompositionSpec, PrepareHook
+from core.errors import MoergeError, ValidationFailed
+from core.settings import Settings
 from registry import db
 from registry.cards import render_card
-from registry.compositions import CompositionPatch, CompositionService, CompositionSpec, PrepareHook
-from registry.errors import MoergeError, ValidationFailed
 from registry.keys import KeySettings
 from registry.schemas import ExpertSpec
 from registry.services import ApiKeyService, ExpertService, expert_summary
@@ -687,10 +687,10 @@ def _params(pairs: list[str] | None, option: str) -> dict[str, Any]:
 
 def _cli_fitter(settings: Settings, session: AsyncSession) -> PrepareHook:
     """Fits the router's states now, unless fitting runs models (then the server fits on first query)."""
+    from composition.mixtures import is_token_level, token_states
     from routers.query import ROUTERS, RouterContext
     from routers.query.embedder import LazyEmbedder
     from routers.query.service import RoutingService
-    from serving.mixtures import is_token_level, token_states
 
     async def fit(spec: CompositionSpec, experts: list[Any]) -> None:
         if is_token_level(spec.router):

@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 
-from registry.errors import MoergeError, NotFound, Unauthorized, ValidationFailed
+from core.errors import MoergeError, NotFound, Unauthorized, ValidationFailed
 from serving.engine import EngineUnavailable
 
 

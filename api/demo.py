@@ -16,10 +16,10 @@ from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.settings import Settings
+from composition.service import CompositionService, CompositionSpec
+from core.settings import Settings
 from evals.tasks import Task
 from registry import db
-from registry.compositions import CompositionService, CompositionSpec
 from registry.models import Expert
 from registry.schemas import ExpertSpec
 from registry.services import ApiKeyService, ExpertService

@@ -9,10 +9,10 @@ from litestar.datastructures import State
 from litestar.di import NamedDependency
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from api.settings import Settings
+from core.errors import MoergeError
+from core.settings import Settings
 from merging.jobs import MergeRunner
 from registry.epoch import StampReader
-from registry.errors import MoergeError
 from registry.services import ApiKeyService, ExpertService
 from registry.store import ArtifactStore
 from routers.query import RouterContext

@@ -19,7 +19,7 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
-from registry.errors import MoergeError
+from core.errors import MoergeError
 
 log = logging.getLogger("moerge.api")
 

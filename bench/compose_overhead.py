@@ -23,8 +23,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from api.settings import Settings  # noqa: E402
 from bench.results import write_section  # noqa: E402
+from core.settings import Settings  # noqa: E402
 from evals.harness import TASK_PLACEHOLDER, percentile  # noqa: E402
 from evals.tasks import TASKS, chat_messages  # noqa: E402
 

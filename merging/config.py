@@ -18,11 +18,11 @@ from typing import Any, Literal
 
 import msgspec
 
+from core.errors import ValidationFailed
+from core.lora import VALID_LORA_RANKS  # a merged LoRA must fit vLLM's --max-lora-rank
 from merging.methods import METHODS, InputParams, MergeMethod, MethodConfig
 from registry.documents import load_yaml
-from registry.errors import ValidationFailed
 from registry.schemas import check_slug, decode_strict
-from serving.vllm_process import VALID_LORA_RANKS  # a merged LoRA must fit vLLM's --max-lora-rank
 
 OutputFormat = Literal["full", "lora", "cat"]
 OUTPUT_FORMATS: tuple[str, ...] = ("full", "lora", "cat")

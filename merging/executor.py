@@ -27,10 +27,10 @@ from typing import Any
 import torch
 import yaml
 
+from core.errors import MoergeError
 from merging.methods import merge_tensor
 from merging.plan import MergePlan, PlannedModel
 from merging.tensor_io import SafetensorsReader, ShardWriter, TensorSpec
-from registry.errors import MoergeError
 from registry.inspect import PEFT_PREFIX, LoraModule, pattern_value, split_adapter_keys
 from registry.store import fsync_dir
 

@@ -36,10 +36,10 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from core.errors import Conflict, MoergeError, NotFound, ValidationFailed
 from merging.config import CheckedRequest, MergeRequest, check_request, parse_request
 from merging.executor import ExecutorOptions, MergeCancelled, execute
 from merging.plan import MergePlan, ModelRef, plan_merge
-from registry.errors import Conflict, MoergeError, NotFound, ValidationFailed
 from registry.limits import MAX_LORA_RANK
 from registry.models import Expert, ExpertKind, MergeJob, MergeJobInput, MergeJobStatus, utcnow
 from registry.schemas import ExpertSpec
@@ -69,7 +69,7 @@ class JobPage:
 
 
 @dataclass
-class Resolved:
+class ResolvedMerge:
     """A checked request with its experts found and its plan made."""
 
     plan: MergePlan
@@ -145,7 +145,7 @@ class MergeJobService:
             ) from exc
         return job
 
-    async def resolve(self, checked: CheckedRequest, pinned: dict[str, Any] | None = None) -> Resolved:
+    async def resolve(self, checked: CheckedRequest, pinned: dict[str, Any] | None = None) -> ResolvedMerge:
         """Find every named expert (by the ids in ``pinned`` when given) and plan the merge from their
         folders; errors name the request field."""
         request = checked.request
@@ -160,7 +160,7 @@ class MergeJobService:
         inputs = [await self._expert(entry.model, checked.model_param(i), ids[i]) for i, entry in enumerate(entries)]
         refs = [self._ref(entry.model, e) for entry, e in zip(entries, inputs, strict=True)]
         plan = plan_merge(checked, base_ref, refs)
-        return Resolved(plan, base, inputs)
+        return ResolvedMerge(plan, base, inputs)
 
     def _ref(self, ref: str, expert: Expert) -> ModelRef:
         return ModelRef(ref, self.store.expert_dir(expert.id), expert_id=expert.id, base_id=expert.base_id)
@@ -472,7 +472,7 @@ class InProcessRunner:
                 log.exception("merge job %s failed", run.job_id)
             await self._finish(run, MergeJobStatus.failed, "failed", error=_error_text(exc))
 
-    async def _load(self, job_id: uuid.UUID) -> tuple[Resolved, str]:
+    async def _load(self, job_id: uuid.UUID) -> tuple[ResolvedMerge, str]:
         """The plan, rebuilt from the row (the experts pinned by id) with the same checks as at submit."""
         async with self.sessionmaker() as session:
             job = await session.get(MergeJob, job_id)
@@ -504,7 +504,7 @@ class InProcessRunner:
             raise
         return outcome.folder
 
-    async def _register(self, run: _Run, resolved: Resolved, name: str, folder: Path) -> None:
+    async def _register(self, run: _Run, resolved: ResolvedMerge, name: str, folder: Path) -> None:
         plan = resolved.plan
         base_id = resolved.lineage_base()
         request: MergeRequest = plan.checked.request

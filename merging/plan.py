@@ -16,9 +16,10 @@ from typing import Any
 import msgspec
 import torch
 
+from core.errors import MoergeError, ValidationFailed
+from core.lora import lora_rank_for
 from merging.config import CheckedRequest
 from merging.tensor_io import NAME_TO_TORCH
-from registry.errors import MoergeError, ValidationFailed
 from registry.inspect import (
     FolderInspection,
     check_adapter_fits_base,
@@ -26,7 +27,6 @@ from registry.inspect import (
     inspect_folder,
     split_adapter_keys,
 )
-from serving.vllm_process import lora_rank_for
 
 OUTPUT_HEAD = "lm_head.weight"  # absent from models that tie it to the input embeddings
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 from alembic import command
@@ -16,7 +13,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 import registry.epoch  # noqa: F401  (registers the epoch bump on every session's flush)
-from registry.errors import DatabaseNotReady
+from core.errors import DatabaseNotReady
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -84,15 +81,3 @@ async def ensure_migrated(engine: AsyncEngine) -> None:
         where = engine.url.render_as_string(hide_password=True)
         state = "not migrated" if current is None else f"at revision {current}, code expects {head}"
         raise DatabaseNotReady(f"database {where} is {state}: run `moerge db upgrade`", param="database")
-
-
-@asynccontextmanager
-async def session_scope(sessionmaker: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
-    """A session whose transaction commits on success and rolls back on any error."""
-    async with sessionmaker() as session, session.begin():
-        yield session
-
-
-def run_sync(coro):  # type: ignore[no-untyped-def]
-    """Run a coroutine from synchronous code (CLI)."""
-    return asyncio.run(coro)

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from registry.errors import PayloadTooLarge, ValidationFailed
+from core.errors import PayloadTooLarge, ValidationFailed
 
 __all__ = ["MAX_YAML_BYTES", "MAX_YAML_DEPTH", "MAX_YAML_NODES", "decode_utf8", "load_yaml"]
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
+from core.errors import ValidationFailed
 from registry.documents import load_yaml
-from registry.errors import ValidationFailed
 from registry.limits import MAX_LORA_RANK, first_lora_fault, is_pattern_key
 
 __all__ = [

@@ -34,7 +34,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from registry.errors import Conflict, Forbidden, NotFound, RateLimited, Unauthorized, ValidationFailed
+from core.errors import Conflict, Forbidden, NotFound, RateLimited, Unauthorized, ValidationFailed
 from registry.models import AdminSession, ApiKey, KeyUsage, utcnow
 
 log = logging.getLogger("moerge.keys")

@@ -22,6 +22,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from core.lora import largest_rank
+from core.settings import MAX_LORA_RANK
 from registry.models import Expert
 
 __all__ = [
@@ -38,8 +40,6 @@ __all__ = [
     "unservable_message",
 ]
 
-# vLLM's largest --max-lora-rank; the default of MOERGE_MAX_LORA_RANK (api/settings.py reads it from here).
-MAX_LORA_RANK = 512
 MAX_PATTERN_KEYS = 1000
 MAX_PATTERN_KEY_CHARS = 200
 # ASCII only: \w would admit every Unicode letter. Run only on keys already known to be short.
@@ -158,12 +158,6 @@ def row_fault(expert: Any, max_lora_rank: int) -> LoraFault | None:
         alpha_pattern=expert.alpha_pattern,
         max_lora_rank=max_lora_rank,
     )
-
-
-def largest_rank(r: object, rank_pattern: object) -> int:
-    """The largest of ``r`` and the rank_pattern values that are integers (0 if none)."""
-    values = [r, *(rank_pattern.values() if isinstance(rank_pattern, dict) else ())]
-    return max((v for v in values if isinstance(v, int) and not isinstance(v, bool)), default=0)
 
 
 def unservable_message(slug: str, fault: LoraFault, max_lora_rank: int) -> str:

@@ -11,7 +11,8 @@ from typing import Annotated, Any
 
 import msgspec
 
-from registry.errors import ValidationFailed
+from core.errors import ValidationFailed
+from core.schemas import param_from_msgspec
 from registry.models import ExpertKind, ExpertStatus
 
 SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
@@ -107,36 +108,10 @@ def decode_strict(raw: bytes | str | dict[str, Any], typ: type[msgspec.Struct]) 
             return msgspec.convert(raw, typ)
         return msgspec.json.decode(raw, type=typ)
     except msgspec.ValidationError as exc:
-        raise ValidationFailed(str(exc), param=_param_from_msgspec(str(exc))) from exc
+        raise ValidationFailed(str(exc), param=param_from_msgspec(str(exc))) from exc
     except msgspec.DecodeError as exc:
         raise ValidationFailed(f"body is not valid JSON: {exc}", param="body") from exc
     except (UnicodeDecodeError, UnicodeEncodeError) as exc:  # msgspec's, for bad bytes inside a JSON string
         raise ValidationFailed(
             f"body is not valid UTF-8 ({exc.reason})", param="body", code="invalid_encoding"
         ) from None
-
-
-def convert_params(params: dict[str, Any], typ: type[msgspec.Struct], field_name: str) -> Any:
-    """Parameters of a pluggable method (router, aggregator, merge method) into its typed config; an
-    error names ``<field_name>.<parameter>``."""
-    try:
-        return msgspec.convert(params, typ)
-    except msgspec.ValidationError as exc:
-        inner = _param_from_msgspec(str(exc))
-        param = field_name if inner == "body" else f"{field_name}.{inner}"
-        raise ValidationFailed(f"{field_name}: {exc}", param=param) from exc
-
-
-_AT_RE = re.compile(r"at `\$\.?([^`]*)`")
-_UNKNOWN_RE = re.compile(r"unknown field `([^`]+)`")
-_MISSING_RE = re.compile(r"missing required field `([^`]+)`")
-
-
-def _param_from_msgspec(message: str) -> str:
-    prefix = ""
-    if at := _AT_RE.search(message):
-        prefix = at.group(1)
-    for pattern in (_UNKNOWN_RE, _MISSING_RE):
-        if found := pattern.search(message):
-            return f"{prefix}.{found.group(1)}" if prefix else found.group(1)
-    return prefix or "body"

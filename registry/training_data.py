@@ -26,7 +26,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from registry.errors import Conflict, NotFound, PayloadTooLarge, ValidationFailed
+from core.errors import Conflict, NotFound, PayloadTooLarge, ValidationFailed
 from registry.models import Expert, ExpertFile, ExpertTrainingData, utcnow
 from registry.store import ArtifactStore
 

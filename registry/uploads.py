@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
-from registry.errors import Forbidden, PayloadTooLarge, ValidationFailed
+from core.errors import Forbidden, PayloadTooLarge, ValidationFailed
 
 __all__ = ["check_member_path", "copy_stream_limited", "extract_archive", "resolve_import_path"]
 

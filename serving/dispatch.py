@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from registry.errors import ValidationFailed
+from core.errors import ValidationFailed
 from serving.engine import Engine, GenChunk, GenRequest, GenResult, TokenTrace
 from serving.torch_engine import TorchEngine
 

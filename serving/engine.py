@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from registry.errors import MoergeError
+from core.errors import MoergeError
 
 
 class EngineUnavailable(MoergeError):

@@ -52,7 +52,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
-from registry.errors import MoergeError, ValidationFailed
+from core.errors import MoergeError, ValidationFailed
 from serving.engine import FusedMember, Fusion, GenerationFailed, GenRequest, Sampling
 
 MODES = ("static", "entropy")

@@ -49,7 +49,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from registry.errors import MoergeError, Unprocessable, ValidationFailed
+from core.errors import MoergeError, Unprocessable, ValidationFailed
 from serving import logit_fusion
 from serving.engine import (
     EngineUnavailable,

@@ -40,15 +40,13 @@ from typing import Any, Literal, TypeVar
 import aiohttp
 import httpx
 
-from registry.errors import MoergeError, Unprocessable, ValidationFailed
-from registry.limits import largest_rank
+from core.errors import MoergeError, Unprocessable, ValidationFailed
+from core.lora import VALID_LORA_RANKS, largest_rank, lora_rank_for
 from serving.engine import EngineUnavailable, GenChunk, GenerationFailed, GenRequest, GenResult, Target
 from serving.vllm_plugin import COMPILE_ENV, LORA_OPS_CHOICES, LORA_OPS_ENV
 from serving.vllm_process import (
-    VALID_LORA_RANKS,
     VLLMProcess,
     cpu_bind_list,
-    lora_rank_for,
     pick_port,
     port_is_free,
     server_command,
@@ -356,7 +354,7 @@ class VLLMEngine:
     async def status(self) -> list[dict[str, Any]]:
         """One entry per server: base_id, url, pid, state (starting|ready|dead|remote), adapters, restarts."""
         for base_id in self.config.remote_servers:  # configured remotes are listed before first use too
-            self._record(base_id, None, 0)
+            self._server_entry(base_id, None, 0)
         out = []
         for server in self._servers.values():
             proc = server.proc
@@ -497,7 +495,7 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ servers
 
-    def _record(self, base_id: str, base_dir: Path | None, rank: int) -> _Server:
+    def _server_entry(self, base_id: str, base_dir: Path | None, rank: int) -> _Server:
         server = self._servers.get(base_id)
         if server is None:
             remote_url = self.config.remote_servers.get(base_id)
@@ -525,7 +523,7 @@ class VLLMEngine:
         self._ensure_monitor()
         if target.base_id not in self.config.remote_servers:
             _served_rank(target.max_lora_rank, target)  # refused before a server is recorded or started
-        server = self._record(target.base_id, target.base_dir, target.max_lora_rank)
+        server = self._server_entry(target.base_id, target.base_dir, target.max_lora_rank)
         if server.remote:
             if not server.model_name:
                 await self._resolve_remote(server)

@@ -14,9 +14,9 @@ import logging
 import os
 from typing import Any
 
-LORA_OPS_ENV = "MOERGE_VLLM_LORA_OPS"
-LORA_OPS_CHOICES = ("grouped", "vllm")
-COMPILE_ENV = "MOERGE_VLLM_COMPILE"
+from core.settings import COMPILE_ENV, LORA_OPS_CHOICES, LORA_OPS_ENV
+
+__all__ = ["COMPILE_ENV", "LORA_OPS_CHOICES", "LORA_OPS_ENV", "register"]
 
 # A child of vLLM's logger, so the line lands in the server's log beside vLLM's own.
 logger = logging.getLogger("vllm.moerge_lora_ops")

@@ -25,18 +25,6 @@ _SHM_DIR = Path("/dev/shm")
 # Shared-memory names vLLM's processes create (multiprocessing.shared_memory message queues, loky semaphores).
 _SHM_PREFIXES = ("psm_", "sem.loky-")
 
-# vLLM accepts only these --max-lora-rank values (vllm/config/lora.py, MaxLoRARanks in 0.32.0). Hard-coded
-# so the API process does not import vllm (and torch) just to validate a number.
-VALID_LORA_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-
-
-def lora_rank_for(rank: int) -> int:
-    """The smallest rank vLLM accepts that is >= ``rank``."""
-    for valid in VALID_LORA_RANKS:
-        if valid >= rank:
-            return valid
-    raise ValueError(f"LoRA rank {rank} is above vLLM's largest --max-lora-rank ({VALID_LORA_RANKS[-1]})")
-
 
 def server_command(
     *,

@@ -30,8 +30,8 @@ from api.admin.keys import KeyPages
 from api.admin.merges import MergePages
 from api.admin.playground import PlaygroundPage
 from api.limits import allow_upload, read_form
-from api.settings import Settings
-from registry.errors import MoergeError
+from core.errors import MoergeError
+from core.settings import Settings
 
 HERE = Path(__file__).parent
 CSRF_FIELD = "_csrf_token"  # the form field Litestar's CSRF middleware reads

@@ -11,10 +11,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from api.deps import provide_engine, provide_router_context
 from api.openai.controllers import prepare_chat
 from api.openai.protocol import ChatCompletionRequest
-from api.settings import Settings
-from registry.errors import ValidationFailed
+from composition.resolve import Resolved
+from core.errors import ValidationFailed
+from core.settings import Settings
 from registry.store import ArtifactStore
-from serving.resolve import Resolved
 
 MAX_TOKENS = 64  # the panel asks for short answers; the tiny and demo models answer quickly
 

@@ -20,7 +20,7 @@ from litestar.status_codes import HTTP_303_SEE_OTHER
 
 from api.deps import runtime_of
 from api.security import authorize
-from registry.errors import Forbidden, MoergeError, Unauthorized
+from core.errors import Forbidden, MoergeError, Unauthorized
 from registry.keys import AdminSessions, hash_key
 
 log = logging.getLogger("moerge.admin")

@@ -17,8 +17,8 @@ from aggregators import AGGREGATORS
 from api.admin.views import PAGE_SIZE, FormErrors, Pager, expert_picker, json_object, split_slugs
 from api.compositions.controllers import router_fitter
 from api.deps import provide_router_context
-from registry.compositions import CompositionPatch, CompositionService, CompositionSpec
-from registry.errors import MoergeError, ValidationFailed
+from composition.service import CompositionPatch, CompositionService, CompositionSpec
+from core.errors import MoergeError, ValidationFailed
 from registry.models import Composition
 from registry.schemas import decode_strict
 from registry.store import ArtifactStore

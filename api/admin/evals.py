@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 import evals
 from api.admin.views import PAGE_SIZE, Pager, markdown
-from registry.errors import NotFound
+from core.errors import NotFound
 from registry.models import EvalResult, Expert
 
 RESULTS_DIR = Path(evals.__file__).parent / "results" / "demo"

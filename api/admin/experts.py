@@ -21,9 +21,9 @@ from api.admin.views import PAGE_SIZE, FormErrors, Pager, expert_picker, lineage
 from api.deps import provide_expert_service
 from api.experts.intake import LIST_FIELDS, register_import, register_upload, spec_from_fields
 from api.limits import upload_opt
-from api.settings import Settings
+from core.errors import MoergeError, ValidationFailed
+from core.settings import Settings
 from registry.cards import card_body
-from registry.errors import MoergeError, ValidationFailed
 from registry.models import Expert, ExpertKind
 from registry.schemas import ExpertPatch, decode_strict
 from registry.services import ExpertService, expert_summary

@@ -13,8 +13,8 @@ from litestar.response import Template
 
 from api.admin.views import PAGE_SIZE, FormErrors, Pager, split_slugs
 from api.keys.schemas import describe
-from registry.errors import MoergeError, ValidationFailed
-from registry.keys import SCOPES, ApiKeyService, KeySettings
+from core.errors import MoergeError, ValidationFailed
+from registry.keys import MAX_LIMIT, SCOPES, ApiKeyService, KeySettings
 
 FIELDS = ("name", "models", "rpm_limit", "tpm_limit", "token_budget", "duration", "expires_at")
 FIELD_OF = {n: n for n in FIELDS} | {"scopes": "scopes"}
@@ -24,9 +24,13 @@ def _number(form: Any, name: str) -> int | None:
     text = str(form.get(name) or "").strip()
     if not text:
         return None
-    if not text.isdigit():
+    # ASCII digits only: "²".isdigit() holds but int() refuses it
+    if not (text.isascii() and text.isdigit()):
         raise ValidationFailed(f"{name} must be a whole number", param=name)
-    return int(text)
+    digits = text.lstrip("0") or "0"
+    if len(digits) > len(str(MAX_LIMIT)):  # and int() refuses more than 4300 digits
+        raise ValidationFailed(f"{name} must be between 1 and {MAX_LIMIT} (leave it empty for no limit)", param=name)
+    return int(digits)
 
 
 def _settings(form: Any) -> KeySettings:
@@ -81,6 +85,8 @@ class KeyPages(Controller):
                 "notice": notice,
             },
             status_code=code,
+            # cached nowhere: neither a new secret nor a stale list (Back would show a rotated key still active)
+            headers={"Cache-Control": "no-store"},
         )
 
     @get("/")

@@ -15,9 +15,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.admin.views import PAGE_SIZE, FormErrors, Pager, expert_picker, json_object, split_slugs
 from api.merges.controllers import submit_job
+from core.errors import MoergeError, ValidationFailed
 from merging.jobs import STATUSES, TERMINAL, MergeJobService, job_progress
 from merging.methods import METHODS
-from registry.errors import MoergeError, ValidationFailed
 from registry.models import ExpertKind
 from registry.services import ExpertService
 from registry.store import ArtifactStore

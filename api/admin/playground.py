@@ -16,9 +16,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from api.admin import views
 from api.admin.asking import MAX_TOKENS, Answer, ask
 from api.admin.views import score_bars, trace_grid
-from api.settings import Settings
-from registry.compositions import CompositionService
-from registry.errors import MoergeError, ValidationFailed
+from composition.service import CompositionService
+from core.errors import MoergeError, ValidationFailed
+from core.settings import Settings
 from registry.models import Composition
 from registry.store import ArtifactStore
 

@@ -11,7 +11,7 @@ from urllib.parse import urlencode
 
 from markdown_it import MarkdownIt
 
-from registry.errors import MoergeError, ValidationFailed
+from core.errors import MoergeError, ValidationFailed
 from registry.models import Expert
 from registry.services import ExpertService
 

@@ -15,18 +15,18 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from api.deps import provide_engine, provide_router_context, runtime_of
 from api.openai.serving import routing_headers
 from api.security import check_model, require_admin, require_query
-from registry.compositions import CompositionPatch, CompositionService, CompositionSpec, PrepareHook
+from composition.compose import query_text
+from composition.mixtures import fit_router
+from composition.resolve import find_composition, resolve_composition, routing_only
+from composition.service import CompositionPatch, CompositionService, CompositionSpec, PrepareHook
+from core.errors import NotFound, ValidationFailed
 from registry.epoch import registry_stamp
-from registry.errors import NotFound, ValidationFailed
 from registry.models import Expert
 from registry.schemas import decode_strict
 from registry.store import ArtifactStore
 from routers.query import RouterContext
-from serving.compose import query_text
 from serving.dispatch import trace
 from serving.engine import Engine, GenRequest, Sampling
-from serving.mixtures import fit_router
-from serving.resolve import find_composition, resolve_composition, routing_only
 
 
 def _service(db_session: AsyncSession, store: ArtifactStore) -> CompositionService:

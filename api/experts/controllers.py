@@ -13,9 +13,9 @@ from api.deps import provide_expert_service
 from api.experts.intake import register_import, register_upload
 from api.limits import admin_upload, read_form, upload_opt
 from api.security import require_admin, require_query
-from api.settings import Settings
+from core.errors import ValidationFailed
+from core.settings import Settings
 from registry.cards import card_body, card_metadata, render_card
-from registry.errors import ValidationFailed
 from registry.schemas import EvalIn, ExpertPatch, ImportRequest, decode_strict
 from registry.services import ExpertService, expert_summary
 from registry.training_data import MAX_TRAINING_DATA_BYTES, TrainingDataService, parse_training_data

@@ -12,8 +12,8 @@ from typing import Any
 
 from litestar.datastructures import UploadFile
 
-from api.settings import Settings
-from registry.errors import ValidationFailed
+from core.errors import ValidationFailed
+from core.settings import Settings
 from registry.models import Expert
 from registry.offload import run_to_completion
 from registry.schemas import ExpertSpec, decode_strict

@@ -14,14 +14,14 @@ from api.deps import provide_engine, provide_router_context, runtime_of
 from api.openai.protocol import ChatCompletionRequest, CompletionRequest
 from api.openai.serving import CompletionRun, routing_headers
 from api.security import check_model, grant_of, require_query, token_meter
-from api.settings import Settings
+from composition.compose import query_text
+from composition.resolve import Resolved, resolve_model
+from core.settings import Settings
 from registry.models import Composition, Expert
 from registry.schemas import decode_strict
 from registry.store import ArtifactStore
 from routers.query import RouterContext
-from serving.compose import query_text
 from serving.engine import Engine, GenRequest
-from serving.resolve import Resolved, resolve_model
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import msgspec
 
-from registry.errors import ValidationFailed
+from core.errors import ValidationFailed
 from serving.engine import Sampling
 
 MAX_TOKENS_LIMIT = 8192

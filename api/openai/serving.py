@@ -10,11 +10,11 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-from registry.errors import MoergeError, ValidationFailed
-from serving.compose import compose, compose_stream, query_text
+from composition.compose import compose, compose_stream, query_text
+from composition.resolve import Resolved
+from core.errors import MoergeError, ValidationFailed
 from serving.dispatch import trace
 from serving.engine import Engine, GenChunk, GenRequest, GenResult, Sampling, Target
-from serving.resolve import Resolved
 
 MAX_SCORES_IN_HEADER = 16  # the best candidates' scores; a composition may have thousands
 

@@ -17,9 +17,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.deps import provide_engine
 from api.security import authorize, bearer_token, require_query
-from api.settings import Settings
+from core.errors import MoergeError
+from core.settings import Settings
 from registry.db import head_revision
-from registry.errors import MoergeError
 from registry.limits import unservable_adapters
 from registry.services import hash_key
 from registry.store import ArtifactStore

@@ -11,7 +11,6 @@ Parameter names follow mergekit's (``weight``, ``density``, ``gamma``; ``normali
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,8 +19,9 @@ from typing import Any
 import msgspec
 import torch
 
-from registry.errors import ValidationFailed
-from registry.schemas import convert_params
+from core.errors import ValidationFailed
+from core.schemas import convert_params
+from core.strategies import ParamHelp, Registry, StrategyConfig, struct_params
 
 # A sum of weights closer to 0 than this counts as 0 (mergekit's rule for its divisors).
 ZERO_SUM = 1e-8
@@ -33,22 +33,20 @@ def require_param(condition: bool, param: str, reason: str) -> None:
         raise ValidationFailed(f"{param}: {reason}", param=param)
 
 
-class MethodConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
-    """A method's global parameters (each with a default); subclasses add fields."""
-
-    def check(self) -> None:
-        """Raise ValidationFailed(param="parameters.<field>") when a value is out of range."""
+class MethodConfig(StrategyConfig, frozen=True):
+    """A method's global parameters (each with a default and help); subclasses add fields and override
+    ``check`` (raising ValidationFailed(param="parameters.<field>"))."""
 
     def check_inputs(self, inputs: Sequence[InputParams]) -> None:
         """Checks across all inputs that depend on the global parameters (e.g. a weight sum of 0 with
         ``normalize``); raise ValidationFailed(param="inputs")."""
 
-    def digest(self) -> str:
-        return hashlib.sha256(msgspec.json.encode(self, order="sorted")).hexdigest()[:16]
-
 
 class InputParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
-    """One input's parameters. ``weight`` is required in mergekit; here it defaults to 1."""
+    """One input's parameters.
+
+    weight: the input's weight in the sum (finite; required in mergekit, here it defaults to 1).
+    """
 
     weight: float = 1.0
 
@@ -94,42 +92,27 @@ class MergeMethod:
         return self.config_cls()
 
 
-class MethodRegistry:
-    def __init__(self) -> None:
-        self._methods: dict[str, MergeMethod] = {}
+class MethodRegistry(Registry[MergeMethod, MethodConfig]):
+    """The merge methods. A subclass of the one strategy registry because a method also takes parameters
+    per input (``input_cls``, checked by ``configure`` and listed as ``inputs[i].<x>``) and, unlike a
+    router, is never built into an object: ``configure`` returns its typed parameters for the executor."""
 
-    def register(self, method: MergeMethod) -> MergeMethod:
-        """Validate and add one method; mistakes here are programming errors (ValueError)."""
-        name = method.name
-        if not isinstance(name, str) or not name.isidentifier() or name != name.lower():
-            raise ValueError(f"merge method name must be a lower-case identifier, got {name!r}")
-        if name in self._methods:
-            raise ValueError(f"merge method {name!r} is registered twice")
-        if not method.help.strip():
-            raise ValueError(f"merge method {name!r}: give it a one-line help text")
-        if not (isinstance(method.config_cls, type) and issubclass(method.config_cls, MethodConfig)):
-            raise ValueError(f"merge method {name!r}: config_cls must subclass MethodConfig")
-        if not (isinstance(method.input_cls, type) and issubclass(method.input_cls, InputParams)):
+    def __init__(self) -> None:
+        super().__init__("merge method", config_base=MethodConfig, params_field="parameters", param="method")
+
+    def check_entry(self, entry: MergeMethod) -> None:
+        name = entry.name
+        if not (isinstance(entry.input_cls, type) and issubclass(entry.input_cls, InputParams)):
             raise ValueError(f"merge method {name!r}: input_cls must subclass InputParams")
-        if not callable(method.fn):
+        if not callable(entry.fn):
             raise ValueError(f"merge method {name!r}: fn must be callable")
-        if not isinstance(method.task_vectors, bool) or not isinstance(method.random, bool):
+        if not isinstance(entry.task_vectors, bool) or not isinstance(entry.random, bool):
             raise ValueError(f"merge method {name!r}: task_vectors and random must be bools")
         # Every default must itself be valid, so an empty ``parameters`` always configures.
-        method.config_cls().check()
-        self._methods[name] = method
-        return method
+        entry.config_cls().check()
 
-    def names(self) -> list[str]:
-        return sorted(self._methods)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._methods
-
-    def get(self, name: str) -> MergeMethod:
-        if name not in self._methods:
-            raise ValidationFailed(f"unknown merge method {name!r}; known: {', '.join(self.names())}", param="method")
-        return self._methods[name]
+    def params(self, entry: MergeMethod) -> tuple[ParamHelp, ...]:
+        return super().params(entry) + struct_params(entry.input_cls, "inputs[i].")
 
     def configure(
         self, name: str, params: Mapping[str, Any] | None, inputs: Sequence[Mapping[str, Any]]
@@ -141,8 +124,7 @@ class MethodRegistry:
         ``parameters.<x>``, ``inputs`` or ``inputs[i].<x>``.
         """
         method = self.get(name)
-        config: MethodConfig = convert_params(dict(params or {}), method.config_cls, "parameters")
-        config.check()
+        config = self.config(name, dict(params or {}))
         if isinstance(inputs, str | bytes) or not isinstance(inputs, Sequence):
             raise ValidationFailed("inputs: expected a list of per-input parameters", param="inputs")
         if not inputs:

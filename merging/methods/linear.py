@@ -16,6 +16,11 @@ from merging.methods.base import ZERO_SUM, InputParams, MethodConfig, refuse_zer
 
 
 class LinearConfig(MethodConfig, frozen=True):
+    """Parameters of ``linear``.
+
+    normalize: divide the weighted sum by the sum of the weights (true: a weighted average).
+    """
+
     normalize: bool = True
 
     def check_inputs(self, inputs: Sequence[InputParams]) -> None:

@@ -145,11 +145,6 @@ def masked(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> Kept:
     return Kept(mask, before / after)
 
 
-def apply_mask(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor:
-    """``delta`` with the unmasked entries zeroed (and rescaled, see ``masked``)."""
-    return masked(delta, mask, rescale).apply(delta)
-
-
 def magnitude_kept(delta: torch.Tensor, density: float, rescale: bool = False) -> Kept:
     """Keep the ``keep_count(density, n)`` entries largest in |δ| (TIES' trim).
 

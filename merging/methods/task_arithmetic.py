@@ -31,7 +31,12 @@ Consensus = Literal["sum"]
 
 
 class TaskArithmeticConfig(MethodConfig, frozen=True):
-    """Global parameters of every task-vector method."""
+    """Global parameters of every task-vector method.
+
+    normalize: divide the weighted sum of the task vectors by the sum of the weights.
+    lambda: scales the merged task vector before it is added to the base (finite).
+    int8_mask: accepted so that a mergekit YAML imports as is; it changes nothing here.
+    """
 
     # True for the methods with sign consensus: their divisor is Σ M_i·w_i per entry, not Σ w_i.
     elects_sign: ClassVar[bool] = False
@@ -53,7 +58,10 @@ class TaskArithmeticConfig(MethodConfig, frozen=True):
 
 
 class SparseConfig(TaskArithmeticConfig, frozen=True):
-    """Methods that sparsify: ``rescale`` keeps each delta's L1 norm after masking (mergekit's rule)."""
+    """Methods that sparsify.
+
+    rescale: keep each delta's L1 norm after masking (mergekit's rule).
+    """
 
     rescale: bool = False
 

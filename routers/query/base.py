@@ -20,11 +20,10 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, ClassVar, Protocol
 
-import msgspec
 import numpy as np
 
-from registry.errors import ValidationFailed
-from registry.schemas import convert_params
+from core.errors import ValidationFailed
+from core.strategies import Registry, StrategyClass, StrategyConfig
 
 
 @dataclass(frozen=True)
@@ -117,15 +116,10 @@ class RouterContext:
         return self.generate
 
 
-class RouterConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
-    """Base of every router's config. Subclasses add fields (with defaults) and override ``check``."""
-
-    def check(self) -> None:
-        """Raise ValidationFailed(param="router_params.<field>") when a value is out of range."""
-
-    def digest(self) -> str:
-        """The config hash router states are stored under: same config, same fitted states."""
-        return hashlib.sha256(msgspec.json.encode(self, order="sorted")).hexdigest()[:16]
+class RouterConfig(StrategyConfig, frozen=True):
+    """Base of every router's config. Subclasses add fields (with defaults and help) and override ``check``
+    (raising ValidationFailed(param="router_params.<field>")); ``digest`` is the hash router states are
+    stored under: same config, same fitted states."""
 
 
 def require(condition: bool, field_name: str, reason: str) -> None:
@@ -161,55 +155,10 @@ class GlobalRouter(ABC):
         """Score every candidate for ``query`` and choose up to ``k``; ``fallback=True`` when none qualifies."""
 
 
-@dataclass(frozen=True)
-class RouterEntry:
-    name: str
-    cls: type[GlobalRouter]
-    config_cls: type[RouterConfig]
-    help: str
-
-
-class RouterRegistry:
-    """Name -> router class; filled by one validated ``register`` call per router."""
-
-    def __init__(self) -> None:
-        self._entries: dict[str, RouterEntry] = {}
-
-    def register(self, cls: type[GlobalRouter]) -> type[GlobalRouter]:
-        name = getattr(cls, "name", "")
-        if not name or not name.replace("_", "").isalnum():
-            raise ValueError(f"{cls.__name__}: router name must be a non-empty identifier, got {name!r}")
-        if name in self._entries:
-            raise ValueError(f"router {name!r} is registered twice ({cls.__name__})")
-        if not isinstance(getattr(cls, "config_cls", None), type) or not issubclass(cls.config_cls, RouterConfig):
-            raise ValueError(f"{cls.__name__}: config_cls must subclass RouterConfig")
-        if not getattr(cls, "help", ""):
-            raise ValueError(f"{cls.__name__}: give the router a one-line help text")
-        self._entries[name] = RouterEntry(name, cls, cls.config_cls, cls.help)
-        return cls
-
-    def names(self) -> list[str]:
-        return sorted(self._entries)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._entries
-
-    def get(self, name: str) -> RouterEntry:
-        if name not in self._entries:
-            raise ValidationFailed(f"unknown router {name!r}; known: {', '.join(self.names())}", param="router")
-        return self._entries[name]
-
-    def config(self, name: str, params: dict[str, Any]) -> RouterConfig:
-        """Parse and check ``params`` for router ``name``; errors name the offending field."""
-        config: RouterConfig = convert_params(params, self.get(name).config_cls, "router_params")
-        config.check()
-        return config
-
-    def build(self, name: str, params: dict[str, Any], context: RouterContext) -> GlobalRouter:
-        return self.get(name).cls(self.config(name, params), context)
-
-
-ROUTERS = RouterRegistry()
+# Name -> router class; filled by one validated ``@ROUTERS.register`` per router.
+ROUTERS: Registry[StrategyClass[GlobalRouter], RouterConfig] = Registry(
+    "router", config_base=RouterConfig, params_field="router_params", param="router"
+)
 
 
 # -- small shared helpers ---------------------------------------------------------------------------

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-EMBEDDING_BACKENDS = ("onnx", "torch")
+from core.settings import EMBEDDING_BACKENDS
+
 _MODELS: dict[tuple[str, str], SentenceEmbedder] = {}
 _MODELS_LOCK = threading.Lock()
 

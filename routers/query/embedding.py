@@ -28,14 +28,18 @@ from routers.query.base import (
 
 
 class EmbeddingConfig(RouterConfig, frozen=True):
+    """Parameters of ``embedding``.
+
+    threshold: least score (cosine similarity, -1..1) an expert needs; below it for all, the fallback answers.
+    temperature: softmax temperature over the chosen experts' scores, which gives their weights (> 0).
+    top_examples: an expert's score is the mean of its this-many most similar example rows (1..64).
+    use_description: embed the expert's description and task description as rows too, beside its examples.
+    """
+
     threshold: float = 0.3
-    """Least score (cosine similarity, -1..1) an expert needs; below it for all, the fallback answers."""
     temperature: float = 0.05
-    """Softmax temperature over the chosen experts' scores (their weights)."""
     top_examples: int = 3
-    """An expert's score is the mean of its this-many most similar example rows."""
     use_description: bool = True
-    """Embed the expert's description and task description as rows too, beside its example prompts."""
 
     def check(self) -> None:
         require(-1.0 <= self.threshold <= 1.0, "threshold", "must be a cosine similarity in [-1, 1]")

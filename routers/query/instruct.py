@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from registry.errors import ValidationFailed
+from core.errors import ValidationFailed
 from routers.query.base import (
     ROUTERS,
     Candidate,

@@ -8,9 +8,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from core.errors import Conflict
 from registry.compositions import CompositionView
 from registry.epoch import Stamp, StampedMemo, registry_stamp
-from registry.errors import Conflict
 from registry.models import CompositionMember, EvalResult, Expert
 from routers.query.base import ROUTERS, Candidate, GlobalRouter, RouteDecision, RouterContext
 from routers.query.parts import merge_part_decisions, split_parts

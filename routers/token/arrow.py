@@ -49,6 +49,12 @@ def arrow_prototypes(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
 
 
 class ArrowConfig(TokenRouterConfig, frozen=True):
+    """Parameters of ``arrow`` (defaults: PEFT's ArrowConfig).
+
+    top_k: adapters kept per token and module (>= 1).
+    temperature: softmax temperature over the kept adapters' scores, which gives their weights (> 0).
+    """
+
     top_k: int = 3
     temperature: float = 1.0
 

@@ -17,13 +17,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import msgspec
 import torch
 
-from registry.errors import ValidationFailed
-from registry.schemas import convert_params
+from core.strategies import Registry, StrategyClass
 from routers.query.base import RouterConfig
 
 if TYPE_CHECKING:
@@ -126,53 +125,7 @@ class TokenRouter(ABC):
         the top-k (GLIDER's global, per-sequence preference for some experts)."""
 
 
-@dataclass(frozen=True)
-class TokenRouterEntry:
-    name: str
-    cls: type[TokenRouter]
-    config_cls: type[TokenRouterConfig]
-    help: str
-
-
-class TokenRouterRegistry:
-    """Name -> token router class; filled by one validated ``register`` call per router."""
-
-    def __init__(self) -> None:
-        self._entries: dict[str, TokenRouterEntry] = {}
-
-    def register(self, cls: type[TokenRouter]) -> type[TokenRouter]:
-        name = getattr(cls, "name", "")
-        if not name or not name.replace("_", "").isalnum():
-            raise ValueError(f"{cls.__name__}: router name must be a non-empty identifier, got {name!r}")
-        if name in self._entries:
-            raise ValueError(f"token router {name!r} is registered twice ({cls.__name__})")
-        config_cls = getattr(cls, "config_cls", None)
-        if not isinstance(config_cls, type) or not issubclass(config_cls, TokenRouterConfig):
-            raise ValueError(f"{cls.__name__}: config_cls must subclass TokenRouterConfig")
-        if not getattr(cls, "help", ""):
-            raise ValueError(f"{cls.__name__}: give the router a one-line help text")
-        self._entries[name] = TokenRouterEntry(name, cls, config_cls, cls.help)
-        return cls
-
-    def names(self) -> list[str]:
-        return sorted(self._entries)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._entries
-
-    def get(self, name: str) -> TokenRouterEntry:
-        if name not in self._entries:
-            raise ValidationFailed(f"unknown token router {name!r}; known: {', '.join(self.names())}", param="router")
-        return self._entries[name]
-
-    def config(self, name: str, params: dict[str, Any]) -> TokenRouterConfig:
-        """Parse and check ``params`` for router ``name``; errors name the offending field."""
-        config: TokenRouterConfig = convert_params(params, self.get(name).config_cls, "router_params")
-        config.check()
-        return config
-
-    def build(self, name: str, params: dict[str, Any] | None = None) -> TokenRouter:
-        return self.get(name).cls(self.config(name, params or {}))
-
-
-TOKEN_ROUTERS = TokenRouterRegistry()
+# Name -> token router class; filled by one validated ``@TOKEN_ROUTERS.register`` per router.
+TOKEN_ROUTERS: Registry[StrategyClass[TokenRouter], TokenRouterConfig] = Registry(
+    "token router", config_base=TokenRouterConfig, params_field="router_params", param="router"
+)

@@ -18,7 +18,7 @@ not a checked equation.
 The local router (``local``: ``phatgoose``, GLIDER's choice, or ``arrow``) adds the bias to its token scores
 before its top-k. ``scale`` (a config field, default 1) trades global against local: PHATGOOSE's scores are
 standardized dot products / √d, Arrow's are |x·v| with unit v, so the useful scale depends on the local
-router. The serving layer (``serving/mixtures.py``) lets the `instruct` query router compute the cosines (the
+router. The serving layer (``composition/mixtures.py``) lets the `instruct` query router compute the cosines (the
 base LLM describes the query's task; the description is embedded and compared with the experts' stored
 embeddings), scales them as ``glider_bias`` does, and passes the result to every module as
 ``MixtureLinear.row_bias`` (one row per sequence).

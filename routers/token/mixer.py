@@ -43,7 +43,7 @@ import msgspec
 import torch
 from torch import nn
 
-from registry.errors import ValidationFailed
+from core.errors import ValidationFailed
 from registry.training_data import TrainingRow
 from routers.query.base import require
 from routers.query.kshot import KShotExample
@@ -60,7 +60,8 @@ class MixerConfig(TokenRouterConfig, frozen=True):
     top_k: experts kept per token and module (>= 1), by gate; their gates are their weights.
     init: every expert's gate before training (0 < init < 1).
     examples: labelled examples of the target task, each ``{"prompt", "answer"}`` (at most 4096) ...
-    task: ... or the name of an evals task whose train split gives ``task_examples`` examples (1..4096).
+    task: ... or the name of an evals task whose train split gives the examples.
+    task_examples: how many examples ``task``'s train split gives (1..4096).
     training: how the router is trained (steps, lr, batch_size, max_length, seed).
     Everything but top_k changes the trained router (it is hashed into the stored state's key).
     """

@@ -33,7 +33,7 @@ import msgspec
 import torch
 from torch import nn
 
-from registry.errors import ValidationFailed
+from core.errors import ValidationFailed
 from registry.training_data import TrainingRow
 from routers.query.base import require
 from routers.token.adapters import LoraAdapter
@@ -44,8 +44,12 @@ STD_EPS = 1e-6  # a constant vector (a zero gate) standardizes to zeros instead 
 
 
 class PhatgooseConfig(TokenRouterConfig, frozen=True):
-    """Parameters of ``phatgoose``: ``top_k`` experts per token and module (>= 1; the paper uses 2) and
-    ``training`` (GateTrainingConfig), the only part the stored gates depend on."""
+    """Parameters of ``phatgoose``.
+
+    top_k: experts kept per token and module (>= 1; the paper uses 2).
+    training: how the gates are trained (steps, lr, batch_size, max_length, seed); the only part the stored
+        gates depend on.
+    """
 
     top_k: int = 2
     training: GateTrainingConfig = msgspec.field(default_factory=GateTrainingConfig)

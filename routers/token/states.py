@@ -40,7 +40,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from registry.errors import ValidationFailed
+from core.errors import ValidationFailed
 from registry.models import Expert, ExpertKind, ExpertTrainingData, RouterState
 from registry.store import ArtifactStore
 from registry.training_data import TrainingDataService

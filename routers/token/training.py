@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from registry.errors import ValidationFailed
+from core.errors import ValidationFailed
 from registry.training_data import TrainingRow
 from routers.query.base import RouterConfig, require
 from routers.token.adapters import refused, target_linear
@@ -67,7 +67,7 @@ def encode_rows(
     """Rows drawn in a seeded order, encoded only as far as the steps use them (steps x batch_size at most),
     skipping those longer than max_length; returns them and how many were skipped. ``owner`` names whose
     examples these are in the error raised when none fits."""
-    from evals.recipe import encode_chat
+    from routers.token.encoding import encode_chat
 
     rng = random.Random(config.seed)
     order = list(range(len(examples)))
@@ -137,7 +137,7 @@ def run_steps(
     """``config.steps`` Adam steps on ``params`` (or on ``param_groups``, for per-group learning rates) of
     the answer-token loss over batches cycling through ``data``; returns the loss of every step. ``what``
     names the training in the error raised if the loss diverges."""
-    from evals.recipe import answer_loss
+    from routers.token.encoding import answer_loss
 
     optimizer = torch.optim.Adam(list(param_groups) if param_groups else list(params), lr=config.lr)
     losses: list[float] = []

@@ -23,11 +23,12 @@ from typing import Any
 
 import pytest
 
-from api.settings import Settings
+from core.settings import Settings
 from registry import db
 from registry.schemas import ExpertSpec
 from registry.services import ApiKeyService
 from serving.torch_engine import TorchEngine
+from tests.browser.helpers import tab_to
 from tests.fixtures.live import register, serve
 from tests.fixtures.tiny import build_tiny_finetune, build_tiny_llama, build_tiny_lora
 
@@ -487,53 +488,44 @@ def test_edit_and_delete_an_expert(page: Any, live: dict[str, Any], shots: Any) 
     shots(page, "31-error-page")
 
 
-def _tab_to(page: Any, selector: str, limit: int = 120) -> None:
-    """Press Tab until the element matching ``selector`` has the focus (the keyboard's way to a field)."""
-    for _ in range(limit):
-        page.keyboard.press("Tab")
-        if page.evaluate("s => document.activeElement !== null && document.activeElement.matches(s)", selector):
-            return
-    raise AssertionError(f"Tab never reached {selector}")
-
-
 def test_forms_by_keyboard_only(page: Any, live: dict[str, Any], shots: Any) -> None:
     """Register (import), a composition, the playground and a merge: focus by Tab, type, Space, Enter."""
     from playwright.sync_api import expect
 
     keys = page.keyboard
     page.goto(f"{live['url']}/admin/experts/new")
-    _tab_to(page, "input[name=mode]:checked")
+    tab_to(page, "input[name=mode]:checked")
     keys.press("ArrowDown")  # the radio group: import a folder on the server
-    _tab_to(page, "#path")
+    tab_to(page, "#path")
     keys.type(str(live["imports"] / "kbd-lora"))
-    _tab_to(page, "#slug")
+    tab_to(page, "#slug")
     keys.type("kbd-lora")
-    _tab_to(page, "#base")
+    tab_to(page, "#base")
     keys.type("tiny-base")
-    _tab_to(page, "#skills")
+    tab_to(page, "#skills")
     keys.type("keyboard, typing")
-    _tab_to(page, "form[action='/admin/experts/new'] button[type=submit]")
+    tab_to(page, "form[action='/admin/experts/new'] button[type=submit]")
     keys.press("Enter")
     page.wait_for_url(re.compile(r".*/admin/experts/kbd-lora$"))
     expect(page.locator("#fields")).to_contain_text("keyboard, typing")
     shots(page, "32-keyboard-registered")
 
     page.goto(f"{live['url']}/admin/compositions/new")
-    _tab_to(page, "#name")
+    tab_to(page, "#name")
     keys.type("kbd-combo")
-    _tab_to(page, "#router_params")
+    tab_to(page, "#router_params")
     keys.type('{"threshold": -1.0}')
-    _tab_to(page, "input[name=experts][value=kbd-lora]")
+    tab_to(page, "input[name=experts][value=kbd-lora]")
     keys.press("Space")
-    _tab_to(page, "input[name=experts][value=math-lora]")
+    tab_to(page, "input[name=experts][value=math-lora]")
     keys.press("Space")
-    _tab_to(page, "form.stack button[type=submit]")
+    tab_to(page, "form.stack button[type=submit]")
     keys.press("Enter")
     page.wait_for_url(re.compile(r".*/admin/playground.*composition=kbd-combo"))
 
-    _tab_to(page, "#query")  # the playground, with the new composition chosen
+    tab_to(page, "#query")  # the playground, with the new composition chosen
     keys.type("What is 3 + 4?")
-    _tab_to(page, "form.stack button[type=submit]")
+    tab_to(page, "form.stack button[type=submit]")
     keys.press("Enter")
     expect(page.locator("#chart .bar-row")).to_have_count(2)
     expect(page.locator("#chart")).to_contain_text("kbd-lora")
@@ -541,18 +533,18 @@ def test_forms_by_keyboard_only(page: Any, live: dict[str, Any], shots: Any) -> 
     shots(page, "33-keyboard-playground")
 
     page.goto(f"{live['url']}/admin/merges/")
-    _tab_to(page, "#base_model")
+    tab_to(page, "#base_model")
     keys.type("tiny-base")
     for slug in ("ft-1", "ft-2"):
-        _tab_to(page, f"input[name=models][value={slug}]")
+        tab_to(page, f"input[name=models][value={slug}]")
         keys.press("Space")
-        _tab_to(page, f"input[name='weight:{slug}']")
+        tab_to(page, f"input[name='weight:{slug}']")
         keys.type("0.5")
-    _tab_to(page, "#model_parameters")
+    tab_to(page, "#model_parameters")
     keys.type('{"density": 0.5}')
-    _tab_to(page, "#name")
+    tab_to(page, "#name")
     keys.type("kbd-merged")
-    _tab_to(page, "#launcher button[type=submit]")
+    tab_to(page, "#launcher button[type=submit]")
     keys.press("Enter")
     page.wait_for_url(re.compile(r".*/admin/merges/[0-9a-f-]{36}$"))
     expect(page.locator("#job-status")).to_have_text("succeeded")

@@ -20,7 +20,7 @@ from api.admin import views
 from api.admin.auth import PUBLIC
 from api.admin.views import LINEAGE_CHILDREN, PAGE_SIZE
 from api.app import create_app
-from api.settings import Settings
+from core.settings import Settings
 from registry import db
 from registry.models import ApiKey, Base, MergeJob, utcnow
 from registry.schemas import ExpertSpec

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from api.settings import Settings
+from core.errors import Unauthorized
+from core.settings import Settings
 from registry import db
-from registry.errors import Unauthorized
 from registry.keys import ApiKeyService, hash_key
 from tests.fixtures.cli import invoke
 

@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from api.cli import app
-from api.settings import Settings
+from core.settings import Settings
 from merging.jobs import MergeJobService
 from registry import db
 from registry.store import ArtifactStore

@@ -21,7 +21,7 @@ from uuid import UUID
 import httpx
 import pytest
 
-from api.settings import Settings
+from core.settings import Settings
 from registry import db
 from registry.schemas import ExpertSpec
 from registry.services import ApiKeyService

@@ -232,9 +232,9 @@ def test_racing_merges_for_one_name_the_database_refuses_the_second(
 
     from sqlalchemy import func, select
 
+    from core.errors import Conflict
     from merging.jobs import MergeJobService
     from registry import db
-    from registry.errors import Conflict
     from registry.models import MergeJob
 
     settings = registry_env.settings

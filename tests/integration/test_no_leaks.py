@@ -24,8 +24,8 @@ from sqlalchemy import text
 
 from api.app import create_app
 from api.exceptions import REDACTED, redact_local_paths
+from core.errors import ValidationFailed
 from registry import db
-from registry.errors import ValidationFailed
 from registry.schemas import ExpertSpec
 from serving.dispatch import EngineSet
 from serving.engine import EngineUnavailable, GenerationFailed

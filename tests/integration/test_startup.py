@@ -10,9 +10,9 @@ from litestar.testing import TestClient
 from sqlalchemy import text
 
 from api.app import create_app
-from api.settings import Settings
+from core.errors import DatabaseNotReady
+from core.settings import Settings
 from registry import db
-from registry.errors import DatabaseNotReady
 from registry.services import ApiKeyService
 from tests.fixtures.db import BACKENDS
 

@@ -188,7 +188,7 @@ def test_eval_draws_the_trace_heatmap(live: dict[str, Any], monkeypatch: pytest.
 async def test_vllm_refuses_what_only_torch_runs(tiny_base: Path, tmp_path: Path) -> None:
     """Sent to vLLM directly, a mixture or a fused request is refused before any server starts (vLLM would
     answer it with one model alone)."""
-    from registry.errors import ValidationFailed
+    from core.errors import ValidationFailed
     from serving.vllm import VLLMConfig, VLLMEngine
 
     adapter = build_tiny_lora(tiny_base, tmp_path / "a", seed=1)

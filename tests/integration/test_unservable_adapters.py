@@ -26,12 +26,12 @@ from typer.testing import CliRunner
 
 from api.app import create_app
 from api.cli import app as cli_app
-from api.settings import Settings
+from composition.factory import create_engine, registered_lora_rank
+from core.settings import Settings
 from registry import db
 from registry.limits import unservable_adapters
 from registry.models import Expert
 from registry.schemas import ExpertSpec
-from serving.factory import create_engine, registered_lora_rank
 from serving.torch_engine import TorchEngine
 from tests.fixtures.db import BACKENDS, RegistryEnv
 from tests.fixtures.live import register, serve

@@ -20,7 +20,7 @@ import httpx
 import openai
 import pytest
 
-from api.settings import Settings
+from core.settings import Settings
 from registry import db
 from registry.schemas import ExpertSpec
 from registry.services import ApiKeyService, ExpertService

@@ -177,7 +177,7 @@ async def test_errors_are_returned_per_request(engine: VLLMEngine, models: Model
         ]
     )
     too_long, missing, empty, fine = results
-    from registry.errors import ValidationFailed
+    from core.errors import ValidationFailed
 
     assert isinstance(too_long, ValidationFailed) and too_long.param == "max_tokens"
     assert isinstance(missing, GenerationFailed) and "missing" in missing.message
@@ -336,8 +336,8 @@ async def test_composed_answer_survives_a_member_server_dying(models: Models, tm
     """A k = 2 composition whose experts sit on two vLLM servers: one server is killed mid-request; the
     other expert's answer is the aggregate and the dead one is named as failed (no error for the client)."""
     from aggregators import AGGREGATORS
-    from serving.compose import compose
-    from serving.resolve import Member, Resolved
+    from composition.compose import compose
+    from composition.resolve import Member, Resolved
 
     eng = VLLMEngine(_config(tmp_path, 18700))
     try:

@@ -7,7 +7,7 @@ import pytest
 from aggregators import AGGREGATORS
 from aggregators.base import Aggregation, ExpertAnswer
 from aggregators.vote import extract_answer, vote_key, weighted_majority
-from registry.errors import ValidationFailed
+from core.errors import ValidationFailed
 from serving.engine import GenerationFailed
 
 

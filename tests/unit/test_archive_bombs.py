@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from registry.errors import PayloadTooLarge, ValidationFailed
+from core.errors import PayloadTooLarge, ValidationFailed
 from registry.uploads import (
     DEFAULT_MAX_MEMBERS,
     MAX_TAR_HEADER_BYTES,

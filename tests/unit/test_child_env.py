@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from api.settings import Settings
+from core.settings import Settings
 from serving.vllm import VLLMConfig, child_env
 from serving.vllm_plugin import COMPILE_ENV, LORA_OPS_ENV
 from serving.vllm_process import VLLMProcess, server_env

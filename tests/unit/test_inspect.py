@@ -15,7 +15,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from registry.errors import ValidationFailed
+from core.errors import ValidationFailed
 from registry.inspect import (
     FORBIDDEN_SUFFIXES,
     TensorInfo,

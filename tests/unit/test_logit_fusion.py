@@ -18,12 +18,12 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from aggregators import AGGREGATORS
-from registry.errors import Unprocessable, ValidationFailed
+from composition.compose import compose, compose_stream
+from composition.resolve import Member, Resolved
+from core.errors import Unprocessable, ValidationFailed
 from serving import logit_fusion
-from serving.compose import compose, compose_stream
 from serving.engine import FusedMember, Fusion, GenChunk, GenerationFailed, GenRequest, GenResult, Sampling, Target
 from serving.logit_fusion import mix_distributions, step_weights
-from serving.resolve import Member, Resolved
 from serving.torch_engine import TorchEngine
 
 # the `confident` fixture adapts the tied lm_head, which PEFT warns about every time it loads it
@@ -458,7 +458,7 @@ async def test_compose_refuses_an_engine_without_fusion(tiny_base: Path, tiny_lo
 
 
 def test_composition_members_must_be_one_base_and_its_loras() -> None:
-    from registry.compositions import CompositionSpec, _check_fusable
+    from composition.service import CompositionSpec, _check_fusable
     from registry.models import Expert
 
     base_a, base_b = uuid.uuid4(), uuid.uuid4()

@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
+from core.errors import ValidationFailed
 from merging.config import check_request, parse_request
 from merging.executor import execute
 from merging.plan import ModelRef, plan_merge
-from registry.errors import ValidationFailed
 from tests.fixtures.tiny import build_tiny_finetune, build_tiny_llama
 
 TEMPLATE = "{% for message in messages %}<{{ message['role'] }}>{{ message['content'] }}{% endfor %}"

@@ -14,11 +14,11 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from core.errors import ValidationFailed
 from merging.config import check_request, parse_request
 from merging.executor import MERGE_RECORD, ExecutorOptions, MergeCancelled, execute
 from merging.methods import METHODS, merge_tensor
 from merging.plan import ModelRef, plan_merge
-from registry.errors import ValidationFailed
 from tests.fixtures.tiny import build_tiny_finetune, build_tiny_llama, build_tiny_lora
 
 TARGETS = ("q_proj", "v_proj", "down_proj")

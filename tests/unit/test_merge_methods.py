@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 import torch
 
+from core.errors import ValidationFailed
 from merging.methods import METHODS, InputParams, MergeMethod, MethodConfig, MethodRegistry, merge_tensor
 from merging.methods.linear import LinearConfig, linear
 from merging.methods.sparsify import dare, magnitude, magnitude_outliers, top_k_mask
-from registry.errors import ValidationFailed
 
 TASK_VECTOR_METHODS = ["task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties"]
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 from aggregators import ExpertAnswer
 from aggregators.synthesize import PARTS_SYSTEM, Synthesize, SynthesizeConfig
+from composition.compose import asking
 from routers.query.base import RouteDecision
 from routers.query.parts import MAX_PARTS, merge_part_decisions, part_routes, split_parts
-from serving.compose import asking
 from serving.engine import GenRequest, Sampling, Target
 
 

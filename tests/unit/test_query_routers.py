@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from registry.errors import ValidationFailed
+from core.errors import ValidationFailed
 from routers.query.base import ROUTERS, Candidate, GlobalRouter, RouteDecision, RouterContext
 from routers.query.embedder import SentenceEmbedder, shared_embedder
 from routers.query.instruct import InstructRouter

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from safetensors.torch import load_file, save_file
 
-from registry.errors import Unprocessable, ValidationFailed
+from core.errors import Unprocessable, ValidationFailed
 from registry.inspect import MAX_HEADERS_TOTAL_BYTES, inspect_folder, pattern_value
 from registry.limits import MAX_PATTERN_KEY_CHARS, MAX_PATTERN_KEYS, first_lora_fault, is_pattern_key
 from serving.engine import GenRequest, Sampling, Target
@@ -308,7 +308,7 @@ async def test_vllm_refuses_rank_above_its_largest(tmp_path: Path) -> None:
         assert (await engine.status()) == []  # nothing recorded, nothing started
 
         # The restart path (an adapter folder declaring a larger rank than the running server's) too.
-        server = engine._record("base", tmp_path, 8)
+        server = engine._server_entry("base", tmp_path, 8)
         rank = server.rank
         with pytest.raises(Unprocessable, match="re-register it with r and every rank_pattern value <= 512"):
             await engine._restart_for_rank(server, target, "id-1", 1024)

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from evals import recipe as recipe_mod
 from evals.recipe import COMPLETE_MARKER, LoraRecipe, base_manifest, expert_dir, train_expert
 from evals.tasks import get_task
+from routers.token.encoding import IGNORE_INDEX
 
 # The tiny tokenizer is character-level, so examples run to a few hundred tokens.
 TINY = LoraRecipe(steps=2, warmup_steps=0, batch_size=2, train_examples=8, max_length=512)
@@ -138,10 +139,10 @@ def test_training_changes_the_model_and_masks_the_prompt(tiny_base: Path) -> Non
     ex = get_task("units").examples("train", 1)[0]
     ids, labels = recipe_mod._encode(tokenizer, ex, 512)
     assert len(ids) == len(labels)
-    scored = [t for t in labels if t != recipe_mod.IGNORE_INDEX]
+    scored = [t for t in labels if t != IGNORE_INDEX]
     # Only the answer and the end-of-turn token are trained.
     assert tokenizer.decode(scored) == ex.answer + "<|im_end|>"
-    assert labels[: len(labels) - len(scored)] == [recipe_mod.IGNORE_INDEX] * (len(labels) - len(scored))
+    assert labels[: len(labels) - len(scored)] == [IGNORE_INDEX] * (len(labels) - len(scored))
     with pytest.raises(ValueError, match="exceeds max_length"):
         recipe_mod._encode(tokenizer, ex, 10)
 
@@ -159,7 +160,7 @@ def test_answer_loss_matches_the_full_model_loss(tiny_base: Path) -> None:
     width = max(len(ids) for ids, _ in items)
     pad = tokenizer.pad_token_id
     ids = torch.tensor([x + [pad] * (width - len(x)) for x, _ in items])
-    labels = torch.tensor([y + [recipe_mod.IGNORE_INDEX] * (width - len(y)) for _, y in items])
+    labels = torch.tensor([y + [IGNORE_INDEX] * (width - len(y)) for _, y in items])
     mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x, _ in items])
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=mask, labels=labels).loss

@@ -16,10 +16,10 @@ import pytest
 import torch
 from sqlalchemy import func, select
 
+from core.errors import ValidationFailed
 from evals.recipe import LoraRecipe, train_expert
 from evals.tasks import Example, Split, Task
 from registry import db
-from registry.errors import ValidationFailed
 from registry.models import Expert, RouterState
 from registry.schemas import ExpertSpec
 from registry.services import ExpertService
@@ -134,7 +134,7 @@ def _module_inputs(base_dir: Path, modules: list[str], rows: list[TrainingRow]) 
     and the answer's), on ``rows``: where gate training taught the gates."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evals.recipe import IGNORE_INDEX, encode_chat
+    from routers.token.encoding import IGNORE_INDEX, encode_chat
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from registry.errors import ValidationFailed
+from core.errors import ValidationFailed
 from registry.training_data import TrainingRow
 from routers.token import TOKEN_ROUTERS, apply_mixture, load_lora_adapter
 from routers.token import states as states_mod

@@ -19,7 +19,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM
 
-from registry.errors import ValidationFailed
+from core.errors import ValidationFailed
 from routers.token import TOKEN_ROUTERS, AdapterRefused, MixtureLinear, load_lora_adapter, load_mixture_model
 from routers.token import mixture as mixture_mod
 from routers.token.adapters import stack_module

@@ -15,7 +15,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from registry.errors import ValidationFailed
+from core.errors import ValidationFailed
 from serving.engine import Engine, GenChunk, GenerationFailed, GenRequest, GenResult, Sampling, Target
 from serving.torch_engine import TorchEngine
 

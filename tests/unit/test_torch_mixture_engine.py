@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from registry.errors import ValidationFailed
+from core.errors import ValidationFailed
 from routers.token import TOKEN_ROUTERS, load_lora_adapter
 from serving.engine import GenRequest, GenResult, Sampling, Target, TokenMixture
 from serving.torch_engine import TorchEngine

@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from registry.errors import Forbidden, MoergeError, PayloadTooLarge, ValidationFailed
+from core.errors import Forbidden, MoergeError, PayloadTooLarge, ValidationFailed
 from registry.uploads import check_member_path, copy_stream_limited, extract_archive, resolve_import_path
 
 MB = 1024 * 1024

@@ -26,7 +26,7 @@ def test_compiled_model_cache_uses_inductors_unless_set(monkeypatch: pytest.Monk
 
 
 def test_compile_setting_is_read_from_the_environment() -> None:
-    from api.settings import Settings
+    from core.settings import Settings
     from serving.vllm_plugin import COMPILE_ENV
 
     assert Settings.from_env({}).vllm_compile is True

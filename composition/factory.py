@@ -5,8 +5,8 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from api.settings import Settings
-from registry.errors import ValidationFailed
+from core.errors import ValidationFailed
+from core.settings import Settings
 from registry.limits import MAX_LORA_RANK, largest_rank, row_fault
 from registry.models import Expert
 from registry.services import ExpertService
@@ -52,8 +52,8 @@ async def create_engine(settings: Settings, sessionmaker: async_sessionmaker[Asy
         from serving.torch_engine import TorchEngine
 
         return TorchEngine()
+    from core.lora import VALID_LORA_RANKS, lora_rank_for
     from serving.vllm import VLLMConfig, VLLMEngine
-    from serving.vllm_process import VALID_LORA_RANKS, lora_rank_for
 
     # vLLM's CPU LoRA kernels copy each token's adapter weights padded to --max-lora-rank: size it to the
     # adapters registered now (8 at least) rather than a generous default. A larger adapter registered later

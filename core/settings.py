@@ -12,9 +12,12 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from registry.limits import MAX_LORA_RANK
-from routers.query.embedder import EMBEDDING_BACKENDS
-from serving.vllm_plugin import COMPILE_ENV, LORA_OPS_CHOICES
+# Choices and names other layers read from here (core imports nothing of this project).
+EMBEDDING_BACKENDS = ("onnx", "torch")  # the routers' embedding forward pass
+LORA_OPS_ENV = "MOERGE_VLLM_LORA_OPS"  # read by moerge's plugin inside managed vLLM servers
+LORA_OPS_CHOICES = ("grouped", "vllm")
+COMPILE_ENV = "MOERGE_VLLM_COMPILE"
+MAX_LORA_RANK = 512  # vLLM's largest --max-lora-rank; the default of MOERGE_MAX_LORA_RANK
 
 GiB = 1024**3
 

@@ -18,12 +18,12 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from aggregators import Aggregation, ExpertAnswer
-from registry.errors import MoergeError, Unprocessable
+from composition.resolve import Resolved, target_of_slug
+from core.errors import MoergeError, Unprocessable
 from registry.store import ArtifactStore
 from routers.query import RouterContext
 from routers.query.base import Embedder
 from serving.engine import Engine, FusedMember, GenChunk, GenerationFailed, GenRequest, GenResult, Sampling, Target
-from serving.resolve import Resolved, target_of_slug
 
 
 @dataclass
@@ -78,7 +78,7 @@ def aggregator_request(resolved: Resolved, query: str, answers: list[ExpertAnswe
     return GenRequest(target, agg_sampling, messages=aggregator.prompt(query, answers), request_id="aggregate")
 
 
-def _record(resolved: Resolved, aggregation: Aggregation) -> None:
+def _name_answering_experts(resolved: Resolved, aggregation: Aggregation) -> None:
     """The headers name the experts the answer came from."""
     chosen = [m for m in resolved.members if m.slug in aggregation.chosen] or [
         m for m in resolved.members if m.slug not in resolved.failed
@@ -119,7 +119,7 @@ async def compose_fused(engine: Engine, resolved: Resolved, build: Callable[[Tar
         f"mean weights per step: {shown})",
         extra={"fusion": summary},
     )
-    _record(resolved, aggregation)
+    _name_answering_experts(resolved, aggregation)
     # Every member decoded the same tokens: each one's answer is the fused text.
     answers = [ExpertAnswer(m.slug, m.weight, result.text) for m in resolved.members]
     return ComposedAnswer(aggregation, answers, result.prompt_tokens, result.completion_tokens, result.finish_reason)
@@ -146,7 +146,7 @@ async def compose(
         finish_reason = out.finish_reason
     else:
         aggregation = aggregator.combine(query, answers)
-    _record(resolved, aggregation)
+    _name_answering_experts(resolved, aggregation)
     return ComposedAnswer(aggregation, answers, prompt_tokens, completion_tokens, finish_reason)
 
 
@@ -159,19 +159,14 @@ async def compose_stream(
     assert aggregator is not None
     if aggregator.fuses_logits:  # one fused decode: its own stream is the answer's
         request = fused_request(engine, resolved, build)
-        _record(resolved, Aggregation("", [m.slug for m in resolved.members]))
-        return aggr_stream(engine.stream(request))
+        _name_answering_experts(resolved, Aggregation("", [m.slug for m in resolved.members]))
+        return engine.stream(request)
     if aggregator.uses_model and aggregator.streams_output:
         answers, _ = await answer_members(engine, resolved, build)
-        _record(resolved, Aggregation("", [a.slug for a in answers if a.ok]))
-        return aggr_stream(engine.stream(aggregator_request(resolved, query, answers, sampling)))
+        _name_answering_experts(resolved, Aggregation("", [a.slug for a in answers if a.ok]))
+        return engine.stream(aggregator_request(resolved, query, answers, sampling))
     done = await compose(engine, resolved, query, build, sampling)
     return _one_chunk(done)
-
-
-async def aggr_stream(chunks: AsyncIterator[GenChunk]) -> AsyncIterator[GenChunk]:
-    async for chunk in chunks:
-        yield chunk
 
 
 async def _one_chunk(done: ComposedAnswer) -> AsyncIterator[GenChunk]:

@@ -16,16 +16,16 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from composition.resolve import Resolved, target_for
+from core.errors import Conflict
 from registry.compositions import CompositionView
 from registry.epoch import Stamp, StampedMemo, registry_stamp
-from registry.errors import Conflict
 from registry.limits import MAX_LORA_RANK
 from registry.models import CompositionMember, Expert
 from registry.store import ArtifactStore
 from routers.query import ROUTERS, RouteDecision, RouterContext
 from routers.query.service import RoutingService, candidate_of
 from serving.engine import Target, TokenMixture
-from serving.resolve import Resolved, target_for
 
 
 def is_token_level(router: str) -> bool:

@@ -2,10 +2,24 @@
 
 Services raise these; the API maps them to HTTP once (``api/exceptions.py``) and the CLI
 turns them into a message and a non-zero exit. Each carries the field it is about, so a
-client is told which part of its input was wrong and why.
+client is told which part of its input was wrong and why. It lives in ``core`` (below every
+other package) so that every layer raises the same errors without importing the registry.
 """
 
 from __future__ import annotations
+
+__all__ = [
+    "Conflict",
+    "DatabaseNotReady",
+    "Forbidden",
+    "MoergeError",
+    "NotFound",
+    "PayloadTooLarge",
+    "RateLimited",
+    "Unauthorized",
+    "Unprocessable",
+    "ValidationFailed",
+]
 
 
 class MoergeError(Exception):
@@ -91,10 +105,3 @@ class DatabaseNotReady(MoergeError):
     status_code = 503
     error_type = "server_error"
     default_code = "database_not_migrated"
-
-
-class IntegrityFailure(MoergeError):
-    """Stored bytes no longer match their recorded sha256."""
-
-    status_code = 500
-    default_code = "integrity_failure"

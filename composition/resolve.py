@@ -9,9 +9,10 @@ from pathlib import Path
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from aggregators import AGGREGATORS, Aggregator
-from registry.compositions import CompositionService, CompositionView
+from composition.service import CompositionService
+from core.errors import NotFound, Unprocessable, ValidationFailed
+from registry.compositions import CompositionView
 from registry.epoch import Stamp, StampedMemo, registry_stamp
-from registry.errors import NotFound, Unprocessable, ValidationFailed
 from registry.limits import MAX_LORA_RANK, largest_rank, row_fault, unservable_message
 from registry.models import Expert, ExpertKind
 from registry.services import ExpertService
@@ -167,7 +168,7 @@ async def resolve_composition(
     max_lora_rank: int = MAX_LORA_RANK,
 ) -> Resolved:
     stamp = stamp if stamp is not None else await registry_stamp(session)
-    from serving import mixtures  # imports this module
+    from composition import mixtures  # imports this module
 
     if mixtures.is_token_level(comp.router):
         resolved = await mixtures.resolve_token_composition(

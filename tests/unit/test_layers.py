@@ -1,0 +1,17 @@
+"""The packages' import contracts (pyproject.toml [tool.importlinter]) hold: a change that makes an import point
+the wrong way fails the tests, and so CI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_import_contracts_hold() -> None:
+    lint = Path(sys.executable).with_name("lint-imports")
+    done = subprocess.run([str(lint), "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "broken" not in done.stdout.split("Contracts:")[-1].lower() or " 0 broken" in done.stdout
