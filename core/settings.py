@@ -11,12 +11,14 @@ import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 # Choices and names other layers read from here (core imports nothing of this project).
 EMBEDDING_BACKENDS = ("onnx", "torch")  # the routers' embedding forward pass
 LORA_OPS_ENV = "MOERGE_VLLM_LORA_OPS"  # read by moerge's plugin inside managed vLLM servers
 LORA_OPS_CHOICES = ("grouped", "vllm")
 COMPILE_ENV = "MOERGE_VLLM_COMPILE"
+ENGINES = ("vllm", "torch")
 MAX_LORA_RANK = 512  # vLLM's largest --max-lora-rank; the default of MOERGE_MAX_LORA_RANK
 
 GiB = 1024**3
@@ -30,6 +32,10 @@ def _int_env(env: dict[str, str], name: str, default: int) -> int:
         return int(raw)
     except ValueError as exc:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
+
+
+def _flag_env(env: dict[str, str], name: str, default: bool) -> bool:
+    return _choice_env(env, name, ("0", "1"), "1" if default else "0") == "1"
 
 
 def _read_key_file(path: Path) -> str | None:
@@ -205,34 +211,40 @@ class Settings:
             if roots_raw
             else (home / "imports",)
         )
+
+        def default(name: str) -> Any:  # each default is written once, on its field
+            return cls.__dataclass_fields__[name].default
+
         return cls(
             home=home,
             database_url=database_url,
             import_roots=roots,
-            max_upload_bytes=_int_env(env, "MOERGE_MAX_UPLOAD_BYTES", 8 * GiB),
-            max_unpacked_bytes=_int_env(env, "MOERGE_MAX_UNPACKED_BYTES", 16 * GiB),
-            max_json_bytes=_int_env(env, "MOERGE_MAX_JSON_BYTES", 1024**2),
-            max_lora_rank=_int_env(env, "MOERGE_MAX_LORA_RANK", MAX_LORA_RANK),
+            max_upload_bytes=_int_env(env, "MOERGE_MAX_UPLOAD_BYTES", default("max_upload_bytes")),
+            max_unpacked_bytes=_int_env(env, "MOERGE_MAX_UNPACKED_BYTES", default("max_unpacked_bytes")),
+            max_json_bytes=_int_env(env, "MOERGE_MAX_JSON_BYTES", default("max_json_bytes")),
+            max_lora_rank=_int_env(env, "MOERGE_MAX_LORA_RANK", default("max_lora_rank")),
             admin_key=env.get("MOERGE_ADMIN_KEY") or None,
-            host=env.get("MOERGE_HOST", "127.0.0.1"),
-            port=_int_env(env, "MOERGE_PORT", 8000),
+            host=env.get("MOERGE_HOST", default("host")),
+            port=_int_env(env, "MOERGE_PORT", default("port")),
             api_url=env.get("MOERGE_URL")
-            or f"http://{env.get('MOERGE_HOST', '127.0.0.1')}:{env.get('MOERGE_PORT', '8000')}",
+            or f"http://{env.get('MOERGE_HOST', default('host'))}:{env.get('MOERGE_PORT', default('port'))}",
             api_key=env.get("MOERGE_API_KEY") or _read_key_file(home / "admin-key"),
-            engine=_choice_env(env, "MOERGE_ENGINE", ("vllm", "torch"), "vllm"),
-            default_max_tokens=_int_env(env, "MOERGE_DEFAULT_MAX_TOKENS", 256),
+            engine=_choice_env(env, "MOERGE_ENGINE", ENGINES, default("engine")),
+            default_max_tokens=_int_env(env, "MOERGE_DEFAULT_MAX_TOKENS", default("default_max_tokens")),
             vllm_remote=_pairs_env(env, "MOERGE_VLLM_REMOTE"),
-            vllm_kv_cache_gib=_int_env(env, "MOERGE_VLLM_KV_CACHE_GIB", 2),
-            vllm_max_servers=_int_env(env, "MOERGE_VLLM_MAX_SERVERS", 3),
-            vllm_max_model_len=_int_env(env, "MOERGE_VLLM_MAX_MODEL_LEN", 2048),
+            vllm_kv_cache_gib=_int_env(env, "MOERGE_VLLM_KV_CACHE_GIB", default("vllm_kv_cache_gib")),
+            vllm_max_servers=_int_env(env, "MOERGE_VLLM_MAX_SERVERS", default("vllm_max_servers")),
+            vllm_max_model_len=_int_env(env, "MOERGE_VLLM_MAX_MODEL_LEN", default("vllm_max_model_len")),
             embedding_model=env.get("MOERGE_EMBEDDING_MODEL") or None,
-            embedding_backend=_choice_env(env, "MOERGE_EMBEDDING_BACKEND", EMBEDDING_BACKENDS, "onnx"),
-            vllm_cpu_threads_bind=env.get("MOERGE_VLLM_CPU_THREADS_BIND") or "all",
-            vllm_lora_ops=_choice_env(env, "MOERGE_VLLM_LORA_OPS", LORA_OPS_CHOICES, "grouped"),
-            vllm_compile=_choice_env(env, COMPILE_ENV, ("1", "0"), "1") == "1",
+            embedding_backend=_choice_env(
+                env, "MOERGE_EMBEDDING_BACKEND", EMBEDDING_BACKENDS, default("embedding_backend")
+            ),
+            vllm_cpu_threads_bind=env.get("MOERGE_VLLM_CPU_THREADS_BIND") or default("vllm_cpu_threads_bind"),
+            vllm_lora_ops=_choice_env(env, LORA_OPS_ENV, LORA_OPS_CHOICES, default("vllm_lora_ops")),
+            vllm_compile=_flag_env(env, COMPILE_ENV, default("vllm_compile")),
             vllm_env_passthrough=_names_env(env, "MOERGE_VLLM_ENV_PASSTHROUGH"),
-            merge_stale_after_s=_int_env(env, "MOERGE_MERGE_STALE_S", 30),
-            store_orphan_age_s=_int_env(env, "MOERGE_STORE_ORPHAN_AGE_S", 600),
+            merge_stale_after_s=_int_env(env, "MOERGE_MERGE_STALE_S", default("merge_stale_after_s")),
+            store_orphan_age_s=_int_env(env, "MOERGE_STORE_ORPHAN_AGE_S", default("store_orphan_age_s")),
             session_secret=env.get("MOERGE_SESSION_SECRET") or None,
-            admin_cookie_secure=_choice_env(env, "MOERGE_ADMIN_COOKIE_SECURE", ("0", "1"), "0") == "1",
+            admin_cookie_secure=_flag_env(env, "MOERGE_ADMIN_COOKIE_SECURE", default("admin_cookie_secure")),
         )
