@@ -25,6 +25,7 @@ from api.system.controllers import EngineController, HealthController
 from composition.compose import router_context
 from composition.factory import create_engine
 from core.settings import Settings
+from evals.sources import install_example_sources
 from merging.jobs import InProcessRunner
 from registry.db import ensure_migrated, make_engine, make_sessionmaker
 from registry.epoch import StampReader
@@ -39,6 +40,7 @@ log = logging.getLogger("moerge")
 def create_app(settings: Settings | None = None, *, engine: Engine | None = None) -> Litestar:
     """The app. ``engine`` overrides the one the settings name (tests pass a TorchEngine on tiny models)."""
     settings = settings or Settings.from_env()
+    install_example_sources()  # the demo's tasks, named by `mixer`'s `task`
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:

@@ -993,6 +993,9 @@ def merges_cancel(job_id: Annotated[str, typer.Argument(help="the job's id")]) -
 def main() -> None:
     import logging
 
+    from evals.sources import install_example_sources
+
+    install_example_sources()  # the demo's tasks, named by `mixer`'s `task` (`composition create -p task=...`)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # one line per engine call drowns the server log; keep httpx to warnings
     for name in ("httpx", "httpx2"):

@@ -19,8 +19,8 @@ from evals.recipe import LoraRecipe, default_out_root, is_complete
 from evals.tasks import get_task
 from registry.convert import cached_smollm2
 from registry.training_data import TrainingRow
-from routers.token.adapters import load_lora_adapter
 from routers.token.phatgoose import GateTrainingConfig, train_gates
+from serving.mixture.adapters import load_lora_adapter
 
 
 def main() -> None:

@@ -412,7 +412,7 @@ def report(results: dict[str, Any]) -> str:
                 )
     lines += [
         "",
-        "How moerge's mixture runs (routers/token/model.py, mixture.py): modules that read one input (q/k/v; "
+        "How moerge's mixture runs (serving/mixture/layer.py, sparse.py): modules that read one input (q/k/v; "
         "gate/up) are routed together, one score matmul over their concatenated prototypes and one top-k, each "
         "module keeping its own route; their A sides run as one gather of the chosen (token, expert) pairs' A "
         "and one batched matmul (above 32 tokens: pairs sorted by expert, one grouped matmul, torch._grouped_mm); "

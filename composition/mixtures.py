@@ -11,7 +11,8 @@ expert is scored by how well its description matches.
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -26,6 +27,9 @@ from registry.store import ArtifactStore
 from routers.query import ROUTERS, RouteDecision, RouterContext
 from routers.query.service import RoutingService, candidate_of
 from serving.engine import Target, TokenMixture
+
+if TYPE_CHECKING:
+    from routers.token import TokenRouter
 
 
 def is_token_level(router: str) -> bool:
@@ -81,12 +85,14 @@ async def resolve_token_composition(
         experts = await _adapters(session, comp)
         states = await token_states(session, store, comp.router, dict(comp.router_params), experts)
         base = target_for(experts[0], store, max_lora_rank=max_lora_rank)
+        params = _token_params(comp.router, dict(comp.router_params))
         mixture = TokenMixture(
             composition=comp.name,
             router=comp.router,
-            router_params=json.dumps(_token_params(comp.router, dict(comp.router_params)), sort_keys=True),
+            router_params=json.dumps(params, sort_keys=True),
             adapters=tuple((str(e.id), e.slug, store.expert_dir(e.id)) for e in experts),
             states=tuple(states),
+            make_router=_router_factory(comp.router, params),
         )
         target = Target(base.base_id, base.base_dir, served_name=comp.name, mixture=mixture)
         found = _MIXTURES.put(stamp, (str(store.root), comp.id), (target, experts))
@@ -124,6 +130,13 @@ def _token_params(router: str, params: dict[str, Any]) -> dict[str, Any]:
     from routers.token import TOKEN_ROUTERS
 
     return msgspec.to_builtins(TOKEN_ROUTERS.config(router, params))  # type: ignore[no-any-return]
+
+
+def _router_factory(router: str, params: dict[str, Any]) -> Callable[[], TokenRouter]:
+    """What the engine calls to build the mixture's router (serving does not import routers)."""
+    from routers.token import TOKEN_ROUTERS
+
+    return lambda: TOKEN_ROUTERS.build(router, params)
 
 
 def _instruct_params(params: dict[str, Any]) -> dict[str, Any]:

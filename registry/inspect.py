@@ -21,8 +21,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from core.errors import ValidationFailed
+from core.lora import PEFT_PREFIX, pattern_value
 from registry.documents import load_yaml
-from registry.limits import MAX_LORA_RANK, first_lora_fault, is_pattern_key
+from registry.limits import MAX_LORA_RANK, first_lora_fault
 
 __all__ = [
     "FORBIDDEN_SUFFIXES",
@@ -34,13 +35,11 @@ __all__ = [
     "check_file_names",
     "check_finetune_fits_base",
     "inspect_folder",
+    "pattern_value",
     "read_safetensors_header",
 ]
 
 FORBIDDEN_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-
-# PEFT saves LoRA keys relative to the PeftModel: the base model's own names follow this prefix.
-PEFT_PREFIX = "base_model.model."
 
 # A header is a small JSON index; anything larger is an attack or garbage, not a model.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -609,39 +608,6 @@ def _lora_out_in(mod: LoraModule) -> tuple[int, int, int]:
     """(out, in, r) of B·A for a validated module."""
     assert mod.a is not None and mod.b is not None
     return mod.b.shape[0], mod.a.shape[1], mod.a.shape[0]
-
-
-def _key_matches(key: str, text: str, *, newlines: bool) -> bool:
-    """``re.fullmatch(key, text)`` for a module-name key, whose only metacharacter is ``.`` (any character
-    but a newline)."""
-    if "." not in key:
-        return key == text
-    return len(key) == len(text) and all(
-        k == c or (k == "." and not (newlines and c == "\n")) for k, c in zip(key, text, strict=True)
-    )
-
-
-def pattern_value(pattern: dict[str, Any], module: str) -> Any:
-    """The value of the first ``rank_pattern`` / ``alpha_pattern`` key that matches ``module``, by PEFT's rule:
-    ``re.fullmatch(rf"(.*[.])?(?:{key})", module)``, a suffix match on the module path.
-
-    Computed without a regex in time linear in the key, so a long module name cannot make it slow. Keys that
-    are not module names (an older row: registration refuses them, registry/limits.py) are matched as plain
-    text, never run as patterns."""
-    newlines = "\n" in module  # `.` and `.*` stop at a newline; only then is it worth checking for one
-    for key, value in pattern.items():
-        if not is_pattern_key(key):
-            if module == key or module.endswith("." + key):
-                return value
-            continue
-        n = len(key)
-        if len(module) < n or (len(module) > n and module[-n - 1] != "."):
-            continue
-        if newlines and "\n" in module[: max(len(module) - n - 1, 0)]:
-            continue
-        if _key_matches(key, module[len(module) - n :], newlines=newlines):
-            return value
-    return None
 
 
 def _config_field(cfg: dict[str, Any], name: str, kinds: tuple[type, ...], default: Any) -> Any:

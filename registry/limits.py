@@ -14,7 +14,6 @@ which no regex can backtrack, before anything runs them.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from core.lora import largest_rank
+from core.lora import MAX_PATTERN_KEY_CHARS, is_pattern_key, largest_rank
 from core.settings import MAX_LORA_RANK
 from registry.models import Expert
 
@@ -41,9 +40,6 @@ __all__ = [
 ]
 
 MAX_PATTERN_KEYS = 1000
-MAX_PATTERN_KEY_CHARS = 200
-# ASCII only: \w would admit every Unicode letter. Run only on keys already known to be short.
-_PATTERN_KEY = re.compile(r"[A-Za-z0-9_.]+")
 
 
 @dataclass(frozen=True)
@@ -63,11 +59,6 @@ class LoraFault:
             )
             return f"re-register it with r and every rank_pattern value <= {max_lora_rank}, or {raise_it}"
         return f"re-register it with a corrected adapter_config.json ({self.field})"
-
-
-def is_pattern_key(key: object) -> bool:
-    """A module name: letters, digits, ``_`` and ``.``, 1 to 200 characters (length checked before matching)."""
-    return isinstance(key, str) and 0 < len(key) <= MAX_PATTERN_KEY_CHARS and _PATTERN_KEY.fullmatch(key) is not None
 
 
 def _is_alpha(value: object) -> bool:

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from core.errors import MoergeError
+
+if TYPE_CHECKING:
+    from serving.mixture.route import MixtureRouter
 
 
 class EngineUnavailable(MoergeError):
@@ -40,7 +43,8 @@ class GenerationFailed(MoergeError):
 @dataclass(frozen=True)
 class TokenMixture:
     """A token-level composition: LoRA adapters of one base mixed per token and module by a token router
-    (``routers/token``). Runs in the torch engine only; one loaded model per distinct mixture."""
+    (``routers/token``, built by ``make_router``; the mixture layer is ``serving/mixture``). Runs in the torch
+    engine only; one loaded model per distinct mixture."""
 
     composition: str
     router: str
@@ -48,6 +52,9 @@ class TokenMixture:
     adapters: tuple[tuple[str, str, Path], ...]  # (expert id, slug, folder), in the composition's order
     # The adapters' router states (Arrow prototypes, PHATGOOSE gates), read from the router artifacts.
     states: tuple[dict[str, Any], ...] = field(default=(), compare=False, hash=False, repr=False)
+    # Builds the router named by ``router`` and ``router_params`` (the composition layer passes one from
+    # ``routers/token``, which serving may not import); the engine calls it once per loaded mixture.
+    make_router: Callable[[], MixtureRouter] = field(kw_only=True, compare=False, hash=False, repr=False)
 
     @property
     def key(self) -> str:

@@ -61,6 +61,7 @@ from serving.engine import (
     TokenMixture,
     TokenTrace,
 )
+from serving.mixture import AdapterRefused, apply_mixture, load_lora_adapter
 
 log = logging.getLogger(__name__)
 LOG_HINT = "an admin can read why in moerge's log"  # errors name the model, never its files: those are logged
@@ -742,9 +743,7 @@ class TorchEngine:
 
 def _mix(model: PreTrainedModel, mixture: TokenMixture) -> dict[str, Any]:
     """Wrap ``model``'s adapted linear layers with the mixture (in place); refusals name the adapter."""
-    from routers.token import TOKEN_ROUTERS, AdapterRefused, apply_mixture, load_lora_adapter
-
-    router = TOKEN_ROUTERS.build(mixture.router, mixture.params)
+    router = mixture.make_router()
     try:
         adapters = [load_lora_adapter(folder, slug) for _, slug, folder in mixture.adapters]
         states = [{k: torch.as_tensor(v) for k, v in state.items()} for state in mixture.states] or None

@@ -7,6 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from evals.sources import install_example_sources
+
+# The demo's tasks as example sources (`mixer`'s `task`), as api installs them where the app and the CLI start.
+install_example_sources()
+
 # --- model fixtures ---
 # Tiny seeded models built once per session, plus the real converted SmolLM2 (cached per machine).
 # Keep database/app fixtures outside this block.

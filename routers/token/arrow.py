@@ -12,8 +12,9 @@ from typing import ClassVar
 import torch
 
 from routers.query.base import require
-from routers.token.adapters import LoraAdapter
-from routers.token.base import TOKEN_ROUTERS, FitContext, Route, TokenRouter, TokenRouterConfig, softmax_of_sorted
+from routers.token.base import TOKEN_ROUTERS, FitContext, TokenRouter, TokenRouterConfig
+from serving.mixture.adapters import LoraAdapter
+from serving.mixture.route import Route, softmax_of_sorted
 
 POWER_ITERS = 1000
 POWER_TOL = 1e-7

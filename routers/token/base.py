@@ -1,4 +1,5 @@
-"""What every token-level router shares: the route type, the router interface and the registry.
+"""What every token-level router shares: the router interface and the registry. The route type and what the
+mixture layer calls on a router (``MixtureRouter``, which ``TokenRouter`` implements) are in ``serving/mixture``.
 
 A token-level router scores, for every token reaching one LoRA target module, the adapters stacked in that
 module and keeps a few of them with mixing weights. Its per-adapter state (Arrow prototypes, PHATGOOSE gates)
@@ -17,36 +18,18 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, ClassVar
 
 import msgspec
 import torch
 
 from core.strategies import Registry, StrategyClass
 from routers.query.base import RouterConfig
+from serving.mixture.route import Route
 
 if TYPE_CHECKING:
     from registry.training_data import TrainingRow
-    from routers.token.adapters import LoraAdapter
-
-
-class Route(NamedTuple):
-    """Per-token choice at one module: ``experts`` [tokens, k] (indices into the stack) and ``weights``
-    [tokens, k] (the mixing coefficients c_e)."""
-
-    experts: torch.Tensor
-    weights: torch.Tensor
-
-
-def softmax_of_sorted(top: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Softmax over the last axis of ``top``, whose first column is each row's maximum (``topk``'s sorted
-    output). Written out because ``torch.softmax`` enters an OpenMP parallel region even for a handful of
-    values, which on a busy 2-core CPU cost up to ~8 ms a call (vs ~2 us single-threaded); exp / sum does not."""
-    logits = top - top[..., :1]
-    if temperature != 1.0:
-        logits = logits / temperature
-    e = logits.exp()
-    return e / e.sum(dim=-1, keepdim=True)
+    from serving.mixture.adapters import LoraAdapter
 
 
 class TokenRouterConfig(RouterConfig, frozen=True):

@@ -38,8 +38,9 @@ import numpy as np
 import torch
 
 from routers.query.base import require
-from routers.token.adapters import LoraAdapter
-from routers.token.base import TOKEN_ROUTERS, FitContext, Route, TokenRouter, TokenRouterConfig
+from routers.token.base import TOKEN_ROUTERS, FitContext, TokenRouter, TokenRouterConfig
+from serving.mixture.adapters import LoraAdapter
+from serving.mixture.route import Route
 
 LOCAL_ROUTERS = ("phatgoose", "arrow")
 

@@ -15,8 +15,9 @@ masking, as for PHATGOOSE's gates: ``routers/token/training.py``). The w_e start
 logit(``init``), so before training every expert acts with the same constant weight ``init``.
 
 The examples are the composition's own: ``examples`` (``[{"prompt", "answer"}, ...]``, the shape ``kshot``
-takes) or ``task``, an evals task whose seeded train split gives ``task_examples`` of them. The stored state
-depends on the whole expert set and on the examples, so it is keyed by both (``joint``).
+takes) or ``task``, the name of an example source (``routers/examples.py``: the demo installs every evals
+task, whose seeded train split gives ``task_examples`` of them). The stored state depends on the whole expert
+set and on the examples, so it is keyed by both (``joint``).
 
 Stored form: per expert and module one vector [in_features + 1], w_e followed by b_e (``state_width``).
 
@@ -45,11 +46,13 @@ from torch import nn
 
 from core.errors import ValidationFailed
 from registry.training_data import TrainingRow
+from routers.examples import example_rows, example_source_names
 from routers.query.base import require
 from routers.query.kshot import KShotExample
-from routers.token.adapters import LoraAdapter, stack_module
-from routers.token.base import TOKEN_ROUTERS, FitContext, Route, TokenRouter, TokenRouterConfig
+from routers.token.base import TOKEN_ROUTERS, FitContext, TokenRouter, TokenRouterConfig
 from routers.token.training import GateTrainingConfig, train_layers
+from serving.mixture.adapters import LoraAdapter, stack_module
+from serving.mixture.route import Route
 
 MAX_EXAMPLES = 4096
 
@@ -60,8 +63,8 @@ class MixerConfig(TokenRouterConfig, frozen=True):
     top_k: experts kept per token and module (>= 1), by gate; their gates are their weights.
     init: every expert's gate before training (0 < init < 1).
     examples: labelled examples of the target task, each ``{"prompt", "answer"}`` (at most 4096) ...
-    task: ... or the name of an evals task whose train split gives the examples.
-    task_examples: how many examples ``task``'s train split gives (1..4096).
+    task: ... or the name of an example source giving them (the demo's: every evals task's train split).
+    task_examples: how many examples ``task`` gives (1..4096).
     training: how the router is trained (steps, lr, batch_size, max_length, seed).
     Everything but top_k changes the trained router (it is hashed into the stored state's key).
     """
@@ -74,8 +77,6 @@ class MixerConfig(TokenRouterConfig, frozen=True):
     training: GateTrainingConfig = msgspec.field(default_factory=lambda: GateTrainingConfig(lr=5e-2))
 
     def check(self) -> None:
-        from evals.tasks import all_task_names, get_task
-
         require(self.top_k >= 1, "top_k", "must be at least 1")
         require(math.isfinite(self.init) and 0 < self.init < 1, "init", "must lie strictly between 0 and 1")
         require(bool(self.examples) != bool(self.task), "examples", "give either examples or a task (not both)")
@@ -84,22 +85,16 @@ class MixerConfig(TokenRouterConfig, frozen=True):
             require(bool(example.prompt.strip()), f"examples[{i}].prompt", "must not be empty")
             require(bool(example.answer.strip()), f"examples[{i}].answer", "must not be empty")
         if self.task:
-            try:
-                get_task(self.task)
-            except (KeyError, ValueError):
-                require(False, "task", f"unknown task {self.task!r}; known: {', '.join(all_task_names())}")
+            known = example_source_names()
+            require(self.task in known, "task", f"unknown task {self.task!r}; known: {', '.join(known) or 'none'}")
         require(1 <= self.task_examples <= MAX_EXAMPLES, "task_examples", f"must lie between 1 and {MAX_EXAMPLES}")
         self.training.check()
 
     def rows(self) -> list[TrainingRow]:
-        """The training examples as chat rows: ``examples``, or ``task``'s train split."""
+        """The training examples as chat rows: ``examples``, or the first ``task_examples`` of the example source
+        ``task`` names (``routers/examples.py``: the demo installs each evals task's train split)."""
         if self.task:
-            from evals.tasks import get_task
-
-            return [
-                TrainingRow.from_prompt(e.prompt, e.answer)
-                for e in get_task(self.task).examples("train", self.task_examples)
-            ]
+            return example_rows(self.task, self.task_examples)
         return [TrainingRow.from_prompt(e.prompt, e.answer) for e in self.examples]
 
 

@@ -36,9 +36,10 @@ from torch import nn
 from core.errors import ValidationFailed
 from registry.training_data import TrainingRow
 from routers.query.base import require
-from routers.token.adapters import LoraAdapter
-from routers.token.base import TOKEN_ROUTERS, FitContext, Route, TokenRouter, TokenRouterConfig, softmax_of_sorted
+from routers.token.base import TOKEN_ROUTERS, FitContext, TokenRouter, TokenRouterConfig
 from routers.token.training import GateTrainingConfig, train_layers
+from serving.mixture.adapters import LoraAdapter
+from serving.mixture.route import Route, softmax_of_sorted
 
 STD_EPS = 1e-6  # a constant vector (a zero gate) standardizes to zeros instead of dividing by 0
 

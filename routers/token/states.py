@@ -45,8 +45,8 @@ from registry.models import Expert, ExpertKind, ExpertTrainingData, RouterState
 from registry.store import ArtifactStore
 from registry.training_data import TrainingDataService
 from routers.query.state import LRU
-from routers.token.adapters import AdapterRefused, load_lora_adapter
 from routers.token.base import TOKEN_ROUTERS, FitContext, TokenRouter
+from serving.mixture.adapters import AdapterRefused, load_lora_adapter
 
 State = dict[str, torch.Tensor]
 T = TypeVar("T")

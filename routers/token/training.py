@@ -23,7 +23,7 @@ from torch import nn
 from core.errors import ValidationFailed
 from registry.training_data import TrainingRow
 from routers.query.base import RouterConfig, require
-from routers.token.adapters import refused, target_linear
+from serving.mixture.adapters import refused, target_linear
 
 Encoded = list[tuple[list[int], list[int]]]  # (ids, labels) rows, labels scoring the answer only
 

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from api.cli import app as cli
 from registry.schemas import ExpertSpec
+from routers.token import TOKEN_ROUTERS
 from serving.dispatch import EngineSet
 from serving.engine import FusedMember, Fusion, GenRequest, GenResult, Sampling, Target, TokenMixture
 from serving.torch_engine import TorchEngine
@@ -140,9 +141,13 @@ def test_trace_needs_a_token_router(live: dict[str, Any]) -> None:
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "trace"
 
 
+def _arrow_top1() -> Any:
+    return TOKEN_ROUTERS.build("arrow", {"top_k": 1})
+
+
 async def test_engine_set_sends_mixtures_to_its_torch_engine(tiny_base: Path, tmp_path: Path) -> None:
     adapter = build_tiny_lora(tiny_base, tmp_path / "a", seed=1)
-    mixture = TokenMixture("m", "arrow", '{"top_k": 1}', (("id", "a", adapter),))
+    mixture = TokenMixture("m", "arrow", '{"top_k": 1}', (("id", "a", adapter),), make_router=_arrow_top1)
     main, local = TorchEngine(), TorchEngine()
     engines = EngineSet(main, local)
     try:
@@ -194,7 +199,7 @@ async def test_vllm_refuses_what_only_torch_runs(tiny_base: Path, tmp_path: Path
     adapter = build_tiny_lora(tiny_base, tmp_path / "a", seed=1)
     eng = VLLMEngine(VLLMConfig(log_dir=tmp_path))
     try:
-        mixture = TokenMixture("m", "arrow", '{"top_k": 1}', (("id", "a", adapter),))
+        mixture = TokenMixture("m", "arrow", '{"top_k": 1}', (("id", "a", adapter),), make_router=_arrow_top1)
         mixed = GenRequest(Target("b", tiny_base, mixture=mixture), Sampling(max_tokens=4), prompt="hi")
         plain = Target("b", tiny_base)
         fused = GenRequest(plain, Sampling(max_tokens=4), prompt="hi", fusion=Fusion((FusedMember("b", plain, 1.0),)))

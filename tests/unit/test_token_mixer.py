@@ -15,6 +15,7 @@ import torch
 
 from core.errors import ValidationFailed
 from registry.training_data import TrainingRow
+from routers import examples
 from routers.token import TOKEN_ROUTERS, apply_mixture, load_lora_adapter
 from routers.token import states as states_mod
 from routers.token.mixer import MixerRouter, mixer_route, train_mixer
@@ -133,6 +134,19 @@ def test_config_validation_names_the_field() -> None:
     rows = base.config.rows()  # type: ignore[attr-defined]
     assert len(rows) == 64 and rows == base.config.rows()  # type: ignore[attr-defined]
     assert base.examples_digest() == TOKEN_ROUTERS.build("mixer", {"task": "json_dates", "top_k": 1}).examples_digest()
+
+
+def test_task_names_an_installed_example_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``task`` names an example source the process installed (api installs the demo's evals tasks; routers never
+    import evals): any installed source serves, and with none installed every name is refused, naming the field."""
+    monkeypatch.setattr(examples, "_SOURCES", {})
+    with pytest.raises(ValidationFailed) as err:
+        TOKEN_ROUTERS.config("mixer", {"task": "json_dates"})
+    assert err.value.param == "router_params.task" and "known: none" in err.value.message
+    made = [TrainingRow.from_prompt(f"say {i}", str(i)) for i in range(10)]
+    examples.register_example_source("counting", lambda n: made[:n])
+    router = TOKEN_ROUTERS.build("mixer", {"task": "counting", "task_examples": 3})
+    assert router.config.rows() == made[:3]  # type: ignore[attr-defined]
 
 
 @pytest.fixture

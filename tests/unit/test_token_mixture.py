@@ -21,10 +21,10 @@ from transformers import AutoModelForCausalLM
 
 from core.errors import ValidationFailed
 from routers.token import TOKEN_ROUTERS, AdapterRefused, MixtureLinear, load_lora_adapter, load_mixture_model
-from routers.token import mixture as mixture_mod
-from routers.token.adapters import stack_module
 from routers.token.arrow import ArrowConfig, ArrowRouter, top_right_singular_vector
-from routers.token.mixture import dense_lora_delta, sparse_lora_delta
+from serving.mixture import sparse as mixture_mod
+from serving.mixture.adapters import stack_module
+from serving.mixture.sparse import dense_lora_delta, sparse_lora_delta
 from tests.fixtures.tiny import build_tiny_lora
 
 TARGETS = ("q_proj", "v_proj", "down_proj")

@@ -15,12 +15,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM
 
 from routers.token import TOKEN_ROUTERS, MixtureLinear, load_lora_adapter, load_mixture_model
-from routers.token import mixture as mixture_mod
-from routers.token import model as model_mod
 from routers.token.arrow import ArrowConfig, ArrowRouter
 from routers.token.base import Route, TokenRouter
-from routers.token.mixture import dense_lora_delta, project_down, project_up
-from routers.token.model import MAX_MISSES, SharedInputMixture, apply_mixture
+from serving.mixture import layer as model_mod
+from serving.mixture import sparse as mixture_mod
+from serving.mixture.layer import MAX_MISSES, SharedInputMixture, apply_mixture
+from serving.mixture.sparse import dense_lora_delta, project_down, project_up
 from tests.fixtures.tiny import build_tiny_lora
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -274,7 +274,7 @@ def test_router_without_route_shared(tiny_base: Path, experts: list[Path]) -> No
 # 6 floats a row is not whole 16-byte blocks, and _grouped_mm refuses float64: the loop runs for those two
 @pytest.mark.parametrize(("inner", "dtype"), [(8, torch.float32), (6, torch.float32), (8, torch.float64)])
 def test_segment_mm_with_empty_groups(inner: int, dtype: torch.dtype) -> None:
-    from routers.token.mixture import segment_mm
+    from serving.mixture.sparse import segment_mm
 
     gen = torch.Generator().manual_seed(inner)
     counts = [0, 3, 0, 0, 5, 1, 0]  # empty groups first, between and last

@@ -37,6 +37,7 @@ def mixture(adapters: list[Path], **params: Any) -> TokenMixture:
         router="arrow",
         router_params=json.dumps(params, sort_keys=True),
         adapters=tuple((f"id{i}", f"e{i}", path) for i, path in enumerate(adapters)),
+        make_router=lambda: TOKEN_ROUTERS.build("arrow", params),
     )
 
 
@@ -116,7 +117,9 @@ async def test_stored_states_are_used(engine: TorchEngine, tiny_base: Path, adap
     target = Target(
         "base",
         tiny_base,
-        mixture=TokenMixture(mix.composition, mix.router, mix.router_params, mix.adapters, tuple(forced)),
+        mixture=TokenMixture(
+            mix.composition, mix.router, mix.router_params, mix.adapters, tuple(forced), make_router=mix.make_router
+        ),
     )
     trace = await engine.trace(GenRequest(target, GREEDY, prompt=PROMPTS[1]))
     assert all(row[1] == pytest.approx(1.0) for layer in trace.weights for row in layer)

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from routers.token.adapters import LoraAdapter, load_lora_adapter, stack_module, target_linear
-from routers.token.base import Route, TokenRouter
-from routers.token.mixture import LowRank, project_down, project_up
+from serving.mixture.adapters import LoraAdapter, load_lora_adapter, stack_module, target_linear
+from serving.mixture.route import MixtureRouter, Route
+from serving.mixture.sparse import LowRank, project_down, project_up
 
 # Leaf names of modules that read the same input tensor (vLLM's packed modules for Llama-like models).
 SHARED_INPUTS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -41,7 +41,7 @@ class SharedInputMixture(nn.Module):
 
     def __init__(
         self,
-        router: TokenRouter,
+        router: MixtureRouter,
         A: Sequence[torch.Tensor],
         scale: Sequence[torch.Tensor],
         state: Sequence[torch.Tensor],
@@ -162,7 +162,7 @@ class MixtureLinear(nn.Module):
         name: str,
         base: nn.Linear,
         adapters: Sequence[LoraAdapter],
-        router: TokenRouter,
+        router: MixtureRouter,
         states: Sequence[dict[str, torch.Tensor]],
     ) -> None:
         super().__init__()
@@ -283,7 +283,7 @@ def fuse_shared_inputs(
 def apply_mixture(
     model: nn.Module,
     adapters: Sequence[LoraAdapter],
-    router: TokenRouter,
+    router: MixtureRouter,
     states: Sequence[dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, MixtureLinear]:
     """Replace, in place, every linear layer any adapter targets with a MixtureLinear; returns them by
@@ -316,7 +316,7 @@ def apply_mixture(
 def load_mixture_model(
     base_dir: Path | str,
     adapter_dirs: Sequence[Path | str],
-    router: TokenRouter,
+    router: MixtureRouter,
     *,
     names: Sequence[str] | None = None,
     dtype: torch.dtype = torch.float32,

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from registry.inspect import PEFT_PREFIX, pattern_value
+from core.lora import PEFT_PREFIX, pattern_value
 
 
 class AdapterRefused(ValueError):
