@@ -687,21 +687,14 @@ def _params(pairs: list[str] | None, option: str) -> dict[str, Any]:
 
 def _cli_fitter(settings: Settings, session: AsyncSession) -> PrepareHook:
     """Fits the router's states now, unless fitting runs models (then the server fits on first query)."""
-    from composition.mixtures import is_token_level, token_states
-    from routers.query import ROUTERS, RouterContext
+    from composition.mixtures import fit_router
+    from routers.query import RouterContext
     from routers.query.embedder import LazyEmbedder
-    from routers.query.service import RoutingService
 
     async def fit(spec: CompositionSpec, experts: list[Any]) -> None:
-        if is_token_level(spec.router):
-            if spec.router == "glider":
-                return  # its global part runs a model: the server fits it on the first query
-            await token_states(session, ArtifactStore(settings.store_dir), spec.router, spec.router_params, experts)
-            return
-        if ROUTERS.get(spec.router).cls.fit_uses_model:
-            return
         context = RouterContext(embedder=LazyEmbedder(settings.embedding_model, settings.embedding_backend))
-        await RoutingService(session, context).fit(spec.router, spec.router_params, experts)
+        store = ArtifactStore(settings.store_dir)
+        await fit_router(session, store, context, spec.router, spec.router_params, experts, run_models=False)
 
     return fit
 

@@ -55,14 +55,24 @@ async def fit_router(
     router: str,
     params: dict[str, Any],
     experts: list[Expert],
+    *,
+    run_models: bool = True,
 ) -> None:
-    """Fit a composition's router states now (on create or update), query-level or token-level."""
+    """Fit a composition's router states now (on create or update), query-level or token-level, with a token
+    router's query-level part (``query_part``). ``run_models=False`` (the CLI, which has no engine): a router
+    whose fitting runs a model is left for the server to fit on its first query."""
+    query_level = [(router, params)]
+    if is_token_level(router):
+        from routers.token import TOKEN_ROUTERS
+
+        part = TOKEN_ROUTERS.get(router).cls.query_part(params)
+        query_level = [part] if part is not None else []
+    if not run_models and any(ROUTERS.get(name).cls.fit_uses_model for name, _ in query_level):
+        return
     if is_token_level(router):
         await token_states(session, store, router, params, experts)
-        if router == "glider":
-            await RoutingService(session, context).fit("instruct", _instruct_params(params), experts)
-        return
-    await RoutingService(session, context).fit(router, params, experts)
+    for name, part_params in query_level:
+        await RoutingService(session, context).fit(name, part_params, experts)
 
 
 # composition id -> (mixture target, adapter experts' slugs); valid while the registry epoch stands still
@@ -103,8 +113,9 @@ async def resolve_token_composition(
     scores = dict.fromkeys(slugs, 0.0)
     params = target.mixture.params
     extra: dict[str, Any] = {"level": "token", "top_k": (params.get("local_params") or params).get("top_k")}
-    if comp.router == "glider":
-        described = await _describe_query(session, context, comp, experts, query)
+    part = _query_part(comp)
+    if part is not None:
+        described = await _describe_query(session, context, part, experts, query)
         scores = {slug: float(described.scores.get(slug, 0.0)) for slug in slugs}
         # glider_bias's formula (scale · cosine of the query's task description and each expert's), on the
         # cosines `instruct` computed from its stored expert embeddings.
@@ -139,17 +150,16 @@ def _router_factory(router: str, params: dict[str, Any]) -> Callable[[], TokenRo
     return lambda: TOKEN_ROUTERS.build(router, params)
 
 
-def _instruct_params(params: dict[str, Any]) -> dict[str, Any]:
-    """glider's global part is the `instruct` router (its embeddings stored as instruct's states); the model
-    writing the description and its length come from glider's params. Every expert keeps a score."""
-    keep = {k: params[k] for k in ("model", "max_new_tokens") if params.get(k) is not None}
-    return {**keep, "threshold": -1.0}
+def _query_part(comp: CompositionView) -> tuple[str, dict[str, Any]] | None:
+    from routers.token import TOKEN_ROUTERS
+
+    return TOKEN_ROUTERS.get(comp.router).cls.query_part(dict(comp.router_params))
 
 
 async def _describe_query(
-    session: AsyncSession, context: RouterContext, comp: CompositionView, experts: list[Expert], query: str
+    session: AsyncSession, context: RouterContext, part: tuple[str, dict[str, Any]], experts: list[Expert], query: str
 ) -> RouteDecision:
-    router = ROUTERS.build("instruct", _instruct_params(dict(comp.router_params)), context)
+    router = ROUTERS.build(part[0], part[1], context)
     candidates = [candidate_of(e, []) for e in experts]
     service = RoutingService(session, context)
     prepared = await service.states.prepared(router, candidates)

@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgspec
 import torch
@@ -64,6 +64,12 @@ class TokenRouter(ABC):
         cfg = config if config is not None else self.config_cls()
         cfg.check()
         self.config = cfg
+
+    @classmethod
+    def query_part(cls, params: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+        """A query-level router this one also runs once per query, with its parameters (``glider``'s global
+        bias is the ``instruct`` router): fitted with the composition, asked before the mixture decodes."""
+        return None
 
     def requires_training_data(self) -> bool:
         """Whether ``fit_adapter`` needs a FitContext with the base and training examples (a router that

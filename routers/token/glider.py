@@ -103,6 +103,13 @@ class GliderRouter(TokenRouter):
         super().__init__(config)
         self.local = TOKEN_ROUTERS.build(self.config.local, self.config.local_params)
 
+    @classmethod
+    def query_part(cls, params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """The global part is the `instruct` router (its embeddings stored as instruct's states); the model writing
+        the description and its length come from glider's params. Every expert keeps a score."""
+        keep = {k: params[k] for k in ("model", "max_new_tokens") if params.get(k) is not None}
+        return "instruct", {**keep, "threshold": -1.0}
+
     def requires_training_data(self) -> bool:
         return self.local.requires_training_data()
 

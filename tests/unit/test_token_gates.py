@@ -583,3 +583,14 @@ async def test_states_refuse_non_adapters(registry_env: RegistryEnv, tiny_base: 
         assert err.value.param == "experts[0]"
     finally:
         await env.engine.dispose()
+
+
+def test_a_token_router_names_its_query_level_part_through_a_hook() -> None:
+    """Fitting and resolving ask the router for its query-level part (composition/mixtures.py, one fitter for
+    the API and the CLI) instead of checking for `glider` by name."""
+    from routers.token import TOKEN_ROUTERS
+
+    assert TOKEN_ROUTERS.get("arrow").cls.query_part({}) is None
+    assert TOKEN_ROUTERS.get("phatgoose").cls.query_part({}) is None
+    name, params = TOKEN_ROUTERS.get("glider").cls.query_part({"model": "base", "max_new_tokens": 24, "scale": 2.0})
+    assert name == "instruct" and params == {"model": "base", "max_new_tokens": 24, "threshold": -1.0}
