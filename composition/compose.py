@@ -94,7 +94,7 @@ def fused_request(engine: Engine, resolved: Resolved, build: Callable[[Target], 
     """The chosen experts as one fused request (their router weights as the prior), on the first one's base."""
     aggregator = resolved.aggregator
     assert aggregator is not None and aggregator.fuses_logits
-    if not getattr(engine, "fuses_logits", False):  # the app's EngineSet sends them to its torch engine
+    if not engine.capabilities.logit_fusion:  # the app's EngineSet sends them to its torch engine
         raise Unprocessable(
             f"composition {resolved.model!r}: aggregator {resolved.aggregator_name!r} decodes the experts "
             f"together, which only the torch engine can do; this server runs the {engine.name} engine",

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from core.errors import ValidationFailed
-from serving.engine import Engine, GenChunk, GenRequest, GenResult, TokenTrace
+from serving.engine import Capabilities, Engine, GenChunk, GenRequest, GenResult, TokenTrace
 from serving.torch_engine import TorchEngine
 
 
@@ -24,7 +24,8 @@ def needs_torch(request: GenRequest) -> bool:
 class EngineSet:
     """``Engine`` over a main engine plus a lazily created torch engine (see the module docstring)."""
 
-    fuses_logits = True  # fused requests run on the torch engine
+    # mixtures, fused requests and traces run on the torch engine
+    capabilities = Capabilities(token_mixtures=True, logit_fusion=True, traces=True)
 
     def __init__(self, main: Engine, torch_engine: TorchEngine | None = None) -> None:
         self.main = main
@@ -76,9 +77,7 @@ async def _nothing() -> list[GenResult | BaseException]:
 
 
 async def trace(engine: Engine, request: GenRequest, completion: str = "") -> TokenTrace:
-    """The token-level trace of ``request`` on whichever engine runs mixtures."""
-    tracer = getattr(engine, "trace", None)
-    if tracer is None:
+    """The token-level trace of ``request`` on an engine that runs mixtures."""
+    if not engine.capabilities.traces:
         raise ValidationFailed(f"the {engine.name} engine cannot trace token-level routes", param="trace")
-    result: TokenTrace = await tracer(request, completion)
-    return result
+    return await engine.trace(request, completion)

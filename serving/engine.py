@@ -180,9 +180,19 @@ class GenChunk:
     completion_tokens: int | None = None
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What an engine can run beyond plain requests; callers ask this instead of probing for methods."""
+
+    token_mixtures: bool = False  # Targets with a TokenMixture (per-token LoRA mixtures)
+    logit_fusion: bool = False  # GenRequest.fusion: several experts decoding one answer together
+    traces: bool = False  # trace(): per token and layer, each adapter's mixing weight
+
+
 @runtime_checkable
 class Engine(Protocol):
     name: str
+    capabilities: Capabilities
 
     async def generate(self, requests: list[GenRequest]) -> list[GenResult | BaseException]:
         """Run all requests concurrently (one batch where the engine can); failures are returned per request."""
@@ -194,6 +204,10 @@ class Engine(Protocol):
 
     async def status(self) -> list[dict[str, Any]]:
         """The engine's servers or models and their state, for /api/health and the admin dashboard."""
+        ...
+
+    async def trace(self, request: GenRequest, completion: str = "") -> TokenTrace:
+        """The token-level trace of a mixture request (only where ``capabilities.traces``)."""
         ...
 
     async def close(self) -> None: ...

@@ -52,6 +52,7 @@ from transformers import (
 from core.errors import MoergeError, Unprocessable, ValidationFailed
 from serving import logit_fusion
 from serving.engine import (
+    Capabilities,
     EngineUnavailable,
     GenChunk,
     GenerationFailed,
@@ -361,7 +362,7 @@ class TorchEngine:
     ``dtype``: float32 by default, the fastest on this CPU (bf16 measured 3-5 times slower)."""
 
     name = "torch"
-    fuses_logits = True  # runs GenRequest.fusion (logit fusion); the vLLM engine does not
+    capabilities = Capabilities(token_mixtures=True, logit_fusion=True, traces=True)
 
     def __init__(self, *, max_batch_size: int = 16, dtype: torch.dtype = torch.float32, device: str = "cpu") -> None:
         if max_batch_size < 1:

@@ -42,7 +42,16 @@ import httpx
 
 from core.errors import MoergeError, Unprocessable, ValidationFailed
 from core.lora import VALID_LORA_RANKS, largest_rank, lora_rank_for
-from serving.engine import EngineUnavailable, GenChunk, GenerationFailed, GenRequest, GenResult, Target
+from serving.engine import (
+    Capabilities,
+    EngineUnavailable,
+    GenChunk,
+    GenerationFailed,
+    GenRequest,
+    GenResult,
+    Target,
+    TokenTrace,
+)
 from serving.vllm_plugin import COMPILE_ENV, LORA_OPS_CHOICES, LORA_OPS_ENV
 from serving.vllm_process import (
     VLLMProcess,
@@ -255,6 +264,7 @@ class VLLMEngine:
     """``Engine`` over managed or remote vLLM OpenAI servers, one per base model."""
 
     name = "vllm"
+    capabilities = Capabilities()  # plain and multi-LoRA requests; mixtures and fusion need the torch engine
 
     def __init__(self, config: VLLMConfig | None = None) -> None:
         self.config = config or VLLMConfig()
@@ -350,6 +360,9 @@ class VLLMEngine:
             watch.close()
             if resp is not None:
                 await resp.aclose()
+
+    async def trace(self, request: GenRequest, completion: str = "") -> TokenTrace:
+        raise ValidationFailed("the vllm engine cannot trace token-level routes", param="trace")
 
     async def status(self) -> list[dict[str, Any]]:
         """One entry per server: base_id, url, pid, state (starting|ready|dead|remote), adapters, restarts."""

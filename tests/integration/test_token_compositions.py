@@ -168,7 +168,7 @@ async def test_engine_set_sends_mixtures_to_its_torch_engine(tiny_base: Path, tm
         assert isinstance(fused, GenResult) and fused.extra["fusion"]["members"]
         assert all("lora-id" not in s["adapters"] for s in await main.status())
         assert any("lora-id" in s["adapters"] for s in await local.status())
-        assert engines.fuses_logits
+        assert engines.capabilities.logit_fusion and engines.capabilities.token_mixtures
     finally:
         await engines.close()
 

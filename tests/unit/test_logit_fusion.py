@@ -22,7 +22,17 @@ from composition.compose import compose, compose_stream
 from composition.resolve import Member, Resolved
 from core.errors import Unprocessable, ValidationFailed
 from serving import logit_fusion
-from serving.engine import FusedMember, Fusion, GenChunk, GenerationFailed, GenRequest, GenResult, Sampling, Target
+from serving.engine import (
+    Capabilities,
+    FusedMember,
+    Fusion,
+    GenChunk,
+    GenerationFailed,
+    GenRequest,
+    GenResult,
+    Sampling,
+    Target,
+)
 from serving.logit_fusion import mix_distributions, step_weights
 from serving.torch_engine import TorchEngine
 
@@ -445,6 +455,7 @@ async def test_compose_sends_one_fused_request(
 async def test_compose_refuses_an_engine_without_fusion(tiny_base: Path, tiny_lora: Path) -> None:
     class NoFusion:
         name = "vllm"
+        capabilities = Capabilities()
 
         async def generate(self, requests: list[GenRequest]) -> list[GenResult | BaseException]:
             raise AssertionError("must not be called")
