@@ -19,6 +19,7 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
+from api.openai.protocol import ErrorDetail, ErrorResponse
 from core.errors import MoergeError
 
 log = logging.getLogger("moerge.api")
@@ -38,8 +39,8 @@ _TYPES = {
 }
 
 
-def error_body(message: str, *, type_: str, param: str | None, code: str | None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+def error_body(message: str, *, type_: str, param: str | None, code: str | None) -> ErrorResponse:
+    return ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=code))
 
 
 # A path ends at whitespace, a quote or a bracket; it starts at one of the roots, not inside a longer name.
@@ -93,7 +94,7 @@ def _extra_headers(request: Request[Any, Any, Any], exc: Exception) -> dict[str,
     return headers
 
 
-def moerge_error_handler(request: Request[Any, Any, Any], exc: MoergeError) -> Response[dict[str, Any]]:
+def moerge_error_handler(request: Request[Any, Any, Any], exc: MoergeError) -> Response[ErrorResponse]:
     return Response(
         error_body(for_caller(request, exc.message), type_=exc.error_type, param=exc.param, code=exc.code),
         status_code=exc.status_code,
@@ -101,7 +102,7 @@ def moerge_error_handler(request: Request[Any, Any, Any], exc: MoergeError) -> R
     )
 
 
-def http_error_handler(request: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, Any]]:
+def http_error_handler(request: Request[Any, Any, Any], exc: HTTPException) -> Response[ErrorResponse]:
     param = None
     message = exc.detail
     if isinstance(exc, ValidationException) and isinstance(exc.extra, list) and exc.extra:
@@ -121,7 +122,7 @@ def http_error_handler(request: Request[Any, Any, Any], exc: HTTPException) -> R
     )
 
 
-def internal_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+def internal_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorResponse]:
     log.exception("unhandled error", exc_info=exc)
     return Response(
         error_body(f"internal error: {type(exc).__name__}", type_="server_error", param=None, code="internal_error"),

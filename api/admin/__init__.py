@@ -30,6 +30,7 @@ from api.admin.keys import KeyPages
 from api.admin.merges import MergePages
 from api.admin.playground import PlaygroundPage
 from api.limits import allow_upload, read_form
+from api.schemas import struct_items
 from core.errors import MoergeError
 from core.settings import Settings
 
@@ -39,6 +40,7 @@ CSRF_FIELD = "_csrf_token"  # the form field Litestar's CSRF middleware reads
 
 def _template_engine(engine: JinjaTemplateEngine) -> None:
     engine.engine.globals["csrf_field"] = CSRF_FIELD
+    engine.engine.globals["fields"] = struct_items  # a typed answer's fields, for pages that list them all
 
 
 def template_config() -> TemplateConfig[JinjaTemplateEngine]:

@@ -10,7 +10,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.deps import provide_engine, provide_router_context
 from api.openai.controllers import prepare_chat
-from api.openai.protocol import ChatCompletionRequest
+from api.openai.protocol import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    MemberAnswer,
+)
+from api.schemas import TokenTraceOut
 from composition.resolve import Resolved
 from core.errors import ValidationFailed
 from core.settings import Settings
@@ -22,29 +28,28 @@ MAX_TOKENS = 64  # the panel asks for short answers; the tiny and demo models an
 @dataclass
 class Answer:
     resolved: Resolved
-    body: dict[str, Any]
+    body: ChatCompletion | Completion
 
     @property
     def text(self) -> str:
-        return str(self.body["choices"][0]["message"]["content"])
+        assert isinstance(self.body, ChatCompletion)  # the panel asks chat completions only
+        return self.body.choices[0].message.content
 
     @property
-    def answers(self) -> list[dict[str, Any]]:
+    def answers(self) -> list[MemberAnswer]:
         """Each chosen expert's own answer (two or more answered), else the one answer."""
-        extra = self.body.get("moerge") or {}
-        if extra.get("answers"):
-            return list(extra["answers"])
+        if self.body.moerge is not None and self.body.moerge.answers:
+            return list(self.body.moerge.answers)
         slug = self.resolved.experts[0] if self.resolved.experts else self.resolved.model
-        return [{"expert": slug, "weight": 1.0, "part": None, "text": self.text, "error": None}]
+        return [MemberAnswer(expert=slug, weight=1.0, part=None, text=self.text, error=None)]
 
     @property
-    def trace(self) -> dict[str, Any] | None:
-        found = (self.body.get("moerge") or {}).get("trace")
-        return dict(found) if found else None
+    def trace(self) -> TokenTraceOut | None:
+        return self.body.moerge.trace if self.body.moerge is not None else None
 
     @property
     def aggregation(self) -> str | None:
-        return (self.body.get("moerge") or {}).get("aggregation")
+        return self.body.moerge.aggregation if self.body.moerge is not None else None
 
 
 async def ask(

@@ -17,6 +17,7 @@ from aggregators import AGGREGATORS
 from api.admin.views import PAGE_SIZE, FormErrors, Pager, expert_picker, json_object, split_slugs
 from api.compositions.controllers import router_fitter
 from api.deps import provide_router_context
+from api.schemas import composition_out, struct_items
 from composition.service import CompositionPatch, CompositionService, CompositionSpec
 from core.errors import MoergeError, ValidationFailed
 from registry.models import Composition
@@ -95,7 +96,7 @@ class CompositionPages(Controller):
         page = list(
             await session.scalars(select(Composition).order_by(Composition.name).limit(PAGE_SIZE).offset(offset))
         )
-        rows = [await compositions.describe(c) for c in page]
+        rows = [await composition_out(compositions, c) for c in page]
         return Template("compositions.html", context={"compositions": rows, "pager": Pager(total, offset)})
 
     async def _form(
@@ -164,12 +165,12 @@ class CompositionPages(Controller):
 
     @get("/{name:str}/edit")
     async def edit_form(self, name: FromPath[str], compositions: NamedDependency[CompositionService]) -> Template:
-        described = await compositions.describe(await compositions.get(name))
-        values = {
-            **{k: "" if v is None else v for k, v in described.items()},
-            "router_params": json.dumps(described["router_params"]) if described["router_params"] else "",
-            "aggregator_params": json.dumps(described["aggregator_params"]) if described["aggregator_params"] else "",
-            "k": str(described["k"]),
+        described = await composition_out(compositions, await compositions.get(name))
+        values = {  # the form's fields, as text
+            **{k: "" if v is None else v for k, v in struct_items(described)},
+            "router_params": json.dumps(described.router_params) if described.router_params else "",
+            "aggregator_params": json.dumps(described.aggregator_params) if described.aggregator_params else "",
+            "k": str(described.k),
         }
         return await self._form(compositions, values, FormErrors(), editing=name)
 

@@ -13,6 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.deps import runtime_of
+from api.schemas import jobs_out
 from merging.jobs import MergeJobService
 from registry.models import Expert, ExpertKind
 from registry.services import ExpertService
@@ -63,7 +64,7 @@ class DashboardPage(Controller):
     ) -> Template:
         counts = await ExpertService(db_session, store).count_by_kind()
         merges = MergeJobService(db_session, store)
-        jobs = await merges.describe_many((await merges.list_jobs(limit=RECENT_JOBS)).items)
+        jobs = await jobs_out(merges, (await merges.list_jobs(limit=RECENT_JOBS)).items)
         serving = runtime_of(request.app.state).serving
         servers = await _with_slugs(db_session, await serving.status()) if serving is not None else []
         return Template(

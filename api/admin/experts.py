@@ -21,12 +21,13 @@ from api.admin.views import PAGE_SIZE, FormErrors, Pager, expert_picker, lineage
 from api.deps import provide_expert_service
 from api.experts.intake import LIST_FIELDS, register_import, register_upload, spec_from_fields
 from api.limits import upload_opt
+from api.schemas import expert_out
 from core.errors import MoergeError, ValidationFailed
 from core.settings import Settings
 from registry.cards import card_body
 from registry.models import Expert, ExpertKind
 from registry.schemas import ExpertPatch, decode_strict
-from registry.services import ExpertService, expert_summary
+from registry.services import ExpertService
 from registry.store import ArtifactStore
 
 FORM_FIELDS = ("slug", "kind", "base", "description", "task_description", "skills", "example_prompts", "tags")
@@ -164,7 +165,7 @@ class ExpertPages(Controller):
     async def _card(self, db_session: AsyncSession, expert: Expert, **extra: Any) -> dict[str, Any]:
         return {
             "expert": expert,
-            "summary": expert_summary(expert),
+            "summary": expert_out(expert),
             "lineage": await _lineage(db_session, expert),
             "evals": sorted(expert.evals, key=lambda r: (r.task, r.metric)),
             "card_html": markdown(card_body(expert), shift=2),

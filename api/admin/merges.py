@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.admin.views import PAGE_SIZE, FormErrors, Pager, expert_picker, json_object, split_slugs
 from api.merges.controllers import submit_job
+from api.schemas import job_out, jobs_out
 from core.errors import MoergeError, ValidationFailed
 from merging.jobs import STATUSES, TERMINAL, MergeJobService, job_progress
 from merging.methods import METHODS
@@ -102,7 +103,7 @@ class MergePages(Controller):
         return Template(
             "merges.html",
             context={
-                "jobs": await merges.describe_many(page.items),
+                "jobs": await jobs_out(merges, page.items),
                 "pager": Pager(page.total, page.offset, PAGE_SIZE, {"status": status_filter or ""}),
                 "statuses": STATUSES,
                 "status": status_filter or "",
@@ -142,8 +143,8 @@ class MergePages(Controller):
     @get("/{job_id:str}")
     async def job_page(self, job_id: FromPath[str], merges: NamedDependency[MergeJobService]) -> Template:
         job = await merges.get(job_id)
-        summary = await merges.describe(job)
-        return Template("merge_job.html", context={"job": summary, "terminal": summary["status"] in TERMINAL})
+        summary = await job_out(merges, job)
+        return Template("merge_job.html", context={"job": summary, "terminal": summary.status in TERMINAL})
 
     @get("/{job_id:str}/progress")
     async def progress(self, job_id: FromPath[str], merges: NamedDependency[MergeJobService]) -> Template:

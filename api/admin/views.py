@@ -11,6 +11,7 @@ from urllib.parse import urlencode
 
 from markdown_it import MarkdownIt
 
+from api.schemas import TokenTraceOut
 from core.errors import MoergeError, ValidationFailed
 from registry.models import Expert
 from registry.services import ExpertService
@@ -175,15 +176,15 @@ def score_bars(scores: dict[str, float], chosen: list[str]) -> list[dict[str, An
 TRACE_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22")
 
 
-def trace_grid(trace: dict[str, Any]) -> dict[str, Any]:
+def trace_grid(trace: TokenTraceOut) -> dict[str, Any]:
     """A token-level trace as a grid for the playground: one row per layer, one cell per token, coloured by
     the adapter with the largest weight there (opacity = that weight)."""
-    experts = list(trace["experts"])
+    experts = list(trace.experts)
     colour = {i: TRACE_COLOURS[i % len(TRACE_COLOURS)] for i in range(len(experts))}
     rows = []
-    for name, layer in zip(trace["layers"], trace["weights"], strict=True):
+    for name, layer in zip(trace.layers, trace.weights, strict=True):
         cells = []
-        for token, weights in zip(trace["tokens"], layer, strict=True):
+        for token, weights in zip(trace.tokens, layer, strict=True):
             best = max(range(len(weights)), key=weights.__getitem__)
             cells.append(
                 {
@@ -194,8 +195,8 @@ def trace_grid(trace: dict[str, Any]) -> dict[str, Any]:
             )
         rows.append({"layer": name, "cells": cells})
     return {
-        "tokens": trace["tokens"],
-        "prompt_tokens": trace["prompt_tokens"],
+        "tokens": trace.tokens,
+        "prompt_tokens": trace.prompt_tokens,
         "legend": [{"slug": slug, "colour": colour[i]} for i, slug in enumerate(experts)],
         "rows": rows,
     }

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.deps import provide_engine, provide_router_context, runtime_of
 from api.openai.serving import routing_headers
+from api.schemas import CompositionList, CompositionOut, RouteOut, TokenTraceOut, WeightedExpert, composition_out
 from api.security import check_model, require_admin, require_query
 from composition.compose import query_text
 from composition.mixtures import fit_router
@@ -68,9 +69,9 @@ class CompositionController(Controller):
     @get("/", guards=[require_query])
     async def list_compositions(
         self, db_session: NamedDependency[AsyncSession], store: NamedDependency[ArtifactStore]
-    ) -> dict[str, Any]:
+    ) -> CompositionList:
         service = _service(db_session, store)
-        return {"object": "list", "data": [await service.describe(c) for c in await service.list_compositions()]}
+        return CompositionList(data=[await composition_out(service, c) for c in await service.list_compositions()])
 
     @post("/", guards=[require_admin], status_code=HTTP_201_CREATED)
     async def create_composition(
@@ -79,17 +80,18 @@ class CompositionController(Controller):
         db_session: NamedDependency[AsyncSession],
         store: NamedDependency[ArtifactStore],
         routing: NamedDependency[RouterContext],
-    ) -> dict[str, Any]:
+    ) -> CompositionOut:
         spec: CompositionSpec = decode_strict(await request.body(), CompositionSpec)
         service = _service(db_session, store)
-        return await service.describe(await service.create(spec, prepare=router_fitter(db_session, store, routing)))
+        created = await service.create(spec, prepare=router_fitter(db_session, store, routing))
+        return await composition_out(service, created)
 
     @get("/{name:str}", guards=[require_query])
     async def get_composition(
         self, name: FromPath[str], db_session: NamedDependency[AsyncSession], store: NamedDependency[ArtifactStore]
-    ) -> dict[str, Any]:
+    ) -> CompositionOut:
         service = _service(db_session, store)
-        return await service.describe(await service.get(name))
+        return await composition_out(service, await service.get(name))
 
     @patch("/{name:str}", guards=[require_admin])
     async def update_composition(
@@ -99,12 +101,11 @@ class CompositionController(Controller):
         db_session: NamedDependency[AsyncSession],
         store: NamedDependency[ArtifactStore],
         routing: NamedDependency[RouterContext],
-    ) -> dict[str, Any]:
+    ) -> CompositionOut:
         changes: CompositionPatch = decode_strict(await request.body(), CompositionPatch)
         service = _service(db_session, store)
-        return await service.describe(
-            await service.update(name, changes, prepare=router_fitter(db_session, store, routing))
-        )
+        updated = await service.update(name, changes, prepare=router_fitter(db_session, store, routing))
+        return await composition_out(service, updated)
 
     @delete("/{name:str}", guards=[require_admin], status_code=HTTP_204_NO_CONTENT)
     async def delete_composition(
@@ -129,7 +130,7 @@ class RouteController(Controller):
         store: NamedDependency[ArtifactStore],
         routing: NamedDependency[RouterContext],
         engine: NamedDependency[Engine],
-    ) -> Response[dict[str, Any]]:
+    ) -> Response[RouteOut]:
         body: RouteRequest = decode_strict(await request.body(), RouteRequest)
         check_model(request, body.model)  # the key's allow-list, if it has one (api/security.py)
         query = body.text()
@@ -149,20 +150,26 @@ class RouteController(Controller):
             max_lora_rank=runtime_of(request.app.state).settings.max_lora_rank,
         )
         took_ms = (time.perf_counter() - started) * 1000
-        assert resolved.decision is not None
-        result = {
-            "model": comp.name,
-            "query": query,
-            **resolved.decision.as_dict(),
-            "answered_by": resolved.experts,
-            "aggregator": resolved.aggregator_name,
-            "latency_ms": round(took_ms, 3),
-        }
+        decision = resolved.decision
+        assert decision is not None
+        result = RouteOut(
+            model=comp.name,
+            query=query,
+            router=decision.router,
+            experts=[WeightedExpert(slug=slug, weight=weight) for slug, weight in decision.experts],
+            scores=decision.scores,
+            reason=decision.reason,
+            fallback=decision.fallback,
+            extra=decision.extra or None,  # absent when the router has nothing more to say
+            answered_by=resolved.experts,
+            aggregator=resolved.aggregator_name,
+            latency_ms=round(took_ms, 3),
+        )
         if body.trace:
             if resolved.target.mixture is None:
                 raise ValidationFailed(
                     f"a trace shows token-level routes; {comp.name!r} routes per query ({comp.router})", param="trace"
                 )
             gen = GenRequest(resolved.target, Sampling(), messages=body.chat(), router_bias=resolved.router_bias)
-            result["trace"] = (await trace(engine, gen)).as_dict()
+            result.trace = TokenTraceOut.of(await trace(engine, gen))
         return Response(result, headers=routing_headers(resolved))

@@ -6,18 +6,20 @@ from typing import Any
 
 from litestar import Controller, Request, Response, delete, get, patch, post
 from litestar.di import NamedDependency, Provide
+from litestar.openapi import ResponseSpec
 from litestar.params import FromPath, FromQuery
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 
 from api.deps import provide_expert_service
 from api.experts.intake import register_import, register_upload
 from api.limits import admin_upload, read_form, upload_opt
+from api.schemas import ExpertCard, ExpertOut, Page, TrainingData, TrainingDataInfo, expert_out, typed
 from api.security import require_admin, require_query
 from core.errors import ValidationFailed
 from core.settings import Settings
 from registry.cards import card_body, card_metadata, render_card
 from registry.schemas import EvalIn, ExpertPatch, ImportRequest, decode_strict
-from registry.services import ExpertService, expert_summary
+from registry.services import ExpertService
 from registry.training_data import MAX_TRAINING_DATA_BYTES, TrainingDataService, parse_training_data
 
 
@@ -37,17 +39,11 @@ class ExpertController(Controller):
         q: FromQuery[str | None] = None,
         limit: FromQuery[int] = 50,
         offset: FromQuery[int] = 0,
-    ) -> dict[str, Any]:
+    ) -> Page[ExpertOut]:
         page = await experts.list_experts(
             kind=kind, base=base, skill=skill, tag=tag, text=q, limit=limit, offset=offset
         )
-        return {
-            "object": "list",
-            "data": [expert_summary(e) for e in page.items],
-            "total": page.total,
-            "limit": page.limit,
-            "offset": page.offset,
-        }
+        return Page(data=[expert_out(e) for e in page.items], total=page.total, limit=page.limit, offset=page.offset)
 
     # An upload: up to MOERGE_MAX_UPLOAD_BYTES, once the admin key is checked (api/limits.py).
     @post("/", guards=[admin_upload], status_code=HTTP_201_CREATED, opt=upload_opt(), request_max_body_size=None)
@@ -56,13 +52,13 @@ class ExpertController(Controller):
         request: Request[Any, Any, Any],
         experts: NamedDependency[ExpertService],
         settings: NamedDependency[Settings],
-    ) -> dict[str, Any]:
+    ) -> ExpertOut:
         """Register from a multipart upload: form fields of the spec plus `files` parts or one `archive`."""
         if request.content_type[0] != "multipart/form-data":
             raise ValidationFailed("send multipart/form-data (fields + `files` or `archive`)", param="content-type")
         form = await read_form(request)
         expert = await register_upload(experts, settings, list(form.multi_items()))
-        return expert_summary(expert)
+        return expert_out(expert)
 
     @post("/import", guards=[require_admin], status_code=HTTP_201_CREATED)
     async def import_expert(
@@ -70,17 +66,22 @@ class ExpertController(Controller):
         request: Request[Any, Any, Any],
         experts: NamedDependency[ExpertService],
         settings: NamedDependency[Settings],
-    ) -> dict[str, Any]:
+    ) -> ExpertOut:
         """Register a folder that already lies under one of the configured import roots."""
         body: ImportRequest = decode_strict(await request.body(), ImportRequest)
         expert = await register_import(experts, settings, body.path, body.expert)
-        return expert_summary(expert)
+        return expert_out(expert)
 
     @get("/{ref:str}", guards=[require_query])
-    async def get_expert(self, ref: FromPath[str], experts: NamedDependency[ExpertService]) -> dict[str, Any]:
-        return expert_summary(await experts.get(ref))
+    async def get_expert(self, ref: FromPath[str], experts: NamedDependency[ExpertService]) -> ExpertOut:
+        return expert_out(await experts.get(ref))
 
-    @get("/{ref:str}/card", guards=[require_query])
+    # Response[Any]: markdown (the default) or, with ?format=json, an ExpertCard.
+    @get(
+        "/{ref:str}/card",
+        guards=[require_query],
+        responses={200: ResponseSpec(ExpertCard, description="With ?format=json; else text/markdown")},
+    )
     async def get_card(
         self, ref: FromPath[str], experts: NamedDependency[ExpertService], format: FromQuery[str] = "markdown"
     ) -> Response[Any]:
@@ -89,27 +90,23 @@ class ExpertController(Controller):
             return Response(render_card(expert), media_type="text/markdown; charset=utf-8")
         if format == "json":
             return Response(
-                {
-                    "metadata": card_metadata(expert),
-                    "body": card_body(expert),
-                    "markdown": render_card(expert),
-                }
+                ExpertCard(metadata=card_metadata(expert), body=card_body(expert), markdown=render_card(expert))
             )
         raise ValidationFailed("format must be `markdown` or `json`", param="format")
 
     @patch("/{ref:str}", guards=[require_admin])
     async def patch_expert(
         self, ref: FromPath[str], request: Request[Any, Any, Any], experts: NamedDependency[ExpertService]
-    ) -> dict[str, Any]:
+    ) -> ExpertOut:
         changes: ExpertPatch = decode_strict(await request.body(), ExpertPatch)
-        return expert_summary(await experts.patch(ref, changes))
+        return expert_out(await experts.patch(ref, changes))
 
     @post("/{ref:str}/evals", guards=[require_admin], status_code=HTTP_201_CREATED)
     async def add_eval(
         self, ref: FromPath[str], request: Request[Any, Any, Any], experts: NamedDependency[ExpertService]
-    ) -> dict[str, Any]:
+    ) -> ExpertOut:
         result: EvalIn = decode_strict(await request.body(), EvalIn)
-        return expert_summary(await experts.add_eval(ref, result))
+        return expert_out(await experts.add_eval(ref, result))
 
     @delete("/{ref:str}", guards=[require_admin], status_code=HTTP_204_NO_CONTENT)
     async def delete_expert(
@@ -127,7 +124,7 @@ class ExpertController(Controller):
     )
     async def put_training_data(
         self, ref: FromPath[str], request: Request[Any, Any, Any], experts: NamedDependency[ExpertService]
-    ) -> dict[str, Any]:
+    ) -> TrainingDataInfo:
         """Attach training examples (JSONL or a JSON list of {prompt, answer} or {messages} rows), replacing
         any attached before. Every row is checked first: a bad one is refused naming its line (JSONL, from 1)
         or index (JSON list, from 0) and field, and nothing is stored. PHATGOOSE gates are trained on first
@@ -135,9 +132,14 @@ class ExpertController(Controller):
         await experts.get(ref)  # 404 before reading a large body
         rows = parse_training_data(await request.body())
         info = await TrainingDataService(experts.session, experts.store).attach(ref, rows)
-        return info.as_dict()
+        return typed(info.as_dict(), TrainingDataInfo)
 
-    @get("/{ref:str}/training-data", guards=[require_query])
+    # Response[Any]: JSON (a TrainingData) or, with ?format=jsonl, the stored JSONL.
+    @get(
+        "/{ref:str}/training-data",
+        guards=[require_query],
+        responses={200: ResponseSpec(TrainingData, description="With ?format=json (the default); else JSONL")},
+    )
     async def get_training_data(
         self, ref: FromPath[str], experts: NamedDependency[ExpertService], format: FromQuery[str] = "json"
     ) -> Response[Any]:
@@ -149,5 +151,5 @@ class ExpertController(Controller):
         if format == "jsonl":
             return Response(service.store.blob_path(info.sha256).read_bytes(), media_type="application/jsonl")
         if format == "json":
-            return Response({**info.as_dict(), "data": [r.as_json() for r in rows]})
+            return Response(typed({**info.as_dict(), "data": [r.as_json() for r in rows]}, TrainingData))
         raise ValidationFailed("format must be `json` or `jsonl`", param="format")

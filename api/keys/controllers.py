@@ -9,7 +9,8 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
 
-from api.keys.schemas import KeyCreate, KeyCreated, KeyList, KeyOut, created, describe
+from api.keys.schemas import KeyCreate, KeyCreated, KeyOut, created, describe
+from api.schemas import Page
 from api.security import require_admin
 from registry.keys import ApiKeyService
 from registry.schemas import decode_strict
@@ -27,10 +28,10 @@ class KeyController(Controller):
         limit: FromQuery[int] = 50,
         offset: FromQuery[int] = 0,
         include_revoked: FromQuery[bool] = True,
-    ) -> KeyList:
+    ) -> Page[KeyOut]:
         page = await keys.list_keys(limit=limit, offset=offset, include_revoked=include_revoked)
         minutes = await keys.window_usage([k.id for k in page.items])
-        return KeyList(
+        return Page(
             data=[describe(k, minutes.get(k.id)) for k in page.items],
             total=page.total,
             limit=page.limit,

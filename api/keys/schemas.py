@@ -71,14 +71,6 @@ class KeyCreated(KeyOut, kw_only=True):
     key: str
 
 
-class KeyList(msgspec.Struct, kw_only=True):
-    object: str = "list"
-    data: list[KeyOut]
-    total: int
-    limit: int
-    offset: int
-
-
 def describe(key: ApiKey, minute: tuple[int, int] | None = None) -> KeyOut:
     counted = key.rpm_limit is not None or key.tpm_limit is not None or key.token_budget is not None
     return KeyOut(

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.deps import Runtime, runtime_of
 from api.openai.controllers import SSE_HEADERS
+from api.schemas import MergeJobOut, Page, job_out, jobs_out
 from api.security import require_admin, require_query
 from merging.jobs import TERMINAL, MergeJobService, job_progress
 from registry.models import MergeJob
@@ -53,11 +54,11 @@ class MergeController(Controller):
         self,
         request: Request[Any, Any, Any],
         merges: NamedDependency[MergeJobService],
-    ) -> dict[str, Any]:
+    ) -> MergeJobOut:
         """Check the merge completely (4xx naming the field, nothing written), then queue it."""
         yaml_text = request.content_type[0] in YAML_TYPES
         job = await submit_job(merges, request.app.state, await request.body(), yaml_text=yaml_text)
-        return await merges.describe(job)
+        return await job_out(merges, job)
 
     @get("/", guards=[require_query])
     async def list_jobs(
@@ -66,24 +67,19 @@ class MergeController(Controller):
         status: FromQuery[str | None] = None,
         limit: FromQuery[int] = 50,
         offset: FromQuery[int] = 0,
-    ) -> dict[str, Any]:
+    ) -> Page[MergeJobOut]:
         page = await merges.list_jobs(status=status, limit=limit, offset=offset)
-        return {
-            "object": "list",
-            "data": await merges.describe_many(page.items),
-            "total": page.total,
-            "limit": page.limit,
-            "offset": page.offset,
-        }
+        data = await jobs_out(merges, page.items)
+        return Page(data=data, total=page.total, limit=page.limit, offset=page.offset)
 
     @get("/{job_id:str}", guards=[require_query])
-    async def get_job(self, job_id: FromPath[str], merges: NamedDependency[MergeJobService]) -> dict[str, Any]:
-        return await merges.describe(await merges.get(job_id))
+    async def get_job(self, job_id: FromPath[str], merges: NamedDependency[MergeJobService]) -> MergeJobOut:
+        return await job_out(merges, await merges.get(job_id))
 
     @post("/{job_id:str}/cancel", guards=[require_admin], status_code=HTTP_200_OK)
-    async def cancel(self, job_id: FromPath[str], merges: NamedDependency[MergeJobService]) -> dict[str, Any]:
+    async def cancel(self, job_id: FromPath[str], merges: NamedDependency[MergeJobService]) -> MergeJobOut:
         """A queued job is cancelled at once; a running one stops at its next tensor (409 once finished)."""
-        return await merges.describe(await merges.cancel(job_id))
+        return await job_out(merges, await merges.cancel(job_id))
 
     @get("/{job_id:str}/events", guards=[require_query])
     async def events(

@@ -6,12 +6,21 @@ from typing import Any
 
 from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency, Provide
+from litestar.openapi import ResponseSpec
 from litestar.response import Stream
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.deps import provide_engine, provide_router_context, runtime_of
-from api.openai.protocol import ChatCompletionRequest, CompletionRequest
+from api.openai.protocol import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ModelCard,
+    ModelInfo,
+    ModelList,
+)
 from api.openai.serving import CompletionRun, routing_headers
 from api.security import check_model, grant_of, require_query, token_meter
 from composition.compose import query_text
@@ -38,41 +47,42 @@ class OpenAIController(Controller):
     @get("/models")
     async def list_models(
         self, request: Request[Any, Any, Any], db_session: NamedDependency[AsyncSession]
-    ) -> dict[str, Any]:
+    ) -> ModelList:
         grant = grant_of(request)
         allowed = grant.models if grant is not None else None  # a key with an allow-list sees only those
         experts = list(await db_session.scalars(select(Expert).order_by(Expert.created_at)))
-        data: list[dict[str, Any]] = []
-        for e in experts:
-            entry: dict[str, Any] = {
-                "id": e.slug,
-                "object": "model",
-                "created": int(e.created_at.timestamp()),
-                "owned_by": e.owner or "moerge",
-                "root": e.slug,
-                "parent": None,
-                "moerge": {"kind": e.kind, "expert_id": str(e.id)},
-            }
-            if e.base is not None:
-                entry["parent"] = e.base.slug
-            data.append(entry)
+        data = [
+            ModelCard(
+                id=e.slug,
+                created=int(e.created_at.timestamp()),
+                owned_by=e.owner or "moerge",
+                root=e.slug,
+                parent=e.base.slug if e.base is not None else None,
+                moerge=ModelInfo(kind=e.kind, expert_id=str(e.id)),
+            )
+            for e in experts
+        ]
         for c in await db_session.scalars(select(Composition).order_by(Composition.name)):
             data.append(
-                {
-                    "id": c.name,
-                    "object": "model",
-                    "created": int(c.created_at.timestamp()),
-                    "owned_by": "moerge",
-                    "root": c.name,
-                    "parent": None,
-                    "moerge": {"kind": "composition", "router": c.router, "k": c.k},
-                }
+                ModelCard(
+                    id=c.name,
+                    created=int(c.created_at.timestamp()),
+                    owned_by="moerge",
+                    root=c.name,
+                    parent=None,
+                    moerge=ModelInfo(kind="composition", router=c.router, k=c.k),
+                )
             )
         if allowed is not None:
-            data = [entry for entry in data if entry["id"] in allowed]
-        return {"object": "list", "data": data}
+            data = [entry for entry in data if entry.id in allowed]
+        return ModelList(data=data)
 
-    @post("/chat/completions", status_code=200)
+    # Response[Any]: a ChatCompletion, or with `stream: true` an SSE stream of ChatCompletionChunk events.
+    @post(
+        "/chat/completions",
+        status_code=200,
+        responses={200: ResponseSpec(ChatCompletion, description="The answer; with `stream: true`, SSE events")},
+    )
     async def chat_completions(
         self,
         request: Request[Any, Any, Any],
@@ -86,7 +96,11 @@ class OpenAIController(Controller):
         run, gen = await prepare_chat(request, db_session, store, settings, engine, routing, body)
         return await _respond(run, gen, body.stream, body.include_usage())
 
-    @post("/completions", status_code=200)
+    @post(
+        "/completions",
+        status_code=200,
+        responses={200: ResponseSpec(Completion, description="The answer; with `stream: true`, SSE events")},
+    )
     async def completions(
         self,
         request: Request[Any, Any, Any],

@@ -1,4 +1,5 @@
-"""OpenAI-compatible request shapes for /v1/chat/completions and /v1/completions, with their validation.
+"""OpenAI-compatible shapes: the requests of /v1/chat/completions and /v1/completions with their validation,
+and the answers (models, completions, stream chunks, errors).
 
 Known OpenAI fields are accepted (those moerge cannot honour are refused by name when set to something
 other than their default); anything else is an unknown field, refused by name.
@@ -10,6 +11,7 @@ from typing import Any
 
 import msgspec
 
+from api.schemas import TokenTraceOut
 from core.errors import ValidationFailed
 from serving.engine import Sampling
 
@@ -164,3 +166,160 @@ def _text_of(content: Any, where: str) -> str:
             parts.append(part["text"])
         return "".join(parts)
     raise ValidationFailed("content must be a string or a list of text parts", param=f"{where}.content")
+
+
+# -- responses ------------------------------------------------------------------------------------------------
+# The shapes vLLM's and OpenAI's servers answer with. Only fields that OpenAI leaves out when unset have a
+# default in an ``omit_defaults`` struct; every other field is always present (null included).
+
+
+class ModelInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """``moerge`` of a model entry: an expert has ``expert_id``, a composition ``router`` and ``k``."""
+
+    kind: str  # lora | full | composition
+    expert_id: str | None = None
+    router: str | None = None
+    k: int | None = None
+
+
+class ModelCard(msgspec.Struct, kw_only=True):
+    """One entry of GET /v1/models: an expert or a composition."""
+
+    id: str
+    object: str = "model"
+    created: int
+    owned_by: str
+    root: str
+    parent: str | None  # an adapter's base model
+    moerge: ModelInfo
+
+
+class ModelList(msgspec.Struct, kw_only=True):
+    object: str = "list"
+    data: list[ModelCard]
+
+
+class Usage(msgspec.Struct, kw_only=True):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
+
+
+class MemberAnswer(msgspec.Struct, kw_only=True):
+    """One chosen expert's own answer in a composed completion (``error`` set when it failed)."""
+
+    expert: str
+    weight: float
+    part: str | None  # a decomposed query: the part it answered
+    text: str
+    error: str | None
+
+
+class MoergeDetail(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """moerge's extension to an answer (OpenAI clients keep unknown fields): a composition's answer carries
+    each expert's own answer and the aggregator's reason; one asked with ``moerge_trace`` the token-level
+    routes."""
+
+    answers: list[MemberAnswer] | None = None
+    aggregation: str | None = None
+    trace: TokenTraceOut | None = None
+
+
+class ChatMessage(msgspec.Struct, kw_only=True):
+    role: str
+    content: str
+
+
+class ChatChoice(msgspec.Struct, kw_only=True):
+    index: int
+    message: ChatMessage
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class CompletionChoice(msgspec.Struct, kw_only=True):
+    """A text completion's choice, in an answer and in a stream chunk alike."""
+
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatCompletion(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """POST /v1/chat/completions, not streamed."""
+
+    id: str
+    object: str  # chat.completion
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    moerge: MoergeDetail | None = None  # absent for a plain answer
+
+
+class Completion(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """POST /v1/completions, not streamed."""
+
+    id: str
+    object: str  # text_completion
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    moerge: MoergeDetail | None = None
+
+
+class ChatDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
+    role: str | None = None  # the first chunk only
+    content: str | None = None  # absent in a chunk that only finishes
+
+
+class ChatChunkChoice(msgspec.Struct, kw_only=True):
+    index: int
+    delta: ChatDelta
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One `data:` event of a streamed chat completion."""
+
+    id: str
+    object: str  # chat.completion.chunk
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]  # empty in the usage chunk
+    usage: Usage | None = None  # the last chunk, with stream_options.include_usage
+
+
+class CompletionChunk(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One `data:` event of a streamed text completion."""
+
+    id: str
+    object: str  # text_completion
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ErrorDetail(msgspec.Struct, kw_only=True):
+    message: str
+    type: str
+    param: str | None  # the field at fault
+    code: str | None
+
+
+class ErrorResponse(msgspec.Struct, kw_only=True):
+    """Every error, /api and /v1 alike (and inside a stream once it has begun)."""
+
+    error: ErrorDetail

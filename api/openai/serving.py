@@ -4,12 +4,30 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
+import msgspec
+
+from api.openai.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatDelta,
+    ChatMessage,
+    Completion,
+    CompletionChoice,
+    CompletionChunk,
+    ErrorDetail,
+    ErrorResponse,
+    MemberAnswer,
+    MoergeDetail,
+    Usage,
+)
+from api.schemas import TokenTraceOut
 from composition.compose import compose, compose_stream, query_text
 from composition.resolve import Resolved
 from core.errors import MoergeError, ValidationFailed
@@ -37,14 +55,6 @@ def routing_headers(resolved: Resolved | None) -> dict[str, str]:
     if resolved.failed:
         headers["x-moerge-failed"] = ",".join(resolved.failed)
     return headers
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
 
 
 class TokenSink(Protocol):
@@ -88,7 +98,7 @@ class CompletionRun:
     def for_target(self, request: GenRequest, target: Target) -> GenRequest:
         return dataclasses.replace(request, target=target)
 
-    async def complete(self, request: GenRequest) -> dict[str, Any]:
+    async def complete(self, request: GenRequest) -> ChatCompletion | Completion:
         if self.resolved.composite:
             query = query_text(request.messages, request.prompt)
             done = await compose(
@@ -98,13 +108,13 @@ class CompletionRun:
             body = self.body(GenResult(text, finish, done.prompt_tokens, done.completion_tokens))
             # An extension field (OpenAI clients keep unknown fields): each expert's own answer, for the
             # playground and for checking what the aggregate was made from.
-            body["moerge"] = {
-                "answers": [
-                    {"expert": a.slug, "weight": a.weight, "part": a.part, "text": a.text, "error": a.error}
+            body.moerge = MoergeDetail(
+                answers=[
+                    MemberAnswer(expert=a.slug, weight=a.weight, part=a.part, text=a.text, error=a.error)
                     for a in done.answers
                 ],
-                "aggregation": done.aggregation.reason,
-            }
+                aggregation=done.aggregation.reason,
+            )
             await self._charge(body)
             return body
         (result,) = await self.engine.generate([request])
@@ -112,48 +122,59 @@ class CompletionRun:
             raise result
         body = self.body(result)
         if self.trace:
-            body["moerge"] = {"trace": (await trace(self.engine, request, result.text)).as_dict()}
+            body.moerge = MoergeDetail(trace=TokenTraceOut.of(await trace(self.engine, request, result.text)))
         await self._charge(body)
         return body
 
-    async def _charge(self, body: dict[str, Any]) -> None:
+    async def _charge(self, body: ChatCompletion | Completion) -> None:
         if self.tokens is not None:
-            await self.tokens.charge(int(body["usage"]["total_tokens"]))
+            await self.tokens.charge(body.usage.total_tokens)
 
-    def body(self, result: GenResult) -> dict[str, Any]:
+    def body(self, result: GenResult) -> ChatCompletion | Completion:
+        usage = Usage.of(result.prompt_tokens, result.completion_tokens)
         if self.chat:
-            choice: dict[str, Any] = {
-                "index": 0,
-                "message": {"role": "assistant", "content": result.text},
-                "finish_reason": result.finish_reason,
-                "logprobs": None,
-            }
-        else:
-            choice = {"index": 0, "text": result.text, "finish_reason": result.finish_reason, "logprobs": None}
-        return {
-            "id": self.id,
-            "object": "chat.completion" if self.chat else "text_completion",
-            "created": self.created,
-            "model": self.resolved.model,
-            "choices": [choice],
-            "usage": _usage(result.prompt_tokens, result.completion_tokens),
-        }
+            message = ChatMessage(role="assistant", content=result.text)
+            return ChatCompletion(
+                id=self.id,
+                object="chat.completion",
+                created=self.created,
+                model=self.resolved.model,
+                choices=[ChatChoice(index=0, message=message, finish_reason=result.finish_reason)],
+                usage=usage,
+            )
+        return Completion(
+            id=self.id,
+            object="text_completion",
+            created=self.created,
+            model=self.resolved.model,
+            choices=[CompletionChoice(index=0, text=result.text, finish_reason=result.finish_reason)],
+            usage=usage,
+        )
 
-    def _chunk(self, text: str | None, finish_reason: str | None, *, first: bool = False) -> dict[str, Any]:
+    def _chunk(
+        self, text: str | None, finish_reason: str | None, *, first: bool = False, usage: Usage | None = None
+    ) -> ChatCompletionChunk | CompletionChunk:
+        """A stream event; the usage chunk (``usage`` given) has no choices."""
         if self.chat:
-            delta: dict[str, Any] = {"role": "assistant", "content": text or ""} if first else {}
-            if not first and text:
-                delta["content"] = text
-            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
-        else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
-        return {
-            "id": self.id,
-            "object": "chat.completion.chunk" if self.chat else "text_completion",
-            "created": self.created,
-            "model": self.resolved.model,
-            "choices": [choice],
-        }
+            # the first chunk names the role (content "" at least); later ones carry content only when there is text
+            delta = ChatDelta(role="assistant", content=text or "") if first else ChatDelta(content=text or None)
+            choices = [] if usage else [ChatChunkChoice(index=0, delta=delta, finish_reason=finish_reason)]
+            return ChatCompletionChunk(
+                id=self.id,
+                object="chat.completion.chunk",
+                created=self.created,
+                model=self.resolved.model,
+                choices=choices,
+                usage=usage,
+            )
+        return CompletionChunk(
+            id=self.id,
+            object="text_completion",
+            created=self.created,
+            model=self.resolved.model,
+            choices=[] if usage else [CompletionChoice(index=0, text=text or "", finish_reason=finish_reason)],
+            usage=usage,
+        )
 
     async def open_stream(self, request: GenRequest, *, include_usage: bool) -> AsyncIterator[bytes]:
         """Start the stream and wait for its first chunk, so that a failure to start (engine down,
@@ -188,27 +209,20 @@ class CompletionRun:
                 charged = True  # before the last events: a client that saw [DONE] sees the charge too
                 await self.tokens.charge(sum(usage))
             if include_usage and usage is not None:
-                yield _event({**self._chunk(None, None), "choices": [], "usage": _usage(*usage)})
+                yield _event(self._chunk(None, None, usage=Usage.of(*usage)))
         except MoergeError as exc:  # the stream has begun: report the error inside it, then end it
-            yield _event(
-                {"error": {"message": exc.message, "type": exc.error_type, "param": exc.param, "code": exc.code}}
-            )
+            detail = ErrorDetail(message=exc.message, type=exc.error_type, param=exc.param, code=exc.code)
+            yield _event(ErrorResponse(error=detail))
         except Exception as exc:
-            yield _event(
-                {
-                    "error": {
-                        "message": f"stream failed: {type(exc).__name__}",
-                        "type": "server_error",
-                        "param": None,
-                        "code": "stream_failed",
-                    }
-                }
+            detail = ErrorDetail(
+                message=f"stream failed: {type(exc).__name__}", type="server_error", param=None, code="stream_failed"
             )
+            yield _event(ErrorResponse(error=detail))
         finally:
             if not charged and self.tokens is not None:  # cut short (client gone, error): charge in the background
                 self.tokens.charge_later(sum(usage) if usage is not None else pieces)
         yield b"data: [DONE]\n\n"
 
 
-def _event(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+def _event(payload: ChatCompletionChunk | CompletionChunk | ErrorResponse) -> bytes:
+    return b"data: " + msgspec.json.encode(payload) + b"\n\n"

@@ -16,6 +16,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.deps import provide_engine
+from api.schemas import Engines, Health
 from api.security import authorize, bearer_token, require_query
 from core.errors import MoergeError
 from core.settings import Settings
@@ -75,7 +76,7 @@ class HealthController(Controller):
         db_session: NamedDependency[AsyncSession],
         store: NamedDependency[ArtifactStore],
         settings: NamedDependency[Settings],
-    ) -> Response[Any]:
+    ) -> Response[Health]:
         """``{"status": "ok"|"degraded"}`` (200 or 503); with an admin key, also the checks behind it."""
         checks: dict[str, Any] = {}
         try:
@@ -88,16 +89,13 @@ class HealthController(Controller):
         status_code = 200 if ok else 503
         status = "ok" if ok else "degraded"
         if not await is_admin(request):
-            return Response({"status": status}, status_code=status_code)
+            return Response(Health(status=status), status_code=status_code)
         if checks["database"]["ok"]:
             # Informative, not a health failure: such an adapter is refused per request, with the fix.
             checks["unservable_adapters"] = await unservable_adapters(db_session, settings.max_lora_rank)
-        body = {
-            "status": status,
-            "version": _version(),
-            "checks": checks,
-            "database_backend": settings.database_url.split(":", 1)[0],
-        }
+        body = Health(
+            status=status, version=_version(), checks=checks, database_backend=settings.database_url.split(":", 1)[0]
+        )
         return Response(body, status_code=status_code)
 
 
@@ -107,13 +105,13 @@ class EngineController(Controller):
     dependencies = {"engine": Provide(provide_engine, sync_to_thread=False)}
 
     @get("/", guards=[require_query])
-    async def engines(self, request: Request[Any, Any, Any], engine: NamedDependency[Engine]) -> dict[str, Any]:
+    async def engines(self, request: Request[Any, Any, Any], engine: NamedDependency[Engine]) -> Engines:
         """The serving engine and its servers: state and loaded adapters; with an admin key also URL, pid,
         folders, log path and last error (with the log's tail)."""
         servers = await engine.status()
         if "admin" not in request.state.api_key_scopes:
             servers = [public_server(s) for s in servers]
-        return {"engine": engine.name, "servers": servers}
+        return Engines(engine=engine.name, servers=servers)
 
 
 def _version() -> str:

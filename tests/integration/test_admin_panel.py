@@ -420,15 +420,17 @@ def test_the_guarded_forms_do_change_things_when_allowed(
     folder = build_tiny_lora(tiny_base, settings.import_roots[0] / "intruder", seed=4)
     resp = client.post("/api/compositions", json={"name": "combo", "experts": ["lora-a"]}, headers=registry_env.admin)
     assert resp.status_code == 201
-    [job] = _add_jobs(settings, 1, status="queued", prefix="queued")
+    # running with a fresh heartbeat: the app's worker neither claims it (a queued one it would, and fail it
+    # before the cancel under a slow machine) nor settles it as stale within the test
+    [job] = _add_jobs(settings, 1, status="running", prefix="running")
     ids = {"ref": "lora-a", "name": "combo", "job_id": job}
     sign_in(client, registry_env.admin_key)
     order = [  # deletions last: the others need what they delete
+        "/admin/merges/{job_id:str}/cancel",
         "/admin/experts/new",
         "/admin/experts/{ref:str}/edit",
         "/admin/compositions/new",
         "/admin/compositions/{name:str}/edit",
-        "/admin/merges/{job_id:str}/cancel",
         "/admin/merges",
         "/admin/compositions/{name:str}/delete",
         "/admin/experts/{ref:str}/delete",
