@@ -687,16 +687,12 @@ def _params(pairs: list[str] | None, option: str) -> dict[str, Any]:
 
 def _cli_fitter(settings: Settings, session: AsyncSession) -> PrepareHook:
     """Fits the router's states now, unless fitting runs models (then the server fits on first query)."""
-    from composition.mixtures import fit_router
+    from composition.mixtures import router_fitter
     from routers.query import RouterContext
     from routers.query.embedder import LazyEmbedder
 
-    async def fit(spec: CompositionSpec, experts: list[Any]) -> None:
-        context = RouterContext(embedder=LazyEmbedder(settings.embedding_model, settings.embedding_backend))
-        store = ArtifactStore(settings.store_dir)
-        await fit_router(session, store, context, spec.router, spec.router_params, experts, run_models=False)
-
-    return fit
+    context = RouterContext(embedder=LazyEmbedder(settings.embedding_model, settings.embedding_backend))
+    return router_fitter(session, ArtifactStore(settings.store_dir), context, run_models=False)
 
 
 def _print_composition(data: dict[str, Any], as_json: bool) -> None:

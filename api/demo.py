@@ -20,7 +20,6 @@ from composition.service import CompositionService, CompositionSpec
 from core.settings import Settings
 from evals.tasks import Task
 from registry import db
-from registry.models import Expert
 from registry.schemas import ExpertSpec
 from registry.services import ApiKeyService, ExpertService
 from registry.store import ArtifactStore
@@ -122,9 +121,9 @@ async def ensure_auto_composition(
     session: AsyncSession, store: ArtifactStore, settings: Settings, experts: list[str], log: Callable[[str], None]
 ) -> None:
     """The default composition: the embedding router picks one expert per query; the base answers the rest."""
+    from composition.mixtures import router_fitter
     from routers.query import RouterContext
     from routers.query.embedder import LazyEmbedder
-    from routers.query.service import RoutingService
 
     compositions = CompositionService(session, store)
     spec = CompositionSpec(
@@ -137,11 +136,8 @@ async def ensure_auto_composition(
     )
     context = RouterContext(embedder=LazyEmbedder(settings.embedding_model, settings.embedding_backend))
 
-    async def fit(spec: CompositionSpec, members: list[Expert]) -> None:
-        await RoutingService(session, context).fit(spec.router, spec.router_params, members)
-
     if await compositions.find(AUTO) is None:
-        await compositions.create(spec, prepare=fit)
+        await compositions.create(spec, prepare=router_fitter(session, store, context, run_models=False))
         log(f"composition {AUTO}: embedding router over {len(experts)} experts, fallback {BASE_SLUG}")
 
 

@@ -18,6 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from composition.resolve import Resolved, target_for
+from composition.service import CompositionSpec, PrepareHook
 from core.errors import Conflict
 from registry.compositions import CompositionView
 from registry.epoch import Stamp, StampedMemo, registry_stamp
@@ -73,6 +74,18 @@ async def fit_router(
         await token_states(session, store, router, params, experts)
     for name, part_params in query_level:
         await RoutingService(session, context).fit(name, part_params, experts)
+
+
+def router_fitter(
+    session: AsyncSession, store: ArtifactStore, context: RouterContext, *, run_models: bool = True
+) -> PrepareHook:
+    """The hook CompositionService.create / update call with the checked spec: :func:`fit_router`. The API and
+    the admin panel pass the app's context (run_models); the CLI and the demo an embedder-only one."""
+
+    async def fit(spec: CompositionSpec, experts: list[Expert]) -> None:
+        await fit_router(session, store, context, spec.router, spec.router_params, experts, run_models=run_models)
+
+    return fit
 
 
 # composition id -> (mixture target, adapter experts' slugs); valid while the registry epoch stands still

@@ -15,9 +15,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from aggregators import AGGREGATORS
 from api.admin.views import PAGE_SIZE, FormErrors, Pager, expert_picker, json_object, split_slugs
-from api.compositions.controllers import router_fitter
 from api.deps import provide_router_context
 from api.schemas import composition_out, struct_items
+from composition.mixtures import router_fitter
 from composition.service import CompositionPatch, CompositionService, CompositionSpec
 from core.errors import MoergeError, ValidationFailed
 from registry.models import Composition

@@ -17,12 +17,11 @@ from api.openai.serving import routing_headers
 from api.schemas import CompositionList, CompositionOut, RouteOut, TokenTraceOut, WeightedExpert, composition_out
 from api.security import check_model, require_admin, require_query
 from composition.compose import query_text
-from composition.mixtures import fit_router
+from composition.mixtures import router_fitter
 from composition.resolve import find_composition, resolve_composition, routing_only
-from composition.service import CompositionPatch, CompositionService, CompositionSpec, PrepareHook
+from composition.service import CompositionPatch, CompositionService, CompositionSpec
 from core.errors import NotFound, ValidationFailed
 from registry.epoch import registry_stamp
-from registry.models import Expert
 from registry.schemas import decode_strict
 from registry.store import ArtifactStore
 from routers.query import RouterContext
@@ -32,13 +31,6 @@ from serving.engine import Engine, GenRequest, Sampling
 
 def _service(db_session: AsyncSession, store: ArtifactStore) -> CompositionService:
     return CompositionService(db_session, store)
-
-
-def router_fitter(db_session: AsyncSession, store: ArtifactStore, routing: RouterContext) -> PrepareHook:
-    async def fit(spec: CompositionSpec, experts: list[Expert]) -> None:
-        await fit_router(db_session, store, routing, spec.router, spec.router_params, experts)
-
-    return fit
 
 
 class RouteRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
