@@ -114,7 +114,7 @@ class OpenAIController(Controller):
         prompt = body.checked_prompt()
         sampling = body.sampling(settings.default_max_tokens)
         resolved = await _resolve(request, db_session, store, routing, body.model, prompt)
-        run = CompletionRun(engine, resolved, sampling, chat=False, trace=body.checked_trace())
+        run = CompletionRun(engine, resolved, sampling, query=prompt, chat=False, trace=body.checked_trace())
         run.tokens = token_meter(request)
         return await _respond(run, run.request(prompt=prompt), body.stream, body.include_usage())
 
@@ -132,8 +132,9 @@ async def prepare_chat(
     panel's "try it" box and playground both go through here."""
     messages = body.checked_messages()
     sampling = body.sampling(settings.default_max_tokens)
-    resolved = await _resolve(request, db_session, store, routing, body.model, query_text(messages, None))
-    run = CompletionRun(engine, resolved, sampling, chat=True, trace=body.checked_trace())
+    query = query_text(messages, None)  # once: routing and the aggregator read the same text
+    resolved = await _resolve(request, db_session, store, routing, body.model, query)
+    run = CompletionRun(engine, resolved, sampling, query=query, chat=True, trace=body.checked_trace())
     run.tokens = token_meter(request)  # a key with limits is charged the answer's tokens
     return run, run.request(messages=messages)
 

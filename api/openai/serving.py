@@ -28,7 +28,7 @@ from api.openai.protocol import (
     Usage,
 )
 from api.schemas import TokenTraceOut
-from composition.compose import compose, compose_stream, query_text
+from composition.compose import compose, compose_stream
 from composition.resolve import Resolved
 from core.errors import MoergeError, ValidationFailed
 from serving.dispatch import trace
@@ -69,10 +69,18 @@ class CompletionRun:
     """One /v1 request: chat (messages) or text completion (prompt), streamed or not."""
 
     def __init__(
-        self, engine: Engine, resolved: Resolved, sampling: Sampling, *, chat: bool, trace: bool = False
+        self,
+        engine: Engine,
+        resolved: Resolved,
+        sampling: Sampling,
+        *,
+        query: str,
+        chat: bool,
+        trace: bool = False,
     ) -> None:
         self.engine = engine
         self.resolved = resolved
+        self.query = query  # the text the model was resolved (routed) on; a composition's aggregator reads it
         self.sampling = sampling
         self.chat = chat
         if trace and resolved.target.mixture is None:
@@ -100,9 +108,8 @@ class CompletionRun:
 
     async def complete(self, request: GenRequest) -> ChatCompletion | Completion:
         if self.resolved.composite:
-            query = query_text(request.messages, request.prompt)
             done = await compose(
-                self.engine, self.resolved, query, lambda t: self.for_target(request, t), self.sampling
+                self.engine, self.resolved, self.query, lambda t: self.for_target(request, t), self.sampling
             )
             text, finish = done.aggregation.text, done.finish_reason
             body = self.body(GenResult(text, finish, done.prompt_tokens, done.completion_tokens))
@@ -180,9 +187,8 @@ class CompletionRun:
         """Start the stream and wait for its first chunk, so that a failure to start (engine down,
         unknown adapter) is still an HTTP error status rather than an error inside a 200 stream."""
         if self.resolved.composite:
-            query = query_text(request.messages, request.prompt)
             build = lambda t: self.for_target(request, t)  # noqa: E731
-            chunks = (await compose_stream(self.engine, self.resolved, query, build, self.sampling)).__aiter__()
+            chunks = (await compose_stream(self.engine, self.resolved, self.query, build, self.sampling)).__aiter__()
         else:
             chunks = self.engine.stream(request).__aiter__()
         first = await chunks.__anext__()
