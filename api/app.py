@@ -59,13 +59,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
                 serving, sessionmaker, store, LazyEmbedder(settings.embedding_model, settings.embedding_backend)
             )
             stamps = StampReader(settings.database_url)
-            merges = InProcessRunner(
-                sessionmaker,
-                store,
-                settings.merges_dir,
-                stale_after_s=settings.merge_stale_after_s,
-                max_lora_rank=settings.max_lora_rank,
-            )
+            merges = InProcessRunner.for_settings(sessionmaker, store, settings)
             app.state.runtime = Runtime(settings, db_engine, sessionmaker, store, stamps, serving, routing, merges)
             try:
                 await merges.start()  # settles jobs a dead worker left, then takes queued ones

@@ -887,13 +887,7 @@ async def _run_merge(
 
     async with sessionmaker() as session:
         job = await MergeJobService(session, store).submit(raw, yaml_text=yaml_text, claim=True)
-    runner = InProcessRunner(
-        sessionmaker,
-        store,
-        settings.merges_dir,
-        stale_after_s=settings.merge_stale_after_s,
-        max_lora_rank=settings.max_lora_rank,
-    )
+    runner = InProcessRunner.for_settings(sessionmaker, store, settings)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"))
     with Progress(*columns, TimeElapsedColumn(), console=err) as progress:
         bar = progress.add_task(f"merge {job_name(job)}", total=1.0)

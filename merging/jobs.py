@@ -37,6 +37,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.errors import Conflict, MoergeError, NotFound, ValidationFailed
+from core.settings import Settings
 from merging.config import CheckedRequest, MergeRequest, check_request, parse_request
 from merging.executor import ExecutorOptions, MergeCancelled, execute
 from merging.plan import MergePlan, ModelRef, plan_merge
@@ -372,6 +373,19 @@ class InProcessRunner:
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._current: _Run | None = None
+
+    @classmethod
+    def for_settings(
+        cls, sessionmaker: async_sessionmaker[AsyncSession], store: ArtifactStore, settings: Settings
+    ) -> InProcessRunner:
+        """The runner `moerge serve` and `moerge merge` use: output folder, stale limit and rank rule from settings."""
+        return cls(
+            sessionmaker,
+            store,
+            settings.merges_dir,
+            stale_after_s=settings.merge_stale_after_s,
+            max_lora_rank=settings.max_lora_rank,
+        )
 
     # -- lifecycle ------------------------------------------------------------------------------------
     async def start(self) -> None:
