@@ -107,7 +107,8 @@ async def resolve_token_composition(
     if found is None:
         experts = await _adapters(session, comp)
         states = await token_states(session, store, comp.router, dict(comp.router_params), experts)
-        base = target_for(experts[0], store, max_lora_rank=max_lora_rank)
+        # every member must be servable (a refusal names it and the fix); the mixture runs on the first one's base
+        base, *_ = [target_for(e, store, max_lora_rank=max_lora_rank) for e in experts]
         params = _token_params(comp.router, dict(comp.router_params))
         mixture = TokenMixture(
             composition=comp.name,

@@ -171,13 +171,9 @@ async def resolve_composition(
     from composition import mixtures  # imports this module
 
     if mixtures.is_token_level(comp.router):
-        resolved = await mixtures.resolve_token_composition(
+        return await mixtures.resolve_token_composition(
             session, store, comp, query, context, stamp, max_lora_rank=max_lora_rank
         )
-        # The mixture is built on its first adapter's target: every other adapter must be servable too.
-        for expert_id, _, _ in resolved.target.mixture.adapters if resolved.target.mixture else ():
-            await expert_target(session, store, expert_id, param="model", stamp=stamp, max_lora_rank=max_lora_rank)
-        return resolved
     decision = await RoutingService(session, context).decide(comp, query, stamp)
     if decision.fallback:
         if comp.fallback_id is None:

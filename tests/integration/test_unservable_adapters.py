@@ -280,6 +280,15 @@ def test_unservable_rows_are_refused_per_request(older_rows: RegistryEnv) -> Non
             timeout=60,
         )
         _refused(resp, 422, "model", "adapter 'lora-big' cannot be served")
+        # a token-level mixture whose second member cannot be served is refused naming that member
+        created = httpx.post(
+            f"{url}/api/compositions",
+            headers=env.admin,
+            json={"name": "mix", "router": "arrow", "experts": ["lora-ok", "lora-big"]},
+            timeout=120,
+        )
+        assert created.status_code == 201, created.text
+        _refused(_chat(url, env.query_key, "mix"), 422, "model", "adapter 'lora-big' cannot be served")
         # the rest of the registry is served as before
         assert _chat(url, env.query_key, "lora-ok").status_code == 200
         assert _chat(url, env.query_key, "tiny-base").status_code == 200
