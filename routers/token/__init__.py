@@ -1,7 +1,6 @@
-"""Token-level routers: which adapters act on each token in each layer (torch engine); importing this
-package registers every one of them in ``TOKEN_ROUTERS``. The mixture math they run in (stacked adapters,
-the mixture layer, sparse dispatch) lives with the engines in ``serving/mixture``; its names are re-exported
-here."""
+"""Token-level routers: which adapters act on each token in each layer (torch engine); importing this package registers
+every one of them in ``TOKEN_ROUTERS``. The mixture math they run in (stacked adapters, each router's per-token scores,
+the mixture layer, sparse dispatch) lives with the engines in ``serving/mixture``; its names are re-exported here."""
 
 from routers.token import arrow, glider, mixer, phatgoose
 from routers.token.base import TOKEN_ROUTERS, FitContext, TokenRouter, TokenRouterConfig

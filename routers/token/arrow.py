@@ -1,8 +1,9 @@
 """``arrow``: data-free token routing by each adapter's top right singular vector (Ostapenko et al., 2024).
 
-Per adapter and module the prototype v_e is the top right singular vector of B_e·A_e; a token x scores
-|x·v_e| (a singular vector's sign is arbitrary), the top_k adapters are kept and their scores pass through a
-softmax with temperature. Defaults follow PEFT's ArrowConfig (top_k=3, router_temperature=1.0).
+Per adapter and module the prototype v_e is the top right singular vector of B_e·A_e; a token x scores |x·v_e| (a
+singular vector's sign is arbitrary), the top_k adapters are kept and their scores pass through a softmax with
+temperature (``serving/mixture/scores.py``, which the engine runs). Defaults follow PEFT's ArrowConfig (top_k=3,
+router_temperature=1.0).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import torch
 from routers.query.base import require
 from routers.token.base import TOKEN_ROUTERS, FitContext, TokenRouter, TokenRouterConfig
 from serving.mixture.adapters import LoraAdapter
-from serving.mixture.route import Route, softmax_of_sorted
+from serving.mixture.route import Route
+from serving.mixture.scores import arrow_k, arrow_route
 
 POWER_ITERS = 1000
 POWER_TOL = 1e-7
@@ -93,7 +95,7 @@ class ArrowRouter(TokenRouter):
 
     def route_k(self, available: torch.Tensor) -> int:
         """Experts kept per token: top_k, capped by the fewest available experts of the modules."""
-        return min(self.config.top_k, int(available.reshape(-1, available.shape[-1]).sum(dim=1).min()))
+        return arrow_k(available, self.config.top_k)
 
     def route_shared(
         self,
@@ -105,21 +107,7 @@ class ArrowRouter(TokenRouter):
         k: int | None = None,
         all_available: bool | None = None,
     ) -> Route:
-        """``route`` for M modules that read the same ``x`` [tokens, in], each with its own prototypes:
-        ``states`` [M, E, in] (or [M*E, in]), ``available`` [M, E], ``bias`` broadcastable to [tokens, M, E].
-        One score matmul over the concatenated prototypes and one top-k over the last axis give exactly each
-        module's own route; returns experts and weights [tokens, M, k]. ``k`` (top_k capped by the number of
-        available experts, equal in every module) and ``all_available``, when the caller has them, spare two
-        host reads of ``available`` per call."""
-        M, E = available.shape
-        scores = (x @ states.reshape(M * E, -1).T.to(x.dtype)).abs().view(-1, M, E)
-        if bias is not None:
-            scores = scores + bias.to(scores.dtype)
-        if all_available is None:
-            all_available = bool(available.all())
-        if not all_available:
-            scores = scores.masked_fill(~available.to(scores.device), float("-inf"))
-        if k is None:
-            k = self.route_k(available)
-        top, experts = scores.topk(k, dim=-1)  # sorted: the first column is each row's maximum
-        return Route(experts, softmax_of_sorted(top, self.config.temperature))
+        """``route`` for M modules that read the same ``x`` (``serving.mixture.scores.arrow_route``): experts
+        and weights [tokens, M, k]."""
+        cfg = self.config
+        return arrow_route(x, states, available, cfg.top_k, cfg.temperature, bias, k=k, all_available=all_available)

@@ -71,6 +71,12 @@ class TokenRouter(ABC):
         bias is the ``instruct`` router): fitted with the composition, asked before the mixture decodes."""
         return None
 
+    @classmethod
+    def query_bias(cls, params: dict[str, Any], scores: list[float]) -> tuple[float, ...]:
+        """The per-query bias, one value per expert, from the scores ``query_part``'s router gave them (called
+        only when ``query_part`` names one)."""
+        raise NotImplementedError(f"{cls.__name__} has no query-level part")
+
     def requires_training_data(self) -> bool:
         """Whether ``fit_adapter`` needs a FitContext with the base and training examples (a router that
         delegates its state to another one, like ``glider``, answers for that one)."""

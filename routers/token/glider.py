@@ -15,13 +15,13 @@ text could not be consulted offline while writing this, so the additive form wit
 paper's abstract and DESIGN.md ("PHATGOOSE or Arrow scores plus a global bias from the similarity ..."),
 not a checked equation.
 
-The local router (``local``: ``phatgoose``, GLIDER's choice, or ``arrow``) adds the bias to its token scores
-before its top-k. ``scale`` (a config field, default 1) trades global against local: PHATGOOSE's scores are
-standardized dot products / √d, Arrow's are |x·v| with unit v, so the useful scale depends on the local
-router. The serving layer (``composition/mixtures.py``) lets the `instruct` query router compute the cosines (the
-base LLM describes the query's task; the description is embedded and compared with the experts' stored
-embeddings), scales them as ``glider_bias`` does, and passes the result to every module as
-``MixtureLinear.row_bias`` (one row per sequence).
+The local router (``local``: ``phatgoose``, GLIDER's choice, or ``arrow``) adds the bias to its token scores before its
+top-k (``serving/mixture/scores.py``). ``scale`` (a config field, default 1) trades global against local: PHATGOOSE's
+scores are standardized dot products / √d, Arrow's are |x·v| with unit v, so the useful scale depends on the local
+router. The serving layer (``composition/mixtures.py``) lets the `instruct` query router compute the cosines (the base
+LLM describes the query's task; the description is embedded and compared with the experts' stored embeddings), scales
+them as ``glider_bias`` does, and passes the result to every module as ``MixtureLinear.row_bias`` (one row per
+sequence).
 
 The state (gates or prototypes) is the local router's, stored under its name: a glider mixture reuses what
 a phatgoose or arrow mixture over the same experts already fitted.
@@ -109,6 +109,13 @@ class GliderRouter(TokenRouter):
         the description and its length come from glider's params. Every expert keeps a score."""
         keep = {k: params[k] for k in ("model", "max_new_tokens") if params.get(k) is not None}
         return "instruct", {**keep, "threshold": -1.0}
+
+    @classmethod
+    def query_bias(cls, params: dict[str, Any], scores: list[float]) -> tuple[float, ...]:
+        """``glider_bias``'s formula (scale · cosine of the query's task description and each expert's) on the
+        cosines `instruct` computed from its stored expert embeddings."""
+        scale = float(params.get("scale", GliderConfig().scale))
+        return tuple(scale * score for score in scores)
 
     def requires_training_data(self) -> bool:
         return self.local.requires_training_data()

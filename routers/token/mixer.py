@@ -1,12 +1,12 @@
 """``mixer``: a token router trained for one composition on a few labelled examples of its target task, over
 frozen pre-trained LoRA experts (the second paradigm of LoRA-Mixer, Li et al., 2025: only the router learns).
 
-Routing: at every LoRA target module, each expert e has a router row (w_e, b_e) and a token's activation u
-gets the gate g_e = σ(w_e·u/√d + b_e); the ``top_k`` experts by gate are kept and act with their gates as the
-mixing weights, *not* renormalized: the gates need not sum to 1. That is the point of this router. On the
-demo's composite tasks the two skills compose as a near-constant mix that favours the second skill (json
-0.4 + dates 0.8 on ``json_dates``) and that a softmax over experts (``phatgoose``, ``arrow``, ``glider``)
-cannot express.
+Routing (``serving/mixture/scores.py``, which the engine runs): at every LoRA target module, each expert e has a router
+row (w_e, b_e) and a token's activation u gets the gate g_e = σ(w_e·u/√d + b_e); the ``top_k`` experts by gate are kept
+and act with their gates as the mixing weights, *not* renormalized: the gates need not sum to 1. That is the point of
+this router. On the demo's composite tasks the two skills compose as a near-constant mix that favours the second skill
+(json 0.4 + dates 0.8 on ``json_dates``) and that a softmax over experts (``phatgoose``, ``arrow``, ``glider``) cannot
+express.
 
 Training (once per composition, stored by ``routers/token/states.py``): base and adapters frozen, every target
 module computes y = W·u + Σ_e g_e(u)·scale_e·B_e·A_e·u over all the composition's experts (dense), and only the
@@ -53,6 +53,7 @@ from routers.token.base import TOKEN_ROUTERS, FitContext, TokenRouter, TokenRout
 from routers.token.training import GateTrainingConfig, train_layers
 from serving.mixture.adapters import LoraAdapter, stack_module
 from serving.mixture.route import Route
+from serving.mixture.scores import mixer_gates, mixer_route
 
 MAX_EXAMPLES = 4096
 
@@ -96,29 +97,6 @@ class MixerConfig(TokenRouterConfig, frozen=True):
         if self.task:
             return example_rows(self.task, self.task_examples)
         return [TrainingRow.from_prompt(e.prompt, e.answer) for e in self.examples]
-
-
-def mixer_gates(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, extra: torch.Tensor | None = None
-) -> torch.Tensor:
-    """[..., E] gates σ(x·w_e/√d + b_e (+ extra)) for x [..., d], weight [E, d], bias [E], extra [..., E]."""
-    logits = (x @ weight.T.to(x.dtype)) / math.sqrt(x.shape[-1]) + bias.to(x.dtype)
-    if extra is not None:
-        logits = logits + extra.to(logits.dtype)
-    return torch.sigmoid(logits)
-
-
-def mixer_route(
-    x: torch.Tensor, state: torch.Tensor, available: torch.Tensor, top_k: int, bias: torch.Tensor | None = None
-) -> Route:
-    """Gates of the available experts (state [E, d + 1]: w_e then b_e; ``bias`` [tokens, E] is added to the
-    logits), the top_k of them kept as they are."""
-    gates = mixer_gates(x, state[:, :-1], state[:, -1], bias)
-    if not bool(available.all()):
-        gates = gates.masked_fill(~available.to(gates.device), -1.0)  # below any gate: never kept
-    k = min(top_k, int(available.sum()))
-    top, experts = gates.topk(k, dim=-1)
-    return Route(experts, top)
 
 
 class MixerLoraLinear(nn.Module):

@@ -7,10 +7,10 @@ per module, initialised to zeros so every gate starts half open, σ = 0.5, as in
 few steps of next-token loss on the expert's own training examples, scored on the answer tokens only (the
 demo recipe's chat formatting and masking: ``evals.recipe.encode_chat`` and ``answer_loss``).
 
-Routing: at a module, a token's activation u and every expert's gate v are standardized (each vector minus
-its mean, divided by its standard deviation), each expert scores û·v̂ / √d, the optional bias (GLIDER) is
-added, a softmax runs over the experts that adapt this module, the ``top_k`` (default 2) are kept and their
-probabilities renormalized to sum to 1.
+Routing (``serving/mixture/scores.py``, which the engine runs): at a module, a token's activation u and every expert's
+gate v are standardized (each vector minus its mean, divided by its standard deviation), each expert scores û·v̂ / √d,
+the optional bias (GLIDER) is added, a softmax runs over the experts that adapt this module, the ``top_k`` (default 2)
+are kept and their probabilities renormalized to sum to 1.
 
 Cost (``bench/gate_training.py``): every step runs the base forward and a backward through it (no weight
 gradients), so it costs about two thirds of a LoRA training step on the same tokens. On SmolLM2-135M with
@@ -23,7 +23,6 @@ process-wide and is left to the caller. Lower ``batch_size`` or ``steps`` to go 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,9 +38,8 @@ from routers.query.base import require
 from routers.token.base import TOKEN_ROUTERS, FitContext, TokenRouter, TokenRouterConfig
 from routers.token.training import GateTrainingConfig, train_layers
 from serving.mixture.adapters import LoraAdapter
-from serving.mixture.route import Route, softmax_of_sorted
-
-STD_EPS = 1e-6  # a constant vector (a zero gate) standardizes to zeros instead of dividing by 0
+from serving.mixture.route import Route
+from serving.mixture.scores import phatgoose_route
 
 
 class PhatgooseConfig(TokenRouterConfig, frozen=True):
@@ -58,34 +56,6 @@ class PhatgooseConfig(TokenRouterConfig, frozen=True):
     def check(self) -> None:
         require(self.top_k >= 1, "top_k", "must be at least 1")
         self.training.check()
-
-
-def standardize(v: torch.Tensor) -> torch.Tensor:
-    """Each row (last dimension) minus its mean, divided by its standard deviation (Bessel-corrected, as
-    torch.std); a constant row becomes zeros."""
-    centered = v - v.mean(dim=-1, keepdim=True)
-    return centered / (v.std(dim=-1, keepdim=True) + STD_EPS)
-
-
-def phatgoose_scores(x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-    """[tokens, E] scores standardize(x)·standardize(gates)ᵀ / √d for x [tokens, d], gates [E, d]."""
-    d = x.shape[-1]
-    return (standardize(x) @ standardize(gates.to(x.dtype)).T) / math.sqrt(d)
-
-
-def phatgoose_route(
-    x: torch.Tensor, gates: torch.Tensor, available: torch.Tensor, top_k: int, bias: torch.Tensor | None = None
-) -> Route:
-    """Scores (+ bias), softmax over the available experts, top_k, kept probabilities renormalized."""
-    scores = phatgoose_scores(x, gates)
-    if bias is not None:
-        scores = scores + bias.to(scores.dtype)
-    if not bool(available.all()):
-        scores = scores.masked_fill(~available.to(scores.device), float("-inf"))
-    k = min(top_k, int(available.sum()))
-    # softmax, top-k, renormalize == a softmax over the kept scores alone (the dropped terms cancel)
-    top, experts = scores.topk(k, dim=-1)
-    return Route(experts, softmax_of_sorted(top))
 
 
 # -- gate training ------------------------------------------------------------------------------------

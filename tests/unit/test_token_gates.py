@@ -29,14 +29,8 @@ from routers.token import states as states_mod
 from routers.token.arrow import ArrowRouter
 from routers.token.base import FitContext
 from routers.token.glider import GliderRouter, glider_bias
-from routers.token.phatgoose import (
-    GateTrainingConfig,
-    PhatgooseRouter,
-    phatgoose_route,
-    phatgoose_scores,
-    standardize,
-    train_gates,
-)
+from routers.token.phatgoose import GateTrainingConfig, PhatgooseRouter, train_gates
+from serving.mixture.scores import phatgoose_route, phatgoose_scores, standardize
 from tests.fixtures.db import BACKENDS, RegistryEnv
 
 

@@ -18,8 +18,9 @@ from registry.training_data import TrainingRow
 from routers import examples
 from routers.token import TOKEN_ROUTERS, apply_mixture, load_lora_adapter
 from routers.token import states as states_mod
-from routers.token.mixer import MixerRouter, mixer_route, train_mixer
+from routers.token.mixer import MixerRouter, train_mixer
 from routers.token.training import GateTrainingConfig
+from serving.mixture.scores import mixer_route
 from tests.fixtures.db import BACKENDS, RegistryEnv
 from tests.unit.test_token_gates import (  # noqa: F401 (fixtures)
     TASKS,
