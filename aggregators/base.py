@@ -27,6 +27,8 @@ class ExpertAnswer:
     text: str = ""
     error: str | None = None
     part: str | None = None  # a decomposed query: the part this answer is to
+    prompt_tokens: int = 0  # this expert's generation's usage (0 where it failed, or decoded fused)
+    completion_tokens: int = 0
 
     @property
     def ok(self) -> bool:

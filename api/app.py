@@ -22,7 +22,7 @@ from api.merges.controllers import MergeController
 from api.openai.controllers import OpenAIController
 from api.security import key_meter_lifespan
 from api.system.controllers import EngineController, HealthController
-from composition.compose import router_context
+from composition.composer import Composer, router_context
 from composition.factory import create_engine
 from core.settings import Settings
 from evals.sources import install_example_sources
@@ -58,9 +58,10 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             routing = router_context(
                 serving, sessionmaker, store, LazyEmbedder(settings.embedding_model, settings.embedding_backend)
             )
+            composer = Composer(serving, store, routing, max_lora_rank=settings.max_lora_rank)
             stamps = StampReader(settings.database_url)
             merges = InProcessRunner.for_settings(sessionmaker, store, settings)
-            app.state.runtime = Runtime(settings, db_engine, sessionmaker, store, stamps, serving, routing, merges)
+            app.state.runtime = Runtime(settings, db_engine, sessionmaker, store, stamps, serving, composer, merges)
             try:
                 await merges.start()  # settles jobs a dead worker left, then takes queued ones
                 yield

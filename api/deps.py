@@ -9,6 +9,7 @@ from litestar.datastructures import State
 from litestar.di import NamedDependency
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from composition.composer import Composer
 from core.errors import MoergeError
 from core.settings import Settings
 from merging.jobs import MergeRunner
@@ -29,7 +30,7 @@ class Runtime:
     store: ArtifactStore
     stamps: StampReader
     serving: Engine | None = None
-    routing: RouterContext | None = None
+    composer: Composer | None = None  # plans and answers queries (composition/composer.py)
     merges: MergeRunner | None = None  # runs queued merge jobs (api/app.py starts and stops it)
 
 
@@ -62,12 +63,17 @@ def provide_key_service(db_session: NamedDependency[AsyncSession]) -> ApiKeyServ
     return ApiKeyService(db_session)
 
 
-def provide_router_context(state: State) -> RouterContext:
-    """Embedder + a generate function on this app's engine, for the routers."""
-    routing = runtime_of(state).routing
-    if routing is None:
+def provide_composer(state: State) -> Composer:
+    """The app's one way to plan and answer a query."""
+    composer = runtime_of(state).composer
+    if composer is None:
         raise MoergeError("routing is not configured in this app", param="router")
-    return routing
+    return composer
+
+
+def provide_router_context(state: State) -> RouterContext:
+    """Embedder + a generate function on this app's engine, for the routers (fitting them)."""
+    return provide_composer(state).context
 
 
 def provide_engine(state: State) -> Engine:

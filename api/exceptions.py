@@ -88,7 +88,8 @@ def _extra_headers(request: Request[Any, Any, Any], exc: Exception) -> dict[str,
     if request.url.path.startswith(("/v1/", "/api/route")):
         from api.openai.serving import routing_headers
 
-        headers.update(routing_headers(getattr(request.state, "moerge_route", None)))
+        failed = getattr(exc, "failed", ())  # every member of a composition failed: name them
+        headers.update(routing_headers(getattr(request.state, "moerge_route", None), failed=tuple(failed)))
     if (retry := getattr(exc, "retry_after", None)) is not None:
         headers["retry-after"] = str(int(retry))
     return headers

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from composition.resolve import Resolved, target_for
+from composition.plan import Plan
+from composition.resolve import target_for
 from composition.service import CompositionSpec, PrepareHook
 from core.errors import Conflict
 from registry.compositions import CompositionView
@@ -64,9 +65,7 @@ async def fit_router(
     whose fitting runs a model is left for the server to fit on its first query."""
     query_level = [(router, params)]
     if is_token_level(router):
-        from routers.token import TOKEN_ROUTERS
-
-        part = TOKEN_ROUTERS.get(router).cls.query_part(params)
+        part = _router_class(router).query_part(params)
         query_level = [part] if part is not None else []
     if not run_models and any(ROUTERS.get(name).cls.fit_uses_model for name, _ in query_level):
         return
@@ -101,7 +100,7 @@ async def resolve_token_composition(
     stamp: Stamp | None = None,
     *,
     max_lora_rank: int = MAX_LORA_RANK,
-) -> Resolved:
+) -> Plan:
     stamp = stamp if stamp is not None else await registry_stamp(session)
     found = _MIXTURES.get(stamp, (str(store.root), comp.id))
     if found is None:
@@ -131,9 +130,7 @@ async def resolve_token_composition(
     if part is not None:
         described = await _describe_query(session, context, part, experts, query)
         scores = {slug: float(described.scores.get(slug, 0.0)) for slug in slugs}
-        # glider_bias's formula (scale · cosine of the query's task description and each expert's), on the
-        # cosines `instruct` computed from its stored expert embeddings.
-        bias = tuple(float(params["scale"]) * scores[s] for s in slugs)
+        bias = _router_class(comp.router).query_bias(params, [scores[s] for s in slugs])
         extra["task_description"] = described.extra.get("task_description")
         extra["bias"] = dict(zip(slugs, bias, strict=True))
     decision = RouteDecision(
@@ -143,9 +140,7 @@ async def resolve_token_composition(
         reason=f"token-level: every token picks its adapters in every layer among {len(slugs)} (ask for a trace)",
         extra=extra,
     )
-    resolved = Resolved(comp.name, target, comp.router, list(slugs), decision.weights, decision)
-    resolved.router_bias = bias
-    return resolved
+    return Plan(comp.name, target, comp.router, tuple(slugs), tuple(decision.weights), decision, router_bias=bias)
 
 
 def _token_params(router: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -164,10 +159,14 @@ def _router_factory(router: str, params: dict[str, Any]) -> Callable[[], TokenRo
     return lambda: TOKEN_ROUTERS.build(router, params)
 
 
-def _query_part(comp: CompositionView) -> tuple[str, dict[str, Any]] | None:
+def _router_class(router: str) -> type[TokenRouter]:
     from routers.token import TOKEN_ROUTERS
 
-    return TOKEN_ROUTERS.get(comp.router).cls.query_part(dict(comp.router_params))
+    return TOKEN_ROUTERS.get(router).cls
+
+
+def _query_part(comp: CompositionView) -> tuple[str, dict[str, Any]] | None:
+    return _router_class(comp.router).query_part(dict(comp.router_params))
 
 
 async def _describe_query(

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from aggregators import AGGREGATORS, Aggregator
+from aggregators import AGGREGATORS
+from composition.plan import Member, Plan
 from composition.service import CompositionService
 from core.errors import NotFound, Unprocessable, ValidationFailed
 from registry.compositions import CompositionView
@@ -21,39 +21,6 @@ from routers.query import RouteDecision, RouterContext
 from routers.query.parts import part_routes
 from routers.query.service import RoutingService
 from serving.engine import Target
-
-
-@dataclass
-class Member:
-    """One chosen expert of a composed answer."""
-
-    slug: str
-    weight: float
-    target: Target
-    part: str | None = None  # a decomposed query: the one part this member answers
-
-
-@dataclass
-class Resolved:
-    """What answers a request, and the routing facts reported in the x-moerge-* headers."""
-
-    model: str
-    target: Target  # the single answerer; for k > 1, the best-weighted member
-    router: str = "none"
-    experts: list[str] = field(default_factory=list)
-    weights: list[float] = field(default_factory=list)
-    decision: RouteDecision | None = None
-    members: list[Member] = field(default_factory=list)  # two or more: answer each, then aggregate
-    aggregator: Aggregator | None = None
-    aggregator_name: str | None = None
-    aggregator_target: Target | None = None
-    fallback: bool = False
-    failed: list[str] = field(default_factory=list)  # members whose generation failed (set while serving)
-    router_bias: tuple[float, ...] | None = None  # a token-level mixture's per-query bias (glider)
-
-    @property
-    def composite(self) -> bool:
-        return len(self.members) > 1
 
 
 def _target_or_refusal(expert: Expert, store: ArtifactStore, max_lora_rank: int) -> Target | str:
@@ -152,9 +119,9 @@ async def _find_model(
     return _NAMES.put(stamp, key, (expert.slug, _target_or_refusal(expert, store, max_lora_rank)))
 
 
-def routing_only(comp: CompositionView) -> Resolved:
+def routing_only(comp: CompositionView) -> Plan:
     """What the headers say about a composition before its router has decided (errors while routing)."""
-    return Resolved(comp.name, Target(base_id="", base_dir=Path()), router=comp.router)
+    return Plan.routing_only(comp.name, comp.router)
 
 
 async def resolve_composition(
@@ -166,7 +133,7 @@ async def resolve_composition(
     stamp: Stamp | None = None,
     *,
     max_lora_rank: int = MAX_LORA_RANK,
-) -> Resolved:
+) -> Plan:
     stamp = stamp if stamp is not None else await registry_stamp(session)
     from composition import mixtures  # imports this module
 
@@ -185,32 +152,41 @@ async def resolve_composition(
         slug, target = await expert_target(
             session, store, str(comp.fallback_id), param="fallback", stamp=stamp, max_lora_rank=max_lora_rank
         )
-        return Resolved(comp.name, target, comp.router, [slug], [1.0], decision, fallback=True)
+        return Plan(comp.name, target, comp.router, (slug,), (1.0,), decision, fallback=True)
     members = await _members(session, store, comp, decision, stamp, max_lora_rank)
-    resolved = Resolved(
-        comp.name, members[0].target, comp.router, decision.slugs, decision.weights, decision, members=members
+    plan = Plan(
+        comp.name,
+        members[0].target,
+        comp.router,
+        tuple(decision.slugs),
+        tuple(decision.weights),
+        decision,
+        members=tuple(members),
     )
-    if resolved.composite:
-        if comp.aggregator is None:
-            raise ValidationFailed(f"composition {comp.name!r} has k > 1 but no aggregator", param="model")
-        aggregator = AGGREGATORS.build(comp.aggregator, dict(comp.aggregator_params))
-        resolved.aggregator, resolved.aggregator_name = aggregator, comp.aggregator
-        if aggregator.uses_model:
-            model = aggregator.model_slug()
-            if model is not None:
-                resolved.aggregator_target = await target_of_slug(
-                    session, store, model, param="aggregator_params.model", stamp=stamp, max_lora_rank=max_lora_rank
-                )
-            elif comp.fallback_id is not None:
-                resolved.aggregator_target = await target_of_slug(
-                    session, store, str(comp.fallback_id), param="fallback", stamp=stamp, max_lora_rank=max_lora_rank
-                )
-            else:
-                raise ValidationFailed(
-                    f"composition {comp.name!r}: aggregator {comp.aggregator!r} has no model (set one, or a fallback)",
-                    param="model",
-                )
-    return resolved
+    if not plan.composite:
+        return plan
+    if comp.aggregator is None:
+        raise ValidationFailed(f"composition {comp.name!r} has k > 1 but no aggregator", param="model")
+    aggregator = AGGREGATORS.build(comp.aggregator, dict(comp.aggregator_params))
+    aggregator_target = None
+    if aggregator.uses_model:
+        model = aggregator.model_slug()
+        if model is not None:
+            aggregator_target = await target_of_slug(
+                session, store, model, param="aggregator_params.model", stamp=stamp, max_lora_rank=max_lora_rank
+            )
+        elif comp.fallback_id is not None:
+            aggregator_target = await target_of_slug(
+                session, store, str(comp.fallback_id), param="fallback", stamp=stamp, max_lora_rank=max_lora_rank
+            )
+        else:
+            raise ValidationFailed(
+                f"composition {comp.name!r}: aggregator {comp.aggregator!r} has no model (set one, or a fallback)",
+                param="model",
+            )
+    return dataclasses.replace(
+        plan, aggregator=aggregator, aggregator_name=comp.aggregator, aggregator_target=aggregator_target
+    )
 
 
 async def _members(
@@ -260,10 +236,10 @@ async def resolve_model(
     *,
     query: str = "",
     context: RouterContext | None = None,
-    on_composition: Callable[[Resolved], None] | None = None,
+    on_composition: Callable[[Plan], None] | None = None,
     stamp: Stamp | None = None,
     max_lora_rank: int = MAX_LORA_RANK,
-) -> Resolved:
+) -> Plan:
     """``on_composition`` hears what is known of a composition before its router runs, so that an error
     while routing still carries the composition's router in the response headers. ``stamp``: the registry
     stamp if the caller has read it already (the API's key check reads it in the same statement).
@@ -279,4 +255,4 @@ async def resolve_model(
             raise ValidationFailed("compositions need a router context (embedder, engine)", param="model")
         return await resolve_composition(session, store, found, query, context, stamp, max_lora_rank=max_lora_rank)
     slug, target = found
-    return Resolved(name, _served(target, "model"), "none", [slug], [1.0])
+    return Plan(name, _served(target, "model"), "none", (slug,), (1.0,))

@@ -192,7 +192,7 @@ class ExpertPages(Controller):
         message = str((await request.form()).get("message") or "")
         answer, error = None, None
         try:
-            answer = await ask(request, db_session, store, settings, expert.slug, message)
+            answer = await ask(request, db_session, expert.slug, message)
         except MoergeError as exc:
             error = exc.message
         context = {"message": message, "answer": answer, "error": error}

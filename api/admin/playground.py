@@ -13,9 +13,12 @@ from litestar.response import Template
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from aggregators import ExpertAnswer
 from api.admin import views
-from api.admin.asking import MAX_TOKENS, Answer, ask
+from api.admin.asking import MAX_TOKENS, ask
 from api.admin.views import score_bars, trace_grid
+from api.schemas import TokenTraceOut
+from composition.plan import Answer
 from composition.service import CompositionService
 from core.errors import MoergeError, ValidationFailed
 from core.settings import Settings
@@ -24,21 +27,25 @@ from registry.store import ArtifactStore
 
 
 def _result(answer: Answer) -> dict[str, Any]:
-    decision = answer.resolved.decision
+    plan, decision = answer.plan, answer.plan.decision
+    # each chosen expert's own answer (two or more answered), else the one answer
+    members = answer.members or (ExpertAnswer(plan.experts[0] if plan.experts else plan.model, 1.0, answer.text),)
     return {
         "bars": score_bars(decision.scores, decision.slugs) if decision else [],
         "reason": decision.reason if decision else "",
-        "router": answer.resolved.router,
-        "fallback": answer.resolved.fallback,
+        "router": plan.router,
+        "fallback": plan.fallback,
         "routed": list(decision.experts) if decision else [],
         # after aggregation: the experts the final answer came from (a vote keeps the winners)
-        "answered_by": list(zip(answer.resolved.experts, answer.resolved.weights, strict=False)),
-        "answers": answer.answers,
+        "answered_by": list(zip(answer.experts, answer.weights, strict=True)),
+        "answers": [
+            {"expert": a.slug, "weight": a.weight, "part": a.part, "text": a.text, "error": a.error} for a in members
+        ],
         "aggregate": answer.text,
-        "aggregator": answer.resolved.aggregator_name,
-        "aggregation": answer.aggregation,
-        "failed": answer.resolved.failed,
-        "trace": trace_grid(answer.trace) if answer.trace else None,
+        "aggregator": plan.aggregator_name,
+        "aggregation": answer.aggregation.reason if answer.aggregation is not None else None,
+        "failed": list(answer.failed),
+        "trace": trace_grid(TokenTraceOut.of(answer.trace)) if answer.trace else None,
     }
 
 
@@ -90,7 +97,7 @@ class PlaygroundPage(Controller):
             if not name:
                 raise ValidationFailed("pick a composition", param="composition")
             await CompositionService(db_session, store).get(name)  # an expert's name is not a composition
-            result = _result(await ask(request, db_session, store, settings, name, query, int(max_text)))
+            result = _result(await ask(request, db_session, name, query, int(max_text)))
         except MoergeError as exc:
             error = exc.message
         context = {"result": result, "error": error, "composition": name, "query": query, "max_tokens": max_text}

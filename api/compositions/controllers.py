@@ -12,21 +12,19 @@ from litestar.params import FromPath
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.deps import provide_engine, provide_router_context, runtime_of
+from api.deps import provide_composer, provide_router_context
 from api.openai.serving import routing_headers
 from api.schemas import CompositionList, CompositionOut, RouteOut, TokenTraceOut, WeightedExpert, composition_out
 from api.security import check_model, require_admin, require_query
-from composition.compose import query_text
+from composition.composer import Composer, check_traceable
 from composition.mixtures import router_fitter
-from composition.resolve import find_composition, resolve_composition, routing_only
+from composition.plan import Plan, Query
 from composition.service import CompositionPatch, CompositionService, CompositionSpec
-from core.errors import NotFound, ValidationFailed
-from registry.epoch import registry_stamp
+from core.errors import ValidationFailed
 from registry.schemas import decode_strict
 from registry.store import ArtifactStore
 from routers.query import RouterContext
-from serving.dispatch import trace
-from serving.engine import Engine, GenRequest, Sampling
+from serving.engine import Sampling
 
 
 def _service(db_session: AsyncSession, store: ArtifactStore) -> CompositionService:
@@ -41,16 +39,14 @@ class RouteRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     messages: list[dict[str, Any]] | None = None
     trace: bool = False  # token-level routers: every prompt token's adapter weights in every layer
 
-    def chat(self) -> list[dict[str, Any]]:
-        return self.messages if self.messages is not None else [{"role": "user", "content": self.query or ""}]
-
-    def text(self) -> str:
+    def as_query(self) -> Query:
         if (self.query is None) == (self.messages is None):
             raise ValidationFailed("give exactly one of `query` and `messages`", param="query")
-        text = self.query if self.query is not None else query_text(self.messages, None)
-        if not text.strip():
+        chat = self.messages if self.messages is not None else [{"role": "user", "content": self.query}]
+        query = Query(self.model, Sampling(), messages=chat)
+        if not query.text.strip():
             raise ValidationFailed("the query is empty", param="query" if self.query is not None else "messages")
-        return text
+        return query
 
 
 class CompositionController(Controller):
@@ -109,59 +105,43 @@ class CompositionController(Controller):
 class RouteController(Controller):
     path = "/api/route"
     tags = ["compositions"]
-    dependencies = {
-        "routing": Provide(provide_router_context, sync_to_thread=False),
-        "engine": Provide(provide_engine, sync_to_thread=False),
-    }
+    dependencies = {"composer": Provide(provide_composer, sync_to_thread=False)}
 
     @post("/", guards=[require_query], status_code=HTTP_200_OK)
     async def route(
         self,
         request: Request[Any, Any, Any],
         db_session: NamedDependency[AsyncSession],
-        store: NamedDependency[ArtifactStore],
-        routing: NamedDependency[RouterContext],
-        engine: NamedDependency[Engine],
+        composer: NamedDependency[Composer],
     ) -> Response[RouteOut]:
         body: RouteRequest = decode_strict(await request.body(), RouteRequest)
         check_model(request, body.model)  # the key's allow-list, if it has one (api/security.py)
-        query = body.text()
+        query = body.as_query()
         started = time.perf_counter()
-        stamp = getattr(request.state, "registry_stamp", None) or await registry_stamp(db_session)
-        comp = await find_composition(db_session, store, body.model, stamp)
-        if comp is None:
-            raise NotFound(f"no composition named {body.model!r}", param="model", code="composition_not_found")
-        request.state.moerge_route = routing_only(comp)
-        resolved = await resolve_composition(
-            db_session,
-            store,
-            comp,
-            query,
-            routing,
-            stamp,
-            max_lora_rank=runtime_of(request.app.state).settings.max_lora_rank,
-        )
+
+        def remember(plan: Plan) -> None:  # errors from here on carry these routing headers
+            request.state.moerge_route = plan
+
+        stamp = getattr(request.state, "registry_stamp", None)
+        plan = await composer.route(db_session, body.model, query.text, stamp=stamp, on_routing=remember)
         took_ms = (time.perf_counter() - started) * 1000
-        decision = resolved.decision
+        decision = plan.decision
         assert decision is not None
         result = RouteOut(
-            model=comp.name,
-            query=query,
+            model=plan.model,
+            query=query.text,
             router=decision.router,
             experts=[WeightedExpert(slug=slug, weight=weight) for slug, weight in decision.experts],
             scores=decision.scores,
             reason=decision.reason,
             fallback=decision.fallback,
             extra=decision.extra or None,  # absent when the router has nothing more to say
-            answered_by=resolved.experts,
-            aggregator=resolved.aggregator_name,
+            answered_by=list(plan.experts),
+            aggregator=plan.aggregator_name,
             latency_ms=round(took_ms, 3),
         )
         if body.trace:
-            if resolved.target.mixture is None:
-                raise ValidationFailed(
-                    f"a trace shows token-level routes; {comp.name!r} routes per query ({comp.router})", param="trace"
-                )
-            gen = GenRequest(resolved.target, Sampling(), messages=body.chat(), router_bias=resolved.router_bias)
-            result.trace = TokenTraceOut.of(await trace(engine, gen))
-        return Response(result, headers=routing_headers(resolved))
+            check_traceable(plan, param="trace")
+            await db_session.close()  # no connection held while the engine runs
+            result.trace = TokenTraceOut.of(await composer.trace(plan, query))
+        return Response(result, headers=routing_headers(plan))

@@ -11,7 +11,7 @@ from litestar.response import Stream
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.deps import provide_engine, provide_router_context, runtime_of
+from api.deps import provide_composer
 from api.openai.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -23,14 +23,11 @@ from api.openai.protocol import (
 )
 from api.openai.serving import CompletionRun, routing_headers
 from api.security import check_model, grant_of, require_query, token_meter
-from composition.compose import query_text
-from composition.resolve import Resolved, resolve_model
+from composition.composer import Composer, check_traceable
+from composition.plan import Plan, Query
 from core.settings import Settings
 from registry.models import Composition, Expert
 from registry.schemas import decode_strict
-from registry.store import ArtifactStore
-from routers.query import RouterContext
-from serving.engine import Engine, GenRequest
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
@@ -39,10 +36,7 @@ class OpenAIController(Controller):
     path = "/v1"
     tags = ["openai"]
     guards = [require_query]
-    dependencies = {
-        "engine": Provide(provide_engine, sync_to_thread=False),
-        "routing": Provide(provide_router_context, sync_to_thread=False),
-    }
+    dependencies = {"composer": Provide(provide_composer, sync_to_thread=False)}
 
     @get("/models")
     async def list_models(
@@ -87,14 +81,14 @@ class OpenAIController(Controller):
         self,
         request: Request[Any, Any, Any],
         db_session: NamedDependency[AsyncSession],
-        store: NamedDependency[ArtifactStore],
         settings: NamedDependency[Settings],
-        engine: NamedDependency[Engine],
-        routing: NamedDependency[RouterContext],
+        composer: NamedDependency[Composer],
     ) -> Response[Any]:
         body: ChatCompletionRequest = decode_strict(await request.body(), ChatCompletionRequest)
-        run, gen = await prepare_chat(request, db_session, store, settings, engine, routing, body)
-        return await _respond(run, gen, body.stream, body.include_usage())
+        messages = body.checked_messages()
+        run = CompletionRun(chat=True)
+        query = Query(body.model, body.sampling(settings.default_max_tokens), messages=messages, request_id=run.id)
+        return await _respond(request, db_session, composer, run, query, body)
 
     @post(
         "/completions",
@@ -105,73 +99,51 @@ class OpenAIController(Controller):
         self,
         request: Request[Any, Any, Any],
         db_session: NamedDependency[AsyncSession],
-        store: NamedDependency[ArtifactStore],
         settings: NamedDependency[Settings],
-        engine: NamedDependency[Engine],
-        routing: NamedDependency[RouterContext],
+        composer: NamedDependency[Composer],
     ) -> Response[Any]:
         body: CompletionRequest = decode_strict(await request.body(), CompletionRequest)
         prompt = body.checked_prompt()
-        sampling = body.sampling(settings.default_max_tokens)
-        resolved = await _resolve(request, db_session, store, routing, body.model, prompt)
-        run = CompletionRun(engine, resolved, sampling, query=prompt, chat=False, trace=body.checked_trace())
-        run.tokens = token_meter(request)
-        return await _respond(run, run.request(prompt=prompt), body.stream, body.include_usage())
+        run = CompletionRun(chat=False)
+        query = Query(body.model, body.sampling(settings.default_max_tokens), prompt=prompt, request_id=run.id)
+        return await _respond(request, db_session, composer, run, query, body)
 
 
-async def prepare_chat(
-    request: Request[Any, Any, Any],
-    db_session: AsyncSession,
-    store: ArtifactStore,
-    settings: Settings,
-    engine: Engine,
-    routing: RouterContext,
-    body: ChatCompletionRequest,
-) -> tuple[CompletionRun, GenRequest]:
-    """A chat request checked, its model resolved (a composition routed): ready to run. /v1 and the admin
-    panel's "try it" box and playground both go through here."""
-    messages = body.checked_messages()
-    sampling = body.sampling(settings.default_max_tokens)
-    query = query_text(messages, None)  # once: routing and the aggregator read the same text
-    resolved = await _resolve(request, db_session, store, routing, body.model, query)
-    run = CompletionRun(engine, resolved, sampling, query=query, chat=True, trace=body.checked_trace())
-    run.tokens = token_meter(request)  # a key with limits is charged the answer's tokens
-    return run, run.request(messages=messages)
+async def plan_query(
+    request: Request[Any, Any, Any], db_session: AsyncSession, composer: Composer, query: Query
+) -> Plan:
+    """``query``'s plan, as this caller may ask for it: the key's model allow-list first, then the composer
+    plans; from here on an error carries the plan's routing headers. /v1 and the admin panel's "try it" box
+    and playground plan through here."""
 
+    def remember(plan: Plan) -> None:  # errors from here on carry these routing headers
+        request.state.moerge_route = plan
 
-async def _resolve(
-    request: Request[Any, Any, Any],
-    db_session: AsyncSession,
-    store: ArtifactStore,
-    routing: RouterContext,
-    model: str,
-    query: str,
-) -> Resolved:
-    def remember(resolved: Resolved) -> None:  # errors from here on carry these routing headers
-        request.state.moerge_route = resolved
-
-    check_model(request, model)  # before any routing: a key's allow-list names what it may ask for
+    check_model(request, query.model)  # before any routing: a key's allow-list names what it may ask for
     stamp = getattr(request.state, "registry_stamp", None)  # read with the API key (api/security.py)
-    resolved = await resolve_model(
-        db_session,
-        store,
-        model,
-        query=query,
-        context=routing,
-        on_composition=remember,
-        stamp=stamp,
-        max_lora_rank=runtime_of(request.app.state).settings.max_lora_rank,
-    )
+    plan = await composer.plan(db_session, query, stamp=stamp, on_routing=remember)
     await db_session.close()  # release the connection before a long generation
-    remember(resolved)
-    return resolved
+    remember(plan)
+    return plan
 
 
-async def _respond(run: CompletionRun, gen: Any, stream: bool, include_usage: bool) -> Response[Any]:
+async def _respond(
+    request: Request[Any, Any, Any],
+    db_session: AsyncSession,
+    composer: Composer,
+    run: CompletionRun,
+    query: Query,
+    body: ChatCompletionRequest | CompletionRequest,
+) -> Response[Any]:
+    traced = body.checked_trace()
+    plan = await plan_query(request, db_session, composer, query)
+    if traced:
+        check_traceable(plan, param="moerge_trace")
+    run.tokens = token_meter(request)  # a key with limits is charged the answer's tokens
     # Headers are read after the experts have answered: a composed answer names failed experts.
-    if stream:
-        events = await run.open_stream(gen, include_usage=include_usage)
-        headers = {**routing_headers(run.resolved), **SSE_HEADERS}
-        return Stream(events, media_type="text/event-stream", headers=headers)
-    body = await run.complete(gen)
-    return Response(body, headers=routing_headers(run.resolved))
+    if body.stream:
+        stream = await composer.stream(plan, query)
+        events = run.sse(stream, include_usage=body.include_usage())
+        return Stream(events, media_type="text/event-stream", headers={**routing_headers(plan, stream), **SSE_HEADERS})
+    answer = await composer.answer(plan, query, traced=traced)
+    return Response(await run.complete(answer), headers=routing_headers(plan, answer))

@@ -1,13 +1,13 @@
-"""Serving of /v1 requests: resolve the model, run the engine, shape OpenAI responses and SSE streams."""
+"""/v1 answers in the OpenAI shape: a composition's ``Answer`` as a completion, an ``AnswerStream`` as SSE
+events, and the x-moerge-* routing headers."""
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import Protocol
 
 import msgspec
 
@@ -28,32 +28,36 @@ from api.openai.protocol import (
     Usage,
 )
 from api.schemas import TokenTraceOut
-from composition.compose import compose, compose_stream
-from composition.resolve import Resolved
-from core.errors import MoergeError, ValidationFailed
-from serving.dispatch import trace
-from serving.engine import Engine, GenChunk, GenRequest, GenResult, Sampling, Target
+from composition.plan import Answer, AnswerStream, Plan
+from core.errors import MoergeError
+from serving.engine import GenChunk
 
 MAX_SCORES_IN_HEADER = 16  # the best candidates' scores; a composition may have thousands
 
 
-def routing_headers(resolved: Resolved | None) -> dict[str, str]:
-    if resolved is None:
+def routing_headers(
+    plan: Plan | None, outcome: Answer | AnswerStream | None = None, *, failed: tuple[str, ...] = ()
+) -> dict[str, str]:
+    """The x-moerge-* headers: the plan's routing facts; with ``outcome``, the experts the answer came from and
+    the members that failed (``failed``: those named by an error that ended the request)."""
+    if plan is None:
         return {"x-moerge-router": "none", "x-moerge-experts": "", "x-moerge-weights": ""}
+    experts, weights = (outcome.experts, outcome.weights) if outcome is not None else (plan.experts, plan.weights)
+    failed = outcome.failed if outcome is not None else failed
     headers = {
-        "x-moerge-router": resolved.router,
-        "x-moerge-experts": ",".join(resolved.experts),
-        "x-moerge-weights": ",".join(f"{w:.4g}" for w in resolved.weights),
+        "x-moerge-router": plan.router,
+        "x-moerge-experts": ",".join(experts),
+        "x-moerge-weights": ",".join(f"{w:.4g}" for w in weights),
     }
-    if resolved.decision is not None:
-        best = heapq.nlargest(MAX_SCORES_IN_HEADER, resolved.decision.scores.items(), key=lambda kv: kv[1])
+    if plan.decision is not None:
+        best = heapq.nlargest(MAX_SCORES_IN_HEADER, plan.decision.scores.items(), key=lambda kv: kv[1])
         headers["x-moerge-scores"] = ",".join(f"{slug}={score:.4g}" for slug, score in best)
-    if resolved.fallback:
+    if plan.fallback:
         headers["x-moerge-fallback"] = "true"
-    if resolved.aggregator_name:
-        headers["x-moerge-aggregator"] = resolved.aggregator_name
-    if resolved.failed:
-        headers["x-moerge-failed"] = ",".join(resolved.failed)
+    if plan.aggregator_name:
+        headers["x-moerge-aggregator"] = plan.aggregator_name
+    if failed:
+        headers["x-moerge-failed"] = ",".join(failed)
     return headers
 
 
@@ -66,70 +70,31 @@ class TokenSink(Protocol):
 
 
 class CompletionRun:
-    """One /v1 request: chat (messages) or text completion (prompt), streamed or not."""
+    """One /v1 answer in the OpenAI shape: chat (messages) or text completion (prompt), whole or as SSE
+    events; a key with limits is charged its tokens (``tokens``)."""
 
-    def __init__(
-        self,
-        engine: Engine,
-        resolved: Resolved,
-        sampling: Sampling,
-        *,
-        query: str,
-        chat: bool,
-        trace: bool = False,
-    ) -> None:
-        self.engine = engine
-        self.resolved = resolved
-        self.query = query  # the text the model was resolved (routed) on; a composition's aggregator reads it
-        self.sampling = sampling
+    def __init__(self, *, chat: bool) -> None:
+        self.model = ""  # the name the plan answers as, reported as `model` (set with the answer)
         self.chat = chat
-        if trace and resolved.target.mixture is None:
-            raise ValidationFailed(
-                f"moerge_trace shows token-level routes; {resolved.model!r} has no token-level router",
-                param="moerge_trace",
-            )
-        self.trace = trace
         self.tokens: TokenSink | None = None  # set for a key with limits: answers are charged to it
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
-    def request(self, *, messages: list[dict[str, Any]] | None = None, prompt: str | None = None) -> GenRequest:
-        return GenRequest(
-            self.resolved.target,
-            self.sampling,
-            messages=messages,
-            prompt=prompt,
-            request_id=self.id,
-            router_bias=self.resolved.router_bias,
-        )
-
-    def for_target(self, request: GenRequest, target: Target) -> GenRequest:
-        return dataclasses.replace(request, target=target)
-
-    async def complete(self, request: GenRequest) -> ChatCompletion | Completion:
-        if self.resolved.composite:
-            done = await compose(
-                self.engine, self.resolved, self.query, lambda t: self.for_target(request, t), self.sampling
-            )
-            text, finish = done.aggregation.text, done.finish_reason
-            body = self.body(GenResult(text, finish, done.prompt_tokens, done.completion_tokens))
-            # An extension field (OpenAI clients keep unknown fields): each expert's own answer, for the
-            # playground and for checking what the aggregate was made from.
+    async def complete(self, answer: Answer) -> ChatCompletion | Completion:
+        self.model = answer.plan.model
+        body = self.body(answer)
+        if answer.plan.composite:
+            # An extension field (OpenAI clients keep unknown fields): each expert's own answer, for checking
+            # what the aggregate was made from.
             body.moerge = MoergeDetail(
                 answers=[
                     MemberAnswer(expert=a.slug, weight=a.weight, part=a.part, text=a.text, error=a.error)
-                    for a in done.answers
+                    for a in answer.members
                 ],
-                aggregation=done.aggregation.reason,
+                aggregation=answer.aggregation.reason if answer.aggregation is not None else None,
             )
-            await self._charge(body)
-            return body
-        (result,) = await self.engine.generate([request])
-        if isinstance(result, BaseException):
-            raise result
-        body = self.body(result)
-        if self.trace:
-            body.moerge = MoergeDetail(trace=TokenTraceOut.of(await trace(self.engine, request, result.text)))
+        elif answer.trace is not None:
+            body.moerge = MoergeDetail(trace=TokenTraceOut.of(answer.trace))
         await self._charge(body)
         return body
 
@@ -137,24 +102,24 @@ class CompletionRun:
         if self.tokens is not None:
             await self.tokens.charge(body.usage.total_tokens)
 
-    def body(self, result: GenResult) -> ChatCompletion | Completion:
-        usage = Usage.of(result.prompt_tokens, result.completion_tokens)
+    def body(self, answer: Answer) -> ChatCompletion | Completion:
+        usage = Usage.of(answer.prompt_tokens, answer.completion_tokens)
         if self.chat:
-            message = ChatMessage(role="assistant", content=result.text)
+            message = ChatMessage(role="assistant", content=answer.text)
             return ChatCompletion(
                 id=self.id,
                 object="chat.completion",
                 created=self.created,
-                model=self.resolved.model,
-                choices=[ChatChoice(index=0, message=message, finish_reason=result.finish_reason)],
+                model=self.model,
+                choices=[ChatChoice(index=0, message=message, finish_reason=answer.finish_reason)],
                 usage=usage,
             )
         return Completion(
             id=self.id,
             object="text_completion",
             created=self.created,
-            model=self.resolved.model,
-            choices=[CompletionChoice(index=0, text=result.text, finish_reason=result.finish_reason)],
+            model=self.model,
+            choices=[CompletionChoice(index=0, text=answer.text, finish_reason=answer.finish_reason)],
             usage=usage,
         )
 
@@ -170,7 +135,7 @@ class CompletionRun:
                 id=self.id,
                 object="chat.completion.chunk",
                 created=self.created,
-                model=self.resolved.model,
+                model=self.model,
                 choices=choices,
                 usage=usage,
             )
@@ -178,39 +143,28 @@ class CompletionRun:
             id=self.id,
             object="text_completion",
             created=self.created,
-            model=self.resolved.model,
+            model=self.model,
             choices=[] if usage else [CompletionChoice(index=0, text=text or "", finish_reason=finish_reason)],
             usage=usage,
         )
 
-    async def open_stream(self, request: GenRequest, *, include_usage: bool) -> AsyncIterator[bytes]:
-        """Start the stream and wait for its first chunk, so that a failure to start (engine down,
-        unknown adapter) is still an HTTP error status rather than an error inside a 200 stream."""
-        if self.resolved.composite:
-            build = lambda t: self.for_target(request, t)  # noqa: E731
-            chunks = (await compose_stream(self.engine, self.resolved, self.query, build, self.sampling)).__aiter__()
-        else:
-            chunks = self.engine.stream(request).__aiter__()
-        first = await chunks.__anext__()
-        return self._sse(first, chunks, include_usage=include_usage)
-
-    async def _sse(
-        self, first: GenChunk, rest: AsyncIterator[GenChunk], *, include_usage: bool
-    ) -> AsyncIterator[bytes]:
+    async def sse(self, stream: AnswerStream, *, include_usage: bool) -> AsyncIterator[bytes]:
+        """The answer as SSE events: chunks, the usage chunk if asked for, errors inside the stream once it
+        has begun, then [DONE]."""
         usage: tuple[int, int] | None = None
         pieces = 0  # chunks with text: what a stream cut short is charged (its usage never came)
         charged = self.tokens is None
         try:
             if self.chat:
                 yield _event(self._chunk("", None, first=True))
-            chunk: GenChunk | None = first
+            chunk: GenChunk | None = stream.first
             while chunk is not None:
                 if chunk.text or chunk.finish_reason:
                     yield _event(self._chunk(chunk.text, chunk.finish_reason))
                 pieces += bool(chunk.text)
                 if chunk.prompt_tokens is not None and chunk.completion_tokens is not None:
                     usage = (chunk.prompt_tokens, chunk.completion_tokens)
-                chunk = await anext(rest, None)
+                chunk = await anext(stream.rest, None)
             if self.tokens is not None and usage is not None:
                 charged = True  # before the last events: a client that saw [DONE] sees the charge too
                 await self.tokens.charge(sum(usage))

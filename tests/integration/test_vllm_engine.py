@@ -337,15 +337,23 @@ async def test_composed_answer_survives_a_member_server_dying(models: Models, tm
     other expert's answer is the aggregate and the dead one is named as failed (no error for the client)."""
     from aggregators import AGGREGATORS
     from composition.compose import compose
-    from composition.resolve import Member, Resolved
+    from composition.plan import Member, Plan, Query
 
     eng = VLLMEngine(_config(tmp_path, 18700))
     try:
         alive, doomed = models.target("a", base_id="tiny-alive"), models.target("b", base_id="tiny-doomed")
         await asyncio.gather(eng.ensure_server(alive), eng.ensure_server(doomed))
-        members = [Member("alive-lora", 0.6, alive), Member("doomed-lora", 0.4, doomed)]
-        resolved = Resolved("pair", alive, "embedding", ["alive-lora", "doomed-lora"], [0.6, 0.4], members=members)
-        resolved.aggregator, resolved.aggregator_name = AGGREGATORS.build("vote", {}), "vote"
+        members = (Member("alive-lora", 0.6, alive), Member("doomed-lora", 0.4, doomed))
+        plan = Plan(
+            "pair",
+            alive,
+            "embedding",
+            ("alive-lora", "doomed-lora"),
+            (0.6, 0.4),
+            members=members,
+            aggregator=AGGREGATORS.build("vote", {}),
+            aggregator_name="vote",
+        )
         long = Sampling(max_tokens=450)
         expected = _ok((await eng.generate([GenRequest(alive, long, prompt=PROMPT)]))[0]).text
 
@@ -353,18 +361,16 @@ async def test_composed_answer_survives_a_member_server_dying(models: Models, tm
         # compiled tiny model can finish 450 tokens before a kill would land).
         doomed_pid = next(s["pid"] for s in await eng.status() if s["base_id"] == "tiny-doomed")
         os.killpg(doomed_pid, signal.SIGSTOP)
-        task = asyncio.create_task(
-            compose(eng, resolved, PROMPT, lambda target: GenRequest(target, long, prompt=PROMPT), long)
-        )
+        task = asyncio.create_task(compose(eng, plan, Query("pair", long, prompt=PROMPT)))
         await asyncio.sleep(1.0)  # both requests sent; the alive member answers, the doomed one cannot
         assert not task.done()
         os.killpg(doomed_pid, signal.SIGKILL)
 
         done = await asyncio.wait_for(task, timeout=120)
-        assert resolved.failed == ["doomed-lora"]
-        assert resolved.experts == ["alive-lora"] and resolved.weights == [0.6]
-        assert done.aggregation.text == expected
-        [failed] = [a for a in done.answers if not a.ok]
+        assert done.failed == ("doomed-lora",)
+        assert done.experts == ("alive-lora",) and done.weights == (0.6,)
+        assert done.aggregation is not None and done.aggregation.text == expected
+        [failed] = [a for a in done.members if not a.ok]
         assert failed.slug == "doomed-lora" and failed.error
     finally:
         await eng.close()

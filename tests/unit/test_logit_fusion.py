@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from aggregators import AGGREGATORS
 from composition.compose import compose, compose_stream
-from composition.resolve import Member, Resolved
+from composition.plan import Member, Plan, Query
 from core.errors import Unprocessable, ValidationFailed
 from serving import logit_fusion
 from serving.engine import (
@@ -420,12 +420,12 @@ def test_aggregator_config_is_typed_and_validated() -> None:
         assert refused.value.param == f"aggregator_params.{field}"
 
 
-def _resolved(members: list[FusedMember], params: dict[str, Any]) -> Resolved:
-    return Resolved(
+def _resolved(members: list[FusedMember], params: dict[str, Any]) -> Plan:
+    return Plan(
         "fused",
         members[0].target,
         router="embedding",
-        members=[Member(m.name, m.weight, m.target) for m in members],
+        members=tuple(Member(m.name, m.weight, m.target) for m in members),
         aggregator=AGGREGATORS.build("logit_fusion", params),
         aggregator_name="logit_fusion",
     )
@@ -437,19 +437,16 @@ async def test_compose_sends_one_fused_request(
     members = [member(tiny_base, tiny_lora, 0.6), member(tiny_base, lora2, 0.4)]
     direct = ok((await engine.generate([fused(members, mode="static")]))[0])
 
-    def build(t: Target) -> GenRequest:
-        return GenRequest(t, GREEDY, prompt=PROMPT)
-
-    resolved = _resolved(members, {"mode": "static"})
-    done = await compose(engine, resolved, PROMPT, build, GREEDY)
+    query = Query("fused", GREEDY, prompt=PROMPT)
+    done = await compose(engine, _resolved(members, {"mode": "static"}), query)
     assert done.aggregation.text == direct.text and done.completion_tokens == direct.completion_tokens
     assert done.prompt_tokens == direct.prompt_tokens  # the prompt once, not once per member
     assert done.aggregation.extra["fusion"]["mean_weights"] == {"tiny-lora": 0.6, "tiny-lora2": 0.4}
-    assert resolved.experts == ["tiny-lora", "tiny-lora2"] and resolved.weights == [0.6, 0.4]
-    assert [a.slug for a in done.answers] == ["tiny-lora", "tiny-lora2"]
+    assert done.experts == ("tiny-lora", "tiny-lora2") and done.weights == (0.6, 0.4)
+    assert [a.slug for a in done.members] == ["tiny-lora", "tiny-lora2"]
 
-    stream = await compose_stream(engine, _resolved(members, {"mode": "static"}), PROMPT, build, GREEDY)
-    assert "".join([c.text async for c in stream]) == direct.text
+    stream = await compose_stream(engine, _resolved(members, {"mode": "static"}), query)
+    assert "".join([c.text async for c in stream.chunks()]) == direct.text
 
 
 async def test_compose_refuses_an_engine_without_fusion(tiny_base: Path, tiny_lora: Path) -> None:
@@ -464,7 +461,7 @@ async def test_compose_refuses_an_engine_without_fusion(tiny_base: Path, tiny_lo
     vllm_like: Any = NoFusion()
     for run in (compose, compose_stream):
         with pytest.raises(Unprocessable) as refused:
-            await run(vllm_like, _resolved(members, {}), PROMPT, lambda t: GenRequest(t, GREEDY, prompt=PROMPT), GREEDY)
+            await run(vllm_like, _resolved(members, {}), Query("fused", GREEDY, prompt=PROMPT))
         assert refused.value.code == "fusion_unsupported" and "torch engine" in refused.value.message
 
 

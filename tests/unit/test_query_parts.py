@@ -6,10 +6,10 @@ from pathlib import Path
 
 from aggregators import ExpertAnswer
 from aggregators.synthesize import PARTS_SYSTEM, Synthesize, SynthesizeConfig
-from composition.compose import asking
+from composition.plan import Query
 from routers.query.base import RouteDecision
 from routers.query.parts import MAX_PARTS, merge_part_decisions, part_routes, split_parts
-from serving.engine import GenRequest, Sampling, Target
+from serving.engine import Sampling, Target
 
 
 def test_split_numbered_parts_with_continuation_lines() -> None:
@@ -57,8 +57,8 @@ def test_merge_part_decisions() -> None:
 
 def test_asking_replaces_only_the_user_query() -> None:
     target = Target(base_id="b", base_dir=Path("."))
-    chat = GenRequest(
-        target,
+    chat = Query(
+        "m",
         Sampling(),
         messages=[
             {"role": "system", "content": "Be brief."},
@@ -67,9 +67,12 @@ def test_asking_replaces_only_the_user_query() -> None:
             {"role": "user", "content": "1. a\n2. b"},
         ],
     )
-    assert asking(chat, "a").messages == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"}]
-    completion = GenRequest(target, Sampling(), prompt="1. a\n2. b")
-    assert asking(completion, "b").prompt == "b" and completion.prompt == "1. a\n2. b"
+    assert chat.on_part(target, "a").messages == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "a"},
+    ]
+    completion = Query("m", Sampling(), prompt="1. a\n2. b")
+    assert completion.on_part(target, "b").prompt == "b" and completion.prompt == "1. a\n2. b"
 
 
 def test_synthesize_prompt_lists_each_part_with_its_answer() -> None:

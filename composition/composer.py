@@ -1,0 +1,130 @@
+"""The one way a query is answered: ``Composer.plan`` (resolve the model name; route a composition), then
+``answer`` or ``stream`` on the engines. /v1, /api/route, the admin panel's "try it" box and playground all
+go through a ``Composer``; the CLI's ``moerge query`` and ``moerge eval`` reach it over /v1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from composition.compose import answer_one, compose, compose_stream, stream_one
+from composition.plan import Answer, AnswerStream, Plan, Query
+from composition.resolve import find_composition, resolve_composition, resolve_model, routing_only, target_of_slug
+from core.errors import MoergeError, NotFound, ValidationFailed
+from registry.epoch import Stamp, registry_stamp
+from registry.limits import MAX_LORA_RANK
+from registry.store import ArtifactStore
+from routers.query import RouterContext
+from routers.query.base import Embedder
+from serving.dispatch import trace
+from serving.engine import Engine, GenRequest, Sampling, TokenTrace
+
+OnRouting = Callable[[Plan], None]  # hears what is known before routing, so errors can carry the headers
+
+
+class Composer:
+    """Plans and runs queries on ``engine`` (None: a composer that can plan and route, not answer).
+    ``max_lora_rank``: MOERGE_MAX_LORA_RANK; an adapter above it is refused while planning."""
+
+    def __init__(
+        self,
+        engine: Engine | None,
+        store: ArtifactStore,
+        context: RouterContext,
+        *,
+        max_lora_rank: int = MAX_LORA_RANK,
+    ) -> None:
+        self._engine = engine
+        self.store = store
+        self.context = context
+        self.max_lora_rank = max_lora_rank
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise MoergeError("no serving engine is configured in this app", param="engine")
+        return self._engine
+
+    async def plan(
+        self, session: AsyncSession, query: Query, *, stamp: Stamp | None = None, on_routing: OnRouting | None = None
+    ) -> Plan:
+        """What answers ``query``: an expert, or a composition routed on ``query.text``. ``stamp``: the
+        registry stamp if the caller read it already (the API's key check reads it in the same statement)."""
+        return await resolve_model(
+            session,
+            self.store,
+            query.model,
+            query=query.text,
+            context=self.context,
+            on_composition=on_routing,
+            stamp=stamp,
+            max_lora_rank=self.max_lora_rank,
+        )
+
+    async def route(
+        self,
+        session: AsyncSession,
+        model: str,
+        text: str,
+        *,
+        stamp: Stamp | None = None,
+        on_routing: OnRouting | None = None,
+    ) -> Plan:
+        """A composition's plan for ``text``, without generating (/api/route)."""
+        stamp = stamp if stamp is not None else await registry_stamp(session)
+        comp = await find_composition(session, self.store, model, stamp)
+        if comp is None:
+            raise NotFound(f"no composition named {model!r}", param="model", code="composition_not_found")
+        if on_routing is not None:
+            on_routing(routing_only(comp))
+        return await resolve_composition(
+            session, self.store, comp, text, self.context, stamp, max_lora_rank=self.max_lora_rank
+        )
+
+    async def answer(self, plan: Plan, query: Query, *, traced: bool = False) -> Answer:
+        """``plan`` run to the end; ``traced``: with the token-level trace (a token-level plan only)."""
+        if plan.composite:
+            return await compose(self.engine, plan, query)
+        return await answer_one(self.engine, plan, query, traced=traced)
+
+    async def stream(self, plan: Plan, query: Query) -> AnswerStream:
+        """``plan`` run as a stream, started (its first chunk arrived)."""
+        if plan.composite:
+            return await compose_stream(self.engine, plan, query)
+        return await stream_one(self.engine, plan, query)
+
+    async def trace(self, plan: Plan, query: Query) -> TokenTrace:
+        """The token-level trace of ``query``'s prompt (no generation)."""
+        return await trace(self.engine, query.generation(plan.target, plan.router_bias))
+
+
+def check_traceable(plan: Plan, *, param: str) -> None:
+    """A trace shows a token-level router's per-token choices: refuse it for anything else, naming ``param``."""
+    if not plan.token_level:
+        why = f"routes per query ({plan.router})" if plan.router != "none" else "has no token-level router"
+        raise ValidationFailed(f"a trace shows token-level routes; {plan.model!r} {why}", param=param)
+
+
+def router_context(
+    engine: Engine | None,
+    sessionmaker: async_sessionmaker[AsyncSession],
+    store: ArtifactStore,
+    embedder: Embedder,
+    default_model: str | None = None,
+) -> RouterContext:
+    """A RouterContext whose ``generate`` runs a registered expert greedily on this app's engine (the
+    `instruct` router's task descriptions)."""
+    if engine is None:
+        return RouterContext(embedder=embedder, default_model=default_model)
+
+    async def generate(slug: str, messages: list[dict[str, str]], max_new_tokens: int) -> str:
+        async with sessionmaker() as session:
+            target = await target_of_slug(session, store, slug, param="model")
+        (result,) = await engine.generate([GenRequest(target, Sampling(max_tokens=max_new_tokens), messages)])
+        if isinstance(result, BaseException):
+            raise result
+        return result.text
+
+    return RouterContext(embedder=embedder, generate=generate, default_model=default_model)
