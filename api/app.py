@@ -21,7 +21,7 @@ from api.limits import BodyLimitMiddleware, close_if_body_unread
 from api.merges.controllers import MergeController
 from api.openai.controllers import OpenAIController
 from api.security import key_meter_lifespan
-from api.system.controllers import EngineController, HealthController
+from api.system.controllers import EngineController, HealthController, StrategyController
 from composition.composer import Composer, router_context
 from composition.factory import create_engine
 from core.settings import Settings
@@ -82,6 +82,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             MergeController,
             OpenAIController,
             EngineController,
+            StrategyController,
             KeyController,
             *admin_router(settings),
         ],

@@ -166,6 +166,33 @@ def init() -> None:
         out.print(f"admin key (shown once, keep it): {secret}")
 
 
+STRATEGY_KINDS = ("routers", "token_routers", "aggregators", "merge_methods")
+
+
+@app.command()
+@handles_errors
+def strategies(
+    kind: Annotated[
+        str | None, typer.Argument(help="routers, token_routers, aggregators or merge_methods (all when left out)")
+    ] = None,
+) -> None:
+    """List the routers, token routers, aggregators and merge methods with their help and parameters."""
+    from api.schemas import Strategies
+
+    if kind is not None and kind not in STRATEGY_KINDS:
+        raise fail(f"kind: must be one of {', '.join(STRATEGY_KINDS)}, not {kind!r}")
+    listed = Strategies.listed()
+    for group in STRATEGY_KINDS:
+        if kind is not None and group != kind:
+            continue
+        out.print(f"{group}:", markup=False)
+        for entry in getattr(listed, group):
+            out.print(f"  {entry.name}: {entry.help}", markup=False)
+            for param in entry.params:
+                default = "required" if param.required else f"default {param.default!r}"
+                out.print(f"    {param.name} ({param.type}, {default}): {param.help}", markup=False)
+
+
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 

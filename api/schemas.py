@@ -14,6 +14,7 @@ from typing import Any, Generic, TypeVar
 import msgspec
 
 from composition.service import CompositionService
+from core.strategies import StrategyHelp
 from merging.jobs import MergeJobService
 from registry.models import Composition, Expert, MergeJob
 from registry.services import expert_summary
@@ -288,3 +289,26 @@ async def job_out(merges: MergeJobService, job: MergeJob) -> MergeJobOut:
 def struct_items(value: msgspec.Struct) -> list[tuple[str, Any]]:
     """A struct's (field, value) pairs in order: for a page that lists every field (the admin panel)."""
     return [(name, getattr(value, name)) for name in value.__struct_fields__]
+
+
+class Strategies(msgspec.Struct, kw_only=True):
+    """GET /api/strategies: every strategy a composition or a merge may name, with its help and parameters."""
+
+    routers: list[StrategyHelp]  # query-level (`router` of a composition)
+    token_routers: list[StrategyHelp]  # token-level (`router` of a composition of LoRA adapters of one base)
+    aggregators: list[StrategyHelp]
+    merge_methods: list[StrategyHelp]
+
+    @classmethod
+    def listed(cls) -> Strategies:
+        from aggregators import AGGREGATORS
+        from merging.methods import METHODS
+        from routers.query import ROUTERS
+        from routers.token import TOKEN_ROUTERS
+
+        return cls(
+            routers=ROUTERS.describe(),
+            token_routers=TOKEN_ROUTERS.describe(),
+            aggregators=AGGREGATORS.describe(),
+            merge_methods=METHODS.describe(),
+        )

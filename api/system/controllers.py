@@ -1,4 +1,4 @@
-"""/api/health (no key needed) and /api/engines (query key).
+"""/api/health (no key needed), /api/engines and /api/strategies (query key).
 
 What a stranger may see is the least that is useful: health without an admin key says only ``ok`` or
 ``degraded`` (the status code says the same); the engine's servers without an admin key show their base, state
@@ -16,7 +16,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.deps import provide_engine
-from api.schemas import Engines, Health
+from api.schemas import Engines, Health, Strategies
 from api.security import authorize, bearer_token, require_query
 from core.errors import MoergeError
 from core.settings import Settings
@@ -112,6 +112,17 @@ class EngineController(Controller):
         if "admin" not in request.state.api_key_scopes:
             servers = [public_server(s) for s in servers]
         return Engines(engine=engine.name, servers=servers)
+
+
+class StrategyController(Controller):
+    path = "/api/strategies"
+    tags = ["system"]
+
+    @get("/", guards=[require_query])
+    async def strategies(self) -> Strategies:
+        """The routers, token routers, aggregators and merge methods, each with its help and parameters (name,
+        type, default, help): what a composition's or a merge's config may name."""
+        return Strategies.listed()
 
 
 def _version() -> str:

@@ -118,3 +118,22 @@ def test_add_refuses_duplicate_slug_and_orphan_adapter(cli_env: Path, tiny_base:
     assert invoke("expert", "add", str(tiny_base), "--slug", "b")[0] == 0
     code, output = invoke("expert", "add", str(tiny_base), "--slug", "b")
     assert code == 1 and "slug" in output and "already exists" in output
+
+
+def test_strategies_lists_every_kind_with_help_and_refuses_an_unknown_kind(cli_env: Path) -> None:
+    from aggregators import AGGREGATORS
+    from merging.methods import METHODS
+
+    code, output = invoke("strategies", "aggregators")
+    assert code == 0, output
+    listed = [
+        line.split(":")[0].strip()
+        for line in output.splitlines()
+        if line.startswith("  ") and not line.startswith("    ")
+    ]
+    assert listed == list(AGGREGATORS.names())
+    assert "tau (float, default 1.0)" in output  # a parameter with its type and default
+    code, output = invoke("strategies")
+    assert code == 0 and all(f"  {name}:" in output for name in METHODS.names())
+    code, output = invoke("strategies", "bogus")
+    assert code == 1 and "must be one of routers" in output

@@ -105,6 +105,7 @@ def _response(schema: dict[str, Any], method: str, path: str) -> tuple[str, dict
         ("POST", "/api/merges/{job_id}/cancel", "MergeJobOut", {"id", "status"}),
         ("GET", "/api/keys/{key_id}", "KeyOut", {"id", "name", "prefix", "scopes", "usage"}),
         ("GET", "/api/engines", "Engines", {"engine", "servers"}),
+        ("GET", "/api/strategies", "Strategies", {"routers", "token_routers", "aggregators", "merge_methods"}),
         ("GET", "/api/health", "Health", {"status", "version", "checks"}),
         ("GET", "/v1/models", "ModelList", {"object", "data"}),
         ("POST", "/v1/chat/completions", "ChatCompletion", {"id", "object", "created", "model", "choices", "usage"}),
@@ -147,3 +148,24 @@ def test_nested_shapes_are_described(schema: dict[str, Any]) -> None:
 def test_documented_untyped_handlers_are_in_the_schema(schema: dict[str, Any]) -> None:
     for method, path in DOCUMENTED:
         _response(schema, method, path.replace(":str", ""))  # a named JSON schema despite Response[Any]
+
+
+def test_strategies_lists_each_registry_with_help_behind_a_query_key(app: Litestar, registry_env: RegistryEnv) -> None:
+    from aggregators import AGGREGATORS
+    from merging.methods import METHODS
+    from routers.query import ROUTERS
+    from routers.token import TOKEN_ROUTERS
+
+    with TestClient(app) as client:
+        assert client.get("/api/strategies").status_code == 401
+        listed = client.get("/api/strategies", headers=registry_env.query).json()
+    for kind, registry in [
+        ("routers", ROUTERS),
+        ("token_routers", TOKEN_ROUTERS),
+        ("aggregators", AGGREGATORS),
+        ("merge_methods", METHODS),
+    ]:
+        assert [entry["name"] for entry in listed[kind]] == list(registry.names()), kind
+        assert all(entry["help"] for entry in listed[kind]), kind
+    embedding = next(entry for entry in listed["routers"] if entry["name"] == "embedding")
+    assert any(p["name"] == "threshold" and p["help"] for p in embedding["params"])
