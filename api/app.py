@@ -16,6 +16,7 @@ from api.compositions.controllers import CompositionController, RouteController
 from api.deps import Runtime, provide_key_service, provide_session, provide_settings, provide_store
 from api.exceptions import exception_handlers
 from api.experts.controllers import ExpertController
+from api.jobs.controllers import JobController
 from api.keys.controllers import KeyController
 from api.limits import BodyLimitMiddleware, close_if_body_unread
 from api.merges.controllers import MergeController
@@ -26,7 +27,7 @@ from composition.composer import Composer, router_context
 from composition.factory import create_engine
 from core.settings import Settings
 from evals.sources import install_example_sources
-from merging.jobs import InProcessRunner
+from jobs.factory import make_worker
 from registry.db import ensure_migrated, make_engine, make_sessionmaker
 from registry.epoch import StampReader
 from registry.services import ExpertService
@@ -60,13 +61,13 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             )
             composer = Composer(serving, store, routing, max_lora_rank=settings.max_lora_rank)
             stamps = StampReader(settings.database_url)
-            merges = InProcessRunner.for_settings(sessionmaker, store, settings)
-            app.state.runtime = Runtime(settings, db_engine, sessionmaker, store, stamps, serving, composer, merges)
+            worker = make_worker(sessionmaker, store, settings)
+            app.state.runtime = Runtime(settings, db_engine, sessionmaker, store, stamps, serving, composer, worker)
             try:
-                await merges.start()  # settles jobs a dead worker left, then takes queued ones
+                await worker.start()  # settles jobs a dead worker left, then takes queued ones
                 yield
             finally:
-                await merges.stop()  # a merge in progress stops at its next tensor and is re-queued
+                await worker.stop()  # a job in progress stops at its next chance and is re-queued
                 stamps.close()
                 if engine is None:  # an engine passed in belongs to the caller
                     await serving.close()
@@ -80,6 +81,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             CompositionController,
             RouteController,
             MergeController,
+            JobController,
             OpenAIController,
             EngineController,
             StrategyController,

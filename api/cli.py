@@ -910,11 +910,15 @@ async def _run_merge(
     summary and the registered expert's folder."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from merging.jobs import InProcessRunner, MergeJobService, job_name
+    from jobs.factory import make_worker
+    from jobs.worker import worker_name
+    from merging.jobs import MergeJobService
+    from registry.jobs import job_name
 
+    me = worker_name()
     async with sessionmaker() as session:
-        job = await MergeJobService(session, store).submit(raw, yaml_text=yaml_text, claim=True)
-    runner = InProcessRunner.for_settings(sessionmaker, store, settings)
+        job = await MergeJobService(session, store).submit_merge(raw, yaml_text=yaml_text, claimed_by=me)
+    runner = make_worker(sessionmaker, store, settings, name=me)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"))
     with Progress(*columns, TimeElapsedColumn(), console=err) as progress:
         bar = progress.add_task(f"merge {job_name(job)}", total=1.0)

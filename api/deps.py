@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from composition.composer import Composer
 from core.errors import MoergeError
 from core.settings import Settings
-from merging.jobs import MergeRunner
+from jobs.worker import Worker
 from registry.epoch import StampReader
 from registry.services import ApiKeyService, ExpertService
 from registry.store import ArtifactStore
@@ -31,7 +31,7 @@ class Runtime:
     stamps: StampReader
     serving: Engine | None = None
     composer: Composer | None = None  # plans and answers queries (composition/composer.py)
-    merges: MergeRunner | None = None  # runs queued merge jobs (api/app.py starts and stops it)
+    worker: Worker | None = None  # runs queued jobs in this process (api/app.py starts and stops it)
 
 
 def runtime_of(state: State) -> Runtime:

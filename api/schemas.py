@@ -15,8 +15,8 @@ import msgspec
 
 from composition.service import CompositionService
 from core.strategies import StrategyHelp
-from merging.jobs import MergeJobService
-from registry.models import Composition, Expert, MergeJob
+from registry.jobs import JobService
+from registry.models import Composition, Expert, Job
 from registry.services import expert_summary
 from serving.engine import TokenTrace
 
@@ -221,11 +221,12 @@ class MergeInputOut(_FromDict, kw_only=True):
     weight: float | None
 
 
-class MergeJobOut(_FromDict, kw_only=True):
-    """A merge job: merging/jobs.py ``job_summary``."""
+class JobOut(_FromDict, kw_only=True):
+    """A job (merge, train or fit): registry/jobs.py ``job_summary``."""
 
-    object: str = "merge_job"
+    object: str = "job"  # "merge_job" for a merge
     id: str
+    kind: str  # merge | train | fit
     status: str
     progress: float  # 0..1
     message: str
@@ -235,10 +236,13 @@ class MergeJobOut(_FromDict, kw_only=True):
     updated_at: str | None  # ISO 8601
     heartbeat_at: str | None
     name: str
-    method: str
+    method: str  # the merge method, the training recipe, the router fitted
     created_at: str | None
+    owner: str | None  # the worker holding it while it runs
+    attempts: int  # times a worker claimed it
+    result: dict[str, Any] | None  # what it produced beyond an expert
     config: dict[str, Any] | None  # as submitted
-    plan: Any  # what the worker runs: the config resolved to expert ids
+    plan: Any  # a merge: what the worker runs, the config resolved to expert ids
     inputs: list[MergeInputOut]
 
 
@@ -278,12 +282,12 @@ async def composition_out(service: CompositionService, comp: Composition) -> Com
     return typed(await service.describe(comp), CompositionOut)
 
 
-async def jobs_out(merges: MergeJobService, jobs: Sequence[MergeJob]) -> list[MergeJobOut]:
-    return typed(await merges.describe_many(jobs), list[MergeJobOut])
+async def jobs_out(service: JobService, jobs: Sequence[Job]) -> list[JobOut]:
+    return typed(await service.describe_many(jobs), list[JobOut])
 
 
-async def job_out(merges: MergeJobService, job: MergeJob) -> MergeJobOut:
-    return (await jobs_out(merges, [job]))[0]
+async def job_out(service: JobService, job: Job) -> JobOut:
+    return (await jobs_out(service, [job]))[0]
 
 
 def struct_items(value: msgspec.Struct) -> list[tuple[str, Any]]:

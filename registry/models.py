@@ -263,7 +263,7 @@ class AdminSession(Base):
     ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
-class MergeJobStatus(enum.StrEnum):
+class JobStatus(enum.StrEnum):
     queued = "queued"
     running = "running"
     succeeded = "succeeded"
@@ -271,18 +271,26 @@ class MergeJobStatus(enum.StrEnum):
     cancelled = "cancelled"
 
 
-PENDING_JOB_SQL = f"status IN ('{MergeJobStatus.queued.value}', '{MergeJobStatus.running.value}')"
+PENDING_JOB_SQL = f"status IN ('{JobStatus.queued.value}', '{JobStatus.running.value}')"
 
 
-class MergeJob(Base):
-    """A merge job; the row is the source of truth for its state (the merging issue fills in the worker)."""
+class JobKind(enum.StrEnum):
+    merge = "merge"  # a merge (merging/), its result registered as a `merged` expert
+    train = "train"  # an expert trained from a recipe and data, registered as an adapter
+    fit = "fit"  # a composition's router states (prototypes, gates, mixers), stored as router artifacts
 
-    __tablename__ = "merge_jobs"
+
+class Job(Base):
+    """One long task run by a worker (jobs/); the row is the source of truth for its state. A worker holds a
+    ``running`` job while its ``heartbeat_at`` is fresh (the lease; ``owner`` names the worker); a job whose
+    heartbeat went stale is settled by any worker (jobs/worker.py ``recover``)."""
+
+    __tablename__ = "jobs"
     # Two jobs queued or running at once never promise the same result name: the database refuses the second
     # (a check before the insert alone would let two racing requests both pass it, then both do the work).
     __table_args__ = (
         Index(
-            "uq_merge_jobs_pending_result_name",
+            "uq_jobs_pending_result_name",
             "result_name",
             unique=True,
             sqlite_where=text(PENDING_JOB_SQL),
@@ -291,34 +299,38 @@ class MergeJob(Base):
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
-    status: Mapped[str] = mapped_column(String(16), default=MergeJobStatus.queued.value, index=True)
-    method: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16), default=JobKind.merge.value, server_default="merge", index=True)
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.queued.value, index=True)
+    method: Mapped[str] = mapped_column(String(64))  # what it runs: the merge method, the recipe, the router
     result_name: Mapped[str | None] = mapped_column(String(128))  # the slug the result will be registered as
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     message: Mapped[str] = mapped_column(Text, default="")
     error: Mapped[str | None] = mapped_column(Text)
+    result: Mapped[dict[str, Any] | None] = mapped_column()  # what it produced beyond an expert (a summary)
     result_expert_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, ForeignKey("experts.id", ondelete="SET NULL"))
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    owner: Mapped[str | None] = mapped_column(String(128))  # the worker holding the lease
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # times a worker claimed it
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
-    inputs: Mapped[list[MergeJobInput]] = relationship(
-        back_populates="job", cascade="all, delete-orphan", lazy="selectin"
-    )
+    inputs: Mapped[list[JobInput]] = relationship(back_populates="job", cascade="all, delete-orphan", lazy="selectin")
 
 
-class MergeJobInput(Base):
-    __tablename__ = "merge_job_inputs"
+class JobInput(Base):
+    """A merge job's input expert (kept while the job exists: such an expert cannot be deleted)."""
 
-    job_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("merge_jobs.id", ondelete="CASCADE"), primary_key=True)
+    __tablename__ = "job_inputs"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
     expert_id: Mapped[uuid.UUID] = mapped_column(
         Uuid, ForeignKey("experts.id", ondelete="RESTRICT"), primary_key=True, index=True
     )
     weight: Mapped[float | None] = mapped_column(Float)
 
-    job: Mapped[MergeJob] = relationship(back_populates="inputs")
+    job: Mapped[Job] = relationship(back_populates="inputs")
 
 
 class RegistryEpoch(Base):

@@ -35,7 +35,7 @@ from registry.models import (
     ExpertFile,
     ExpertKind,
     ExpertTrainingData,
-    MergeJobInput,
+    JobInput,
     utcnow,
 )
 from registry.offload import run_to_completion
@@ -54,6 +54,24 @@ class Page:
     offset: int
 
 
+async def find_expert(session: AsyncSession, ref: str) -> Expert | None:
+    """An expert by slug, id or alias."""
+    found = await session.scalar(select(Expert).where(Expert.slug == ref))
+    if found is not None:
+        return found
+    try:
+        found = await session.get(Expert, uuid.UUID(ref))
+    except ValueError:
+        found = None
+    if found is not None:
+        return found
+    # Aliases are few per expert; a JSON containment query differs per dialect, so filter here.
+    for expert in await session.scalars(select(Expert)):
+        if ref in (expert.aliases or []):
+            return expert
+    return None
+
+
 class ExpertService:
     def __init__(self, session: AsyncSession, store: ArtifactStore, *, max_lora_rank: int = MAX_LORA_RANK) -> None:
         self.session = session
@@ -63,20 +81,7 @@ class ExpertService:
     # -- lookup --------------------------------------------------------------------------------------
     async def find(self, ref: str) -> Expert | None:
         """An expert by slug, id or alias."""
-        found = await self.session.scalar(select(Expert).where(Expert.slug == ref))
-        if found is not None:
-            return found
-        try:
-            found = await self.session.get(Expert, uuid.UUID(ref))
-        except ValueError:
-            found = None
-        if found is not None:
-            return found
-        # Aliases are few per expert; a JSON containment query differs per dialect, so filter here.
-        for expert in await self.session.scalars(select(Expert)):
-            if ref in (expert.aliases or []):
-                return expert
-        return None
+        return await find_expert(self.session, ref)
 
     async def get(self, ref: str, *, param: str = "expert") -> Expert:
         expert = await self.find(ref)
@@ -262,7 +267,7 @@ class ExpertService:
             .distinct()
         )
         refs += [f"composition {name!r}" for name in compositions]
-        jobs = await self.session.scalars(select(MergeJobInput.job_id).where(MergeJobInput.expert_id == expert.id))
+        jobs = await self.session.scalars(select(JobInput.job_id).where(JobInput.expert_id == expert.id))
         refs += [f"merge job {job}" for job in jobs]
         return refs
 
@@ -287,7 +292,7 @@ class ExpertService:
             await self.session.execute(
                 update(Composition).where(Composition.fallback_id == expert.id).values(fallback_id=None)
             )
-            await self.session.execute(delete(MergeJobInput).where(MergeJobInput.expert_id == expert.id))
+            await self.session.execute(delete(JobInput).where(JobInput.expert_id == expert.id))
         expert_id = expert.id
         own_blobs = {f.sha256 for f in expert.files}
         own_blobs |= set(

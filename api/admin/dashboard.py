@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.deps import runtime_of
 from api.schemas import jobs_out
-from merging.jobs import MergeJobService
+from registry.jobs import JobService
 from registry.models import Expert, ExpertKind
 from registry.services import ExpertService
 from registry.store import ArtifactStore
@@ -63,8 +63,8 @@ class DashboardPage(Controller):
         store: NamedDependency[ArtifactStore],
     ) -> Template:
         counts = await ExpertService(db_session, store).count_by_kind()
-        merges = MergeJobService(db_session, store)
-        jobs = await jobs_out(merges, (await merges.list_jobs(limit=RECENT_JOBS)).items)
+        service = JobService(db_session)
+        jobs = await jobs_out(service, (await service.list_jobs(limit=RECENT_JOBS)).items)
         serving = runtime_of(request.app.state).serving
         servers = await _with_slugs(db_session, await serving.status()) if serving is not None else []
         return Template(

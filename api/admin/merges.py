@@ -17,8 +17,9 @@ from api.admin.views import PAGE_SIZE, FormErrors, Pager, expert_picker, json_ob
 from api.merges.controllers import submit_job
 from api.schemas import job_out, jobs_out
 from core.errors import MoergeError, ValidationFailed
-from merging.jobs import STATUSES, TERMINAL, MergeJobService, job_progress
+from merging.jobs import MergeJobService
 from merging.methods import METHODS
+from registry.jobs import STATUSES, TERMINAL, job_progress
 from registry.models import ExpertKind
 from registry.services import ExpertService
 from registry.store import ArtifactStore

@@ -22,7 +22,7 @@ from api.admin.views import LINEAGE_CHILDREN, PAGE_SIZE
 from api.app import create_app
 from core.settings import Settings
 from registry import db
-from registry.models import ApiKey, Base, MergeJob, utcnow
+from registry.models import ApiKey, Base, Job, utcnow
 from registry.schemas import ExpertSpec
 from registry.services import ApiKeyService, hash_key
 from serving.torch_engine import TorchEngine
@@ -272,7 +272,7 @@ def _add_jobs(settings: Settings, count: int, *, status: str = "succeeded", pref
 
     async def add(session: AsyncSession) -> list[str]:
         jobs = [
-            MergeJob(
+            Job(
                 status=status,
                 method="ties",
                 params={"config": {"name": f"{prefix}-{i:02d}"}},

@@ -163,7 +163,9 @@ def test_cancel_a_queued_job(home: Path) -> None:
         engine = db.make_engine(settings.database_url)
         try:
             async with db.make_sessionmaker(engine)() as session:
-                job = await MergeJobService(session, ArtifactStore(settings.store_dir)).submit(CONFIG, yaml_text=True)
+                job = await MergeJobService(session, ArtifactStore(settings.store_dir)).submit_merge(
+                    CONFIG, yaml_text=True
+                )
                 return str(job.id)
         finally:
             await engine.dispose()
@@ -186,37 +188,40 @@ def test_runner_fails_a_job_whose_input_is_gone_and_recovers_dead_workers(home: 
     succeeded when their expert was registered (the worker died after registering), else failed."""
     from sqlalchemy import update
 
-    from merging.jobs import InProcessRunner
-    from registry.models import MergeJob, utcnow
+    from jobs.factory import make_worker
+    from registry.models import Job, utcnow
     from registry.services import ExpertService
 
     settings = Settings.from_env()
     store = ArtifactStore(settings.store_dir)
 
-    async def scenario() -> dict[str, MergeJob]:
+    async def scenario() -> dict[str, Job]:
         engine = db.make_engine(settings.database_url)
         makers = db.make_sessionmaker(engine)
-        runner = InProcessRunner(makers, store, settings.merges_dir, stale_after_s=5)
+        runner = make_worker(makers, store, settings)
+        runner.stale_after_s = 5
 
         async def set_job(job_id: object, **values: object) -> None:
             async with makers() as session:
-                await session.execute(update(MergeJob).where(MergeJob.id == job_id).values(**values))
+                await session.execute(update(Job).where(Job.id == job_id).values(**values))
                 await session.commit()
 
         try:
             async with makers() as session:
-                doomed = await MergeJobService(session, store).submit(CONFIG, yaml_text=True)
+                doomed = await MergeJobService(session, store).submit_merge(CONFIG, yaml_text=True)
             async with makers() as session:  # a forced delete drops the job's input row too
                 await ExpertService(session, store).delete("ft-b", force=True)
             assert (await runner.run_next()).id == doomed.id  # type: ignore[union-attr]
 
             async with makers() as session:
-                fine = await MergeJobService(session, store).submit(LINEAR % "fine")
+                fine = await MergeJobService(session, store).submit_merge(LINEAR % "fine")
             assert (await runner.run_next()).status == "succeeded"  # type: ignore[union-attr]
             # as if its worker had died between registering the expert and updating the job
             await set_job(fine.id, status="running", result_expert_id=None, progress=0.5)
             async with makers() as session:
-                lost = await MergeJobService(session, store).submit(LINEAR % "lost", claim=True)
+                lost = await MergeJobService(session, store).submit_merge(
+                    LINEAR % "lost", claimed_by="a-worker-that-died"
+                )
             assert await runner.recover() == []  # heartbeats still fresh: another worker may be on them
             stale = utcnow() - timedelta(seconds=60)
             for job in (fine, lost):

@@ -194,15 +194,13 @@ def stored_job(live: dict[str, Any], job_id: str) -> tuple[str, str]:
     """(status, message) read from the database itself, while no server runs."""
     from sqlalchemy import select
 
-    from registry.models import MergeJob
+    from registry.models import Job
 
     async def read() -> tuple[str, str]:
         engine = db.make_engine(live["settings"].database_url)
         try:
             async with db.make_sessionmaker(engine)() as session:
-                row = (
-                    await session.execute(select(MergeJob.status, MergeJob.message).where(MergeJob.id == UUID(job_id)))
-                ).one()
+                row = (await session.execute(select(Job.status, Job.message).where(Job.id == UUID(job_id)))).one()
                 return str(row[0]), str(row[1])
         finally:
             await engine.dispose()

@@ -235,7 +235,7 @@ def test_racing_merges_for_one_name_the_database_refuses_the_second(
     from core.errors import Conflict
     from merging.jobs import MergeJobService
     from registry import db
-    from registry.models import MergeJob
+    from registry.models import Job
 
     settings = registry_env.settings
     register(settings, tiny_base, ExpertSpec(slug="tiny-base"))
@@ -245,20 +245,20 @@ def test_racing_merges_for_one_name_the_database_refuses_the_second(
     async def skipped_check(self: MergeJobService, name: str) -> None:
         return None
 
-    monkeypatch.setattr(MergeJobService, "_check_name_free", skipped_check)
+    monkeypatch.setattr(MergeJobService, "check_result_name_free", skipped_check)
 
     async def run() -> None:
         engine = db.make_engine(settings.database_url)
         try:
             async with db.make_sessionmaker(engine)() as session:
                 jobs = MergeJobService(session, registry_env.store)
-                first_id = (await jobs.submit(TIES)).id
+                first_id = (await jobs.submit_merge(TIES)).id
                 with pytest.raises(Conflict, match="another merge job will register 'tiny-ties'") as refused:
-                    await jobs.submit(TIES)
+                    await jobs.submit_merge(TIES)
                 assert refused.value.param == "name"
-                assert await session.scalar(select(func.count()).select_from(MergeJob)) == 1
+                assert await session.scalar(select(func.count()).select_from(Job)) == 1
                 await jobs.cancel(first_id)  # queued: cancelled at once, so the name is no longer pending
-                again = await jobs.submit(TIES)
+                again = await jobs.submit_merge(TIES)
                 assert again.result_name == "tiny-ties" and again.id != first_id
         finally:
             await engine.dispose()

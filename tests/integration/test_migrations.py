@@ -1,5 +1,6 @@
 """Migrations on a database that already holds rows, on SQLite and PostgreSQL (the startup tests migrate empty
-ones): 0006 gives existing merge jobs their result name and builds the unique index over pending jobs."""
+ones): 0006 gives existing merge jobs their result name and builds the unique index over pending jobs; 0008 makes
+the merge jobs the one jobs table."""
 
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def test_0006_backfills_result_names_and_keeps_one_pending_job_per_name(database
     }
     execute(database_url, merge_jobs().insert(), list(jobs.values()))
 
-    db.upgrade(database_url)
+    db.upgrade(database_url, "0007")  # (0008 renames the table: see the test below)
 
     jobs_now = merge_jobs(sa.column("result_name", sa.String()))
     rows = execute(database_url, sa.select(jobs_now.c.id, jobs_now.c.result_name))
@@ -85,3 +86,24 @@ def test_0006_backfills_result_names_and_keeps_one_pending_job_per_name(database
     with pytest.raises(IntegrityError):
         execute(database_url, jobs_now.insert(), [{**job("queued", "other", 5), "result_name": "other"}])
     execute(database_url, jobs_now.insert(), [{**job("succeeded", "other", 6), "result_name": "other"}])
+
+
+def test_0008_keeps_merge_jobs_as_jobs_of_kind_merge(database_url: str) -> None:
+    db.upgrade(database_url, "0007")
+    queued = {**job("queued", "merged-one", 0), "result_name": "merged-one"}
+    execute(database_url, merge_jobs(sa.column("result_name", sa.String())).insert(), [queued])
+
+    db.upgrade(database_url)
+
+    jobs = merge_jobs(sa.column("result_name", sa.String()), sa.column("kind", sa.String()),
+                      sa.column("attempts", sa.Integer()))  # fmt: skip
+    jobs.name = "jobs"
+    assert execute(database_url, sa.select(jobs.c.id, jobs.c.kind, jobs.c.attempts)) == [(queued["id"], "merge", 0)]
+    # the pending-name index came along under its new name, across kinds
+    with pytest.raises(IntegrityError):
+        execute(database_url, jobs.insert(), [{**job("queued", "x", 1), "result_name": "merged-one", "kind": "train"}])
+
+    from alembic import command
+
+    command.downgrade(db.alembic_config(database_url), "0007")  # and back: merges only, under the old names
+    assert execute(database_url, sa.select(merge_jobs().c.id)) == [(queued["id"],)]

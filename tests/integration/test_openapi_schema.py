@@ -27,6 +27,7 @@ UNTYPED = {
     ("GET", "/api/experts/{ref:str}/card"): "markdown by default; ExpertCard with ?format=json (documented)",
     ("GET", "/api/experts/{ref:str}/training-data"): "TrainingData (documented), or the JSONL with ?format=jsonl",
     ("GET", "/api/merges/{job_id:str}/events"): "an SSE stream of progress events",
+    ("GET", "/api/jobs/{job_id:str}/events"): "an SSE stream of progress events",
 }
 DOCUMENTED = {key for key, why in UNTYPED.items() if "(documented)" in why}
 
@@ -101,8 +102,8 @@ def _response(schema: dict[str, Any], method: str, path: str) -> tuple[str, dict
         ("GET", "/api/compositions", "CompositionList", {"object", "data"}),
         ("GET", "/api/compositions/{name}", "CompositionOut", {"name", "router", "experts", "k", "aggregator"}),
         ("POST", "/api/route", "RouteOut", {"model", "query", "router", "experts", "scores", "answered_by", "trace"}),
-        ("GET", "/api/merges/{job_id}", "MergeJobOut", {"id", "status", "progress", "result_expert", "inputs"}),
-        ("POST", "/api/merges/{job_id}/cancel", "MergeJobOut", {"id", "status"}),
+        ("GET", "/api/merges/{job_id}", "JobOut", {"id", "status", "progress", "result_expert", "inputs"}),
+        ("POST", "/api/merges/{job_id}/cancel", "JobOut", {"id", "status"}),
         ("GET", "/api/keys/{key_id}", "KeyOut", {"id", "name", "prefix", "scopes", "usage"}),
         ("GET", "/api/engines", "Engines", {"engine", "servers"}),
         ("GET", "/api/strategies", "Strategies", {"routers", "token_routers", "aggregators", "merge_methods"}),
@@ -122,7 +123,8 @@ def test_responses_have_named_properties(
 
 
 @pytest.mark.parametrize(
-    ("path", "item"), [("/api/experts", "ExpertOut"), ("/api/merges", "MergeJobOut"), ("/api/keys", "KeyOut")]
+    ("path", "item"),
+    [("/api/experts", "ExpertOut"), ("/api/merges", "JobOut"), ("/api/jobs", "JobOut"), ("/api/keys", "KeyOut")],
 )
 def test_paginated_lists_share_one_page_type(schema: dict[str, Any], path: str, item: str) -> None:
     name, page = _response(schema, "GET", path)

@@ -11,7 +11,7 @@ import pytest
 
 from registry import db
 from registry.epoch import Stamp, StampedMemo, StampReader, registry_stamp
-from registry.models import ApiKey, EvalResult, Expert, MergeJob, RouterState
+from registry.models import ApiKey, EvalResult, Expert, Job, RouterState
 from serving.torch_engine import TorchEngine
 from tests.fixtures.db import BACKENDS, RegistryEnv
 from tests.fixtures.live import serve
@@ -38,7 +38,7 @@ async def _scenario(url: str) -> list[int]:
         values.append(await now())
         async with sessions() as s:  # a derived row (router state) and a merge job's progress: no bump
             s.add(RouterState(router="embedding", config_hash="x", expert_id=expert.id, fingerprint="f", payload=b""))
-            s.add(MergeJob(id=uuid.uuid4(), method="ties", params={}, status="queued"))
+            s.add(Job(id=uuid.uuid4(), method="ties", params={}, status="queued"))
             await s.commit()
         values.append(await now())
         async with sessions() as s:  # an edit, then an eval result
