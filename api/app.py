@@ -38,8 +38,9 @@ from serving.engine import Engine
 log = logging.getLogger("moerge")
 
 
-def create_app(settings: Settings | None = None, *, engine: Engine | None = None) -> Litestar:
-    """The app. ``engine`` overrides the one the settings name (tests pass a TorchEngine on tiny models)."""
+def create_app(settings: Settings | None = None, *, engine: Engine | None = None, worker: bool = True) -> Litestar:
+    """The app. ``engine`` overrides the one the settings name (tests pass a TorchEngine on tiny models);
+    ``worker``: run queued jobs in this process (else only `moerge worker` processes run them)."""
     settings = settings or Settings.from_env()
     install_example_sources()  # the demo's tasks, named by `mixer`'s `task`
 
@@ -61,13 +62,15 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             )
             composer = Composer(serving, store, routing, max_lora_rank=settings.max_lora_rank)
             stamps = StampReader(settings.database_url)
-            worker = make_worker(sessionmaker, store, settings)
-            app.state.runtime = Runtime(settings, db_engine, sessionmaker, store, stamps, serving, composer, worker)
+            jobs = make_worker(sessionmaker, store, settings) if worker else None
+            app.state.runtime = Runtime(settings, db_engine, sessionmaker, store, stamps, serving, composer, jobs)
             try:
-                await worker.start()  # settles jobs a dead worker left, then takes queued ones
+                if jobs is not None:
+                    await jobs.start()  # settles jobs a dead worker left, then takes queued ones
                 yield
             finally:
-                await worker.stop()  # a job in progress stops at its next chance and is re-queued
+                if jobs is not None:
+                    await jobs.stop()  # a job in progress stops at its next chance and is re-queued
                 stamps.close()
                 if engine is None:  # an engine passed in belongs to the caller
                     await serving.close()

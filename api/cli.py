@@ -34,7 +34,7 @@ from registry.services import ApiKeyService, ExpertService, expert_summary
 from registry.store import ArtifactStore, Damage
 
 if TYPE_CHECKING:
-    from merging.jobs import MergeJobService  # imports torch: loaded only by the merge commands
+    from registry.jobs import JobService
 
 app = typer.Typer(
     help="moerge: recycle specialist models and LoRA adapters into one composed system.",
@@ -49,6 +49,8 @@ composition_app = typer.Typer(help="Create, list, show, update and remove compos
 app.add_typer(composition_app, name="composition")
 merges_app = typer.Typer(help="List, show and cancel merge jobs (run one with `moerge merge`).", no_args_is_help=True)
 app.add_typer(merges_app, name="merges")
+jobs_app = typer.Typer(help="List, show and cancel jobs: merges, training, fitting.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
 
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
@@ -284,24 +286,63 @@ def keys_rotate(key: Annotated[str, typer.Argument(help="the key's id or prefix"
 def serve(
     host: Annotated[str | None, typer.Option(help="address to bind (MOERGE_HOST)")] = None,
     port: Annotated[int | None, typer.Option(help="port (MOERGE_PORT)")] = None,
+    worker: Annotated[
+        bool, typer.Option("--worker/--no-worker", help="run queued jobs in this process too (else `moerge worker`)")
+    ] = True,
 ) -> None:
     """Start the API server."""
     settings = Settings.from_env()
     run(_with_services(settings, _noop))  # refuse an unmigrated database before binding a port
-    _serve(settings, host or settings.host, port or settings.port)
+    _serve(settings, host or settings.host, port or settings.port, worker=worker)
 
 
 async def _noop(*_: Any) -> None:
     return None
 
 
-def _serve(settings: Settings, host: str, port: int) -> None:
+def _serve(settings: Settings, host: str, port: int, *, worker: bool = True) -> None:
     import uvicorn
 
     from api.app import create_app
 
     out.print(f"moerge API on http://{host}:{port}  (health: /api/health, OpenAPI: /api/schema)")
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(settings, worker=worker), host=host, port=port, log_level="info")
+
+
+@app.command("worker")
+@handles_errors
+def worker_command(
+    drain: Annotated[bool, typer.Option("--drain", help="run the queued jobs, then exit")] = False,
+) -> None:
+    """Run queued jobs (merges, training, fitting) in this process, beside any number of servers and other
+    workers on the same database and store. SIGTERM or Ctrl-C stops it; a job in progress goes back to the queue."""
+    run(_run_worker(Settings.from_env(), drain=drain))
+
+
+async def _run_worker(settings: Settings, *, drain: bool) -> None:
+    from jobs.factory import make_worker
+
+    async def work(sessionmaker: async_sessionmaker[AsyncSession], store: ArtifactStore) -> None:
+        worker = make_worker(sessionmaker, store, settings)
+        kinds = ", ".join(worker.handlers)
+        out.print(f"worker {worker.name}: runs {kinds} jobs from {_safe_url(settings.database_url)}", highlight=False)
+        if drain:
+            await worker.recover(sweep=True)
+            while await worker.run_next() is not None:
+                pass
+            return
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await worker.start()
+        try:
+            await stop.wait()
+        finally:
+            await worker.stop()  # the job in progress stops at its next chance and is re-queued
+        out.print(f"worker {worker.name}: stopped", highlight=False)
+
+    await _with_sessionmaker(settings, work)
 
 
 @app.command()
@@ -949,59 +990,101 @@ def _copy_folder(source: Path, dest: Path) -> None:
         raise
 
 
-def _merge_service(work: Callable[[MergeJobService], Awaitable[T]]) -> T:
-    from merging.jobs import MergeJobService
+def _job_service(kind: str | None, work: Callable[[JobService], Awaitable[T]]) -> T:
+    from registry.jobs import JobService
 
-    return run(_with_session(Settings.from_env(), lambda session, store: work(MergeJobService(session, store))))
+    return run(_with_session(Settings.from_env(), lambda session, _store: work(JobService(session, kind=kind))))
+
+
+def _jobs_list(kind: str | None, status: str | None, limit: int, offset: int, as_json: bool) -> None:
+    async def work(jobs: JobService) -> dict[str, Any]:
+        page = await jobs.list_jobs(status=status, limit=limit, offset=offset)
+        return {"data": await jobs.describe_many(page.items), "total": page.total}
+
+    listing = _job_service(kind, work)
+    if as_json:
+        out.print_json(json.dumps(listing))
+        return
+    table = Table(
+        "id", "kind", "name", "method", "status", "progress", "result", "created", title=f"{listing['total']} jobs"
+    )
+    for j in listing["data"]:
+        result = j["result_expert"]["slug"] if j["result_expert"] else (j["error"] or j["message"] or "")[:60]
+        progress = f"{100 * j['progress']:.0f}%"
+        table.add_row(j["id"], j["kind"], j["name"], j["method"], j["status"], progress, result, j["created_at"][:19])
+    out.print(table)
+
+
+def _jobs_show(kind: str | None, job_id: str) -> None:
+    async def work(jobs: JobService) -> dict[str, Any]:
+        return await jobs.describe(await jobs.get(job_id))
+
+    out.print_json(json.dumps(_job_service(kind, work)))
+
+
+def _jobs_cancel(kind: str | None, job_id: str) -> None:
+    async def work(jobs: JobService) -> dict[str, Any]:
+        return await jobs.describe(await jobs.cancel(job_id))
+
+    job = _job_service(kind, work)
+    out.print(f"{job['kind']} job {job['id']}: {job['status']} ({job['message']})", highlight=False)
+
+
+STATUS_HELP = "queued, running, succeeded, failed or cancelled"
+JobId = Annotated[str, typer.Argument(help="the job's id")]
+
+
+@jobs_app.command("list")
+@handles_errors
+def jobs_list(
+    status: Annotated[str | None, typer.Option(help=STATUS_HELP)] = None,
+    kind: Annotated[str | None, typer.Option(help="merge, train or fit")] = None,
+    limit: int = 50,
+    offset: int = 0,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List jobs (merges, training, fitting), newest first."""
+    _jobs_list(kind, status, limit, offset, as_json)
+
+
+@jobs_app.command("show")
+@handles_errors
+def jobs_show(job_id: JobId) -> None:
+    """Show one job (JSON)."""
+    _jobs_show(None, job_id)
+
+
+@jobs_app.command("cancel")
+@handles_errors
+def jobs_cancel(job_id: JobId) -> None:
+    """Cancel a queued job, or ask a running one to stop at its next chance."""
+    _jobs_cancel(None, job_id)
 
 
 @merges_app.command("list")
 @handles_errors
 def merges_list(
-    status: Annotated[str | None, typer.Option(help="queued, running, succeeded, failed or cancelled")] = None,
+    status: Annotated[str | None, typer.Option(help=STATUS_HELP)] = None,
     limit: int = 50,
     offset: int = 0,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """List merge jobs, newest first."""
-
-    async def work(merges: MergeJobService) -> dict[str, Any]:
-        page = await merges.list_jobs(status=status, limit=limit, offset=offset)
-        return {"data": await merges.describe_many(page.items), "total": page.total}
-
-    listing = _merge_service(work)
-    if as_json:
-        out.print_json(json.dumps(listing))
-        return
-    table = Table("id", "name", "method", "status", "progress", "result", "created", title=f"{listing['total']} jobs")
-    for j in listing["data"]:
-        result = j["result_expert"]["slug"] if j["result_expert"] else (j["error"] or "")[:60]
-        progress = f"{100 * j['progress']:.0f}%"
-        table.add_row(j["id"], j["name"], j["method"], j["status"], progress, result, j["created_at"][:19])
-    out.print(table)
+    """List merge jobs, newest first (`moerge jobs list --kind merge`)."""
+    _jobs_list("merge", status, limit, offset, as_json)
 
 
 @merges_app.command("show")
 @handles_errors
-def merges_show(job_id: Annotated[str, typer.Argument(help="the job's id")]) -> None:
+def merges_show(job_id: JobId) -> None:
     """Show one merge job (JSON)."""
-
-    async def work(merges: MergeJobService) -> dict[str, Any]:
-        return await merges.describe(await merges.get(job_id))
-
-    out.print_json(json.dumps(_merge_service(work)))
+    _jobs_show("merge", job_id)
 
 
 @merges_app.command("cancel")
 @handles_errors
-def merges_cancel(job_id: Annotated[str, typer.Argument(help="the job's id")]) -> None:
-    """Cancel a queued job, or ask a running one to stop at its next tensor."""
-
-    async def work(merges: MergeJobService) -> dict[str, Any]:
-        return await merges.describe(await merges.cancel(job_id))
-
-    job = _merge_service(work)
-    out.print(f"merge job {job['id']}: {job['status']} ({job['message']})", highlight=False)
+def merges_cancel(job_id: JobId) -> None:
+    """Cancel a queued merge, or ask a running one to stop at its next tensor."""
+    _jobs_cancel("merge", job_id)
 
 
 def main() -> None:
