@@ -30,7 +30,10 @@ from registry.schemas import ExpertSpec
 from serving.dispatch import EngineSet
 from serving.engine import EngineUnavailable, GenerationFailed
 from serving.torch_engine import TorchEngine
-from serving.vllm import VLLMConfig, VLLMEngine, _raise_for_status, _Reply, _Server
+from serving.vllm import VLLMConfig, VLLMEngine
+from serving.vllm_client import Reply
+from serving.vllm_openai import raise_for_status
+from serving.vllm_server import Server
 from tests.fixtures.db import BACKENDS, RegistryEnv
 from tests.fixtures.live import free_port, register
 
@@ -160,7 +163,7 @@ def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     def command(*, model_dir: Path, **_: Any) -> list[str]:
         return [sys.executable, "-c", FAKE_VLLM, "--model", str(model_dir)]
 
-    monkeypatch.setattr("serving.vllm.server_command", command)
+    monkeypatch.setattr("serving.vllm_supervisor.server_command", command)
     for name, value in SECRETS.items():  # in moerge's environment, as in a deployment
         monkeypatch.setenv(name, value)
     yield
@@ -217,17 +220,17 @@ def test_redaction_backstop() -> None:
 
 def test_vllm_answers_reach_callers_without_its_internals() -> None:
     """vLLM's 4xx (the caller's input) is passed on; anything else, whose text can name files, is not."""
-    server = _Server(base_id="base-1", base_dir=None, remote=False)
+    server = Server(base_id="base-1", base_dir=None, remote=False)
 
-    def reply(status: int, message: str) -> _Reply:
-        return _Reply(status, json.dumps({"error": {"message": message, "param": "max_tokens"}}).encode())
+    def reply(status: int, message: str) -> Reply:
+        return Reply(status, json.dumps({"error": {"message": message, "param": "max_tokens"}}).encode())
 
     with pytest.raises(ValidationFailed, match="max_tokens is too large") as refused:
-        _raise_for_status(reply(400, "max_tokens is too large"), server)
+        raise_for_status(reply(400, "max_tokens is too large"), server)
     assert refused.value.param == "max_tokens"
     inside = "Traceback: File /srv/moerge/home/store/experts/x/model.safetensors"
     for status, kind in ((500, GenerationFailed), (503, EngineUnavailable)):
         with pytest.raises(kind) as failed:
-            _raise_for_status(reply(status, inside), server)
+            raise_for_status(reply(status, inside), server)
         assert "'base-1'" in failed.value.message and "/srv" not in failed.value.message
         assert "Traceback" not in failed.value.message

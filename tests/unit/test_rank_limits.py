@@ -19,7 +19,8 @@ from core.errors import Unprocessable, ValidationFailed
 from registry.inspect import MAX_HEADERS_TOTAL_BYTES, inspect_folder, pattern_value
 from registry.limits import MAX_PATTERN_KEY_CHARS, MAX_PATTERN_KEYS, first_lora_fault, is_pattern_key
 from serving.engine import GenRequest, Sampling, Target
-from serving.vllm import VLLMEngine, _adapter_rank
+from serving.vllm import VLLMEngine
+from serving.vllm_adapters import adapter_rank
 from tests.fixtures.tiny import build_tiny_llama, build_tiny_lora
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -308,10 +309,10 @@ async def test_vllm_refuses_rank_above_its_largest(tmp_path: Path) -> None:
         assert (await engine.status()) == []  # nothing recorded, nothing started
 
         # The restart path (an adapter folder declaring a larger rank than the running server's) too.
-        server = engine._server_entry("base", tmp_path, 8)
+        server = engine._fleet.entry("base", tmp_path, 8)
         rank = server.rank
         with pytest.raises(Unprocessable, match="re-register it with r and every rank_pattern value <= 512"):
-            await engine._restart_for_rank(server, target, "id-1", 1024)
+            await engine._adapters.restart_for_rank(server, target, "id-1", 1024)
         assert server.rank == rank and server.state == "dead" and server.proc is None
     finally:
         await engine.close()
@@ -319,8 +320,8 @@ async def test_vllm_refuses_rank_above_its_largest(tmp_path: Path) -> None:
 
 def test_adapter_rank_reads_garbage_without_raising(tmp_path: Path) -> None:
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 8, "rank_pattern": {"q_proj": "abc", "k": 16}}))
-    assert _adapter_rank(tmp_path) == 16
+    assert adapter_rank(tmp_path) == 16
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": None, "rank_pattern": ["x"]}))
-    assert _adapter_rank(tmp_path) is None
+    assert adapter_rank(tmp_path) is None
     (tmp_path / "adapter_config.json").write_text("[" * 100_000)
-    assert _adapter_rank(tmp_path) is None
+    assert adapter_rank(tmp_path) is None
