@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 
 from litestar import Litestar
+from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
@@ -14,6 +15,7 @@ from litestar.openapi import OpenAPIConfig
 from api.admin import admin_plugins, admin_router, template_config
 from api.compositions.controllers import CompositionController, RouteController
 from api.deps import Runtime, provide_key_service, provide_session, provide_settings, provide_store
+from api.drain import Drain, DrainMiddleware
 from api.exceptions import exception_handlers
 from api.experts.controllers import ExpertController
 from api.jobs.controllers import JobController
@@ -22,7 +24,7 @@ from api.limits import BodyLimitMiddleware, close_if_body_unread
 from api.merges.controllers import MergeController
 from api.openai.controllers import OpenAIController
 from api.security import key_meter_lifespan
-from api.system.controllers import EngineController, HealthController, StrategyController
+from api.system.controllers import EngineController, HealthController, ReadyController, StrategyController
 from composition.composer import Composer, router_context
 from composition.factory import create_engine
 from core.settings import Settings
@@ -38,11 +40,19 @@ from serving.engine import Engine
 log = logging.getLogger("moerge")
 
 
-def create_app(settings: Settings | None = None, *, engine: Engine | None = None, worker: bool = True) -> Litestar:
+def create_app(
+    settings: Settings | None = None,
+    *,
+    engine: Engine | None = None,
+    worker: bool = True,
+    worker_kinds: Collection[str] | None = None,
+) -> Litestar:
     """The app. ``engine`` overrides the one the settings name (tests pass a TorchEngine on tiny models);
-    ``worker``: run queued jobs in this process (else only `moerge worker` processes run them)."""
+    ``worker``: run queued jobs in this process (else only `moerge worker` processes run them), of
+    ``worker_kinds`` only if given."""
     settings = settings or Settings.from_env()
     install_example_sources()  # the demo's tasks, named by `mixer`'s `task`
+    drain = Drain(settings.drain_s)  # ready once every lifespan has run; `moerge serve` drains it on SIGTERM
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -62,7 +72,11 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             )
             composer = Composer(serving, store, routing, max_lora_rank=settings.max_lora_rank)
             stamps = StampReader(settings.database_url)
-            jobs = make_worker(sessionmaker, store, settings) if worker else None
+            jobs = (
+                make_worker(sessionmaker, store, settings, context=lambda: routing, kinds=worker_kinds)
+                if worker
+                else None
+            )
             app.state.runtime = Runtime(settings, db_engine, sessionmaker, store, stamps, serving, composer, jobs)
             try:
                 if jobs is not None:
@@ -80,6 +94,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     return Litestar(
         route_handlers=[
             HealthController,
+            ReadyController,
             ExpertController,
             CompositionController,
             RouteController,
@@ -97,18 +112,21 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             "settings": Provide(provide_settings, sync_to_thread=False),
             "keys": Provide(provide_key_service, sync_to_thread=False),
         },
-        lifespan=[lifespan, key_meter_lifespan],  # the key meter needs the runtime the first one makes
+        # The key meter needs the runtime the first one makes; the drain's comes last: ready once all have run.
+        lifespan=[lifespan, key_meter_lifespan, drain.lifespan],
+        state=State({"drain": drain}),
         template_config=template_config(),
         plugins=admin_plugins(),
         exception_handlers=exception_handlers,
         # Every body is bounded before it is read (api/limits.py): max_json_bytes, or for an upload route
         # max_upload_bytes once its caller is authenticated. Litestar's own limit is the backstop.
         middleware=[
+            DefineMiddleware(DrainMiddleware, drain=drain),  # outermost: a draining replica refuses first
             DefineMiddleware(
                 BodyLimitMiddleware,
                 max_json_bytes=settings.max_json_bytes,
                 max_upload_bytes=settings.max_upload_bytes,
-            )
+            ),
         ],
         before_send=[close_if_body_unread],
         request_max_body_size=settings.max_json_bytes,

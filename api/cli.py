@@ -301,29 +301,40 @@ async def _noop(*_: Any) -> None:
 
 
 def _serve(settings: Settings, host: str, port: int, *, worker: bool = True) -> None:
-    import uvicorn
-
     from api.app import create_app
+    from api.drain import serve as serve_draining
 
-    out.print(f"moerge API on http://{host}:{port}  (health: /api/health, OpenAPI: /api/schema)")
-    uvicorn.run(create_app(settings, worker=worker), host=host, port=port, log_level="info")
+    out.print(f"moerge API on http://{host}:{port}  (health: /api/health, readiness: /api/ready, OpenAPI: /api/schema)")
+    # SIGTERM drains: /api/ready and new requests answer 503, the requests in flight get MOERGE_DRAIN_S to finish.
+    serve_draining(create_app(settings, worker=worker), host=host, port=port, log_level="info")
 
 
 @app.command("worker")
 @handles_errors
 def worker_command(
     drain: Annotated[bool, typer.Option("--drain", help="run the queued jobs, then exit")] = False,
+    kinds: Annotated[
+        str | None, typer.Option(help="comma-separated kinds to take (merge, train, fit); all when left out")
+    ] = None,
 ) -> None:
     """Run queued jobs (merges, training, fitting) in this process, beside any number of servers and other
     workers on the same database and store. SIGTERM or Ctrl-C stops it; a job in progress goes back to the queue."""
-    run(_run_worker(Settings.from_env(), drain=drain))
+    taken = [k.strip() for k in kinds.split(",") if k.strip()] if kinds is not None else None
+    run(_run_worker(Settings.from_env(), drain=drain, kinds=taken))
 
 
-async def _run_worker(settings: Settings, *, drain: bool) -> None:
-    from jobs.factory import make_worker
+async def _run_worker(settings: Settings, *, drain: bool, kinds: list[str] | None = None) -> None:
+    from jobs.factory import WorkerContext, make_worker
+    from jobs.worker import Worker
 
     async def work(sessionmaker: async_sessionmaker[AsyncSession], store: ArtifactStore) -> None:
-        worker = make_worker(sessionmaker, store, settings)
+        context = WorkerContext(settings, sessionmaker, store)
+        try:
+            await _work(make_worker(sessionmaker, store, settings, context=context, kinds=kinds))
+        finally:
+            await context.close()
+
+    async def _work(worker: Worker) -> None:
         kinds = ", ".join(worker.handlers)
         out.print(f"worker {worker.name}: runs {kinds} jobs from {_safe_url(settings.database_url)}", highlight=False)
         if drain:

@@ -82,3 +82,10 @@ def provide_engine(state: State) -> Engine:
     if engine is None:
         raise MoergeError("no serving engine is configured in this app", param="engine")
     return engine
+
+
+def wake_worker(state: State) -> None:
+    """A job was queued: this app's worker looks now (else another process's worker takes it)."""
+    worker = runtime_of(state).worker
+    if worker is not None:
+        worker.wake()

@@ -92,7 +92,7 @@ def _declared_length(scope: Scope) -> int | None:
 
 
 class BodyLimitMiddleware:
-    """The app's outermost middleware: every request body within its route's limit (see the module)."""
+    """Next to the outermost (the drain, api/drain.py): every request body within its route's limit (see the module)."""
 
     def __init__(self, app: ASGIApp, *, max_json_bytes: int, max_upload_bytes: int) -> None:
         self.app = app

@@ -154,6 +154,7 @@ class CompositionOut(_FromDict, kw_only=True):
     aggregator_params: dict[str, Any]
     fallback: str | None  # the fallback expert's slug
     decompose: bool
+    fit_job: str | None = None  # create / update: the `fit` job training the router, when its fit is slow
 
 
 class CompositionList(msgspec.Struct, kw_only=True):
@@ -256,6 +257,12 @@ class Health(msgspec.Struct, kw_only=True, omit_defaults=True):
     version: str | None = None
     checks: dict[str, Any] | None = None
     database_backend: str | None = None
+
+
+class Ready(msgspec.Struct, kw_only=True):
+    """GET /api/ready: whether this replica takes traffic (200) or not (503), and why."""
+
+    status: str  # ready | starting | draining | database unreachable
 
 
 class Engines(msgspec.Struct, kw_only=True):

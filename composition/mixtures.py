@@ -19,12 +19,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from composition.plan import Plan
 from composition.resolve import target_for
-from composition.service import CompositionSpec, PrepareHook
+from composition.service import CompositionSpec
 from core.errors import Conflict
 from registry.compositions import CompositionView
 from registry.epoch import Stamp, StampedMemo, registry_stamp
+from registry.jobs import JobService
 from registry.limits import MAX_LORA_RANK
-from registry.models import CompositionMember, Expert
+from registry.models import CompositionMember, Expert, Job, JobKind
 from registry.store import ArtifactStore
 from routers.query import ROUTERS, RouteDecision, RouterContext
 from routers.query.service import RoutingService, candidate_of
@@ -41,13 +42,33 @@ def is_token_level(router: str) -> bool:
 
 
 async def token_states(
-    session: AsyncSession, store: ArtifactStore, router: str, params: dict[str, Any], experts: list[Expert]
+    session: AsyncSession,
+    store: ArtifactStore,
+    router: str,
+    params: dict[str, Any],
+    experts: list[Expert],
+    *,
+    check_only: bool = False,
 ) -> list[dict[str, Any]]:
     """Every adapter's router state (module -> vector: Arrow prototypes, PHATGOOSE gates), fitted once per
     expert and kept as a router artifact (``routers/token/states.py``)."""
     from routers.token.states import token_router_states
 
-    return await token_router_states(session, store, router, params, experts)
+    return await token_router_states(session, store, router, params, experts, check_only=check_only)
+
+
+def fit_is_slow(router: str, params: dict[str, Any]) -> bool:
+    """Whether fitting ``router`` trains something (PHATGOOSE gates, a mixer) or runs a model (`instruct`,
+    `kshot`, glider's global part): minutes, so it runs as a `fit` job rather than in the request."""
+    query_level = [(router, params)]
+    if is_token_level(router):
+        from routers.token import TOKEN_ROUTERS
+
+        if TOKEN_ROUTERS.build(router, params).fit_trains():
+            return True
+        part = _router_class(router).query_part(params)
+        query_level = [part] if part is not None else []
+    return any(ROUTERS.get(name).cls.fit_uses_model for name, _ in query_level)
 
 
 async def fit_router(
@@ -59,32 +80,71 @@ async def fit_router(
     experts: list[Expert],
     *,
     run_models: bool = True,
+    check_only: bool = False,
 ) -> None:
-    """Fit a composition's router states now (on create or update), query-level or token-level, with a token
-    router's query-level part (``query_part``). ``run_models=False`` (the CLI, which has no engine): a router
-    whose fitting runs a model is left for the server to fit on its first query."""
+    """Fit a composition's router states now (on create or update, or in a `fit` job), query-level or
+    token-level, with a token router's query-level part (``query_part``). ``run_models=False`` (the CLI, which
+    has no engine): a router whose fitting runs a model is left for the server to fit on its first query.
+    ``check_only``: what fitting would refuse (an expert without the training data it needs), nothing fitted."""
     query_level = [(router, params)]
     if is_token_level(router):
         part = _router_class(router).query_part(params)
         query_level = [part] if part is not None else []
-    if not run_models and any(ROUTERS.get(name).cls.fit_uses_model for name, _ in query_level):
+        await token_states(session, store, router, params, experts, check_only=check_only)
+    if check_only or (not run_models and any(ROUTERS.get(name).cls.fit_uses_model for name, _ in query_level)):
         return
-    if is_token_level(router):
-        await token_states(session, store, router, params, experts)
     for name, part_params in query_level:
         await RoutingService(session, context).fit(name, part_params, experts)
 
 
-def router_fitter(
-    session: AsyncSession, store: ArtifactStore, context: RouterContext, *, run_models: bool = True
-) -> PrepareHook:
+class RouterFitter:
     """The hook CompositionService.create / update call with the checked spec: :func:`fit_router`. The API and
-    the admin panel pass the app's context (run_models); the CLI and the demo an embedder-only one."""
+    the admin panel pass the app's context (run_models) and ``defer_slow``: a slow fit (``fit_is_slow``) is
+    only checked then, and ``deferred`` says the caller should queue a `fit` job (``queue_fit``). The CLI and
+    the demo pass an embedder-only context."""
 
-    async def fit(spec: CompositionSpec, experts: list[Expert]) -> None:
-        await fit_router(session, store, context, spec.router, spec.router_params, experts, run_models=run_models)
+    def __init__(
+        self,
+        session: AsyncSession,
+        store: ArtifactStore,
+        context: RouterContext,
+        *,
+        run_models: bool = True,
+        defer_slow: bool = False,
+    ) -> None:
+        self.session, self.store, self.context = session, store, context
+        self.run_models = run_models
+        self.defer_slow = defer_slow
+        self.deferred = False
 
-    return fit
+    async def __call__(self, spec: CompositionSpec, experts: list[Expert]) -> None:
+        self.deferred = self.defer_slow and fit_is_slow(spec.router, spec.router_params)
+        await fit_router(
+            self.session,
+            self.store,
+            self.context,
+            spec.router,
+            spec.router_params,
+            experts,
+            run_models=self.run_models,
+            check_only=self.deferred,
+        )
+
+
+def router_fitter(
+    session: AsyncSession,
+    store: ArtifactStore,
+    context: RouterContext,
+    *,
+    run_models: bool = True,
+    defer_slow: bool = False,
+) -> RouterFitter:
+    return RouterFitter(session, store, context, run_models=run_models, defer_slow=defer_slow)
+
+
+async def queue_fit(session: AsyncSession, composition: str, router: str) -> Job:
+    """A `fit` job for ``composition``'s router (``jobs/fit.py`` runs it)."""
+    return await JobService(session).submit(JobKind.fit.value, router, {"composition": composition})
 
 
 # composition id -> (mixture target, adapter experts' slugs); valid while the registry epoch stands still

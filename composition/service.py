@@ -242,6 +242,8 @@ class CompositionService:
         members, fallback = await self._validated(spec)
         if prepare is not None:
             await prepare(spec, members)
+            # Fitting may close the session (no connection held while a model runs): read the row again.
+            comp = await self.get(name)
         comp.router, comp.router_params, comp.k = spec.router, dict(spec.router_params), spec.k
         comp.aggregator, comp.aggregator_params = spec.aggregator, dict(spec.aggregator_params)
         comp.fallback_id = fallback.id if fallback else None

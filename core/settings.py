@@ -160,6 +160,13 @@ class Settings:
             "so the panel works on http://127.0.0.1"
         },
     )
+    drain_s: int = field(
+        default=30,
+        metadata={
+            "help": "on SIGTERM `moerge serve` stops taking requests (503, /api/ready says draining) and waits this "
+            "long at most for the requests in flight (streams too) to finish, then exits"
+        },
+    )
     merge_stale_after_s: int = field(
         default=30,
         metadata={"help": "a running merge job whose heartbeat is older than this lost its worker: it is failed"},
@@ -199,6 +206,11 @@ class Settings:
     def merges_dir(self) -> Path:
         """Where merge jobs write their output before it is registered (then removed)."""
         return self.home / "merges"
+
+    @property
+    def jobs_dir(self) -> Path:
+        """Where the other jobs (training, fitting) work; each job's folder is removed when it ends."""
+        return self.home / "jobs"
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -243,6 +255,7 @@ class Settings:
             vllm_lora_ops=_choice_env(env, LORA_OPS_ENV, LORA_OPS_CHOICES, default("vllm_lora_ops")),
             vllm_compile=_flag_env(env, COMPILE_ENV, default("vllm_compile")),
             vllm_env_passthrough=_names_env(env, "MOERGE_VLLM_ENV_PASSTHROUGH"),
+            drain_s=_int_env(env, "MOERGE_DRAIN_S", default("drain_s")),
             merge_stale_after_s=_int_env(env, "MOERGE_MERGE_STALE_S", default("merge_stale_after_s")),
             store_orphan_age_s=_int_env(env, "MOERGE_STORE_ORPHAN_AGE_S", default("store_orphan_age_s")),
             session_secret=env.get("MOERGE_SESSION_SECRET") or None,

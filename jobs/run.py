@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.errors import Conflict, MoergeError
@@ -85,6 +85,15 @@ class JobRun:
         if done.rowcount != 1:  # type: ignore[attr-defined]
             raise Conflict("the job stopped running here before its result was registered", param="id")
         self.succeeded = True
+
+    async def check_lease(self, session: AsyncSession) -> None:
+        """``Conflict`` unless this worker still holds the job (for a result registered before the job is
+        marked succeeded, in the registering transaction)."""
+        held = await session.scalar(
+            select(Job.id).where(Job.id == self.job_id, Job.status == JobStatus.running.value, Job.owner == self.owner)
+        )
+        if held is None:
+            raise Conflict("the job stopped running here before its result was registered", param="id")
 
 
 class JobHandler(ABC):

@@ -15,9 +15,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from aggregators import AGGREGATORS
 from api.admin.views import PAGE_SIZE, FormErrors, Pager, expert_picker, json_object, split_slugs
-from api.deps import provide_router_context
+from api.deps import provide_router_context, wake_worker
 from api.schemas import composition_out, struct_items
-from composition.mixtures import router_fitter
+from composition.mixtures import queue_fit, router_fitter
 from composition.service import CompositionPatch, CompositionService, CompositionSpec
 from core.errors import MoergeError, ValidationFailed
 from registry.models import Composition
@@ -138,15 +138,19 @@ class CompositionPages(Controller):
         """Create (``editing`` None) or update a composition from the form; a refusal re-renders the form
         with the error beside its field."""
         form = await request.form()
-        fit = router_fitter(service.session, service.experts.store, routing)
+        fit = router_fitter(service.session, service.experts.store, routing, defer_slow=True)
         try:
             if editing is None:
                 data = {"name": str(form.get("name") or "").strip(), **_spec_data(form)}
-                name = (await service.create(decode_strict(data, CompositionSpec), prepare=fit)).name
-                target = f"/admin/playground?composition={name}"
+                comp = await service.create(decode_strict(data, CompositionSpec), prepare=fit)
+                target = f"/admin/playground?composition={comp.name}"
             else:
-                await service.update(editing, decode_strict(_spec_data(form), CompositionPatch), prepare=fit)
+                comp = await service.update(editing, decode_strict(_spec_data(form), CompositionPatch), prepare=fit)
                 target = "/admin/compositions/"
+            if fit.deferred:  # a slow router trains in a `fit` job; its page follows it
+                job = await queue_fit(service.session, comp.name, comp.router)
+                wake_worker(request.app.state)
+                target = f"/admin/merges/{job.id}"
         except MoergeError as exc:
             await service.session.rollback()
             errors = FormErrors.of(exc, FIELD_OF)

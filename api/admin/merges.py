@@ -19,7 +19,7 @@ from api.schemas import job_out, jobs_out
 from core.errors import MoergeError, ValidationFailed
 from merging.jobs import MergeJobService
 from merging.methods import METHODS
-from registry.jobs import STATUSES, TERMINAL, job_progress
+from registry.jobs import STATUSES, TERMINAL, JobService, job_progress
 from registry.models import ExpertKind
 from registry.services import ExpertService
 from registry.store import ArtifactStore
@@ -143,23 +143,26 @@ class MergePages(Controller):
 
     @get("/{job_id:str}")
     async def job_page(self, job_id: FromPath[str], merges: NamedDependency[MergeJobService]) -> Template:
-        job = await merges.get(job_id)
-        summary = await job_out(merges, job)
+        """Any job's page (a merge, or the `fit` job a composition form queued), with its live progress."""
+        jobs = JobService(merges.session)
+        summary = await job_out(jobs, await jobs.get(job_id))
         return Template("merge_job.html", context={"job": summary, "terminal": summary.status in TERMINAL})
 
     @get("/{job_id:str}/progress")
     async def progress(self, job_id: FromPath[str], merges: NamedDependency[MergeJobService]) -> Template:
         """The moving part, polled by the job page (it stops polling once the job has ended)."""
-        event = job_progress(*(await merges.with_result_slug(await merges.get(job_id))))
+        jobs = JobService(merges.session)
+        event = job_progress(*(await jobs.with_result_slug(await jobs.get(job_id))))
         return Template("fragments/progress.html", context={"job": event, "terminal": event["status"] in TERMINAL})
 
     @post("/{job_id:str}/cancel")
     async def cancel(
         self, job_id: FromPath[str], request: HTMXRequest, merges: NamedDependency[MergeJobService]
     ) -> Response[Any]:
-        job = await merges.cancel(job_id)
+        jobs = JobService(merges.session)
+        job = await jobs.cancel(job_id)
         if request.htmx:  # the button's form swaps the progress section in place
-            event = job_progress(*(await merges.with_result_slug(job)))
+            event = job_progress(*(await jobs.with_result_slug(job)))
             context = {"job": event, "terminal": event["status"] in TERMINAL}
             return HTMXTemplate(template_name="fragments/progress.html", context=context)
         return Redirect(f"/admin/merges/{job.id}", status_code=HTTP_303_SEE_OTHER)

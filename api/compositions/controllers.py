@@ -9,18 +9,29 @@ import msgspec
 from litestar import Controller, Request, Response, delete, get, patch, post
 from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath
-from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_204_NO_CONTENT
+from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.deps import provide_composer, provide_router_context
+from api.deps import provide_composer, provide_router_context, wake_worker
 from api.openai.serving import routing_headers
-from api.schemas import CompositionList, CompositionOut, RouteOut, TokenTraceOut, WeightedExpert, composition_out
+from api.schemas import (
+    CompositionList,
+    CompositionOut,
+    JobOut,
+    RouteOut,
+    TokenTraceOut,
+    WeightedExpert,
+    composition_out,
+    job_out,
+)
 from api.security import check_model, require_admin, require_query
 from composition.composer import Composer, check_traceable
-from composition.mixtures import router_fitter
+from composition.mixtures import RouterFitter, queue_fit, router_fitter
 from composition.plan import Plan, Query
 from composition.service import CompositionPatch, CompositionService, CompositionSpec
 from core.errors import ValidationFailed
+from registry.jobs import JobService
+from registry.models import Composition
 from registry.schemas import decode_strict
 from registry.store import ArtifactStore
 from routers.query import RouterContext
@@ -71,8 +82,9 @@ class CompositionController(Controller):
     ) -> CompositionOut:
         spec: CompositionSpec = decode_strict(await request.body(), CompositionSpec)
         service = _service(db_session, store)
-        created = await service.create(spec, prepare=router_fitter(db_session, store, routing))
-        return await composition_out(service, created)
+        fitter = router_fitter(db_session, store, routing, defer_slow=True)
+        created = await service.create(spec, prepare=fitter)
+        return await _with_fit_job(request, service, created, fitter)
 
     @get("/{name:str}", guards=[require_query])
     async def get_composition(
@@ -92,14 +104,42 @@ class CompositionController(Controller):
     ) -> CompositionOut:
         changes: CompositionPatch = decode_strict(await request.body(), CompositionPatch)
         service = _service(db_session, store)
-        updated = await service.update(name, changes, prepare=router_fitter(db_session, store, routing))
-        return await composition_out(service, updated)
+        fitter = router_fitter(db_session, store, routing, defer_slow=True)
+        updated = await service.update(name, changes, prepare=fitter)
+        return await _with_fit_job(request, service, updated, fitter)
+
+    @post("/{name:str}/fit", guards=[require_admin], status_code=HTTP_202_ACCEPTED)
+    async def fit(
+        self,
+        name: FromPath[str],
+        request: Request[Any, Any, Any],
+        db_session: NamedDependency[AsyncSession],
+        store: NamedDependency[ArtifactStore],
+    ) -> JobOut:
+        """Queue a `fit` job for the composition's router (its states are fitted again only where its experts
+        or their data changed); follow it at /api/jobs/{id}."""
+        comp = await _service(db_session, store).get(name)
+        job = await queue_fit(db_session, comp.name, comp.router)
+        wake_worker(request.app.state)
+        return await job_out(JobService(db_session), job)
 
     @delete("/{name:str}", guards=[require_admin], status_code=HTTP_204_NO_CONTENT)
     async def delete_composition(
         self, name: FromPath[str], db_session: NamedDependency[AsyncSession], store: NamedDependency[ArtifactStore]
     ) -> None:
         await _service(db_session, store).delete(name)
+
+
+async def _with_fit_job(
+    request: Request[Any, Any, Any], service: CompositionService, comp: Composition, fitter: RouterFitter
+) -> CompositionOut:
+    """The composition as stored; a slow router fit (``fitter.deferred``) queued as a `fit` job it names."""
+    out = await composition_out(service, comp)
+    if fitter.deferred:
+        job = await queue_fit(service.session, comp.name, comp.router)
+        wake_worker(request.app.state)
+        out.fit_job = str(job.id)
+    return out
 
 
 class RouteController(Controller):

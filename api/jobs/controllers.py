@@ -12,19 +12,21 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from litestar import Controller, Response, get, post
+from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath, FromQuery
 from litestar.response import Stream
-from litestar.status_codes import HTTP_200_OK
+from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.deps import Runtime, runtime_of
+from api.deps import Runtime, runtime_of, wake_worker
 from api.openai.controllers import SSE_HEADERS
 from api.schemas import JobOut, Page, job_out, jobs_out
 from api.security import require_admin, require_query
+from jobs.train import submit_training
 from registry.jobs import TERMINAL, JobService, job_progress
+from registry.store import ArtifactStore
 
 EVENTS_POLL_S = 0.25
 KEEPALIVE_S = 15.0
@@ -74,6 +76,17 @@ class JobController(JobRoutes):
     path = "/api/jobs"
     tags = ["jobs"]
     dependencies = {"jobs": Provide(_service, sync_to_thread=False)}
+
+    @post("/train", guards=[require_admin], status_code=HTTP_202_ACCEPTED)
+    async def train(
+        self, request: Request[Any, Any, Any], jobs: NamedDependency[JobService], store: NamedDependency[ArtifactStore]
+    ) -> JobOut:
+        """Queue a `train` job: ``{"recipe", "base", "expert": {"slug", ...card fields}, "params", "add_to"}``
+        (recipe ``lora-sft``: ``params.data`` is ``{"rows": [{"prompt", "answer"}, ...]}`` or ``{"source":
+        name, "examples": n}``, ``params.recipe`` the LoRA recipe's fields). Checked completely first."""
+        job = await submit_training(jobs.session, store, await request.body())
+        wake_worker(request.app.state)
+        return await job_out(jobs, job)
 
 
 async def _job_events(runtime: Runtime, job_id: uuid.UUID, kind: str | None) -> AsyncIterator[str]:

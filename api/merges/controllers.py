@@ -11,7 +11,7 @@ from litestar.di import NamedDependency, Provide
 from litestar.status_codes import HTTP_201_CREATED
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.deps import runtime_of
+from api.deps import wake_worker
 from api.jobs.controllers import JobRoutes
 from api.schemas import JobOut, job_out
 from api.security import require_admin
@@ -33,12 +33,6 @@ async def submit_job(
     job = await merges.submit_merge(raw, yaml_text=yaml_text)
     wake_worker(state)
     return job
-
-
-def wake_worker(state: State) -> None:
-    worker = runtime_of(state).worker
-    if worker is not None:  # else another process's worker takes it
-        worker.wake()
 
 
 class MergeController(JobRoutes):

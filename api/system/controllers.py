@@ -1,4 +1,4 @@
-"""/api/health (no key needed), /api/engines and /api/strategies (query key).
+"""/api/health and /api/ready (no key needed), /api/engines and /api/strategies (query key).
 
 What a stranger may see is the least that is useful: health without an admin key says only ``ok`` or
 ``degraded`` (the status code says the same); the engine's servers without an admin key show their base, state
@@ -7,6 +7,7 @@ and adapters, never a pid, a URL, a folder, a log path or a log tail. An admin k
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -16,7 +17,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.deps import provide_engine
-from api.schemas import Engines, Health, Strategies
+from api.drain import drain_of
+from api.schemas import Engines, Health, Ready, Strategies
 from api.security import authorize, bearer_token, require_query
 from core.errors import MoergeError
 from core.settings import Settings
@@ -27,6 +29,8 @@ from registry.store import ArtifactStore
 from serving.engine import Engine
 
 log = logging.getLogger(__name__)
+
+READY_DB_TIMEOUT_S = 2.0  # a probe must answer quickly, even when the database does not
 
 # The fields of an engine's server entry anyone with a query key may read (an allow-list, so a field an engine
 # adds later stays admin-only until named here). Not: pid, url, base_dir, log, last_error (it holds the log tail).
@@ -97,6 +101,28 @@ class HealthController(Controller):
             status=status, version=_version(), checks=checks, database_backend=settings.database_url.split(":", 1)[0]
         )
         return Response(body, status_code=status_code)
+
+
+class ReadyController(Controller):
+    path = "/api/ready"
+    tags = ["system"]
+
+    @get("/")
+    async def ready(self, request: Request[Any, Any, Any]) -> Response[Ready]:
+        """``{"status": "ready"}`` (200) when this replica takes traffic: started (database migrated, engine
+        made) and not draining, with its database answering; else 503 with ``starting``, ``draining`` or
+        ``database unreachable``. For load balancers and orchestrators; no key needed."""
+        phase = drain_of(request.app.state).phase
+        runtime = getattr(request.app.state, "runtime", None)
+        if phase != "ready" or runtime is None:
+            return Response(Ready(status="starting" if phase == "ready" else phase), status_code=503)
+        try:
+            async with asyncio.timeout(READY_DB_TIMEOUT_S), runtime.db_engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        except Exception as exc:  # answer, do not raise: the probe's job is to say so
+            log.warning("ready: the database did not answer (%s)", type(exc).__name__)
+            return Response(Ready(status="database unreachable"), status_code=503)
+        return Response(Ready(status="ready"))
 
 
 class EngineController(Controller):

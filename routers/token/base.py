@@ -82,6 +82,11 @@ class TokenRouter(ABC):
         delegates its state to another one, like ``glider``, answers for that one)."""
         return type(self).needs_training_data
 
+    def fit_trains(self) -> bool:
+        """Whether fitting trains something (gates, a mixer): minutes rather than seconds, so compositions
+        fit it in a background job (``jobs/fit.py``) rather than in the request that created them."""
+        return self.requires_training_data() or type(self).joint
+
     def state_width(self, in_features: int) -> int:
         """Length of this router's state vector at a module with ``in_features`` inputs (one per input
         feature unless the router stores more, e.g. ``mixer``'s bias)."""

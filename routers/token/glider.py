@@ -120,6 +120,9 @@ class GliderRouter(TokenRouter):
     def requires_training_data(self) -> bool:
         return self.local.requires_training_data()
 
+    def fit_trains(self) -> bool:
+        return self.local.fit_trains()
+
     def state_key(self) -> tuple[str, str]:
         return self.local.state_key()
 

@@ -93,12 +93,17 @@ class TokenStateStore:
         self.fitted: list[str] = []  # slugs this store fitted in its last call (logs, tests)
 
     async def states(
-        self, router: TokenRouter | str, experts: Sequence[Expert], params: dict[str, Any] | None = None
+        self,
+        router: TokenRouter | str,
+        experts: Sequence[Expert],
+        params: dict[str, Any] | None = None,
+        *,
+        check_only: bool = False,
     ) -> list[State]:
         """The state of every expert in ``experts`` (registered adapters), in order; missing or stale ones
         are fitted (in a thread) and stored. ``router`` is a built TokenRouter or a name (with ``params``).
         ValidationFailed(param ``experts[i]``) names an expert that is not an adapter, or that lacks the
-        training data the router needs."""
+        training data the router needs. ``check_only``: those checks alone (nothing fitted; returns [])."""
         if isinstance(router, str):
             router = TOKEN_ROUTERS.build(router, params or {})
         owner, config_hash = router.state_key()
@@ -136,6 +141,8 @@ class TokenStateStore:
                 )
             )
 
+        if check_only:
+            return []
         if router.joint:
             return await self._joint_states(router, owner, config_hash, jobs)
 
@@ -312,11 +319,14 @@ async def token_router_states(
     router: str,
     params: dict[str, Any] | None,
     experts: Sequence[Expert],
+    *,
+    check_only: bool = False,
 ) -> list[State]:
     """The states of ``experts`` for token router ``router`` with ``params`` (one per expert, in order),
     fitting and storing the missing ones: what the serving layer calls before ``apply_mixture(..., states=)``.
-    The session is closed (its connection released) before any fit; the expert rows stay usable."""
-    return await TokenStateStore(session, store).states(router, experts, params)
+    The session is closed (its connection released) before any fit; the expert rows stay usable.
+    ``check_only``: the experts checked for this router, nothing fitted."""
+    return await TokenStateStore(session, store).states(router, experts, params, check_only=check_only)
 
 
 def clear_memo() -> None:

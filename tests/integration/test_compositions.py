@@ -294,6 +294,20 @@ def test_deleted_expert_is_a_clear_error_at_query_time(live: dict[str, Any]) -> 
 
 
 @pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
+def test_adding_an_expert_to_a_composition_fits_it_and_keeps_the_change(live: dict[str, Any]) -> None:
+    """The new expert is fitted during the PATCH (its router states are computed with no connection held);
+    the change is then stored as asked."""
+    assert _create(live, name="growing", router="embedding", experts=["math-lora"]).status_code == 201
+    grown = httpx.patch(
+        f"{live['url']}/api/compositions/growing", headers=live["admin"], json={"experts": ["math-lora", "dates-lora"]}
+    )
+    assert grown.status_code == 200, grown.text
+    assert grown.json()["experts"] == ["math-lora", "dates-lora"]
+    stored = httpx.get(f"{live['url']}/api/compositions/growing", headers=live["admin"]).json()
+    assert stored["experts"] == ["math-lora", "dates-lora"]
+    assert set(_router_states(live["env"])) == {"math-lora", "dates-lora"}
+
+
 def test_states_refit_only_the_changed_expert(live: dict[str, Any]) -> None:
     assert _create(live, name="auto", router="embedding", experts=["math-lora", "dates-lora"]).status_code == 201
     before = _router_states(live["env"])

@@ -108,6 +108,7 @@ def _response(schema: dict[str, Any], method: str, path: str) -> tuple[str, dict
         ("GET", "/api/engines", "Engines", {"engine", "servers"}),
         ("GET", "/api/strategies", "Strategies", {"routers", "token_routers", "aggregators", "merge_methods"}),
         ("GET", "/api/health", "Health", {"status", "version", "checks"}),
+        ("GET", "/api/ready", "Ready", {"status"}),
         ("GET", "/v1/models", "ModelList", {"object", "data"}),
         ("POST", "/v1/chat/completions", "ChatCompletion", {"id", "object", "created", "model", "choices", "usage"}),
         ("POST", "/v1/completions", "Completion", {"id", "object", "created", "model", "choices", "usage"}),

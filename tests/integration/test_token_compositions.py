@@ -6,6 +6,7 @@ sends mixtures to a torch engine beside vLLM."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -231,6 +232,15 @@ def _traced(live: dict[str, Any], model: str, messages: list[dict[str, str]]) ->
     return resp.json()  # type: ignore[no-any-return]
 
 
+def _finished_job(live: dict[str, Any], job_id: str, timeout_s: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        job = httpx.get(f"{live['url']}/api/jobs/{job_id}", headers=live["env"].query, timeout=30).json()
+        if job["status"] in ("succeeded", "failed", "cancelled") or time.monotonic() > deadline:
+            return job  # type: ignore[no-any-return]
+        time.sleep(0.2)
+
+
 def test_phatgoose_and_glider_compositions(live: dict[str, Any]) -> None:
     """phatgoose needs each expert's training data (a clear 400 naming the expert without it); with it, the gates
     are trained at creation and stored; glider adds the per-query bias from the base's task description."""
@@ -241,6 +251,12 @@ def test_phatgoose_and_glider_compositions(live: dict[str, Any]) -> None:
         _attach(live, slug, [{"prompt": f"say {w} {i}", "answer": f"{w}{i}"} for w in ("one", "two", "three")])
     resp = _create(live, name="gates", router="phatgoose", router_params=training, experts=list(SLUGS))
     assert resp.status_code == 201, resp.text
+    # training gates is slow: the request queued a `fit` job (the server's worker runs it) instead of waiting
+    fitted = _finished_job(live, resp.json()["fit_job"])
+    assert fitted["kind"] == "fit" and fitted["status"] == "succeeded", fitted
+    assert fitted["result"] == {"composition": "gates", "router": "phatgoose", "experts": len(SLUGS)}
+    refit = httpx.post(f"{live['url']}/api/compositions/gates/fit", headers=live["env"].admin, timeout=60)
+    assert refit.status_code == 202 and _finished_job(live, refit.json()["id"])["status"] == "succeeded"
     client = live["client"]
     messages = [{"role": "user", "content": "say two 1"}]
     done = client.chat.completions.create(model="gates", messages=messages, max_tokens=6, temperature=0)

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from evals import recipe as recipe_mod
 from evals.recipe import COMPLETE_MARKER, LoraRecipe, base_manifest, expert_dir, train_expert
 from evals.tasks import get_task
-from routers.token.encoding import IGNORE_INDEX
+from routers.token.encoding import IGNORE_INDEX, answer_loss
 
 # The tiny tokenizer is character-level, so examples run to a few hundred tokens.
 TINY = LoraRecipe(steps=2, warmup_steps=0, batch_size=2, train_examples=8, max_length=512)
@@ -164,7 +164,7 @@ def test_answer_loss_matches_the_full_model_loss(tiny_base: Path) -> None:
     mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x, _ in items])
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        got = recipe_mod.answer_loss(model, items, pad)
+        got = answer_loss(model, items, pad)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
