@@ -7,11 +7,13 @@ one-line message on stderr naming the field, and a non-zero exit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from datetime import datetime
 from functools import wraps
 from pathlib import Path
@@ -55,6 +57,30 @@ app.add_typer(jobs_app, name="jobs")
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
 T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def counted(description: str, total: int, *, every_s: float = 5.0) -> Iterator[Callable[[], None]]:
+    """A progress bar on a terminal; in a log (stderr not a terminal), a line every ``every_s`` seconds.
+    Yields the function that counts one more done."""
+    if err.is_terminal:
+        from rich.progress import Progress
+
+        with Progress(console=err) as progress:
+            bar = progress.add_task(description, total=total)
+            yield lambda: progress.advance(bar)
+        return
+    done = 0
+    last = time.monotonic()
+
+    def advance() -> None:
+        nonlocal done, last
+        done += 1
+        if time.monotonic() - last >= every_s or done == total:
+            last = time.monotonic()
+            err.print(f"{description} {done}/{total} ({100 * done / max(total, 1):.0f}%)", highlight=False)
+
+    yield advance
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
@@ -360,59 +386,154 @@ async def _run_worker(settings: Settings, *, drain: bool, kinds: list[str] | Non
 @handles_errors
 def demo(
     serve_api: Annotated[bool, typer.Option("--serve/--no-serve", help="serve the API at the end")] = True,
-    samples: Annotated[bool, typer.Option("--samples/--no-samples", help="ask each expert one query")] = True,
+    samples: Annotated[bool, typer.Option("--samples/--no-samples", help="ask each served expert one query")] = True,
 ) -> None:
-    """The main job: convert SmolLM2, train or reuse one LoRA per skill, register them, serve on vLLM."""
-    from api.demo import register_demo, serve_in_thread
+    """The main job: convert SmolLM2, register it and every expert trained before, serve at once on vLLM, and
+    train the missing experts as background jobs (each joins `auto` the moment it is trained)."""
+    from api.demo import BackgroundTraining, prepare_demo, serve_in_thread
 
     settings = Settings.from_env()
     settings.home.mkdir(parents=True, exist_ok=True)
+    log_file = _quiet_libraries(settings)
     db.upgrade(settings.database_url)
     out.print(f"[bold]moerge demo[/bold]  MOERGE_HOME={settings.home}  engine={settings.engine}")
-    experts, secret = run(register_demo(settings, lambda line: out.print(line, highlight=False)))
+    out.print(f"library logs: {log_file}", highlight=False)
+    say = lambda line: out.print(line, highlight=False)  # noqa: E731
+    with out.status("converting SmolLM2 and registering the base and the experts trained before"):
+        state = run(prepare_demo(settings, say))
     key_file = settings.home / "admin-key"
-    if secret is not None and not settings.admin_key:
+    if state.secret is not None and not settings.admin_key:
         # The demo keeps its key (owner-only) so a second run can print it again.
-        key_file.write_text(secret + "\n")
+        key_file.write_text(state.secret + "\n")
         key_file.chmod(0o600)
     key = settings.admin_key or (key_file.read_text().strip() if key_file.exists() else None)
-    out.print(f"admin key: {'MOERGE_ADMIN_KEY' if settings.admin_key else key}", highlight=False)
-    if not serve_api:
+    if not serve_api:  # train what is missing here and now, then stop
+        if state.training:
+            from api.demo import sync_auto
+
+            out.print(f"training {len(state.training)} experts in this process", highlight=False)
+            run(_run_worker(settings, drain=True, kinds=["train"]))
+            run(sync_auto(settings, say))
+        out.print(f"admin key: {'$MOERGE_ADMIN_KEY' if settings.admin_key else key_file}", highlight=False)
         return
-    thread, server = serve_in_thread(settings)
-    out.print(f"moerge API on http://{settings.host}:{settings.port}  (OpenAI base URL: /v1)", highlight=False)
-    if samples:
-        from api.client import ApiClient
+    # The API's own worker runs merges and fits; training has a worker process of its own at a lower priority.
+    thread, server = serve_in_thread(settings, worker_kinds=("merge", "fit"))
+    training = BackgroundTraining(settings, state.training, say) if state.training else None
+    if training is not None:
+        training.start()
+    base = f"http://{settings.host}:{settings.port}"
+    try:
+        if samples:
+            _demo_samples(base, key, state.experts)
+        model = "auto" if state.experts else "smollm2-135m-instruct"
+        _ready_lines(settings, base, key_file, model, state, training)
+        _serve_until_stopped(thread, server)
+    finally:
+        if training is not None:
+            training.stop()
 
-        client = ApiClient(f"http://{settings.host}:{settings.port}", key)
-        with out.status("starting vLLM for the base and loading the adapters (about a minute the first time)"):
-            client.wait_ready(experts[0].slug if experts else "smollm2-135m-instruct")
-        table = Table(
-            "expert",
-            "query",
-            "answer",
-            "expected",
-            "`auto` routed to",
-            title="one sample query per expert (eval split), then the same query to the `auto` composition",
+
+def _quiet_libraries(settings: Settings) -> Path:
+    """Library noise (warnings, INFO lines, progress bars) goes to ``MOERGE_HOME/logs/demo.log``, not the
+    terminal; moerge's own lines stay."""
+    import logging
+    import warnings
+
+    logs = settings.home / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    path = logs / "demo.log"
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for existing in list(root.handlers):
+        root.removeHandler(existing)
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    logging.captureWarnings(True)  # TracerWarnings, the ONNX exporter's UserWarnings: into the log
+    warnings.simplefilter("default")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights: 100%"
+    except ImportError:  # transformers is a dependency; only a broken install lacks it
+        pass
+    if not out.is_terminal:  # a log file: no wrapping at 80 columns
+        out.width = 200
+    return path
+
+
+def _demo_samples(base: str, key: str | None, experts: list[Any]) -> None:
+    from api.client import ApiClient
+
+    client = ApiClient(base, key)
+    with out.status("starting vLLM for the base (about a minute the first time)"):
+        client.wait_ready("smollm2-135m-instruct")
+    table = Table(
+        "model",
+        "query",
+        "answer",
+        "expected",
+        "`auto` routed to",
+        title="one sample query per served expert (eval split), then the same query to `auto`",
+    )
+    if not experts:
+        messages = [{"role": "user", "content": "What is the capital of France?"}]
+        answer, _ = client.chat(
+            {"model": "smollm2-135m-instruct", "max_tokens": 32, "temperature": 0, "messages": messages}
         )
-        for expert in experts:
-            messages = [{"role": "user", "content": expert.sample_prompt}]
-            answer, _ = client.chat({"model": expert.slug, "max_tokens": 32, "temperature": 0, "messages": messages})
-            routed, headers = client.chat({"model": "auto", "max_tokens": 32, "temperature": 0, "messages": messages})
-            table.add_row(
-                expert.slug,
-                expert.sample_prompt,
-                answer["choices"][0]["message"]["content"],
-                expert.sample_answer,
-                f"{headers.get('x-moerge-experts', '')}: {routed['choices'][0]['message']['content']}",
-            )
-        out.print(table)
-    out.print("serving; Ctrl-C to stop")
+        table.add_row(
+            "smollm2-135m-instruct", messages[0]["content"], answer["choices"][0]["message"]["content"], "", ""
+        )
+    for expert in experts:
+        messages = [{"role": "user", "content": expert.sample_prompt}]
+        answer, _ = client.chat({"model": expert.slug, "max_tokens": 32, "temperature": 0, "messages": messages})
+        routed, headers = client.chat({"model": "auto", "max_tokens": 32, "temperature": 0, "messages": messages})
+        table.add_row(
+            expert.slug,
+            expert.sample_prompt,
+            answer["choices"][0]["message"]["content"],
+            expert.sample_answer,
+            f"{headers.get('x-moerge-experts', '')}: {routed['choices'][0]['message']['content']}",
+        )
+    out.print(table)
 
+
+def _ready_lines(settings: Settings, base: str, key_file: Path, model: str, state: Any, training: Any) -> None:
+    """What a newcomer needs, once: where things are and two calls that work as printed."""
+    key_expr = "$MOERGE_ADMIN_KEY" if settings.admin_key else f"$(cat {key_file})"
+    key_py = "os.environ['MOERGE_ADMIN_KEY']" if settings.admin_key else f"open('{key_file}').read().strip()"
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "What is 12 + 30?"}], "max_tokens": 32})
+    lines = [
+        "",
+        "[bold]moerge is serving[/bold]",
+        f"  admin panel  {base}/admin  (sign in with the admin key)",
+        f"  OpenAI API   {base}/v1",
+        f"  admin key    {'in $MOERGE_ADMIN_KEY' if settings.admin_key else key_file}",
+        "  try it:",
+        f'    curl -s {base}/v1/chat/completions -H "Authorization: Bearer {key_expr}" '
+        f"-H 'content-type: application/json' -d '{body}'",
+        f"    {sys.executable} -c \"import os, openai; c = openai.OpenAI(base_url='{base}/v1', api_key={key_py}); "
+        f"print(c.chat.completions.create(model='{model}', "
+        "messages=[{'role': 'user', 'content': 'What is 12 + 30?'}], max_tokens=32).choices[0].message.content)\"",
+    ]
+    if training is not None:
+        lines.append(
+            f"  experts      {len(state.experts)} served; {len(state.training)} training in the background "
+            "(moerge jobs list, or the admin panel's dashboard); each joins `auto` once trained"
+        )
+    lines.append("Ctrl-C to stop")
+    for line in lines:
+        bold = line.startswith("[bold]")  # the heading is the only markup: the calls hold brackets
+        out.print(line, highlight=False, soft_wrap=True, markup=bold)
+
+
+def _serve_until_stopped(thread: Any, server: Any) -> None:
     # The server runs in a thread, so its own signal handlers are not installed: stop it from here, so that
     # its shutdown closes the engine and the vLLM servers it started (a bare exit would orphan them).
     def stop(_signum: int, _frame: object) -> None:
-        server.should_exit = True  # type: ignore[attr-defined]
+        server.should_exit = True
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
@@ -501,7 +622,6 @@ def eval_models(
     """Run models or compositions over the tasks' splits through a running server; write a table, JSON
     and a plot. The model `oracle` sends each query to its task's own expert (default: the demo's
     `<task>-lora`)."""
-    from rich.progress import Progress
 
     from evals.harness import evaluate, markdown_table, write_reports
     from evals.tasks import TASKS, all_task_names
@@ -517,8 +637,7 @@ def eval_models(
     experts_by_task.update(_params(expert_for, "--expert-for"))
     settings = Settings.from_env()
     total = n * len(task or TASKS.names()) * len(models)
-    with Progress(console=err) as progress:
-        bar = progress.add_task("evaluating", total=total)
+    with counted("evaluating: queries", total) as advance:
         rows = run(
             evaluate(
                 settings.api_url,
@@ -528,7 +647,7 @@ def eval_models(
                 n=n,
                 split=split,
                 concurrency=concurrency,
-                on_done=lambda: progress.advance(bar),
+                on_done=advance,
                 expert_for=experts_by_task,
             )
         )

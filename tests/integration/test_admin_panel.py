@@ -658,3 +658,37 @@ def test_cookies_secure_flag_follows_the_setting(registry_env: RegistryEnv, secu
     env = {"MOERGE_HOME": str(registry_env.settings.home)}
     assert Settings.from_env(env).admin_cookie_secure is False
     assert Settings.from_env({**env, "MOERGE_ADMIN_COOKIE_SECURE": "1"}).admin_cookie_secure is True
+
+
+def test_dashboard_shows_running_jobs_of_every_kind_with_a_live_bar(
+    client: TestClient,  # type: ignore[type-arg]
+    registry_env: RegistryEnv,
+) -> None:
+    """A `train` job a worker holds (nothing runs it here) is listed first with its bar and its message."""
+    import asyncio
+
+    from sqlalchemy import update
+
+    from registry import db
+    from registry.jobs import JobService
+    from registry.models import Job
+
+    async def running_train_job() -> None:
+        engine = db.make_engine(registry_env.settings.database_url)
+        try:
+            async with db.make_sessionmaker(engine)() as session:
+                job = await JobService(session).submit(
+                    "train", "lora-sft", {"config": {}}, result_name="counting-lora", claimed_by="elsewhere:1:ab"
+                )
+                message = "training: step 30/90, loss 0.412, ~120 s left"
+                await session.execute(update(Job).where(Job.id == job.id).values(progress=0.3, message=message))
+                await session.commit()
+        finally:
+            await engine.dispose()
+
+    asyncio.run(running_train_job())
+    sign_in(client, registry_env.admin_key)
+    page = client.get("/admin/").text
+    jobs = page[page.index('<table class="jobs">') :]
+    assert 'aria-label="counting-lora"' in jobs and 'aria-valuenow="30"' in jobs
+    assert "<td>train</td>" in jobs and "step 30/90, loss 0.412" in jobs
