@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Collection
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from litestar import Litestar
 from litestar.datastructures import State
@@ -54,42 +54,8 @@ def create_app(
     install_example_sources()  # the demo's tasks, named by `mixer`'s `task`
     drain = Drain(settings.drain_s)  # ready once every lifespan has run; `moerge serve` drains it on SIGTERM
 
-    @asynccontextmanager
-    async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        db_engine = make_engine(settings.database_url)
-        try:
-            await ensure_migrated(db_engine)  # refuse to serve on an unmigrated or out-of-date database
-            store = ArtifactStore(settings.store_dir)
-            store.ensure()
-            sessionmaker = make_sessionmaker(db_engine)
-            async with sessionmaker() as session:
-                swept = await ExpertService(session, store).sweep_store(min_age_s=settings.store_orphan_age_s)
-            if swept:
-                log.warning("removed %d leftovers of interrupted writes from the store", len(swept))
-            serving = engine or await create_engine(settings, sessionmaker)
-            routing = router_context(
-                serving, sessionmaker, store, LazyEmbedder(settings.embedding_model, settings.embedding_backend)
-            )
-            composer = Composer(serving, store, routing, max_lora_rank=settings.max_lora_rank)
-            stamps = StampReader(settings.database_url)
-            jobs = (
-                make_worker(sessionmaker, store, settings, context=lambda: routing, kinds=worker_kinds)
-                if worker
-                else None
-            )
-            app.state.runtime = Runtime(settings, db_engine, sessionmaker, store, stamps, serving, composer, jobs)
-            try:
-                if jobs is not None:
-                    await jobs.start()  # settles jobs a dead worker left, then takes queued ones
-                yield
-            finally:
-                if jobs is not None:
-                    await jobs.stop()  # a job in progress stops at its next chance and is re-queued
-                stamps.close()
-                if engine is None:  # an engine passed in belongs to the caller
-                    await serving.close()
-        finally:
-            await db_engine.dispose()
+    def lifespan(app: Litestar) -> AbstractAsyncContextManager[None]:
+        return _runtime(app, settings, engine, worker_kinds if worker else None, worker=worker)
 
     return Litestar(
         route_handlers=[
@@ -132,3 +98,42 @@ def create_app(
         request_max_body_size=settings.max_json_bytes,
         openapi_config=OpenAPIConfig(title="moerge", version="0.1.0", path="/api/schema"),
     )
+
+
+@asynccontextmanager
+async def _runtime(
+    app: Litestar, settings: Settings, engine: Engine | None, worker_kinds: Collection[str] | None, *, worker: bool
+) -> AsyncIterator[None]:
+    """The app's long-lived objects (``app.state.runtime``), made at start-up and closed at shutdown."""
+    db_engine = make_engine(settings.database_url)
+    try:
+        await ensure_migrated(db_engine)  # refuse to serve on an unmigrated or out-of-date database
+        store = ArtifactStore(settings.store_dir)
+        store.ensure()
+        sessionmaker = make_sessionmaker(db_engine)
+        async with sessionmaker() as session:
+            swept = await ExpertService(session, store).sweep_store(min_age_s=settings.store_orphan_age_s)
+        if swept:
+            log.warning("removed %d leftovers of interrupted writes from the store", len(swept))
+        serving = engine or await create_engine(settings, sessionmaker)
+        routing = router_context(
+            serving, sessionmaker, store, LazyEmbedder(settings.embedding_model, settings.embedding_backend)
+        )
+        composer = Composer(serving, store, routing, max_lora_rank=settings.max_lora_rank)
+        stamps = StampReader(settings.database_url)
+        jobs = (
+            make_worker(sessionmaker, store, settings, context=lambda: routing, kinds=worker_kinds) if worker else None
+        )
+        app.state.runtime = Runtime(settings, db_engine, sessionmaker, store, stamps, serving, composer, jobs)
+        try:
+            if jobs is not None:
+                await jobs.start()  # settles jobs a dead worker left, then takes queued ones
+            yield
+        finally:
+            if jobs is not None:
+                await jobs.stop()  # a job in progress stops at its next chance and is re-queued
+            stamps.close()
+            if engine is None:  # an engine passed in belongs to the caller
+                await serving.close()
+    finally:
+        await db_engine.dispose()
