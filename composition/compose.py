@@ -37,16 +37,7 @@ async def answer_one(engine: Engine, plan: Plan, query: Query, *, traced: bool =
     (out,) = await engine.generate([request])
     result = _result(out)
     shown = await trace(engine, request, result.text) if traced else None
-    return Answer(
-        plan,
-        result.text,
-        result.finish_reason,
-        result.prompt_tokens,
-        result.completion_tokens,
-        plan.experts,
-        plan.weights,
-        trace=shown,
-    )
+    return Answer.of(plan, result, plan.experts, plan.weights, trace=shown)
 
 
 async def answer_members(engine: Engine, plan: Plan, query: Query) -> tuple[ExpertAnswer, ...]:
@@ -113,17 +104,7 @@ async def compose_fused(engine: Engine, plan: Plan, query: Query) -> Answer:
     # Every member decoded the same tokens: each one's answer is the fused text (the usage is the answer's).
     answers = tuple(ExpertAnswer(m.slug, m.weight, result.text) for m in plan.members)
     experts, weights = answering(plan, answers, aggregation.chosen)
-    return Answer(
-        plan,
-        result.text,
-        result.finish_reason,
-        result.prompt_tokens,
-        result.completion_tokens,
-        experts,
-        weights,
-        answers,
-        aggregation,
-    )
+    return Answer.of(plan, result, experts, weights, members=answers, aggregation=aggregation)
 
 
 async def compose(engine: Engine, plan: Plan, query: Query) -> Answer:

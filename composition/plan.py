@@ -17,7 +17,7 @@ from typing import Any
 
 from aggregators import Aggregation, Aggregator, ExpertAnswer
 from routers.query import RouteDecision
-from serving.engine import GenChunk, GenerationFailed, GenRequest, Sampling, Target, TokenTrace
+from serving.engine import GenChunk, GenerationFailed, GenRequest, GenResult, Sampling, Target, TokenTrace
 
 
 def query_text(messages: list[dict[str, Any]] | None, prompt: str | None) -> str:
@@ -137,6 +137,22 @@ class Answer:
     members: tuple[ExpertAnswer, ...] = ()
     aggregation: Aggregation | None = None
     trace: TokenTrace | None = None
+
+    @classmethod
+    def of(
+        cls, plan: Plan, result: GenResult, experts: tuple[str, ...], weights: tuple[float, ...], **rest: Any
+    ) -> Answer:
+        """The answer one generation wrote (its text, finish reason and usage)."""
+        return cls(
+            plan,
+            result.text,
+            result.finish_reason,
+            result.prompt_tokens,
+            result.completion_tokens,
+            experts,
+            weights,
+            **rest,
+        )
 
     @property
     def failed(self) -> tuple[str, ...]:

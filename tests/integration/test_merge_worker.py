@@ -24,20 +24,12 @@ import pytest
 from core.settings import Settings
 from registry import db
 from registry.schemas import ExpertSpec
-from registry.services import ApiKeyService
+from tests.fixtures.db import make_keys
 from tests.fixtures.live import free_port, register
+from tests.fixtures.merges import SMOL_TIES as TIES
 
 pytestmark = pytest.mark.slow
 
-TIES = {
-    "merge_method": "ties",
-    "base_model": "smollm2",
-    "models": [
-        {"model": "smol-ft0", "parameters": {"weight": 1.0, "density": 0.2}},
-        {"model": "smol-ft1", "parameters": {"weight": 1.0, "density": 0.2}},
-    ],
-    "parameters": {"normalize": True},
-}
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
@@ -104,15 +96,7 @@ def live(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     settings = Settings(home=home, database_url=f"sqlite+aiosqlite:///{home / 'moerge.db'}", import_roots=(home,))
     db.upgrade(settings.database_url)
 
-    async def admin_key() -> str:
-        engine = db.make_engine(settings.database_url)
-        try:
-            async with db.make_sessionmaker(engine)() as session:
-                return (await ApiKeyService(session).create("admin", ["admin", "query"]))[1]
-        finally:
-            await engine.dispose()
-
-    key = asyncio.run(admin_key())
+    key = make_keys(settings.database_url)[0]
     finetunes = make_finetunes(smollm2_dir, cache_dir() / "merge-bench", n=2)  # cached per machine
     register(settings, smollm2_dir, ExpertSpec(slug="smollm2"))
     for i, folder in enumerate(finetunes):

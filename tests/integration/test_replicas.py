@@ -9,7 +9,6 @@ requests in flight (a stream and a plain one) finish, new ones and /api/ready ge
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import signal
@@ -25,28 +24,18 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy.engine import make_url
 
 from core.settings import Settings
 from registry import db
 from registry.schemas import ExpertSpec
-from registry.services import ApiKeyService
-from tests.fixtures.db import _admin_exec, _postgres_admin_url
+from tests.fixtures.db import make_keys, postgres_database
 from tests.fixtures.live import free_port, register
+from tests.fixtures.merges import SMOL_TIES
 from tests.fixtures.merges import TIES as TINY_TIES
 from tests.fixtures.tiny import build_tiny_finetune
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
-SMOL_TIES = {
-    "merge_method": "ties",
-    "base_model": "smollm2",
-    "models": [
-        {"model": "smol-ft0", "parameters": {"weight": 1.0, "density": 0.2}},
-        {"model": "smol-ft1", "parameters": {"weight": 1.0, "density": 0.2}},
-    ],
-    "parameters": {"normalize": True},
-}
 TERMINAL = {"succeeded", "failed", "cancelled"}
 STALE_S = 4  # a worker's lease lapses this long after its last heartbeat
 DRAIN_S = 60  # the replicas' bound on the requests in flight at SIGTERM
@@ -140,25 +129,12 @@ class Cluster:
 @pytest.fixture(scope="module")
 def postgres_url() -> Iterator[str]:
     """A fresh PostgreSQL database for this module's processes."""
-    admin = _postgres_admin_url()
-    name = f"moerge_r_{uuid.uuid4().hex[:12]}"
-    asyncio.run(_admin_exec(admin, f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(admin).set(database=name).render_as_string(hide_password=False)
-    finally:
-        asyncio.run(_admin_exec(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with postgres_database("moerge_r") as url:
+        yield url
 
 
 def _admin_key(settings: Settings) -> str:
-    async def create() -> str:
-        engine = db.make_engine(settings.database_url)
-        try:
-            async with db.make_sessionmaker(engine)() as session:
-                return (await ApiKeyService(session).create("admin", ["admin", "query"]))[1]
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(create())
+    return make_keys(settings.database_url)[0]
 
 
 def _wait_started(cluster: Cluster) -> None:
