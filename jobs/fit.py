@@ -37,7 +37,13 @@ class FitHandler(JobHandler):
             experts = await service.member_experts(comp)
             router, params = comp.router, dict(comp.router_params)
             job.report(0.05, f"fitting {router} for {name} over {len(experts)} experts")
-            await fit_router(session, self.store, self.context(), router, params, experts, run_models=True)
+
+            def fitted(done: int, total: int) -> None:
+                job.report(0.05 + 0.9 * done / total, f"fitting {router} for {name}: {done} of {total} experts fitted")
+
+            await fit_router(
+                session, self.store, self.context(), router, params, experts, run_models=True, on_fitted=fitted
+            )
         job.check_stop()
         async with self.sessionmaker() as session:
             result = {"composition": name, "router": router, "experts": len(experts)}

@@ -99,11 +99,13 @@ class TokenStateStore:
         params: dict[str, Any] | None = None,
         *,
         check_only: bool = False,
+        on_fitted: Callable[[int, int], None] | None = None,
     ) -> list[State]:
         """The state of every expert in ``experts`` (registered adapters), in order; missing or stale ones
         are fitted (in a thread) and stored. ``router`` is a built TokenRouter or a name (with ``params``).
         ValidationFailed(param ``experts[i]``) names an expert that is not an adapter, or that lacks the
-        training data the router needs. ``check_only``: those checks alone (nothing fitted; returns [])."""
+        training data the router needs. ``check_only``: those checks alone (nothing fitted; returns []).
+        ``on_fitted(done, total)`` after each expert fitted here (a progress report)."""
         if isinstance(router, str):
             router = TOKEN_ROUTERS.build(router, params or {})
         owner, config_hash = router.state_key()
@@ -170,8 +172,10 @@ class TokenStateStore:
 
         # Fitting takes seconds to minutes: hold no database connection meanwhile.
         await self.session.close()
-        for job in stale:
+        for done, job in enumerate(stale, start=1):
             state, mine = await self._fit_once(router, owner, config_hash, job)
+            if on_fitted is not None:
+                on_fitted(done, len(stale))
             out[job.index] = state
             if mine:  # a caller that waited for another's fit leaves the saving to that one
                 await self._save(owner, config_hash, job, state)
@@ -321,12 +325,15 @@ async def token_router_states(
     experts: Sequence[Expert],
     *,
     check_only: bool = False,
+    on_fitted: Callable[[int, int], None] | None = None,
 ) -> list[State]:
     """The states of ``experts`` for token router ``router`` with ``params`` (one per expert, in order),
     fitting and storing the missing ones: what the serving layer calls before ``apply_mixture(..., states=)``.
     The session is closed (its connection released) before any fit; the expert rows stay usable.
     ``check_only``: the experts checked for this router, nothing fitted."""
-    return await TokenStateStore(session, store).states(router, experts, params, check_only=check_only)
+    return await TokenStateStore(session, store).states(
+        router, experts, params, check_only=check_only, on_fitted=on_fitted
+    )
 
 
 def clear_memo() -> None:

@@ -588,3 +588,30 @@ def test_a_token_router_names_its_query_level_part_through_a_hook() -> None:
     assert TOKEN_ROUTERS.get("phatgoose").cls.query_part({}) is None
     name, params = TOKEN_ROUTERS.get("glider").cls.query_part({"model": "base", "max_new_tokens": 24, "scale": 2.0})
     assert name == "instruct" and params == {"model": "base", "max_new_tokens": 24, "threshold": -1.0}
+
+
+async def test_fitting_reports_each_expert_fitted(
+    registry_env: RegistryEnv, tiny_base: Path, tiny_lora: Path, tmp_path: Path
+) -> None:
+    """A `fit` job's progress: one report per expert fitted, none for states already stored."""
+    from tests.fixtures.tiny import build_tiny_lora
+
+    await _register(registry_env, tiny_base, {"x": tiny_lora, "y": build_tiny_lora(tiny_base, tmp_path / "y", seed=4)})
+    env = _Env(registry_env)
+    try:
+        reports: list[tuple[int, int]] = []
+        async with env.sessions() as session:
+            experts = list(await session.scalars(select(Expert).where(Expert.kind == "adapter").order_by(Expert.slug)))
+            await states_mod.token_router_states(
+                session, registry_env.store, "arrow", {}, experts, on_fitted=lambda d, t: reports.append((d, t))
+            )
+        assert reports == [(1, 2), (2, 2)]
+        states_mod.clear_memo()
+        async with env.sessions() as session:
+            experts = list(await session.scalars(select(Expert).where(Expert.kind == "adapter").order_by(Expert.slug)))
+            await states_mod.token_router_states(
+                session, registry_env.store, "arrow", {}, experts, on_fitted=lambda d, t: reports.append((d, t))
+            )
+        assert reports == [(1, 2), (2, 2)]  # stored: nothing fitted again
+    finally:
+        await env.engine.dispose()
