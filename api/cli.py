@@ -418,13 +418,14 @@ def demo(
         return
     # The API's own worker runs merges and fits; training has a worker process of its own at a lower priority.
     thread, server = serve_in_thread(settings, worker_kinds=("merge", "fit"))
+    _keep_logs_in(log_file)  # the app configured logging as it started: its lines go to the file too
     training = BackgroundTraining(settings, state.training, say) if state.training else None
-    if training is not None:
-        training.start()
     base = f"http://{settings.host}:{settings.port}"
     try:
-        if samples:
+        if samples:  # the base answers first (vLLM starts with the CPU to itself), then the experts train
             _demo_samples(base, key, state.experts)
+        if training is not None:
+            training.start()
         model = "auto" if state.experts else "smollm2-135m-instruct"
         _ready_lines(settings, base, key_file, model, state, training)
         _serve_until_stopped(thread, server)
@@ -442,15 +443,10 @@ def _quiet_libraries(settings: Settings) -> Path:
     logs = settings.home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     path = logs / "demo.log"
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    for existing in list(root.handlers):
-        root.removeHandler(existing)
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
+    _keep_logs_in(path)
     logging.captureWarnings(True)  # TracerWarnings, the ONNX exporter's UserWarnings: into the log
     warnings.simplefilter("default")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars of libraries (the GGUF conversion's)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
@@ -462,6 +458,21 @@ def _quiet_libraries(settings: Settings) -> Path:
     if not out.is_terminal:  # a log file: no wrapping at 80 columns
         out.width = 200
     return path
+
+
+def _keep_logs_in(path: Path) -> None:
+    """The root logger writes to ``path`` only (the app, as it starts, installs a console handler of its own)."""
+    import logging
+
+    root = logging.getLogger()
+    for existing in list(root.handlers):
+        if not (isinstance(existing, logging.FileHandler) and Path(existing.baseFilename) == path):
+            root.removeHandler(existing)
+    if not root.handlers:
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)
 
 
 def _demo_samples(base: str, key: str | None, experts: list[Any]) -> None:

@@ -306,6 +306,9 @@ class BackgroundTraining:
                 return
             if time.monotonic() - last_report >= self.report_s:
                 last_report = time.monotonic()
+                queued = sum(j["status"] == "queued" for j in pending)
                 for job in pending:
-                    shown = job["message"] if job["status"] == "running" else "queued"
-                    self.log(f"training {job['name']}: {shown}")
+                    if job["status"] == "running":
+                        self.log(
+                            f"training {job['name']}: {job['message']}" + (f" ({queued} more queued)" if queued else "")
+                        )

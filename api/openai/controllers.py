@@ -84,11 +84,8 @@ class OpenAIController(Controller):
         settings: NamedDependency[Settings],
         composer: NamedDependency[Composer],
     ) -> Response[Any]:
-        body: ChatCompletionRequest = decode_strict(await request.body(), ChatCompletionRequest)
-        messages = body.checked_messages()
-        run = CompletionRun(chat=True)
-        query = Query(body.model, body.sampling(settings.default_max_tokens), messages=messages, request_id=run.id)
-        return await _respond(request, db_session, composer, run, query, body)
+        body = decode_strict(await request.body(), ChatCompletionRequest)
+        return await _respond(request, db_session, settings, composer, body)
 
     @post(
         "/completions",
@@ -102,11 +99,8 @@ class OpenAIController(Controller):
         settings: NamedDependency[Settings],
         composer: NamedDependency[Composer],
     ) -> Response[Any]:
-        body: CompletionRequest = decode_strict(await request.body(), CompletionRequest)
-        prompt = body.checked_prompt()
-        run = CompletionRun(chat=False)
-        query = Query(body.model, body.sampling(settings.default_max_tokens), prompt=prompt, request_id=run.id)
-        return await _respond(request, db_session, composer, run, query, body)
+        body = decode_strict(await request.body(), CompletionRequest)
+        return await _respond(request, db_session, settings, composer, body)
 
 
 async def plan_query(
@@ -130,11 +124,12 @@ async def plan_query(
 async def _respond(
     request: Request[Any, Any, Any],
     db_session: AsyncSession,
+    settings: Settings,
     composer: Composer,
-    run: CompletionRun,
-    query: Query,
     body: ChatCompletionRequest | CompletionRequest,
 ) -> Response[Any]:
+    run = CompletionRun(chat=isinstance(body, ChatCompletionRequest))
+    query = body.as_query(settings.default_max_tokens, run.id)
     traced = body.checked_trace()
     plan = await plan_query(request, db_session, composer, query)
     if traced:

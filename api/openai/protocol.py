@@ -12,6 +12,7 @@ from typing import Any
 import msgspec
 
 from api.schemas import TokenTraceOut
+from composition.plan import Query
 from core.errors import ValidationFailed
 from serving.engine import Sampling
 
@@ -131,6 +132,11 @@ class ChatCompletionRequest(_Common, kw_only=True):
             )
         return clean
 
+    def as_query(self, default_max_tokens: int, request_id: str) -> Query:
+        """The request checked (messages, then sampling) as the composition's Query."""
+        messages = self.checked_messages()
+        return Query(self.model, self.sampling(default_max_tokens), messages=messages, request_id=request_id)
+
 
 class CompletionRequest(_Common, kw_only=True):
     prompt: str | list[str]
@@ -153,6 +159,11 @@ class CompletionRequest(_Common, kw_only=True):
         if self.best_of not in (None, 1):
             raise ValidationFailed("only best_of = 1 is supported", param="best_of")
         return prompt
+
+    def as_query(self, default_max_tokens: int, request_id: str) -> Query:
+        """The request checked (prompt, then sampling) as the composition's Query."""
+        prompt = self.checked_prompt()
+        return Query(self.model, self.sampling(default_max_tokens), prompt=prompt, request_id=request_id)
 
 
 def _text_of(content: Any, where: str) -> str:
