@@ -9,6 +9,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from litestar import Litestar
 from litestar.datastructures import State
 from litestar.di import Provide
+from litestar.logging.config import LoggingConfig
 from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 
@@ -46,10 +47,12 @@ def create_app(
     engine: Engine | None = None,
     worker: bool = True,
     worker_kinds: Collection[str] | None = None,
+    console_logging: bool = True,
 ) -> Litestar:
     """The app. ``engine`` overrides the one the settings name (tests pass a TorchEngine on tiny models);
     ``worker``: run queued jobs in this process (else only `moerge worker` processes run them), of
-    ``worker_kinds`` only if given."""
+    ``worker_kinds`` only if given. ``console_logging=False``: the root logger is left as the caller set it (the
+    demo keeps library lines in its log file)."""
     settings = settings or Settings.from_env()
     install_example_sources()  # the demo's tasks, named by `mixer`'s `task`
     drain = Drain(settings.drain_s)  # ready once every lifespan has run; `moerge serve` drains it on SIGTERM
@@ -97,6 +100,7 @@ def create_app(
         before_send=[close_if_body_unread],
         request_max_body_size=settings.max_json_bytes,
         openapi_config=OpenAPIConfig(title="moerge", version="0.1.0", path="/api/schema"),
+        logging_config=LoggingConfig() if console_logging else LoggingConfig(configure_root_logger=False),
     )
 
 

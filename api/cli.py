@@ -418,7 +418,6 @@ def demo(
         return
     # The API's own worker runs merges and fits; training has a worker process of its own at a lower priority.
     thread, server = serve_in_thread(settings, worker_kinds=("merge", "fit"))
-    _keep_logs_in(log_file)  # the app configured logging as it started: its lines go to the file too
     training = BackgroundTraining(settings, state.training, say) if state.training else None
     base = f"http://{settings.host}:{settings.port}"
     try:
@@ -446,7 +445,6 @@ def _quiet_libraries(settings: Settings) -> Path:
     _keep_logs_in(path)
     logging.captureWarnings(True)  # TracerWarnings, the ONNX exporter's UserWarnings: into the log
     warnings.simplefilter("default")
-    os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars of libraries (the GGUF conversion's)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
@@ -1231,6 +1229,9 @@ def merges_cancel(job_id: JobId) -> None:
 def main() -> None:
     import logging
 
+    # Libraries' tqdm bars (the GGUF conversion's, for one) fill logs and terminals with redraws; moerge shows
+    # its own progress. tqdm reads this when it is first imported, so before anything imports it.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     from evals.sources import install_example_sources
 
     install_example_sources()  # the demo's tasks, named by `mixer`'s `task` (`composition create -p task=...`)

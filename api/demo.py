@@ -235,7 +235,7 @@ def serve_in_thread(
 
     from api.app import create_app
 
-    app = create_app(settings, worker_kinds=worker_kinds)
+    app = create_app(settings, worker_kinds=worker_kinds, console_logging=False)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="moerge-api", daemon=True)
     thread.start()
