@@ -11,8 +11,9 @@ import importlib.util
 import logging
 import os
 import shutil
-import time
 from pathlib import Path
+
+from core.progress import ticking
 
 logger = logging.getLogger(__name__)
 
@@ -144,16 +145,14 @@ def convert_smollm2(dest: Path, *, dtype: str = "float32", force: bool = False) 
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    started = time.monotonic()
-    logger.info("converting %s to a %s safetensors folder at %s (once per machine)", GGUF_NAME, dtype, dest)
     try:
-        tmp.mkdir()
-        _write_converted(gguf, tmp, dtype)
-        (tmp / COMPLETE_MARKER).write_text(f"converted from {GGUF_NAME} as {dtype}\n")
-        _move_into_place(tmp, dest, force=force)
+        with ticking(logger, f"converting {GGUF_NAME} to a {dtype} safetensors folder at {dest} (once per machine)"):
+            tmp.mkdir()
+            _write_converted(gguf, tmp, dtype)
+            (tmp / COMPLETE_MARKER).write_text(f"converted from {GGUF_NAME} as {dtype}\n")
+            _move_into_place(tmp, dest, force=force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("converted %s in %.0f s", GGUF_NAME, time.monotonic() - started)
     return dest
 
 

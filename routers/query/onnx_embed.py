@@ -13,12 +13,13 @@ import hashlib
 import logging
 import os
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from core.progress import ticking
 
 logger = logging.getLogger(__name__)
 
@@ -139,12 +140,10 @@ def onnx_model(st_model: Any, name: str, dim: int, cache_root: Path) -> OnnxSent
         return None
     path = cache_root / "onnx" / f"{model_key(name)}.onnx"
     if not path.exists():
-        started = time.monotonic()
-        logger.info("exporting the embedding model %s to ONNX (once per machine)", name)
         try:
-            export(st_model, path)
+            with ticking(logger, f"exporting the embedding model {name} to ONNX (once per machine)"):
+                export(st_model, path)
         except Exception as exc:  # an exporter gap for some architecture: torch still works
             logger.warning("exporting %s to ONNX failed (%s): the routers embed with torch", name, exc)
             return None
-        logger.info("exported %s to ONNX in %.0f s", name, time.monotonic() - started)
     return OnnxSentenceModel(st_model, path, _input_names(st_model), dim)
