@@ -673,7 +673,7 @@ def test_dashboard_shows_running_jobs_of_every_kind_with_a_live_bar(
     from registry.jobs import JobService
     from registry.models import Job
 
-    async def running_train_job() -> None:
+    async def running_train_job() -> str:
         engine = db.make_engine(registry_env.settings.database_url)
         try:
             async with db.make_sessionmaker(engine)() as session:
@@ -683,12 +683,15 @@ def test_dashboard_shows_running_jobs_of_every_kind_with_a_live_bar(
                 message = "training: step 30/90, loss 0.412, ~120 s left"
                 await session.execute(update(Job).where(Job.id == job.id).values(progress=0.3, message=message))
                 await session.commit()
+                return str(job.id)
         finally:
             await engine.dispose()
 
-    asyncio.run(running_train_job())
+    job_id = asyncio.run(running_train_job())
     sign_in(client, registry_env.admin_key)
     page = client.get("/admin/").text
     jobs = page[page.index('<table class="jobs">') :]
     assert 'aria-label="counting-lora"' in jobs and 'aria-valuenow="30"' in jobs
     assert "<td>train</td>" in jobs and "step 30/90, loss 0.412" in jobs
+    page = client.get(f"/admin/merges/{job_id}").text  # its own page, with the live bar and a cancel button
+    assert "<h1>Training counting-lora" in page and 'id="cancel">Cancel train<' in page
