@@ -50,13 +50,14 @@ async def token_states(
     *,
     check_only: bool = False,
     on_fitted: Callable[[int, int], None] | None = None,
+    on_step: Callable[[int, int, float], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Every adapter's router state (module -> vector: Arrow prototypes, PHATGOOSE gates), fitted once per
     expert and kept as a router artifact (``routers/token/states.py``)."""
     from routers.token.states import token_router_states
 
     return await token_router_states(
-        session, store, router, params, experts, check_only=check_only, on_fitted=on_fitted
+        session, store, router, params, experts, check_only=check_only, on_fitted=on_fitted, on_step=on_step
     )
 
 
@@ -85,17 +86,21 @@ async def fit_router(
     run_models: bool = True,
     check_only: bool = False,
     on_fitted: Callable[[int, int], None] | None = None,
+    on_step: Callable[[int, int, float], None] | None = None,
 ) -> None:
     """Fit a composition's router states now (on create or update, or in a `fit` job), query-level or
     token-level, with a token router's query-level part (``query_part``). ``run_models=False`` (the CLI, which
     has no engine): a router whose fitting runs a model is left for the server to fit on its first query.
     ``check_only``: what fitting would refuse (an expert without the training data it needs), nothing fitted.
-    ``on_fitted(done, total)``: after each expert's token-level state is fitted (a `fit` job's progress)."""
+    ``on_fitted(done, total)``: after each expert's token-level state is fitted; ``on_step(step, steps, loss)``:
+    while a router trained for the whole set (``mixer``) trains (a `fit` job's progress)."""
     query_level = [(router, params)]
     if is_token_level(router):
         part = _router_class(router).query_part(params)
         query_level = [part] if part is not None else []
-        await token_states(session, store, router, params, experts, check_only=check_only, on_fitted=on_fitted)
+        await token_states(
+            session, store, router, params, experts, check_only=check_only, on_fitted=on_fitted, on_step=on_step
+        )
     if check_only or (not run_models and any(ROUTERS.get(name).cls.fit_uses_model for name, _ in query_level)):
         return
     for name, part_params in query_level:

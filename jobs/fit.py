@@ -41,8 +41,22 @@ class FitHandler(JobHandler):
             def fitted(done: int, total: int) -> None:
                 job.report(0.05 + 0.9 * done / total, f"fitting {router} for {name}: {done} of {total} experts fitted")
 
+            def stepped(step: int, steps: int, loss: float) -> None:  # a mixer trains for the whole set
+                job.report(
+                    0.05 + 0.9 * step / steps,
+                    f"training the {router} router for {name}: step {step}/{steps}, loss {loss:.3f}",
+                )
+
             await fit_router(
-                session, self.store, self.context(), router, params, experts, run_models=True, on_fitted=fitted
+                session,
+                self.store,
+                self.context(),
+                router,
+                params,
+                experts,
+                run_models=True,
+                on_fitted=fitted,
+                on_step=stepped,
             )
         job.check_stop()
         async with self.sessionmaker() as session:

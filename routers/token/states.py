@@ -100,12 +100,14 @@ class TokenStateStore:
         *,
         check_only: bool = False,
         on_fitted: Callable[[int, int], None] | None = None,
+        on_step: Callable[[int, int, float], None] | None = None,
     ) -> list[State]:
         """The state of every expert in ``experts`` (registered adapters), in order; missing or stale ones
         are fitted (in a thread) and stored. ``router`` is a built TokenRouter or a name (with ``params``).
         ValidationFailed(param ``experts[i]``) names an expert that is not an adapter, or that lacks the
         training data the router needs. ``check_only``: those checks alone (nothing fitted; returns []).
-        ``on_fitted(done, total)`` after each expert fitted here (a progress report)."""
+        ``on_fitted(done, total)`` after each expert fitted here, ``on_step(step, steps, loss)`` during a router
+        trained for the whole set (``mixer``): progress reports."""
         if isinstance(router, str):
             router = TOKEN_ROUTERS.build(router, params or {})
         owner, config_hash = router.state_key()
@@ -146,7 +148,7 @@ class TokenStateStore:
         if check_only:
             return []
         if router.joint:
-            return await self._joint_states(router, owner, config_hash, jobs)
+            return await self._joint_states(router, owner, config_hash, jobs, on_step)
 
         out: dict[int, State] = {}
         for job in jobs:
@@ -210,7 +212,14 @@ class TokenStateStore:
             self.fitted.append(job.slug)
         return state, mine
 
-    async def _joint_states(self, router: TokenRouter, owner: str, config_hash: str, jobs: list[_Job]) -> list[State]:
+    async def _joint_states(
+        self,
+        router: TokenRouter,
+        owner: str,
+        config_hash: str,
+        jobs: list[_Job],
+        on_step: Callable[[int, int, float], None] | None = None,
+    ) -> list[State]:
         """States of a router trained for the whole expert set at once (``mixer``): stored one row per expert
         under a hash of the config, the set of experts and the training examples, with a fingerprint of
         every expert's, so a change to any of them refits them all (in one fit)."""
@@ -231,7 +240,8 @@ class TokenStateStore:
         else:
             await self.session.close()  # the fit takes minutes: hold no database connection meanwhile
             states, mine = await _shared(
-                (owner, set_hash, ",".join(ids), fingerprint), lambda: asyncio.to_thread(_fit_joint, router, jobs)
+                (owner, set_hash, ",".join(ids), fingerprint),
+                lambda: asyncio.to_thread(_fit_joint, router, jobs, on_step),
             )
             if mine:
                 self.fitted = [j.slug for j in jobs]
@@ -293,14 +303,16 @@ async def _shared(key: tuple[str, str, str, str], fit: Callable[[], Awaitable[T]
     return result, True
 
 
-def _fit_joint(router: TokenRouter, jobs: Sequence[_Job]) -> list[State]:
+def _fit_joint(
+    router: TokenRouter, jobs: Sequence[_Job], on_step: Callable[[int, int, float], None] | None = None
+) -> list[State]:
     adapters = []
     for job in jobs:
         try:
             adapters.append(load_lora_adapter(job.adapter_dir, job.slug))
         except AdapterRefused as exc:
             raise ValidationFailed(str(exc), param=f"experts[{job.index}]") from exc
-    context = FitContext(base_dir=jobs[0].base_dir)
+    context = FitContext(base_dir=jobs[0].base_dir, on_step=on_step)
     with _FIT_LOCK:
         states = router.fit_composition(adapters, context)
     return [{k: v.detach().to(torch.float32).contiguous() for k, v in s.items()} for s in states]
@@ -326,13 +338,14 @@ async def token_router_states(
     *,
     check_only: bool = False,
     on_fitted: Callable[[int, int], None] | None = None,
+    on_step: Callable[[int, int, float], None] | None = None,
 ) -> list[State]:
     """The states of ``experts`` for token router ``router`` with ``params`` (one per expert, in order),
     fitting and storing the missing ones: what the serving layer calls before ``apply_mixture(..., states=)``.
     The session is closed (its connection released) before any fit; the expert rows stay usable.
     ``check_only``: the experts checked for this router, nothing fitted."""
     return await TokenStateStore(session, store).states(
-        router, experts, params, check_only=check_only, on_fitted=on_fitted
+        router, experts, params, check_only=check_only, on_fitted=on_fitted, on_step=on_step
     )
 
 

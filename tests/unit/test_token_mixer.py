@@ -196,9 +196,14 @@ async def test_state_is_stored_for_the_expert_set_and_reused(
         await env.states("mixer", {**TINY, "examples": examples_param(5)})
         assert len(joint_fits) == 2 and len(await env.rows("mixer")) == 4
         experts = await env.experts()
+        steps: list[tuple[int, int]] = []  # a `fit` job's progress: every training step of the joint fit
         async with env.sessions() as session:
-            alone = await states_mod.token_router_states(session, registry_env.store, "mixer", params, experts[:1])
+            alone = await states_mod.token_router_states(
+                session, registry_env.store, "mixer", params, experts[:1], on_step=lambda s, n, _l: steps.append((s, n))
+            )
         assert joint_fits[-1] == ["digits-lora"] and len(alone) == 1
+        total = TINY["training"]["steps"]
+        assert steps == [(s, total) for s in range(1, total + 1)]
         assert len(await env.rows("mixer")) == 5
 
         # The stored states drive a mixture: per-token routes of the right shape, gates as weights.
