@@ -92,7 +92,7 @@ async def fit_router(
     token-level, with a token router's query-level part (``query_part``). ``run_models=False`` (the CLI, which
     has no engine): a router whose fitting runs a model is left for the server to fit on its first query.
     ``check_only``: what fitting would refuse (an expert without the training data it needs), nothing fitted.
-    ``on_fitted(done, total)``: after each expert's token-level state is fitted; ``on_step(step, steps, loss)``:
+    ``on_fitted(done, total)``: after each expert's state is fitted; ``on_step(step, steps, loss)``:
     while a router trained for the whole set (``mixer``) trains (a `fit` job's progress)."""
     query_level = [(router, params)]
     if is_token_level(router):
@@ -104,7 +104,7 @@ async def fit_router(
     if check_only or (not run_models and any(ROUTERS.get(name).cls.fit_uses_model for name, _ in query_level)):
         return
     for name, part_params in query_level:
-        await RoutingService(session, context).fit(name, part_params, experts)
+        await RoutingService(session, context).fit(name, part_params, experts, on_fitted)
 
 
 class RouterFitter:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import select
@@ -80,12 +81,18 @@ class RoutingService:
             )
         return [candidate_of(by_slug[s]) for s in declared]
 
-    async def fit(self, router_name: str, params: dict[str, Any], experts: list[Expert]) -> list[str]:
+    async def fit(
+        self,
+        router_name: str,
+        params: dict[str, Any],
+        experts: list[Expert],
+        on_fitted: Callable[[int, int], None] | None = None,
+    ) -> list[str]:
         """Fit a router's per-expert states now (when a composition is created or changed), so the first
         query does not pay for it and a router that cannot fit fails the change, not the query.
-        Returns the slugs fitted (the others were up to date)."""
+        Returns the slugs fitted (the others were up to date); ``on_fitted(done, total)`` as each is fitted."""
         router = ROUTERS.build(router_name, params, self.context)
-        await self.states.prepared(router, [candidate_of(e) for e in experts])
+        await self.states.prepared(router, [candidate_of(e) for e in experts], on_fitted)
         return self.states.fitted
 
     async def decide(self, comp: CompositionView, query: str, stamp: Stamp | None = None) -> RouteDecision:

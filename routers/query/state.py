@@ -12,7 +12,7 @@ import asyncio
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -120,8 +120,14 @@ class RouterStateStore:
         self.session = session
         self.fitted: list[str] = []  # slugs fitted by the last call (for logs and tests)
 
-    async def states(self, router: GlobalRouter, candidates: Sequence[Candidate]) -> list[dict[str, Any]]:
-        """Every candidate's state, fitting (and saving) the ones missing or stale."""
+    async def states(
+        self,
+        router: GlobalRouter,
+        candidates: Sequence[Candidate],
+        on_fitted: Callable[[int, int], None] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Every candidate's state, fitting (and saving) the ones missing or stale; ``on_fitted(done, total)``
+        as each one is fitted (a progress report)."""
         config_hash = router.config.digest()
         keys = [(router.name, config_hash, c.id, c.fingerprint) for c in candidates]
         found: dict[str, dict[str, Any]] = {}
@@ -150,7 +156,17 @@ class RouterStateStore:
                 await self.session.close()
             # Stale experts are fitted concurrently (a router that runs models batches their requests), and
             # each one once however many requests ask for it at the same moment.
-            states = await asyncio.gather(*(_fit_once(router, config_hash, c) for c in stale))
+            done = 0
+
+            async def fit(cand: Candidate) -> dict[str, Any]:
+                nonlocal done
+                state = await _fit_once(router, config_hash, cand)
+                done += 1
+                if on_fitted is not None:
+                    on_fitted(done, len(stale))
+                return state
+
+            states = await asyncio.gather(*(fit(c) for c in stale))
             fitted = dict(zip([c.id for c in stale], states, strict=True))
             for cand in missing:
                 state = fitted[cand.id] if cand.id in fitted else decode_state(stored[cand.id][1])
@@ -186,12 +202,17 @@ class RouterStateStore:
             # Another replica saved the same expert's state at the same moment: its row is as good.
             await self.session.rollback()
 
-    async def prepared(self, router: GlobalRouter, candidates: Sequence[Candidate]) -> Any:
+    async def prepared(
+        self,
+        router: GlobalRouter,
+        candidates: Sequence[Candidate],
+        on_fitted: Callable[[int, int], None] | None = None,
+    ) -> Any:
         """``router.prepare`` over the candidates' states, memoized per candidate set."""
         key = (router.name, router.config.digest(), tuple((c.id, c.fingerprint) for c in candidates))
         memo = _PREPARED.get(key)
         if memo is not None:
             return memo
-        prepared = router.prepare(candidates, await self.states(router, candidates))
+        prepared = router.prepare(candidates, await self.states(router, candidates, on_fitted))
         _PREPARED.put(key, prepared)
         return prepared
