@@ -1229,9 +1229,10 @@ def merges_cancel(job_id: JobId) -> None:
 def main() -> None:
     import logging
 
-    # Libraries' tqdm bars (the GGUF conversion's, for one) fill logs and terminals with redraws; moerge shows
-    # its own progress. tqdm reads this when it is first imported, so before anything imports it.
-    os.environ.setdefault("TQDM_DISABLE", "1")
+    # Libraries' tqdm bars (the GGUF conversion's, for one) are a progress bar on a terminal but fill a log with
+    # redraws: off when stderr is not a terminal. tqdm reads this when first imported, so before anything does.
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_DISABLE", "1")
     from evals.sources import install_example_sources
 
     install_example_sources()  # the demo's tasks, named by `mixer`'s `task` (`composition create -p task=...`)
