@@ -12,6 +12,7 @@ import shutil
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from registry.models import (
 )
 from registry.offload import run_to_completion
 from registry.schemas import EvalIn, ExpertPatch, ExpertSpec
-from registry.store import ArtifactStore, Damage, manifest_digest
+from registry.store import ArtifactStore, Damage, IngestResult, manifest_digest
 from registry.training_data import referenced_blobs_query
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
@@ -52,6 +53,10 @@ class Page:
     total: int
     limit: int
     offset: int
+
+
+def _timestamp(value: datetime) -> float:
+    return (value if value.tzinfo is not None else value.replace(tzinfo=UTC)).timestamp()  # SQLite drops zones
 
 
 async def find_expert(session: AsyncSession, ref: str) -> Expert | None:
@@ -175,7 +180,7 @@ class ExpertService:
             self.store.ingest_folder,
             folder,
             [rel for rel, _ in insp.files],
-            on_cancel=lambda done: self.store.discard_blobs(done.new_blobs),
+            on_cancel=lambda done: self.store.discard_blobs(done.new_blobs, stamps=done.stamps),
         )
         expert_id = uuid.uuid4()
         try:
@@ -187,19 +192,38 @@ class ExpertService:
             expert.merge_job_id = merge_job_id
             self.session.add(expert)
             await self.session.flush()
-            self.store.materialize(expert_id, [(rel, sha) for rel, sha, _ in ingest.files])
+            await self._materialize(expert_id, folder, ingest)
             if before_commit is not None:
                 await before_commit(expert)
             await self.session.commit()
         except BaseException as exc:
             await self.session.rollback()
             self.store.remove_expert_dir(expert_id)
-            self.store.discard_blobs(ingest.new_blobs)
+            self.store.discard_blobs(ingest.new_blobs, stamps=ingest.stamps)
             if isinstance(exc, IntegrityError):  # a concurrent registration took the slug first
                 raise Conflict(f"an expert named {spec.slug!r} already exists", param="slug") from exc
             raise
         await self.session.refresh(expert)
         return expert
+
+    async def _materialize(self, expert_id: uuid.UUID, folder: Path, ingest: IngestResult) -> None:
+        """The expert's folder of hard links; a blob a concurrent deletion removed after this registration
+        stored it (nothing linked it yet) is stored again from ``folder`` and the folder built again."""
+        files = [(rel, sha) for rel, sha, _ in ingest.files]
+        for attempt in range(3):
+            try:
+                self.store.materialize(expert_id, files)
+                return
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
+                again = await asyncio.to_thread(
+                    self.store.ingest_folder,
+                    folder,
+                    [rel for rel, sha in files if not self.store.blob_path(sha).exists()],
+                )
+                ingest.new_blobs += again.new_blobs
+                ingest.stamps.update(again.stamps)
 
     async def _resolve_base(self, spec: ExpertSpec, insp: FolderInspection, kind: ExpertKind) -> Expert | None:
         if kind == ExpertKind.base:
@@ -294,12 +318,15 @@ class ExpertService:
             )
             await self.session.execute(delete(JobInput).where(JobInput.expert_id == expert.id))
         expert_id = expert.id
-        own_blobs = {f.sha256 for f in expert.files}
-        own_blobs |= set(
-            await self.session.scalars(
-                select(ExpertTrainingData.sha256).where(ExpertTrainingData.expert_id == expert_id)
+        # Each blob with when it was stored (or last touched) for this expert: its files before its row was
+        # written, its training data before that row; a later touch is another registration's (see below).
+        own_blobs = {f.sha256: _timestamp(expert.created_at) for f in expert.files}
+        for sha, attached_at in await self.session.execute(
+            select(ExpertTrainingData.sha256, ExpertTrainingData.created_at).where(
+                ExpertTrainingData.expert_id == expert_id
             )
-        )
+        ):
+            own_blobs[sha] = max(own_blobs.get(sha, 0.0), _timestamp(attached_at))
         # The folder is moved aside first so that a failed commit can put it back untouched.
         folder = self.store.expert_dir(expert_id)
         aside = self.store.tmp / f"deleted-{expert_id}"
@@ -316,8 +343,12 @@ class ExpertService:
             raise
         shutil.rmtree(aside, ignore_errors=True)
         # Only this expert's blobs that nothing else refers to: a blob another registration has just stored
-        # and not yet committed is unreferenced too, and must stay (the start-up sweep takes true orphans).
-        self.store.discard_blobs(own_blobs - await self._referenced_blobs())
+        # (or reused) and not yet committed is unreferenced too, and must stay (the start-up sweep takes true
+        # orphans): reused recently, or linked from another expert's folder, it is left.
+        referenced = await self._referenced_blobs()
+        for sha, stored_at in own_blobs.items():
+            if sha not in referenced:
+                self.store.discard_blobs([sha], untouched_since=stored_at)
 
     async def _referenced_blobs(self) -> set[str]:
         referenced = set(await self.session.scalars(select(ExpertFile.sha256).distinct()))

@@ -3,7 +3,13 @@
 A file is kept once, under ``blobs/<sha[:2]>/<sha>``, whatever expert it belongs to. Writes go to a
 temporary name in the same filesystem, are fsynced and renamed, so a blob either exists whole or not at
 all. An expert's folder, as engines need it (config.json, *.safetensors, tokenizer ...), is a tree of
-hard links to blobs under ``experts/<id>/`` built the same way (temporary folder, then rename).
+hard links to blobs (copies where the filesystem has none; never symlinks) under ``experts/<id>/``, built the
+same way (temporary folder, then rename).
+
+Concurrent writers: a blob is created with ``link(2)``, which fails if the name exists, so of two processes
+storing the same bytes exactly one is its creator; the other reuses it and touches its mtime. A blob is only
+removed when no expert folder links it and nobody has reused it since (see ``discard_blobs``); a blob removed
+anyway (by hand) is reported by ``verify`` and stored again by the next registration of the same bytes.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ class IngestResult:
 
     files: list[tuple[str, str, int]] = field(default_factory=list)  # (relpath, sha256, size)
     new_blobs: list[str] = field(default_factory=list)
+    stamps: dict[str, int] = field(default_factory=dict)  # new blob -> its mtime (ns) as created
 
 
 @dataclass
@@ -87,7 +94,8 @@ class ArtifactStore:
 
     # -- writing -------------------------------------------------------------------------------------
     def put_file(self, source: Path) -> tuple[str, int, bool]:
-        """Copy ``source`` into the store while hashing it. Returns (sha256, size, created)."""
+        """Copy ``source`` into the store while hashing it. Returns (sha256, size, created): ``created`` for
+        exactly one of any number of processes storing the same bytes at once."""
         self.ensure()
         tmp = self.tmp / f"blob-{uuid.uuid4().hex}"
         digest = hashlib.sha256()
@@ -102,14 +110,14 @@ class ArtifactStore:
                 os.fsync(dst.fileno())
             sha = digest.hexdigest()
             final = self.blob_path(sha)
-            if final.exists():
-                tmp.unlink()
-                # fresh again: a sweep spares a blob someone is about to refer to (see ``sweep``)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(tmp, 0o444)  # blobs are immutable; hard links share this inode
+            try:
+                os.link(tmp, final)  # fails if the blob exists: one creator, whoever else stores it at once
+            except FileExistsError:
+                # reused: fresh again, so neither a sweep nor a deletion takes it (see ``discard_blobs``)
                 os.utime(final)
                 return sha, size, False
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, final)
-            os.chmod(final, 0o444)  # blobs are immutable; hard links share this inode
             fsync_dir(final.parent)
             return sha, size, True
         finally:
@@ -124,8 +132,9 @@ class ArtifactStore:
                 result.files.append((rel, sha, size))
                 if created:
                     result.new_blobs.append(sha)
+                    result.stamps[sha] = self.blob_path(sha).stat().st_mtime_ns
         except BaseException:
-            self.discard_blobs(result.new_blobs)
+            self.discard_blobs(result.new_blobs, stamps=result.stamps)
             raise
         return result
 
@@ -139,8 +148,8 @@ class ArtifactStore:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 try:
                     os.link(self.blob_path(sha), target)
-                except OSError:  # a filesystem without hard links: fall back to a symlink
-                    target.symlink_to(self.blob_path(sha))
+                except OSError:  # a filesystem without hard links: a copy (a symlink would dangle if the blob went)
+                    shutil.copyfile(self.blob_path(sha), target)
             tmp.mkdir(parents=True, exist_ok=True)
             if final.exists():
                 shutil.rmtree(final)
@@ -152,10 +161,27 @@ class ArtifactStore:
         return final
 
     # -- removing ------------------------------------------------------------------------------------
-    def discard_blobs(self, shas: Iterable[str]) -> None:
+    def discard_blobs(
+        self, shas: Iterable[str], *, stamps: dict[str, int] | None = None, untouched_since: float | None = None
+    ) -> None:
+        """Remove these blobs where nobody else uses them: not while an expert folder links one, not if it was
+        reused since it was created (``stamps``: its mtime then, as ``IngestResult.stamps`` records), not if it
+        was touched after ``untouched_since`` (a registration storing the same bytes touches it, and may be
+        about to commit rows naming it; the start-up sweep takes what was truly left)."""
         for sha in shas:
+            path = self.blob_path(sha)
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            if st.st_nlink > 1:
+                continue
+            if stamps is not None and sha in stamps and st.st_mtime_ns != stamps[sha]:
+                continue
+            if untouched_since is not None and st.st_mtime > untouched_since:
+                continue
             with contextlib.suppress(FileNotFoundError):
-                self.blob_path(sha).unlink()
+                path.unlink()
 
     def remove_expert_dir(self, expert_id: uuid.UUID | str) -> None:
         shutil.rmtree(self.expert_dir(expert_id), ignore_errors=True)
