@@ -112,14 +112,17 @@ class ArtifactStore:
             final = self.blob_path(sha)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.chmod(tmp, 0o444)  # blobs are immutable; hard links share this inode
-            try:
-                os.link(tmp, final)  # fails if the blob exists: one creator, whoever else stores it at once
-            except FileExistsError:
-                # reused: fresh again, so neither a sweep nor a deletion takes it (see ``discard_blobs``)
-                os.utime(final)
-                return sha, size, False
-            fsync_dir(final.parent)
-            return sha, size, True
+            while True:
+                try:
+                    os.link(tmp, final)  # fails if the blob exists: one creator, whoever else stores it at once
+                except FileExistsError:
+                    try:  # reused: fresh again, so neither a sweep nor a deletion takes it (``discard_blobs``)
+                        os.utime(final)
+                    except FileNotFoundError:  # a deletion took it in between: store it after all
+                        continue
+                    return sha, size, False
+                fsync_dir(final.parent)
+                return sha, size, True
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
