@@ -159,7 +159,7 @@ async def sync_auto(settings: Settings, log: Callable[[str], None]) -> list[str]
             ]
             compositions = CompositionService(session, store)
             comp = await compositions.find(AUTO)
-            current = [e.slug for e in await compositions.member_experts(comp)] if comp is not None else []
+            current = list((await compositions.describe(comp))["experts"]) if comp is not None else []
             added = [slug for slug in registered if slug not in current]
             if not added:
                 return []

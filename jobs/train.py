@@ -247,7 +247,7 @@ class TrainHandler(JobHandler):
                 comp = await service.find(name)
                 if comp is None:
                     continue  # deleted since the job was queued
-                current = [e.slug for e in await service.member_experts(comp)]
+                current = list((await service.describe(comp))["experts"])  # in declared order
                 if slug in current:
                     added.append(name)
                     continue

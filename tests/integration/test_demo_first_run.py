@@ -74,7 +74,7 @@ def test_each_registered_expert_joins_auto(registry_env: RegistryEnv, tiny_base:
                 assert comp.fallback_id is not None
                 base = await ExpertService(session, ArtifactStore(settings.store_dir)).get(BASE_SLUG)
                 assert comp.fallback_id == base.id
-                return [e.slug for e in await service.member_experts(comp)]
+                return list((await service.describe(comp))["experts"])  # in declared order
         finally:
             await engine.dispose()
 
