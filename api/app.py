@@ -16,6 +16,7 @@ from litestar.openapi import OpenAPIConfig
 from api.admin import admin_plugins, admin_router, template_config
 from api.compositions.controllers import CompositionController, RouteController
 from api.deps import Runtime, provide_key_service, provide_session, provide_settings, provide_store
+from api.disconnect import CancelOnDisconnectMiddleware
 from api.drain import Drain, DrainMiddleware
 from api.exceptions import exception_handlers
 from api.experts.controllers import ExpertController
@@ -96,6 +97,7 @@ def create_app(
                 max_json_bytes=settings.max_json_bytes,
                 max_upload_bytes=settings.max_upload_bytes,
             ),
+            CancelOnDisconnectMiddleware,  # innermost: sees the body as the handler does
         ],
         before_send=[close_if_body_unread],
         request_max_body_size=settings.max_json_bytes,
@@ -121,9 +123,18 @@ async def _runtime(
             log.warning("removed %d leftovers of interrupted writes from the store", len(swept))
         serving = engine or await create_engine(settings, sessionmaker)
         routing = router_context(
-            serving, sessionmaker, store, LazyEmbedder(settings.embedding_model, settings.embedding_backend)
+            serving,
+            sessionmaker,
+            store,
+            LazyEmbedder(settings.embedding_model, settings.embedding_backend),
         )
-        composer = Composer(serving, store, routing, max_lora_rank=settings.max_lora_rank)
+        composer = Composer(
+            serving,
+            store,
+            routing,
+            max_lora_rank=settings.max_lora_rank,
+            max_generation_s=settings.max_generation_s,
+        )
         stamps = StampReader(settings.database_url)
         jobs = (
             make_worker(sessionmaker, store, settings, context=lambda: routing, kinds=worker_kinds) if worker else None

@@ -5,7 +5,10 @@ go through a ``Composer``; the CLI's ``moerge query`` and ``moerge eval`` reach 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator, Callable, Iterator
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -13,20 +16,23 @@ from composition.compose import answer_one, compose, compose_stream, stream_one
 from composition.plan import Answer, AnswerStream, Plan, Query
 from composition.resolve import find_composition, resolve_composition, resolve_model, routing_only, target_of_slug
 from core.errors import MoergeError, NotFound, ValidationFailed
+from core.settings import MAX_GENERATION_S
 from registry.epoch import Stamp, registry_stamp
 from registry.limits import MAX_LORA_RANK
 from registry.store import ArtifactStore
 from routers.query import RouterContext
 from routers.query.base import Embedder
 from serving.dispatch import trace
-from serving.engine import Engine, GenRequest, Sampling, TokenTrace
+from serving.engine import Engine, GenChunk, GenerationTimedOut, GenRequest, Sampling, TokenTrace
 
 OnRouting = Callable[[Plan], None]  # hears what is known before routing, so errors can carry the headers
 
 
 class Composer:
     """Plans and runs queries on ``engine`` (None: a composer that can plan and route, not answer).
-    ``max_lora_rank``: MOERGE_MAX_LORA_RANK; an adapter above it is refused while planning."""
+    ``max_lora_rank``: MOERGE_MAX_LORA_RANK; an adapter above it is refused while planning.
+    ``max_generation_s``: MOERGE_MAX_GENERATION_S; a generation (an answer with its members and aggregate, a
+    stream to its end, a trace) still running after it is stopped (``GenerationTimedOut``, a 504)."""
 
     def __init__(
         self,
@@ -35,11 +41,13 @@ class Composer:
         context: RouterContext,
         *,
         max_lora_rank: int = MAX_LORA_RANK,
+        max_generation_s: float = MAX_GENERATION_S,
     ) -> None:
         self._engine = engine
         self.store = store
         self.context = context
         self.max_lora_rank = max_lora_rank
+        self.max_generation_s = max_generation_s
 
     @property
     def engine(self) -> Engine:
@@ -85,19 +93,61 @@ class Composer:
 
     async def answer(self, plan: Plan, query: Query, *, traced: bool = False) -> Answer:
         """``plan`` run to the end; ``traced``: with the token-level trace (a token-level plan only)."""
-        if plan.composite:
-            return await compose(self.engine, plan, query)
-        return await answer_one(self.engine, plan, query, traced=traced)
+        deadline = self._deadline()
+        with _time_limit(self.max_generation_s):
+            async with asyncio.timeout_at(deadline):
+                if plan.composite:
+                    return await compose(self.engine, plan, query)
+                return await answer_one(self.engine, plan, query, traced=traced)
 
     async def stream(self, plan: Plan, query: Query) -> AnswerStream:
-        """``plan`` run as a stream, started (its first chunk arrived)."""
-        if plan.composite:
-            return await compose_stream(self.engine, plan, query)
-        return await stream_one(self.engine, plan, query)
+        """``plan`` run as a stream, started (its first chunk arrived); the time limit covers it to its end."""
+        deadline = self._deadline()
+        with _time_limit(self.max_generation_s):
+            async with asyncio.timeout_at(deadline):
+                if plan.composite:
+                    stream = await compose_stream(self.engine, plan, query)
+                else:
+                    stream = await stream_one(self.engine, plan, query)
+        return dataclasses.replace(stream, rest=_until(stream.rest, deadline, self.max_generation_s))
 
     async def trace(self, plan: Plan, query: Query) -> TokenTrace:
         """The token-level trace of ``query``'s prompt (no generation)."""
-        return await trace(self.engine, query.generation(plan.target, plan.router_bias))
+        with _time_limit(self.max_generation_s):
+            async with asyncio.timeout(self.max_generation_s):
+                return await trace(self.engine, query.generation(plan.target, plan.router_bias))
+
+    def _deadline(self) -> float:
+        return asyncio.get_running_loop().time() + self.max_generation_s
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """The ``TimeoutError`` of an ``asyncio.timeout`` inside, as moerge's error (the engine's own timeouts
+    are already moerge's errors)."""
+    try:
+        yield
+    except TimeoutError:
+        raise GenerationTimedOut(
+            f"the generation was stopped after {seconds:g} s (MOERGE_MAX_GENERATION_S)", code="generation_timeout"
+        ) from None
+
+
+async def _until(chunks: AsyncIterator[GenChunk], deadline: float, seconds: float) -> AsyncIterator[GenChunk]:
+    """``chunks`` until the loop's clock reaches ``deadline``; then the stream is closed (which stops its
+    generation) and ends with ``GenerationTimedOut``."""
+    try:
+        while True:
+            with _time_limit(seconds):
+                async with asyncio.timeout_at(deadline):
+                    chunk = await anext(chunks, None)
+            if chunk is None:
+                return
+            yield chunk
+    finally:
+        close = getattr(chunks, "aclose", None)
+        if close is not None:
+            await close()
 
 
 def check_traceable(plan: Plan, *, param: str) -> None:
@@ -113,6 +163,8 @@ def router_context(
     store: ArtifactStore,
     embedder: Embedder,
     default_model: str | None = None,
+    *,
+    max_generation_s: float = MAX_GENERATION_S,
 ) -> RouterContext:
     """A RouterContext whose ``generate`` runs a registered expert greedily on this app's engine (the
     `instruct` router's task descriptions)."""
@@ -122,7 +174,9 @@ def router_context(
     async def generate(slug: str, messages: list[dict[str, str]], max_new_tokens: int) -> str:
         async with sessionmaker() as session:
             target = await target_of_slug(session, store, slug, param="model")
-        (result,) = await engine.generate([GenRequest(target, Sampling(max_tokens=max_new_tokens), messages)])
+        with _time_limit(max_generation_s):
+            async with asyncio.timeout(max_generation_s):
+                (result,) = await engine.generate([GenRequest(target, Sampling(max_tokens=max_new_tokens), messages)])
         if isinstance(result, BaseException):
             raise result
         return result.text

@@ -22,6 +22,7 @@ ENGINES = ("vllm", "torch")
 MAX_LORA_RANK = 512  # vLLM's largest --max-lora-rank; the default of MOERGE_MAX_LORA_RANK
 
 GiB = 1024**3
+MAX_GENERATION_S = 600.0  # the default of MOERGE_MAX_GENERATION_S, also for engines and composers built in code
 
 
 def _int_env(env: dict[str, str], name: str, default: int) -> int:
@@ -32,6 +33,19 @@ def _int_env(env: dict[str, str], name: str, default: int) -> int:
         return int(raw)
     except ValueError as exc:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
+
+
+def _positive_float_env(env: dict[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from exc
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{name} must be a positive number, got {raw!r}")
+    return value
 
 
 def _flag_env(env: dict[str, str], name: str, default: bool) -> bool:
@@ -133,6 +147,37 @@ class Settings:
             "help": "comma-separated names of more environment variables managed vLLM servers inherit; they "
             "get only an allow-list (PATH, HOME, locale, VLLM_*, OMP_*, torch/inductor/triton, HF_* but no "
             "token, ...), never moerge's keys, secrets or database URL"
+        },
+    )
+    max_generation_s: float = field(
+        default=MAX_GENERATION_S,
+        metadata={
+            "help": "every generation (one member's answer or a stream) is stopped after this long and the request "
+            "answered with an error; a client that hangs up stops its generations at once"
+        },
+    )
+    embedding_cache_mb: int = field(
+        default=64,
+        metadata={
+            "help": "the routers' cache of query embeddings (by query text), in MiB; least recently used first out"
+        },
+    )
+    torch_max_loaded_gib: float = field(
+        default=8.0,
+        metadata={
+            "help": "the torch engine's loaded models and adapters, in GiB: past it the least recently used ones "
+            "not in use are unloaded"
+        },
+    )
+    vllm_keep_warm_s: int = field(
+        default=60,
+        metadata={"help": "a managed vLLM server that served within this long is never stopped to make room"},
+    )
+    vllm_server_wait_s: int = field(
+        default=30,
+        metadata={
+            "help": "how long a request waits for room to start its model's vLLM server (max_servers reached, all "
+            "busy or warm) before a 503 with Retry-After"
         },
     )
     embedding_backend: str = field(
@@ -247,6 +292,11 @@ class Settings:
             vllm_kv_cache_gib=_int_env(env, "MOERGE_VLLM_KV_CACHE_GIB", default("vllm_kv_cache_gib")),
             vllm_max_servers=_int_env(env, "MOERGE_VLLM_MAX_SERVERS", default("vllm_max_servers")),
             vllm_max_model_len=_int_env(env, "MOERGE_VLLM_MAX_MODEL_LEN", default("vllm_max_model_len")),
+            max_generation_s=_positive_float_env(env, "MOERGE_MAX_GENERATION_S", default("max_generation_s")),
+            embedding_cache_mb=_int_env(env, "MOERGE_EMBED_CACHE_MB", default("embedding_cache_mb")),
+            torch_max_loaded_gib=_positive_float_env(env, "MOERGE_TORCH_MAX_LOADED_GIB", default("torch_max_loaded_gib")),
+            vllm_keep_warm_s=_int_env(env, "MOERGE_VLLM_KEEP_WARM_S", default("vllm_keep_warm_s")),
+            vllm_server_wait_s=_int_env(env, "MOERGE_VLLM_SERVER_WAIT_S", default("vllm_server_wait_s")),
             embedding_model=env.get("MOERGE_EMBEDDING_MODEL") or None,
             embedding_backend=_choice_env(
                 env, "MOERGE_EMBEDDING_BACKEND", EMBEDDING_BACKENDS, default("embedding_backend")

@@ -40,6 +40,13 @@ class GenerationFailed(MoergeError):
     default_code = "generation_failed"
 
 
+class GenerationTimedOut(GenerationFailed):
+    """A generation ran past its time limit (``MOERGE_MAX_GENERATION_S``) and was stopped."""
+
+    status_code = 504
+    default_code = "generation_timeout"
+
+
 @dataclass(frozen=True)
 class TokenMixture:
     """A token-level composition: LoRA adapters of one base mixed per token and module by a token router

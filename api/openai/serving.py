@@ -181,6 +181,9 @@ class CompletionRun:
         finally:
             if not charged and self.tokens is not None:  # cut short (client gone, error): charge in the background
                 self.tokens.charge_later(sum(usage) if usage is not None else pieces)
+            close = getattr(stream.rest, "aclose", None)
+            if close is not None:  # cut short: closing the generation's stream stops it in the engine
+                await close()
         yield b"data: [DONE]\n\n"
 
 

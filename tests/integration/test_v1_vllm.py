@@ -105,6 +105,64 @@ def test_chat_stream_and_batch_through_vllm(live: dict[str, Any]) -> None:
     assert engines["engine"] == "vllm" and server["state"] == "ready" and len(server["adapters"]) == 2
 
 
+def _vllm_metric(url: str, name: str, **labels: str) -> float:
+    """The sum of a metric's samples on the vLLM server at ``url`` whose labels include ``labels``."""
+    total = 0.0
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        sample, _, value = line.rpartition(" ")
+        if all(f'{k}="{v}"' in sample for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+def test_clients_that_hang_up_stop_their_generations(live: dict[str, Any]) -> None:
+    """8 non-streamed and 4 streamed requests for ~480 forced tokens whose clients hang up early: vLLM aborts
+    them (its running count drops to 0, none of them is counted as finished, and it generated far fewer tokens
+    than 12 x 480) instead of finishing them."""
+    admin = {"authorization": f"Bearer {live['admin']}"}
+    headers = {"authorization": f"Bearer {live['key']}"}
+    live["client"].completions.create(model="lora-0", prompt="warm", max_tokens=2)  # the server is up
+    (server,) = httpx.get(f"{live['url']}/api/engines", headers=admin).json()["servers"]
+    vllm_url = server["url"]
+    finished_before = _vllm_metric(vllm_url, "vllm:request_success_total")  # stop or length; aborts are not counted
+    tokens_before = _vllm_metric(vllm_url, "vllm:generation_tokens_total")
+    body = {"model": "lora-0", "prompt": "Once upon a time", "max_tokens": 480, "ignore_eos": True}
+
+    def hang_up(_: int) -> str:
+        try:
+            httpx.post(f"{live['url']}/v1/completions", headers=headers, json=body, timeout=1.0)
+        except httpx.TimeoutException:
+            return "hung up"
+        return "answered"
+
+    def hang_up_streaming(_: int) -> str:
+        with httpx.stream(
+            "POST", f"{live['url']}/v1/completions", headers=headers, json={**body, "stream": True}, timeout=30
+        ) as resp:
+            assert resp.status_code == 200
+            for line in resp.iter_lines():
+                if line.startswith("data: {") and '"text":""' not in line:
+                    return "hung up"  # leaving the block closes the connection after the first token
+        return "answered"
+
+    with ThreadPoolExecutor(12) as pool:
+        outcomes = list(pool.map(hang_up, range(8))) + list(pool.map(hang_up_streaming, range(4)))
+    assert outcomes == ["hung up"] * 12
+    deadline = time.time() + 30
+    while time.time() < deadline and _vllm_metric(vllm_url, "vllm:num_requests_running") > 0:
+        time.sleep(0.2)
+    assert _vllm_metric(vllm_url, "vllm:num_requests_running") == 0
+    finished = _vllm_metric(vllm_url, "vllm:request_success_total") - finished_before
+    assert finished == 0, f"{finished:g} of the 12 generations ran to the end"
+    generated = _vllm_metric(vllm_url, "vllm:generation_tokens_total") - tokens_before
+    assert generated < 12 * 480 / 2, generated
+    # the server still answers
+    reply = live["client"].completions.create(model="lora-0", prompt="hello", max_tokens=4, temperature=0)
+    assert reply.choices[0].text is not None
+
+
 def test_dead_server_gives_503_then_comes_back(live: dict[str, Any]) -> None:
     headers = {"authorization": f"Bearer {live['key']}"}
     admin = {"authorization": f"Bearer {live['admin']}"}  # pids are in the admin view only
