@@ -67,6 +67,8 @@ async def create_engine(settings: Settings, sessionmaker: async_sessionmaker[Asy
         remote_servers=await remote_servers_by_id(settings, sessionmaker),
         kv_cache_gib=settings.vllm_kv_cache_gib,
         max_servers=settings.vllm_max_servers,
+        keep_warm_s=settings.vllm_keep_warm_s,
+        server_wait_s=settings.vllm_server_wait_s,
         max_model_len=settings.vllm_max_model_len,
         cpu_threads_bind=settings.vllm_cpu_threads_bind,
         lora_ops=settings.vllm_lora_ops,

@@ -33,7 +33,22 @@ class VLLMConfig:
         default=3,
         metadata={
             "help": "managed servers running at once (each holds its model and KV cache); starting one more "
-            "stops the least recently used idle one"
+            "stops the least recently used one that is idle and has not served for keep_warm_s"
+        },
+    )
+    keep_warm_s: float = field(
+        default=60,
+        metadata={
+            "help": "a managed server that served (or became ready) within this long is never stopped to make "
+            "room for another base: round-robin over more bases than max_servers waits instead of restarting a "
+            "server (30-60 s each) on every request"
+        },
+    )
+    server_wait_s: float = field(
+        default=30,
+        metadata={
+            "help": "how long a request waits for room to start its base's server (max_servers running, each busy "
+            "or warm) before EngineUnavailable (503) with a Retry-After of when a server becomes stoppable"
         },
     )
     dtype: str = field(default="float32", metadata={"help": "--dtype; float32 is 3-5x faster than bf16 on this CPU"})
@@ -111,6 +126,9 @@ class VLLMConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        for name in ("keep_warm_s", "server_wait_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
 
 
 def child_env(config: VLLMConfig, environ: Mapping[str, str] | None = None) -> dict[str, str]:

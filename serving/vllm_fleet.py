@@ -1,7 +1,11 @@
 """The engine's vLLM servers, one per base: found or recorded on first use (managed, or remote when
-``VLLMConfig.remote_servers`` names the base), started on demand within ``max_servers`` (stopping the least
-recently used idle one), health-checked in the background, and every HTTP exchange with them turned into
-moerge's errors."""
+``VLLMConfig.remote_servers`` names the base), started on demand within ``max_servers``, health-checked in the
+background, and every HTTP exchange with them turned into moerge's errors.
+
+Room for a new server: the least recently used server that is ready, idle and has not served for
+``keep_warm_s`` is stopped for it. When none is, the request waits (in arrival order, up to ``server_wait_s``)
+until one is or a slot frees, then gets ``EngineUnavailable`` with a Retry-After of when one becomes stoppable.
+A server starting every request (round-robin over more bases than ``max_servers``) would cost 30-60 s each."""
 
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ import contextlib
 import logging
 import math
 import re
+import time
+from collections import deque
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import TypeVar
@@ -37,6 +43,11 @@ class Fleet:
         self.servers: dict[str, Server] = {}
         self.supervisor = Supervisor(config, log_dir, self.servers)
         self._monitor: asyncio.Task[None] | None = None
+        # Requests waiting to start a server, first come first served: only the first may take room.
+        self._room_queue: deque[object] = deque()
+        # Set (and replaced) whenever room may have appeared; a waiter takes the current one before it looks.
+        self._room_changed = asyncio.Event()
+        self._stopping: set[Server] = set()  # stopped and forgotten, but holding their slot until they exit
 
     def entry(self, base_id: str, base_dir: Path | None, rank: int) -> Server:
         """The server of ``base_id``, recorded (not started) if new; ``rank`` raises its next start's rank."""
@@ -50,6 +61,7 @@ class Fleet:
                 server.client = VLLMClient(url, self.config)
             else:
                 server = Server(base_id=base_id, base_dir=base_dir, remote=False, model_name=base_id)
+                server.notify = self._room_may_have_changed
             self.servers[base_id] = server
         if not server.remote:
             if base_dir is not None:
@@ -61,7 +73,8 @@ class Fleet:
     async def acquire(self, target: Target, *, wait: bool, force_wait: bool = False) -> Server:
         """The ready server for ``target``'s base, starting it if needed; else ``EngineUnavailable``.
 
-        Waits for a start only if it is the base's first (``wait``) or ``force_wait`` is given.
+        Waits for a start only if it is the base's first (``wait``) or ``force_wait`` is given; only then does it
+        wait (up to ``server_wait_s``) for room to start one, too.
         """
         if self.supervisor.closed:
             raise EngineUnavailable("the vLLM engine is closed", retry_after=5)
@@ -78,15 +91,18 @@ class Fleet:
                 return server
             self.supervisor.notice_exit(server)  # died, and the exit watcher has not run yet
         if server.state == "dead" and not server.busy_starting:
-            await self._make_room(server)
-        async with server.start_lock:  # concurrent first requests start one process
-            if server.state == "dead" and not server.busy_starting:
-                self.supervisor.launch(server)
+            await self._launch_when_room(server, self.config.server_wait_s if wait or force_wait else 0.0)
         if server.state == "ready":
             return server
         if server.task is not None and (force_wait or (wait and not server.ever_ready)):
-            # asyncio.wait neither cancels the shared start task on our timeout nor raises its outcome.
-            await asyncio.wait({server.task}, timeout=self.config.startup_timeout_s + 30)
+            server.awaiting_start += 1  # not stoppable for room before it has served us
+            try:
+                # asyncio.wait neither cancels the shared start task on our timeout nor raises its outcome.
+                await asyncio.wait({server.task}, timeout=self.config.startup_timeout_s + 30)
+            finally:
+                server.awaiting_start -= 1
+                if server.awaiting_start == 0:
+                    server.notify()
             if server.state == "ready":
                 return server
         raise self.supervisor.unavailable(server)
@@ -120,27 +136,93 @@ class Fleet:
         log.warning("vLLM for %s: cannot connect to %s: %s", server.base_id, server.url, exc)
         return self.supervisor.unavailable(server, f"cannot connect to the vLLM server for {server.base_id!r}")
 
-    async def _make_room(self, newcomer: Server) -> None:
-        """Stop least recently used idle servers until ``newcomer`` fits under ``max_servers``."""
-        while True:
-            running = [
-                s
-                for s in self.servers.values()
-                if s is not newcomer and not s.remote and (s.state != "dead" or s.busy_starting)
-            ]
-            if len(running) < self.config.max_servers:
-                return
-            idle = [s for s in running if s.state == "ready" and s.in_flight == 0]
-            if not idle:
-                raise EngineUnavailable(
-                    f"all {self.config.max_servers} vLLM servers are busy (max_servers); retry shortly",
-                    retry_after=5,
-                )
-            victim = min(idle, key=lambda s: s.last_used)
-            log.info(
-                "stopping the vLLM server for %s (least recently used) to start %s", victim.base_id, newcomer.base_id
-            )
-            await self.stop_server(victim.base_id)
+    async def _launch_when_room(self, newcomer: Server, wait_s: float) -> None:
+        """Launch ``newcomer`` once it fits under ``max_servers``, stopping a stoppable server for it if need be;
+        waits for room in arrival order, up to ``wait_s``, then raises ``EngineUnavailable``."""
+        deadline = time.monotonic() + wait_s
+        turn = object()
+        self._room_queue.append(turn)
+        try:
+            while True:
+                changed = self._room_changed  # taken before looking: a change after the look still wakes us
+                if self.supervisor.closed:
+                    raise EngineUnavailable("the vLLM engine is closed", retry_after=5)
+                if newcomer.state != "dead" or newcomer.busy_starting:
+                    return  # another request for this base started it meanwhile
+                if self.servers.get(newcomer.base_id) is not newcomer:
+                    raise EngineUnavailable(f"the vLLM server for {newcomer.base_id!r} was stopped", retry_after=1)
+                first = self._room_queue[0] is turn
+                now = time.monotonic()
+                running = self._slot_holders(newcomer)
+                if first:
+                    if len(running) < self.config.max_servers:
+                        # No await between the count and the launch: the slot is ours before anyone else looks.
+                        self.supervisor.launch(newcomer)
+                        return
+                    stoppable = [
+                        s
+                        for s in running
+                        if s not in self._stopping and self._idle(s) and self._stoppable_in(s, now) == 0
+                    ]
+                    if stoppable:
+                        victim = min(stoppable, key=lambda s: s.last_used)
+                        log.info(
+                            "stopping the vLLM server for %s (idle for %.0f s, least recently used) to start %s",
+                            victim.base_id,
+                            now - victim.last_used,
+                            newcomer.base_id,
+                        )
+                        # Shielded: a waiter giving up must not leave a server half stopped.
+                        await asyncio.shield(self.stop_server(victim.base_id))
+                        continue
+                if now >= deadline:
+                    raise self._no_room(newcomer, now, wait_s)
+                timeout = deadline - now
+                if first:  # wake when the next idle server's keep-warm ends, if before the deadline
+                    soonest = [self._stoppable_in(s, now) for s in running if s not in self._stopping and self._idle(s)]
+                    timeout = min([timeout, *soonest])
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), timeout=timeout)
+        finally:
+            self._room_queue.remove(turn)
+            self._room_may_have_changed()  # the next in line looks now
+
+    def _slot_holders(self, newcomer: Server) -> list[Server]:
+        """The managed servers counted against ``max_servers``: running, starting, or still exiting."""
+        live = [
+            s
+            for s in self.servers.values()
+            if s is not newcomer and not s.remote and (s.state != "dead" or s.busy_starting)
+        ]
+        return live + list(self._stopping)
+
+    @staticmethod
+    def _idle(server: Server) -> bool:
+        return server.state == "ready" and server.in_flight == 0 and server.awaiting_start == 0
+
+    def _stoppable_in(self, server: Server, now: float) -> float:
+        """Seconds until ``server`` may be stopped to make room (0: now; already stopping counts as 0). A busy or
+        starting server is kept warm for ``keep_warm_s`` after it is done, so that is the least it has left."""
+        if server in self._stopping:
+            return 0.0
+        if not self._idle(server):
+            return self.config.keep_warm_s
+        return max(0.0, server.last_used + self.config.keep_warm_s - now)
+
+    def _no_room(self, newcomer: Server, now: float, wait_s: float) -> EngineUnavailable:
+        running = self._slot_holders(newcomer)
+        soonest = min((self._stoppable_in(s, now) for s in running), default=0.0)
+        waited = f" within {wait_s:g} s" if wait_s > 0 else ""
+        return EngineUnavailable(
+            f"no room to start the vLLM server for {newcomer.base_id!r}{waited}: all {self.config.max_servers} "
+            f"servers (max_servers) are busy or served within the last {self.config.keep_warm_s:g} s (keep-warm)",
+            retry_after=max(1, math.ceil(soonest)),
+        )
+
+    def _room_may_have_changed(self) -> None:
+        """Wake every request waiting for room (each looks again; only the first in line takes it)."""
+        self._room_changed.set()
+        self._room_changed = asyncio.Event()
 
     async def _resolve_remote(self, server: Server) -> None:
         """Find the base's name on a remote server: ``base_id`` if served, else its only base model."""
@@ -169,12 +251,21 @@ class Fleet:
     async def stop_server(self, base_id: str) -> None:
         """Forget ``base_id``'s server and stop it; the next request for the base starts a new one."""
         server = self.servers.pop(base_id, None)
-        if server is not None:
+        if server is None or server.remote:
+            if server is not None:
+                await self.supervisor.stop(server)
+            return
+        self._stopping.add(server)  # its slot stays taken until its process has exited
+        try:
             await self.supervisor.stop(server)
+        finally:
+            self._stopping.discard(server)
+            self._room_may_have_changed()
 
     async def close(self) -> None:
         """Stop the health checks and every server; nothing starts afterwards."""
         self.supervisor.closed = True
+        self._room_may_have_changed()  # requests waiting for room fail now
         if self._monitor is not None:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

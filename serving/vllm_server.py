@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -41,7 +41,6 @@ class Server:
     ever_ready: bool = False
     # Set when the current process exits; replaced at each start, so it fails only that process's requests.
     died: asyncio.Event = field(default_factory=asyncio.Event)
-    start_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     task: asyncio.Task[Any] | None = None  # the start or restart loop in progress
     started_at: float = 0.0
     startup_s: float | None = None
@@ -52,8 +51,14 @@ class Server:
     stopping: bool = False
     client: VLLMClient | None = None  # HTTP to the current process (made when its URL is known)
     in_flight: int = 0  # requests using it now (an idle server may be stopped to make room)
+    awaiting_start: int = 0  # requests waiting for its start to end: it is theirs, not room for another base
     started_rank: int = 0  # --max-lora-rank of the running process
+    # time.monotonic() at the end of its last request, or when it became ready: it is kept warm for
+    # VLLMConfig.keep_warm_s after this.
     last_used: float = 0.0
+    # Set by the fleet: called when this server may have become stoppable or left its slot, so requests waiting
+    # for room look again.
+    notify: Callable[[], None] = field(default=lambda: None, repr=False)
 
     @property
     def http(self) -> VLLMClient:
@@ -118,5 +123,7 @@ class Watch:
             self._waiter.cancel()
         if self._server is not None:
             self._server.in_flight -= 1
-            self._server.last_used = time.monotonic()
+            self._server.last_used = time.monotonic()  # warm from the end of its last request, not the start
+            if self._server.in_flight == 0:
+                self._server.notify()
             self._server = None

@@ -122,6 +122,7 @@ class Supervisor:
             server.state = "ready"
             server.ever_ready = True
             server.startup_s = time.monotonic() - server.started_at
+            server.last_used = time.monotonic()  # kept warm for the requests it was started for
             server.last_error = None
             log.info("vLLM for %s ready in %.1f s", server.base_id, server.startup_s)
             return True
@@ -131,6 +132,7 @@ class Supervisor:
             server.last_error += _tail_suffix(proc, self.log_path(server))
             await asyncio.to_thread(proc.terminate, 5.0)
         log.error("vLLM for %s did not start: %s", server.base_id, server.last_error)
+        server.notify()  # dead: its slot is free
         return False
 
     async def _wait_healthy(self, server: Server, proc: VLLMProcess) -> str | None:
@@ -252,6 +254,7 @@ class Supervisor:
             server.adapters.clear()
         if server.proc is not None:
             await asyncio.to_thread(server.proc.terminate, self.config.terminate_timeout_s)
+        server.notify()  # its slot is free once its process is gone
 
     # ------------------------------------------------------------------ health
 

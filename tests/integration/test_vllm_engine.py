@@ -377,8 +377,9 @@ async def test_composed_answer_survives_a_member_server_dying(models: Models, tm
 
 
 async def test_least_recently_used_idle_server_makes_room(models: Models, tmp_path: Path) -> None:
-    """max_servers=1: a request for a second base (a merged full model, say) stops the idle first server."""
-    eng = VLLMEngine(_config(tmp_path, 18600, max_servers=1))
+    """max_servers=1: a request for a second base (a merged full model, say) stops the idle first server
+    (keep-warm off here: test_vllm_room.py tests it)."""
+    eng = VLLMEngine(_config(tmp_path, 18600, max_servers=1, keep_warm_s=0))
     try:
         first, second = models.target(base_id="lru-first"), models.target(base_id="lru-second")
         _ok((await eng.generate([GenRequest(first, GREEDY, prompt=PROMPT)]))[0])
