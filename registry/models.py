@@ -26,11 +26,13 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     Uuid,
+    event,
     false,
+    inspect,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 
@@ -121,6 +123,58 @@ class Expert(Base):
         lazy="selectin",
         order_by="EvalResult.created_at",
     )
+    # Every name it answers to (its slug and aliases), kept in step with ``slug`` and ``aliases`` on each
+    # flush (``_sync_expert_names``): the table, not a check in Python, keeps names unique across experts.
+    # Deleting an expert leaves its rows to the database's ON DELETE CASCADE.
+    names: Mapped[list[ExpertName]] = relationship(
+        back_populates="expert", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+    def wanted_names(self) -> dict[str, str]:
+        """name -> kind ('slug' or 'alias'): its slug, then its aliases (its own slug or a repeat once)."""
+        wanted = {self.slug: ExpertNameKind.slug.value}
+        for alias in self.aliases or []:
+            wanted.setdefault(alias, ExpertNameKind.alias.value)
+        return wanted
+
+
+class ExpertNameKind(enum.StrEnum):
+    slug = "slug"
+    alias = "alias"
+
+
+class ExpertName(Base):
+    """One name an expert answers to. ``name`` is the primary key, so two experts can share neither a slug
+    nor an alias, nor one's alias be another's slug: of two registrations (or an update and a registration)
+    racing for a name, the database refuses the second whatever either checked before."""
+
+    __tablename__ = "expert_names"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    expert_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("experts.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(8))
+
+    expert: Mapped[Expert] = relationship(back_populates="names")
+
+
+@event.listens_for(Session, "before_flush")
+def _sync_expert_names(session: Session, _context: Any, _instances: Any) -> None:
+    """Give each new expert, and each whose slug or aliases changed, the name rows it should have, in the
+    flush that writes it: whatever code adds or edits an expert, its names commit (or fail) with it."""
+    for obj in [*session.new, *session.dirty]:
+        if not isinstance(obj, Expert) or obj in session.deleted:
+            continue
+        state = inspect(obj)
+        if obj not in session.new and not any(state.attrs[a].history.has_changes() for a in ("slug", "aliases")):
+            continue
+        wanted = obj.wanted_names()
+        kept: list[ExpertName] = []
+        for row in obj.names:  # loaded here (inside the flush) for an existing expert
+            if row.name in wanted:
+                row.kind = wanted.pop(row.name)
+                kept.append(row)
+        # Names it no longer has are deleted (delete-orphan); new ones inserted, in the same flush.
+        obj.names = kept + [ExpertName(name=name, kind=kind) for name, kind in wanted.items()]
 
 
 class ExpertFile(Base):

@@ -35,6 +35,7 @@ from registry.models import (
     Expert,
     ExpertFile,
     ExpertKind,
+    ExpertName,
     ExpertTrainingData,
     JobInput,
     utcnow,
@@ -60,7 +61,7 @@ def _timestamp(value: datetime) -> float:
 
 
 async def find_expert(session: AsyncSession, ref: str) -> Expert | None:
-    """An expert by slug, id or alias."""
+    """An expert by slug, id or alias (in that order)."""
     found = await session.scalar(select(Expert).where(Expert.slug == ref))
     if found is not None:
         return found
@@ -70,11 +71,8 @@ async def find_expert(session: AsyncSession, ref: str) -> Expert | None:
         found = None
     if found is not None:
         return found
-    # Aliases are few per expert; a JSON containment query differs per dialect, so filter here.
-    for expert in await session.scalars(select(Expert)):
-        if ref in (expert.aliases or []):
-            return expert
-    return None
+    # An alias: one primary-key lookup in the names table.
+    return await session.scalar(select(Expert).join(Expert.names).where(ExpertName.name == ref))
 
 
 class ExpertService:
@@ -128,12 +126,29 @@ class ExpertService:
         return Page(experts[offset : offset + limit], len(experts), limit, offset)
 
     async def _names_taken(self, names: Sequence[str], *, exclude: uuid.UUID | None = None) -> str | None:
-        taken: set[str] = set()
-        for expert in await self.session.scalars(select(Expert)):
-            if expert.id != exclude:
-                taken.add(expert.slug)
-                taken.update(expert.aliases or [])
+        """The first of ``names`` that an expert other than ``exclude`` answers to. Checked early to refuse
+        before any work; what guarantees it is the names table, which refuses a name taken in between."""
+        if not names:
+            return None
+        query = select(ExpertName.name).where(ExpertName.name.in_(list(names)))
+        if exclude is not None:
+            query = query.where(ExpertName.expert_id != exclude)
+        taken = set(await self.session.scalars(query))
         return next((n for n in names if n in taken), None)
+
+    async def _name_conflict(
+        self, slug: str | None, aliases: Sequence[str], *, exclude: uuid.UUID | None = None
+    ) -> Conflict:
+        """The Conflict for a write the database refused (call it after the rollback): the name another
+        expert took meanwhile, as the early check would have named it."""
+        if slug is not None and await self._names_taken([slug], exclude=exclude):
+            return Conflict(f"an expert named {slug!r} already exists", param="slug", code="duplicate_slug")
+        if clash := await self._names_taken(aliases, exclude=exclude):
+            return Conflict(f"alias {clash!r} is already a name of another expert", param="aliases")
+        # The name's holder is gone again already (deleted in between): still a clash, named as before.
+        if slug is not None:
+            return Conflict(f"an expert named {slug!r} already exists", param="slug", code="duplicate_slug")
+        return Conflict("another expert took one of these aliases meanwhile: try again", param="aliases")
 
     # -- registration --------------------------------------------------------------------------------
     async def register_folder(
@@ -200,8 +215,8 @@ class ExpertService:
             await self.session.rollback()
             self.store.remove_expert_dir(expert_id)
             self.store.discard_blobs(ingest.new_blobs, stamps=ingest.stamps)
-            if isinstance(exc, IntegrityError):  # a concurrent registration took the slug first
-                raise Conflict(f"an expert named {spec.slug!r} already exists", param="slug") from exc
+            if isinstance(exc, IntegrityError):  # a concurrent write took the slug or an alias first
+                raise await self._name_conflict(spec.slug, spec.aliases) from exc
             raise
         await self.session.refresh(expert)
         return expert
@@ -259,10 +274,15 @@ class ExpertService:
         changes = patch.changes()
         if "aliases" in changes and (clash := await self._names_taken(changes["aliases"], exclude=expert.id)):
             raise Conflict(f"alias {clash!r} is already a name of another expert", param="aliases")
+        expert_id = expert.id  # (the rollback below expires the object)
         for name, value in changes.items():
             setattr(expert, name, value)
         expert.updated_at = utcnow()
-        await self.session.commit()
+        try:
+            await self.session.commit()  # the flush rewrites its names (registry/models.py)
+        except IntegrityError as exc:  # a concurrent write took one of the new aliases first
+            await self.session.rollback()
+            raise await self._name_conflict(None, changes.get("aliases", []), exclude=expert_id) from exc
         await self.session.refresh(expert)
         return expert
 
