@@ -126,7 +126,8 @@ async def _runtime(
             serving,
             sessionmaker,
             store,
-            LazyEmbedder(settings.embedding_model, settings.embedding_backend),
+            LazyEmbedder(settings.embedding_model, settings.embedding_backend, settings.embedding_cache_mb),
+            max_generation_s=settings.max_generation_s,
         )
         composer = Composer(
             serving,

@@ -898,7 +898,9 @@ def _cli_fitter(settings: Settings, session: AsyncSession) -> PrepareHook:
     from routers.query import RouterContext
     from routers.query.embedder import LazyEmbedder
 
-    context = RouterContext(embedder=LazyEmbedder(settings.embedding_model, settings.embedding_backend))
+    context = RouterContext(
+        embedder=LazyEmbedder(settings.embedding_model, settings.embedding_backend, settings.embedding_cache_mb)
+    )
     return router_fitter(session, ArtifactStore(settings.store_dir), context, run_models=False)
 
 

@@ -223,7 +223,9 @@ def embedding_context(settings: Settings) -> RouterContext:
     """The routers' context of the demo's own registry work: the embedder only (no engine)."""
     from routers.query.embedder import LazyEmbedder
 
-    return RouterContext(embedder=LazyEmbedder(settings.embedding_model, settings.embedding_backend))
+    return RouterContext(
+        embedder=LazyEmbedder(settings.embedding_model, settings.embedding_backend, settings.embedding_cache_mb)
+    )
 
 
 def serve_in_thread(

@@ -51,7 +51,7 @@ async def create_engine(settings: Settings, sessionmaker: async_sessionmaker[Asy
     if settings.engine == "torch":
         from serving.torch_engine import TorchEngine
 
-        return TorchEngine()
+        return TorchEngine(max_loaded_gib=settings.torch_max_loaded_gib)
     from core.lora import VALID_LORA_RANKS, lora_rank_for
     from serving.vllm import VLLMConfig, VLLMEngine
 
@@ -77,5 +77,7 @@ async def create_engine(settings: Settings, sessionmaker: async_sessionmaker[Asy
         env_passthrough=settings.vllm_env_passthrough,
     )
     from serving.dispatch import EngineSet
+    from serving.torch_engine import TorchEngine
 
-    return EngineSet(VLLMEngine(config))  # token-level mixtures run in a torch engine beside it
+    # token-level mixtures run in a torch engine beside it (it loads nothing until one is asked for)
+    return EngineSet(VLLMEngine(config), TorchEngine(max_loaded_gib=settings.torch_max_loaded_gib))

@@ -56,7 +56,7 @@ class WorkerContext:
         from routers.query.embedder import LazyEmbedder
 
         self.settings, self.sessionmaker, self.store = settings, sessionmaker, store
-        self.embedder = LazyEmbedder(settings.embedding_model, settings.embedding_backend)
+        self.embedder = LazyEmbedder(settings.embedding_model, settings.embedding_backend, settings.embedding_cache_mb)
         self.engine: Engine | None = None
 
     def __call__(self) -> RouterContext:
@@ -65,7 +65,9 @@ class WorkerContext:
     async def _generate(self, slug: str, messages: list[dict[str, str]], max_new_tokens: int) -> str:
         if self.engine is None:
             self.engine = await create_engine(self.settings, self.sessionmaker)
-        context = router_context(self.engine, self.sessionmaker, self.store, self.embedder)
+        context = router_context(
+            self.engine, self.sessionmaker, self.store, self.embedder, max_generation_s=self.settings.max_generation_s
+        )
         assert context.generate is not None
         return await context.generate(slug, messages, max_new_tokens)
 

