@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -72,3 +74,44 @@ def test_a_generation_past_the_limit_ends_with_504(live: dict[str, Any]) -> None
     # their next decode step, and the short one has LIMIT_S too)
     again = answers_short()
     assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 1
+
+
+@pytest.fixture
+def torch_live(registry_env: RegistryEnv, tiny_base: Path) -> Iterator[dict[str, Any]]:
+    register(registry_env.settings, tiny_base, ExpertSpec(slug="tiny-base"))
+    engine = TorchEngine()
+    with serve(registry_env.settings, engine) as url:
+        yield {"url": url, "engine": engine, "headers": {"authorization": f"Bearer {registry_env.query_key}"}}
+
+
+def test_a_client_that_hangs_up_stops_its_generation(torch_live: dict[str, Any]) -> None:
+    """The worker is held inside decoding step 4 while the client gives up; once released, the generation ends
+    at that step instead of running its 500 tokens (counted as the model's forward passes, not timed)."""
+    url, headers, engine = torch_live["url"], torch_live["headers"], torch_live["engine"]
+    short = {**LONG, "max_tokens": 3}
+    assert httpx.post(f"{url}/v1/completions", headers=headers, json=short, timeout=60).status_code == 200
+    (slot,) = engine._slots.values()  # the model the engine's worker thread runs
+    steps, reached, go = [0], threading.Event(), threading.Event()
+
+    def hold_at_step_4(module: Any, args: Any) -> None:
+        steps[0] += 1
+        if steps[0] == 4:
+            reached.set()
+            go.wait(60)
+
+    handle = slot.model.register_forward_pre_hook(hold_at_step_4)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            hung = pool.submit(httpx.post, f"{url}/v1/completions", headers=headers, json=LONG, timeout=0.5)
+            assert reached.wait(60)
+            with pytest.raises(httpx.TimeoutException):
+                hung.result()
+        time.sleep(0.5)  # the server notices the closed connection and cancels the request
+        go.set()
+        after = httpx.post(f"{url}/v1/completions", headers=headers, json=short, timeout=60)
+        assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 3
+        # the hung-up generation stopped at the step it was in; the short one took 3 more
+        assert steps[0] - 3 < 10, f"{steps[0] - 3} decoding steps: the generation ran on after its client left"
+    finally:
+        go.set()
+        handle.remove()
