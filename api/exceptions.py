@@ -1,6 +1,12 @@
 """Errors to HTTP, once, at the edge: every error leaves in the OpenAI shape
 ``{"error": {"message", "type", "param", "code"}}``; /v1 errors carry the x-moerge-* routing headers too.
 
+Besides moerge's own errors (``core.errors``: each carries its status), two kinds of failure that are not bugs
+get their meaning here rather than a 500: a full disk (``OSError`` ENOSPC / EDQUOT from whatever wrote) is a
+507 naming what could not be written, and a database that cannot be reached or written (what
+``registry.db.database_error`` says of an SQLAlchemy error the engine's listeners did not already translate,
+such as a pool timeout) a 503 with ``Retry-After`` or a 507.
+
 Messages to a caller without the admin scope carry no path on this machine (see ``redact_local_paths``)."""
 
 from __future__ import annotations
@@ -18,9 +24,11 @@ from typing import Any
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+from sqlalchemy.exc import SQLAlchemyError
 
 from api.openai.protocol import ErrorDetail, ErrorResponse
-from core.errors import MoergeError
+from core.errors import InsufficientStorage, MoergeError, is_out_of_space
+from registry.db import database_error
 
 log = logging.getLogger("moerge.api")
 
@@ -36,6 +44,7 @@ _TYPES = {
     422: "invalid_request_error",
     429: "rate_limit_error",
     503: "server_error",
+    507: "server_error",
 }
 
 
@@ -132,8 +141,33 @@ def internal_error_handler(request: Request[Any, Any, Any], exc: Exception) -> R
     )
 
 
+def os_error_handler(request: Request[Any, Any, Any], exc: OSError) -> Response[ErrorResponse]:
+    """A full disk is a 507 saying what could not be written (the file, for an admin); any other OS error is a
+    bug or a broken machine: 500."""
+    if not is_out_of_space(exc):
+        return internal_error_handler(request, exc)
+    log.warning("%s %s: out of disk space: %s", request.method, request.url.path, exc)
+    where = f" writing {exc.filename}" if exc.filename else ""
+    full = InsufficientStorage(
+        f"{request.method} {request.url.path} failed: the server's disk is full ({exc.strerror}{where}); "
+        "nothing was saved: free space and try again"
+    )
+    return moerge_error_handler(request, full)
+
+
+def database_error_handler(request: Request[Any, Any, Any], exc: SQLAlchemyError) -> Response[ErrorResponse]:
+    """A database that cannot be reached or written now: 503 (``Retry-After``) or 507; anything else is a bug."""
+    meaning = database_error(exc)
+    if meaning is None:
+        return internal_error_handler(request, exc)
+    log.warning("%s %s: %s (%s)", request.method, request.url.path, meaning.message, type(exc).__name__)
+    return moerge_error_handler(request, meaning)
+
+
 exception_handlers: dict[Any, Any] = {
     MoergeError: moerge_error_handler,
     HTTPException: http_error_handler,
+    OSError: os_error_handler,
+    SQLAlchemyError: database_error_handler,
     Exception: internal_error_handler,
 }

@@ -9,9 +9,10 @@ a key out (never where it holds null).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, TypeAlias, TypeVar
 
 import msgspec
+from litestar.params import QueryParameter
 
 from composition.service import CompositionService
 from core.strategies import StrategyHelp
@@ -25,6 +26,17 @@ T = TypeVar("T")
 
 class _FromDict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """A struct filled from a service's dict by ``typed``: a key it does not name fails (none is dropped)."""
+
+
+PAGE_LIMIT_MAX = 500
+# The largest offset taken: an integer a JSON number carries exactly, far inside the 64-bit integer either
+# database's OFFSET takes (a larger one reached SQLite as an OverflowError: a 500).
+PAGE_OFFSET_MAX = 2**53 - 1
+PageLimit: TypeAlias = Annotated[
+    int, QueryParameter(ge=1, le=PAGE_LIMIT_MAX, description=f"items per page, 1 to {PAGE_LIMIT_MAX}")
+]
+PageOffset: TypeAlias = Annotated[int, QueryParameter(ge=0, le=PAGE_OFFSET_MAX, description="items to skip, 0 or more")]
+"""A paginated list's query parameters: out of range is a 400 naming the parameter, before any query runs."""
 
 
 class Page(msgspec.Struct, Generic[T], kw_only=True):

@@ -8,10 +8,14 @@ other package) so that every layer raises the same errors without importing the 
 
 from __future__ import annotations
 
+import errno
+
 __all__ = [
     "Conflict",
     "DatabaseNotReady",
+    "DatabaseUnavailable",
     "Forbidden",
+    "InsufficientStorage",
     "MoergeError",
     "NotFound",
     "PayloadTooLarge",
@@ -19,6 +23,7 @@ __all__ = [
     "Unauthorized",
     "Unprocessable",
     "ValidationFailed",
+    "is_out_of_space",
 ]
 
 
@@ -105,3 +110,42 @@ class DatabaseNotReady(MoergeError):
     status_code = 503
     error_type = "server_error"
     default_code = "database_not_migrated"
+
+
+class DatabaseUnavailable(MoergeError):
+    """The database cannot be reached now (refused, restarting, connection lost, no pooled connection free in
+    time): worth retrying after ``retry_after`` seconds, unlike a bug."""
+
+    status_code = 503
+    error_type = "server_error"
+    default_code = "database_unavailable"
+
+    def __init__(
+        self, message: str, *, param: str | None = "database", code: str | None = None, retry_after: int = 5
+    ) -> None:
+        super().__init__(message, param=param, code=code)
+        self.retry_after = retry_after
+
+
+class InsufficientStorage(MoergeError):
+    """The disk that moerge writes to (the store, a merge's output, the database) is full: HTTP 507. Whatever
+    was being written was removed again; freeing space and retrying the same request works."""
+
+    status_code = 507
+    error_type = "server_error"
+    default_code = "insufficient_storage"
+
+
+_OUT_OF_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def is_out_of_space(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an error it was raised from) is the OS saying the disk or the user's quota is full."""
+    current: BaseException | None = exc
+    for _ in range(8):  # a short chain: ``raise ... from`` a few times at most
+        if current is None:
+            return False
+        if isinstance(current, OSError) and current.errno in _OUT_OF_SPACE:
+            return True
+        current = current.__cause__
+    return False

@@ -294,7 +294,9 @@ class Settings:
             vllm_max_model_len=_int_env(env, "MOERGE_VLLM_MAX_MODEL_LEN", default("vllm_max_model_len")),
             max_generation_s=_positive_float_env(env, "MOERGE_MAX_GENERATION_S", default("max_generation_s")),
             embedding_cache_mb=_int_env(env, "MOERGE_EMBED_CACHE_MB", default("embedding_cache_mb")),
-            torch_max_loaded_gib=_positive_float_env(env, "MOERGE_TORCH_MAX_LOADED_GIB", default("torch_max_loaded_gib")),
+            torch_max_loaded_gib=_positive_float_env(
+                env, "MOERGE_TORCH_MAX_LOADED_GIB", default("torch_max_loaded_gib")
+            ),
             vllm_keep_warm_s=_int_env(env, "MOERGE_VLLM_KEEP_WARM_S", default("vllm_keep_warm_s")),
             vllm_server_wait_s=_int_env(env, "MOERGE_VLLM_SERVER_WAIT_S", default("vllm_server_wait_s")),
             embedding_model=env.get("MOERGE_EMBEDDING_MODEL") or None,

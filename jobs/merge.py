@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import uuid
 from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from core.errors import InsufficientStorage, is_out_of_space
 from jobs.run import JobCancelled, JobHandler, JobRun
 from merging.config import MergeRequest, check_request, parse_request
 from merging.executor import ExecutorOptions, MergeCancelled, execute
@@ -50,7 +52,13 @@ class MergeHandler(JobHandler):
         job.report(0.0, "merging")
         folder = await self._execute(job, resolved.plan)
         job.report(MERGE_SHARE, "registering the merged model")
-        await self._register(job, resolved, folder)
+        try:
+            await self._register(job, resolved, folder)
+        except BaseException:
+            # The output goes at once, before the worker records the failure: on a full disk that record (a
+            # database write on the same disk, maybe) needs the space the output holds.
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
 
     async def _execute(self, job: JobRun, plan: MergePlan) -> Path:
         def on_progress(done: int, total: int, name: str) -> None:  # the executor's thread
@@ -75,6 +83,13 @@ class MergeHandler(JobHandler):
             raise
         except MergeCancelled as exc:
             raise JobCancelled(str(exc)) from exc
+        except OSError as exc:  # the executor removed its partial output already
+            if not is_out_of_space(exc):
+                raise
+            raise InsufficientStorage(
+                f"the disk holding the merge's output ($MOERGE_HOME/merges) is full: writing the merged model "
+                f"failed ({exc.strerror}); its partial output was removed: free space and submit the merge again"
+            ) from exc
         return outcome.folder
 
     async def _register(self, job: JobRun, resolved: ResolvedMerge, folder: Path) -> None:

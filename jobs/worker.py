@@ -32,7 +32,7 @@ from typing import Any
 from sqlalchemy import or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from core.errors import MoergeError, NotFound
+from core.errors import DatabaseUnavailable, MoergeError, NotFound
 from jobs.run import JobCancelled, JobHandler, JobRun
 from registry.jobs import iso
 from registry.models import Job, JobStatus, utcnow
@@ -107,6 +107,9 @@ class Worker:
             try:
                 await self.recover()
                 ran = await self.run_next()
+            except DatabaseUnavailable as exc:  # down or restarting: said once per poll, without a traceback
+                log.warning("worker: %s", exc.message)
+                ran = None
             except Exception:  # a database hiccup must not end the worker
                 log.exception("worker: error between jobs")
                 ran = None

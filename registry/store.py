@@ -10,6 +10,9 @@ Concurrent writers: a blob is created with ``link(2)``, which fails if the name 
 storing the same bytes exactly one is its creator; the other reuses it and touches its mtime. A blob is only
 removed when no expert folder links it and nobody has reused it since (see ``discard_blobs``); a blob removed
 anyway (by hand) is reported by ``verify`` and stored again by the next registration of the same bytes.
+
+A full disk (ENOSPC, EDQUOT) while writing raises ``InsufficientStorage`` naming what was being stored, after
+the partial write is removed (the caller discards the blobs it had created).
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from core.errors import InsufficientStorage, is_out_of_space
 
 CHUNK = 8 * 1024 * 1024
 
@@ -50,6 +55,20 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def out_of_space_as(what: str) -> Iterator[None]:
+    """A full disk inside the block becomes ``InsufficientStorage`` saying ``what`` could not be written."""
+    try:
+        yield
+    except OSError as exc:
+        if not is_out_of_space(exc):
+            raise
+        raise InsufficientStorage(
+            f"the disk holding the artifact store is full: {what} failed ({exc.strerror}); nothing was kept: "
+            "free space and try again"
+        ) from exc
 
 
 @dataclass
@@ -87,9 +106,10 @@ class ArtifactStore:
 
     def staging_dir(self) -> Path:
         """A fresh private folder under the store's tmp/ (same filesystem, so renames are atomic)."""
-        self.ensure()
-        path = self.tmp / f"stage-{uuid.uuid4().hex}"
-        path.mkdir()
+        with out_of_space_as("creating a staging folder"):
+            self.ensure()
+            path = self.tmp / f"stage-{uuid.uuid4().hex}"
+            path.mkdir()
         return path
 
     # -- writing -------------------------------------------------------------------------------------
@@ -101,7 +121,7 @@ class ArtifactStore:
         digest = hashlib.sha256()
         size = 0
         try:
-            with source.open("rb") as src, tmp.open("wb") as dst:
+            with out_of_space_as(f"storing {source.name!r}"), source.open("rb") as src, tmp.open("wb") as dst:
                 while chunk := src.read(CHUNK):
                     digest.update(chunk)
                     dst.write(chunk)
@@ -110,7 +130,8 @@ class ArtifactStore:
                 os.fsync(dst.fileno())
             sha = digest.hexdigest()
             final = self.blob_path(sha)
-            final.parent.mkdir(parents=True, exist_ok=True)
+            with out_of_space_as(f"storing {source.name!r}"):
+                final.parent.mkdir(parents=True, exist_ok=True)
             os.chmod(tmp, 0o444)  # blobs are immutable; hard links share this inode
             while True:
                 try:
@@ -146,18 +167,19 @@ class ArtifactStore:
         final = self.expert_dir(expert_id)
         tmp = self.tmp / f"expert-{uuid.uuid4().hex}"
         try:
-            for rel, sha in files:
-                target = tmp / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    os.link(self.blob_path(sha), target)
-                except OSError:  # a filesystem without hard links: a copy (a symlink would dangle if the blob went)
-                    shutil.copyfile(self.blob_path(sha), target)
-            tmp.mkdir(parents=True, exist_ok=True)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            fsync_dir(final.parent)
+            with out_of_space_as("building the expert's folder"):
+                for rel, sha in files:
+                    target = tmp / rel
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    try:
+                        os.link(self.blob_path(sha), target)
+                    except OSError:  # no hard links here: a copy (a symlink would dangle if the blob went)
+                        shutil.copyfile(self.blob_path(sha), target)
+                tmp.mkdir(parents=True, exist_ok=True)
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                fsync_dir(final.parent)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -98,6 +98,11 @@ class Target:
         return self.adapter_id or self.base_id
 
 
+# A temperature or top_p below this means the likeliest token: greedy decoding (vLLM's rule for temperature).
+# Taken as they are, 1e-138 turns into NaN probabilities, or every token dropped, in float32 sampling.
+GREEDY_BELOW = 1e-5
+
+
 @dataclass(frozen=True)
 class Sampling:
     max_tokens: int = 256

@@ -66,6 +66,7 @@ from core.errors import MoergeError, Unprocessable, ValidationFailed
 from core.settings import Settings
 from serving import logit_fusion
 from serving.engine import (
+    GREEDY_BELOW,
     Capabilities,
     EngineUnavailable,
     GenChunk,
@@ -250,12 +251,12 @@ class _RowSampler(LogitsProcessor):
         self.rows = rows
         self.generators: dict[int, torch.Generator] = {}
         for i, row in enumerate(rows):
-            if row.sampling.temperature > 0:
+            if row.sampling.temperature >= GREEDY_BELOW and row.sampling.top_p >= GREEDY_BELOW:
                 gen = torch.Generator()
                 if row.sampling.seed is None:
                     gen.seed()
-                else:
-                    gen.manual_seed(row.sampling.seed)
+                else:  # any integer: torch takes 64 bits (a larger seed failed the whole batch)
+                    gen.manual_seed(row.sampling.seed & 0xFFFF_FFFF_FFFF_FFFF)
                 self.generators[i] = gen
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -268,6 +269,7 @@ class _RowSampler(LogitsProcessor):
                 sorted_probs, order = torch.sort(probs, descending=True)
                 # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
                 drop = (sorted_probs.cumsum(-1) - sorted_probs) >= row.sampling.top_p
+                drop[0] = False  # even when float32 rounds the first token's mass to zero
                 sorted_probs[drop] = 0.0
                 probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
             token = int(torch.multinomial(probs, 1, generator=gen).item())

@@ -13,7 +13,17 @@ from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from api.deps import provide_expert_service
 from api.experts.intake import register_import, register_upload
 from api.limits import admin_upload, read_form, upload_opt
-from api.schemas import ExpertCard, ExpertOut, Page, TrainingData, TrainingDataInfo, expert_out, typed
+from api.schemas import (
+    ExpertCard,
+    ExpertOut,
+    Page,
+    PageLimit,
+    PageOffset,
+    TrainingData,
+    TrainingDataInfo,
+    expert_out,
+    typed,
+)
 from api.security import require_admin, require_query
 from core.errors import ValidationFailed
 from core.settings import Settings
@@ -37,8 +47,8 @@ class ExpertController(Controller):
         skill: FromQuery[str | None] = None,
         tag: FromQuery[str | None] = None,
         q: FromQuery[str | None] = None,
-        limit: FromQuery[int] = 50,
-        offset: FromQuery[int] = 0,
+        limit: PageLimit = 50,
+        offset: PageOffset = 0,
     ) -> Page[ExpertOut]:
         page = await experts.list_experts(
             kind=kind, base=base, skill=skill, tag=tag, text=q, limit=limit, offset=offset

@@ -18,6 +18,7 @@ from registry.models import Expert
 from registry.offload import run_to_completion
 from registry.schemas import ExpertSpec, decode_strict
 from registry.services import ExpertService
+from registry.store import out_of_space_as
 from registry.uploads import check_member_path, copy_stream_limited, extract_archive, resolve_import_path
 
 LIST_FIELDS = ("skills", "domains", "example_prompts", "tags", "aliases", "datasets")
@@ -109,7 +110,8 @@ async def register_upload(experts: ExpertService, settings: Settings, pairs: lis
     stage_root = experts.store.staging_dir()
     try:
         spec = spec_from_fields(pairs)
-        folder = await stage_upload(pairs, stage_root, max_unpacked_bytes=settings.max_unpacked_bytes)
+        with out_of_space_as("receiving the upload"):
+            folder = await stage_upload(pairs, stage_root, max_unpacked_bytes=settings.max_unpacked_bytes)
         return await experts.register_folder(folder, spec, source_uri=f"upload:{spec.slug}")
     finally:
         shutil.rmtree(stage_root, ignore_errors=True)

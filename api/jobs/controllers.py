@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.deps import Runtime, runtime_of, wake_worker
 from api.openai.controllers import SSE_HEADERS
-from api.schemas import JobOut, Page, job_out, jobs_out
+from api.schemas import JobOut, Page, PageLimit, PageOffset, job_out, jobs_out
 from api.security import require_admin, require_query
 from jobs.train import submit_training
 from registry.jobs import TERMINAL, JobService, job_progress
@@ -45,8 +45,8 @@ class JobRoutes(Controller):
         jobs: NamedDependency[JobService],
         status: FromQuery[str | None] = None,
         kind: FromQuery[str | None] = None,
-        limit: FromQuery[int] = 50,
-        offset: FromQuery[int] = 0,
+        limit: PageLimit = 50,
+        offset: PageOffset = 0,
     ) -> Page[JobOut]:
         """Newest first; ``status`` and ``kind`` (merge, train, fit) filter."""
         page = await jobs.list_jobs(status=status, kind=kind, limit=limit, offset=offset)

@@ -10,7 +10,7 @@ from litestar.params import FromPath, FromQuery
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
 
 from api.keys.schemas import KeyCreate, KeyCreated, KeyOut, created, describe
-from api.schemas import Page
+from api.schemas import Page, PageLimit, PageOffset
 from api.security import require_admin
 from registry.keys import ApiKeyService
 from registry.schemas import decode_strict
@@ -25,8 +25,8 @@ class KeyController(Controller):
     async def list_keys(
         self,
         keys: NamedDependency[ApiKeyService],
-        limit: FromQuery[int] = 50,
-        offset: FromQuery[int] = 0,
+        limit: PageLimit = 50,
+        offset: PageOffset = 0,
         include_revoked: FromQuery[bool] = True,
     ) -> Page[KeyOut]:
         page = await keys.list_keys(limit=limit, offset=offset, include_revoked=include_revoked)

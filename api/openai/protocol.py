@@ -14,9 +14,10 @@ import msgspec
 from api.schemas import TokenTraceOut
 from composition.plan import Query
 from core.errors import ValidationFailed
-from serving.engine import Sampling
+from serving.engine import GREEDY_BELOW, Sampling
 
 MAX_TOKENS_LIMIT = 8192
+SEED_RANGE = (-(2**63), 2**63 - 1)  # a 64-bit integer, as vLLM's server takes it (torch's generators overflow past)
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -61,6 +62,10 @@ class _Common(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         top_p = 1.0 if self.top_p is None else self.top_p
         if not 0.0 < top_p <= 1.0:
             raise ValidationFailed("top_p must be in (0, 1]", param="top_p")
+        if temperature < GREEDY_BELOW or top_p < GREEDY_BELOW:
+            temperature, top_p = 0.0, 1.0
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ValidationFailed("seed must be a 64-bit integer (-2^63 to 2^63-1)", param="seed")
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > 4 or any(not s for s in stops):
             raise ValidationFailed("stop takes at most 4 non-empty strings", param="stop")

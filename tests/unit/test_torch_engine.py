@@ -191,6 +191,23 @@ async def test_sampling_is_seeded_per_request(engine: TorchEngine, tiny_base: Pa
     assert ok(in_batch[0]).text == greedy.text  # a sampled neighbour leaves a greedy row untouched
 
 
+async def test_extreme_sampling_values_answer(engine: TorchEngine, tiny_base: Path) -> None:
+    """Values schemathesis found failing the whole batch: a temperature or top_p far below float32's range is
+    greedy decoding; a seed past 64 bits is taken modulo 2^64."""
+    t = target(tiny_base)
+    greedy = ok((await engine.generate([GenRequest(t, Sampling(max_tokens=8), prompt=PROMPTS[2])]))[0])
+    cases = [
+        Sampling(max_tokens=8, temperature=9.68e-138),
+        Sampling(max_tokens=8, temperature=1.0, top_p=2.3e-181),
+        Sampling(max_tokens=8, temperature=1.0, top_p=1e-3),  # sampled: keeps only the likeliest token
+    ]
+    outs = await engine.generate([GenRequest(t, sampling, prompt=PROMPTS[2]) for sampling in cases])
+    assert [ok(o).text for o in outs] == [greedy.text] * 3
+    seeded = [Sampling(max_tokens=8, temperature=1.0, seed=seed) for seed in (2**70 + 5, 5)]
+    big, small = await engine.generate([GenRequest(t, sampling, prompt=PROMPTS[2]) for sampling in seeded])
+    assert ok(big).text == ok(small).text  # 2^70 + 5 is 5 modulo 2^64
+
+
 async def test_stream_concatenates_to_generate_text(engine: TorchEngine, tiny_base: Path, tiny_lora: Path) -> None:
     cases: list[tuple[Sampling, dict[str, Any]]] = [
         (Sampling(max_tokens=20), {"prompt": PROMPTS[1]}),
