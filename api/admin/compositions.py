@@ -7,7 +7,7 @@ from typing import Any
 
 from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency, Provide
-from litestar.params import FromPath, FromQuery
+from litestar.params import FromPath
 from litestar.response import Redirect, Template
 from litestar.status_codes import HTTP_303_SEE_OTHER
 from sqlalchemy import func, select
@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from aggregators import AGGREGATORS
 from api.admin.views import PAGE_SIZE, FormErrors, Pager, expert_picker, json_object, split_slugs
 from api.deps import provide_router_context, wake_worker
-from api.schemas import composition_out, struct_items
+from api.schemas import PageOffset, composition_out, struct_items
 from composition.mixtures import queue_fit, router_fitter
 from composition.service import CompositionPatch, CompositionService, CompositionSpec
 from core.errors import MoergeError, ValidationFailed
@@ -87,9 +87,7 @@ class CompositionPages(Controller):
     }
 
     @get("/")
-    async def list_page(
-        self, compositions: NamedDependency[CompositionService], offset: FromQuery[int] = 0
-    ) -> Template:
+    async def list_page(self, compositions: NamedDependency[CompositionService], offset: PageOffset = 0) -> Template:
         offset = max(0, offset)
         session = compositions.session
         total = int(await session.scalar(select(func.count()).select_from(Composition)) or 0)

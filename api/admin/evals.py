@@ -9,13 +9,14 @@ from pathlib import Path
 
 from litestar import Controller, get
 from litestar.di import NamedDependency
-from litestar.params import FromPath, FromQuery
+from litestar.params import FromPath
 from litestar.response import File, Template
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 import evals
 from api.admin.views import PAGE_SIZE, Pager, markdown
+from api.schemas import PageOffset
 from core.errors import NotFound
 from registry.models import EvalResult, Expert
 
@@ -27,7 +28,7 @@ class EvalPage(Controller):
     path = "/admin/evals"
 
     @get("/")
-    async def evals_page(self, db_session: NamedDependency[AsyncSession], offset: FromQuery[int] = 0) -> Template:
+    async def evals_page(self, db_session: NamedDependency[AsyncSession], offset: PageOffset = 0) -> Template:
         offset = max(0, offset)
         total = int(await db_session.scalar(select(func.count()).select_from(EvalResult)) or 0)
         recorded = (

@@ -21,7 +21,7 @@ from api.admin.views import PAGE_SIZE, FormErrors, Pager, expert_picker, lineage
 from api.deps import provide_expert_service
 from api.experts.intake import LIST_FIELDS, register_import, register_upload, spec_from_fields
 from api.limits import upload_opt
-from api.schemas import expert_out
+from api.schemas import PageOffset, expert_out
 from core.errors import MoergeError, ValidationFailed
 from core.settings import Settings
 from registry.cards import card_body
@@ -96,7 +96,7 @@ class ExpertPages(Controller):
         experts: NamedDependency[ExpertService],
         kind: FromQuery[str | None] = None,
         q: FromQuery[str | None] = None,
-        offset: FromQuery[int] = 0,
+        offset: PageOffset = 0,
     ) -> Template:
         kind = kind or None
         page = await experts.list_experts(kind=kind, text=q, limit=PAGE_SIZE, offset=max(0, offset))

@@ -13,6 +13,7 @@ from litestar.response import Template
 
 from api.admin.views import PAGE_SIZE, FormErrors, Pager, split_slugs
 from api.keys.schemas import describe
+from api.schemas import PageOffset
 from core.errors import MoergeError, ValidationFailed
 from registry.keys import MAX_LIMIT, SCOPES, ApiKeyService, KeySettings
 
@@ -91,7 +92,7 @@ class KeyPages(Controller):
 
     @get("/")
     async def list_page(
-        self, keys: NamedDependency[ApiKeyService], offset: FromQuery[int] = 0, revoked: FromQuery[str] = ""
+        self, keys: NamedDependency[ApiKeyService], offset: PageOffset = 0, revoked: FromQuery[str] = ""
     ) -> Template:
         return await self._page(keys, offset=offset, include_revoked=bool(revoked))
 

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.admin.views import PAGE_SIZE, FormErrors, Pager, expert_picker, json_object, split_slugs
 from api.merges.controllers import submit_job
-from api.schemas import job_out, jobs_out
+from api.schemas import PageOffset, job_out, jobs_out
 from core.errors import MoergeError, ValidationFailed
 from merging.jobs import MergeJobService
 from merging.methods import METHODS
@@ -120,7 +120,7 @@ class MergePages(Controller):
 
     @get("/")
     async def list_page(
-        self, merges: NamedDependency[MergeJobService], status: FromQuery[str | None] = None, offset: FromQuery[int] = 0
+        self, merges: NamedDependency[MergeJobService], status: FromQuery[str | None] = None, offset: PageOffset = 0
     ) -> Template:
         values = {"method": "ties", "models": [], "output": "full", "parameters": "", "model_parameters": ""}
         return await self._page(merges, values, FormErrors(), status_filter=status, offset=offset)

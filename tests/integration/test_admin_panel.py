@@ -154,6 +154,9 @@ def test_inline_errors_pagination_and_fragments(
     assert "1–20 of 22" in page and "offset=20" in page and "kind=adapter" in page
     assert "21–22 of 22" in client.get("/admin/experts/?kind=adapter&offset=20").text
     assert "1–1 of 1" in client.get("/admin/experts/?q=LORA-13").text
+    # an offset past any database's range is refused, not a 500 (SQLite's OFFSET overflowed)
+    for page in ("experts", "compositions", "merges", "keys", "evals"):
+        assert client.get(f"/admin/{page}/?offset=30526071413387010048").status_code == 400, page
     # a merge refused: the launcher shows the error beside the field it names
     token = _token(client.get("/admin/merges/").text)
     resp = client.post("/admin/merges/", data={"_csrf_token": token, "method": "ties", "models": ["lora-1"]})
