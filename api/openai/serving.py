@@ -151,6 +151,7 @@ class CompletionRun:
     async def sse(self, stream: AnswerStream, *, include_usage: bool) -> AsyncIterator[bytes]:
         """The answer as SSE events: chunks, the usage chunk if asked for, errors inside the stream once it
         has begun, then [DONE]."""
+        self.model = stream.plan.model  # every event names what answers (a chunk is built before complete())
         usage: tuple[int, int] | None = None
         pieces = 0  # chunks with text: what a stream cut short is charged (its usage never came)
         charged = self.tokens is None

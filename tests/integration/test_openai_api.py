@@ -68,6 +68,7 @@ def test_streaming_matches_non_streaming(live: dict[str, Any]) -> None:
     for chunk in client.chat.completions.create(
         model="lora-b", messages=CHAT, max_tokens=10, temperature=0, stream=True, stream_options={"include_usage": True}
     ):
+        assert chunk.model == "lora-b"  # every event names what answers
         if chunk.usage:
             usage = chunk.usage
         for choice in chunk.choices:
