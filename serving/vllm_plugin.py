@@ -6,6 +6,7 @@ never reach the worker that runs the model. Managed servers get ``MOERGE_VLLM_LO
 ``VLLMConfig.lora_ops`` says ``vllm``; a vLLM server started by hand keeps vLLM's own ops unless that
 variable is set in its environment. With ``MOERGE_VLLM_COMPILE=1`` (managed servers unless
 ``VLLMConfig.compile`` is off) vLLM keeps its compiled model with LoRA on (``serving/vllm_compile.py``).
+Both apply on vLLM's CPU platform only: elsewhere (GPU machines) the plugin changes nothing.
 """
 
 from __future__ import annotations
@@ -24,7 +25,19 @@ PATCHED_MESSAGE = "moerge: vLLM CPU LoRA ops replaced by serving.lora_ops"
 COMPILE_MESSAGE = "moerge: vLLM compiles the model with LoRA enabled (serving.vllm_compile)"
 
 
+def on_cpu_platform() -> bool:
+    """Whether vLLM runs on its CPU platform: moerge's ops and compile patch replace CPU code paths only; a
+    stock vLLM on a GPU keeps its own kernels whatever the environment says."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
 def register() -> None:
+    if not on_cpu_platform():
+        if os.environ.get(COMPILE_ENV) == "1" or os.environ.get(LORA_OPS_ENV) == "grouped":
+            logger.info("moerge: vLLM is not on its CPU platform: its own LoRA kernels and compilation are kept")
+        return
     if os.environ.get(COMPILE_ENV) == "1":
         from serving.vllm_compile import install
 
