@@ -20,6 +20,7 @@ from api.disconnect import CancelOnDisconnectMiddleware
 from api.drain import Drain, DrainMiddleware
 from api.exceptions import exception_handlers
 from api.experts.controllers import ExpertController
+from api.experts.files import ExpertFilesController
 from api.jobs.controllers import JobController
 from api.keys.controllers import KeyController
 from api.limits import BodyLimitMiddleware, close_if_body_unread
@@ -66,6 +67,7 @@ def create_app(
             HealthController,
             ReadyController,
             ExpertController,
+            ExpertFilesController,
             CompositionController,
             RouteController,
             MergeController,

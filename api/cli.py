@@ -229,7 +229,12 @@ app.add_typer(keys_app, name="keys")
 @handles_errors
 def keys_create(
     name: str,
-    scope: Annotated[list[str], typer.Option("--scope", help="query or admin; repeat for both")] = ["query"],  # noqa: B006
+    scope: Annotated[
+        list[str],
+        typer.Option(
+            "--scope", help="query, admin or fetch (read expert files only: a vLLM resolver); repeat for more"
+        ),
+    ] = ["query"],  # noqa: B006
     model: Annotated[
         list[str] | None, typer.Option("--model", help="a model it may use; repeat (default: every model)")
     ] = None,

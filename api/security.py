@@ -126,3 +126,8 @@ async def require_query(connection: ASGIConnection[Any, Any, Any, Any], _: BaseR
 
 async def require_admin(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     await _require(connection, "admin")
+
+
+async def require_fetch(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Reading expert files (api/experts/files.py): a `fetch` key (or admin); a `query` key cannot."""
+    await _require(connection, "fetch")

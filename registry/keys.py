@@ -39,7 +39,7 @@ from registry.models import AdminSession, ApiKey, KeyUsage, utcnow
 
 log = logging.getLogger("moerge.keys")
 
-SCOPES = ("query", "admin")
+SCOPES = ("query", "admin", "fetch")  # fetch: read expert files (vLLM resolvers), nothing else
 KEY_PREFIX = "mk-"
 MAX_LIMIT = 10**15  # any larger limit is no limit; keeps every sum inside a 64-bit column
 MAX_MODELS = 1000  # names in one key's allow-list

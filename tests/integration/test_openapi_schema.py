@@ -28,6 +28,7 @@ UNTYPED = {
     ("GET", "/api/experts/{ref:str}/training-data"): "TrainingData (documented), or the JSONL with ?format=jsonl",
     ("GET", "/api/merges/{job_id:str}/events"): "an SSE stream of progress events",
     ("GET", "/api/jobs/{job_id:str}/events"): "an SSE stream of progress events",
+    ("GET", "/api/experts/{ref:str}/files/{name:path}"): "a file's bytes, whole or one byte range (206)",
 }
 DOCUMENTED = {key for key, why in UNTYPED.items() if "(documented)" in why}
 
