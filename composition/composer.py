@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -93,41 +93,41 @@ class Composer:
 
     async def answer(self, plan: Plan, query: Query, *, traced: bool = False) -> Answer:
         """``plan`` run to the end; ``traced``: with the token-level trace (a token-level plan only)."""
-        deadline = self._deadline()
-        with _time_limit(self.max_generation_s):
-            async with asyncio.timeout_at(deadline):
-                if plan.composite:
-                    return await compose(self.engine, plan, query)
-                return await answer_one(self.engine, plan, query, traced=traced)
+        async with _time_limit(self._deadline(), self.max_generation_s):
+            if plan.composite:
+                return await compose(self.engine, plan, query)
+            return await answer_one(self.engine, plan, query, traced=traced)
 
     async def stream(self, plan: Plan, query: Query) -> AnswerStream:
         """``plan`` run as a stream, started (its first chunk arrived); the time limit covers it to its end."""
         deadline = self._deadline()
-        with _time_limit(self.max_generation_s):
-            async with asyncio.timeout_at(deadline):
-                if plan.composite:
-                    stream = await compose_stream(self.engine, plan, query)
-                else:
-                    stream = await stream_one(self.engine, plan, query)
+        async with _time_limit(deadline, self.max_generation_s):
+            if plan.composite:
+                stream = await compose_stream(self.engine, plan, query)
+            else:
+                stream = await stream_one(self.engine, plan, query)
         return dataclasses.replace(stream, rest=_until(stream.rest, deadline, self.max_generation_s))
 
     async def trace(self, plan: Plan, query: Query) -> TokenTrace:
         """The token-level trace of ``query``'s prompt (no generation)."""
-        with _time_limit(self.max_generation_s):
-            async with asyncio.timeout(self.max_generation_s):
-                return await trace(self.engine, query.generation(plan.target, plan.router_bias))
+        async with _time_limit(self._deadline(), self.max_generation_s):
+            return await trace(self.engine, query.generation(plan.target, plan.router_bias))
 
     def _deadline(self) -> float:
         return asyncio.get_running_loop().time() + self.max_generation_s
 
 
-@contextlib.contextmanager
-def _time_limit(seconds: float) -> Iterator[None]:
-    """The ``TimeoutError`` of an ``asyncio.timeout`` inside, as moerge's error (the engine's own timeouts
-    are already moerge's errors)."""
+@contextlib.asynccontextmanager
+async def _time_limit(deadline: float, seconds: float) -> AsyncIterator[None]:
+    """The block, stopped when the loop's clock reaches ``deadline`` (``seconds`` after it began), which is
+    then ``GenerationTimedOut``; a TimeoutError from anything else inside is left as it is."""
+    limit = asyncio.timeout_at(deadline)
     try:
-        yield
+        async with limit:
+            yield
     except TimeoutError:
+        if not limit.expired():
+            raise
         raise GenerationTimedOut(
             f"the generation was stopped after {seconds:g} s (MOERGE_MAX_GENERATION_S)", code="generation_timeout"
         ) from None
@@ -138,9 +138,8 @@ async def _until(chunks: AsyncIterator[GenChunk], deadline: float, seconds: floa
     generation) and ends with ``GenerationTimedOut``."""
     try:
         while True:
-            with _time_limit(seconds):
-                async with asyncio.timeout_at(deadline):
-                    chunk = await anext(chunks, None)
+            async with _time_limit(deadline, seconds):
+                chunk = await anext(chunks, None)
             if chunk is None:
                 return
             yield chunk
@@ -174,9 +173,9 @@ def router_context(
     async def generate(slug: str, messages: list[dict[str, str]], max_new_tokens: int) -> str:
         async with sessionmaker() as session:
             target = await target_of_slug(session, store, slug, param="model")
-        with _time_limit(max_generation_s):
-            async with asyncio.timeout(max_generation_s):
-                (result,) = await engine.generate([GenRequest(target, Sampling(max_tokens=max_new_tokens), messages)])
+        deadline = asyncio.get_running_loop().time() + max_generation_s
+        async with _time_limit(deadline, max_generation_s):
+            (result,) = await engine.generate([GenRequest(target, Sampling(max_tokens=max_new_tokens), messages)])
         if isinstance(result, BaseException):
             raise result
         return result.text
