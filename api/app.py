@@ -25,12 +25,17 @@ from api.jobs.controllers import JobController
 from api.keys.controllers import KeyController
 from api.limits import BodyLimitMiddleware, close_if_body_unread
 from api.merges.controllers import MergeController
+from api.metrics.controllers import MetricsController
+from api.metrics.lifespan import metrics_lifespan
+from api.metrics.middleware import MetricsMiddleware
 from api.openai.controllers import OpenAIController
 from api.security import key_meter_lifespan
 from api.system.controllers import EngineController, HealthController, ReadyController, StrategyController
+from api.tracing import tracing_middleware, tracing_plugins
 from composition.composer import Composer, router_context
 from composition.factory import create_engine
 from core.settings import Settings
+from core.tracing import setup_tracing
 from evals.sources import install_example_sources
 from jobs.factory import make_worker
 from registry.db import ensure_migrated, make_engine, make_sessionmaker
@@ -56,6 +61,7 @@ def create_app(
     ``worker_kinds`` only if given. ``console_logging=False``: the root logger is left as the caller set it (the
     demo keeps library lines in its log file)."""
     settings = settings or Settings.from_env()
+    setup_tracing()  # OTLP export when OTEL_EXPORTER_OTLP_ENDPOINT is set (once per process; api/tracing.py)
     install_example_sources()  # the demo's tasks, named by `mixer`'s `task`
     drain = Drain(settings.drain_s)  # ready once every lifespan has run; `moerge serve` drains it on SIGTERM
 
@@ -76,6 +82,7 @@ def create_app(
             EngineController,
             StrategyController,
             KeyController,
+            MetricsController,
             *admin_router(settings),
         ],
         dependencies={
@@ -84,15 +91,18 @@ def create_app(
             "settings": Provide(provide_settings, sync_to_thread=False),
             "keys": Provide(provide_key_service, sync_to_thread=False),
         },
-        # The key meter needs the runtime the first one makes; the drain's comes last: ready once all have run.
-        lifespan=[lifespan, key_meter_lifespan, drain.lifespan],
+        # The key meter and the metrics' rollups need the runtime the first one makes; the drain's comes last:
+        # ready once all have run.
+        lifespan=[lifespan, key_meter_lifespan, metrics_lifespan, drain.lifespan],
         state=State({"drain": drain}),
         template_config=template_config(),
-        plugins=admin_plugins(),
+        plugins=[*admin_plugins(), *tracing_plugins()],
         exception_handlers=exception_handlers,
         # Every body is bounded before it is read (api/limits.py): max_json_bytes, or for an upload route
         # max_upload_bytes once its caller is authenticated. Litestar's own limit is the backstop.
         middleware=[
+            MetricsMiddleware,  # counts and times every request, a draining replica's refusals too
+            *tracing_middleware(),  # only names the request's span by its route
             DefineMiddleware(DrainMiddleware, drain=drain),  # outermost: a draining replica refuses first
             DefineMiddleware(
                 BodyLimitMiddleware,

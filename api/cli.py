@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from composition.service import CompositionPatch, CompositionService, CompositionSpec, PrepareHook
 from core.errors import MoergeError, ValidationFailed
 from core.settings import Settings
+from core.tracing import setup_tracing, shutdown_tracing
 from registry import db
 from registry.cards import render_card
 from registry.keys import KeySettings
@@ -337,7 +338,10 @@ def _serve(settings: Settings, host: str, port: int, *, worker: bool = True) -> 
 
     out.print(f"moerge API on http://{host}:{port}  (health: /api/health, readiness: /api/ready, OpenAPI: /api/schema)")
     # SIGTERM drains: /api/ready and new requests answer 503, the requests in flight get MOERGE_DRAIN_S to finish.
-    serve_draining(create_app(settings, worker=worker), host=host, port=port, log_level="info")
+    try:
+        serve_draining(create_app(settings, worker=worker), host=host, port=port, log_level="info")
+    finally:
+        shutdown_tracing()  # the spans still queued are exported (create_app set tracing up)
 
 
 @app.command("worker")
@@ -351,7 +355,12 @@ def worker_command(
     """Run queued jobs (merges, training, fitting) in this process, beside any number of servers and other
     workers on the same database and store. SIGTERM or Ctrl-C stops it; a job in progress goes back to the queue."""
     taken = [k.strip() for k in kinds.split(",") if k.strip()] if kinds is not None else None
-    run(_run_worker(Settings.from_env(), drain=drain, kinds=taken))
+    settings = Settings.from_env()
+    setup_tracing()  # OTLP export when OTEL_EXPORTER_OTLP_ENDPOINT is set
+    try:
+        run(_run_worker(settings, drain=drain, kinds=taken))
+    finally:
+        shutdown_tracing()
 
 
 async def _run_worker(settings: Settings, *, drain: bool, kinds: list[str] | None = None) -> None:

@@ -509,6 +509,22 @@ def free_port() -> int:
 MOERGE = Path(sys.executable).with_name("moerge")
 
 
+def wait_ready(
+    url: str, name: str, alive: Callable[[], bool], log_tail: Callable[[], str], timeout_s: float, poll_s: float = 0.2
+) -> None:
+    """Poll ``url`` until it answers 200; RuntimeError with the log's tail if the process exits or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if not alive():
+            raise RuntimeError(f"{name} exited\n{log_tail()}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name} did not become ready\n{log_tail()}")
+        time.sleep(poll_s)
+
+
 class Proc:
     """One `moerge ...` child process, its output in ``log``."""
 
@@ -589,17 +605,8 @@ class Stack:
     def start_server(self, timeout_s: float = 180) -> None:
         self.port = free_port()
         env = {**self.env, "MOERGE_PORT": str(self.port)}
-        self.server = Proc("serve", ["serve", "--no-worker"], env, self.home / "serve.log").start()
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if not self.server.alive():
-                raise RuntimeError(f"moerge serve exited\n{self.server.log_tail()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/api/ready", timeout=2).status_code == 200:
-                    return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"moerge serve did not become ready\n{self.server.log_tail()}")
-            time.sleep(0.2)
+        self.server = server = Proc("serve", ["serve", "--no-worker"], env, self.home / "serve.log").start()
+        wait_ready(f"{self.url}/api/ready", "moerge serve", server.alive, server.log_tail, timeout_s)
 
     def start_worker(self, timeout_s: float = 120) -> Proc:
         n = len(self.workers) + 1

@@ -7,18 +7,28 @@ An expert that fails is left out of the aggregate and named in ``Answer.failed``
 An aggregator with ``fuses_logits`` (``logit_fusion``) is the exception: the chosen experts decode one
 answer together, as ONE fused request to the engine (``fused_request``); there is nothing to combine
 afterwards, and a member that cannot take part fails the request (naming it).
+
+Each generation runs in its own ``generate`` span (a composition's members concurrently: the engines batch
+concurrent requests, and each vLLM request carries its own member's trace context), the aggregator's work in an
+``aggregate`` span; a streamed one's span lasts until its stream ends.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+
+from opentelemetry.trace import Span, use_span
+from opentelemetry.util.types import AttributeValue
 
 from aggregators import Aggregation, ExpertAnswer
-from composition.plan import Answer, AnswerStream, MembersFailed, Plan, Query, answering
+from composition.plan import Answer, AnswerStream, Member, MembersFailed, Plan, Query, answering
+from core import tracing
 from core.errors import MoergeError, Unprocessable
-from serving.dispatch import trace
+from serving.dispatch import EngineSet, needs_torch, trace
 from serving.engine import Engine, FusedMember, GenChunk, GenRequest, GenResult, Sampling
+from serving.torch_engine import TorchEngine
 
 
 def _describe(exc: BaseException) -> str:
@@ -31,20 +41,55 @@ def _result(out: GenResult | BaseException) -> GenResult:
     return out
 
 
+def _engine_name(engine: Engine, request: GenRequest) -> str:
+    """The engine that runs ``request`` (the app's EngineSet sends mixtures and fused requests to torch)."""
+    return TorchEngine.name if isinstance(engine, EngineSet) and needs_torch(request) else engine.name
+
+
+def _generation(engine: Engine, request: GenRequest) -> dict[str, AttributeValue]:
+    """A generation span's attributes: what runs it, on which engine."""
+    return {tracing.EXPERT: request.target.served_name, tracing.ENGINE: _engine_name(engine, request)}
+
+
+def _usage(span: Span, prompt_tokens: int | None, completion_tokens: int | None) -> None:
+    if span.is_recording() and prompt_tokens is not None and completion_tokens is not None:
+        span.set_attributes({tracing.INPUT_TOKENS: prompt_tokens, tracing.OUTPUT_TOKENS: completion_tokens})
+
+
+async def generate_one(engine: Engine, request: GenRequest) -> GenResult:
+    """One request's generation in its own span; a failure raised (and so recorded on the span)."""
+    with tracing.tracer.start_as_current_span("generate", attributes=_generation(engine, request)) as span:
+        (out,) = await engine.generate([request])
+        result = _result(out)
+        _usage(span, result.prompt_tokens, result.completion_tokens)
+        return result
+
+
 async def answer_one(engine: Engine, plan: Plan, query: Query, *, traced: bool = False) -> Answer:
     """A plan with one answerer: its generation, and with ``traced`` the token-level trace of it."""
     request = query.generation(plan.target, plan.router_bias)
-    (out,) = await engine.generate([request])
-    result = _result(out)
+    result = await generate_one(engine, request)
     shown = await trace(engine, request, result.text) if traced else None
     return Answer.of(plan, result, plan.experts, plan.weights, trace=shown)
 
 
+async def _member(engine: Engine, member: Member, request: GenRequest) -> GenResult | BaseException:
+    """One member's generation in its own span; a failure is returned (the others go on), and recorded."""
+    attributes = {**_generation(engine, request), tracing.EXPERT: member.slug, tracing.WEIGHT: member.weight}
+    with tracing.tracer.start_as_current_span("generate", attributes=attributes) as span:
+        (out,) = await engine.generate([request])
+        if isinstance(out, BaseException):
+            tracing.record_failure(span, out, _describe(out))
+        else:
+            _usage(span, out.prompt_tokens, out.completion_tokens)
+        return out
+
+
 async def answer_members(engine: Engine, plan: Plan, query: Query) -> tuple[ExpertAnswer, ...]:
-    """Every chosen expert's answer (to its own part, for a decomposed query), from one ``engine.generate``
-    call (one batch on vLLM)."""
+    """Every chosen expert's answer (to its own part, for a decomposed query), generated concurrently: the
+    engines batch concurrent requests (the torch engine in one batch, vLLM in its own scheduler)."""
     requests = [query.generation(m.target) if m.part is None else query.on_part(m.target, m.part) for m in plan.members]
-    results = await engine.generate(requests)
+    results = await asyncio.gather(*(_member(engine, m, r) for m, r in zip(plan.members, requests, strict=True)))
     answers: list[ExpertAnswer] = []
     for member, result in zip(plan.members, results, strict=True):
         if isinstance(result, BaseException):
@@ -89,8 +134,12 @@ def fused_request(engine: Engine, plan: Plan, query: Query) -> GenRequest:
 
 
 async def compose_fused(engine: Engine, plan: Plan, query: Query) -> Answer:
-    (out,) = await engine.generate([fused_request(engine, plan, query)])
-    result = _result(out)
+    request = fused_request(engine, plan, query)
+    attributes = {**_generation(engine, request), tracing.EXPERTS: [m.slug for m in plan.members]}
+    with tracing.tracer.start_as_current_span("generate", attributes=attributes) as span:
+        (out,) = await engine.generate([request])
+        result = _result(out)
+        _usage(span, result.prompt_tokens, result.completion_tokens)
     summary = result.extra.get("fusion") or {}
     mean = summary.get("mean_weights") or {}
     shown = ", ".join(f"{slug} {weight:.3g}" for slug, weight in mean.items())
@@ -117,24 +166,34 @@ async def compose(engine: Engine, plan: Plan, query: Query) -> Answer:
     prompt_tokens = sum(a.prompt_tokens for a in answers)
     completion_tokens = sum(a.completion_tokens for a in answers)
     finish_reason = "stop"
-    if aggregator.uses_model:
-        (out,) = await engine.generate([aggregator_request(plan, query, answers)])
-        result = _result(out)
-        aggregation = aggregator.finish(query.text, list(answers), result.text)
-        prompt_tokens += result.prompt_tokens
-        completion_tokens += result.completion_tokens
-        finish_reason = result.finish_reason
-    else:
-        aggregation = aggregator.combine(query.text, list(answers))
+    with tracing.tracer.start_as_current_span("aggregate", attributes=_aggregating(plan)) as span:
+        if aggregator.uses_model:
+            request = aggregator_request(plan, query, answers)
+            span.set_attributes(_generation(engine, request))
+            (out,) = await engine.generate([request])
+            result = _result(out)
+            _usage(span, result.prompt_tokens, result.completion_tokens)
+            aggregation = aggregator.finish(query.text, list(answers), result.text)
+            prompt_tokens += result.prompt_tokens
+            completion_tokens += result.completion_tokens
+            finish_reason = result.finish_reason
+        else:
+            aggregation = aggregator.combine(query.text, list(answers))
+        span.set_attribute(tracing.CHOSEN, list(aggregation.chosen))
     experts, weights = answering(plan, answers, aggregation.chosen)
     return Answer(
         plan, aggregation.text, finish_reason, prompt_tokens, completion_tokens, experts, weights, answers, aggregation
     )
 
 
+def _aggregating(plan: Plan) -> dict[str, AttributeValue]:
+    return {tracing.AGGREGATOR: plan.aggregator_name or ""}
+
+
 async def stream_one(engine: Engine, plan: Plan, query: Query) -> AnswerStream:
-    chunks = engine.stream(query.generation(plan.target, plan.router_bias))
-    return await started(plan, chunks, plan.experts, plan.weights)
+    request = query.generation(plan.target, plan.router_bias)
+    chunks = engine.stream(request)
+    return await started(plan, chunks, plan.experts, plan.weights, span=("generate", _generation(engine, request)))
 
 
 async def compose_stream(engine: Engine, plan: Plan, query: Query) -> AnswerStream:
@@ -145,12 +204,15 @@ async def compose_stream(engine: Engine, plan: Plan, query: Query) -> AnswerStre
     if aggregator.fuses_logits:  # one fused decode: its own stream is the answer's
         request = fused_request(engine, plan, query)
         experts, weights = answering(plan, (), [m.slug for m in plan.members])
-        return await started(plan, engine.stream(request), experts, weights)
+        attributes = {**_generation(engine, request), tracing.EXPERTS: [m.slug for m in plan.members]}
+        return await started(plan, engine.stream(request), experts, weights, span=("generate", attributes))
     if aggregator.uses_model and aggregator.streams_output:
         answers = await answer_members(engine, plan, query)
         experts, weights = answering(plan, answers, [a.slug for a in answers if a.ok])
         failed = tuple(dict.fromkeys(a.slug for a in answers if not a.ok))
-        return await started(plan, engine.stream(aggregator_request(plan, query, answers)), experts, weights, failed)
+        request = aggregator_request(plan, query, answers)
+        attributes = {**_aggregating(plan), **_generation(engine, request)}
+        return await started(plan, engine.stream(request), experts, weights, failed, span=("aggregate", attributes))
     done = await compose(engine, plan, query)
     return await started(plan, _one_chunk(done), done.experts, done.weights, done.failed)
 
@@ -161,12 +223,43 @@ async def started(
     experts: tuple[str, ...],
     weights: tuple[float, ...],
     failed: tuple[str, ...] = (),
+    *,
+    span: tuple[str, Mapping[str, AttributeValue]] | None = None,
 ) -> AnswerStream:
     """The stream with its first chunk awaited: a failure to start (engine down, unknown adapter) is raised
-    here, while the caller can still answer with an HTTP error status."""
-    rest = chunks.__aiter__()
-    first = await rest.__anext__()
-    return AnswerStream(plan, first, rest, experts, weights, failed)
+    here, while the caller can still answer with an HTTP error status. With ``span`` (name, attributes), inside a
+    span that lasts until the stream ends (or fails, or is closed): the engine sends its request while the span is
+    current, so a vLLM server's spans join under it."""
+    if span is None:
+        rest = chunks.__aiter__()
+        first = await rest.__anext__()
+        return AnswerStream(plan, first, rest, experts, weights, failed)
+    current = tracing.tracer.start_span(span[0], attributes=span[1])
+    try:
+        with use_span(current):  # records a failure to start on the span
+            stream = await started(plan, chunks, experts, weights, failed)
+    except BaseException:
+        current.end()
+        raise
+    return dataclasses.replace(stream, rest=_spanned(current, stream.first, stream.rest))
+
+
+async def _spanned(span: Span, last: GenChunk, rest: AsyncIterator[GenChunk]) -> AsyncIterator[GenChunk]:
+    """``rest``, then ``span`` ended with the usage the last chunk reports. Closed early (the client left, the
+    time limit), it closes ``rest`` too, which stops the generation."""
+    try:
+        async for chunk in rest:
+            last = chunk
+            yield chunk
+        _usage(span, last.prompt_tokens, last.completion_tokens)
+    except Exception as exc:
+        tracing.record_failure(span, exc, _describe(exc))
+        raise
+    finally:
+        span.end()
+        close = getattr(rest, "aclose", None)
+        if close is not None:
+            await close()
 
 
 async def _one_chunk(done: Answer) -> AsyncIterator[GenChunk]:

@@ -1,6 +1,9 @@
 """The one way a query is answered: ``Composer.plan`` (resolve the model name; route a composition), then
 ``answer`` or ``stream`` on the engines. /v1, /api/route, the admin panel's "try it" box and playground all
 go through a ``Composer``; the CLI's ``moerge query`` and ``moerge eval`` reach it over /v1.
+
+Planning runs in a ``resolve`` span (a composition's routing in a ``route`` span inside it: composition/resolve.py);
+the generations in the spans composition/compose.py makes.
 """
 
 from __future__ import annotations
@@ -10,11 +13,13 @@ import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Callable
 
+from opentelemetry.trace import Span
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from composition.compose import answer_one, compose, compose_stream, stream_one
+from composition.compose import answer_one, compose, compose_stream, generate_one, stream_one
 from composition.plan import Answer, AnswerStream, Plan, Query
 from composition.resolve import find_composition, resolve_composition, resolve_model, routing_only, target_of_slug
+from core import tracing
 from core.errors import MoergeError, NotFound, ValidationFailed
 from core.settings import MAX_GENERATION_S
 from registry.epoch import Stamp, registry_stamp
@@ -60,16 +65,19 @@ class Composer:
     ) -> Plan:
         """What answers ``query``: an expert, or a composition routed on ``query.text``. ``stamp``: the
         registry stamp if the caller read it already (the API's key check reads it in the same statement)."""
-        return await resolve_model(
-            session,
-            self.store,
-            query.model,
-            query=query.text,
-            context=self.context,
-            on_composition=on_routing,
-            stamp=stamp,
-            max_lora_rank=self.max_lora_rank,
-        )
+        with tracing.tracer.start_as_current_span("resolve", attributes={tracing.MODEL: query.model}) as span:
+            plan = await resolve_model(
+                session,
+                self.store,
+                query.model,
+                query=query.text,
+                context=self.context,
+                on_composition=on_routing,
+                stamp=stamp,
+                max_lora_rank=self.max_lora_rank,
+            )
+            _describe(span, plan)
+            return plan
 
     async def route(
         self,
@@ -81,15 +89,18 @@ class Composer:
         on_routing: OnRouting | None = None,
     ) -> Plan:
         """A composition's plan for ``text``, without generating (/api/route)."""
-        stamp = stamp if stamp is not None else await registry_stamp(session)
-        comp = await find_composition(session, self.store, model, stamp)
-        if comp is None:
-            raise NotFound(f"no composition named {model!r}", param="model", code="composition_not_found")
-        if on_routing is not None:
-            on_routing(routing_only(comp))
-        return await resolve_composition(
-            session, self.store, comp, text, self.context, stamp, max_lora_rank=self.max_lora_rank
-        )
+        with tracing.tracer.start_as_current_span("resolve", attributes={tracing.MODEL: model}) as span:
+            stamp = stamp if stamp is not None else await registry_stamp(session)
+            comp = await find_composition(session, self.store, model, stamp)
+            if comp is None:
+                raise NotFound(f"no composition named {model!r}", param="model", code="composition_not_found")
+            if on_routing is not None:
+                on_routing(routing_only(comp))
+            plan = await resolve_composition(
+                session, self.store, comp, text, self.context, stamp, max_lora_rank=self.max_lora_rank
+            )
+            _describe(span, plan)
+            return plan
 
     async def answer(self, plan: Plan, query: Query, *, traced: bool = False) -> Answer:
         """``plan`` run to the end; ``traced``: with the token-level trace (a token-level plan only)."""
@@ -115,6 +126,12 @@ class Composer:
 
     def _deadline(self) -> float:
         return asyncio.get_running_loop().time() + self.max_generation_s
+
+
+def _describe(span: Span, plan: Plan) -> None:
+    """What the name resolved to, on its ``resolve`` span."""
+    if span.is_recording():
+        span.set_attributes({tracing.ROUTER: plan.router, tracing.EXPERTS: list(plan.experts)})
 
 
 @contextlib.asynccontextmanager
@@ -175,9 +192,7 @@ def router_context(
             target = await target_of_slug(session, store, slug, param="model")
         deadline = asyncio.get_running_loop().time() + max_generation_s
         async with _time_limit(deadline, max_generation_s):
-            (result,) = await engine.generate([GenRequest(target, Sampling(max_tokens=max_new_tokens), messages)])
-        if isinstance(result, BaseException):
-            raise result
+            result = await generate_one(engine, GenRequest(target, Sampling(max_tokens=max_new_tokens), messages))
         return result.text
 
     return RouterContext(embedder=embedder, generate=generate, default_model=default_model)

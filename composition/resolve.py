@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from aggregators import AGGREGATORS
 from composition.plan import Member, Plan
 from composition.service import CompositionService
+from core import tracing
 from core.errors import NotFound, Unprocessable, ValidationFailed
 from registry.compositions import CompositionView
 from registry.epoch import Stamp, StampedMemo, registry_stamp
@@ -133,6 +134,32 @@ async def resolve_composition(
     stamp: Stamp | None = None,
     *,
     max_lora_rank: int = MAX_LORA_RANK,
+) -> Plan:
+    """``comp``'s plan for ``query``, in a ``route`` span that records the router's decision."""
+    attributes = {tracing.COMPOSITION: comp.name, tracing.ROUTER: comp.router}
+    with tracing.tracer.start_as_current_span("route", attributes=attributes) as span:
+        plan = await _resolve_composition(session, store, comp, query, context, stamp, max_lora_rank=max_lora_rank)
+        if span.is_recording():
+            span.set_attributes(
+                {
+                    tracing.ROUTE_LEVEL: "token" if plan.token_level else "query",
+                    tracing.ROUTE_EXPERTS: list(plan.experts),
+                    tracing.ROUTE_WEIGHTS: list(plan.weights),
+                    tracing.ROUTE_FALLBACK: plan.fallback,
+                }
+            )
+        return plan
+
+
+async def _resolve_composition(
+    session: AsyncSession,
+    store: ArtifactStore,
+    comp: CompositionView,
+    query: str,
+    context: RouterContext,
+    stamp: Stamp | None,
+    *,
+    max_lora_rank: int,
 ) -> Plan:
     stamp = stamp if stamp is not None else await registry_stamp(session)
     from composition import mixtures  # imports this module

@@ -216,6 +216,28 @@ class Settings:
         default=30,
         metadata={"help": "a running merge job whose heartbeat is older than this lost its worker: it is failed"},
     )
+    metrics_token: str | None = field(
+        default=None,
+        metadata={"help": "a bearer token that may read GET /metrics besides an admin key (for a Prometheus scraper)"},
+    )
+    metrics_dir: Path | None = field(
+        default=None,
+        metadata={
+            "help": "folder of the metrics' multi-process files, shared by every moerge process on this host "
+            "(PROMETHEUS_MULTIPROC_DIR; default $MOERGE_HOME/metrics)"
+        },
+    )
+    metrics_flush_s: float = field(
+        default=60.0,
+        metadata={
+            "help": "how often each process adds its per-minute request and routing counts (the admin dashboard's "
+            "charts) to the database"
+        },
+    )
+    metrics_keep_h: float = field(
+        default=24.0,
+        metadata={"help": "per-minute counts older than this many hours are deleted from the database"},
+    )
     store_orphan_age_s: int = field(
         default=600,
         metadata={
@@ -246,6 +268,10 @@ class Settings:
                         out.write(secrets.token_urlsafe(32))
                 secret = _read_key_file(path) or ""
         return hashlib.sha256(f"moerge-{purpose}:{secret}".encode()).digest()
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.metrics_dir or self.home / "metrics"
 
     @property
     def merges_dir(self) -> Path:
@@ -310,6 +336,12 @@ class Settings:
             drain_s=_int_env(env, "MOERGE_DRAIN_S", default("drain_s")),
             merge_stale_after_s=_int_env(env, "MOERGE_MERGE_STALE_S", default("merge_stale_after_s")),
             store_orphan_age_s=_int_env(env, "MOERGE_STORE_ORPHAN_AGE_S", default("store_orphan_age_s")),
+            metrics_token=env.get("MOERGE_METRICS_TOKEN") or None,
+            metrics_dir=Path(env["PROMETHEUS_MULTIPROC_DIR"]).expanduser().resolve()
+            if env.get("PROMETHEUS_MULTIPROC_DIR")
+            else None,
+            metrics_flush_s=_positive_float_env(env, "MOERGE_METRICS_FLUSH_S", default("metrics_flush_s")),
+            metrics_keep_h=_positive_float_env(env, "MOERGE_METRICS_KEEP_H", default("metrics_keep_h")),
             session_secret=env.get("MOERGE_SESSION_SECRET") or None,
             admin_cookie_secure=_flag_env(env, "MOERGE_ADMIN_COOKIE_SECURE", default("admin_cookie_secure")),
         )

@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from composition.composer import router_context
 from composition.factory import create_engine
+from core import metrics
 from core.errors import ValidationFailed
 from core.settings import Settings
 from jobs.fit import FitHandler
@@ -33,6 +34,7 @@ def make_worker(
     """Merges work in ``settings.merges_dir``, other jobs in ``settings.jobs_dir``; a lease lapses after
     ``settings.merge_stale_after_s``. ``context``: the routers' context for `fit` jobs (the app's, in `moerge
     serve`); a worker without one leaves fit and train jobs to one that has it."""
+    metrics.enable(settings.metrics_path)  # a `moerge worker` process's job counts join the gateway's /metrics
     handlers: list[tuple[JobHandler, Path]] = [
         (MergeHandler(sessionmaker, store, max_lora_rank=settings.max_lora_rank), settings.merges_dir)
     ]

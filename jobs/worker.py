@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import socket
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -33,6 +34,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.errors import DatabaseUnavailable, MoergeError, NotFound
+from core.metrics import JOB_SECONDS, JOBS
 from jobs.run import JobCancelled, JobHandler, JobRun
 from registry.jobs import iso
 from registry.models import Job, JobStatus, utcnow
@@ -165,6 +167,7 @@ class Worker:
             run = JobRun(job.id, job.kind, job.method, dict(job.params), job.result_name, self.name, root / str(job.id))
         self._current = run
         beat = asyncio.create_task(self._heartbeat(run, on_tick))
+        started = time.perf_counter()
         try:
             await self._run(handler, run)
         finally:
@@ -176,6 +179,10 @@ class Worker:
         async with self.sessionmaker() as session:
             done = await session.get(Job, job_id)
             assert done is not None
+            if run.reason != "lost":  # a lost job was settled, and counted, by the worker that took it over
+                # the row's status: succeeded, failed, cancelled, or queued again (stopped by a shutdown)
+                JOBS.labels(kind=run.kind, status=done.status).inc()
+                JOB_SECONDS.labels(kind=run.kind, status=done.status).observe(time.perf_counter() - started)
             if on_tick is not None:
                 on_tick(done.progress, done.message)
             return done
@@ -263,6 +270,7 @@ class Worker:
                 await session.commit()
                 if done.rowcount == 1:  # type: ignore[attr-defined]
                     log.warning("%s job %s: %s", job.kind, job.id, values["message"])
+                    JOBS.labels(kind=job.kind, status=values["status"]).inc()  # its worker died: no duration
                     settled.append(job.id)
         if sweep or settled:
             await self._sweep()

@@ -1,5 +1,5 @@
 """SQLAlchemy 2 models of the registry: experts, their files and evals, compositions, API keys (their usage
-and admin sessions), merge jobs.
+and admin sessions), merge jobs, and per-minute traffic counts (the admin dashboard's charts).
 
 The database holds metadata only; weights live in the content-addressed store (``registry/store.py``).
 Types are portable between SQLite and PostgreSQL (``Uuid``, ``JSON`` with a JSONB variant).
@@ -411,3 +411,28 @@ class ExpertTrainingData(Base):
     rows: Mapped[int] = mapped_column(Integer)
     size: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ModelMinute(Base):
+    """Requests one model answered in one clock minute (``minute``: Unix time // 60), summed over every process:
+    each adds its own counts about once a minute (registry/metrics.py). The admin dashboard's charts read them."""
+
+    __tablename__ = "model_minutes"
+
+    minute: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    model: Mapped[str] = mapped_column(String(128), primary_key=True)  # an expert's slug or a composition's name
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)  # ExpertKind, or "composition"
+    requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    errors: Mapped[int] = mapped_column(BigInteger, default=0)  # answered with a status of 400 or more
+    latency_s: Mapped[float] = mapped_column(Float, default=0.0)  # the requests' durations, summed
+
+
+class RoutingMinute(Base):
+    """How often a composition's router chose each expert in one clock minute, summed over every process."""
+
+    __tablename__ = "routing_minutes"
+
+    minute: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    composition: Mapped[str] = mapped_column(String(128), primary_key=True)
+    expert: Mapped[str] = mapped_column(String(128), primary_key=True)
+    decisions: Mapped[int] = mapped_column(BigInteger, default=0)

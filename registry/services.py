@@ -315,7 +315,9 @@ class ExpertService:
         refs += [f"merge job {job}" for job in jobs]
         return refs
 
-    async def delete(self, ref: str, *, force: bool = False) -> None:
+    async def delete(self, ref: str, *, force: bool = False) -> tuple[str, list[str]]:
+        """Delete an expert (its row, folder and blobs nothing else uses). Returns its id and the names it
+        answered to (slug and aliases), for unloading it from the servers that hold it."""
         expert = await self.get(ref)
         dependents = list(await self.session.scalars(select(Expert.slug).where(Expert.base_id == expert.id)))
         if dependents:
@@ -338,6 +340,7 @@ class ExpertService:
             )
             await self.session.execute(delete(JobInput).where(JobInput.expert_id == expert.id))
         expert_id = expert.id
+        names = [expert.slug, *(str(a) for a in expert.aliases or [])]
         # Each blob with when it was stored (or last touched) for this expert: its files before its row was
         # written, its training data before that row; a later touch is another registration's (see below).
         own_blobs = {f.sha256: _timestamp(expert.created_at) for f in expert.files}
@@ -369,6 +372,7 @@ class ExpertService:
         for sha, stored_at in own_blobs.items():
             if sha not in referenced:
                 self.store.discard_blobs([sha], untouched_since=stored_at)
+        return str(expert_id), names
 
     async def _referenced_blobs(self) -> set[str]:
         referenced = set(await self.session.scalars(select(ExpertFile.sha256).distinct()))

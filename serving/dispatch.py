@@ -9,7 +9,7 @@ goes to the main engine. Callers see one ``Engine``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from typing import Any
 
 from core.errors import ValidationFailed
@@ -59,6 +59,11 @@ class EngineSet:
 
     async def trace(self, request: GenRequest, completion: str = "") -> TokenTrace:
         return await self.torch.trace(request, completion)
+
+    async def forget(self, adapter_id: str, names: Collection[str]) -> None:
+        await self.main.forget(adapter_id, names)
+        if self._torch is not None:
+            await self._torch.forget(adapter_id, names)
 
     async def status(self) -> list[dict[str, Any]]:
         local = await self._torch.status() if self._torch is not None else []

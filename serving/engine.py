@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
@@ -220,6 +220,11 @@ class Engine(Protocol):
 
     async def trace(self, request: GenRequest, completion: str = "") -> TokenTrace:
         """The token-level trace of a mixture request (only where ``capabilities.traces``)."""
+        ...
+
+    async def forget(self, adapter_id: str, names: Collection[str]) -> None:
+        """A deleted adapter: unload it wherever this engine's servers may hold it, under its id or any of
+        ``names`` (its slug and aliases, which clients of a remote server may have used)."""
         ...
 
     async def close(self) -> None: ...

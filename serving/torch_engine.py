@@ -44,7 +44,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Collection, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -515,6 +515,10 @@ class TorchEngine:
             }
             for slot in self._slots.values()
         ]
+
+    async def forget(self, adapter_id: str, names: Collection[str]) -> None:
+        """Nothing to do: an adapter's id never names other weights (a re-registered slug gets a new id), and a
+        slot nobody uses is unloaded when room is needed (``max_loaded_gib``)."""
 
     async def close(self) -> None:
         """Drop every model (waiting for a running batch to end); queued requests fail as unavailable."""

@@ -35,7 +35,7 @@ import asyncio
 import logging
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +124,11 @@ class VLLMEngine:
         for base_id in self.config.remote_servers:  # configured remotes are listed before first use too
             self._fleet.entry(base_id, None, 0)
         return [self._status_entry(server) for server in self._fleet.servers.values()]
+
+    async def forget(self, adapter_id: str, names: Collection[str]) -> None:
+        for base_id in self.config.remote_servers:  # remote servers this process has not used yet may hold it too
+            self._fleet.entry(base_id, None, 0)
+        await self._adapters.forget(adapter_id, names)
 
     async def stop_server(self, base_id: str) -> None:
         """Terminate one base's managed server (e.g. to free memory); the next request starts it again."""

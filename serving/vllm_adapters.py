@@ -1,6 +1,12 @@
 """Adapter residency on vLLM servers: which adapters each server has loaded, loading one on a request's first use
 (``POST /v1/load_lora_adapter``, then the adapter id is the request's ``model``), loading it again when the
-server forgot it, and restarting a server whose --max-lora-rank is below an adapter's rank."""
+server forgot it, restarting a server whose --max-lora-rank is below an adapter's rank, and unloading a deleted
+adapter from every server that may hold it.
+
+A remote server fetches adapters itself: the request names the adapter by its registry id, which is bound to the
+adapter's content (an expert's files never change under its id; a re-registered slug gets a new id), and the
+server's moerge resolver (``resolver/``) downloads it from the registry. Only if that server answers 404 (no
+resolver there) is it asked to load the folder by path, which works where it shares moerge's filesystem."""
 
 from __future__ import annotations
 
@@ -8,14 +14,15 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from core import metrics
 from core.errors import Unprocessable, ValidationFailed
 from core.lora import VALID_LORA_RANKS, largest_rank, lora_rank_for
 from serving.engine import EngineUnavailable, GenerationFailed, Target
-from serving.vllm_client import EventStream, Reply
+from serving.vllm_client import PROBE_ERRORS, EventStream, Reply
 from serving.vllm_openai import error_message
 from serving.vllm_server import ADMIN_HINT, Server, Watch
 
@@ -25,6 +32,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Answer = TypeVar("Answer", Reply, EventStream)
+
+# What ``Server.adapters`` records for an adapter a remote server's resolver fetched (there is no path to it).
+BY_RESOLVER = "(moerge resolver)"
+UNLOAD_TIMEOUT_S = 10.0
 
 
 class Adapters:
@@ -42,10 +53,11 @@ class Adapters:
         exchange: Callable[[], Awaitable[Answer]],
     ) -> tuple[Answer, float]:
         """Send ``body`` (``exchange()``) with its ``model`` set to ``target``'s, its adapter loaded first if need
-        be. A 404 for an adapter means the server forgot it (restarted behind our back): it is loaded and sent
-        again, once. Returns the answer and the ``time.perf_counter()`` at which it was sent."""
+        be. A 404 for an adapter means the server forgot it (restarted behind our back), or a remote server has no
+        resolver: it is loaded by path and sent again, once. Returns the answer and the ``time.perf_counter()`` at
+        which it was sent."""
         for attempt in range(2):
-            body["model"] = await self.model_for(server, target, watch)
+            body["model"] = await self.model_for(server, target, watch, by_path=attempt > 0)
             sent_at = time.perf_counter()
             answer = await self._fleet.call(server, watch, exchange())
             if answer.status_code == 404 and target.adapter_id and attempt == 0:
@@ -54,14 +66,23 @@ class Adapters:
                 server.adapters.pop(target.adapter_id, None)
                 continue
             break
+        if (
+            server.remote
+            and target.adapter_id
+            and answer.status_code == 200
+            and target.adapter_id not in server.adapters
+        ):
+            server.adapters[target.adapter_id] = BY_RESOLVER  # its resolver fetched and loaded it (or had it)
+            metrics.ADAPTER_LOADS.labels(base=server.base_id, where="remote").inc()
         return answer, sent_at
 
-    async def model_for(self, server: Server, target: Target, watch: Watch) -> str:
-        """The request's ``model``: the base's served name, or the adapter id after loading it (once)."""
+    async def model_for(self, server: Server, target: Target, watch: Watch, *, by_path: bool = False) -> str:
+        """The request's ``model``: the base's served name, or the adapter id after loading it (once). A remote
+        server gets the id as it is (its resolver fetches the adapter) unless ``by_path``."""
         adapter_id = target.adapter_id
         if adapter_id is None:
             return server.model_name
-        if adapter_id in server.adapters:
+        if adapter_id in server.adapters or (server.remote and not by_path):
             return adapter_id
         if target.adapter_dir is None:
             raise ValidationFailed(f"adapter {adapter_id!r} has no folder to load", param="model")
@@ -73,10 +94,10 @@ class Adapters:
         lock = server.adapter_locks.setdefault(adapter_id, asyncio.Lock())
         async with lock:  # concurrent first requests for one adapter load it once
             if adapter_id not in server.adapters:
-                await self._load(server, adapter_id, adapter_path, watch)
+                await self._load(server, adapter_id, adapter_path, watch, target.served_name or adapter_id)
         return adapter_id
 
-    async def _load(self, server: Server, adapter_id: str, adapter_path: str, watch: Watch) -> None:
+    async def _load(self, server: Server, adapter_id: str, adapter_path: str, watch: Watch, name: str) -> None:
         epoch = server.epoch
         body = {"lora_name": adapter_id, "lora_path": adapter_path}
         reply = await self._fleet.call(server, watch, server.http.post_json("/v1/load_lora_adapter", body))
@@ -89,13 +110,66 @@ class Adapters:
                 adapter_path,
                 error_message(reply),
             )
-            where = " (its folder must be visible to the remote server, same path)" if server.remote else ""
+            where = (
+                " (it has no moerge resolver that fetches it, and moerge's folder of it is not visible there: "
+                "install moerge-vllm-resolver on that server, see the README)"
+                if server.remote
+                else ""
+            )
             raise GenerationFailed(
-                f"the vLLM server for {server.base_id!r} could not load adapter {adapter_id!r}{where}; " + ADMIN_HINT,
+                f"the vLLM server for {server.base_id!r} could not load adapter {name!r}{where}; " + ADMIN_HINT,
                 param="model",
             )
         if server.epoch == epoch:  # not a load answered by a process that has since been replaced
             server.adapters[adapter_id] = adapter_path
+            metrics.ADAPTER_LOADS.labels(base=server.base_id, where="remote" if server.remote else "local").inc()
+
+    async def forget(self, adapter_id: str, names: Collection[str]) -> None:
+        """Unload a deleted adapter from every server that may hold it: managed servers that loaded it, and every
+        remote server under any name its resolver may have given it (the id, its slug or aliases, ``slug@sha``).
+        A server that cannot be reached is logged, not an error: the deletion has happened."""
+        unloads = []
+        remote_urls: set[str] = set()
+        for server in list(self._fleet.servers.values()):
+            if server.remote and server.url not in remote_urls:
+                remote_urls.add(server.url)
+                unloads.append(self._forget_remote(server, adapter_id, names))
+            elif not server.remote and adapter_id in server.adapters and server.client is not None:
+                unloads.append(self._unload(server, [adapter_id]))
+        await asyncio.gather(*unloads)
+
+    async def _forget_remote(self, server: Server, adapter_id: str, names: Collection[str]) -> None:
+        try:
+            served = await server.http.models(timeout_s=UNLOAD_TIMEOUT_S)
+        except PROBE_ERRORS as exc:
+            log.warning(
+                "could not list the adapters of the vLLM server at %s to unload %s: %r", server.url, adapter_id, exc
+            )
+            return
+        held = [
+            entry["id"]
+            for entry in served
+            if isinstance(entry, dict)
+            and isinstance(entry.get("id"), str)
+            and (entry["id"] == adapter_id or entry["id"] in names or entry["id"].split("@", 1)[0] in names)
+            and entry.get("parent")  # adapters have a parent (the base); never unload a base
+        ]
+        await self._unload(server, held)
+
+    async def _unload(self, server: Server, lora_names: list[str]) -> None:
+        for name in lora_names:
+            try:
+                reply = await asyncio.wait_for(
+                    server.http.post_json("/v1/unload_lora_adapter", {"lora_name": name}), UNLOAD_TIMEOUT_S
+                )
+            except PROBE_ERRORS as exc:
+                log.warning("could not unload adapter %s from the vLLM server at %s: %r", name, server.url, exc)
+                continue
+            server.adapters.pop(name, None)
+            if reply.status_code not in (200, 404):  # 404: it was not loaded there (any more)
+                log.warning("vLLM at %s did not unload adapter %s: %s", server.url, name, error_message(reply))
+            else:
+                log.info("unloaded deleted adapter %s from the vLLM server for %s", name, server.base_id)
 
     async def restart_for_rank(self, server: Server, target: Target, adapter_id: str, rank: int) -> None:
         """An adapter above the running server's --max-lora-rank (a merged LoRA, say): restart the server

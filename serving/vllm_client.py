@@ -7,6 +7,11 @@ events), adapter loads, health checks and model listings.
 A client's connections are dropped when its process dies (``drop``), so the next request opens a new one and
 is refused at once instead of being reset on a connection to the dead process. Health checks and model
 listings have their own small pool: a server busy with ``max_connections`` requests is not taken for dead.
+
+Generations, streams and adapter loads carry the caller's trace context (W3C ``traceparent``, from the active span)
+when there is one, so a vLLM server started with ``--otlp-traces-endpoint`` puts its spans in the same trace as
+moerge's. Probes do not: they run in the supervisor's tasks, whose context is that of whichever request started
+the server, long over.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+from opentelemetry.propagate import inject
 
 from serving.vllm_config import VLLMConfig
 
@@ -104,12 +110,12 @@ class VLLMClient:
 
     async def post_json(self, path: str, body: dict[str, Any]) -> Reply:
         """POST a JSON body and read the whole reply (a non-streamed generation, an adapter load)."""
-        async with self._request_pool().post(self.url + path, json=body) as resp:
+        async with self._request_pool().post(self.url + path, json=body, headers=_trace_headers()) as resp:
             return Reply(resp.status, await resp.read())
 
     async def open_stream(self, path: str, body: dict[str, Any]) -> EventStream:
         """POST a JSON body asking for a stream; returns once the reply's headers are in."""
-        return EventStream(await self._request_pool().post(self.url + path, json=body))
+        return EventStream(await self._request_pool().post(self.url + path, json=body, headers=_trace_headers()))
 
     async def get(self, path: str, *, timeout_s: float) -> Reply:
         """GET over the probe pool, the whole exchange bounded by ``timeout_s``."""
@@ -155,6 +161,14 @@ class VLLMClient:
         if self._probes is None or self._probes.closed:
             self._probes = _session(_PROBE_CONNECTIONS, sock_read=self._read_timeout_s)
         return self._probes
+
+
+def _trace_headers() -> dict[str, str] | None:
+    """The active trace context as headers (``traceparent``, and ``tracestate`` / ``baggage`` if any; the
+    propagators OTEL_PROPAGATORS names); None outside any span, as when tracing is off."""
+    headers: dict[str, str] = {}
+    inject(headers)
+    return headers or None
 
 
 def _session(limit: int, *, sock_read: float) -> aiohttp.ClientSession:

@@ -28,7 +28,7 @@ from serving.vllm_adapters import served_rank
 from serving.vllm_client import PROBE_ERRORS, VLLMClient
 from serving.vllm_config import VLLMConfig
 from serving.vllm_server import ADMIN_HINT, Server, ServerDied, Watch
-from serving.vllm_supervisor import Supervisor
+from serving.vllm_supervisor import Supervisor, observe
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ class Fleet:
                 server = Server(base_id=base_id, base_dir=base_dir, remote=False, model_name=base_id)
                 server.notify = self._room_may_have_changed
             self.servers[base_id] = server
+            observe(server)
         if not server.remote:
             if base_dir is not None:
                 server.base_dir = base_dir
@@ -230,12 +231,14 @@ class Fleet:
             models = await server.http.models(timeout_s=10)
         except PROBE_ERRORS as exc:
             server.reachable = False
+            observe(server)
             log.warning("the remote vLLM server for %s at %s is unreachable: %r", server.base_id, server.url, exc)
             raise EngineUnavailable(
                 f"the remote vLLM server for {server.base_id!r} is unreachable; {ADMIN_HINT}",
                 retry_after=max(1, math.ceil(self.config.health_interval_s)),
             ) from exc
         server.reachable = True
+        observe(server)
         roots = [m.get("id") for m in models if not m.get("parent")]
         if server.base_id in roots:
             server.model_name = server.base_id

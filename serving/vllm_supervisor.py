@@ -14,6 +14,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from core import metrics
 from serving.engine import EngineUnavailable
 from serving.vllm_client import PROBE_ERRORS, VLLMClient
 from serving.vllm_config import VLLMConfig, child_env
@@ -29,6 +30,13 @@ _ERROR_TAIL_LINES = 15
 
 
 STARTING_REPORT_S = 10.0
+
+
+def observe(server: Server) -> None:
+    """``server``'s state into the metrics (moerge_vllm_server_state); a remote one is unreachable after a failed
+    check."""
+    state = "unreachable" if server.remote and server.reachable is False else server.state
+    metrics.server_state(server.base_id, state)
 
 
 class Supervisor:
@@ -69,6 +77,7 @@ class Supervisor:
     async def start(self, server: Server) -> bool:
         """Start a process for ``server`` and wait until it is healthy. Never raises; False on failure."""
         server.state = "starting"  # started_at was set by the caller (the wait before a restart counts)
+        observe(server)
         server.epoch += 1
         server.adapters.clear()
         server.died = asyncio.Event()
@@ -125,8 +134,12 @@ class Supervisor:
             server.last_used = time.monotonic()  # kept warm for the requests it was started for
             server.last_error = None
             log.info("vLLM for %s ready in %.1f s", server.base_id, server.startup_s)
+            metrics.VLLM_SERVER_STARTS.labels(base=server.base_id, outcome="ready").inc()
+            observe(server)
             return True
         server.state = "dead"
+        metrics.VLLM_SERVER_STARTS.labels(base=server.base_id, outcome="failed").inc()
+        observe(server)
         server.last_error = f"start failed: {error}" if error else "stopped"
         if proc is not None:
             server.last_error += _tail_suffix(proc, self.log_path(server))
@@ -204,6 +217,8 @@ class Supervisor:
         log.warning("vLLM for %s died (%s); restarting", server.base_id, server.last_error)
         server.state = "starting"
         server.restarts += 1
+        metrics.VLLM_SERVER_RESTARTS.labels(base=server.base_id).inc()
+        observe(server)
         server.started_at = time.monotonic()
         server.task = asyncio.create_task(self._restart_loop(server), name=f"vllm-restart-{server.base_id}")
 
@@ -218,6 +233,7 @@ class Supervisor:
                 server.next_attempt_at = time.monotonic() + delay
                 await asyncio.sleep(delay)
                 server.restarts += 1
+                metrics.VLLM_SERVER_RESTARTS.labels(base=server.base_id).inc()
                 server.state = "starting"
                 server.started_at = time.monotonic()
             if await self.start(server):
@@ -252,6 +268,7 @@ class Supervisor:
         if not server.remote:
             server.state = "dead"
             server.adapters.clear()
+            observe(server)
         if server.proc is not None:
             await asyncio.to_thread(server.proc.terminate, self.config.terminate_timeout_s)
         server.notify()  # its slot is free once its process is gone
@@ -264,6 +281,7 @@ class Supervisor:
         timeout_s = max(5.0, self.config.health_interval_s)
         if server.remote:
             server.reachable = await server.http.healthy(timeout_s=timeout_s)
+            observe(server)
             return
         if server.state != "ready" or server.proc is None:
             return

@@ -1,4 +1,5 @@
-"""The dashboard: experts by kind, the serving engine's servers, the latest merge jobs."""
+"""The dashboard: experts by kind, the serving engine's servers, the latest merge jobs, and the last hour's
+traffic (requests and latency per model, each composition's routing share) from the per-minute rollups."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from litestar.response import Template
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from api.admin.activity import WINDOW_MIN, activity
 from api.deps import runtime_of
 from api.schemas import jobs_out
 from registry.jobs import JobService
+from registry.metrics import minute_of, recent_minutes
 from registry.models import Expert, ExpertKind
 from registry.services import ExpertService
 from registry.store import ArtifactStore
@@ -50,6 +53,7 @@ async def _with_slugs(db_session: AsyncSession, servers: list[dict[str, Any]]) -
 
 RECENT_JOBS = 8
 REFRESH_S = 5  # how often an open dashboard fetches its counts, servers and jobs again
+ACTIVITY_REFRESH_S = 60  # and its traffic charts (their rows are written about once a minute)
 
 
 class DashboardPage(Controller):
@@ -69,6 +73,8 @@ class DashboardPage(Controller):
         jobs = await jobs_out(service, [*running, *recent][: max(RECENT_JOBS, len(running))])
         serving = runtime_of(request.app.state).serving
         servers = await _with_slugs(db_session, await serving.status()) if serving is not None else []
+        now = minute_of()
+        models, routes = await recent_minutes(db_session, now - WINDOW_MIN + 1)
         return Template(
             "dashboard.html",
             context={
@@ -78,5 +84,7 @@ class DashboardPage(Controller):
                 "servers": servers,
                 "jobs": jobs,
                 "refresh_s": REFRESH_S,
+                "activity": activity(models, routes, now),
+                "activity_refresh_s": ACTIVITY_REFRESH_S,
             },
         )

@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.admin.asking import ask
 from api.admin.views import PAGE_SIZE, FormErrors, Pager, expert_picker, lineage_svg, markdown
-from api.deps import provide_expert_service
+from api.deps import provide_engine, provide_expert_service
 from api.experts.intake import LIST_FIELDS, register_import, register_upload, spec_from_fields
 from api.limits import upload_opt
 from api.schemas import PageOffset, expert_out
@@ -29,6 +29,7 @@ from registry.models import Expert, ExpertKind
 from registry.schemas import ExpertPatch, decode_strict
 from registry.services import ExpertService
 from registry.store import ArtifactStore
+from serving.engine import Engine
 
 FORM_FIELDS = ("slug", "kind", "base", "description", "task_description", "skills", "example_prompts", "tags")
 # what the card's edit form changes: the ExpertPatch fields that describe and route the expert
@@ -244,19 +245,21 @@ class ExpertPages(Controller):
         """The confirmation step (a page, so it works without JavaScript): what still depends on it."""
         return await self._delete_page(db_session, experts, await experts.get(ref), None)
 
-    @post("/{ref:str}/delete")
+    @post("/{ref:str}/delete", dependencies={"engine": Provide(provide_engine, sync_to_thread=False)})
     async def delete(
         self,
         ref: FromPath[str],
         request: Request[Any, Any, Any],
         db_session: NamedDependency[AsyncSession],
         experts: NamedDependency[ExpertService],
+        engine: NamedDependency[Engine],
     ) -> Response[Any]:
         force = (await request.form()).get("force") == "on"
         try:
-            await experts.delete(ref, force=force)
+            expert_id, names = await experts.delete(ref, force=force)
         except MoergeError as exc:  # still in use: refused as the API refuses, shown on the confirmation page
             await db_session.rollback()
             expert = await experts.get(ref)
             return await self._delete_page(db_session, experts, expert, exc.message, exc.status_code)
+        await engine.forget(expert_id, names)  # as the API does: off the servers that hold it
         return Redirect("/admin/experts/", status_code=HTTP_303_SEE_OTHER)

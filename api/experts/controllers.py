@@ -10,7 +10,7 @@ from litestar.openapi import ResponseSpec
 from litestar.params import FromPath, FromQuery
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 
-from api.deps import provide_expert_service
+from api.deps import provide_engine, provide_expert_service
 from api.experts.intake import register_import, register_upload
 from api.limits import admin_upload, read_form, upload_opt
 from api.schemas import (
@@ -31,6 +31,7 @@ from registry.cards import card_body, card_metadata, render_card
 from registry.schemas import EvalIn, ExpertPatch, ImportRequest, decode_strict
 from registry.services import ExpertService
 from registry.training_data import MAX_TRAINING_DATA_BYTES, TrainingDataService, parse_training_data
+from serving.engine import Engine
 
 
 class ExpertController(Controller):
@@ -118,11 +119,22 @@ class ExpertController(Controller):
         result: EvalIn = decode_strict(await request.body(), EvalIn)
         return expert_out(await experts.add_eval(ref, result))
 
-    @delete("/{ref:str}", guards=[require_admin], status_code=HTTP_204_NO_CONTENT)
+    @delete(
+        "/{ref:str}",
+        guards=[require_admin],
+        status_code=HTTP_204_NO_CONTENT,
+        dependencies={"engine": Provide(provide_engine, sync_to_thread=False)},
+    )
     async def delete_expert(
-        self, ref: FromPath[str], experts: NamedDependency[ExpertService], force: FromQuery[bool] = False
+        self,
+        ref: FromPath[str],
+        experts: NamedDependency[ExpertService],
+        engine: NamedDependency[Engine],
+        force: FromQuery[bool] = False,
     ) -> None:
-        await experts.delete(ref, force=force)
+        """Delete an expert; an adapter is unloaded from the vLLM servers that hold it (remote ones included)."""
+        expert_id, names = await experts.delete(ref, force=force)
+        await engine.forget(expert_id, names)
 
     # Rows may pass the JSON limit: an upload of at most 64 MiB, once the admin key is checked.
     @post(

@@ -12,6 +12,8 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.deps import provide_composer
+from api.metrics.middleware import facts_of
+from api.metrics.record import COMPOSITION, note_failures, note_first_token, note_model, note_routing, plan_kind
 from api.openai.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -24,10 +26,11 @@ from api.openai.protocol import (
 from api.openai.serving import CompletionRun, routing_headers
 from api.security import check_model, grant_of, require_query, token_meter
 from composition.composer import Composer, check_traceable
-from composition.plan import Plan, Query
+from composition.plan import MembersFailed, Plan, Query
 from core.settings import Settings
 from registry.models import Composition, Expert
 from registry.schemas import decode_strict
+from serving.engine import GenerationFailed
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
@@ -112,12 +115,16 @@ async def plan_query(
 
     def remember(plan: Plan) -> None:  # errors from here on carry these routing headers
         request.state.moerge_route = plan
+        if plan.router != "none":  # a composition: its request metrics are labelled so even if routing fails
+            note_model(request, plan, COMPOSITION)
 
     check_model(request, query.model)  # before any routing: a key's allow-list names what it may ask for
     stamp = getattr(request.state, "registry_stamp", None)  # read with the API key (api/security.py)
     plan = await composer.plan(db_session, query, stamp=stamp, on_routing=remember)
+    note_model(request, plan, await plan_kind(db_session, plan, stamp))
     await db_session.close()  # release the connection before a long generation
     remember(plan)
+    note_routing(request, plan)
     return plan
 
 
@@ -135,10 +142,23 @@ async def _respond(
     if traced:
         check_traceable(plan, param="moerge_trace")
     run.tokens = token_meter(request)  # a key with limits is charged the answer's tokens
+    run.kind = facts.kind if (facts := facts_of(request)) is not None else ""
     # Headers are read after the experts have answered: a composed answer names failed experts.
-    if body.stream:
-        stream = await composer.stream(plan, query)
-        events = run.sse(stream, include_usage=body.include_usage())
-        return Stream(events, media_type="text/event-stream", headers={**routing_headers(plan, stream), **SSE_HEADERS})
-    answer = await composer.answer(plan, query, traced=traced)
+    try:
+        if body.stream:
+            stream = await composer.stream(plan, query)
+            note_first_token(request)
+            note_failures(plan, stream.failed)
+            events = run.sse(stream, include_usage=body.include_usage())
+            headers = {**routing_headers(plan, stream), **SSE_HEADERS}
+            return Stream(events, media_type="text/event-stream", headers=headers)
+        answer = await composer.answer(plan, query, traced=traced)
+    except MembersFailed as exc:  # every chosen member failed
+        note_failures(plan, exc.failed)
+        raise
+    except GenerationFailed:  # a composition's one chosen expert failed (or timed out)
+        if not plan.composite:
+            note_failures(plan, plan.experts)
+        raise
+    note_failures(plan, answer.failed)
     return Response(await run.complete(answer), headers=routing_headers(plan, answer))

@@ -11,6 +11,7 @@ from typing import Protocol
 
 import msgspec
 
+from api.metrics.record import note_tokens
 from api.openai.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -77,6 +78,7 @@ class CompletionRun:
         self.model = ""  # the name the plan answers as, reported as `model` (set with the answer)
         self.chat = chat
         self.tokens: TokenSink | None = None  # set for a key with limits: answers are charged to it
+        self.kind = ""  # the answering model's kind: the label of its token counts (api/metrics/record.py)
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
@@ -95,6 +97,7 @@ class CompletionRun:
             )
         elif answer.trace is not None:
             body.moerge = MoergeDetail(trace=TokenTraceOut.of(answer.trace))
+        note_tokens(self.kind, answer.prompt_tokens, answer.completion_tokens)
         await self._charge(body)
         return body
 
@@ -180,6 +183,8 @@ class CompletionRun:
             )
             yield _event(ErrorResponse(error=detail))
         finally:
+            # a stream cut short before its usage came: the chunks with text are what it counts
+            note_tokens(self.kind, *(usage if usage is not None else (0, pieces)))
             if not charged and self.tokens is not None:  # cut short (client gone, error): charge in the background
                 self.tokens.charge_later(sum(usage) if usage is not None else pieces)
             close = getattr(stream.rest, "aclose", None)

@@ -2,7 +2,8 @@
 
 One module-scoped app (one vLLM start, one restart): the official `openai` client against it, streaming
 included, adapters of one base in one batch, and a killed server answered with 503 + Retry-After while
-moerge restarts it.
+moerge restarts it. Twice: with moerge's CPU LoRA ops and compile patch (the default here), and as stock vLLM
+runs on a GPU machine (MOERGE_VLLM_LORA_OPS=vllm, MOERGE_VLLM_COMPILE=0: vLLM's own ops, nothing patched).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from registry import db
 from registry.schemas import ExpertSpec
 from registry.services import ApiKeyService, ExpertService
 from registry.store import ArtifactStore
+from serving.vllm_plugin import COMPILE_MESSAGE, PATCHED_MESSAGE
 from tests.fixtures.live import serve
 from tests.fixtures.vllm_models import build_vllm_tiny_llama, build_vllm_tiny_lora
 
@@ -37,8 +39,11 @@ LONG_CONTEXT = 4096
 FORCED = 4000
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+OPS = {"moerge-ops": {}, "stock-vllm": {"vllm_lora_ops": "vllm", "vllm_compile": False}}
+
+
+@pytest.fixture(scope="module", params=list(OPS))
+def live(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("v1-vllm")
     base = build_vllm_tiny_llama(root / "base", max_positions=LONG_CONTEXT)
     loras = [build_vllm_tiny_lora(base, root / f"lora-{i}", seed=10 + i) for i in range(2)]
@@ -49,6 +54,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         engine="vllm",
         vllm_kv_cache_gib=1,
         vllm_max_model_len=LONG_CONTEXT,
+        **OPS[request.param],  # type: ignore[arg-type]
     )
     db.upgrade(settings.database_url)
 
@@ -69,7 +75,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     key, admin = asyncio.run(setup())
     with serve(settings) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=600)
-        yield {"url": url, "key": key, "admin": admin, "client": client}
+        yield {"url": url, "key": key, "admin": admin, "client": client, "ops": request.param}
 
 
 def test_chat_stream_and_batch_through_vllm(live: dict[str, Any]) -> None:
@@ -107,6 +113,17 @@ def test_chat_stream_and_batch_through_vllm(live: dict[str, Any]) -> None:
     engines = httpx.get(f"{live['url']}/api/engines", headers={"authorization": f"Bearer {live['key']}"}).json()
     (server,) = engines["servers"]
     assert engines["engine"] == "vllm" and server["state"] == "ready" and len(server["adapters"]) == 2
+
+
+def test_the_server_runs_the_lora_ops_asked_for(live: dict[str, Any]) -> None:
+    live["client"].completions.create(model="lora-1", prompt="warm", max_tokens=2)
+    admin = {"authorization": f"Bearer {live['admin']}"}
+    (server,) = httpx.get(f"{live['url']}/api/engines", headers=admin).json()["servers"]
+    log = Path(server["log"]).read_text(errors="replace")
+    if live["ops"] == "stock-vllm":
+        assert PATCHED_MESSAGE not in log and COMPILE_MESSAGE not in log  # vLLM's own ops, nothing patched
+    else:
+        assert PATCHED_MESSAGE in log and COMPILE_MESSAGE in log
 
 
 def _vllm_metric(url: str, name: str, **labels: str) -> float:
