@@ -26,9 +26,8 @@ from aggregators import Aggregation, ExpertAnswer
 from composition.plan import Answer, AnswerStream, Member, MembersFailed, Plan, Query, answering
 from core import tracing
 from core.errors import MoergeError, Unprocessable
-from serving.dispatch import EngineSet, needs_torch, trace
+from serving.dispatch import answering_engine, needs_torch, trace
 from serving.engine import Engine, FusedMember, GenChunk, GenRequest, GenResult, Sampling
-from serving.torch_engine import TorchEngine
 
 
 def _describe(exc: BaseException) -> str:
@@ -41,14 +40,12 @@ def _result(out: GenResult | BaseException) -> GenResult:
     return out
 
 
-def _engine_name(engine: Engine, request: GenRequest) -> str:
-    """The engine that runs ``request`` (the app's EngineSet sends mixtures and fused requests to torch)."""
-    return TorchEngine.name if isinstance(engine, EngineSet) and needs_torch(request) else engine.name
-
-
 def _generation(engine: Engine, request: GenRequest) -> dict[str, AttributeValue]:
     """A generation span's attributes: what runs it, on which engine."""
-    return {tracing.EXPERT: request.target.served_name, tracing.ENGINE: _engine_name(engine, request)}
+    return {
+        tracing.EXPERT: request.target.served_name,
+        tracing.ENGINE: answering_engine(engine, torch_only=needs_torch(request)),
+    }
 
 
 def _usage(span: Span, prompt_tokens: int | None, completion_tokens: int | None) -> None:

@@ -27,7 +27,7 @@ from registry.limits import MAX_LORA_RANK
 from registry.store import ArtifactStore
 from routers.query import RouterContext
 from routers.query.base import Embedder
-from serving.dispatch import trace
+from serving.dispatch import answering_engine, trace
 from serving.engine import Engine, GenChunk, GenerationTimedOut, GenRequest, Sampling, TokenTrace
 
 OnRouting = Callable[[Plan], None]  # hears what is known before routing, so errors can carry the headers
@@ -59,6 +59,12 @@ class Composer:
         if self._engine is None:
             raise MoergeError("no serving engine is configured in this app", param="engine")
         return self._engine
+
+    def engine_of(self, plan: Plan) -> str:
+        """The engine that writes ``plan``'s answer (the x-moerge-engine header): the torch engine for a token-level
+        mixture or logit fusion, else the app's engine (vllm, or torch)."""
+        fused = plan.aggregator is not None and plan.aggregator.fuses_logits
+        return answering_engine(self.engine, torch_only=plan.token_level or fused)
 
     async def plan(
         self, session: AsyncSession, query: Query, *, stamp: Stamp | None = None, on_routing: OnRouting | None = None

@@ -21,6 +21,12 @@ def needs_torch(request: GenRequest) -> bool:
     return request.target.mixture is not None or request.fusion is not None
 
 
+def answering_engine(engine: Engine, *, torch_only: bool) -> str:
+    """The name of the engine that runs a request (``torch_only``: a mixture or a fused request, which the app's
+    ``EngineSet`` sends to its torch engine): the x-moerge-engine header and the spans' attribute."""
+    return TorchEngine.name if torch_only and isinstance(engine, EngineSet) else engine.name
+
+
 class EngineSet:
     """``Engine`` over a main engine plus a lazily created torch engine (see the module docstring)."""
 

@@ -33,6 +33,7 @@ from registry.schemas import decode_strict
 from serving.engine import GenerationFailed
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+ENGINE_HEADER = "x-moerge-engine"  # the engine that wrote the answer: vllm, or torch (mixtures, logit fusion)
 
 
 class OpenAIController(Controller):
@@ -150,7 +151,7 @@ async def _respond(
             note_first_token(request)
             note_failures(plan, stream.failed)
             events = run.sse(stream, include_usage=body.include_usage())
-            headers = {**routing_headers(plan, stream), **SSE_HEADERS}
+            headers = {**routing_headers(plan, stream), ENGINE_HEADER: composer.engine_of(plan), **SSE_HEADERS}
             return Stream(events, media_type="text/event-stream", headers=headers)
         answer = await composer.answer(plan, query, traced=traced)
     except MembersFailed as exc:  # every chosen member failed
@@ -161,4 +162,5 @@ async def _respond(
             note_failures(plan, plan.experts)
         raise
     note_failures(plan, answer.failed)
-    return Response(await run.complete(answer), headers=routing_headers(plan, answer))
+    headers = {**routing_headers(plan, answer), ENGINE_HEADER: composer.engine_of(plan)}
+    return Response(await run.complete(answer), headers=headers)

@@ -52,7 +52,7 @@ def test_chat_through_openai_client(live: dict[str, Any]) -> None:
     assert reply.choices[0].message.role == "assistant" and reply.choices[0].message.content
     assert reply.usage.completion_tokens > 0 and reply.usage.prompt_tokens > 0
     assert raw.headers["x-moerge-router"] == "none" and raw.headers["x-moerge-experts"] == "lora-a"
-    assert raw.headers["x-moerge-weights"] == "1"
+    assert raw.headers["x-moerge-weights"] == "1" and raw.headers["x-moerge-engine"] == "torch"
     # the adapter is applied: on the seeded tiny models "hello" continues differently with and without it
     texts = {
         m: client.completions.create(model=m, prompt="hello", max_tokens=8, temperature=0).choices[0].text
@@ -85,7 +85,7 @@ def test_streaming_matches_non_streaming(live: dict[str, Any]) -> None:
         json={"model": "lora-b", "messages": CHAT, "max_tokens": 4, "stream": True},
     ) as resp:
         assert resp.headers["content-type"].startswith("text/event-stream")
-        assert resp.headers["x-moerge-experts"] == "lora-b"
+        assert resp.headers["x-moerge-experts"] == "lora-b" and resp.headers["x-moerge-engine"] == "torch"
         lines = [line for line in resp.iter_lines() if line]
     assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
 

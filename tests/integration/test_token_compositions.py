@@ -19,9 +19,10 @@ from typer.testing import CliRunner
 from api.cli import app as cli
 from registry.schemas import ExpertSpec
 from routers.token import TOKEN_ROUTERS
-from serving.dispatch import EngineSet
+from serving.dispatch import EngineSet, answering_engine
 from serving.engine import FusedMember, Fusion, GenRequest, GenResult, Sampling, Target, TokenMixture
 from serving.torch_engine import TorchEngine
+from serving.vllm import VLLMEngine
 from tests.fixtures.db import RegistryEnv
 from tests.fixtures.live import register, serve
 from tests.fixtures.tiny import build_tiny_llama, build_tiny_lora
@@ -100,6 +101,7 @@ def test_arrow_composition_answers_streams_and_traces(live: dict[str, Any]) -> N
     )
     assert raw.status_code == 200, raw.text
     assert raw.headers["x-moerge-router"] == "arrow" and raw.headers["x-moerge-experts"] == ",".join(SLUGS)
+    assert raw.headers["x-moerge-engine"] == "torch"
     body = raw.json()
     assert body["choices"][0]["message"]["content"] == text
     trace = body["moerge"]["trace"]
@@ -199,6 +201,11 @@ async def test_engine_set_sends_mixtures_to_its_torch_engine(tiny_base: Path, tm
         assert engines.capabilities.logit_fusion and engines.capabilities.token_mixtures
     finally:
         await engines.close()
+    # what the x-moerge-engine header says: the torch engine answers mixtures and fused requests beside vLLM
+    beside_vllm = EngineSet(VLLMEngine())  # nothing starts until a request needs a server
+    assert answering_engine(beside_vllm, torch_only=True) == "torch"
+    assert answering_engine(beside_vllm, torch_only=False) == "vllm"
+    assert answering_engine(TorchEngine(), torch_only=True) == "torch"
 
 
 def test_eval_draws_the_trace_heatmap(live: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -222,7 +229,7 @@ async def test_vllm_refuses_what_only_torch_runs(tiny_base: Path, tmp_path: Path
     """Sent to vLLM directly, a mixture or a fused request is refused before any server starts (vLLM would
     answer it with one model alone)."""
     from core.errors import ValidationFailed
-    from serving.vllm import VLLMConfig, VLLMEngine
+    from serving.vllm import VLLMConfig
 
     adapter = build_tiny_lora(tiny_base, tmp_path / "a", seed=1)
     eng = VLLMEngine(VLLMConfig(log_dir=tmp_path))

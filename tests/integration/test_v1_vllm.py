@@ -85,7 +85,7 @@ def test_chat_stream_and_batch_through_vllm(live: dict[str, Any]) -> None:
     )  # first request starts vLLM
     reply = raw.parse()
     assert reply.model == "lora-0" and reply.choices[0].message.content
-    assert raw.headers["x-moerge-experts"] == "lora-0"
+    assert raw.headers["x-moerge-experts"] == "lora-0" and raw.headers["x-moerge-engine"] == "vllm"
 
     # the base and both adapters at once: all answer, and the adapters change the output
     prompts = ["The quick brown fox", "What is the capital of France?"]
