@@ -97,11 +97,14 @@ def test_a_tampered_file_is_refused(live: dict[str, Any]) -> None:
     stack: Stack = live["stack"]
     server: RemoteVLLM = live["server"]
     record = import_expert(stack, live["loras"]["b"], "lora-b", base="tiny")
-    (config,) = [f for f in record["integrity"]["files"] if f["path"] == "adapter_config.json"]
-    blob = ArtifactStore(Settings.from_env(stack.env).store_dir).blob_path(config["sha256"])
-    data = blob.read_bytes()
+    # Its weights: the one file no other adapter here shares (the store keeps one blob per content, and every tiny
+    # adapter's adapter_config.json is the same bytes).
+    (weights,) = [f for f in record["integrity"]["files"] if f["path"] == "adapter_model.safetensors"]
+    blob = ArtifactStore(Settings.from_env(stack.env).store_dir).blob_path(weights["sha256"])
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF  # one bit pattern of the last weight: the store's bytes no longer match the manifest
     blob.chmod(0o644)
-    blob.write_bytes(data.replace(b"lora", b"LORA", 1))  # the store's bytes no longer match the manifest
+    blob.write_bytes(bytes(data))
     assert _direct_status(server, "lora-b") == 404  # the resolver refused it: vLLM knows no such model
     body = {"model": "lora-b", "prompt": PROMPTS[0], "max_tokens": 2}
     headers = {"authorization": f"Bearer {live['keys']['query']}"}
