@@ -62,7 +62,8 @@ def _resolver_class() -> Any:
             if found is None:
                 return None
             manifest, folder = found
-            # The same content always gets the same id; another content (a replaced expert) another one.
+            # The same content always gets the same id, another content another one. (vLLM 0.32's OpenAI server
+            # replaces it with its own counter when it resolves a name; callers using the request directly keep it.)
             lora_id = zlib.crc32(manifest.sha256.encode()) & 0x7FFFFFFF or 1
             return LoRARequest(lora_name=lora_name, lora_int_id=lora_id, lora_path=str(folder))
 
