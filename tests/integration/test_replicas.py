@@ -12,19 +12,18 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+import bench.load
 from core.settings import Settings
 from registry import db
 from registry.schemas import ExpertSpec
@@ -41,46 +40,16 @@ STALE_S = 4  # a worker's lease lapses this long after its last heartbeat
 DRAIN_S = 60  # the replicas' bound on the requests in flight at SIGTERM
 
 
-@dataclass
-class Proc:
-    """One `moerge serve` or `moerge worker` child process."""
+class Proc(bench.load.Proc):
+    """One `moerge serve` or `moerge worker` child process (bench/load.py's), with the port a replica serves on."""
 
-    name: str
-    args: list[str]
-    env: dict[str, str]
-    log: Path
-    port: int = 0
-    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log: Path, port: int = 0) -> None:
+        super().__init__(name, args, env, log)
+        self.port = port
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        moerge = Path(sys.executable).with_name("moerge")
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen([str(moerge), *self.args], env=self.env, stdout=out, stderr=subprocess.STDOUT)
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log_tail(self) -> str:
-        return f"--- {self.name} ---\n" + self.log.read_text(errors="replace")[-3000:]
-
-    def stop(self) -> None:
-        if self.alive():
-            assert self.proc is not None
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 @dataclass
