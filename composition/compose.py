@@ -26,7 +26,7 @@ from aggregators import Aggregation, ExpertAnswer
 from composition.plan import Answer, AnswerStream, Member, MembersFailed, Plan, Query, answering
 from core import tracing
 from core.errors import MoergeError, Unprocessable
-from serving.dispatch import answering_engine, needs_torch, trace
+from serving.dispatch import answering_engine, trace
 from serving.engine import Engine, FusedMember, GenChunk, GenRequest, GenResult, Sampling
 
 
@@ -44,7 +44,7 @@ def _generation(engine: Engine, request: GenRequest) -> dict[str, AttributeValue
     """A generation span's attributes: what runs it, on which engine."""
     return {
         tracing.EXPERT: request.target.served_name,
-        tracing.ENGINE: answering_engine(engine, torch_only=needs_torch(request)),
+        tracing.ENGINE: answering_engine(engine, request.target, fused=request.fusion is not None),
     }
 
 

@@ -61,10 +61,10 @@ class Composer:
         return self._engine
 
     def engine_of(self, plan: Plan) -> str:
-        """The engine that writes ``plan``'s answer (the x-moerge-engine header): the torch engine for a token-level
-        mixture or logit fusion, else the app's engine (vllm, or torch)."""
+        """The engine that writes ``plan``'s answer (the x-moerge-engine header): the torch engine for logit fusion
+        and for a mixture vLLM cannot run as a slot, else the app's engine (vllm, or torch)."""
         fused = plan.aggregator is not None and plan.aggregator.fuses_logits
-        return answering_engine(self.engine, torch_only=plan.token_level or fused)
+        return answering_engine(self.engine, plan.target, fused=fused)
 
     async def plan(
         self, session: AsyncSession, query: Query, *, stamp: Stamp | None = None, on_routing: OnRouting | None = None

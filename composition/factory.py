@@ -47,6 +47,35 @@ async def registered_lora_rank(
     return max(ranks, default=0)
 
 
+async def mixture_lora_rank(sessionmaker: async_sessionmaker[AsyncSession], max_lora_rank: int = MAX_LORA_RANK) -> int:
+    """The largest rank of a token-level composition served as one vLLM adapter slot (0 if none): each member's
+    largest rank summed, plus a router row per member (``serving/mixture/slot.py``). Compositions above vLLM's
+    largest rank count as that rank: sizing must never stop the start (such a mixture is refused per request)."""
+    from composition.mixtures import is_token_level
+    from registry.models import Composition, CompositionMember
+
+    async with sessionmaker() as session:
+        rows = await session.execute(
+            select(
+                Composition.id,
+                Composition.router,
+                Expert.r,
+                Expert.rank_pattern,
+                Expert.lora_alpha,
+                Expert.peft_type,
+                Expert.alpha_pattern,
+            )
+            .join(CompositionMember, CompositionMember.composition_id == Composition.id)
+            .join(Expert, Expert.id == CompositionMember.expert_id)
+            .where(Expert.peft_type.is_not(None))
+        )
+        slots: dict[object, list[int]] = {}
+        for row in rows:
+            if is_token_level(row.router) and row_fault(row, max_lora_rank) is None:
+                slots.setdefault(row.id, []).append(largest_rank(row.r, row.rank_pattern))
+    return max((sum(ranks) + len(ranks) for ranks in slots.values()), default=0)
+
+
 async def create_engine(settings: Settings, sessionmaker: async_sessionmaker[AsyncSession]) -> Engine:
     if settings.engine == "torch":
         from serving.torch_engine import TorchEngine
@@ -61,6 +90,8 @@ async def create_engine(settings: Settings, sessionmaker: async_sessionmaker[Asy
     # Capped at vLLM's largest: a limit raised above it must not stop the start either (such adapters are
     # refused per request by the engine).
     registered = await registered_lora_rank(sessionmaker, settings.max_lora_rank)
+    if settings.vllm_lora_ops == "grouped":  # token-level compositions then run as one adapter slot each
+        registered = max(registered, await mixture_lora_rank(sessionmaker, settings.max_lora_rank))
     rank = lora_rank_for(min(max(8, registered), VALID_LORA_RANKS[-1]))
     config = VLLMConfig(
         max_lora_rank=rank,
@@ -74,10 +105,14 @@ async def create_engine(settings: Settings, sessionmaker: async_sessionmaker[Asy
         lora_ops=settings.vllm_lora_ops,
         compile=settings.vllm_compile,
         log_dir=settings.home / "logs",
+        mixture_dir=settings.home / "mixtures",
         env_passthrough=settings.vllm_env_passthrough,
     )
     from serving.dispatch import EngineSet
     from serving.torch_engine import TorchEngine
 
-    # token-level mixtures run in a torch engine beside it (it loads nothing until one is asked for)
-    return EngineSet(VLLMEngine(config), TorchEngine(max_loaded_gib=settings.torch_max_loaded_gib))
+    # logit fusion, and mixtures vLLM cannot run as a slot, run in a torch engine beside it (it loads nothing until
+    # one is asked for)
+    vllm_engine = VLLMEngine(config)
+    await vllm_engine.mixtures.prepare()
+    return EngineSet(vllm_engine, TorchEngine(max_loaded_gib=settings.torch_max_loaded_gib))

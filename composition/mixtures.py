@@ -186,6 +186,7 @@ async def resolve_token_composition(
             adapters=tuple((str(e.id), e.slug, store.expert_dir(e.id)) for e in experts),
             states=tuple(states),
             make_router=_router_factory(comp.router, params),
+            slot_params=_slot_params(comp.router, params),
         )
         target = Target(base.base_id, base.base_dir, served_name=comp.name, mixture=mixture)
         found = _MIXTURES.put(stamp, (str(store.root), comp.id), (target, experts))
@@ -220,6 +221,13 @@ def _token_params(router: str, params: dict[str, Any]) -> dict[str, Any]:
     from routers.token import TOKEN_ROUTERS
 
     return msgspec.to_builtins(TOKEN_ROUTERS.config(router, params))  # type: ignore[no-any-return]
+
+
+def _slot_params(router: str, params: dict[str, Any]) -> str:
+    from routers.token import TOKEN_ROUTERS
+
+    slot = TOKEN_ROUTERS.build(router, params).slot_params()
+    return "" if slot is None else json.dumps(slot, sort_keys=True)
 
 
 def _router_factory(router: str, params: dict[str, Any]) -> Callable[[], TokenRouter]:

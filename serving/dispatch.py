@@ -1,9 +1,9 @@
 """The app's engine when it serves with vLLM: vLLM for experts, the torch engine for what only it can run.
 
-vLLM cannot mix several LoRA adapters per token (DESIGN.md: token-level mixtures inside vLLM are a later
-step) nor decode several experts together (logit fusion), so a request whose target is a token-level
-mixture, or a fused request, goes to an in-process ``TorchEngine``, created on first use; everything else
-goes to the main engine. Callers see one ``Engine``.
+A token-level or weighted mixture runs in vLLM as one adapter slot where the main engine can place it
+(``VLLMEngine.mixture_target``: a managed server running moerge's op, ``serving/vllm_mixtures.py``); elsewhere
+(stock vLLM, a remote server) and for logit fusion (several experts decoding together), the request goes to an
+in-process ``TorchEngine``, created on first use. Callers see one ``Engine``.
 """
 
 from __future__ import annotations
@@ -13,18 +13,18 @@ from collections.abc import AsyncIterator, Collection
 from typing import Any
 
 from core.errors import ValidationFailed
-from serving.engine import Capabilities, Engine, GenChunk, GenRequest, GenResult, TokenTrace
+from serving.engine import Capabilities, Engine, GenChunk, GenRequest, GenResult, Target, TokenTrace
 from serving.torch_engine import TorchEngine
 
 
-def needs_torch(request: GenRequest) -> bool:
-    return request.target.mixture is not None or request.fusion is not None
-
-
-def answering_engine(engine: Engine, *, torch_only: bool) -> str:
-    """The name of the engine that runs a request (``torch_only``: a mixture or a fused request, which the app's
-    ``EngineSet`` sends to its torch engine): the x-moerge-engine header and the spans' attribute."""
-    return TorchEngine.name if torch_only and isinstance(engine, EngineSet) else engine.name
+def answering_engine(engine: Engine, target: Target, *, fused: bool = False) -> str:
+    """The name of the engine that runs a request on ``target`` (``fused``: logit fusion): the x-moerge-engine
+    header and the spans' attribute. Beside vLLM, a mixture is vLLM's once it was placed there."""
+    if not isinstance(engine, EngineSet):
+        return engine.name
+    if fused or (target.mixture is not None and not engine.main_serves_mixture(target)):
+        return TorchEngine.name
+    return engine.name
 
 
 class EngineSet:
@@ -44,8 +44,18 @@ class EngineSet:
             self._torch = TorchEngine()
         return self._torch
 
+    def main_serves_mixture(self, target: Target) -> bool:
+        serves = getattr(self.main, "serves_mixture", None)
+        return bool(serves is not None and serves(target))
+
+    def on_torch(self, request: GenRequest) -> bool:
+        """Logit fusion, and a mixture the main engine cannot run as a vLLM slot, run on the torch engine."""
+        if request.fusion is not None:
+            return True
+        return request.target.mixture is not None and not self.main_serves_mixture(request.target)
+
     async def generate(self, requests: list[GenRequest]) -> list[GenResult | BaseException]:
-        local = [i for i, r in enumerate(requests) if needs_torch(r)]
+        local = [i for i, r in enumerate(requests) if self.on_torch(r)]
         if not local:
             return await self.main.generate(requests)
         remote = [i for i in range(len(requests)) if i not in set(local)]
@@ -61,7 +71,7 @@ class EngineSet:
         return [r for r in results if r is not None]
 
     def stream(self, request: GenRequest) -> AsyncIterator[GenChunk]:
-        return (self.torch if needs_torch(request) else self.main).stream(request)
+        return (self.torch if self.on_torch(request) else self.main).stream(request)
 
     async def trace(self, request: GenRequest, completion: str = "") -> TokenTrace:
         return await self.torch.trace(request, completion)

@@ -47,11 +47,16 @@ class GenerationTimedOut(GenerationFailed):
     default_code = "generation_timeout"
 
 
+# The vllm_xargs key under which a request brings its mixture slot's per-member vector (serving/mixture/slot.py).
+MIXTURE_XARG = "moerge_mix"
+
+
 @dataclass(frozen=True)
 class TokenMixture:
     """A token-level composition: LoRA adapters of one base mixed per token and module by a token router
-    (``routers/token``, built by ``make_router``; the mixture layer is ``serving/mixture``). Runs in the torch
-    engine only; one loaded model per distinct mixture."""
+    (``routers/token``, built by ``make_router``; the mixture layer is ``serving/mixture``). Runs as one adapter
+    slot in a managed vLLM server running moerge's op (``slot_params``), else in the torch engine (one loaded model
+    per distinct mixture; also the reference)."""
 
     composition: str
     router: str
@@ -62,6 +67,9 @@ class TokenMixture:
     # Builds the router named by ``router`` and ``router_params`` (the composition layer passes one from
     # ``routers/token``, which serving may not import); the engine calls it once per loaded mixture.
     make_router: Callable[[], MixtureRouter] = field(kw_only=True, compare=False, hash=False, repr=False)
+    # How moerge's vLLM op runs this router in one adapter slot (canonical JSON of the router's ``slot_params``:
+    # kind, top_k, temperature, request; ``serving/mixture/slot.py``), or "" when only the torch engine can.
+    slot_params: str = field(default="", kw_only=True)
 
     @property
     def key(self) -> str:
@@ -145,6 +153,8 @@ class GenRequest:
     request_id: str = ""
     # A token-level mixture's per-request router bias, one value per adapter (GLIDER's global preference).
     router_bias: tuple[float, ...] | None = None
+    # A weighted mixture's per-request weights, one per adapter (the router's scores, or the client's).
+    mixture_weights: tuple[float, ...] | None = None
     fusion: Fusion | None = None  # set: several members decode this request together (torch engine only)
 
 

@@ -23,10 +23,12 @@ Semantics follow vLLM's reference ops exactly (same arguments, same in-place wri
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import torch
+
+from serving.mixture.slot import SlotColumns, SlotRouting, fit_rows, gate_slot, slot_columns
 
 # Above this many stacked columns (slots x rank) grouping by adapter beats the all-slots product.
 DENSE_SLOT_COLUMNS = 256
@@ -68,6 +70,37 @@ class _Caches:
 # update, so a decode step costs one lookup and two products per LoRA layer. Filled only while the caches are
 # enabled (the update hook is installed), else nothing would ever clear it.
 LAYER_PLANS: dict[int, LinearPlan | None] = {}
+
+
+# Mixture slots (serving/mixture/slot.py) by vLLM's LoRA id, registered when vLLM loads their folder
+# (serving/vllm_plugin.py), and each token's per-request vector for them ([tokens, members], NaN where a request
+# brought none), set before every forward pass: both read by the layers' plans below.
+MIXTURE_SLOTS: dict[int, SlotRouting] = {}
+
+
+class _Requests:
+    rows: torch.Tensor | None = None
+
+
+def register_mixture(lora_id: int, routing: SlotRouting | None) -> None:
+    """vLLM loaded adapter ``lora_id``: a mixture slot with this routing, or (None) a plain adapter."""
+    if routing is None:
+        MIXTURE_SLOTS.pop(lora_id, None)
+    else:
+        MIXTURE_SLOTS[lora_id] = routing
+
+
+def set_request_rows(rows: torch.Tensor | None) -> None:
+    """The batch's per-token request vectors for mixture slots (None: no request brought one)."""
+    _Requests.rows = rows
+
+
+def _slot_routing(slot: int) -> SlotRouting | None:
+    layout = _Caches.slot_layout
+    if not MIXTURE_SLOTS or layout is None or slot >= len(layout):
+        return None
+    lora_id = layout[slot]
+    return None if lora_id is None else MIXTURE_SLOTS.get(lora_id)
 
 
 def mapping_updated(slot_layout: Sequence[int | None]) -> None:
@@ -311,6 +344,7 @@ class _Packed(NamedTuple):
     a_t: torch.Tensor  # [in, columns]: every active slot's A rows (slot-major, slice after slice), transposed
     b: torch.Tensor  # [columns, sum(output_slices)]: the matching B rows, each slice's at its output columns
     columns: tuple[int, ...]  # columns per active slot (its used rank, summed over slices)
+    mixtures: tuple[SlotColumns | None, ...]  # per active slot: where a mixture slot's columns are, else None
 
 
 def _used_rank(a: torch.Tensor) -> int:
@@ -336,23 +370,33 @@ def _packed(
     a_parts: list[torch.Tensor] = []
     b_blocks: list[torch.Tensor] = []
     columns: list[int] = []
+    mixtures: list[SlotColumns | None] = []
     total = sum(output_slices)
     for slot in slots:
         offset, used_columns = 0, 0
+        routing = _slot_routing(slot)
+        slot_b: list[torch.Tensor] = []
         for a_stacked, b_stacked, width in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
             full = _stacked(a_stacked)[slot]  # [rank, in]
-            rank = _used_rank(full)
+            # a mixture slot keeps its whole layout (its router rows are read, its zero rows are members' padding)
+            rank = routing.rank if routing is not None else _used_rank(full)
             a = full[:rank].to(dtype)
             b = _stacked(b_stacked)[slot][:, :rank].to(dtype)  # [out, rank]
             block = a.new_zeros(rank, total)
             used = min(width, b.shape[0])
             block[:, offset : offset + used] = b[:used].T
+            if routing is not None:
+                slot_b.append(b)
+                block[routing.lora_columns :] = 0  # router columns: constants, never output
             a_parts.append(a)
             b_blocks.append(block)
             offset += width
             used_columns += rank
+        mixtures.append(None if routing is None else slot_columns(routing, sum(columns), slot_b))
         columns.append(used_columns)
-    packed = _Packed(torch.cat(a_parts).T.contiguous(), torch.cat(b_blocks).contiguous(), tuple(columns))
+    packed = _Packed(
+        torch.cat(a_parts).T.contiguous(), torch.cat(b_blocks).contiguous(), tuple(columns), tuple(mixtures)
+    )
     size = packed.a_t.numel() * packed.a_t.element_size() + packed.b.numel() * packed.b.element_size()
     if _Caches.enabled:
         if _Caches.packed_bytes + size > PACKED_CACHE_BYTES:
@@ -369,8 +413,10 @@ class LinearPlan(NamedTuple):
     b: torch.Tensor  # [columns, width]
     scale: float
     mask: torch.Tensor | None  # [tokens, columns]: 1 where the token's slot owns the column; None if uniform
-    groups: tuple[tuple[torch.Tensor, slice], ...] | None  # many slots: (token rows, columns) per slot
+    # many slots: (token rows, columns, the mixture slot's routing with its columns from 0) per slot
+    groups: tuple[tuple[torch.Tensor, slice, SlotColumns | None], ...] | None
     tokens: int
+    mixtures: tuple[SlotColumns, ...] = ()  # mixture slots among the columns: gated per token before B
 
 
 def linear_plan(
@@ -387,21 +433,22 @@ def linear_plan(
     routing = _routing(token_indices, tokens)
     if not routing.slots:
         return None
-    a_t, b, columns = _packed(lora_a_stacked, lora_b_stacked, output_slices, routing.slots, dtype)
+    a_t, b, columns, slot_mixtures = _packed(lora_a_stacked, lora_b_stacked, output_slices, routing.slots, dtype)
     if a_t.shape[1] == 0:  # every active adapter is all zeros here
         return None
+    mixtures = tuple(m for m in slot_mixtures if m is not None)
     if routing.uniform:
-        return LinearPlan(a_t, b, scale, None, None, tokens)
+        return LinearPlan(a_t, b, scale, None, None, tokens, mixtures)
     if a_t.shape[1] <= DENSE_SLOT_COLUMNS:
         mask = routing.masks.get((columns, dtype))
         if mask is None:
             mask = routing.hot.to(dtype).repeat_interleave(torch.tensor(columns), dim=1)
             routing.masks[(columns, dtype)] = mask
-        return LinearPlan(a_t, b, scale, mask, None, tokens)
+        return LinearPlan(a_t, b, scale, mask, None, tokens, mixtures)
     groups, start = [], 0
-    for rows, count in zip(routing.members, columns, strict=True):
+    for rows, count, mixture in zip(routing.members, columns, slot_mixtures, strict=True):
         if count and rows.numel():
-            groups.append((rows, slice(start, start + count)))
+            groups.append((rows, slice(start, start + count), None if mixture is None else replace(mixture, start=0)))
         start += count
     return LinearPlan(a_t, b, scale, None, tuple(groups), tokens)
 
@@ -412,14 +459,21 @@ def apply_linear_plan(plan: LinearPlan, y: torch.Tensor, x: torch.Tensor) -> Non
     target = y if y.shape[1] == b.shape[1] else y[:, : b.shape[1]]
     if x.dtype != b.dtype:
         x = x.to(b.dtype)
+    requests = _Requests.rows
     if plan.groups is None:
         shrunk = torch.mm(x, plan.a_t)
         if plan.mask is not None:
             shrunk.mul_(plan.mask)
+        for slot_mix in plan.mixtures:
+            gate_slot(slot_mix, shrunk, x, requests)
         target.addmm_(shrunk, b, alpha=plan.scale)
         return
-    for rows, block in plan.groups:
-        target.index_add_(0, rows, (x.index_select(0, rows) @ plan.a_t[:, block]) @ b[block], alpha=plan.scale)
+    for rows, block, mixture in plan.groups:
+        rows_x = x.index_select(0, rows)
+        shrunk = rows_x @ plan.a_t[:, block]
+        if mixture is not None:
+            gate_slot(mixture, shrunk, rows_x, None if requests is None else fit_rows(requests, x.shape[0])[rows])
+        target.index_add_(0, rows, shrunk @ b[block], alpha=plan.scale)
 
 
 def add_lora_linear(

@@ -36,6 +36,7 @@ import logging
 import tempfile
 import time
 from collections.abc import AsyncIterator, Collection
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ from serving.vllm_adapters import Adapters
 from serving.vllm_client import EventStream
 from serving.vllm_config import VLLMConfig, child_env
 from serving.vllm_fleet import Fleet
+from serving.vllm_mixtures import MixtureSlots
 from serving.vllm_openai import StreamParser, gen_result, payload, raise_for_status, refuse_torch_only
 from serving.vllm_server import ADMIN_HINT, Server, Watch
 
@@ -64,6 +66,34 @@ class VLLMEngine:
         self.log_dir = Path(self.config.log_dir or Path(tempfile.gettempdir()) / "moerge-vllm")
         self._fleet = Fleet(self.config, self.log_dir)
         self._adapters = Adapters(self._fleet)
+        self.mixtures = MixtureSlots(self.config, Path(self.config.mixture_dir or self.log_dir.parent / "mixtures"))
+
+    async def mixture_target(self, target: Target) -> Target | None:
+        """The adapter-slot target that serves ``target``'s token-level or weighted mixture in this engine's vLLM
+        (``serving/vllm_mixtures.py``), or None when only the torch engine can run it."""
+        return await self.mixtures.target(target)
+
+    def serves_mixture(self, target: Target) -> bool:
+        """Whether ``target``'s mixture runs in this engine's vLLM (else only the torch engine can run it)."""
+        return self.mixtures.places(target)
+
+    async def _slotted(self, request: GenRequest) -> GenRequest:
+        """``request`` on its mixture's slot when it has one here; else as it is (refused if torch-only)."""
+        mixture = request.target.mixture
+        if mixture is not None:
+            slot = await self.mixture_target(request.target)
+            if slot is not None:
+                for name, vector in (
+                    ("router_bias", request.router_bias),
+                    ("mixture_weights", request.mixture_weights),
+                ):
+                    if vector is not None and len(vector) != len(mixture.adapters):
+                        raise ValidationFailed(
+                            f"{name} has {len(vector)} values for {len(mixture.adapters)} adapters", param=name
+                        )
+                return replace(request, target=slot)
+        refuse_torch_only(request)
+        return request
 
     async def ensure_server(self, target: Target, *, wait: bool = True) -> str:
         """Start ``target``'s base server if needed; with ``wait``, until it is ready (restarts included).
@@ -93,7 +123,7 @@ class VLLMEngine:
     async def stream(self, request: GenRequest, *, wait_for_start: bool | None = None) -> AsyncIterator[GenChunk]:
         """Yield the completion's text as it is generated; the last chunk has the finish reason and token counts."""
         wait = self.config.wait_for_start if wait_for_start is None else wait_for_start
-        refuse_torch_only(request)
+        request = await self._slotted(request)
         path, body, chat = payload(request, stream=True)
         server = await self._fleet.acquire(request.target, wait=wait)
         watch = Watch(server)
@@ -139,7 +169,7 @@ class VLLMEngine:
         await self._fleet.close()
 
     async def _run(self, request: GenRequest, wait: bool) -> GenResult:
-        refuse_torch_only(request)
+        request = await self._slotted(request)
         path, body, chat = payload(request, stream=False)  # invalid input fails before any server starts
         server = await self._fleet.acquire(request.target, wait=wait)
         watch = Watch(server)

@@ -93,6 +93,12 @@ class VLLMConfig:
     log_dir: Path | None = field(
         default=None, metadata={"help": "where each server's stdout/stderr goes (default: <tmp>/moerge-vllm)"}
     )
+    mixture_dir: Path | None = field(
+        default=None,
+        metadata={
+            "help": "where mixtures served as one vLLM adapter slot are written (default: <log_dir>/../mixtures)"
+        },
+    )
     wait_for_start: bool = field(
         default=True,
         metadata={

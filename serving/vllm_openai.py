@@ -8,7 +8,7 @@ import logging
 from typing import Any
 
 from core.errors import ValidationFailed
-from serving.engine import EngineUnavailable, GenChunk, GenerationFailed, GenRequest, GenResult
+from serving.engine import MIXTURE_XARG, EngineUnavailable, GenChunk, GenerationFailed, GenRequest, GenResult
 from serving.vllm_client import Reply
 from serving.vllm_server import ADMIN_HINT, Server
 
@@ -35,6 +35,10 @@ def payload(request: GenRequest, *, stream: bool) -> tuple[str, dict[str, Any], 
         body["min_tokens"] = s.min_tokens
     if s.ignore_eos:
         body["ignore_eos"] = True
+    # a mixture slot's per-request vector, read per token by moerge's op (serving/mixture/slot.py: REQUEST_KEY)
+    vector = request.mixture_weights if request.mixture_weights is not None else request.router_bias
+    if vector is not None:
+        body["vllm_xargs"] = {MIXTURE_XARG: [float(v) for v in vector]}
     if stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}

@@ -63,11 +63,48 @@ def register() -> None:
         wrapper.update_metadata = update_metadata  # type: ignore[method-assign]
 
     wrapper.add_lora_linear = _packed_lora_linear  # type: ignore[method-assign]
+    _hook_mixture_slots()
     if os.environ.get(COMPILE_ENV) == "1":
         from serving.vllm_compile import use_packed_plans
 
         use_packed_plans()
     logger.info("%s (%s, add_lora_linear)", PATCHED_MESSAGE, ", ".join(OPS))
+
+
+def _hook_mixture_slots() -> None:
+    """Mixture slots (serving/mixture/slot.py) in vLLM's worker: when vLLM loads an adapter folder, the op learns
+    whether it is a mixture and how to route it; before each forward pass, every token gets its request's vector
+    (``vllm_xargs`` under ``REQUEST_KEY``: GLIDER's bias, a weighted mixture's weights)."""
+    from vllm.lora.worker_manager import WorkerLoRAManager
+    from vllm.v1.worker.lora_model_runner_mixin import LoRAModelRunnerMixin
+
+    if getattr(WorkerLoRAManager._load_adapter, "_moerge_hooked", False):
+        return
+    load = WorkerLoRAManager._load_adapter
+
+    def _load_adapter(self: Any, lora_request: Any) -> Any:
+        from serving.lora_ops import register_mixture
+        from serving.mixture.slot import read_slot_routing
+
+        model = load(self, lora_request)
+        register_mixture(lora_request.lora_int_id, read_slot_routing(lora_request.lora_path))
+        return model
+
+    _load_adapter._moerge_hooked = True  # type: ignore[attr-defined]
+    WorkerLoRAManager._load_adapter = _load_adapter  # type: ignore[method-assign]
+
+    set_active = LoRAModelRunnerMixin.set_active_loras
+
+    def set_active_loras(self: Any, input_batch: Any, num_scheduled_tokens: Any, *args: Any, **kw: Any) -> None:
+        from serving.lora_ops import set_request_rows
+        from serving.mixture.slot import request_rows
+
+        set_active(self, input_batch, num_scheduled_tokens, *args, **kw)
+        requests = getattr(self, "requests", {})
+        params = [getattr(requests.get(r), "sampling_params", None) for r in input_batch.req_ids]
+        set_request_rows(request_rows([getattr(p, "extra_args", None) for p in params], num_scheduled_tokens))
+
+    LoRAModelRunnerMixin.set_active_loras = set_active_loras  # type: ignore[method-assign]
 
 
 def _packed_lora_linear(

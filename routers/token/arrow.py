@@ -8,7 +8,7 @@ router_temperature=1.0).
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -92,6 +92,9 @@ class ArrowRouter(TokenRouter):
             x, state.unsqueeze(0), available.unsqueeze(0), None if bias is None else bias.unsqueeze(1)
         )
         return Route(experts[:, 0], weights[:, 0])
+
+    def slot_params(self) -> dict[str, Any]:
+        return {"kind": "arrow", "top_k": self.config.top_k, "temperature": self.config.temperature}
 
     def route_k(self, available: torch.Tensor) -> int:
         """Experts kept per token: top_k, capped by the fewest available experts of the modules."""

@@ -115,6 +115,12 @@ class TokenRouter(ABC):
         """A ``joint`` router's hash of the examples it trains on, when they come with its config."""
         return ""
 
+    def slot_params(self) -> dict[str, Any] | None:
+        """How moerge's vLLM op runs this router inside one adapter slot (``serving/mixture/slot.py``:
+        ``SlotRouting``'s kind, top_k, temperature and request, its ranks filled from the adapters), or None when it
+        cannot (the composition then keeps the torch engine)."""
+        return None
+
     @abstractmethod
     def route(
         self, x: torch.Tensor, state: torch.Tensor, available: torch.Tensor, bias: torch.Tensor | None = None

@@ -129,6 +129,10 @@ class GliderRouter(TokenRouter):
     def fit_adapter(self, adapter: LoraAdapter, context: FitContext | None = None) -> dict[str, torch.Tensor]:
         return self.local.fit_adapter(adapter, context)
 
+    def slot_params(self) -> dict[str, Any] | None:
+        local = self.local.slot_params()
+        return None if local is None else {**local, "request": "bias"}  # the per-query bias travels per request
+
     def bias(self, query_embedding: ArrayLike, expert_embeddings: ArrayLike) -> torch.Tensor:
         """:func:`glider_bias` with this router's ``scale``."""
         return glider_bias(query_embedding, expert_embeddings, self.config.scale)

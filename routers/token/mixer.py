@@ -38,7 +38,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import msgspec
 import torch
@@ -213,6 +213,9 @@ class MixerRouter(TokenRouter):
         )
         type(self).last_training = result
         return result.states
+
+    def slot_params(self) -> dict[str, Any]:
+        return {"kind": "mixer", "top_k": self.config.top_k}
 
     def route(
         self, x: torch.Tensor, state: torch.Tensor, available: torch.Tensor, bias: torch.Tensor | None = None

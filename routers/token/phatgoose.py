@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import msgspec
 import torch
@@ -144,6 +144,9 @@ class PhatgooseRouter(TokenRouter):
         result = train_gates(adapter, context.base_dir, context.examples, self.config.training, on_step=context.on_step)
         type(self).last_training = result
         return result.gates
+
+    def slot_params(self) -> dict[str, Any]:
+        return {"kind": "phatgoose", "top_k": self.config.top_k}
 
     def route(
         self, x: torch.Tensor, state: torch.Tensor, available: torch.Tensor, bias: torch.Tensor | None = None

@@ -57,15 +57,31 @@ def arrow_route(
     module's own route; returns experts and weights [tokens, M, k]. ``k`` (``arrow_k``, equal in every
     module) and ``all_available``, when the caller has them, spare two host reads of ``available``."""
     M, E = available.shape
-    scores = (x @ prototypes.reshape(M * E, -1).T.to(x.dtype)).abs().view(-1, M, E)
+    dots = (x @ prototypes.reshape(M * E, -1).T.to(x.dtype)).view(-1, M, E)
+    if k is None:
+        k = arrow_k(available, top_k)
+    return arrow_pick(dots, available, k, temperature, bias, all_available=all_available)
+
+
+def arrow_pick(
+    dots: torch.Tensor,
+    available: torch.Tensor,
+    k: int,
+    temperature: float,
+    bias: torch.Tensor | None = None,
+    *,
+    all_available: bool | None = None,
+) -> Route:
+    """Arrow's choice from the dot products ``dots`` [..., E] of tokens with the prototypes (``available``
+    broadcastable to them): |dots| (+ bias), the top ``k`` kept, weighted by a softmax with temperature over them.
+    The mixture layer and moerge's vLLM op (which reads the dots off its LoRA product) both end here."""
+    scores = dots.abs()
     if bias is not None:
         scores = scores + bias.to(scores.dtype)
     if all_available is None:
         all_available = bool(available.all())
     if not all_available:
         scores = scores.masked_fill(~available.to(scores.device), float("-inf"))
-    if k is None:
-        k = arrow_k(available, top_k)
     top, experts = scores.topk(k, dim=-1)  # sorted: the first column is each row's maximum
     return Route(experts, softmax_of_sorted(top, temperature))
 
@@ -91,12 +107,16 @@ def phatgoose_route(
 ) -> Route:
     """PHATGOOSE's route at one module: ``phatgoose_scores`` (+ ``bias`` [tokens, E]), a softmax over the
     ``available`` [E] experts, the top_k kept and their probabilities renormalized to sum to 1."""
-    scores = phatgoose_scores(x, gates)
+    return phatgoose_pick(phatgoose_scores(x, gates), available, min(top_k, int(available.sum())), bias)
+
+
+def phatgoose_pick(scores: torch.Tensor, available: torch.Tensor, k: int, bias: torch.Tensor | None = None) -> Route:
+    """PHATGOOSE's choice from its ``scores`` [..., E]: (+ bias), a softmax over the available experts, the top
+    ``k`` kept and renormalized."""
     if bias is not None:
         scores = scores + bias.to(scores.dtype)
     if not bool(available.all()):
         scores = scores.masked_fill(~available.to(scores.device), float("-inf"))
-    k = min(top_k, int(available.sum()))
     # softmax, top-k, renormalize == a softmax over the kept scores alone (the dropped terms cancel)
     top, experts = scores.topk(k, dim=-1)
     return Route(experts, softmax_of_sorted(top))
@@ -121,9 +141,12 @@ def mixer_route(
     """The mixer's route at one module: ``mixer_gates`` of the available experts (``state`` [E, d + 1]: w_e
     then b_e; ``bias`` [tokens, E] is added to the logits), the top_k of them kept with their gates as the
     weights, not renormalized."""
-    gates = mixer_gates(x, state[:, :-1], state[:, -1], bias)
+    return mixer_pick(mixer_gates(x, state[:, :-1], state[:, -1], bias), available, min(top_k, int(available.sum())))
+
+
+def mixer_pick(gates: torch.Tensor, available: torch.Tensor, k: int) -> Route:
+    """The mixer's choice from its ``gates`` [..., E]: the top ``k`` available ones, their gates as weights."""
     if not bool(available.all()):
         gates = gates.masked_fill(~available.to(gates.device), -1.0)  # below any gate: never kept
-    k = min(top_k, int(available.sum()))
     top, experts = gates.topk(k, dim=-1)
     return Route(experts, top)

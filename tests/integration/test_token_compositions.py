@@ -203,9 +203,10 @@ async def test_engine_set_sends_mixtures_to_its_torch_engine(tiny_base: Path, tm
         await engines.close()
     # what the x-moerge-engine header says: the torch engine answers mixtures and fused requests beside vLLM
     beside_vllm = EngineSet(VLLMEngine())  # nothing starts until a request needs a server
-    assert answering_engine(beside_vllm, torch_only=True) == "torch"
-    assert answering_engine(beside_vllm, torch_only=False) == "vllm"
-    assert answering_engine(TorchEngine(), torch_only=True) == "torch"
+    plain = members[0].target
+    assert answering_engine(beside_vllm, plain, fused=True) == "torch"
+    assert answering_engine(beside_vllm, plain) == "vllm"
+    assert answering_engine(TorchEngine(), plain, fused=True) == "torch"
 
 
 def test_eval_draws_the_trace_heatmap(live: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
