@@ -35,6 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.errors import DatabaseUnavailable, MoergeError, NotFound
 from core.metrics import JOB_SECONDS, JOBS
+from core.periodic import Periodic
 from jobs.run import JobCancelled, JobHandler, JobRun
 from registry.jobs import iso
 from registry.models import Job, JobStatus, utcnow
@@ -166,15 +167,16 @@ class Worker:
             root = self.work_roots[job.kind]
             run = JobRun(job.id, job.kind, job.method, dict(job.params), job.result_name, self.name, root / str(job.id))
         self._current = run
-        beat = asyncio.create_task(self._heartbeat(run, on_tick))
+        # stopped between two beats, never cancelled inside one's database write (core/periodic.py)
+        beat = Periodic(
+            lambda: self._beat(run, on_tick), self.heartbeat_s, name=f"heartbeat-{job_id}", now=True
+        ).start()
         started = time.perf_counter()
         try:
             await self._run(handler, run)
         finally:
             self._current = None
-            beat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await beat
+            await beat.stop()
             _remove_outputs(root, job_id)
         async with self.sessionmaker() as session:
             done = await session.get(Job, job_id)
@@ -218,30 +220,28 @@ class Worker:
             )
             await session.commit()
 
-    async def _heartbeat(self, run: JobRun, on_tick: TickFn | None) -> None:
-        """Progress and the lease into the row, the cancel flag out of it, every ``heartbeat_s``."""
-        while True:
-            progress, message = run.progress, run.message
-            try:
-                async with self.sessionmaker() as session:
-                    row = (
-                        await session.execute(
-                            update(Job)
-                            .where(Job.id == run.job_id, Job.status == JobStatus.running.value, Job.owner == self.name)
-                            .values(progress=progress, message=message, heartbeat_at=utcnow(), updated_at=utcnow())
-                            .returning(Job.cancel_requested)
-                        )
-                    ).first()
-                    await session.commit()
-                if row is None and not run.succeeded:  # no longer ours: settled by another worker, or gone
-                    run.stop("lost")
-                elif row is not None and row[0]:
-                    run.stop("requested")
-            except Exception:
-                log.exception("%s job %s: heartbeat failed", run.kind, run.job_id)
-            if on_tick is not None:
-                on_tick(progress, message)
-            await asyncio.sleep(self.heartbeat_s)
+    async def _beat(self, run: JobRun, on_tick: TickFn | None) -> None:
+        """Progress and the lease into the row, the cancel flag out of it (every ``heartbeat_s``)."""
+        progress, message = run.progress, run.message
+        try:
+            async with self.sessionmaker() as session:
+                row = (
+                    await session.execute(
+                        update(Job)
+                        .where(Job.id == run.job_id, Job.status == JobStatus.running.value, Job.owner == self.name)
+                        .values(progress=progress, message=message, heartbeat_at=utcnow(), updated_at=utcnow())
+                        .returning(Job.cancel_requested)
+                    )
+                ).first()
+                await session.commit()
+            if row is None and not run.succeeded:  # no longer ours: settled by another worker, or gone
+                run.stop("lost")
+            elif row is not None and row[0]:
+                run.stop("requested")
+        except Exception:
+            log.exception("%s job %s: heartbeat failed", run.kind, run.job_id)
+        if on_tick is not None:
+            on_tick(progress, message)
 
     # -- recovery -------------------------------------------------------------------------------------
     async def recover(self, *, sweep: bool = False) -> list[uuid.UUID]:

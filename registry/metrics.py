@@ -10,7 +10,6 @@ deletes the rows older than ``keep_s``.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from core.periodic import Periodic
 from registry.models import ModelMinute, RoutingMinute
 
 log = logging.getLogger("moerge.metrics")
@@ -94,14 +94,16 @@ class Rollups:
                     self._routes[key] = self._routes.get(key, 0) + n
             raise
 
-    async def run(self, every_s: float) -> None:
-        """Flush every ``every_s`` until cancelled; a failed flush is logged and retried at the next."""
-        while True:
-            await asyncio.sleep(every_s)
-            try:
-                await self.flush()
-            except Exception as exc:
-                log.warning("could not write the per-minute request counts (kept for the next try): %r", exc)
+    async def flush_or_log(self) -> None:
+        """One periodic flush; a failure is logged and retried at the next."""
+        try:
+            await self.flush()
+        except Exception as exc:
+            log.warning("could not write the per-minute request counts (kept for the next try): %r", exc)
+
+    def writer(self, every_s: float) -> Periodic:
+        """Flush every ``every_s`` in the background (``start`` it; ``stop`` it at shutdown, then ``close``)."""
+        return Periodic(self.flush_or_log, every_s, name="moerge-metrics-rollups")
 
     async def close(self) -> None:
         """The last flush, at shutdown: a failure is logged (the counts of this process are then lost)."""

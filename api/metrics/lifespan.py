@@ -4,8 +4,6 @@ background and once more at shutdown."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -24,11 +22,9 @@ async def metrics_lifespan(app: Litestar) -> AsyncIterator[None]:
     metrics.enable(runtime.settings.metrics_path)
     rollups = Rollups(runtime.sessionmaker, keep_s=runtime.settings.metrics_keep_h * 3600)
     app.state.rollups = rollups
-    writer = asyncio.create_task(rollups.run(runtime.settings.metrics_flush_s), name="moerge-metrics-rollups")
+    writer = rollups.writer(runtime.settings.metrics_flush_s).start()
     try:
         yield
     finally:
-        writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await writer
+        await writer.stop()  # between two flushes: a flush cancelled inside a database call can hang (core/periodic.py)
         await rollups.close()
