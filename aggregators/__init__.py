@@ -1,6 +1,6 @@
 """Aggregators: combine the chosen experts' answers into one. Importing this package registers them all."""
 
-from aggregators import logit_fusion, select, synthesize, vote
+from aggregators import logit_fusion, select, synthesize, vote, weighted
 from aggregators.base import AGGREGATORS, Aggregation, Aggregator, AggregatorConfig, ExpertAnswer
 
 __all__ = [
@@ -13,4 +13,5 @@ __all__ = [
     "select",
     "synthesize",
     "vote",
+    "weighted",
 ]

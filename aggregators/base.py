@@ -68,6 +68,9 @@ class Aggregator(ABC):
     # True: the chosen experts decode one answer together (``fusion`` builds the engine's fused request)
     # instead of answering each and being combined; only engines with ``fuses_logits`` (torch) run it.
     fuses_logits: ClassVar[bool] = False
+    # True: the chosen LoRA adapters are applied together in one generation with per-query weights (``weights``)
+    # instead of answering each (``weighted``); the composition layer answers with one weighted mixture.
+    merges_adapters: ClassVar[bool] = False
 
     def __init__(self, config: AggregatorConfig) -> None:
         self.config = config
@@ -90,6 +93,10 @@ class Aggregator(ABC):
 
     def fusion(self, members: Sequence[FusedMember]) -> Fusion:
         """For aggregators with ``fuses_logits``: the fused request's spec for the chosen experts."""
+        raise NotImplementedError
+
+    def weights(self, chosen: Sequence[tuple[str, float]]) -> dict[str, float]:
+        """For aggregators with ``merges_adapters``: each adapter's weight from the chosen (slug, score) pairs."""
         raise NotImplementedError
 
     @abstractmethod

@@ -64,7 +64,7 @@ async def generate_one(engine: Engine, request: GenRequest) -> GenResult:
 
 async def answer_one(engine: Engine, plan: Plan, query: Query, *, traced: bool = False) -> Answer:
     """A plan with one answerer: its generation, and with ``traced`` the token-level trace of it."""
-    request = query.generation(plan.target, plan.router_bias)
+    request = query.generation(plan.target, plan.router_bias, plan.mixture_weights)
     result = await generate_one(engine, request)
     shown = await trace(engine, request, result.text) if traced else None
     return Answer.of(plan, result, plan.experts, plan.weights, trace=shown)
@@ -188,7 +188,7 @@ def _aggregating(plan: Plan) -> dict[str, AttributeValue]:
 
 
 async def stream_one(engine: Engine, plan: Plan, query: Query) -> AnswerStream:
-    request = query.generation(plan.target, plan.router_bias)
+    request = query.generation(plan.target, plan.router_bias, plan.mixture_weights)
     chunks = engine.stream(request)
     return await started(plan, chunks, plan.experts, plan.weights, span=("generate", _generation(engine, request)))
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from aggregators import Aggregator
 from composition.plan import Plan
 from composition.resolve import target_for
 from composition.service import CompositionSpec
@@ -212,6 +213,63 @@ async def resolve_token_composition(
         extra=extra,
     )
     return Plan(comp.name, target, comp.router, tuple(slugs), tuple(decision.weights), decision, router_bias=bias)
+
+
+_WEIGHTED = StampedMemo[Target](128)
+
+
+def weighted_mixture(name: str, experts: list[Expert], store: ArtifactStore) -> TokenMixture:
+    """Every adapter of ``experts`` applied together with weights each request brings (``weighted``)."""
+    from serving.mixture.route import WEIGHTED, WeightedRouter
+
+    return TokenMixture(
+        composition=name,
+        router=WEIGHTED,
+        router_params="{}",
+        adapters=tuple((str(e.id), e.slug, store.expert_dir(e.id)) for e in experts),
+        make_router=WeightedRouter,
+        slot_params=json.dumps({"kind": "weighted", "request": "weights"}, sort_keys=True),
+    )
+
+
+async def weighted_plan(
+    session: AsyncSession,
+    store: ArtifactStore,
+    comp: CompositionView,
+    decision: RouteDecision,
+    aggregator: Aggregator,
+    stamp: Stamp | None = None,
+    *,
+    max_lora_rank: int = MAX_LORA_RANK,
+) -> Plan:
+    """A ``weighted`` composition's plan: one generation on the mixture of all its adapters (one vLLM slot for every
+    query), this query's weights from the router's scores of the chosen ones (and the always-on members)."""
+    stamp = stamp if stamp is not None else await registry_stamp(session)
+    target = _WEIGHTED.get(stamp, (str(store.root), comp.id))
+    if target is None:
+        experts = await _adapters(session, comp)
+        base, *_ = [target_for(e, store, max_lora_rank=max_lora_rank) for e in experts]
+        mixture = weighted_mixture(comp.name, experts, store)
+        target = _WEIGHTED.put(
+            stamp,
+            (str(store.root), comp.id),
+            Target(base.base_id, base.base_dir, served_name=comp.name, mixture=mixture),
+        )
+    assert target.mixture is not None
+    chosen = [(slug, float(decision.scores.get(slug, weight))) for slug, weight in decision.experts]
+    weights = aggregator.weights(chosen)
+    vector = tuple(weights.get(slug, 0.0) for slug in target.mixture.slugs)
+    used = [(slug, w) for slug, w in zip(target.mixture.slugs, vector, strict=True) if w != 0.0]
+    return Plan(
+        comp.name,
+        target,
+        comp.router,
+        tuple(slug for slug, _ in used),
+        tuple(round(w, 6) for _, w in used),
+        decision,
+        aggregator_name=comp.aggregator,
+        mixture_weights=vector,
+    )
 
 
 def _token_params(router: str, params: dict[str, Any]) -> dict[str, Any]:

@@ -45,7 +45,12 @@ class Query:
     def __post_init__(self) -> None:
         object.__setattr__(self, "text", query_text(self.messages, self.prompt))
 
-    def generation(self, target: Target, router_bias: tuple[float, ...] | None = None) -> GenRequest:
+    def generation(
+        self,
+        target: Target,
+        router_bias: tuple[float, ...] | None = None,
+        mixture_weights: tuple[float, ...] | None = None,
+    ) -> GenRequest:
         """This query as one engine request on ``target``."""
         return GenRequest(
             target,
@@ -54,6 +59,7 @@ class Query:
             prompt=self.prompt,
             request_id=self.request_id,
             router_bias=router_bias,
+            mixture_weights=mixture_weights,
         )
 
     def on_part(self, target: Target, part: str) -> GenRequest:
@@ -93,6 +99,7 @@ class Plan:
     aggregator_target: Target | None = None  # the model a model-based aggregator runs on
     fallback: bool = False
     router_bias: tuple[float, ...] | None = None  # a token-level mixture's per-query bias (glider)
+    mixture_weights: tuple[float, ...] | None = None  # a weighted mixture's per-query weights, one per adapter
 
     @property
     def composite(self) -> bool:

@@ -180,6 +180,12 @@ async def _resolve_composition(
             session, store, str(comp.fallback_id), param="fallback", stamp=stamp, max_lora_rank=max_lora_rank
         )
         return Plan(comp.name, target, comp.router, (slug,), (1.0,), decision, fallback=True)
+    if comp.aggregator is not None:
+        aggregator = AGGREGATORS.build(comp.aggregator, dict(comp.aggregator_params))
+        if aggregator.merges_adapters:  # one generation with the chosen adapters weighted
+            return await mixtures.weighted_plan(
+                session, store, comp, decision, aggregator, stamp, max_lora_rank=max_lora_rank
+            )
     members = await _members(session, store, comp, decision, stamp, max_lora_rank)
     plan = Plan(
         comp.name,

@@ -51,6 +51,22 @@ class CompositionPatch(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     decompose: bool | None = None
 
 
+def _check_mixable(members: list[Expert], what: str) -> None:
+    """Members mixed inside one model (a token-level router, the ``weighted`` aggregator) must be LoRA adapters
+    of one base."""
+    for i, expert in enumerate(members):
+        if (expert.peft_type or "").upper() != "LORA" or expert.base_id is None:
+            raise ValidationFailed(
+                f"{expert.slug!r} is a {expert.kind} model, not a LoRA adapter: {what} mixes adapters of one base",
+                param=f"experts[{i}]",
+            )
+        if expert.base_id != members[0].base_id:
+            raise ValidationFailed(
+                f"{expert.slug!r} adapts another base than {members[0].slug!r}: {what} mixes adapters of one base",
+                param=f"experts[{i}]",
+            )
+
+
 def _check_fusable(spec: CompositionSpec, members: list[Expert]) -> None:
     """An aggregator that fuses logits (``logit_fusion``) decodes k >= 2 chosen experts together in one base
     model's batch: every candidate must be that base or a LoRA adapter of it (one tokenizer, one model)."""
@@ -158,6 +174,14 @@ class CompositionService:
                 await self.experts.get(model, param="aggregator_params.model")
             if aggregator.fuses_logits:
                 _check_fusable(spec, members)
+            if aggregator.merges_adapters:
+                _check_mixable(members, f"aggregator {spec.aggregator!r}")
+                for slug in getattr(aggregator.config, "always_on", {}):
+                    if slug not in {m.slug for m in members}:
+                        raise ValidationFailed(
+                            f"always_on names {slug!r}, which is not one of the composition's experts",
+                            param=f"aggregator_params.always_on.{slug}",
+                        )
         return members, fallback
 
     async def _validated_token_level(self, spec: CompositionSpec) -> tuple[list[Expert], Expert | None]:
@@ -184,19 +208,7 @@ class CompositionService:
         if spec.decompose:
             raise ValidationFailed("decompose needs a query-level router", param="decompose")
         members = [await self.experts.get(ref, param=f"experts[{i}]") for i, ref in enumerate(spec.experts)]
-        for i, expert in enumerate(members):
-            if (expert.peft_type or "").upper() != "LORA" or expert.base_id is None:
-                raise ValidationFailed(
-                    f"{expert.slug!r} is a {expert.kind} model, not a LoRA adapter: router {spec.router!r} mixes "
-                    "adapters of one base",
-                    param=f"experts[{i}]",
-                )
-            if expert.base_id != members[0].base_id:
-                raise ValidationFailed(
-                    f"{expert.slug!r} adapts another base than {members[0].slug!r}: a token-level mixture needs "
-                    "adapters of one base",
-                    param=f"experts[{i}]",
-                )
+        _check_mixable(members, f"router {spec.router!r}")
         fallback = await self.experts.get(spec.fallback, param="fallback") if spec.fallback else None
         return members, fallback
 

@@ -78,6 +78,7 @@ from serving.engine import (
     TokenTrace,
 )
 from serving.mixture import AdapterRefused, apply_mixture, load_lora_adapter
+from serving.mixture.route import WEIGHTED
 
 log = logging.getLogger(__name__)
 LOG_HINT = "an admin can read why in moerge's log"  # errors name the model, never its files: those are logged
@@ -891,16 +892,18 @@ def _mix(model: PreTrainedModel, mixture: TokenMixture) -> dict[str, Any]:
 def _row_bias(slot: _Slot, rows: list[Any]) -> Iterator[None]:
     """Set each sequence's router bias (GLIDER) on the mixture layers for one forward or generate call."""
     requests = [r.job.request if isinstance(r, _Row) else r for r in rows]
-    if slot.mixture is None or all(req.router_bias is None for req in requests):
+    vectors = [req.mixture_weights if req.mixture_weights is not None else req.router_bias for req in requests]
+    if slot.mixture is None or all(v is None for v in vectors):
         yield
         return
     n = len(slot.mixture.adapters)
-    bias = torch.zeros(len(requests), n, dtype=torch.float32)
-    for i, req in enumerate(requests):
-        if req.router_bias is not None:
-            if len(req.router_bias) != n:
-                raise ValidationFailed(f"router_bias has {len(req.router_bias)} values for {n} adapters")
-            bias[i] = torch.tensor(req.router_bias, dtype=torch.float32)
+    # a weighted mixture's router reads its weights here (NaN: the request brought none); a token router its bias
+    bias = torch.full((len(requests), n), float("nan") if slot.mixture.router == WEIGHTED else 0.0)
+    for i, vector in enumerate(vectors):
+        if vector is not None:
+            if len(vector) != n:
+                raise ValidationFailed(f"the request's mixture vector has {len(vector)} values for {n} adapters")
+            bias[i] = torch.tensor(vector, dtype=torch.float32)
     for layer in slot.mixture_layers.values():
         layer.row_bias = bias
     try:

@@ -33,6 +33,29 @@ def softmax_of_sorted(top: torch.Tensor, temperature: float = 1.0) -> torch.Tens
     return e / e.sum(dim=-1, keepdim=True)
 
 
+WEIGHTED = "weighted"  # the router name of a weighted mixture (``TokenMixture.router``)
+
+
+class WeightedRouter:
+    """A weighted mixture as the mixture layer runs it: every adapter on every token, with the weights its
+    sequence's request brought (given as the layer's per-sequence ``bias``; NaN rows or none: equal weights).
+    The torch engine's reference for what moerge's vLLM op does with a weighted slot."""
+
+    def state_width(self, in_features: int) -> int:
+        return 1
+
+    def fit_adapter(self, adapter: LoraAdapter) -> dict[str, torch.Tensor]:
+        return {}
+
+    def route(
+        self, x: torch.Tensor, state: torch.Tensor, available: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> Route:
+        tokens, experts = x.shape[0], state.shape[0]
+        uniform = x.new_full((tokens, experts), 1.0 / experts)
+        weights = uniform if bias is None else torch.where(torch.isnan(bias), uniform, bias.to(x.dtype))
+        return Route(torch.arange(experts, device=x.device).expand(tokens, experts), weights)
+
+
 class MixtureRouter(Protocol):
     """A token router as the mixture layer calls it (``routers.token.base.TokenRouter`` implements it). A router
     may also offer ``route_k(available)`` and ``route_shared(...)`` to route the modules sharing an input in

@@ -1,0 +1,109 @@
+"""Token-level and weighted compositions through /v1 with the vLLM engine: with moerge's ops a mixture is one
+adapter slot in the base's vLLM server (x-moerge-engine: vllm); as stock vLLM runs on a GPU machine
+(MOERGE_VLLM_LORA_OPS=vllm) the same compositions are answered by the torch engine (x-moerge-engine: torch)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from core.settings import Settings
+from registry import db
+from registry.schemas import ExpertSpec
+from registry.services import ApiKeyService, ExpertService
+from registry.store import ArtifactStore
+from tests.fixtures.live import serve
+from tests.fixtures.vllm_models import build_vllm_tiny_llama, build_vllm_tiny_lora
+
+pytestmark = pytest.mark.vllm
+
+OPS = {"moerge-ops": ({}, "vllm"), "stock-vllm": ({"vllm_lora_ops": "vllm", "vllm_compile": False}, "torch")}
+CHAT = [{"role": "user", "content": "Convert 3 km to metres"}]
+
+
+@pytest.fixture(scope="module", params=list(OPS))
+def live(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    root = tmp_path_factory.mktemp("v1-mix")
+    base = build_vllm_tiny_llama(root / "base")
+    loras = [build_vllm_tiny_lora(base, root / f"lora-{i}", seed=40 + i) for i in range(3)]
+    settings = Settings(
+        home=root / "home",
+        database_url=f"sqlite+aiosqlite:///{root / 'moerge.db'}",
+        import_roots=(root,),
+        engine="vllm",
+        vllm_kv_cache_gib=1,
+        vllm_max_model_len=512,
+        **OPS[request.param][0],  # type: ignore[arg-type]
+    )
+    db.upgrade(settings.database_url)
+
+    async def setup() -> tuple[str, str]:
+        engine = db.make_engine(settings.database_url)
+        try:
+            async with db.make_sessionmaker(engine)() as session:
+                experts = ExpertService(session, ArtifactStore(settings.store_dir))
+                await experts.register_folder(base, ExpertSpec(slug="tiny"))
+                for i, folder in enumerate(loras):
+                    await experts.register_folder(
+                        folder, ExpertSpec(slug=f"lora-{i}", base="tiny", description=f"skill number {i}")
+                    )
+                _, key = await ApiKeyService(session).create("t", ["query"])
+                _, admin = await ApiKeyService(session).create("a", ["admin"])
+                return key, admin
+        finally:
+            await engine.dispose()
+
+    key, admin = asyncio.run(setup())
+    with serve(settings) as url:
+        headers = {"authorization": f"Bearer {admin}"}
+        for body in (
+            {
+                "name": "mix",
+                "router": "arrow",
+                "router_params": {"top_k": 2},
+                "experts": ["lora-0", "lora-1", "lora-2"],
+            },
+            {
+                "name": "blend",
+                "router": "embedding",
+                "router_params": {"threshold": -1},
+                "experts": ["lora-0", "lora-1", "lora-2"],
+                "k": 2,
+                "aggregator": "weighted",
+                "aggregator_params": {"temperature": 0.5, "always_on": {"lora-2": 0.25}},
+            },
+        ):
+            created = httpx.post(f"{url}/api/compositions", json=body, headers=headers, timeout=120)
+            assert created.status_code == 201, created.text
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=600)
+        yield {"url": url, "client": client, "engine": OPS[request.param][1], "admin": admin}
+
+
+def test_token_level_composition_answers_from_the_engine_that_can_mix(live: dict[str, Any]) -> None:
+    client: openai.OpenAI = live["client"]
+    raw = client.chat.completions.with_raw_response.create(model="mix", messages=CHAT, max_tokens=16, temperature=0)
+    text = raw.parse().choices[0].message.content
+    assert text and raw.headers["x-moerge-engine"] == live["engine"]
+    streamed = client.chat.completions.create(model="mix", messages=CHAT, max_tokens=16, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == text
+    if live["engine"] == "vllm":  # the mixture is one adapter of the base's vLLM server
+        engines = httpx.get(f"{live['url']}/api/engines", headers={"authorization": f"Bearer {live['admin']}"}).json()
+        assert any(name.startswith("mixture-") for s in engines["servers"] for name in s["adapters"])
+
+
+def test_weighted_composition_applies_the_chosen_adapters_in_one_generation(live: dict[str, Any]) -> None:
+    """k = 2 chosen by the router, weighted by a softmax of their scores, plus the always-on member: one answer."""
+    client: openai.OpenAI = live["client"]
+    raw = client.chat.completions.with_raw_response.create(model="blend", messages=CHAT, max_tokens=16, temperature=0)
+    reply = raw.parse()
+    assert reply.choices[0].message.content and raw.headers["x-moerge-engine"] == live["engine"]
+    assert raw.headers["x-moerge-aggregator"] == "weighted"
+    experts = raw.headers["x-moerge-experts"].split(",")
+    weights = [float(w) for w in raw.headers["x-moerge-weights"].split(",")]
+    assert "lora-2" in experts and 2 <= len(experts) <= 3
+    assert abs(sum(weights) - 1.25) < 1e-4  # a softmax over the two chosen, plus the always-on member's 0.25
