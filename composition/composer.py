@@ -72,6 +72,14 @@ class Composer:
         """What answers ``query``: an expert, or a composition routed on ``query.text``. ``stamp``: the
         registry stamp if the caller read it already (the API's key check reads it in the same statement)."""
         with tracing.tracer.start_as_current_span("resolve", attributes={tracing.MODEL: query.model}) as span:
+            if query.merged_adapters is not None:
+                from composition.mixtures import merged_adapters_plan
+
+                plan = await merged_adapters_plan(
+                    session, self.store, query.model, query.merged_adapters, stamp, max_lora_rank=self.max_lora_rank
+                )
+                _describe(span, plan)
+                return plan
             plan = await resolve_model(
                 session,
                 self.store,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
@@ -19,9 +20,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from aggregators import Aggregator
 from composition.plan import Plan
-from composition.resolve import target_for
+from composition.resolve import expert_target, target_for
 from composition.service import CompositionSpec
-from core.errors import Conflict
+from core.errors import Conflict, ValidationFailed
 from registry.compositions import CompositionView
 from registry.epoch import Stamp, StampedMemo, registry_stamp
 from registry.jobs import JobService
@@ -218,15 +219,15 @@ async def resolve_token_composition(
 _WEIGHTED = StampedMemo[Target](128)
 
 
-def weighted_mixture(name: str, experts: list[Expert], store: ArtifactStore) -> TokenMixture:
-    """Every adapter of ``experts`` applied together with weights each request brings (``weighted``)."""
+def weighted_mixture(name: str, adapters: tuple[tuple[str, str, Path], ...]) -> TokenMixture:
+    """The ``adapters`` (expert id, slug, folder) applied together with weights each request brings."""
     from serving.mixture.route import WEIGHTED, WeightedRouter
 
     return TokenMixture(
         composition=name,
         router=WEIGHTED,
         router_params="{}",
-        adapters=tuple((str(e.id), e.slug, store.expert_dir(e.id)) for e in experts),
+        adapters=adapters,
         make_router=WeightedRouter,
         slot_params=json.dumps({"kind": "weighted", "request": "weights"}, sort_keys=True),
     )
@@ -249,7 +250,7 @@ async def weighted_plan(
     if target is None:
         experts = await _adapters(session, comp)
         base, *_ = [target_for(e, store, max_lora_rank=max_lora_rank) for e in experts]
-        mixture = weighted_mixture(comp.name, experts, store)
+        mixture = weighted_mixture(comp.name, tuple((str(e.id), e.slug, store.expert_dir(e.id)) for e in experts))
         target = _WEIGHTED.put(
             stamp,
             (str(store.root), comp.id),
@@ -268,6 +269,61 @@ async def weighted_plan(
         tuple(round(w, 6) for _, w in used),
         decision,
         aggregator_name=comp.aggregator,
+        mixture_weights=vector,
+    )
+
+
+_MERGED = StampedMemo[Target](256)
+
+
+async def merged_adapters_plan(
+    session: AsyncSession,
+    store: ArtifactStore,
+    model: str,
+    merged: tuple[tuple[str, float], ...],
+    stamp: Stamp | None = None,
+    *,
+    max_lora_rank: int = MAX_LORA_RANK,
+) -> Plan:
+    """A request's own weighted merge (``merged_adapters`` on /v1, as LoRAX's): the adapters it names applied
+    together with its weights (``linear``) on ``model``, their base. One slot per set of adapters, whatever the
+    weights (the slot's members in id order, so any order of the same set shares it)."""
+    stamp = stamp if stamp is not None else await registry_stamp(session)
+    base_slug, base = await expert_target(
+        session, store, model, param="model", stamp=stamp, max_lora_rank=max_lora_rank
+    )
+    if base.adapter_id is not None:
+        raise ValidationFailed(
+            f"with merged_adapters, model names their base model; {model!r} is an adapter", param="model"
+        )
+    named: dict[str, tuple[str, Path, float]] = {}
+    for i, (ref, weight) in enumerate(merged):
+        param = f"merged_adapters.ids[{i}]"
+        slug, target = await expert_target(session, store, ref, param=param, stamp=stamp, max_lora_rank=max_lora_rank)
+        if target.adapter_id is None or target.adapter_dir is None:
+            raise ValidationFailed(f"{slug!r} is not a LoRA adapter: merged_adapters names adapters", param=param)
+        if target.base_id != base.base_id:
+            raise ValidationFailed(f"{slug!r} adapts another base than {base_slug!r}", param=param)
+        if target.adapter_id in named:
+            raise ValidationFailed(f"{slug!r} is named twice", param=param)
+        named[target.adapter_id] = (slug, target.adapter_dir, weight)
+    ids = tuple(sorted(named))
+    found = _MERGED.get(stamp, (str(store.root), base.base_id, ids))
+    if found is None:
+        adapters = tuple((i, named[i][0], named[i][1]) for i in ids)
+        mixture = weighted_mixture(f"{base_slug}+" + "+".join(slug for _, slug, _ in adapters), adapters)
+        found = _MERGED.put(
+            stamp,
+            (str(store.root), base.base_id, ids),
+            Target(base.base_id, base.base_dir, served_name=model, mixture=mixture),
+        )
+    vector = tuple(named[i][2] for i in ids)
+    return Plan(
+        model,
+        found,
+        "merged_adapters",
+        tuple(named[i][0] for i in ids),
+        tuple(round(w, 6) for w in vector),
         mixture_weights=vector,
     )
 

@@ -40,6 +40,8 @@ class Query:
     messages: list[dict[str, Any]] | None = None
     prompt: str | None = None
     request_id: str = ""
+    # the request's own weighted merge of adapters of ``model`` (``merged_adapters`` on /v1): (adapter, weight)
+    merged_adapters: tuple[tuple[str, float], ...] | None = None
     text: str = field(init=False)
 
     def __post_init__(self) -> None:

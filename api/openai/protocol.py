@@ -7,6 +7,7 @@ other than their default); anything else is an unknown field, refused by name.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import msgspec
@@ -19,6 +20,49 @@ from serving.engine import GREEDY_BELOW, Sampling
 MAX_TOKENS_LIMIT = 8192
 SEED_RANGE = (-(2**63), 2**63 - 1)  # a 64-bit integer, as vLLM's server takes it (torch's generators overflow past)
 ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+MAX_MERGED_ADAPTERS = 16
+MAX_MERGE_WEIGHT = 10.0
+
+
+class MergedAdapters(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """LoRAX's ``merged_adapters``: adapters of ``model`` (its base) applied together with these weights in one
+    generation (a weighted mixture: vLLM's adapter slot with the weights per request, or the torch engine)."""
+
+    ids: list[str]
+    weights: list[float]
+    merge_strategy: str = "linear"
+    # LoRAX's fields for its other strategies: accepted only at their neutral values
+    majority_sign_method: str | None = None
+    density: float | None = None
+
+    def checked(self) -> tuple[tuple[str, float], ...]:
+        where = "merged_adapters"
+        if self.merge_strategy != "linear":
+            raise ValidationFailed(
+                f"merge_strategy {self.merge_strategy!r} is not supported: only linear (a weighted sum of the "
+                "adapters' updates); merge them into a new adapter with POST /api/merges for ties, dare or breadcrumbs",
+                param=f"{where}.merge_strategy",
+            )
+        if self.majority_sign_method is not None or self.density not in (None, 1.0):
+            raise ValidationFailed(
+                "majority_sign_method and density go with ties / dare only", param=f"{where}.density"
+            )
+        if not 1 <= len(self.ids) <= MAX_MERGED_ADAPTERS:
+            raise ValidationFailed(f"name 1 to {MAX_MERGED_ADAPTERS} adapters", param=f"{where}.ids")
+        if len(self.weights) != len(self.ids):
+            raise ValidationFailed(f"give one weight per adapter ({len(self.ids)})", param=f"{where}.weights")
+        for i, weight in enumerate(self.weights):
+            if not (math.isfinite(weight) and abs(weight) <= MAX_MERGE_WEIGHT):
+                raise ValidationFailed(
+                    f"must be a finite number between -{MAX_MERGE_WEIGHT:g} and {MAX_MERGE_WEIGHT:g}",
+                    param=f"{where}.weights[{i}]",
+                )
+        for i, ref in enumerate(self.ids):
+            if not ref or len(ref) > 256:
+                raise ValidationFailed("must be an adapter's slug or id", param=f"{where}.ids[{i}]")
+        return tuple(zip(self.ids, (float(w) for w in self.weights), strict=True))
 
 
 class _Common(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -45,6 +89,8 @@ class _Common(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     service_tier: str | None = None
     # moerge's extension: a token-level composition's per-token, per-layer adapter choices in `moerge.trace`
     moerge_trace: bool = False
+    # LoRAX's extension: adapters of `model` applied together with weights in one generation
+    merged_adapters: MergedAdapters | None = None
 
     def checked_trace(self) -> bool:
         if self.moerge_trace and self.stream:
@@ -140,7 +186,13 @@ class ChatCompletionRequest(_Common, kw_only=True):
     def as_query(self, default_max_tokens: int, request_id: str) -> Query:
         """The request checked (messages, then sampling) as the composition's Query."""
         messages = self.checked_messages()
-        return Query(self.model, self.sampling(default_max_tokens), messages=messages, request_id=request_id)
+        return Query(
+            self.model,
+            self.sampling(default_max_tokens),
+            messages=messages,
+            request_id=request_id,
+            merged_adapters=self.merged_adapters.checked() if self.merged_adapters is not None else None,
+        )
 
 
 class CompletionRequest(_Common, kw_only=True):
@@ -168,7 +220,13 @@ class CompletionRequest(_Common, kw_only=True):
     def as_query(self, default_max_tokens: int, request_id: str) -> Query:
         """The request checked (prompt, then sampling) as the composition's Query."""
         prompt = self.checked_prompt()
-        return Query(self.model, self.sampling(default_max_tokens), prompt=prompt, request_id=request_id)
+        return Query(
+            self.model,
+            self.sampling(default_max_tokens),
+            prompt=prompt,
+            request_id=request_id,
+            merged_adapters=self.merged_adapters.checked() if self.merged_adapters is not None else None,
+        )
 
 
 def _text_of(content: Any, where: str) -> str:

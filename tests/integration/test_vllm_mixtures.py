@@ -178,24 +178,9 @@ async def test_weighted_mixture_applies_each_requests_weights(
     the torch engine's answers for theirs; weights (0, 1, 0) give the middle adapter alone."""
     from composition.mixtures import weighted_mixture
 
-    experts = [_Expert(f"id-{i}", f"expert-{i}") for i in range(3)]
-    mixture = weighted_mixture("weighted", experts, _Store(models.adapters))  # type: ignore[arg-type]
+    mixture = weighted_mixture("weighted", tuple((f"id-{i}", f"expert-{i}", models.adapters[i]) for i in range(3)))
     target = Target(BASE_ID, models.base, served_name="weighted", mixture=mixture)
     requests = [GenRequest(target, FIXED, prompt=PROMPT, mixture_weights=w) for w in ((0.6, 0.3, 0.1), (0.0, 1.0, 0.0))]
     got = _ok(await engine.generate([*requests, GenRequest(models.target(1), FIXED, prompt=PROMPT)]))
     assert got[:2] == _ok(await reference.generate(requests))
     assert got[1] == got[2] and got[0] != got[1]
-
-
-@dataclass(frozen=True)
-class _Expert:
-    id: str
-    slug: str
-
-
-@dataclass(frozen=True)
-class _Store:
-    adapters: tuple[Path, ...]
-
-    def expert_dir(self, expert_id: str) -> Path:
-        return self.adapters[int(expert_id.removeprefix("id-"))]
