@@ -13,7 +13,8 @@
 #      the composite task beside the single experts; plus a heatmap of each one's routes on a sample query.
 # Usage: scripts/eval_demo.sh [N]    (N queries per task, default 30: prefill-bound vLLM on 2 cores answers
 #        about 2 queries/s, so 30 per task is ~25 minutes for all the rows)
-#        STEPS="composite" runs only the named steps (of: experts routers composite merges token token-nested).
+#        STEPS="composite" runs only the named steps (of: experts routers composite merges token token-nested
+#        token-vllm parity).
 #   7. token-level routers over the two experts a nested composite needs (json_dates: find a JSON field, then
 #      write it as an ISO date; json_units: find it, then convert it), top-2 and top-1, beside those experts;
 #      plus `mixer`, whose router is trained for the composition on 64 examples of the task's train split.
@@ -35,7 +36,7 @@ create() {  # create NAME ARGS...: a composition, unless it exists
   fi
 }
 
-STEPS="${STEPS:-experts routers composite merges token token-nested}"
+STEPS="${STEPS:-experts routers composite merges token token-nested token-vllm parity}"
 step() { [[ " $STEPS " == *" $1 "* ]]; }
 
 if step experts; then
@@ -138,4 +139,32 @@ if step token-nested; then
     mv "$OUT/eval.png" "$OUT/token-json-$skill.png"; rm -f "$OUT"/trace-*.png
   done
 fi
-echo "wrote $OUT/{experts,routers,composite,merges,token,token-composite,token-json-*}.{md,json,png}"
+if step token-vllm; then
+  # The token-level rows again, now that a managed vLLM server runs such mixtures as one adapter slot (the `token`
+  # tables above were measured on the torch engine), beside a `weighted` composition (the router's k = 2 adapters
+  # applied together in one generation, weighted by a softmax of their scores).
+  GATES='{"steps": 30}'
+  create arrow --router arrow -p top_k=2 "${expert_flags[@]}"
+  OMP_NUM_THREADS=1 create phatgoose --router phatgoose -p top_k=2 -p "training=$GATES" "${expert_flags[@]}"
+  create glider --router glider -p local=phatgoose -p "local_params={\"top_k\": 2, \"training\": $GATES}" \
+    -p "model=$BASE" "${expert_flags[@]}"
+  create pair-weighted --router embedding -p threshold=-1 "${expert_flags[@]}" --k 2 --aggregator weighted \
+    --agg-param temperature=0.05
+  "$MOERGE" eval oracle arrow phatgoose glider pair-weighted --n "$N" --out "$OUT" \
+    --title "Token-level routers and a weighted composition on mixed queries, served in vLLM (eval split, n=$N per task)" \
+    > /dev/null
+  mv "$OUT/eval.md" "$OUT/token-vllm.md"; mv "$OUT/eval.json" "$OUT/token-vllm.json"; mv "$OUT/eval.png" "$OUT/token-vllm.png"
+  rm -f "$OUT"/trace-*.png
+  "$MOERGE" eval sentiment-lora arithmetic-lora arrow phatgoose glider pair-weighted pair-synthesize-parts \
+    --task arithmetic_sentiment --split heldout --n "$N" --out "$OUT" \
+    --title "Composite held-out task, token-level routers and a weighted composition served in vLLM (n=$N)" > /dev/null
+  mv "$OUT/eval.md" "$OUT/token-composite-vllm.md"; mv "$OUT/eval.json" "$OUT/token-composite-vllm.json"
+  mv "$OUT/eval.png" "$OUT/token-composite-vllm.png"; rm -f "$OUT"/trace-*.png
+fi
+if step parity; then
+  # vLLM's mixtures against the torch reference (evals/vllm_parity.py): the compositions above and a mixer over the
+  # six, whose router trains when it is created (on 32 examples of the units task: parity, not quality).
+  OMP_NUM_THREADS=1 create mixer-six --router mixer -p task=units -p task_examples=32 "${expert_flags[@]}"
+  .venv/bin/python -m evals.vllm_parity arrow phatgoose glider mixer-six pair-weighted --out "$OUT"
+fi
+echo "wrote $OUT/{experts,routers,composite,merges,token,token-composite,token-json-*,token-vllm,vllm-parity}.{md,json,png}"
