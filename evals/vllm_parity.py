@@ -75,7 +75,7 @@ class Reference:
 
     def ids(self, prompt: str) -> list[int]:
         ids = self.tokenizer.apply_chat_template(chat_messages(prompt), add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        return [int(i) for i in (ids["input_ids"] if hasattr(ids, "keys") else ids)]
 
     def model(self, target: Target) -> Any:
         key = target.key
