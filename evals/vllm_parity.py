@@ -74,7 +74,7 @@ class Reference:
         self._models: dict[str, Any] = {}
 
     def ids(self, prompt: str) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(chat_messages(prompt), add_generation_prompt=True, tokenize=True)
+        ids: Any = self.tokenizer.apply_chat_template(chat_messages(prompt), add_generation_prompt=True, tokenize=True)
         return [int(i) for i in (ids["input_ids"] if hasattr(ids, "keys") else ids)]
 
     def model(self, target: Target) -> Any:
