@@ -47,8 +47,9 @@ from registry.db import make_engine, make_sessionmaker  # noqa: E402
 from registry.store import ArtifactStore  # noqa: E402
 from routers.query.embedder import LazyEmbedder  # noqa: E402
 from serving.dispatch import EngineSet  # noqa: E402
-from serving.engine import MIXTURE_XARG, GenRequest, GenResult, Sampling, Target, TokenMixture  # noqa: E402
+from serving.engine import GenRequest, GenResult, Sampling, Target, TokenMixture  # noqa: E402
 from serving.vllm import VLLMEngine  # noqa: E402
+from serving.vllm_openai import mixture_fields  # noqa: E402
 
 TOP = 20
 PLAIN = "units-lora"
@@ -124,7 +125,7 @@ async def vllm_logprobs(url: str, model: str, ids: list[int], vector: tuple[floa
         "return_tokens_as_token_ids": True,
     }
     if vector is not None:
-        body["vllm_xargs"] = {MIXTURE_XARG: list(vector)}
+        body.update(mixture_fields(vector))
     async with httpx.AsyncClient(timeout=600) as http:
         resp = await http.post(f"{url}/v1/completions", json=body)
     resp.raise_for_status()

@@ -4,7 +4,10 @@ its stream's events as ``GenChunk``s, and vLLM's error answers as moerge errors 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from core.errors import ValidationFailed
@@ -23,6 +26,15 @@ def refuse_torch_only(request: GenRequest) -> None:
         raise ValidationFailed(f"the vLLM engine cannot run {what}; use the torch engine", param="model")
 
 
+def mixture_fields(vector: Sequence[float]) -> dict[str, Any]:
+    """The body fields that bring a mixture slot its request's vector (GLIDER's bias, a weighted mixture's weights):
+    ``vllm_xargs``, read per token by moerge's op, and a ``cache_salt``: vLLM caches a prompt's KV blocks per
+    adapter, but a mixture's KV depends on the vector too, so requests share cached blocks only under one vector."""
+    values = [float(v) for v in vector]
+    salt = "moerge-mix-" + hashlib.sha256(json.dumps(values).encode()).hexdigest()[:32]
+    return {"vllm_xargs": {MIXTURE_XARG: values}, "cache_salt": salt}
+
+
 def payload(request: GenRequest, *, stream: bool) -> tuple[str, dict[str, Any], bool]:
     """(path, body without model, is_chat) for vLLM's OpenAI API."""
     s = request.sampling
@@ -38,7 +50,7 @@ def payload(request: GenRequest, *, stream: bool) -> tuple[str, dict[str, Any], 
     # a mixture slot's per-request vector, read per token by moerge's op (serving/mixture/slot.py: REQUEST_KEY)
     vector = request.mixture_weights if request.mixture_weights is not None else request.router_bias
     if vector is not None:
-        body["vllm_xargs"] = {MIXTURE_XARG: [float(v) for v in vector]}
+        body.update(mixture_fields(vector))
     if stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}

@@ -184,3 +184,19 @@ async def test_weighted_mixture_applies_each_requests_weights(
     got = _ok(await engine.generate([*requests, GenRequest(models.target(1), FIXED, prompt=PROMPT)]))
     assert got[:2] == _ok(await reference.generate(requests))
     assert got[1] == got[2] and got[0] != got[1]
+
+
+async def test_a_cached_prefix_never_carries_another_requests_vector(
+    engine: VLLMEngine, reference: TorchEngine, models: Models
+) -> None:
+    """vLLM caches a prompt's KV blocks per adapter; a mixture's KV also depends on the request's vector (GLIDER's
+    bias, the weights), so one request after another with the same long prompt and another vector must not reuse
+    the first one's blocks: each gets the reference's answer for its own vector."""
+    glider = models.mixture("glider", {"local": "phatgoose", "local_params": {"top_k": 1}})
+    long_prompt = " ".join(["The quick brown fox jumps over the lazy dog."] * 30)  # several full KV blocks
+    answers = []
+    for bias in ((6.0, -6.0, 0.0), (-6.0, 0.0, 6.0)):
+        request = GenRequest(glider, FIXED, prompt=long_prompt, router_bias=bias)
+        answers.append((_ok(await engine.generate([request]))[0], _ok(await reference.generate([request]))[0]))
+    assert [got for got, _ in answers] == [want for _, want in answers]
+    assert answers[0][0] != answers[1][0]
