@@ -48,8 +48,9 @@ async def registered_lora_rank(
 
 
 async def mixture_lora_rank(sessionmaker: async_sessionmaker[AsyncSession], max_lora_rank: int = MAX_LORA_RANK) -> int:
-    """The largest rank of a token-level composition served as one vLLM adapter slot (0 if none): each member's
-    largest rank summed, plus a router row per member (``serving/mixture/slot.py``). Compositions above vLLM's
+    """The largest rank of a composition served as one vLLM adapter slot (0 if none): each member's largest rank
+    summed, plus a router row per member for a token-level router (``serving/mixture/slot.py``); a ``weighted``
+    aggregator's slot has no router rows. Compositions above vLLM's
     largest rank count as that rank: sizing must never stop the start (such a mixture is refused per request)."""
     from composition.mixtures import is_token_level
     from registry.models import Composition, CompositionMember
@@ -59,6 +60,7 @@ async def mixture_lora_rank(sessionmaker: async_sessionmaker[AsyncSession], max_
             select(
                 Composition.id,
                 Composition.router,
+                Composition.aggregator,
                 Expert.r,
                 Expert.rank_pattern,
                 Expert.lora_alpha,
@@ -70,10 +72,14 @@ async def mixture_lora_rank(sessionmaker: async_sessionmaker[AsyncSession], max_
             .where(Expert.peft_type.is_not(None))
         )
         slots: dict[object, list[int]] = {}
+        routed: set[object] = set()
         for row in rows:
-            if is_token_level(row.router) and row_fault(row, max_lora_rank) is None:
+            token_level = is_token_level(row.router)
+            if (token_level or row.aggregator == "weighted") and row_fault(row, max_lora_rank) is None:
                 slots.setdefault(row.id, []).append(largest_rank(row.r, row.rank_pattern))
-    return max((sum(ranks) + len(ranks) for ranks in slots.values()), default=0)
+                if token_level:
+                    routed.add(row.id)
+    return max((sum(ranks) + (len(ranks) if i in routed else 0) for i, ranks in slots.items()), default=0)
 
 
 async def create_engine(settings: Settings, sessionmaker: async_sessionmaker[AsyncSession]) -> Engine:

@@ -81,7 +81,7 @@ def live(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
             created = httpx.post(f"{url}/api/compositions", json=body, headers=headers, timeout=120)
             assert created.status_code == 201, created.text
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=600)
-        yield {"url": url, "client": client, "engine": OPS[request.param][1], "admin": admin}
+        yield {"url": url, "client": client, "engine": OPS[request.param][1], "admin": admin, "settings": settings}
 
 
 def test_token_level_composition_answers_from_the_engine_that_can_mix(live: dict[str, Any]) -> None:
@@ -147,3 +147,18 @@ def test_a_requests_own_merge_of_adapters_merged_adapters(live: dict[str, Any]) 
     with pytest.raises(openai.NotFoundError) as missing:
         merged(["no-such-adapter"], [1.0])
     assert missing.value.body["param"] == "merged_adapters.ids[0]"  # type: ignore[index]
+
+
+def test_a_server_started_now_is_sized_for_the_registered_mixtures(live: dict[str, Any]) -> None:
+    """--max-lora-rank at start covers every mixture slot: `mix` (arrow over three rank-8 adapters) is 3 x 8 plus a
+    router row each = 27; `blend` (weighted) 24, no router rows."""
+    from composition.factory import mixture_lora_rank
+
+    async def rank() -> int:
+        engine = db.make_engine(live["settings"].database_url)
+        try:
+            return await mixture_lora_rank(db.make_sessionmaker(engine))
+        finally:
+            await engine.dispose()
+
+    assert asyncio.run(rank()) == 27
