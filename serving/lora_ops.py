@@ -376,22 +376,27 @@ def _packed(
         offset, used_columns = 0, 0
         routing = _slot_routing(slot)
         slot_b: list[torch.Tensor] = []
+        router_rows: list[torch.Tensor] = []
         for a_stacked, b_stacked, width in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
             full = _stacked(a_stacked)[slot]  # [rank, in]
             # a mixture slot keeps its whole layout (its router rows are read, its zero rows are members' padding)
-            rank = routing.rank if routing is not None else _used_rank(full)
+            rank = routing.lora_columns if routing is not None else _used_rank(full)
             a = full[:rank].to(dtype)
             b = _stacked(b_stacked)[slot][:, :rank].to(dtype)  # [out, rank]
             block = a.new_zeros(rank, total)
             used = min(width, b.shape[0])
             block[:, offset : offset + used] = b[:used].T
             if routing is not None:
-                slot_b.append(b)
-                block[routing.lora_columns :] = 0  # router columns: constants, never output
+                slot_b.append(_stacked(b_stacked)[slot][:, : routing.rank].to(dtype))
+                router_rows.append(full[routing.lora_columns : routing.rank].to(dtype))
             a_parts.append(a)
             b_blocks.append(block)
             offset += width
             used_columns += rank
+        if routing is not None:  # every slice's router rows after the LoRA rows: the router's dots in one view
+            a_parts += router_rows
+            b_blocks += [r.new_zeros(r.shape[0], total) for r in router_rows]  # never output
+            used_columns += sum(r.shape[0] for r in router_rows)
         mixtures.append(None if routing is None else slot_columns(routing, sum(columns), slot_b))
         columns.append(used_columns)
     packed = _Packed(

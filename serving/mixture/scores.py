@@ -110,12 +110,19 @@ def phatgoose_route(
     return phatgoose_pick(phatgoose_scores(x, gates), available, min(top_k, int(available.sum())), bias)
 
 
-def phatgoose_pick(scores: torch.Tensor, available: torch.Tensor, k: int, bias: torch.Tensor | None = None) -> Route:
+def phatgoose_pick(
+    scores: torch.Tensor,
+    available: torch.Tensor,
+    k: int,
+    bias: torch.Tensor | None = None,
+    *,
+    all_available: bool | None = None,
+) -> Route:
     """PHATGOOSE's choice from its ``scores`` [..., E]: (+ bias), a softmax over the available experts, the top
     ``k`` kept and renormalized."""
     if bias is not None:
         scores = scores + bias.to(scores.dtype)
-    if not bool(available.all()):
+    if not (all_available if all_available is not None else bool(available.all())):
         scores = scores.masked_fill(~available.to(scores.device), float("-inf"))
     # softmax, top-k, renormalize == a softmax over the kept scores alone (the dropped terms cancel)
     top, experts = scores.topk(k, dim=-1)
@@ -144,9 +151,9 @@ def mixer_route(
     return mixer_pick(mixer_gates(x, state[:, :-1], state[:, -1], bias), available, min(top_k, int(available.sum())))
 
 
-def mixer_pick(gates: torch.Tensor, available: torch.Tensor, k: int) -> Route:
+def mixer_pick(gates: torch.Tensor, available: torch.Tensor, k: int, *, all_available: bool | None = None) -> Route:
     """The mixer's choice from its ``gates`` [..., E]: the top ``k`` available ones, their gates as weights."""
-    if not bool(available.all()):
+    if not (all_available if all_available is not None else bool(available.all())):
         gates = gates.masked_fill(~available.to(gates.device), -1.0)  # below any gate: never kept
     top, experts = gates.topk(k, dim=-1)
     return Route(experts, top)

@@ -247,16 +247,22 @@ def write_slot(
 
 @dataclass(frozen=True)
 class SlotColumns:
-    """Where one mixture slot sits in a packed layer: its columns [start, start + slices * R) of ``x Aᵀ``, slice
-    after slice, and the module constants read from its B (``constants`` [slices, CONSTANT_ROWS, members])."""
+    """Where one mixture slot sits in a packed layer (``serving/lora_ops.py`` packs it so): from ``start``, every
+    slice's LoRA columns (``slices`` x L), then every slice's router columns (``slices`` x n), so the router's dot
+    products are one contiguous view; the module constants read from its B (``constants`` [slices, rows, n])."""
 
     routing: SlotRouting
     start: int
     slices: int
     constants: torch.Tensor
-    gather: torch.Tensor  # [slices * R]: each column's index into [gates of slice 0..S-1 (S*n), one]
-    dots: torch.Tensor  # [slices * n]: the router columns, relative to start
-    ks: tuple[int, ...]  # experts kept per slice (top_k capped by the available members; 0: none available)
+    available: torch.Tensor  # [slices, n] bool: the member adapts the slice's module
+    all_available: bool
+    gather: torch.Tensor  # [slices * L]: each LoRA column's gate, an index into the [tokens, slices * n] gates
+    ks: tuple[int, ...]  # experts kept per token in each slice (top_k capped by its available members; 0: none)
+
+    @property
+    def lora_stop(self) -> int:
+        return self.start + self.slices * self.routing.lora_columns
 
     @property
     def stop(self) -> int:
@@ -268,30 +274,23 @@ def slot_columns(routing: SlotRouting, start: int, b_blocks: Sequence[torch.Tens
     ([out, R], the columns moerge wrote)."""
     S, R, L, n = len(b_blocks), routing.rank, routing.lora_columns, routing.members
     member_of_column = torch.repeat_interleave(torch.arange(n), torch.tensor(routing.ranks))
-    one = S * n  # index of the constant 1 appended after the gates
-    gather = torch.full((S * R,), one, dtype=torch.long)
-    dots = []
-    for s in range(S):
-        gather[s * R : s * R + L] = s * n + member_of_column
-        if routing.routed:
-            dots.append(torch.arange(s * R + L, s * R + R))
+    # routed: slice s's columns take slice s's gates; weighted: one weight per member, the same in every slice
+    gather = torch.cat([s * n + member_of_column for s in range(S)]) if routing.routed else member_of_column.repeat(S)
     constants = torch.zeros(S, CONSTANT_ROWS, n)
     if routing.routed:
         for s, b in enumerate(b_blocks):
             constants[s] = b[:CONSTANT_ROWS, L:R].float()
     available = constants[:, AVAILABLE_ROW] > 0.5
     ks = tuple(min(routing.top_k, int(available[s].sum())) for s in range(S)) if routing.routed else (n,) * S
-    return SlotColumns(
-        routing, start, S, constants, gather, torch.cat(dots) if dots else torch.zeros(0, dtype=torch.long), ks
-    )
+    return SlotColumns(routing, start, S, constants, available, bool(available.all()), gather, ks)
 
 
 def slot_gates(
     columns: SlotColumns, shrunk: torch.Tensor, x: torch.Tensor, request: torch.Tensor | None
 ) -> torch.Tensor:
-    """Each token's weight per slice and member, [tokens, slices, members], from the slot's router columns of
-    ``shrunk`` (= x Aᵀ over the slot's columns) and, per token, its request's vector ``request`` [tokens, >= n]
-    (NaN where the request brought none)."""
+    """Each token's weight per member: [tokens, slices * members] (slice-major) for a routed slot, from its router
+    columns of ``shrunk`` (the rows of ``x Aᵀ``) and the request's bias; [tokens, members] for a weighted slot, the
+    request's weights. ``request`` [tokens, >= n] holds each token's request vector (NaN where it brought none)."""
     routing, S, n = columns.routing, columns.slices, columns.routing.members
     tokens = shrunk.shape[0]
     own = None if request is None else fit_rows(request, tokens, n)
@@ -300,22 +299,27 @@ def slot_gates(
         weights = default.to(shrunk.dtype).expand(tokens, n)
         if own is not None:
             weights = torch.where(torch.isnan(own), weights, own.to(shrunk.dtype))
-        return weights.unsqueeze(1).expand(tokens, S, n)
-    dots = shrunk[:, columns.dots].view(tokens, S, n)
-    constants = columns.constants.to(shrunk.dtype)
-    available = constants[:, AVAILABLE_ROW] > 0.5  # [S, n]
+        return weights
+    lora = S * routing.lora_columns  # ``shrunk`` is the slot's block: its LoRA columns, then its router columns
+    dots = shrunk[:, lora : lora + S * n].view(tokens, S, n)
     bias = None
     if own is not None and routing.request == "bias":
         bias = torch.nan_to_num(own.to(shrunk.dtype), nan=0.0).unsqueeze(1)
     gates = shrunk.new_zeros(tokens, S, n)
-    for k in sorted(set(columns.ks)):
-        if k == 0:
-            continue  # no member adapts these slices: nothing to add
-        picked = [s for s in range(S) if columns.ks[s] == k]
-        sel = slice(picked[0], picked[-1] + 1) if picked == list(range(picked[0], picked[-1] + 1)) else picked
-        route = _pick(routing, dots[:, sel], x, constants[sel], available[sel], k, bias)
-        gates[:, sel] = gates[:, sel].scatter(-1, route.experts, route.weights.to(gates.dtype))
-    return gates
+    if len(set(columns.ks)) == 1:  # the usual case: every slice keeps as many
+        if columns.ks[0]:
+            route = _pick(
+                routing, dots, x, columns.constants, columns.available, columns.all_available, columns.ks[0], bias
+            )
+            gates.scatter_(-1, route.experts, route.weights.to(gates.dtype))
+        return gates.view(tokens, S * n)
+    for s, k in enumerate(columns.ks):  # members adapt the slices unalike: each slice its own k, as the torch layer
+        if k:
+            one = slice(s, s + 1)
+            available = columns.available[one]
+            route = _pick(routing, dots[:, one], x, columns.constants[one], available, bool(available.all()), k, bias)
+            gates[:, one] = gates[:, one].scatter(-1, route.experts, route.weights.to(gates.dtype))
+    return gates.view(tokens, S * n)
 
 
 def _pick(
@@ -324,23 +328,24 @@ def _pick(
     x: torch.Tensor,
     constants: torch.Tensor,
     available: torch.Tensor,
+    every: bool,
     k: int,
     bias: torch.Tensor | None,
 ) -> Route:
-    """The router's choice for slices of one k: ``dots`` [tokens, s, n], ``constants`` [s, rows, n]."""
+    """The router's choice from the dot products ``dots`` [tokens, slices, n] with its router rows."""
     if routing.kind == "arrow":
-        return arrow_pick(dots, available, k, routing.temperature, bias)
+        return arrow_pick(dots, available, k, routing.temperature, bias, all_available=every)
     if routing.kind == "phatgoose":
         flat = x[: dots.shape[0]].to(dots.dtype)
         mean = flat.mean(dim=-1, keepdim=True)
         std = flat.std(dim=-1, keepdim=True) + STD_EPS
         # standardize(x)·ĝ/√d = (x·ĝ/√d - mean(x)·Σĝ/√d) / (std(x) + eps)
         scores = (dots - mean.unsqueeze(-1) * constants[:, GATE_SUM_ROW]) / std.unsqueeze(-1)
-        return phatgoose_pick(scores, available, k, bias)
+        return phatgoose_pick(scores, available, k, bias, all_available=every)
     logits = dots + constants[:, BIAS_ROW]
     if bias is not None:
         logits = logits + bias
-    return mixer_pick(torch.sigmoid(logits), available, k)
+    return mixer_pick(torch.sigmoid(logits), available, k, all_available=every)
 
 
 def request_rows(
@@ -385,10 +390,7 @@ def fit_rows(request: torch.Tensor, tokens: int, width: int | None = None) -> to
 
 
 def gate_slot(columns: SlotColumns, shrunk: torch.Tensor, x: torch.Tensor, request: torch.Tensor | None) -> None:
-    """Multiply, in place, the slot's columns of ``shrunk`` [tokens, >= stop] by each token's member weights
-    (router columns by 1: B holds zeros there in the packed layer)."""
-    block = shrunk[:, columns.start : columns.stop]
-    gates = slot_gates(columns, block, x, request)
-    tokens = block.shape[0]
-    factors = torch.cat([gates.reshape(tokens, -1), block.new_ones(tokens, 1)], dim=1)
-    block.mul_(factors[:, columns.gather])
+    """Multiply, in place, the slot's LoRA columns of ``shrunk`` [tokens, >= stop] by each token's member weights
+    (its router columns stay: B holds zeros there in the packed layer)."""
+    gates = slot_gates(columns, shrunk[:, columns.start : columns.stop], x, request)
+    shrunk[:, columns.start : columns.lora_stop].mul_(gates.index_select(1, columns.gather))
