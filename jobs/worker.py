@@ -176,8 +176,8 @@ class Worker:
             await self._run(handler, run)
         finally:
             self._current = None
+            _remove_outputs(root, job_id)  # first: a client told the job ended finds its work folder gone
             await beat.stop()
-            _remove_outputs(root, job_id)
         async with self.sessionmaker() as session:
             done = await session.get(Job, job_id)
             assert done is not None

@@ -61,6 +61,7 @@ class _Caches:
     one_hot: dict[tuple[Any, ...], _Derived] = {}
     per_token: dict[tuple[Any, ...], _Derived] = {}
     expand_weights: dict[tuple[Any, ...], _Derived] = {}
+    zero: dict[tuple[Any, ...], _Derived] = {}
     routing: dict[tuple[Any, ...], _Derived] = {}
     packed: dict[tuple[Any, ...], _Derived] = {}
     packed_bytes = 0
@@ -112,6 +113,7 @@ def mapping_updated(slot_layout: Sequence[int | None]) -> None:
     LAYER_PLANS.clear()
     if tuple(slot_layout) != _Caches.slot_layout:
         _Caches.expand_weights.clear()
+        _Caches.zero.clear()
         _Caches.packed.clear()
         _Caches.packed_bytes = 0
         _Caches.slot_layout = tuple(slot_layout)
@@ -155,6 +157,15 @@ def _expand_weights(weights: torch.Tensor) -> torch.Tensor:
     return _remember(_Caches.expand_weights, key, weights, flat)  # type: ignore[no-any-return]
 
 
+def _all_zero(weights: torch.Tensor) -> bool:
+    """Whether every slot's weights are zeros: vLLM keeps LoRA buffers for modules no loaded adapter adapts (the
+    logits' lm_head among them, vocabulary wide), and multiplying by them every step costs milliseconds for nothing."""
+    zero, key = _cached(_Caches.zero, weights)
+    if zero is not None:
+        return bool(zero)
+    return bool(_remember(_Caches.zero, key, weights, not bool(weights.any())))
+
+
 def _grouped_product(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """out[t] = weights[indices[t]] @ inputs[t], tokens grouped by adapter (many slots x rank); zero for -1."""
     out = inputs.new_zeros(inputs.shape[0], weights.shape[1])
@@ -183,6 +194,10 @@ def _expand_into(
     target is ``width`` wide, at most the adapter's out."""
     slots, _, rank = weights.shape
     width = target.shape[1]
+    if _Caches.enabled and _all_zero(weights):  # cached between mapping updates; uncached it would cost a pass
+        if not add:
+            target.zero_()
+        return
     if inputs.shape[0] == 1 and target.shape[0] != 1:  # vLLM's reference op broadcasts a single row
         indices = indices[:1]
     if slots * rank > DENSE_SLOT_COLUMNS:

@@ -126,7 +126,7 @@ def test_caches_follow_vllms_mapping_updates(monkeypatch: pytest.MonkeyPatch) ->
     """Between two mapping updates the same index buffer and weights give cached derivations; after an
     update (vLLM refilled the buffers in place) the results follow the new contents."""
     monkeypatch.setattr(lora_ops._Caches, "enabled", False)
-    for name in ("one_hot", "per_token", "expand_weights"):
+    for name in ("one_hot", "per_token", "expand_weights", "zero"):
         monkeypatch.setattr(lora_ops._Caches, name, {})
     gen = torch.Generator().manual_seed(11)
     buffer = torch.zeros(16, dtype=torch.long)  # vLLM's persistent index buffer
@@ -216,7 +216,7 @@ def test_packed_lora_linear_leaves_rows_past_the_indices_alone() -> None:
 def test_caches_hit_on_fresh_views_under_inference_mode(monkeypatch: pytest.MonkeyPatch) -> None:
     """vLLM runs the model under torch.inference_mode and passes a new view of its index buffer to every
     call; such views record no base tensor, so the caches must match on memory, not on objects."""
-    for name in ("one_hot", "per_token", "expand_weights", "routing", "packed"):
+    for name in ("one_hot", "per_token", "expand_weights", "zero", "routing", "packed"):
         monkeypatch.setattr(lora_ops._Caches, name, {})
     monkeypatch.setattr(lora_ops._Caches, "packed_bytes", 0)
     buffer = torch.tensor([1, 0, 1, 1, 0, 0, 0, 0])
@@ -240,7 +240,7 @@ def test_caches_hit_on_fresh_views_under_inference_mode(monkeypatch: pytest.Monk
 
 def test_packed_weights_cache_stays_within_its_byte_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     """Batches that keep changing their mix of adapters must not grow the packed-weights cache without bound."""
-    for name in ("one_hot", "per_token", "expand_weights", "routing", "packed"):
+    for name in ("one_hot", "per_token", "expand_weights", "zero", "routing", "packed"):
         monkeypatch.setattr(lora_ops._Caches, name, {})
     monkeypatch.setattr(lora_ops._Caches, "packed_bytes", 0)
     a = (_weights(4, RANK, HIDDEN, four_d=True, seed=1),)
@@ -285,3 +285,25 @@ def test_packed_lora_linear_drops_vllms_rank_padding(slots: int, pattern: str) -
     packed = lora_ops._packed(a, b, slices, active, torch.float32)
     assert packed.columns == tuple(2 * used[s] for s in active)
     assert packed.a_t.shape[1] == sum(packed.columns) < len(active) * 2 * RANK
+
+
+def test_all_zero_weights_are_not_multiplied(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM keeps LoRA buffers for modules no loaded adapter adapts (the vocabulary-wide lm_head's among them): with
+    the caches on, such an expand adds nothing without a product (and writes zeros where it would overwrite)."""
+    monkeypatch.setattr(lora_ops._Caches, "enabled", False)
+    for name in ("one_hot", "per_token", "expand_weights", "zero"):
+        monkeypatch.setattr(lora_ops._Caches, name, {})
+    zeros = torch.zeros(4, 1, 300, RANK)
+    inputs, indices = torch.randn(3, RANK), torch.tensor([0, 1, 3])
+    lora_ops.mapping_updated([1, 2, 3, 4])
+
+    def no_product(weights: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("an all-zero expand was multiplied")
+
+    monkeypatch.setattr(lora_ops, "_expand_weights", no_product)
+    monkeypatch.setattr(lora_ops, "_grouped_product", no_product)
+    out = torch.ones(3, 300)
+    lora_ops.bgmv_expand(inputs, zeros, out, indices, True)
+    assert torch.equal(out, torch.ones(3, 300))
+    lora_ops.bgmv_expand(inputs, zeros, out, indices, False)
+    assert torch.count_nonzero(out) == 0

@@ -48,7 +48,7 @@ def plain(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> LoraAdap
 def fresh_op_state(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(lora_ops._Caches, "enabled", False)
     monkeypatch.setattr(lora_ops._Caches, "slot_layout", None)
-    for name in ("one_hot", "per_token", "expand_weights", "routing", "packed"):
+    for name in ("one_hot", "per_token", "expand_weights", "zero", "routing", "packed"):
         monkeypatch.setattr(lora_ops._Caches, name, {})
     monkeypatch.setattr(lora_ops, "MIXTURE_SLOTS", {})
     monkeypatch.setattr(lora_ops, "LAYER_PLANS", {})

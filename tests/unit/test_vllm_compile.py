@@ -114,7 +114,7 @@ def test_packed_plans_follow_each_mapping_update(monkeypatch: pytest.MonkeyPatch
     adapter must leave the base output alone."""
     from serving import lora_ops
 
-    for name in ("one_hot", "per_token", "expand_weights", "routing", "packed"):
+    for name in ("one_hot", "per_token", "expand_weights", "zero", "routing", "packed"):
         monkeypatch.setattr(lora_ops._Caches, name, {})
     monkeypatch.setattr(lora_ops._Caches, "packed_bytes", 0)
     monkeypatch.setattr(lora_ops, "LAYER_PLANS", {})
