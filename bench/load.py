@@ -2,7 +2,7 @@
 with the vLLM engine, over a base and four LoRA adapters.
 
   (a) load: N clients for S seconds, a quarter each on the plain adapters, `auto` (embedding router, k=1),
-      `pair` (embedding, k=2, `vote`) and `mix` (`arrow`, token-level: the torch engine beside vLLM), half of
+      `pair` (embedding, k=2, `vote`) and `mix` (`arrow`, token-level: one adapter slot in vLLM), half of
       them streamed; then, on the plain adapters alone, the same clients through moerge and straight to the
       managed vLLM server, in alternating segments of one run (moerge, direct, direct, moerge, ...).
   (b) the same load with the managed vLLM server's API process SIGKILLed once: which requests fail, how, how
@@ -107,7 +107,7 @@ def standard_kinds(adapters: Sequence[str]) -> list[Kind]:
         Kind("adapters", tuple(adapters)),
         Kind("auto (embedding, k=1)", ("auto",)),
         Kind("pair (embedding, k=2, vote)", ("pair",)),
-        Kind("mix (arrow, token-level)", ("mix",), on_vllm=False),
+        Kind("mix (arrow, token-level)", ("mix",)),  # one adapter slot in the managed vLLM server
     ]
 
 
@@ -1240,7 +1240,8 @@ def report_markdown(r: Mapping[str, Any]) -> str:
             f"within {k['refusal_latency_max_s']:.2f} s (clients waited min(Retry-After, 1 s) before the next).",
             f"- Answers resumed **{k['resumed_after_s']:.1f} s** after the kill (restart: "
             f"{b['server'].get('startup_s') or float('nan'):.1f} s); {k['answered_after_resume']} answers after that, "
-            f"none failed. `mix` (torch engine) answered {k['other_engine_answers']} times meanwhile, no error.",
+            f"none failed. Models served off vLLM answered {k['other_engine_answers']} times meanwhile (none is since "
+            "token-level mixtures run in vLLM).",
             f"- No request hung: none reached the client timeout. Rule breaks: {k['problems'] or 'none'}.",
             f"- The killed group had {len(b['killed_group'])} processes ("
             + ", ".join(sorted({v.split(" ")[0].rsplit("/", 1)[-1] or "?" for v in b["killed_group"].values()}))

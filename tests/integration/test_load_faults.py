@@ -1,7 +1,7 @@
 """Load and faults, the CI versions of bench/load.py (issue 21, item 3): 8 clients for 20 s through
 `moerge serve --no-worker` (a real subprocess: uvicorn, the vLLM engine, one managed vLLM server) beside a
 `moerge worker`, over a tiny random Llama and four LoRAs of it: the plain adapters, `auto` (embedding, k=1),
-`pair` (embedding, k=2, vote) and `mix` (arrow, token-level, the torch engine beside vLLM), half the clients
+`pair` (embedding, k=2, vote) and `mix` (arrow, token-level, one adapter slot in vLLM), half the clients
 streamed.
 
 (a) zero errors and every answer well-formed; (b) the vLLM API process SIGKILLed under the load: only the
@@ -140,7 +140,6 @@ def test_a_killed_vllm_server_fails_only_the_requests_in_flight(stack: Stack) ->
         assert report.in_flight_failed >= 1, report  # the kill hit requests in flight: they failed, fast
         assert report.fail_after_kill_max_s <= 5
         assert max(c.latency_s for c in calls) < TIMEOUT_S / 2  # nothing hung
-        assert report.other_engine_answers >= 1  # the token-level model (torch engine) answered meanwhile
         _each_kind_answered(calls, since=killed.at + report.resumed_after_s)  # every kind answers again
         after = stack.vllm_server()
         assert after["state"] == "ready" and after["restarts"] == before["restarts"] + 1
