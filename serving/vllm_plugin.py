@@ -84,10 +84,10 @@ def _hook_mixture_slots() -> None:
 
     def _load_adapter(self: Any, lora_request: Any) -> Any:
         from serving.lora_ops import register_mixture
-        from serving.mixture.slot import read_slot_routing
+        from serving.mixture.slot import loaded_slot_routing
 
         model = load(self, lora_request)
-        register_mixture(lora_request.lora_int_id, read_slot_routing(lora_request.lora_path))
+        register_mixture(lora_request.lora_int_id, loaded_slot_routing(lora_request.lora_path, model.rank))
         return model
 
     _load_adapter._moerge_hooked = True  # type: ignore[attr-defined]

@@ -30,6 +30,7 @@ columns, so moerge loads such a slot into managed servers running its ops only (
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -48,6 +49,7 @@ from serving.mixture.adapters import LoraAdapter
 from serving.mixture.route import Route
 from serving.mixture.scores import STD_EPS, arrow_pick, mixer_pick, phatgoose_pick, standardize
 
+log = logging.getLogger(__name__)
 SPEC_FILE = "moerge_mixture.json"
 FORMAT = 1
 # The vllm_xargs key a request's per-member vector travels under (GLIDER's bias, a weighted mixture's weights).
@@ -145,6 +147,27 @@ def read_slot_routing(folder: str | Path) -> SlotRouting | None:
     if not spec.is_file():
         return None
     return SlotRouting.from_json(json.loads(spec.read_text()))
+
+
+def loaded_slot_routing(folder: str | Path, rank: int) -> SlotRouting | None:
+    """The routing vLLM's worker gives an adapter it loaded from ``folder`` with LoRA rank ``rank``: a mixture's, or
+    None for a plain adapter, and also for a spec that is unreadable or does not fit the weights loaded (an expert's
+    upload may carry any file: it must neither crash the server nor route another adapter's weights)."""
+    try:
+        routing = read_slot_routing(folder)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("adapter %s: its %s is not a mixture's (%s); served as a plain adapter", folder, SPEC_FILE, exc)
+        return None
+    if routing is not None and routing.rank != rank:
+        log.warning(
+            "adapter %s: its %s says rank %d, its weights %d; served as a plain adapter",
+            folder,
+            SPEC_FILE,
+            routing.rank,
+            rank,
+        )
+        return None
+    return routing
 
 
 # -- writing a slot -----------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from routers.token import TOKEN_ROUTERS
 from serving import lora_ops
 from serving.mixture import apply_mixture, load_lora_adapter
 from serving.mixture.adapters import LoraAdapter
-from serving.mixture.slot import SPEC_FILE, SlotRouting, read_slot_routing, write_slot
+from serving.mixture.slot import SPEC_FILE, SlotRouting, loaded_slot_routing, read_slot_routing, write_slot
 from tests.fixtures.tiny import build_tiny_lora
 
 QKV = ("q_proj", "k_proj", "v_proj")
@@ -264,3 +264,20 @@ def test_slot_routing_is_validated(tmp_path: Path) -> None:
     assert read_slot_routing(tmp_path) is None
     spec = SlotRouting("mixer", (2, 4), top_k=1)
     assert SlotRouting.from_json(spec.as_json()) == spec and spec.rank == 8
+
+
+def test_a_spec_that_does_not_fit_the_loaded_weights_is_a_plain_adapter(
+    members: list[LoraAdapter], tmp_path: Path
+) -> None:
+    """An expert's upload may carry a moerge_mixture.json: vLLM's worker honours it only when it parses and its rank
+    is the rank of the weights loaded; otherwise the adapter is served as a plain one (no crash, no odd routing)."""
+    ranks = tuple(max(w.rank for w in a.modules.values()) for a in members)
+    spec = SlotRouting("arrow", ranks, top_k=2)
+    folder = write_slot(tmp_path / "slot", members, _states("arrow", members), spec)
+    assert loaded_slot_routing(folder, spec.rank) == spec
+    assert loaded_slot_routing(folder, spec.rank + 8) is None
+    (folder / SPEC_FILE).write_text('{"format": 1, "kind": "arrow", "ranks": [0]}')
+    assert loaded_slot_routing(folder, spec.rank) is None
+    (folder / SPEC_FILE).write_text("not json")
+    assert loaded_slot_routing(folder, spec.rank) is None
+    assert loaded_slot_routing(tmp_path, 8) is None
