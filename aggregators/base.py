@@ -27,6 +27,7 @@ class ExpertAnswer:
     text: str = ""
     error: str | None = None
     part: str | None = None  # a decomposed query: the part this answer is to
+    tool_calls: tuple[dict[str, Any], ...] = ()  # the calls the expert answered with (OpenAI's shape), if any
     prompt_tokens: int = 0  # this expert's generation's usage (0 where it failed, or decoded fused)
     completion_tokens: int = 0
 
@@ -43,6 +44,7 @@ class Aggregation:
     chosen: list[str] = field(default_factory=list)  # experts whose answer was kept or agreed
     reason: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    tool_calls: tuple[dict[str, Any], ...] = ()  # the kept answer's tool calls (an aggregator that keeps one whole)
 
 
 class AggregatorConfig(StrategyConfig, frozen=True):
@@ -71,6 +73,9 @@ class Aggregator(ABC):
     # True: the chosen LoRA adapters are applied together in one generation with per-query weights (``weights``)
     # instead of answering each (``weighted``); the composition layer answers with one weighted mixture.
     merges_adapters: ClassVar[bool] = False
+    # True: compares answers as parsed JSON when a request asks for JSON or tool calls (``for_structured``), so the
+    # aggregate keeps the schema and the calls; aggregators that read or write text cannot take tool calls.
+    compares_structured: ClassVar[bool] = False
 
     def __init__(self, config: AggregatorConfig) -> None:
         self.config = config
@@ -78,6 +83,10 @@ class Aggregator(ABC):
     def model_slug(self) -> str | None:
         """The aggregator model's slug from the config (None: the composition's fallback model)."""
         return getattr(self.config, "model", None)
+
+    def for_structured(self) -> Aggregator:
+        """This aggregator as it combines answers that are JSON values or tool calls (``compares_structured``)."""
+        return self
 
     def combine(self, query: str, answers: list[ExpertAnswer]) -> Aggregation:
         """For aggregators that do not use a model."""

@@ -7,18 +7,21 @@ the whole text of the strongest expert that voted for the winner.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import Literal
+from typing import Any, Literal
+
+import msgspec
 
 from aggregators.base import AGGREGATORS, Aggregation, Aggregator, AggregatorConfig, ExpertAnswer, require
 from serving.engine import GenerationFailed
 
-ExtractMode = Literal["auto", "number", "label", "line"]
-EXTRACT_MODES: tuple[str, ...] = ("auto", "number", "label", "line")
+ExtractMode = Literal["auto", "number", "label", "line", "json"]
+EXTRACT_MODES: tuple[str, ...] = ("auto", "number", "label", "line", "json")
 
 # "Answer: X", "The final answer is X", "answer = X", "Result: X"; X runs to the end of its sentence or line.
 _ANSWER_RE = re.compile(
@@ -89,6 +92,8 @@ def extract_answer(text: str, mode: str = "auto") -> str | None:
     - ``number``: the last number in the text, normalized (``"4.0"`` -> ``"4"``, ``"1,000"`` -> ``"1000"``).
     - ``label``: the first word, lowercased, without punctuation around it.
     - ``line``: the first non-empty line, stripped, trailing period removed.
+    - ``json``: the whole text as a JSON value, written canonically (keys sorted, no spaces): answers asked for
+      as JSON (``response_format``) are compared as parsed objects, whatever their layout.
     """
     if mode == "auto":
         boxed = _last_boxed(text)
@@ -110,7 +115,31 @@ def extract_answer(text: str, mode: str = "auto") -> str | None:
         return None
     if mode == "line":
         return _first_line(text)
+    if mode == "json":
+        return canonical_json(text)
     raise ValueError(f"unknown extract mode {mode!r}; known: {', '.join(EXTRACT_MODES)}")
+
+
+def canonical_json(text: str) -> str | None:
+    """``text`` parsed as JSON and written again with sorted keys and no spaces; None if it does not parse."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def calls_key(tool_calls: Sequence[dict[str, Any]]) -> str | None:
+    """Tool calls compared as parsed objects: each call's function name and its arguments parsed (their ids and
+    layout ignored); None when an argument string does not parse."""
+    calls = []
+    for call in tool_calls:
+        function = call.get("function") or {}
+        arguments = canonical_json(function.get("arguments") or "{}")
+        if arguments is None:
+            return None
+        calls.append({"name": function.get("name"), "arguments": json.loads(arguments)})
+    return json.dumps(calls, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def vote_key(answer: str) -> str:
@@ -173,7 +202,8 @@ class VoteConfig(AggregatorConfig, frozen=True):
     """Parameters of ``vote``.
 
     extract: how each expert's final answer is found: "auto" (boxed, then "Answer: X", then the first line),
-        "number" (the last number), "label" (the first word) or "line" (the first non-empty line).
+        "number" (the last number), "label" (the first word), "line" (the first non-empty line) or "json" (the
+        whole answer as a JSON value; a request that asks for JSON or tool calls always votes so).
     weighted: true: each answer counts its router weight; false: one vote per expert.
     """
 
@@ -190,16 +220,25 @@ class Vote(Aggregator):
     config_cls = VoteConfig
     help = "Extract each expert's final answer and keep the (router-weighted) majority."
     uses_model = False
+    compares_structured = True
 
     config: VoteConfig
 
     def max_tokens(self, requested: int) -> int:
         return 0  # no aggregator model runs
 
+    def for_structured(self) -> Vote:
+        return Vote(msgspec.structs.replace(self.config, extract="json"))
+
+    def _extract(self, answer: ExpertAnswer) -> str | None:
+        if self.config.extract == "json" and answer.tool_calls:
+            return calls_key(answer.tool_calls)
+        return extract_answer(answer.text, self.config.extract)
+
     def combine(self, query: str, answers: list[ExpertAnswer]) -> Aggregation:
         ok = successful(answers)
         failed = [answer.slug for answer in answers if not answer.ok]
-        extracted = {answer.slug: extract_answer(answer.text, self.config.extract) for answer in ok}
+        extracted = {answer.slug: self._extract(answer) for answer in ok}
         voting = [answer for answer in ok if extracted[answer.slug] is not None]
         extra: dict[str, object] = {"failed": failed, "extracted": extracted}
         if not voting:
@@ -210,8 +249,11 @@ class Vote(Aggregator):
                 chosen=[fallback.slug],
                 reason=f"no answer could be extracted ({self.config.extract}); kept the highest-weight expert",
                 extra=extra,
+                tool_calls=fallback.tool_calls,
             )
-        votes = [(vote_key(extracted[answer.slug] or ""), answer.weight) for answer in voting]
+        # JSON is compared exactly as written canonically; other answers with case and spacing ignored
+        key = (lambda value: value) if self.config.extract == "json" else vote_key
+        votes = [(key(extracted[answer.slug] or ""), answer.weight) for answer in voting]
         tally = weighted_majority(votes, weighted=self.config.weighted)
         winners = [voting[index] for index in tally.voters]
         best = strongest(winners)
@@ -226,4 +268,5 @@ class Vote(Aggregator):
                 f"({unit} {tally.scores[tally.winner]:.3g} of {total:.3g})"
             ),
             extra=extra,
+            tool_calls=best.tool_calls,
         )

@@ -18,16 +18,17 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 from opentelemetry.trace import Span, use_span
 from opentelemetry.util.types import AttributeValue
 
-from aggregators import Aggregation, ExpertAnswer
+from aggregators import Aggregation, Aggregator, ExpertAnswer
 from composition.plan import Answer, AnswerStream, Member, MembersFailed, Plan, Query, answering
 from core import tracing
 from core.errors import MoergeError, Unprocessable
 from serving.dispatch import answering_engine, trace
-from serving.engine import Engine, FusedMember, GenChunk, GenRequest, GenResult, Sampling
+from serving.engine import Choice, Engine, FusedMember, GenChunk, GenRequest, GenResult, Guidance, Sampling
 
 
 def _describe(exc: BaseException) -> str:
@@ -84,7 +85,10 @@ async def _member(engine: Engine, member: Member, request: GenRequest) -> GenRes
 
 async def answer_members(engine: Engine, plan: Plan, query: Query) -> tuple[ExpertAnswer, ...]:
     """Every chosen expert's answer (to its own part, for a decomposed query), generated concurrently: the
-    engines batch concurrent requests (the torch engine in one batch, vLLM in its own scheduler)."""
+    engines batch concurrent requests (the torch engine in one batch, vLLM in its own scheduler). Each gets the
+    request's guidance (JSON, tools); an echoed prompt is added to the aggregate once, not to each answer."""
+    if query.sampling.echo:
+        query = dataclasses.replace(query, sampling=dataclasses.replace(query.sampling, echo=False))
     requests = [query.generation(m.target) if m.part is None else query.on_part(m.target, m.part) for m in plan.members]
     results = await asyncio.gather(*(_member(engine, m, r) for m, r in zip(plan.members, requests, strict=True)))
     answers: list[ExpertAnswer] = []
@@ -98,6 +102,7 @@ async def answer_members(engine: Engine, plan: Plan, query: Query) -> tuple[Expe
                     member.weight,
                     result.text,
                     part=member.part,
+                    tool_calls=result.all_choices()[0].tool_calls,
                     prompt_tokens=result.prompt_tokens,
                     completion_tokens=result.completion_tokens,
                 )
@@ -108,11 +113,34 @@ async def answer_members(engine: Engine, plan: Plan, query: Query) -> tuple[Expe
     return tuple(answers)
 
 
+def structured(query: Query) -> bool:
+    """The request asks for a JSON answer or tool calls: answers are compared as parsed values."""
+    return query.guidance is not None and (query.guidance.structured or query.guidance.calls_tools)
+
+
+def aggregator_of(plan: Plan, query: Query) -> Aggregator:
+    """The plan's aggregator as it combines this query's answers (JSON ones compared parsed)."""
+    aggregator = plan.aggregator
+    assert aggregator is not None
+    return aggregator.for_structured() if structured(query) else aggregator
+
+
 def aggregator_request(plan: Plan, query: Query, answers: tuple[ExpertAnswer, ...]) -> GenRequest:
+    """The aggregator model's generation; one that writes the answer (``streams_output``) writes it in the format
+    the request asked for."""
     aggregator, target = plan.aggregator, plan.aggregator_target
     assert aggregator is not None and target is not None
     sampling = Sampling(max_tokens=aggregator.max_tokens(query.sampling.max_tokens), temperature=0.0)
-    return GenRequest(target, sampling, messages=aggregator.prompt(query.text, list(answers)), request_id="aggregate")
+    guidance = None
+    if aggregator.streams_output and query.guidance is not None and query.guidance.response_format is not None:
+        guidance = Guidance(response_format=query.guidance.response_format)
+    messages = aggregator.prompt(query.text, list(answers))
+    return GenRequest(target, sampling, messages=messages, request_id="aggregate", guidance=guidance)
+
+
+def echoed(query: Query, text: str) -> str:
+    """A text completion asked with ``echo``: the prompt, then the answer."""
+    return (query.prompt or "") + text if query.sampling.echo else text
 
 
 def fused_request(engine: Engine, plan: Plan, query: Query) -> GenRequest:
@@ -155,8 +183,7 @@ async def compose_fused(engine: Engine, plan: Plan, query: Query) -> Answer:
 
 async def compose(engine: Engine, plan: Plan, query: Query) -> Answer:
     """A composite plan's answer: the members', then the aggregate (usage: every generation's tokens)."""
-    aggregator = plan.aggregator
-    assert aggregator is not None
+    aggregator = aggregator_of(plan, query)
     if aggregator.fuses_logits:
         return await compose_fused(engine, plan, query)
     answers = await answer_members(engine, plan, query)
@@ -178,8 +205,21 @@ async def compose(engine: Engine, plan: Plan, query: Query) -> Answer:
             aggregation = aggregator.combine(query.text, list(answers))
         span.set_attribute(tracing.CHOSEN, list(aggregation.chosen))
     experts, weights = answering(plan, answers, aggregation.chosen)
+    if aggregation.tool_calls:
+        finish_reason = "tool_calls"
+    text = echoed(query, aggregation.text)
+    choice = Choice(0, text, finish_reason, tool_calls=aggregation.tool_calls)
     return Answer(
-        plan, aggregation.text, finish_reason, prompt_tokens, completion_tokens, experts, weights, answers, aggregation
+        plan,
+        text,
+        finish_reason,
+        prompt_tokens,
+        completion_tokens,
+        experts,
+        weights,
+        answers,
+        aggregation,
+        choices=(choice,),
     )
 
 
@@ -209,7 +249,8 @@ async def compose_stream(engine: Engine, plan: Plan, query: Query) -> AnswerStre
         failed = tuple(dict.fromkeys(a.slug for a in answers if not a.ok))
         request = aggregator_request(plan, query, answers)
         attributes = {**_aggregating(plan), **_generation(engine, request)}
-        return await started(plan, engine.stream(request), experts, weights, failed, span=("aggregate", attributes))
+        chunks = _after_prompt(query, engine.stream(request)) if query.sampling.echo else engine.stream(request)
+        return await started(plan, chunks, experts, weights, failed, span=("aggregate", attributes))
     done = await compose(engine, plan, query)
     return await started(plan, _one_chunk(done), done.experts, done.weights, done.failed)
 
@@ -260,4 +301,24 @@ async def _spanned(span: Span, last: GenChunk, rest: AsyncIterator[GenChunk]) ->
 
 
 async def _one_chunk(done: Answer) -> AsyncIterator[GenChunk]:
-    yield GenChunk(done.text, done.finish_reason, done.prompt_tokens, done.completion_tokens)
+    choice = done.all_choices()[0]
+    yield GenChunk(
+        done.text, done.finish_reason, done.prompt_tokens, done.completion_tokens, tool_calls=_as_deltas(choice)
+    )
+
+
+def _as_deltas(choice: Choice) -> tuple[dict[str, Any], ...]:
+    """A whole answer's tool calls as one stream delta each (OpenAI's ``index`` added)."""
+    return tuple({"index": i, **call} for i, call in enumerate(choice.tool_calls))
+
+
+async def _after_prompt(query: Query, chunks: AsyncIterator[GenChunk]) -> AsyncIterator[GenChunk]:
+    """An echoed prompt, then the stream (an aggregate: its members did not echo)."""
+    yield GenChunk(query.prompt or "")
+    try:
+        async for chunk in chunks:
+            yield chunk
+    finally:
+        close = getattr(chunks, "aclose", None)
+        if close is not None:
+            await close()

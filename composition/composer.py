@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from composition.compose import answer_one, compose, compose_stream, generate_one, stream_one
 from composition.plan import Answer, AnswerStream, Plan, Query
 from composition.resolve import find_composition, resolve_composition, resolve_model, routing_only, target_of_slug
+from composition.support import check_supported
 from core import tracing
 from core.errors import MoergeError, NotFound, ValidationFailed
 from core.settings import MAX_GENERATION_S
@@ -118,6 +119,7 @@ class Composer:
 
     async def answer(self, plan: Plan, query: Query, *, traced: bool = False) -> Answer:
         """``plan`` run to the end; ``traced``: with the token-level trace (a token-level plan only)."""
+        check_supported(self.engine, plan, query)
         async with _time_limit(self._deadline(), self.max_generation_s):
             if plan.composite:
                 return await compose(self.engine, plan, query)
@@ -125,6 +127,7 @@ class Composer:
 
     async def stream(self, plan: Plan, query: Query) -> AnswerStream:
         """``plan`` run as a stream, started (its first chunk arrived); the time limit covers it to its end."""
+        check_supported(self.engine, plan, query)
         deadline = self._deadline()
         async with _time_limit(deadline, self.max_generation_s):
             if plan.composite:

@@ -17,7 +17,17 @@ from typing import Any
 
 from aggregators import Aggregation, Aggregator, ExpertAnswer
 from routers.query import RouteDecision
-from serving.engine import GenChunk, GenerationFailed, GenRequest, GenResult, Sampling, Target, TokenTrace
+from serving.engine import (
+    Choice,
+    GenChunk,
+    GenerationFailed,
+    GenRequest,
+    GenResult,
+    Guidance,
+    Sampling,
+    Target,
+    TokenTrace,
+)
 
 
 def query_text(messages: list[dict[str, Any]] | None, prompt: str | None) -> str:
@@ -42,6 +52,7 @@ class Query:
     request_id: str = ""
     # the request's own weighted merge of adapters of ``model`` (``merged_adapters`` on /v1): (adapter, weight)
     merged_adapters: tuple[tuple[str, float], ...] | None = None
+    guidance: Guidance | None = None  # JSON or tool calls the answer must be
     text: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -62,6 +73,7 @@ class Query:
             request_id=self.request_id,
             router_bias=router_bias,
             mixture_weights=mixture_weights,
+            guidance=self.guidance,
         )
 
     def on_part(self, target: Target, part: str) -> GenRequest:
@@ -146,6 +158,8 @@ class Answer:
     members: tuple[ExpertAnswer, ...] = ()
     aggregation: Aggregation | None = None
     trace: TokenTrace | None = None
+    # the answers with their tool calls and log-probabilities (n of them; one for a composed answer)
+    choices: tuple[Choice, ...] = ()
 
     @classmethod
     def of(
@@ -160,6 +174,7 @@ class Answer:
             result.completion_tokens,
             experts,
             weights,
+            choices=result.all_choices(),
             **rest,
         )
 
@@ -167,6 +182,9 @@ class Answer:
     def failed(self) -> tuple[str, ...]:
         """Members whose generation failed, each named once."""
         return tuple(dict.fromkeys(a.slug for a in self.members if not a.ok))
+
+    def all_choices(self) -> tuple[Choice, ...]:
+        return self.choices or (Choice(0, self.text, self.finish_reason),)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,15 @@ def answering_engine(engine: Engine, target: Target, *, fused: bool = False) -> 
     return engine.name
 
 
+def answering_capabilities(engine: Engine, target: Target, *, fused: bool = False) -> Capabilities:
+    """What the engine that runs a request on ``target`` can honour (see ``answering_engine``)."""
+    if not isinstance(engine, EngineSet):
+        return engine.capabilities
+    if fused or (target.mixture is not None and not engine.main_serves_mixture(target)):
+        return TorchEngine.capabilities
+    return engine.main.capabilities
+
+
 class EngineSet:
     """``Engine`` over a main engine plus a lazily created torch engine (see the module docstring)."""
 

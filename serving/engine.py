@@ -98,6 +98,10 @@ class Target:
     max_lora_rank: int = 8
     served_name: str = ""  # the registry slug answering, reported as `model` in responses
     mixture: TokenMixture | None = None
+    # The base's chat template (Jinja text) where the registry sets one in place of the model's own (e.g. one
+    # that renders tools), and the vLLM tool-call parser that reads calls out of its answers (e.g. ``hermes``).
+    chat_template: str | None = field(default=None, compare=False, repr=False)
+    tool_parser: str | None = None
 
     @property
     def key(self) -> str:
@@ -121,6 +125,47 @@ class Sampling:
     # vLLM's sampling extensions (fixed-length generation, as in vLLM's serving benchmark)
     min_tokens: int = 0  # end-of-sequence and stop strings cannot end the answer before this many tokens
     ignore_eos: bool = False  # keep generating past end-of-sequence until max_tokens
+    # OpenAI's: several answers to one request, each token's log-probability (None: off; N: with the N likeliest
+    # alternatives), and a text completion that repeats its prompt (with the prompt's log-probabilities)
+    n: int = 1
+    logprobs: int | None = None
+    echo: bool = False
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """What an answer must look like: OpenAI's ``response_format`` (``json_object``, or ``json_schema`` with its
+    schema) and ``tools`` with ``tool_choice`` (the calls are parsed out of the answer). vLLM decodes under them
+    with its structured outputs and tool parsers; an engine without ``Capabilities.guidance`` refuses them. The
+    dicts are the OpenAI shapes, already validated (api/openai/protocol.py)."""
+
+    response_format: dict[str, Any] | None = None
+    tools: tuple[dict[str, Any], ...] = ()
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+    @property
+    def structured(self) -> bool:
+        """The answer is a JSON value (an object, or calls of tools): comparable once parsed."""
+        kind = (self.response_format or {}).get("type")
+        return kind in ("json_object", "json_schema")
+
+    @property
+    def calls_tools(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def fields(self) -> dict[str, Any]:
+        """The OpenAI request fields this stands for."""
+        body: dict[str, Any] = {}
+        if self.response_format is not None:
+            body["response_format"] = self.response_format
+        if self.tools:
+            body["tools"] = list(self.tools)
+            if self.tool_choice is not None:
+                body["tool_choice"] = self.tool_choice
+            if self.parallel_tool_calls is not None:
+                body["parallel_tool_calls"] = self.parallel_tool_calls
+        return body
 
 
 @dataclass(frozen=True)
@@ -156,6 +201,20 @@ class GenRequest:
     # A weighted mixture's per-request weights, one per adapter (the router's scores, or the client's).
     mixture_weights: tuple[float, ...] | None = None
     fusion: Fusion | None = None  # set: several members decode this request together (torch engine only)
+    guidance: Guidance | None = None  # JSON or tool calls the answer must be (None: free text)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One of a generation's answers (``Sampling.n`` of them): its text, why it ended, the tool calls parsed out of
+    it and its log-probabilities, both in OpenAI's shapes (a chat's ``{"content": [...]}`` or a text completion's
+    ``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}``)."""
+
+    index: int
+    text: str
+    finish_reason: str
+    tool_calls: tuple[dict[str, Any], ...] = ()
+    logprobs: dict[str, Any] | None = None
 
 
 @dataclass
@@ -166,6 +225,12 @@ class GenResult:
     completion_tokens: int
     latency_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    # every answer when the engine gives more than text (n > 1, tool calls, logprobs); else empty: one answer,
+    # ``text`` (``all_choices`` reads both alike)
+    choices: tuple[Choice, ...] = ()
+
+    def all_choices(self) -> tuple[Choice, ...]:
+        return self.choices or (Choice(0, self.text, str(self.finish_reason)),)
 
 
 @dataclass
@@ -200,6 +265,9 @@ class GenChunk:
     finish_reason: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    index: int = 0  # which of the request's n answers this piece belongs to
+    tool_calls: tuple[dict[str, Any], ...] = ()  # OpenAI's tool-call deltas ({"index", "id", "function": ...})
+    logprobs: dict[str, Any] | None = None  # this piece's tokens' log-probabilities, OpenAI-shaped
 
 
 @dataclass(frozen=True)
@@ -209,6 +277,9 @@ class Capabilities:
     token_mixtures: bool = False  # Targets with a TokenMixture (per-token LoRA mixtures)
     logit_fusion: bool = False  # GenRequest.fusion: several experts decoding one answer together
     traces: bool = False  # trace(): per token and layer, each adapter's mixing weight
+    guidance: bool = False  # GenRequest.guidance: JSON answers and tool calls
+    logprobs: bool = False  # Sampling.logprobs and echo
+    choices: bool = False  # Sampling.n > 1
 
 
 @runtime_checkable

@@ -59,7 +59,8 @@ class VLLMEngine:
     """``Engine`` over managed or remote vLLM OpenAI servers, one per base model."""
 
     name = "vllm"
-    capabilities = Capabilities()  # plain and multi-LoRA requests; mixtures and fusion need the torch engine
+    # plain and multi-LoRA requests with OpenAI's options; mixtures as slots (serves_mixture); fusion needs torch
+    capabilities = Capabilities(guidance=True, logprobs=True, choices=True)
 
     def __init__(self, config: VLLMConfig | None = None) -> None:
         self.config = config or VLLMConfig()

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from core.errors import ValidationFailed
-from serving.engine import MIXTURE_XARG, EngineUnavailable, GenChunk, GenerationFailed, GenRequest, GenResult
+from serving.engine import MIXTURE_XARG, Choice, EngineUnavailable, GenChunk, GenerationFailed, GenRequest, GenResult
 from serving.vllm_client import Reply
 from serving.vllm_server import ADMIN_HINT, Server
 
@@ -47,6 +47,10 @@ def payload(request: GenRequest, *, stream: bool) -> tuple[str, dict[str, Any], 
         body["min_tokens"] = s.min_tokens
     if s.ignore_eos:
         body["ignore_eos"] = True
+    if s.n != 1:
+        body["n"] = s.n
+    if request.guidance is not None:
+        body.update(request.guidance.fields())
     # a mixture slot's per-request vector, read per token by moerge's op (serving/mixture/slot.py: REQUEST_KEY)
     vector = request.mixture_weights if request.mixture_weights is not None else request.router_bias
     if vector is not None:
@@ -56,36 +60,56 @@ def payload(request: GenRequest, *, stream: bool) -> tuple[str, dict[str, Any], 
         body["stream_options"] = {"include_usage": True}
     if request.messages is not None and request.prompt is None:
         body["messages"] = request.messages
+        if s.logprobs is not None:
+            body.update(logprobs=True, top_logprobs=s.logprobs)
         return "/v1/chat/completions", body, True
     if request.prompt is not None and request.messages is None:
         body["prompt"] = request.prompt
+        if s.logprobs is not None:
+            body["logprobs"] = s.logprobs
+        if s.echo:
+            body["echo"] = True
         return "/v1/completions", body, False
     raise ValidationFailed("give exactly one of messages (chat) or prompt (completion)", param="messages")
 
 
+def _choice(raw: dict[str, Any], *, chat: bool) -> Choice:
+    message = raw.get("message") or {}
+    text = message.get("content") if chat else raw.get("text")
+    return Choice(
+        index=int(raw.get("index") or 0),
+        text=text or "",
+        finish_reason=raw.get("finish_reason") or "stop",
+        tool_calls=tuple(message.get("tool_calls") or ()),
+        logprobs=raw.get("logprobs") or None,
+    )
+
+
 def gen_result(data: dict[str, Any], *, chat: bool, model: str, latency_s: float) -> GenResult:
-    """A non-streamed reply's first choice; ``model`` is what the request asked for."""
-    choice = data["choices"][0]
-    text = (choice.get("message") or {}).get("content") if chat else choice.get("text")
+    """A non-streamed reply (its first choice as ``text``, every choice in ``choices``); ``model`` is what the
+    request asked for."""
+    choices = tuple(sorted((_choice(raw, chat=chat) for raw in data["choices"]), key=lambda c: c.index))
     usage = data.get("usage") or {}
     return GenResult(
-        text=text or "",
-        finish_reason=choice.get("finish_reason") or "stop",
+        text=choices[0].text,
+        finish_reason=choices[0].finish_reason,
         prompt_tokens=int(usage.get("prompt_tokens") or 0),
         completion_tokens=int(usage.get("completion_tokens") or 0),
         latency_s=latency_s,
-        extra={"id": data.get("id"), "model": model, "stop_reason": choice.get("stop_reason")},
+        extra={"id": data.get("id"), "model": model, "stop_reason": data["choices"][0].get("stop_reason")},
+        choices=choices,
     )
 
 
 class StreamParser:
-    """Turns one stream's events into ``GenChunk``s: ``chunks`` per event, then ``last`` (finish reason and
-    token counts, which vLLM sends in its last events)."""
+    """Turns one stream's events into ``GenChunk``s: ``chunks`` per event (a piece of one of the n answers: text,
+    tool-call deltas, log-probabilities), each answer's finish reason once it ends, then ``last`` (the token
+    counts, which vLLM sends in its last event; the first answer's finish reason again when n is 1)."""
 
     def __init__(self, server: Server, *, chat: bool) -> None:
         self._server = server
         self._chat = chat
-        self._finish: str | None = None
+        self._finish: dict[int, str] = {}
         self._usage: dict[str, Any] = {}
 
     def chunks(self, event: Any) -> list[GenChunk]:
@@ -95,17 +119,33 @@ class StreamParser:
             raise GenerationFailed(f"the vLLM server for {base_id!r} failed mid-stream; {ADMIN_HINT}")
         out = []
         for choice in event.get("choices") or []:
-            piece = (choice.get("delta") or {}).get("content") if self._chat else choice.get("text")
-            if piece:
-                out.append(GenChunk(text=piece))
-            self._finish = choice.get("finish_reason") or self._finish
+            index = int(choice.get("index") or 0)
+            delta = choice.get("delta") or {}
+            piece = delta.get("content") if self._chat else choice.get("text")
+            calls = tuple(delta.get("tool_calls") or ())
+            logprobs = choice.get("logprobs") or None
+            finish = choice.get("finish_reason")
+            if finish and index != 0:  # the first answer's end is told with the usage, in ``last``
+                self._finish[index] = finish
+            if piece or calls or logprobs or (finish and index != 0):
+                out.append(
+                    GenChunk(
+                        text=piece or "",
+                        index=index,
+                        tool_calls=calls,
+                        logprobs=logprobs,
+                        finish_reason=finish if index != 0 else None,
+                    )
+                )
+            if finish and index == 0:
+                self._finish[0] = finish
         self._usage = event.get("usage") or self._usage
         return out
 
     def last(self) -> GenChunk:
         return GenChunk(
             text="",
-            finish_reason=self._finish or "stop",
+            finish_reason=self._finish.get(0) or "stop",
             prompt_tokens=int(self._usage.get("prompt_tokens") or 0),
             completion_tokens=int(self._usage.get("completion_tokens") or 0),
         )

@@ -138,6 +138,7 @@ async def _respond(
 ) -> Response[Any]:
     run = CompletionRun(chat=isinstance(body, ChatCompletionRequest))
     query = body.as_query(settings.default_max_tokens, run.id)
+    run.n = query.sampling.n
     traced = body.checked_trace()
     plan = await plan_query(request, db_session, composer, query)
     if traced:

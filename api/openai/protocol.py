@@ -12,14 +12,17 @@ from typing import Any
 
 import msgspec
 
+from api.openai.guidance import checked_tool_calls, guidance_of
 from api.schemas import TokenTraceOut
 from composition.plan import Query
 from core.errors import ValidationFailed
-from serving.engine import GREEDY_BELOW, Sampling
+from serving.engine import GREEDY_BELOW, Guidance, Sampling
 
 MAX_TOKENS_LIMIT = 8192
 SEED_RANGE = (-(2**63), 2**63 - 1)  # a 64-bit integer, as vLLM's server takes it (torch's generators overflow past)
 ROLES = ("system", "developer", "user", "assistant", "tool")
+MAX_N = 16  # answers to one request
+MAX_TOP_LOGPROBS = 20  # alternatives per token (vLLM's default --max-logprobs)
 
 
 MAX_MERGED_ADAPTERS = 16
@@ -97,6 +100,10 @@ class _Common(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValidationFailed("moerge_trace is given with non-streamed responses only", param="moerge_trace")
         return self.moerge_trace
 
+    def _logprobs(self) -> int | None:
+        """How many alternatives each token's log-probability comes with (None: none asked)."""
+        raise NotImplementedError
+
     def sampling(self, default_max_tokens: int) -> Sampling:
         requested = self._max_tokens()
         max_tokens = default_max_tokens if requested is None else requested
@@ -115,15 +122,15 @@ class _Common(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > 4 or any(not s for s in stops):
             raise ValidationFailed("stop takes at most 4 non-empty strings", param="stop")
-        if self.n not in (None, 1):
-            raise ValidationFailed("only n = 1 is supported", param="n")
+        n = 1 if self.n is None else self.n
+        if not 1 <= n <= MAX_N:
+            raise ValidationFailed(f"n must be between 1 and {MAX_N}", param="n")
         for name in ("frequency_penalty", "presence_penalty"):
             if getattr(self, name) not in (None, 0, 0.0):
                 raise ValidationFailed(f"{name} is not supported", param=name)
         if self.logit_bias:
             raise ValidationFailed("logit_bias is not supported", param="logit_bias")
-        if self.logprobs:
-            raise ValidationFailed("logprobs are not supported", param="logprobs")
+        logprobs = self._logprobs()
         min_tokens = self.min_tokens or 0
         if not 0 <= min_tokens <= max_tokens:
             raise ValidationFailed(f"min_tokens must be between 0 and max_tokens ({max_tokens})", param="min_tokens")
@@ -135,7 +142,13 @@ class _Common(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             seed=self.seed,
             min_tokens=min_tokens,
             ignore_eos=bool(self.ignore_eos),
+            n=n,
+            logprobs=logprobs,
+            echo=self._echo(),
         )
+
+    def _echo(self) -> bool:
+        return False
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.get("include_usage"))
@@ -159,6 +172,20 @@ class ChatCompletionRequest(_Common, kw_only=True):
     def _max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def _logprobs(self) -> int | None:
+        if self.logprobs is not None and not isinstance(self.logprobs, bool):
+            raise ValidationFailed("logprobs is true or false in a chat (top_logprobs says how many)", param="logprobs")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValidationFailed(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs")
+        if not self.logprobs:
+            if self.top_logprobs:
+                raise ValidationFailed("top_logprobs needs logprobs: true", param="top_logprobs")
+            return None
+        return self.top_logprobs or 0
+
+    def guidance(self) -> Guidance | None:
+        return guidance_of(self.response_format, self.tools, self.tool_choice, self.parallel_tool_calls)
+
     def _max_tokens_field(self) -> str:
         return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
@@ -166,10 +193,6 @@ class ChatCompletionRequest(_Common, kw_only=True):
         """Validate the messages and flatten text content parts; returns plain {role, content} dicts."""
         if not self.messages:
             raise ValidationFailed("messages must be a non-empty list", param="messages")
-        if self.tools:
-            raise ValidationFailed("tools are not supported", param="tools")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise ValidationFailed("only response_format type `text` is supported", param="response_format")
         clean: list[dict[str, Any]] = []
         for i, message in enumerate(self.messages):
             where = f"messages[{i}]"
@@ -178,20 +201,20 @@ class ChatCompletionRequest(_Common, kw_only=True):
                 raise ValidationFailed(f"role must be one of {', '.join(ROLES)}; got {role!r}", param=f"{where}.role")
             if unknown := set(message) - {"role", "content", "name", "tool_call_id", "tool_calls", "refusal"}:
                 raise ValidationFailed(f"unknown field {sorted(unknown)[0]!r}", param=f"{where}.{sorted(unknown)[0]}")
-            clean.append(
-                {"role": "system" if role == "developer" else role, "content": _text_of(message.get("content"), where)}
-            )
+            clean.append(_message(role, message, where))
         return clean
 
     def as_query(self, default_max_tokens: int, request_id: str) -> Query:
         """The request checked (messages, then sampling) as the composition's Query."""
         messages = self.checked_messages()
+        guidance = self.guidance()
         return Query(
             self.model,
             self.sampling(default_max_tokens),
             messages=messages,
             request_id=request_id,
             merged_adapters=self.merged_adapters.checked() if self.merged_adapters is not None else None,
+            guidance=guidance,
         )
 
 
@@ -209,13 +232,26 @@ class CompletionRequest(_Common, kw_only=True):
             prompt = prompt[0]
         if not prompt:
             raise ValidationFailed("prompt must be a non-empty string", param="prompt")
-        if self.echo:
-            raise ValidationFailed("echo is not supported", param="echo")
         if self.suffix:
             raise ValidationFailed("suffix is not supported", param="suffix")
-        if self.best_of not in (None, 1):
-            raise ValidationFailed("only best_of = 1 is supported", param="best_of")
+        if self.best_of is not None:
+            raise ValidationFailed(
+                "best_of is not supported (vLLM 0.32's completions API has none); ask for n answers instead",
+                param="best_of",
+            )
         return prompt
+
+    def _logprobs(self) -> int | None:
+        if self.logprobs is None or self.logprobs is False:
+            return None
+        if isinstance(self.logprobs, bool) or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValidationFailed(
+                f"logprobs is how many alternatives per token: 0 to {MAX_TOP_LOGPROBS}", param="logprobs"
+            )
+        return self.logprobs
+
+    def _echo(self) -> bool:
+        return bool(self.echo)
 
     def as_query(self, default_max_tokens: int, request_id: str) -> Query:
         """The request checked (prompt, then sampling) as the composition's Query."""
@@ -227,6 +263,34 @@ class CompletionRequest(_Common, kw_only=True):
             request_id=request_id,
             merged_adapters=self.merged_adapters.checked() if self.merged_adapters is not None else None,
         )
+
+
+def _message(role: str, message: dict[str, Any], where: str) -> dict[str, Any]:
+    """One chat message as the engines take it: its role (developer as system), its text, and a conversation's
+    tool calls and tool results as OpenAI gives them."""
+    clean: dict[str, Any] = {"role": "system" if role == "developer" else role}
+    calls = message.get("tool_calls")
+    if role == "assistant" and calls is not None:
+        clean["tool_calls"] = checked_tool_calls(calls, f"{where}.tool_calls")
+        content = message.get("content")
+        clean["content"] = None if content is None else _text_of(content, where)
+    else:
+        if calls is not None:
+            raise ValidationFailed("only assistant messages have tool_calls", param=f"{where}.tool_calls")
+        clean["content"] = _text_of(message.get("content"), where)
+    call_id = message.get("tool_call_id")
+    if role == "tool":
+        if not isinstance(call_id, str) or not call_id or len(call_id) > 256:
+            raise ValidationFailed("a tool message names the call it answers", param=f"{where}.tool_call_id")
+        clean["tool_call_id"] = call_id
+    elif call_id is not None:
+        raise ValidationFailed("only tool messages have a tool_call_id", param=f"{where}.tool_call_id")
+    name = message.get("name")
+    if name is not None:
+        if not isinstance(name, str) or not 0 < len(name) <= 64:
+            raise ValidationFailed("name is a string of 1 to 64 characters", param=f"{where}.name")
+        clean["name"] = name
+    return clean
 
 
 def _text_of(content: Any, where: str) -> str:
@@ -307,16 +371,57 @@ class MoergeDetail(msgspec.Struct, kw_only=True, omit_defaults=True):
     trace: TokenTraceOut | None = None
 
 
-class ChatMessage(msgspec.Struct, kw_only=True):
+class FunctionCall(msgspec.Struct, kw_only=True):
+    name: str
+    arguments: str  # a JSON object, as a string
+
+
+class ToolCall(msgspec.Struct, kw_only=True):
+    id: str
+    type: str = "function"
+    function: FunctionCall
+
+
+class ChatMessage(msgspec.Struct, kw_only=True, omit_defaults=True):
     role: str
-    content: str
+    content: str | None  # null when the answer is tool calls only
+    tool_calls: list[ToolCall] | None = None
+
+
+class TopLogprob(msgspec.Struct, kw_only=True):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(msgspec.Struct, kw_only=True):
+    """One generated token of a chat answer, its log-probability and the likeliest alternatives."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list[TopLogprob] = msgspec.field(default_factory=list)
+
+
+class ChatLogprobs(msgspec.Struct, kw_only=True):
+    content: list[TokenLogprob] | None
+
+
+class CompletionLogprobs(msgspec.Struct, kw_only=True):
+    """A text completion's tokens with their log-probabilities (with ``echo``, the prompt's first: its first
+    token has none) and the likeliest alternatives of each."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
 
 
 class ChatChoice(msgspec.Struct, kw_only=True):
     index: int
     message: ChatMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class CompletionChoice(msgspec.Struct, kw_only=True):
@@ -325,7 +430,7 @@ class CompletionChoice(msgspec.Struct, kw_only=True):
     index: int
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class ChatCompletion(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -352,16 +457,29 @@ class Completion(msgspec.Struct, kw_only=True, omit_defaults=True):
     moerge: MoergeDetail | None = None
 
 
+class FunctionDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
+    name: str | None = None  # the call's first delta
+    arguments: str | None = None  # the arguments' text, in pieces
+
+
+class ToolCallDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
+    index: int  # which call of the answer
+    id: str | None = None  # the call's first delta
+    type: str | None = None
+    function: FunctionDelta | None = None
+
+
 class ChatDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
     role: str | None = None  # the first chunk only
     content: str | None = None  # absent in a chunk that only finishes
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(msgspec.Struct, kw_only=True):
     index: int
     delta: ChatDelta
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -7,7 +7,7 @@ import heapq
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 
@@ -18,21 +18,26 @@ from api.openai.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatDelta,
+    ChatLogprobs,
     ChatMessage,
     Completion,
     CompletionChoice,
     CompletionChunk,
+    CompletionLogprobs,
     ErrorDetail,
     ErrorResponse,
     MemberAnswer,
     MoergeDetail,
+    ToolCall,
+    ToolCallDelta,
     Usage,
 )
 from api.schemas import TokenTraceOut
 from composition.plan import Answer, AnswerStream, Plan
 from core.errors import MoergeError
-from serving.engine import GenChunk
+from serving.engine import Choice, GenChunk
 
+_Shape = TypeVar("_Shape", ChatLogprobs, CompletionLogprobs)
 MAX_SCORES_IN_HEADER = 16  # the best candidates' scores; a composition may have thousands
 
 
@@ -74,7 +79,8 @@ class CompletionRun:
     """One /v1 answer in the OpenAI shape: chat (messages) or text completion (prompt), whole or as SSE
     events; a key with limits is charged its tokens (``tokens``)."""
 
-    def __init__(self, *, chat: bool) -> None:
+    def __init__(self, *, chat: bool, n: int = 1) -> None:
+        self.n = n  # answers per request: a stream opens each one with its role
         self.model = ""  # the name the plan answers as, reported as `model` (set with the answer)
         self.chat = chat
         self.tokens: TokenSink | None = None  # set for a key with limits: answers are charged to it
@@ -108,13 +114,12 @@ class CompletionRun:
     def body(self, answer: Answer) -> ChatCompletion | Completion:
         usage = Usage.of(answer.prompt_tokens, answer.completion_tokens)
         if self.chat:
-            message = ChatMessage(role="assistant", content=answer.text)
             return ChatCompletion(
                 id=self.id,
                 object="chat.completion",
                 created=self.created,
                 model=self.model,
-                choices=[ChatChoice(index=0, message=message, finish_reason=answer.finish_reason)],
+                choices=[_chat_choice(choice) for choice in answer.all_choices()],
                 usage=usage,
             )
         return Completion(
@@ -122,32 +127,60 @@ class CompletionRun:
             object="text_completion",
             created=self.created,
             model=self.model,
-            choices=[CompletionChoice(index=0, text=answer.text, finish_reason=answer.finish_reason)],
+            choices=[
+                CompletionChoice(
+                    index=choice.index,
+                    text=choice.text,
+                    finish_reason=choice.finish_reason,
+                    logprobs=_logprobs(choice.logprobs, CompletionLogprobs),
+                )
+                for choice in answer.all_choices()
+            ],
             usage=usage,
         )
 
     def _chunk(
-        self, text: str | None, finish_reason: str | None, *, first: bool = False, usage: Usage | None = None
+        self,
+        piece: GenChunk | None,
+        *,
+        first: int | None = None,
+        usage: Usage | None = None,
     ) -> ChatCompletionChunk | CompletionChunk:
-        """A stream event; the usage chunk (``usage`` given) has no choices."""
+        """A stream event: a piece of one answer, the opening of answer ``first`` (its role), or the usage chunk
+        (``usage`` given: no choices)."""
+        piece = piece if piece is not None else GenChunk("", index=first or 0)
         if self.chat:
-            # the first chunk names the role (content "" at least); later ones carry content only when there is text
-            delta = ChatDelta(role="assistant", content=text or "") if first else ChatDelta(content=text or None)
-            choices = [] if usage else [ChatChunkChoice(index=0, delta=delta, finish_reason=finish_reason)]
+            if first is not None:  # an answer's first chunk names the role (content "")
+                delta = ChatDelta(role="assistant", content="")
+            else:  # later ones carry what they have: text, tool-call deltas
+                calls = [msgspec.convert(call, ToolCallDelta, strict=False) for call in piece.tool_calls]
+                delta = ChatDelta(content=piece.text or None, tool_calls=calls or None)
+            choice = ChatChunkChoice(
+                index=piece.index,
+                delta=delta,
+                finish_reason=piece.finish_reason,
+                logprobs=_logprobs(piece.logprobs, ChatLogprobs),
+            )
             return ChatCompletionChunk(
                 id=self.id,
                 object="chat.completion.chunk",
                 created=self.created,
                 model=self.model,
-                choices=choices,
+                choices=[] if usage else [choice],
                 usage=usage,
             )
+        text_choice = CompletionChoice(
+            index=piece.index,
+            text=piece.text,
+            finish_reason=piece.finish_reason,
+            logprobs=_logprobs(piece.logprobs, CompletionLogprobs),
+        )
         return CompletionChunk(
             id=self.id,
             object="text_completion",
             created=self.created,
             model=self.model,
-            choices=[] if usage else [CompletionChoice(index=0, text=text or "", finish_reason=finish_reason)],
+            choices=[] if usage else [text_choice],
             usage=usage,
         )
 
@@ -160,11 +193,12 @@ class CompletionRun:
         charged = self.tokens is None
         try:
             if self.chat:
-                yield _event(self._chunk("", None, first=True))
+                for index in range(self.n):
+                    yield _event(self._chunk(None, first=index))
             chunk: GenChunk | None = stream.first
             while chunk is not None:
-                if chunk.text or chunk.finish_reason:
-                    yield _event(self._chunk(chunk.text, chunk.finish_reason))
+                if chunk.text or chunk.finish_reason or chunk.tool_calls or chunk.logprobs:
+                    yield _event(self._chunk(chunk))
                 pieces += bool(chunk.text)
                 if chunk.prompt_tokens is not None and chunk.completion_tokens is not None:
                     usage = (chunk.prompt_tokens, chunk.completion_tokens)
@@ -173,7 +207,7 @@ class CompletionRun:
                 charged = True  # before the last events: a client that saw [DONE] sees the charge too
                 await self.tokens.charge(sum(usage))
             if include_usage and usage is not None:
-                yield _event(self._chunk(None, None, usage=Usage.of(*usage)))
+                yield _event(self._chunk(None, usage=Usage.of(*usage)))
         except MoergeError as exc:  # the stream has begun: report the error inside it, then end it
             detail = ErrorDetail(message=exc.message, type=exc.error_type, param=exc.param, code=exc.code)
             yield _event(ErrorResponse(error=detail))
@@ -191,6 +225,23 @@ class CompletionRun:
             if close is not None:  # cut short: closing the generation's stream stops it in the engine
                 await close()
         yield b"data: [DONE]\n\n"
+
+
+def _chat_choice(choice: Choice) -> ChatChoice:
+    calls = [msgspec.convert(call, ToolCall, strict=False) for call in choice.tool_calls]
+    # an answer that is tool calls only has no content (null), as OpenAI's
+    content = None if calls and not choice.text else choice.text
+    return ChatChoice(
+        index=choice.index,
+        message=ChatMessage(role="assistant", content=content, tool_calls=calls or None),
+        finish_reason=choice.finish_reason,
+        logprobs=_logprobs(choice.logprobs, ChatLogprobs),
+    )
+
+
+def _logprobs(raw: dict[str, Any] | None, shape: type[_Shape]) -> _Shape | None:
+    """An engine's OpenAI-shaped log-probabilities as the typed answer field (None when none were asked)."""
+    return None if raw is None else msgspec.convert(raw, shape, strict=False)
 
 
 def _event(payload: ChatCompletionChunk | CompletionChunk | ErrorResponse) -> bytes:
