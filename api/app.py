@@ -29,6 +29,7 @@ from api.metrics.controllers import MetricsController
 from api.metrics.lifespan import metrics_lifespan
 from api.metrics.middleware import MetricsMiddleware
 from api.openai.controllers import OpenAIController
+from api.openai.responses.controllers import ResponsesController
 from api.security import key_meter_lifespan
 from api.system.controllers import EngineController, HealthController, ReadyController, StrategyController
 from api.tracing import tracing_middleware, tracing_plugins
@@ -79,6 +80,7 @@ def create_app(
             MergeController,
             JobController,
             OpenAIController,
+            ResponsesController,
             EngineController,
             StrategyController,
             KeyController,

@@ -20,7 +20,9 @@ log = logging.getLogger("moerge.api")
 
 # POST routes that run a model and write nothing but usage (charged on their own even when cut short).
 # The admin panel's playground and an expert card's "try it" box generate too.
-GENERATING_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/api/route", "/admin/playground"})
+GENERATING_PATHS = frozenset(
+    {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/api/route", "/admin/playground"}
+)
 
 
 def generates(scope: Scope) -> bool:

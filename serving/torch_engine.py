@@ -15,6 +15,15 @@ Per-row behaviour inside a shared ``generate`` call comes from two hooks transfo
 * ``_Tracker`` (a stopping criterion, called once per step with the step's tokens): each row's max_tokens,
   EOS and stop strings, stream text, and delivery of a row's result as soon as that row finishes.
 
+OpenAI's options ride on the same hooks. ``n`` answers are n rows of the request (answer i seeded with the
+request's seed + i, as vLLM does), delivered together once the last one ends (``_Answers``). Before anything
+samples, ``torch_guidance.GrammarMask`` leaves a guided row (``response_format``, required or named tool calls)
+only the tokens its xgrammar matcher allows, then ``_LogprobRecorder`` keeps the row's log-probabilities as vLLM
+reports them by default (the log-softmax of the logits after the grammar's mask, before temperature); the tracker
+advances the matcher and keeps the chosen token's. ``echo`` puts the prompt first, with its log-probabilities from
+one forward pass over it. Tool calls are parsed out of the guided answer when it ends. A fused request refuses
+guidance, log-probabilities and n > 1 (its tokens come from a mixture of distributions none of them describe).
+
 Extension point for token-level mixtures and logit fusion (issue 7): every row carries a ``route`` (today
 ``"__base__"`` or a PEFT adapter name) and ``_Slot.batch_hooks`` turns a batch's routes into generate
 kwargs, a context entered around ``generate`` and extra logits processors. A mixture layer wrapping the
@@ -64,10 +73,11 @@ from transformers import (
 
 from core.errors import MoergeError, Unprocessable, ValidationFailed
 from core.settings import Settings
-from serving import logit_fusion
+from serving import logit_fusion, torch_guidance
 from serving.engine import (
     GREEDY_BELOW,
     Capabilities,
+    Choice,
     EngineUnavailable,
     GenChunk,
     GenerationFailed,
@@ -173,6 +183,7 @@ class _Slot:
     loaded_at: float | None = None
     mixture: TokenMixture | None = None  # a token-level composition: its own copy of the base, adapters mixed in
     mixture_layers: dict[str, Any] = field(default_factory=dict)  # module path -> MixtureLinear
+    grammars: torch_guidance.Grammars | None = None  # xgrammar's view of the tokenizer, built on first use
     bytes: int = 0  # parameters and buffers of what is loaded (base, adapters, mixture); 0 when unloaded
     last_used: int = 0  # the engine's tick when a use last began or ended here: least recently used goes first
     users: int = 0  # requests on it not yet answered, streams not yet closed: such a slot stays loaded
@@ -214,6 +225,12 @@ def _has_lora_layers(model: torch.nn.Module) -> bool:
 # --- rows: one request inside one generate call ---------------------------------------------------------
 
 
+# One token's log-probability: (token id, log-probability or None (an echoed prompt's first token), the likeliest
+# alternatives as (token id, log-probability), best first, or None)
+_TokenLogprob = tuple[int, float | None, list[tuple[int, float]] | None]
+LOGPROB_FLOOR = -9999.0  # what a token the grammar ruled out (-inf) is reported as, as vLLM does (JSON has no -inf)
+
+
 @dataclass(eq=False)
 class _Row:
     job: _Job
@@ -225,6 +242,15 @@ class _Row:
     sent: int = 0  # characters already streamed
     fusion: logit_fusion.FusionGroup | None = None  # logit fusion: the group of rows decoding one answer
     extra: dict[str, Any] = field(default_factory=dict)  # merged into the result's extra
+    index: int = 0  # which of the request's n answers this row writes
+    seed: int | None = None  # its generator's seed (the request's seed + index, as vLLM derives them)
+    answers: _Answers | None = None  # the request's rows, whose answers are delivered together
+    constraint: torch_guidance.Constraint | None = None  # the JSON the answer must be (None: free text)
+    matcher: Any = None  # xgrammar's GrammarMatcher for ``constraint``
+    logprobs: list[_TokenLogprob] = field(default_factory=list)  # one per generated token, when asked
+    pending: tuple[torch.Tensor, list[tuple[int, float]]] | None = None  # this step's log-probabilities
+    lp_sent: int = 0  # log-probability entries already streamed
+    offset: int = 0  # a text completion's text_offset after the tokens already reported
 
     @property
     def sampling(self) -> Any:
@@ -233,6 +259,96 @@ class _Row:
     @property
     def stops(self) -> tuple[str, ...]:
         return tuple(s for s in self.sampling.stop if s)
+
+    @property
+    def calls_tools(self) -> bool:
+        return self.constraint is not None and self.constraint.tools is not None
+
+
+@dataclass(eq=False)
+class _Answers:
+    """The rows of one request (``Sampling.n`` of them, one each): their answers go out together, as one
+    ``GenResult`` with every ``Choice``, or as a stream whose last chunk (answer 0's) comes after every answer."""
+
+    rows: list[_Row]
+    choices: dict[int, Choice] = field(default_factory=dict)
+    completion_tokens: int = 0
+    prompt_logprobs: list[_TokenLogprob] | None = None  # an echoed prompt's tokens (the first without one)
+
+    @property
+    def job(self) -> _Job:
+        return self.rows[0].job  # (a fused request's leader is given its caller's job after preparing)
+
+    @property
+    def done(self) -> bool:
+        return len(self.choices) == len(self.rows)
+
+
+def _token_text(tokenizer: Any, token: int) -> str:
+    """One token's text decoded alone (vLLM's), with the leading spaces a SentencePiece decode drops put back."""
+    text = str(tokenizer.decode([token]))
+    raw = tokenizer.convert_ids_to_tokens(token)
+    if isinstance(raw, str):
+        marks = len(raw) - len(raw.lstrip(torch_guidance.METASPACE))
+        missing = marks - (len(text) - len(text.lstrip(" ")))
+        if missing > 0:
+            text = " " * missing + text
+    return text
+
+
+def _openai_logprobs(
+    tokenizer: Any, entries: list[_TokenLogprob], *, chat: bool, offset: int = 0
+) -> tuple[dict[str, Any], int]:
+    """(entries in OpenAI's shape, the text offset after them): a chat's ``{"content": [...]}`` (the top
+    alternatives as a list), a text completion's ``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}``
+    (each position's alternatives and the chosen token as one dict)."""
+    names: dict[int, str] = {}
+
+    def name(token: int) -> str:
+        if token not in names:
+            names[token] = _token_text(tokenizer, token)
+        return names[token]
+
+    def floor(value: float) -> float:
+        return max(value, LOGPROB_FLOOR)
+
+    if chat:
+        content = []
+        for token, logprob, top in entries:
+            text = name(token)
+            content.append(
+                {
+                    "token": text,
+                    "logprob": floor(logprob if logprob is not None else LOGPROB_FLOOR),
+                    "bytes": list(text.encode("utf-8", errors="replace")),
+                    "top_logprobs": [
+                        {
+                            "token": name(t),
+                            "logprob": floor(v),
+                            "bytes": list(name(t).encode("utf-8", errors="replace")),
+                        }
+                        for t, v in (top or [])
+                    ],
+                }
+            )
+        return {"content": content}, offset
+    tokens: list[str] = []
+    values: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    offsets: list[int] = []
+    for token, logprob, top in entries:
+        text = name(token)
+        tokens.append(text)
+        values.append(None if logprob is None else floor(logprob))
+        if top is None or logprob is None:
+            tops.append(None)
+        else:
+            alternatives = {name(t): floor(v) for t, v in top}
+            alternatives.setdefault(text, floor(logprob))  # the chosen token always, as OpenAI's
+            tops.append(alternatives)
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}, offset
 
 
 def _cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
@@ -254,10 +370,10 @@ class _RowSampler(LogitsProcessor):
         for i, row in enumerate(rows):
             if row.sampling.temperature >= GREEDY_BELOW and row.sampling.top_p >= GREEDY_BELOW:
                 gen = torch.Generator()
-                if row.sampling.seed is None:
+                if row.seed is None:
                     gen.seed()
                 else:  # any integer: torch takes 64 bits (a larger seed failed the whole batch)
-                    gen.manual_seed(row.sampling.seed & 0xFFFF_FFFF_FFFF_FFFF)
+                    gen.manual_seed(row.seed & 0xFFFF_FFFF_FFFF_FFFF)
                 self.generators[i] = gen
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -280,8 +396,31 @@ class _RowSampler(LogitsProcessor):
         return scores
 
 
+class _LogprobRecorder(LogitsProcessor):
+    """Each asking row's log-probabilities at this step: vLLM's default (``raw_logprobs``), the log-softmax of the
+    model's logits before temperature, top-p or min_tokens, after the grammar's mask (vLLM masks before its
+    sampler too), with the row's likeliest tokens. The tracker keeps the chosen token's once it is chosen."""
+
+    def __init__(self, rows: list[_Row]) -> None:
+        self.rows = rows
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        asking = [i for i, r in enumerate(self.rows) if r.reason is None and r.sampling.logprobs is not None]
+        if not asking:
+            return scores
+        logprobs = torch.log_softmax(scores[asking].float(), dim=-1)
+        k = min(max(self.rows[i].sampling.logprobs for i in asking), logprobs.shape[-1])
+        values, ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
+        for j, i in enumerate(asking):
+            n = self.rows[i].sampling.logprobs
+            top = list(zip(ids[j, :n].tolist(), values[j, :n].tolist(), strict=True))
+            self.rows[i].pending = (logprobs[j], top)
+        return scores
+
+
 class _EosBlocker(LogitsProcessor):
-    """vLLM's ``min_tokens`` and ``ignore_eos`` per row: end-of-sequence cannot be chosen while they hold."""
+    """vLLM's ``min_tokens`` and ``ignore_eos`` per row: end-of-sequence cannot be chosen while they hold (except
+    on a guided row: its grammar alone says when the JSON is whole, and then nothing but the end is open)."""
 
     def __init__(self, rows: list[_Row], eos_ids: frozenset[int]) -> None:
         self.rows = rows
@@ -289,6 +428,8 @@ class _EosBlocker(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         for i, row in enumerate(self.rows):
+            if row.matcher is not None:
+                continue
             if row.reason is None and (row.sampling.ignore_eos or len(row.out_ids) < row.sampling.min_tokens):
                 scores[i, self.eos_ids] = float("-inf")
         return scores
@@ -322,6 +463,12 @@ class _Tracker(StoppingCriteria):
             row.reason = "cancelled"
             return
         row.out_ids.append(token)
+        if row.pending is not None:
+            logprobs, top = row.pending
+            row.logprobs.append((token, float(logprobs[token]), top))
+            row.pending = None
+        if row.matcher is not None:
+            torch_guidance.advance(row.matcher, token)
         stops = row.stops
         if token in self.eos_ids:
             row.reason = "stop"
@@ -329,7 +476,7 @@ class _Tracker(StoppingCriteria):
             text, hit = _cut_at_stop(self._decode(row.out_ids), stops)
             if hit:
                 row.reason = "stop"
-            else:
+            elif not row.calls_tools:  # tool calls go out whole, parsed, when the answer ends
                 # Hold back what may be the start of a stop string, and half-decoded UTF-8 characters.
                 hold = max((len(s) for s in stops), default=1) - 1
                 visible = text.rstrip("\ufffd")
@@ -347,41 +494,93 @@ class _Tracker(StoppingCriteria):
 
     def _emit(self, row: _Row, text: str) -> None:
         if len(text) > row.sent:
-            row.job.deliver(GenChunk(text=text[row.sent :]))
+            row.job.deliver(GenChunk(text=text[row.sent :], index=row.index, logprobs=self._unsent_logprobs(row)))
             row.sent = len(text)
+
+    def _unsent_logprobs(self, row: _Row) -> dict[str, Any] | None:
+        """The log-probabilities of the row's tokens not yet streamed (None when none were asked)."""
+        if row.sampling.logprobs is None:
+            return None
+        entries, row.lp_sent = row.logprobs[row.lp_sent :], len(row.logprobs)
+        shaped, row.offset = _openai_logprobs(self.tokenizer, entries, chat=_is_chat(row), offset=row.offset)
+        return shaped
 
     def finish(self, row: _Row) -> None:
         ids = row.out_ids[:-1] if row.out_ids and row.out_ids[-1] in self.eos_ids else row.out_ids
         text, hit = _cut_at_stop(self._decode(ids), row.stops)
         reason = "stop" if hit else (row.reason or "length")
         row.reason = reason
+        calls: tuple[dict[str, Any], ...] = ()
+        if row.constraint is not None and row.calls_tools:  # the answer is the calls: no text (vLLM's "")
+            calls = torch_guidance.tool_calls(row.constraint, text)
+            reason, text = torch_guidance.finish_reason(row.constraint, reason), ""
+        answers = row.answers if row.answers is not None else _Answers([row])
+        answers.completion_tokens += len(row.out_ids)
+        request = row.job.request
         if row.job.streaming:
+            answers.choices[row.index] = Choice(row.index, "", reason)
             rest = text[row.sent :] if len(text) > row.sent else ""
             row.sent = max(row.sent, len(text))
-            row.job.deliver(
-                GenChunk(
-                    text=rest,
-                    finish_reason=reason,
-                    prompt_tokens=len(row.prompt_ids),
-                    completion_tokens=len(row.out_ids),
-                )
+            deltas = tuple({"index": k, **call} for k, call in enumerate(calls))
+            piece = GenChunk(text=rest, index=row.index, tool_calls=deltas, logprobs=self._unsent_logprobs(row))
+            last = GenChunk(
+                text="",
+                finish_reason=answers.choices[0].finish_reason if 0 in answers.choices else reason,
+                prompt_tokens=len(row.prompt_ids),
+                completion_tokens=answers.completion_tokens,
             )
+            if row.index == 0 and answers.done:  # the usual case (n = 1): one last chunk with the rest
+                piece.finish_reason, piece.prompt_tokens, piece.completion_tokens = (
+                    reason,
+                    last.prompt_tokens,
+                    last.completion_tokens,
+                )
+                row.job.deliver(piece)
+                return
+            if row.index != 0:
+                piece.finish_reason = reason  # another answer's end; the stream ends with answer 0's
+            if piece.finish_reason or piece.text or piece.tool_calls or piece.logprobs:
+                row.job.deliver(piece)
+            if answers.done:
+                row.job.deliver(last)
             return
+        logprobs = None
+        if row.sampling.logprobs is not None:
+            entries = [*(answers.prompt_logprobs or []), *row.logprobs] if _echoes(row) else row.logprobs
+            logprobs = _openai_logprobs(self.tokenizer, entries, chat=_is_chat(row))[0]
+        if _echoes(row):
+            text = (request.prompt or "") + text
+        answers.choices[row.index] = Choice(row.index, text, reason, calls, logprobs)
+        if not answers.done:
+            return
+        choices = tuple(answers.choices[i] for i in range(len(answers.rows)))
+        first = choices[0]
+        plain = len(choices) == 1 and not first.tool_calls and first.logprobs is None
         row.job.deliver(
             GenResult(
-                text=text,
-                finish_reason=reason,
+                text=first.text,
+                finish_reason=first.finish_reason,
                 prompt_tokens=len(row.prompt_ids),
-                completion_tokens=len(row.out_ids),
+                completion_tokens=answers.completion_tokens,
                 latency_s=time.perf_counter() - row.job.submitted,
                 extra={
                     "engine": "torch",
-                    "adapter": row.job.request.target.adapter_id,
+                    "adapter": request.target.adapter_id,
                     "batch_size": self.batch_size,
-                    **row.extra,
+                    **answers.rows[0].extra,
                 },
+                choices=() if plain else choices,
             )
         )
+
+
+def _is_chat(row: _Row) -> bool:
+    return row.job.request.messages is not None
+
+
+def _echoes(row: _Row) -> bool:
+    """A text completion asked to repeat its prompt before the answer."""
+    return bool(row.sampling.echo) and row.job.request.prompt is not None
 
 
 # --- the engine -----------------------------------------------------------------------------------------
@@ -396,7 +595,9 @@ class TorchEngine:
     docstring); ``inf`` for none."""
 
     name = "torch"
-    capabilities = Capabilities(token_mixtures=True, logit_fusion=True, traces=True)
+    capabilities = Capabilities(
+        token_mixtures=True, logit_fusion=True, traces=True, guidance=True, logprobs=True, choices=True
+    )
 
     def __init__(
         self,
@@ -459,7 +660,8 @@ class TorchEngine:
     async def stream(self, request: GenRequest) -> AsyncGenerator[GenChunk, None]:
         """Stream one completion; it shares batches with ``generate``. The last chunk carries the finish
         reason and token counts. A failure before any text (bad adapter, base not loadable) raises from the
-        first ``__anext__``."""
+        first ``__anext__``. With ``n`` answers, pieces carry their answer's ``index``, each other answer's last
+        piece its finish reason, and the last chunk (answer 0's finish reason, the usage) comes after all."""
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[GenChunk | BaseException] = asyncio.Queue()
         job = _Job(request=request, loop=loop, chunks=chunks)
@@ -470,7 +672,7 @@ class TorchEngine:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
-                if item.finish_reason is not None:
+                if item.finish_reason is not None and item.index == 0:
                     return
         finally:
             job.cancelled = True  # a client that went away (close, or cancelled here) stops its row at the next step
@@ -590,10 +792,11 @@ class TorchEngine:
                     continue
                 try:
                     if job.request.fusion is not None:  # one row per member: serving/logit_fusion.py
-                        follower = lambda r, j=job: self._prepare(slot, _Job(request=r, loop=j.loop))  # noqa: E731
+                        _refuse_fused(job.request)
+                        follower = lambda r, j=job: self._prepare(slot, _Job(request=r, loop=j.loop))[0]  # noqa: E731
                         rows += logit_fusion.fused_rows(job.request, follower, job, switching=switching)
                     else:
-                        rows.append(self._prepare(slot, job))
+                        rows += self._prepare(slot, job)
                 except Exception as exc:
                     job.deliver(_failure(exc, "request failed"))
             self._fit(slot)  # what this batch loaded may push others out; this slot is locked, so it stays
@@ -665,6 +868,7 @@ class TorchEngine:
 
     def _drop(self, slot: _Slot) -> None:
         slot.mixture_layers = {}
+        slot.grammars = None
         slot.model = slot.peft = slot.tokenizer = None
         slot.adapters.clear()
         slot.loaded_at = None
@@ -702,7 +906,7 @@ class TorchEngine:
             pad = min(eos) if eos else 0  # any id works: padded positions are masked out
         if slot.mixture is not None:
             slot.mixture_layers = _mix(model, slot.mixture)
-        slot.tokenizer, slot.model, slot.peft = tokenizer, model, None
+        slot.tokenizer, slot.model, slot.peft, slot.grammars = tokenizer, model, None, None
         slot.eos_ids, slot.pad_id = frozenset(eos), int(pad)
         slot.max_positions = getattr(model.config, "max_position_embeddings", None)
         slot.adapters.clear()
@@ -766,7 +970,8 @@ class TorchEngine:
                 raise
         slot.peft.eval()
 
-    def _prepare(self, slot: _Slot, job: _Job) -> _Row:
+    def _prepare(self, slot: _Slot, job: _Job) -> list[_Row]:
+        """The request's rows: one per answer (``n``), each with its seed and, for guided JSON, its matcher."""
         request, sampling = job.request, job.request.sampling
         if sampling.max_tokens < 1:
             raise ValidationFailed("max_tokens must be at least 1", param="max_tokens")
@@ -774,20 +979,55 @@ class TorchEngine:
             raise ValidationFailed("temperature must not be negative", param="temperature")
         if not 0 < sampling.top_p <= 1:
             raise ValidationFailed("top_p must be in (0, 1]", param="top_p")
+        if sampling.n < 1:
+            raise ValidationFailed("n must be at least 1", param="n")
+        if sampling.logprobs is not None and sampling.logprobs < 0:
+            raise ValidationFailed("logprobs must not be negative", param="logprobs")
+        if sampling.echo and request.prompt is None:
+            raise ValidationFailed("echo repeats a text completion's prompt; a chat has none", param="echo")
+        constraint = torch_guidance.constraint(request.guidance)
         route = self._ensure_adapter(slot, request.target)
         ids = self._encode(slot, request)
         _check_context(slot, request, len(ids), room=1)
         max_new = sampling.max_tokens
         if slot.max_positions:
             max_new = min(max_new, slot.max_positions - len(ids))  # the context is full: finish with "length"
-        return _Row(job=job, route=route, prompt_ids=ids, max_new=max_new)
+        grammars = self._grammars(slot) if constraint is not None else None
+        rows = [
+            _Row(
+                job=job,
+                route=route,
+                prompt_ids=ids,
+                max_new=max_new,
+                index=i,
+                seed=None if sampling.seed is None else sampling.seed + i,
+                constraint=constraint,
+                matcher=grammars.matcher(constraint) if grammars is not None and constraint is not None else None,
+            )
+            for i in range(sampling.n)
+        ]
+        answers = _Answers(rows)
+        for row in rows:
+            row.answers = answers
+        return rows
+
+    def _grammars(self, slot: _Slot) -> torch_guidance.Grammars:
+        if slot.grammars is None:
+            assert slot.model is not None
+            vocab = slot.model.get_output_embeddings().weight.shape[0]  # the width of the logits
+            slot.grammars = torch_guidance.Grammars(slot.tokenizer, int(vocab), sorted(slot.eos_ids))
+        return slot.grammars
 
     def _encode(self, slot: _Slot, request: GenRequest) -> list[int]:
         tokenizer = slot.tokenizer
         if request.messages is not None:
-            if not tokenizer.chat_template:
+            template = request.target.chat_template  # the registry's, in place of the model's own
+            if not (template or tokenizer.chat_template):
                 raise ValidationFailed(f"base model {slot.base_id!r} has no chat template", param="messages")
-            text = tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+            tools = list(request.guidance.tools) if request.guidance is not None and request.guidance.tools else None
+            text = tokenizer.apply_chat_template(
+                request.messages, tools=tools, chat_template=template, tokenize=False, add_generation_prompt=True
+            )
             # The template already spells out the special tokens.
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             param = "messages"
@@ -799,6 +1039,38 @@ class TorchEngine:
         if not ids:
             raise ValidationFailed("the prompt is empty", param=param)
         return list(ids)
+
+    def _prompt_logprobs(self, slot: _Slot, row: _Row) -> list[_TokenLogprob]:
+        """An echoed prompt's tokens with their log-probabilities (the first has none), from one forward pass over
+        the prompt on the row's own adapter or mixture."""
+        n = row.sampling.logprobs
+        ids = torch.tensor([row.prompt_ids], dtype=torch.long, device=self.device)
+        hooks = slot.batch_hooks([row.route])
+        with hooks.context, _row_bias(slot, [row]):
+            logits = slot.generator_model(input_ids=ids, **hooks.generate_kwargs).logits[0, :-1]
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        k = min(n, logprobs.shape[-1])
+        values, top = logprobs.topk(k, dim=-1)
+        entries: list[_TokenLogprob] = [(row.prompt_ids[0], None, None)]
+        for j, token in enumerate(row.prompt_ids[1:]):
+            alternatives = list(zip(top[j].tolist(), values[j].tolist(), strict=True))
+            entries.append((token, float(logprobs[j, token]), alternatives))
+        return entries
+
+    def _echo(self, slot: _Slot, rows: list[_Row]) -> None:
+        """Before decoding: each echoing answer's prompt log-probabilities (once per request); a stream's answers
+        begin with the prompt (and those)."""
+        for row in rows:
+            if not _echoes(row) or row.answers is None:
+                continue
+            if row.sampling.logprobs is not None and row.answers.prompt_logprobs is None:
+                row.answers.prompt_logprobs = self._prompt_logprobs(slot, row)
+            if row.job.streaming:
+                logprobs = None
+                if row.sampling.logprobs is not None:
+                    entries = row.answers.prompt_logprobs or []
+                    logprobs, row.offset = _openai_logprobs(slot.tokenizer, entries, chat=False)
+                row.job.deliver(GenChunk(text=row.job.request.prompt or "", index=row.index, logprobs=logprobs))
 
     def _decode(self, slot: _Slot, rows: list[_Row], *, mixed: bool = True) -> None:
         """One ``generate`` call over ``rows`` (left-padded); every row's result is delivered by the tracker."""
@@ -814,7 +1086,12 @@ class TorchEngine:
             attention[i, width - n :] = 1
         hooks = slot.batch_hooks([r.route for r in rows]) if mixed else BatchHooks()
         fusion_processors, fusion_stoppers = logit_fusion.hooks(rows, slot.eos_ids)
-        processors = LogitsProcessorList([*hooks.processors, *fusion_processors])
+        processors = LogitsProcessorList()
+        if any(r.matcher is not None for r in rows):  # first: what the grammar rules out is never anything's
+            processors.append(torch_guidance.GrammarMask(rows, self._grammars(slot).vocab_size))
+        if any(r.sampling.logprobs is not None for r in rows):
+            processors.append(_LogprobRecorder(rows))
+        processors.extend([*hooks.processors, *fusion_processors])
         if slot.eos_ids and any(r.sampling.ignore_eos or r.sampling.min_tokens for r in rows):
             processors.append(_EosBlocker(rows, slot.eos_ids))  # before sampling, so EOS is never drawn
         if any(r.sampling.temperature > 0 for r in rows):
@@ -827,6 +1104,7 @@ class TorchEngine:
             pad_token_id=slot.pad_id,
         )
         try:
+            self._echo(slot, rows)
             with hooks.context, _row_bias(slot, rows):
                 slot.generator_model.generate(
                     input_ids=input_ids.to(self.device),
@@ -868,6 +1146,23 @@ class TorchEngine:
                 for layer in layers.values():
                     layer.record, layer.last_route = False, None
         return _trace_of(slot.mixture, slot.tokenizer, ids[0].tolist(), len(prompt_ids), routes)
+
+
+def _refuse_fused(request: GenRequest) -> None:
+    """What a fused request cannot ask for: its members decode one answer from a mixture of their distributions,
+    which neither a grammar nor the log-probabilities (each member's own) follow, and one group is one answer."""
+    guidance, sampling = request.guidance, request.sampling
+    asked = [
+        (guidance is not None and guidance.calls_tools, "tools", "tool calls"),
+        (guidance is not None and guidance.response_format is not None, "response_format", "JSON answers"),
+        (sampling.logprobs is not None, "logprobs", "log-probabilities"),
+        (sampling.n > 1, "n", "several answers (n > 1)"),
+    ]
+    for wanted, param, what in asked:
+        if wanted:
+            raise ValidationFailed(
+                f"logit fusion (experts decoding one answer together) cannot give {what}", param=param
+            )
 
 
 def _slot_name(slot: _Slot) -> str:

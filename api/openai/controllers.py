@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from litestar import Controller, Request, Response, get, post
@@ -26,7 +27,7 @@ from api.openai.protocol import (
 from api.openai.serving import CompletionRun, routing_headers
 from api.security import check_model, grant_of, require_query, token_meter
 from composition.composer import Composer, check_traceable
-from composition.plan import MembersFailed, Plan, Query
+from composition.plan import Answer, AnswerStream, MembersFailed, Plan, Query
 from core.settings import Settings
 from registry.models import Composition, Expert
 from registry.schemas import decode_strict
@@ -145,16 +146,40 @@ async def _respond(
         check_traceable(plan, param="moerge_trace")
     run.tokens = token_meter(request)  # a key with limits is charged the answer's tokens
     run.kind = facts.kind if (facts := facts_of(request)) is not None else ""
-    # Headers are read after the experts have answered: a composed answer names failed experts.
+    return await answer(
+        request,
+        composer,
+        plan,
+        query,
+        stream=body.stream,
+        events=lambda stream: run.sse(stream, include_usage=body.include_usage()),
+        complete=run.complete,
+        traced=traced,
+    )
+
+
+async def answer(
+    request: Request[Any, Any, Any],
+    composer: Composer,
+    plan: Plan,
+    query: Query,
+    *,
+    stream: bool,
+    events: Callable[[AnswerStream], AsyncIterator[bytes]],
+    complete: Callable[[Answer], Awaitable[Any]],
+    traced: bool = False,
+) -> Response[Any]:
+    """``plan`` answered in an OpenAI shape: ``complete`` makes the body of a whole answer, ``events`` the SSE of a
+    stream; with the routing headers (read after the experts answered: a composed answer names failed experts) and
+    the engine's. /v1/chat/completions, /v1/completions and /v1/responses answer through here."""
     try:
-        if body.stream:
-            stream = await composer.stream(plan, query)
+        if stream:
+            started = await composer.stream(plan, query)
             note_first_token(request)
-            note_failures(plan, stream.failed)
-            events = run.sse(stream, include_usage=body.include_usage())
-            headers = {**routing_headers(plan, stream), ENGINE_HEADER: composer.engine_of(plan), **SSE_HEADERS}
-            return Stream(events, media_type="text/event-stream", headers=headers)
-        answer = await composer.answer(plan, query, traced=traced)
+            note_failures(plan, started.failed)
+            headers = {**routing_headers(plan, started), ENGINE_HEADER: composer.engine_of(plan), **SSE_HEADERS}
+            return Stream(events(started), media_type="text/event-stream", headers=headers)
+        done = await composer.answer(plan, query, traced=traced)
     except MembersFailed as exc:  # every chosen member failed
         note_failures(plan, exc.failed)
         raise
@@ -162,6 +187,6 @@ async def _respond(
         if not plan.composite:
             note_failures(plan, plan.experts)
         raise
-    note_failures(plan, answer.failed)
-    headers = {**routing_headers(plan, answer), ENGINE_HEADER: composer.engine_of(plan)}
-    return Response(await run.complete(answer), headers=headers)
+    note_failures(plan, done.failed)
+    headers = {**routing_headers(plan, done), ENGINE_HEADER: composer.engine_of(plan)}
+    return Response(await complete(done), headers=headers)

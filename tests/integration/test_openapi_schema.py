@@ -24,6 +24,7 @@ from tests.fixtures.db import RegistryEnv
 UNTYPED = {
     ("POST", "/v1/chat/completions"): "a ChatCompletion, or an SSE stream with `stream: true` (documented)",
     ("POST", "/v1/completions"): "a Completion, or an SSE stream with `stream: true` (documented)",
+    ("POST", "/v1/responses"): "a Response, or an SSE stream with `stream: true` (documented)",
     ("GET", "/api/experts/{ref:str}/card"): "markdown by default; ExpertCard with ?format=json (documented)",
     ("GET", "/api/experts/{ref:str}/training-data"): "TrainingData (documented), or the JSONL with ?format=jsonl",
     ("GET", "/api/merges/{job_id:str}/events"): "an SSE stream of progress events",
@@ -135,6 +136,16 @@ def test_paginated_lists_share_one_page_type(schema: dict[str, Any], path: str, 
     assert page["properties"]["data"]["items"] == {"$ref": f"#/components/schemas/{item}"}
 
 
+def _present(schema: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
+    """A nullable field's schema when it is not null."""
+    node = _resolve(schema, node)
+    for alternative in node.get("oneOf", node.get("anyOf", [node])):
+        resolved = _resolve(schema, alternative)
+        if resolved.get("type") != "null":
+            return resolved
+    raise AssertionError(f"only null: {node}")
+
+
 def test_nested_shapes_are_described(schema: dict[str, Any]) -> None:
     """Down to the leaves a client reads: a model entry's `moerge`, a choice's message, the usage."""
     models = _response(schema, "GET", "/v1/models")[1]
@@ -144,7 +155,13 @@ def test_nested_shapes_are_described(schema: dict[str, Any]) -> None:
     chat = _response(schema, "POST", "/v1/chat/completions")[1]
     choice = _resolve(schema, chat["properties"]["choices"]["items"])
     assert {"index", "message", "finish_reason", "logprobs"} <= set(choice["properties"])
-    assert set(_resolve(schema, choice["properties"]["message"])["properties"]) == {"role", "content"}
+    message = _resolve(schema, choice["properties"]["message"])
+    assert set(message["properties"]) == {"role", "content", "tool_calls"}
+    call = _resolve(schema, _present(schema, message["properties"]["tool_calls"])["items"])
+    assert set(_resolve(schema, call["properties"]["function"])["properties"]) == {"name", "arguments"}
+    logprobs = _present(schema, choice["properties"]["logprobs"])
+    token = _resolve(schema, _present(schema, logprobs["properties"]["content"])["items"])
+    assert {"token", "logprob", "bytes", "top_logprobs"} <= set(token["properties"])
     usage = _resolve(schema, chat["properties"]["usage"])
     assert set(usage["properties"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
 

@@ -38,6 +38,7 @@ from schemathesis.generation import GenerationMode  # noqa: E402
 from api.compositions.controllers import RouteRequest  # noqa: E402
 from api.keys.schemas import KeyCreate  # noqa: E402
 from api.openai.protocol import ChatCompletionRequest, CompletionRequest  # noqa: E402
+from api.openai.responses.protocol import ResponsesRequest  # noqa: E402
 from composition.service import CompositionPatch, CompositionSpec  # noqa: E402
 from core.settings import Settings  # noqa: E402
 from jobs.train import TrainRequest  # noqa: E402
@@ -68,6 +69,7 @@ BODIES: dict[tuple[str, str], type[msgspec.Struct]] = {
     ("post", "/api/keys"): KeyCreate,
     ("post", "/v1/chat/completions"): ChatCompletionRequest,
     ("post", "/v1/completions"): CompletionRequest,
+    ("post", "/v1/responses"): ResponsesRequest,
     ("post", "/api/merges"): MergeRequest,
     ("post", "/api/jobs/train"): TrainRequest,
 }
@@ -102,6 +104,7 @@ LEAN: dict[tuple[str, str], tuple[str, ...]] = {
         "echo",
         "moerge_trace",
     ),
+    ("post", "/v1/responses"): ("model", "input", "instructions", "max_output_tokens", "temperature", "stream"),
     ("post", "/api/route"): ("model", "query", "trace"),
 }
 LEAN_MAX_TOKENS = 16
@@ -153,10 +156,13 @@ def _with_bodies(spec: dict[str, Any], *, lean: bool = False) -> dict[str, Any]:
             if "max_tokens" in props:  # short answers: this pass is about reaching the model, not long outputs
                 props["max_tokens"] = {"type": "integer", "minimum": 1, "maximum": LEAN_MAX_TOKENS}
                 props["min_tokens"] = {"type": "integer", "minimum": 0, "maximum": LEAN_MAX_TOKENS}
-            for text in ("prompt", "query"):
+            if "max_output_tokens" in props:
+                props["max_output_tokens"] = {"type": "integer", "minimum": 1, "maximum": LEAN_MAX_TOKENS}
+            for text in ("prompt", "query", "input"):
                 if text in props:
                     props[text] = {"type": "string", "minLength": 1}
-            schema["required"] = [f for f in ("model", "messages", "prompt", "query", "max_tokens") if f in props]
+            required = ("model", "messages", "prompt", "query", "input", "max_tokens", "max_output_tokens")
+            schema["required"] = [f for f in required if f in props]
             continue
         for field in ("model", "base", "base_model", "fallback"):  # a real name now and then
             if props.get(field, {}).get("type") == "string":

@@ -300,3 +300,34 @@ def test_registry_contents_and_digest() -> None:
     b = AGGREGATORS.config("vote", {"extract": "number", "weighted": True})
     c = AGGREGATORS.config("vote", {"extract": "label"})
     assert a.digest() == b.digest() != c.digest()
+
+
+def test_a_structured_vote_compares_parsed_json_whatever_its_layout() -> None:
+    vote = AGGREGATORS.build("vote", {"extract": "auto"}).for_structured()
+    answers = [
+        ExpertAnswer("a", 0.2, '{"size": "small", "rank": 3}'),
+        ExpertAnswer("b", 0.3, '{"rank":3,"size":"small"}'),  # the same object, laid out otherwise
+        ExpertAnswer("c", 0.45, '{"size": "large", "rank": 3}'),
+        ExpertAnswer("d", 0.9, "not json at all"),  # does not parse: no vote
+    ]
+    result = vote.combine("q", answers)
+    assert sorted(result.chosen) == ["a", "b"]  # 0.5 against 0.45; d abstains
+    assert result.text == '{"rank":3,"size":"small"}'  # the strongest agreeing expert's own text
+    # the configured extraction (auto reads the first line) would have counted d's text as an answer
+    assert AGGREGATORS.build("vote", {}).combine("q", answers).chosen == ["d"]
+
+
+def test_a_structured_vote_compares_tool_calls_by_name_and_parsed_arguments() -> None:
+    def call(name: str, arguments: str, call_id: str) -> dict[str, object]:
+        return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+    vote = AGGREGATORS.build("vote", {}).for_structured()
+    answers = [
+        ExpertAnswer("a", 0.3, "", tool_calls=(call("get_time", '{"zone": "utc"}', "call_a"),)),
+        ExpertAnswer("b", 0.35, "", tool_calls=(call("get_time", '{ "zone":"utc" }', "call_b"),)),
+        ExpertAnswer("c", 0.5, "", tool_calls=(call("get_weather", '{"zone": "utc"}', "call_c"),)),
+        ExpertAnswer("d", 0.9, "", tool_calls=(call("get_time", "{broken", "call_d"),)),
+    ]
+    result = vote.combine("q", answers)
+    assert sorted(result.chosen) == ["a", "b"]
+    assert result.tool_calls == answers[1].tool_calls  # the strongest agreeing expert's calls, whole
