@@ -22,6 +22,7 @@ Semantics follow vLLM's reference ops exactly (same arguments, same in-place wri
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
@@ -29,6 +30,8 @@ from typing import Any, NamedTuple
 import torch
 
 from serving.mixture.slot import SlotColumns, SlotRouting, fit_rows, gate_slot, slot_columns
+
+log = logging.getLogger(__name__)
 
 # Above this many stacked columns (slots x rank) grouping by adapter beats the all-slots product.
 DENSE_SLOT_COLUMNS = 256
@@ -166,10 +169,26 @@ def _all_zero(weights: torch.Tensor) -> bool:
     return bool(_remember(_Caches.zero, key, weights, not bool(weights.any())))
 
 
+def _token_indices(indices: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Each of ``tokens`` rows' adapter index. vLLM's logits for prompt log-probabilities run one request's prompt
+    rows against the batch's per-request sampler indices: fewer indices than rows. One adapter for them all is
+    that request's; indices that differ cannot be told apart, and those rows get no LoRA (logged) rather than
+    crash the engine (vLLM's own CPU op fails there)."""
+    if indices.shape[0] >= tokens:
+        return indices[:tokens]
+    first = indices[:1]
+    if indices.shape[0] > 0 and bool((indices == first).all()):
+        return first.expand(tokens)
+    log.warning(
+        "LoRA ops: %d rows against %d adapter indices that differ: rows computed without LoRA", tokens, len(indices)
+    )
+    return indices.new_full((tokens,), -1)
+
+
 def _grouped_product(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """out[t] = weights[indices[t]] @ inputs[t], tokens grouped by adapter (many slots x rank); zero for -1."""
     out = inputs.new_zeros(inputs.shape[0], weights.shape[1])
-    indices = indices[: inputs.shape[0]]
+    indices = _token_indices(indices, inputs.shape[0])
     for slot in torch.unique(indices[indices >= 0]).tolist():
         members = (indices == slot).nonzero(as_tuple=True)[0]
         out[members] = inputs[members] @ weights[slot].T
@@ -183,7 +202,7 @@ def _shrunk(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) 
         return _grouped_product(inputs, weights, indices)
     tokens = inputs.shape[0]
     every_slot = (inputs @ weights.reshape(slots * rank, in_dim).T).view(tokens, slots, rank)
-    hot = _one_hot(indices[:tokens], slots, inputs.dtype)
+    hot = _one_hot(_token_indices(indices, tokens), slots, inputs.dtype)
     return torch.bmm(hot.unsqueeze(1), every_slot).view(tokens, rank)
 
 
@@ -204,9 +223,9 @@ def _expand_into(
         product = _grouped_product(inputs, weights, indices)[:, :width]
     else:
         tokens = inputs.shape[0]
-        blocks = (_one_hot(indices[:tokens], slots, inputs.dtype).unsqueeze(2) * inputs.unsqueeze(1)).view(
-            tokens, slots * rank
-        )
+        blocks = (
+            _one_hot(_token_indices(indices, tokens), slots, inputs.dtype).unsqueeze(2) * inputs.unsqueeze(1)
+        ).view(tokens, slots * rank)
         flat = _expand_weights(weights)[:, :width]
         if add and tokens == target.shape[0]:
             target.addmm_(blocks, flat)
@@ -226,6 +245,9 @@ def bgmv_shrink(
     scaling: float = 1.0,
 ) -> None:
     weights = _stacked(lora_a_weights).to(output_tensor.dtype)
+    if _Caches.enabled and _all_zero(weights):  # nothing adapts this module (vLLM's lm_head buffers, mostly)
+        output_tensor[:, : weights.shape[1]].zero_()
+        return
     shrunk = _shrunk(inputs.to(output_tensor.dtype), weights, lora_indices_tensor)
     if scaling != 1.0:
         shrunk.mul_(scaling)

@@ -307,3 +307,33 @@ def test_all_zero_weights_are_not_multiplied(monkeypatch: pytest.MonkeyPatch) ->
     assert torch.equal(out, torch.ones(3, 300))
     lora_ops.bgmv_expand(inputs, zeros, out, indices, False)
     assert torch.count_nonzero(out) == 0
+
+
+@pytest.mark.parametrize("slots", [3, 40])
+def test_prompt_rows_against_one_requests_sampler_index_use_its_adapter(slots: int) -> None:
+    """vLLM's prompt log-probabilities run one request's prompt rows through the LoRA logits path with the batch's
+    per-request sampler indices: 4 rows, 1 index. moerge's op raised there (and the engine died); every row gets
+    that request's adapter, as vLLM's own op broadcasts it, and rows whose request cannot be told (indices that
+    differ) get none."""
+    gen = torch.Generator().manual_seed(slots)
+    x = torch.randn(4, HIDDEN, generator=gen)
+    a = _weights(slots, RANK, HIDDEN, four_d=True, seed=3)
+    b = _weights(slots, WIDE, RANK, four_d=True, seed=4)
+    one, per_row = torch.tensor([2]), torch.tensor([2, 2, 2, 2])
+    expected = torch.zeros(4, RANK)
+    reference.bgmv_shrink(x, a, expected, one, 1.0)
+    shrunk = {}
+    for name, indices in (("one", one), ("per_row", per_row)):
+        y = torch.zeros(4, RANK)
+        lora_ops.bgmv_shrink(x, a, y, indices, 1.0)
+        out = torch.zeros(4, WIDE)
+        lora_ops.bgmv_expand(y, b, out, indices, True)
+        shrunk[name] = out
+    torch.testing.assert_close(shrunk["one"], shrunk["per_row"])
+    assert torch.count_nonzero(shrunk["one"]) > 0
+    mine = torch.zeros(4, RANK)
+    lora_ops.bgmv_shrink(x, a, mine, one, 1.0)
+    torch.testing.assert_close(mine, expected, rtol=1e-4, atol=1e-4)
+    y = torch.ones(4, RANK)
+    lora_ops.bgmv_shrink(x, a, y, torch.tensor([0, 1]), 1.0)  # two requests' indices for one request's rows
+    assert torch.count_nonzero(y) == 0
