@@ -59,6 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -1025,9 +1026,15 @@ class TorchEngine:
             if not (template or tokenizer.chat_template):
                 raise ValidationFailed(f"base model {slot.base_id!r} has no chat template", param="messages")
             tools = list(request.guidance.tools) if request.guidance is not None and request.guidance.tools else None
-            text = tokenizer.apply_chat_template(
-                request.messages, tools=tools, chat_template=template, tokenize=False, add_generation_prompt=True
-            )
+            try:
+                text = tokenizer.apply_chat_template(
+                    request.messages, tools=tools, chat_template=template, tokenize=False, add_generation_prompt=True
+                )
+            except (jinja2.TemplateError, TypeError, ValueError) as exc:  # the caller's messages, not the engine
+                raise ValidationFailed(
+                    f"the chat template of {slot.base_id!r} cannot render these messages: {str(exc)[:200]}",
+                    param="messages",
+                ) from None
             # The template already spells out the special tokens.
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             param = "messages"

@@ -127,3 +127,21 @@ def test_streamed_n_with_logprobs(live: openai.OpenAI) -> None:
     assert texts == {c.index: c.text for c in whole.choices}
     assert set(finishes) == {0, 1}
     assert usage is not None and usage.completion_tokens == tokens == whole.usage.completion_tokens  # type: ignore[union-attr]
+
+
+def test_messages_the_chat_template_cannot_render_are_a_400(live: openai.OpenAI) -> None:
+    """The tiny models' template adds each message's content to a string: an assistant turn of tool calls only
+    (content null) breaks it. That is the caller's conversation against this base's template (a 400 naming
+    `messages`), not an engine failure (it was a 502)."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}
+    with pytest.raises(openai.BadRequestError) as refused:
+        live.chat.completions.create(
+            model="lora-a",
+            messages=[
+                {"role": "user", "content": "time?"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},  # type: ignore[list-item]
+                {"role": "tool", "tool_call_id": "call_1", "content": "noon"},
+            ],
+            max_tokens=4,
+        )
+    assert refused.value.body["param"] == "messages" and "chat template" in refused.value.body["message"]
