@@ -26,7 +26,7 @@ from opentelemetry.util.types import AttributeValue
 from aggregators import Aggregation, Aggregator, ExpertAnswer
 from composition.plan import Answer, AnswerStream, Member, MembersFailed, Plan, Query, answering
 from core import tracing
-from core.errors import MoergeError, Unprocessable
+from core.errors import MoergeError, Unprocessable, ValidationFailed
 from serving.dispatch import answering_engine, trace
 from serving.engine import Choice, Engine, FusedMember, GenChunk, GenRequest, GenResult, Guidance, Sampling
 
@@ -108,6 +108,9 @@ async def answer_members(engine: Engine, plan: Plan, query: Query) -> tuple[Expe
                 )
             )
     if not any(a.ok for a in answers):
+        refusals = [r for r in results if isinstance(r, ValidationFailed)]
+        if len(refusals) == len(results):  # the request itself is wrong for every member: the caller's 400
+            raise refusals[0]
         details = "; ".join(f"{a.slug}: {a.error}" for a in answers)
         raise MembersFailed(f"every chosen expert failed ({details})", tuple(dict.fromkeys(a.slug for a in answers)))
     return tuple(answers)

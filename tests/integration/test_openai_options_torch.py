@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -17,6 +18,7 @@ from registry.schemas import ExpertSpec
 from serving.torch_engine import TorchEngine
 from tests.fixtures.db import RegistryEnv
 from tests.fixtures.live import register, serve
+from tests.fixtures.tiny import build_tiny_lora
 
 SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -34,12 +36,25 @@ NAMED: Any = {"type": "function", "function": {"name": "capital_of"}}
 
 
 @pytest.fixture
-def live(registry_env: RegistryEnv, tiny_base: Path, tiny_lora: Path) -> Iterator[openai.OpenAI]:
+def live(registry_env: RegistryEnv, tiny_base: Path, tiny_lora: Path, tmp_path: Path) -> Iterator[openai.OpenAI]:
     """A uvicorn server on a free port with a tiny base and an adapter of it, on the torch engine."""
     settings = registry_env.settings
     register(settings, tiny_base, ExpertSpec(slug="tiny-base"))
     register(settings, tiny_lora, ExpertSpec(slug="lora-a", base="tiny-base"))
+    register(
+        settings, build_tiny_lora(tiny_base, tmp_path / "lora-b", seed=7), ExpertSpec(slug="lora-b", base="tiny-base")
+    )
     with serve(settings, TorchEngine()) as url:
+        pair = {
+            "name": "pair",
+            "router": "embedding",
+            "router_params": {"threshold": -1.0},
+            "k": 2,
+            "experts": ["lora-a", "lora-b"],
+            "aggregator": "vote",
+        }
+        created = httpx.post(f"{url}/api/compositions", json=pair, headers=registry_env.admin, timeout=60)
+        assert created.status_code == 201, created.text
         yield openai.OpenAI(base_url=f"{url}/v1", api_key=registry_env.query_key, max_retries=0)
 
 
@@ -134,14 +149,15 @@ def test_messages_the_chat_template_cannot_render_are_a_400(live: openai.OpenAI)
     (content null) breaks it. That is the caller's conversation against this base's template (a 400 naming
     `messages`), not an engine failure (it was a 502)."""
     call = {"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}
-    with pytest.raises(openai.BadRequestError) as refused:
-        live.chat.completions.create(
-            model="lora-a",
-            messages=[
-                {"role": "user", "content": "time?"},
-                {"role": "assistant", "content": None, "tool_calls": [call]},  # type: ignore[list-item]
-                {"role": "tool", "tool_call_id": "call_1", "content": "noon"},
-            ],
-            max_tokens=4,
-        )
-    assert refused.value.body["param"] == "messages" and "chat template" in refused.value.body["message"]
+    for model in ("lora-a", "pair"):  # a vote whose every member is refused so is refused itself (it was a 502)
+        with pytest.raises(openai.BadRequestError) as refused:
+            live.chat.completions.create(
+                model=model,
+                messages=[
+                    {"role": "user", "content": "time?"},
+                    {"role": "assistant", "content": None, "tool_calls": [call]},  # type: ignore[list-item]
+                    {"role": "tool", "tool_call_id": "call_1", "content": "noon"},
+                ],
+                max_tokens=4,
+            )
+        assert refused.value.body["param"] == "messages" and "chat template" in refused.value.body["message"]
