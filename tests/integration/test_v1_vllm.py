@@ -1,4 +1,5 @@
-"""/v1 end to end on the real path: uvicorn -> moerge -> a vLLM server it starts and supervises.
+"""/v1 end to end on the real path: `moerge serve` (a child process, as deployed) -> a vLLM server it starts and
+supervises; merges run in a `moerge worker` beside it.
 
 One module-scoped app (one vLLM start, one restart): the official `openai` client against it, streaming
 included, adapters of one base in one batch, and a killed server answered with 503 + Retry-After while
@@ -9,6 +10,7 @@ runs on a GPU machine (MOERGE_VLLM_LORA_OPS=vllm, MOERGE_VLLM_COMPILE=0: vLLM's 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -21,13 +23,14 @@ import httpx
 import openai
 import pytest
 
-from core.settings import Settings
+from bench.load import Stack, group_pids, moerge_env
+from core.settings import COMPILE_ENV, LORA_OPS_ENV, Settings
 from registry import db
 from registry.schemas import ExpertSpec
 from registry.services import ApiKeyService, ExpertService
 from registry.store import ArtifactStore
 from serving.vllm_plugin import COMPILE_MESSAGE, PATCHED_MESSAGE
-from tests.fixtures.live import serve
+from tests.fixtures.live import vllm_metric
 from tests.fixtures.vllm_models import build_vllm_tiny_llama, build_vllm_tiny_lora
 
 pytestmark = pytest.mark.vllm
@@ -35,13 +38,14 @@ pytestmark = pytest.mark.vllm
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 # Room for generations that outlast a client's patience: 4000 tokens take several seconds even for the tiny model
 # (480 took 0.5-1 s, as long as a hang-up takes to reach vLLM).
-# (8000, moerge's max_tokens limit being 8192: in full CI runs the in-thread server noticed hang-ups 5-8 s late, by
-# which time some 4000-token generations were done)
+# (8000, moerge's max_tokens limit being 8192: in full CI runs a server run in a thread of the pytest process noticed
+# hang-ups 5-15 s late, by which time some 4000-token generations were done; it runs in its own process now)
 LONG_CONTEXT = 8192
 FORCED = 8000
 
 
-OPS = {"moerge-ops": {}, "stock-vllm": {"vllm_lora_ops": "vllm", "vllm_compile": False}}
+# the environment of `moerge serve` (Settings.from_env): stock vLLM is vLLM's own ops, nothing patched
+OPS: dict[str, dict[str, str]] = {"moerge-ops": {}, "stock-vllm": {LORA_OPS_ENV: "vllm", COMPILE_ENV: "0"}}
 
 
 @pytest.fixture(scope="module", params=list(OPS))
@@ -49,18 +53,19 @@ def live(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     root = tmp_path_factory.mktemp("v1-vllm")
     base = build_vllm_tiny_llama(root / "base", max_positions=LONG_CONTEXT)
     loras = [build_vllm_tiny_lora(base, root / f"lora-{i}", seed=10 + i) for i in range(2)]
-    settings = Settings(
-        home=root / "home",
-        database_url=f"sqlite+aiosqlite:///{root / 'moerge.db'}",
-        import_roots=(root,),
-        engine="vllm",
-        vllm_kv_cache_gib=1,
-        vllm_max_model_len=LONG_CONTEXT,
-        **OPS[request.param],  # type: ignore[arg-type]
+    home = root / "home"
+    home.mkdir()
+    env = moerge_env(
+        home,
+        [root],
+        MOERGE_VLLM_KV_CACHE_GIB="1",
+        MOERGE_VLLM_MAX_MODEL_LEN=str(LONG_CONTEXT),
+        **OPS[request.param],
     )
+    settings = Settings.from_env(env)  # what the child process reads
     db.upgrade(settings.database_url)
 
-    async def setup() -> str:
+    async def setup() -> tuple[str, str]:
         engine = db.make_engine(settings.database_url)
         try:
             async with db.make_sessionmaker(engine)() as session:
@@ -75,9 +80,21 @@ def live(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
             await engine.dispose()
 
     key, admin = asyncio.run(setup())
-    with serve(settings) as url:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=600)
-        yield {"url": url, "key": key, "admin": admin, "client": client, "ops": request.param}
+    stack = Stack(home, env, admin)
+    groups: set[int] = set()
+    try:
+        stack.start_server()  # `moerge serve --no-worker`, a child process
+        stack.start_worker()  # `moerge worker`: runs the merge jobs
+        client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key=key, max_retries=0, timeout=600)
+        yield {"url": stack.url, "key": key, "admin": admin, "client": client, "ops": request.param}
+    finally:
+        with contextlib.suppress(Exception):
+            groups = {int(s.get("pid") or 0) for s in stack.api("GET", "/api/engines").json()["servers"]}
+        stack.stop()  # SIGTERM: the server stops its vLLM servers
+        for pgid in groups - {0}:  # any one it left (a merged model's too)
+            if group_pids(pgid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pgid, signal.SIGKILL)
 
 
 def test_chat_stream_and_batch_through_vllm(live: dict[str, Any]) -> None:
@@ -128,29 +145,17 @@ def test_the_server_runs_the_lora_ops_asked_for(live: dict[str, Any]) -> None:
         assert PATCHED_MESSAGE in log and COMPILE_MESSAGE in log
 
 
-def _vllm_metric(url: str, name: str, **labels: str) -> float:
-    """The sum of a metric's samples on the vLLM server at ``url`` whose labels include ``labels``."""
-    total = 0.0
-    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        sample, _, value = line.rpartition(" ")
-        if all(f'{k}="{v}"' in sample for k, v in labels.items()):
-            total += float(value)
-    return total
-
-
 def test_clients_that_hang_up_stop_their_generations(live: dict[str, Any]) -> None:
-    """8 non-streamed and 4 streamed requests for 4000 forced tokens whose clients hang up early: vLLM aborts
-    them (its running count drops to 0, none of them is counted as finished, and it generated far fewer tokens
-    than 12 x 4000) instead of finishing them."""
+    """8 non-streamed and 4 streamed requests for FORCED (8000) forced tokens whose clients hang up early: vLLM
+    aborts them (its running count drops to 0, none of them is counted as finished, and it generated far fewer
+    tokens than 12 x FORCED) instead of finishing them."""
     admin = {"authorization": f"Bearer {live['admin']}"}
     headers = {"authorization": f"Bearer {live['key']}"}
     live["client"].completions.create(model="lora-0", prompt="warm", max_tokens=2)  # the server is up
     (server,) = httpx.get(f"{live['url']}/api/engines", headers=admin).json()["servers"]
     vllm_url = server["url"]
-    finished_before = _vllm_metric(vllm_url, "vllm:request_success_total")  # stop or length; aborts are not counted
-    tokens_before = _vllm_metric(vllm_url, "vllm:generation_tokens_total")
+    finished_before = vllm_metric(vllm_url, "vllm:request_success_total")  # stop or length; aborts are not counted
+    tokens_before = vllm_metric(vllm_url, "vllm:generation_tokens_total")
     body = {"model": "lora-0", "prompt": "Once upon a time", "max_tokens": FORCED, "ignore_eos": True}
 
     def hang_up(_: int) -> str:
@@ -173,17 +178,17 @@ def test_clients_that_hang_up_stop_their_generations(live: dict[str, Any]) -> No
     def settled() -> tuple[float, float]:
         """(generations that ran to the end, tokens generated) since the start, once vLLM runs nothing."""
         deadline = time.time() + 30
-        while time.time() < deadline and _vllm_metric(vllm_url, "vllm:num_requests_running") > 0:
+        while time.time() < deadline and vllm_metric(vllm_url, "vllm:num_requests_running") > 0:
             time.sleep(0.2)
-        assert _vllm_metric(vllm_url, "vllm:num_requests_running") == 0
-        finished = _vllm_metric(vllm_url, "vllm:request_success_total") - finished_before
-        return finished, _vllm_metric(vllm_url, "vllm:generation_tokens_total") - tokens_before
+        assert vllm_metric(vllm_url, "vllm:num_requests_running") == 0
+        finished = vllm_metric(vllm_url, "vllm:request_success_total") - finished_before
+        return finished, vllm_metric(vllm_url, "vllm:generation_tokens_total") - tokens_before
 
     with ThreadPoolExecutor(8) as pool:
         outcomes = list(pool.map(hang_up, range(8)))
     # A client that got its answer after all did not hang up: in CI one of 8 did, twice, its answer arriving after
-    # this process had stalled for ~15 s (the first disconnect logged 15 s after the clients left; not understood,
-    # see the session note). Every client that did hang up must have stopped its generation.
+    # this process had stalled for ~15 s (when the server ran in a thread of it: the first disconnect logged 15 s
+    # after the clients left). Every client that did hang up must have stopped its generation.
     answered = outcomes.count("answered 200")
     assert outcomes.count("hung up") >= 7 and outcomes.count("hung up") + answered == 8, outcomes
     finished, generated = settled()

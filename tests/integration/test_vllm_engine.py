@@ -29,6 +29,7 @@ from serving.engine import (
 )
 from serving.vllm import VLLMConfig, VLLMEngine
 from serving.vllm_process import shm_names, unused_shm
+from tests.fixtures.live import vllm_metric
 
 pytestmark = [pytest.mark.vllm, pytest.mark.asyncio(loop_scope="module")]
 
@@ -36,6 +37,8 @@ BASE_ID = "tiny-vllm"
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 PROMPT = "The quick brown fox"
 GREEDY = Sampling(max_tokens=16, temperature=0.0)
+KILL_CONTEXT = 8192  # the kill test's model: room for generations of many seconds
+KILL_FORCED = 8000
 
 
 @dataclass(frozen=True)
@@ -69,16 +72,15 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
 
 
 def _config(tmp: Path, port_start: int, **kw: object) -> VLLMConfig:
-    return VLLMConfig(
-        port_start=port_start,
-        max_model_len=512,  # the tiny model's max_position_embeddings
-        max_loras=4,
-        kv_cache_gib=1,
-        log_dir=tmp,
-        health_interval_s=1,
-        startup_timeout_s=600,  # slow when the 2 cores are shared with other jobs
-        **kw,  # type: ignore[arg-type]
-    )
+    fields: dict[str, object] = {
+        "max_model_len": 512,  # the tiny model's max_position_embeddings
+        "max_loras": 4,
+        "kv_cache_gib": 1,
+        "log_dir": tmp,
+        "health_interval_s": 1,
+        "startup_timeout_s": 600,  # slow when the 2 cores are shared with other jobs
+    }
+    return VLLMConfig(port_start=port_start, **{**fields, **kw})  # type: ignore[arg-type]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -274,10 +276,17 @@ async def test_failed_first_start_reports_log_tail(models: Models, tmp_path: Pat
 
 async def test_killed_server_fails_in_flight_then_restarts(models: Models, tmp_path: Path) -> None:
     """(4) SIGKILL mid-generation: in-flight requests fail fast, the next gets 503-style, the server returns."""
-    eng = VLLMEngine(_config(tmp_path, 18500))
+    from tests.fixtures.vllm_models import build_vllm_tiny_llama, build_vllm_tiny_lora
+
+    # A context long enough for generations that last many seconds: 450 tokens took the tiny model ~1 s, so under
+    # load (this process stalling) the in-flight requests could end before the kill.
+    base = build_vllm_tiny_llama(tmp_path / "base", max_positions=KILL_CONTEXT)
+    lora_a = build_vllm_tiny_lora(base, tmp_path / "lora-a", seed=1)
+    long_models = Models(base, lora_a, lora_a)  # adapter "a" only
+    eng = VLLMEngine(_config(tmp_path, 18500, max_model_len=KILL_CONTEXT))
     try:
         kill_id = "tiny-kill"
-        lora = models.target("a", base_id=kill_id)
+        lora = long_models.target("a", base_id=kill_id)
         short = GenRequest(lora, GREEDY, prompt=PROMPT)
         shm_before = shm_names()
         # wait_for_start=False: the first request triggers the start and is told to come back.
@@ -292,10 +301,14 @@ async def test_killed_server_fails_in_flight_then_restarts(models: Models, tmp_p
         old_pid = entry["pid"]
         print(f"\nkill-test server ready in {entry['startup_s']} s")
 
-        long = Sampling(max_tokens=450)
+        long = Sampling(max_tokens=KILL_FORCED, ignore_eos=True)  # forced: no early end-of-sequence
         in_flight = asyncio.create_task(eng.generate([GenRequest(lora, long, prompt=PROMPT)] * 4))
-        stream = eng.stream(GenRequest(models.target(base_id=kill_id), long, messages=MESSAGES))
+        stream = eng.stream(GenRequest(long_models.target(base_id=kill_id), long, messages=MESSAGES))
         await stream.__anext__()  # generation is under way
+        deadline = time.monotonic() + 60
+        while (running := await asyncio.to_thread(vllm_metric, entry["url"], "vllm:num_requests_running")) < 5:
+            assert time.monotonic() < deadline, running  # all five are running in vLLM when it is killed
+            await asyncio.sleep(0.1)
         assert not in_flight.done()
         os.killpg(old_pid, signal.SIGKILL)
         killed = time.monotonic()
