@@ -725,6 +725,13 @@ def expert_add(
     base: Annotated[str | None, typer.Option(help="the registered base (adapters default to their config's)")] = None,
     license: Annotated[str | None, typer.Option(help="licence id")] = None,
     owner: Annotated[str | None, typer.Option(help="owning team or person")] = None,
+    chat_template: Annotated[
+        str | None,
+        typer.Option(help="a model served on its own: a chat template shipped with moerge (e.g. smollm2-tools)"),
+    ] = None,
+    tool_parser: Annotated[
+        str | None, typer.Option(help="a model served on its own: vLLM's tool-call parser (e.g. hermes)")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the record as JSON")] = False,
 ) -> None:
     """Register a model folder or LoRA adapter from a local path."""
@@ -743,6 +750,8 @@ def expert_add(
         base=base,
         license=license,
         owner=owner,
+        chat_template=chat_template,
+        tool_parser=tool_parser,
     )
     settings = Settings.from_env()
     folder = path.resolve()

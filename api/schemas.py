@@ -85,6 +85,14 @@ class RoutingInfo(_FromDict, kw_only=True):
     example_prompts: list[Any]
 
 
+class ServingSettings(_FromDict, kw_only=True):
+    """How a model served on its own is served (an adapter's are its base's, so null): the name of a chat template
+    shipped with moerge in place of the model's own, and the vLLM tool-call parser reading calls from its answers."""
+
+    chat_template: str | None
+    tool_parser: str | None
+
+
 class EvalOut(_FromDict, kw_only=True):
     task: str
     dataset: str | None
@@ -121,6 +129,7 @@ class ExpertOut(_FromDict, kw_only=True):
     lineage: Lineage
     compatibility: Compatibility
     routing: RoutingInfo
+    serving: ServingSettings
     evals: list[EvalOut]
     integrity: Integrity
     license: str | None

@@ -110,6 +110,7 @@ async def create_engine(settings: Settings, sessionmaker: async_sessionmaker[Asy
         cpu_threads_bind=settings.vllm_cpu_threads_bind,
         lora_ops=settings.vllm_lora_ops,
         compile=settings.vllm_compile,
+        compact_json=settings.vllm_compact_json,
         log_dir=settings.home / "logs",
         mixture_dir=settings.home / "mixtures",
         env_passthrough=settings.vllm_env_passthrough,

@@ -37,6 +37,12 @@ if TYPE_CHECKING:
     from routers.token import TokenRouter
 
 
+def _serving(base: Target) -> dict[str, Any]:
+    """The base's serving settings a mixture on it keeps (its server is started with them: a mixture's Target
+    without them would look like other settings and restart the server)."""
+    return {"chat_template": base.chat_template, "tool_parser": base.tool_parser}
+
+
 def is_token_level(router: str) -> bool:
     from routers.token import TOKEN_ROUTERS  # torch: imported where a token router is actually in play
 
@@ -190,7 +196,7 @@ async def resolve_token_composition(
             make_router=_router_factory(comp.router, params),
             slot_params=_slot_params(comp.router, params),
         )
-        target = Target(base.base_id, base.base_dir, served_name=comp.name, mixture=mixture)
+        target = Target(base.base_id, base.base_dir, served_name=comp.name, mixture=mixture, **_serving(base))
         found = _MIXTURES.put(stamp, (str(store.root), comp.id), (target, experts))
     target, experts = found
     assert target.mixture is not None
@@ -254,7 +260,7 @@ async def weighted_plan(
         target = _WEIGHTED.put(
             stamp,
             (str(store.root), comp.id),
-            Target(base.base_id, base.base_dir, served_name=comp.name, mixture=mixture),
+            Target(base.base_id, base.base_dir, served_name=comp.name, mixture=mixture, **_serving(base)),
         )
     assert target.mixture is not None
     chosen = [(slug, float(decision.scores.get(slug, weight))) for slug, weight in decision.experts]
@@ -315,7 +321,7 @@ async def merged_adapters_plan(
         found = _MERGED.put(
             stamp,
             (str(store.root), base.base_id, ids),
-            Target(base.base_id, base.base_dir, served_name=model, mixture=mixture),
+            Target(base.base_id, base.base_dir, served_name=model, mixture=mixture, **_serving(base)),
         )
     vector = tuple(named[i][2] for i in ids)
     return Plan(

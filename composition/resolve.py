@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -12,16 +14,39 @@ from composition.plan import Member, Plan
 from composition.service import CompositionService
 from core import tracing
 from core.errors import NotFound, Unprocessable, ValidationFailed
+from registry.chat_templates import chat_template_text
 from registry.compositions import CompositionView
 from registry.epoch import Stamp, StampedMemo, registry_stamp
 from registry.limits import MAX_LORA_RANK, largest_rank, row_fault, unservable_message
 from registry.models import Expert, ExpertKind
+from registry.schemas import TOOL_PARSERS
 from registry.services import ExpertService
 from registry.store import ArtifactStore
 from routers.query import RouteDecision, RouterContext
 from routers.query.parts import part_routes
 from routers.query.service import RoutingService
 from serving.engine import Target
+
+log = logging.getLogger(__name__)
+
+
+def served_settings(server: Expert) -> dict[str, Any]:
+    """The Target fields of the model whose server runs a request (a base, or a full model served on its own):
+    its chat template's text (None: the model's own) and its vLLM tool-call parser. A name this moerge does not
+    ship or know (a row written by another version) is left out, with a warning, rather than failing requests
+    or the server's start."""
+    template: str | None = None
+    if server.chat_template is not None:
+        try:
+            template = chat_template_text(server.chat_template)
+        except KeyError:
+            log.warning("%s: chat template %r is not shipped with this moerge; using the model's own",
+                        server.slug, server.chat_template)  # fmt: skip
+    parser = server.tool_parser
+    if parser is not None and parser not in TOOL_PARSERS:
+        log.warning("%s: tool parser %r is not one vLLM has; serving without one", server.slug, parser)
+        parser = None
+    return {"chat_template": template, "tool_parser": parser}
 
 
 def _target_or_refusal(expert: Expert, store: ArtifactStore, max_lora_rank: int) -> Target | str:
@@ -41,8 +66,11 @@ def _target_or_refusal(expert: Expert, store: ArtifactStore, max_lora_rank: int)
             adapter_dir=store.expert_dir(expert.id),
             max_lora_rank=largest_rank(expert.r, expert.rank_pattern) or 8,  # rank_pattern values count too
             served_name=expert.slug,
+            **served_settings(expert.base),  # the base's server, so the base's template and parser
         )
-    return Target(base_id=str(expert.id), base_dir=store.expert_dir(expert.id), served_name=expert.slug)
+    return Target(
+        base_id=str(expert.id), base_dir=store.expert_dir(expert.id), served_name=expert.slug, **served_settings(expert)
+    )
 
 
 def _served(found: Target | str, param: str) -> Target:

@@ -141,6 +141,14 @@ class Settings:
             "30% faster decoding; the first start of a model compiles it (a minute or two here, cached after)"
         },
     )
+    vllm_compact_json: bool = field(
+        default=True,
+        metadata={
+            "help": "managed servers decode structured outputs (response_format, tool arguments) without free "
+            "whitespace between JSON tokens (vLLM's disable_any_whitespace): a small model may otherwise pad an "
+            "answer with newlines until max_tokens"
+        },
+    )
     vllm_env_passthrough: tuple[str, ...] = field(
         default=(),
         metadata={
@@ -332,6 +340,7 @@ class Settings:
             vllm_cpu_threads_bind=env.get("MOERGE_VLLM_CPU_THREADS_BIND") or default("vllm_cpu_threads_bind"),
             vllm_lora_ops=_choice_env(env, LORA_OPS_ENV, LORA_OPS_CHOICES, default("vllm_lora_ops")),
             vllm_compile=_flag_env(env, COMPILE_ENV, default("vllm_compile")),
+            vllm_compact_json=_flag_env(env, "MOERGE_VLLM_COMPACT_JSON", default("vllm_compact_json")),
             vllm_env_passthrough=_names_env(env, "MOERGE_VLLM_ENV_PASSTHROUGH"),
             drain_s=_int_env(env, "MOERGE_DRAIN_S", default("drain_s")),
             merge_stale_after_s=_int_env(env, "MOERGE_MERGE_STALE_S", default("merge_stale_after_s")),

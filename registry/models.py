@@ -100,6 +100,12 @@ class Expert(Base):
     domains: Mapped[list[Any]] = mapped_column(default=list)
     example_prompts: Mapped[list[Any]] = mapped_column(default=list)
 
+    # serving (a model served on its own: a base, finetune or merged full model; an adapter runs with its base's):
+    # the name of a chat template shipped with moerge (registry/chat_templates) in place of the model's own, and
+    # the vLLM tool-call parser that reads calls out of its answers (registry/schemas.py TOOL_PARSERS)
+    chat_template: Mapped[str | None] = mapped_column(String(64))
+    tool_parser: Mapped[str | None] = mapped_column(String(64))
+
     # integrity and licence
     manifest_sha256: Mapped[str] = mapped_column(String(64), index=True)
     total_size: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -41,7 +41,7 @@ from registry.models import (
     utcnow,
 )
 from registry.offload import run_to_completion
-from registry.schemas import EvalIn, ExpertPatch, ExpertSpec
+from registry.schemas import SERVING_FIELDS, EvalIn, ExpertPatch, ExpertSpec
 from registry.store import ArtifactStore, Damage, IngestResult, manifest_digest
 from registry.training_data import referenced_blobs_query
 
@@ -179,6 +179,7 @@ class ExpertService:
         if clash := await self._names_taken(spec.aliases):
             raise Conflict(f"alias {clash!r} is already a name of another expert", param="aliases")
         kind = _resolve_kind(spec, insp)
+        _check_served_alone(insp.kind == "adapter", {f: getattr(spec, f) for f in SERVING_FIELDS})
         base = await self._resolve_base(spec, insp, kind)
         if base is not None:
             base_insp = await asyncio.to_thread(inspect_folder, self.store.expert_dir(base.id))
@@ -272,6 +273,7 @@ class ExpertService:
     async def patch(self, ref: str, patch: ExpertPatch) -> Expert:
         expert = await self.get(ref)
         changes = patch.changes()
+        _check_served_alone(_is_lora(expert), {f: changes[f] for f in SERVING_FIELDS if f in changes})
         if "aliases" in changes and (clash := await self._names_taken(changes["aliases"], exclude=expert.id)):
             raise Conflict(f"alias {clash!r} is already a name of another expert", param="aliases")
         expert_id = expert.id  # (the rollback below expires the object)
@@ -413,6 +415,24 @@ class ExpertService:
         return {kind: count for kind, count in rows.all()}
 
 
+def _is_lora(expert: Expert) -> bool:
+    """An adapter, or a merge whose output is a LoRA: served on its base's server."""
+    return expert.kind == ExpertKind.adapter.value or bool(expert.kind == ExpertKind.merged.value and expert.peft_type)
+
+
+def _check_served_alone(lora: bool, settings: dict[str, str | None]) -> None:
+    """A LoRA runs on its base's server, with the base's chat template and tool parser: it sets neither."""
+    if not lora:
+        return
+    for field, value in settings.items():
+        if value is not None:
+            raise ValidationFailed(
+                f"{field}: a LoRA adapter is served with its base model's chat template and tool parser; "
+                "set it on the base",
+                param=field,
+            )
+
+
 def _searchable(expert: Expert) -> str:
     return " ".join(
         [expert.slug, *(expert.aliases or []), expert.description or "", expert.task_description or ""]
@@ -484,6 +504,8 @@ def _expert_from(
         datasets=list(spec.datasets or meta.get("datasets") or []),
         card_metadata=dict(meta),
         card_body=insp.card_body,
+        chat_template=spec.chat_template,
+        tool_parser=spec.tool_parser,
     )
 
 
@@ -533,6 +555,7 @@ def expert_summary(expert: Expert) -> dict[str, Any]:
             "domains": expert.domains,
             "example_prompts": expert.example_prompts,
         },
+        "serving": {"chat_template": expert.chat_template, "tool_parser": expert.tool_parser},
         "evals": [
             {
                 "task": e.task,

@@ -75,6 +75,13 @@ class VLLMConfig:
             "a model spends a minute or two compiling (inductor's cache makes later starts quicker)"
         },
     )
+    compact_json: bool = field(
+        default=True,
+        metadata={
+            "help": "structured outputs (JSON answers, tool arguments) without free whitespace between tokens "
+            "(--structured-outputs-config disable_any_whitespace)"
+        },
+    )
     startup_timeout_s: float = field(default=300, metadata={"help": "a server not healthy after this is killed"})
     request_timeout_s: float = field(
         default=600, metadata={"help": "longest wait for a response (between stream chunks when streaming)"}

@@ -27,7 +27,7 @@ from serving.engine import EngineUnavailable, GenerationFailed, Target
 from serving.vllm_adapters import served_rank
 from serving.vllm_client import PROBE_ERRORS, VLLMClient
 from serving.vllm_config import VLLMConfig
-from serving.vllm_server import ADMIN_HINT, Server, ServerDied, Watch
+from serving.vllm_server import ADMIN_HINT, ServedSettings, Server, ServerDied, Watch
 from serving.vllm_supervisor import Supervisor, observe
 
 log = logging.getLogger(__name__)
@@ -48,9 +48,11 @@ class Fleet:
         # Set (and replaced) whenever room may have appeared; a waiter takes the current one before it looks.
         self._room_changed = asyncio.Event()
         self._stopping: set[Server] = set()  # stopped and forgotten, but holding their slot until they exit
+        self._resetting: set[Server] = set()  # being stopped to start again with new settings
 
-    def entry(self, base_id: str, base_dir: Path | None, rank: int) -> Server:
-        """The server of ``base_id``, recorded (not started) if new; ``rank`` raises its next start's rank."""
+    def entry(self, base_id: str, base_dir: Path | None, rank: int, settings: ServedSettings | None = None) -> Server:
+        """The server of ``base_id``, recorded (not started) if new; ``rank`` raises its next start's rank;
+        ``settings`` (chat template, tool parser), if given, are its next start's."""
         server = self.servers.get(base_id)
         if server is None:
             remote_url = self.config.remote_servers.get(base_id)
@@ -69,6 +71,8 @@ class Fleet:
                 server.base_dir = base_dir
             # Takes effect at the next (re)start; a running server keeps the rank it started with.
             server.rank = max(server.rank, lora_rank_for(max(self.config.max_lora_rank, rank)))
+            if settings is not None:
+                server.settings = settings
         return server
 
     async def acquire(self, target: Target, *, wait: bool, force_wait: bool = False) -> Server:
@@ -82,15 +86,25 @@ class Fleet:
         self._ensure_monitor()
         if target.base_id not in self.config.remote_servers:
             served_rank(target.max_lora_rank, target)  # refused before a server is recorded or started
-        server = self.entry(target.base_id, target.base_dir, target.max_lora_rank)
-        if server.remote:
+        server = self.entry(
+            target.base_id, target.base_dir, target.max_lora_rank, (target.chat_template, target.tool_parser)
+        )
+        if server.remote:  # its command line is not ours: the settings apply to managed servers only
             if not server.model_name:
                 await self._resolve_remote(server)
             return server
+        if server in self._resetting:
+            raise self.supervisor.unavailable(
+                server,
+                f"the vLLM server for base {server.base_id!r} is restarting with a new chat template or tool parser",
+            )
         if server.state == "ready":
             if server.proc is not None and server.proc.alive:
-                return server
-            self.supervisor.notice_exit(server)  # died, and the exit watcher has not run yet
+                if server.settings == server.started_settings:
+                    return server
+                await self._restart_for_settings(server)  # and started again below, as after any stop
+            else:
+                self.supervisor.notice_exit(server)  # died, and the exit watcher has not run yet
         if server.state == "dead" and not server.busy_starting:
             await self._launch_when_room(server, self.config.server_wait_s if wait or force_wait else 0.0)
         if server.state == "ready":
@@ -107,6 +121,23 @@ class Fleet:
             if server.state == "ready":
                 return server
         raise self.supervisor.unavailable(server)
+
+    async def _restart_for_settings(self, server: Server) -> None:
+        """The base's chat template or tool parser changed in the registry since its server started: stop it once
+        idle, so that this request starts it again with the new ones (busy: EngineUnavailable, come back soon)."""
+        if server.in_flight > 0:
+            raise EngineUnavailable(
+                f"the chat template or tool parser of base {server.base_id!r} changed: its vLLM server restarts with "
+                f"them once its {server.in_flight} requests in flight are done",
+                retry_after=5,
+            )
+        log.info("restarting vLLM for %s: its chat template or tool parser changed", server.base_id)
+        self._resetting.add(server)  # other requests meanwhile: EngineUnavailable, not a second stop or start
+        try:
+            await self.supervisor.stop(server)
+        finally:
+            server.stopping = False  # stopped to start again, not for good
+            self._resetting.discard(server)
 
     async def call(self, server: Server, watch: Watch, aw: Awaitable[T]) -> T:
         """Await ``aw`` (an HTTP exchange with ``server``), turning failures into moerge errors."""

