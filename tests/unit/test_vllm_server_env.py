@@ -33,3 +33,23 @@ def test_compile_setting_is_read_from_the_environment() -> None:
     assert Settings.from_env({COMPILE_ENV: "0"}).vllm_compile is False
     with pytest.raises(ValueError, match=COMPILE_ENV):
         Settings.from_env({COMPILE_ENV: "yes"})
+
+
+def test_compact_json_is_an_option_vllm_accepts() -> None:
+    """Managed servers' structured outputs without free whitespace: the flag's JSON must pass vLLM's own config
+    checks (with backend `auto` vLLM refused to start: disable_any_whitespace needs xgrammar or guidance)."""
+    import json
+    from pathlib import Path
+
+    from vllm.config.structured_outputs import StructuredOutputsConfig
+
+    from core.settings import Settings
+    from serving.vllm_process import server_command
+
+    common = {"model_dir": Path("/m"), "served_name": "m", "port": 1, "host": "h", "max_lora_rank": 8}
+    command = server_command(**common, max_loras=1, max_model_len=64, compact_json=True)
+    config = StructuredOutputsConfig(**json.loads(command[command.index("--structured-outputs-config") + 1]))
+    assert config.disable_any_whitespace and config.backend == "xgrammar"
+    assert "--structured-outputs-config" not in server_command(**common, max_loras=1, max_model_len=64)
+    assert Settings.from_env({}).vllm_compact_json
+    assert not Settings.from_env({"MOERGE_VLLM_COMPACT_JSON": "0"}).vllm_compact_json
