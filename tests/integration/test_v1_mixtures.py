@@ -12,12 +12,9 @@ import httpx
 import openai
 import pytest
 
-from core.settings import Settings
 from registry import db
 from registry.schemas import ExpertSpec
-from registry.services import ApiKeyService, ExpertService
-from registry.store import ArtifactStore
-from tests.fixtures.live import serve
+from tests.fixtures.live import registered, serve, vllm_settings
 from tests.fixtures.vllm_models import build_vllm_tiny_llama, build_vllm_tiny_lora
 
 pytestmark = pytest.mark.vllm
@@ -31,34 +28,9 @@ def live(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     root = tmp_path_factory.mktemp("v1-mix")
     base = build_vllm_tiny_llama(root / "base")
     loras = [build_vllm_tiny_lora(base, root / f"lora-{i}", seed=40 + i) for i in range(3)]
-    settings = Settings(
-        home=root / "home",
-        database_url=f"sqlite+aiosqlite:///{root / 'moerge.db'}",
-        import_roots=(root,),
-        engine="vllm",
-        vllm_kv_cache_gib=1,
-        vllm_max_model_len=512,
-        **OPS[request.param][0],  # type: ignore[arg-type]
-    )
-    db.upgrade(settings.database_url)
-
-    async def setup() -> tuple[str, str]:
-        engine = db.make_engine(settings.database_url)
-        try:
-            async with db.make_sessionmaker(engine)() as session:
-                experts = ExpertService(session, ArtifactStore(settings.store_dir))
-                await experts.register_folder(base, ExpertSpec(slug="tiny"))
-                for i, folder in enumerate(loras):
-                    await experts.register_folder(
-                        folder, ExpertSpec(slug=f"lora-{i}", base="tiny", description=f"skill number {i}")
-                    )
-                _, key = await ApiKeyService(session).create("t", ["query"])
-                _, admin = await ApiKeyService(session).create("a", ["admin"])
-                return key, admin
-        finally:
-            await engine.dispose()
-
-    key, admin = asyncio.run(setup())
+    settings = vllm_settings(root, **OPS[request.param][0])
+    adapters = [ExpertSpec(slug=f"lora-{i}", base="tiny", description=f"skill number {i}") for i in range(3)]
+    key, admin = registered(settings, [(base, ExpertSpec(slug="tiny")), *zip(loras, adapters, strict=True)])
     with serve(settings) as url:
         headers = {"authorization": f"Bearer {admin}"}
         for body in (

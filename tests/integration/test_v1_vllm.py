@@ -9,7 +9,6 @@ runs on a GPU machine (MOERGE_VLLM_LORA_OPS=vllm, MOERGE_VLLM_COMPILE=0: vLLM's 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
@@ -25,12 +24,9 @@ import pytest
 
 from bench.load import Stack, group_pids, moerge_env
 from core.settings import COMPILE_ENV, LORA_OPS_ENV, Settings
-from registry import db
 from registry.schemas import ExpertSpec
-from registry.services import ApiKeyService, ExpertService
-from registry.store import ArtifactStore
 from serving.vllm_plugin import COMPILE_MESSAGE, PATCHED_MESSAGE
-from tests.fixtures.live import vllm_metric
+from tests.fixtures.live import registered, vllm_metric
 from tests.fixtures.vllm_models import build_vllm_tiny_llama, build_vllm_tiny_lora
 
 pytestmark = pytest.mark.vllm
@@ -63,23 +59,10 @@ def live(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
         **OPS[request.param],
     )
     settings = Settings.from_env(env)  # what the child process reads
-    db.upgrade(settings.database_url)
-
-    async def setup() -> tuple[str, str]:
-        engine = db.make_engine(settings.database_url)
-        try:
-            async with db.make_sessionmaker(engine)() as session:
-                experts = ExpertService(session, ArtifactStore(settings.store_dir))
-                await experts.register_folder(base, ExpertSpec(slug="tiny"))
-                for i, folder in enumerate(loras):
-                    await experts.register_folder(folder, ExpertSpec(slug=f"lora-{i}", base="tiny"))
-                _, key = await ApiKeyService(session).create("t", ["query"])
-                _, admin = await ApiKeyService(session).create("a", ["admin"])
-                return key, admin
-        finally:
-            await engine.dispose()
-
-    key, admin = asyncio.run(setup())
+    models = [(base, ExpertSpec(slug="tiny"))] + [
+        (f, ExpertSpec(slug=f"lora-{i}", base="tiny")) for i, f in enumerate(loras)
+    ]
+    key, admin = registered(settings, models)
     stack = Stack(home, env, admin)
     groups: set[int] = set()
     try:

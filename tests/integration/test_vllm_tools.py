@@ -8,7 +8,6 @@ the registry restarts its server with the new flags."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -20,47 +19,15 @@ import jsonschema
 import openai
 import pytest
 
-from core.settings import Settings
-from registry import db
 from registry.schemas import ExpertSpec
-from registry.services import ApiKeyService, ExpertService
-from registry.store import ArtifactStore
-from tests.fixtures.live import serve
+from tests.fixtures.live import registered, serve, vllm_settings
+from tests.fixtures.tools import PARAMETERS, TIME, WEATHER
 from tests.fixtures.vllm_models import build_byte_level_tiny_llama, build_vllm_tiny_lora
 
 pytestmark = pytest.mark.vllm
 
 ASK: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]
-WEATHER: dict[str, Any] = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "unit": {"type": "string", "enum": ["c", "f"]},
-                "days": {"type": "integer", "minimum": 0, "maximum": 7},
-            },
-            "required": ["unit", "days"],
-            "additionalProperties": False,
-        },
-    },
-}
-TIME: dict[str, Any] = {
-    "type": "function",
-    "function": {
-        "name": "get_time",
-        "parameters": {
-            "type": "object",
-            "properties": {"zone": {"type": "string", "enum": ["utc", "cet"]}},
-            "required": ["zone"],
-            "additionalProperties": False,
-        },
-    },
-}
 TOOLS: list[Any] = [WEATHER, TIME]
-PARAMETERS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 NAMED: Any = {"type": "function", "function": {"name": "get_time"}}
 # vLLM pins the call and its arguments to the tool's schema, but JSON allows whitespace anywhere between tokens, and
 # greedy decoding of a random model can pick a whitespace token forever; sampled (seeded: the same answer streamed
@@ -74,31 +41,9 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("vllm-tools")
     base = build_byte_level_tiny_llama(root / "base", context=CONTEXT)
     lora = build_vllm_tiny_lora(base, root / "lora", seed=31)
-    settings = Settings(
-        home=root / "home",
-        database_url=f"sqlite+aiosqlite:///{root / 'moerge.db'}",
-        import_roots=(root,),
-        engine="vllm",
-        vllm_kv_cache_gib=1,
-        vllm_max_model_len=CONTEXT,
-    )
-    db.upgrade(settings.database_url)
-
-    async def setup() -> tuple[str, str]:
-        engine = db.make_engine(settings.database_url)
-        try:
-            async with db.make_sessionmaker(engine)() as session:
-                experts = ExpertService(session, ArtifactStore(settings.store_dir))
-                spec = ExpertSpec(slug="tiny", chat_template="smollm2-tools", tool_parser="hermes")
-                await experts.register_folder(base, spec)
-                await experts.register_folder(lora, ExpertSpec(slug="lora", base="tiny"))
-                _, key = await ApiKeyService(session).create("t", ["query"])
-                _, admin = await ApiKeyService(session).create("a", ["admin"])
-                return key, admin
-        finally:
-            await engine.dispose()
-
-    key, admin = asyncio.run(setup())
+    settings = vllm_settings(root, context=CONTEXT)
+    spec = ExpertSpec(slug="tiny", chat_template="smollm2-tools", tool_parser="hermes")
+    key, admin = registered(settings, [(base, spec), (lora, ExpertSpec(slug="lora", base="tiny"))])
     with serve(settings) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=600)
         yield {"url": url, "client": client, "admin": {"authorization": f"Bearer {admin}"}}

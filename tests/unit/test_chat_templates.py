@@ -18,25 +18,10 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from registry.chat_templates import CHAT_TEMPLATES, chat_template_text
 from registry.schemas import TOOL_PARSERS
+from tests.fixtures.tools import TIME, WEATHER
 
 ROOT = Path(__file__).resolve().parents[2]
-WEATHER: dict[str, Any] = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
-            "required": ["city"],
-        },
-    },
-}
-TIME: dict[str, Any] = {
-    "type": "function",
-    "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}},
-}
-CALL_ARGS = {"city": "Paris", "days": 2}
+CALL_ARGS = {"unit": "c", "days": 2}
 ROUND_TRIP: list[dict[str, Any]] = [
     {"role": "user", "content": "Weather in Paris for two days?"},
     {
@@ -178,7 +163,7 @@ def test_a_tool_round_trip_and_vllms_hermes_parser_reads_the_call_back(tokenizer
 
 def test_an_assistant_turn_with_text_and_two_calls(tokenizer: PreTrainedTokenizerBase) -> None:
     calls = [
-        {"id": "a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}},
+        {"id": "a", "type": "function", "function": {"name": "get_weather", "arguments": '{"unit": "f", "days": 1}'}},
         {"id": "b", "type": "function", "function": {"name": "get_time", "arguments": "{}"}},
     ]
     messages: list[dict[str, Any]] = [
@@ -196,6 +181,6 @@ def test_an_assistant_turn_with_text_and_two_calls(tokenizer: PreTrainedTokenize
     extracted = hermes(tokenizer, turn)
     assert extracted.content == "Checking both.\n"
     assert [(c.function.name, json.loads(c.function.arguments)) for c in extracted.tool_calls] == [
-        ("get_weather", {"city": "Oslo"}),
+        ("get_weather", {"unit": "f", "days": 1}),
         ("get_time", {}),
     ]
