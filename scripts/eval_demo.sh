@@ -14,7 +14,9 @@
 # Usage: scripts/eval_demo.sh [N]    (N queries per task, default 30: prefill-bound vLLM on 2 cores answers
 #        about 2 queries/s, so 30 per task is ~25 minutes for all the rows)
 #        STEPS="composite" runs only the named steps (of: experts routers composite merges token token-nested
-#        token-vllm parity).
+#        token-vllm parity structured).
+#   8. structured outputs: every answer asked for with a JSON Schema parses and validates (evals/structured.py),
+#      for the base, each expert, a vote, a synthesis, token-level and weighted mixtures.
 #   7. token-level routers over the two experts a nested composite needs (json_dates: find a JSON field, then
 #      write it as an ISO date; json_units: find it, then convert it), top-2 and top-1, beside those experts;
 #      plus `mixer`, whose router is trained for the composition on 64 examples of the task's train split.
@@ -36,7 +38,7 @@ create() {  # create NAME ARGS...: a composition, unless it exists
   fi
 }
 
-STEPS="${STEPS:-experts routers composite merges token token-nested token-vllm parity}"
+STEPS="${STEPS:-experts routers composite merges token token-nested token-vllm parity structured}"
 step() { [[ " $STEPS " == *" $1 "* ]]; }
 
 if step experts; then
@@ -167,4 +169,11 @@ if step parity; then
   OMP_NUM_THREADS=1 create mixer-six --router mixer -p task=units -p task_examples=32 "${expert_flags[@]}"
   .venv/bin/python -m evals.vllm_parity arrow phatgoose glider mixer-six pair-weighted --out "$OUT"
 fi
-echo "wrote $OUT/{experts,routers,composite,merges,token,token-composite,token-json-*,token-vllm,vllm-parity}.{md,json,png}"
+if step structured; then
+  create arrow --router arrow -p top_k=2 "${expert_flags[@]}"
+  create pair-weighted --router embedding -p threshold=-1 "${expert_flags[@]}" --k 2 --aggregator weighted \
+    --agg-param temperature=0.05
+  .venv/bin/python -m evals.structured "$BASE" "${EXPERTS[@]}" pair-vote pair-synthesize arrow pair-weighted \
+    --out "$OUT"
+fi
+echo "wrote $OUT/{experts,routers,composite,merges,token,token-composite,token-json-*,token-vllm,vllm-parity,structured}.{md,json,png}"
