@@ -324,3 +324,24 @@ def test_best_of_is_refused_by_name(live: dict[str, Any]) -> None:
     with pytest.raises(openai.BadRequestError) as refused:
         live["client"].completions.create(model="lora-0", prompt="x", max_tokens=2, best_of=2)
     assert refused.value.body["param"] == "best_of" and "n answers" in refused.value.body["message"]
+
+
+@pytest.mark.parametrize("model", ["lora-0", "mix", "pair"])
+def test_responses_api_through_vllm(live: dict[str, Any], model: str) -> None:
+    """/v1/responses on the vLLM path: text.format constrains the answer (a mixture slot and a vote included)."""
+    client: openai.OpenAI = live["client"]
+    text_format: Any = {"format": {"type": "json_schema", "name": "city", "schema": CITY, "strict": True}}
+    response = client.responses.create(
+        model=model,
+        input="Describe a city as JSON.",
+        instructions="Answer in JSON.",
+        text=text_format,
+        max_output_tokens=256,
+        temperature=0,
+    )
+    assert response.status == "completed", response
+    jsonschema.validate(json.loads(response.output_text), CITY)
+    events = list(client.responses.create(model=model, input="Hello", max_output_tokens=8, temperature=0, stream=True))
+    assert events[0].type == "response.created" and events[-1].type in ("response.completed", "response.incomplete")
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == events[-1].response.output_text
