@@ -5,6 +5,7 @@ checked here too."""
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -17,6 +18,7 @@ from serving.engine import Guidance
 
 MAX_TOOLS = 64
 MAX_SCHEMA_DEPTH = 32  # nesting of a schema's objects and arrays (grammar compilers recurse over it)
+MAX_SCHEMA_BYTES = 32 * 1024  # one schema, as JSON: a grammar is compiled from it before the first token
 MAX_DESCRIPTION = 8192
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function and schema names
 TOOL_CHOICES = ("none", "auto", "required")
@@ -51,6 +53,8 @@ def checked_schema(schema: Any, param: str) -> dict[str, Any]:
         raise _refuse("must be a JSON Schema (an object)", param)
     if _depth(schema, MAX_SCHEMA_DEPTH) > MAX_SCHEMA_DEPTH:
         raise _refuse(f"nests deeper than {MAX_SCHEMA_DEPTH} levels", param)
+    if len(json.dumps(schema)) > MAX_SCHEMA_BYTES:
+        raise _refuse(f"is larger than {MAX_SCHEMA_BYTES // 1024} KiB as JSON", param)
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.exceptions.SchemaError as exc:

@@ -8,7 +8,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from api.openai.guidance import MAX_SCHEMA_DEPTH, MAX_TOOLS, guidance_of
+from api.openai.guidance import MAX_SCHEMA_BYTES, MAX_SCHEMA_DEPTH, MAX_TOOLS, guidance_of
 from api.openai.protocol import ChatCompletionRequest, CompletionRequest
 from core.errors import ValidationFailed
 
@@ -56,6 +56,13 @@ def test_a_json_schema_is_checked_and_kept() -> None:
         (
             {"type": "json_schema", "json_schema": {"name": "bad name!", "schema": {}}},
             "response_format.json_schema.name",
+        ),
+        (  # a grammar is compiled from the schema before the first token: its size is bounded
+            {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"enum": ["x" * 99] * (MAX_SCHEMA_BYTES // 99)}},
+            },
+            "response_format.json_schema.schema",
         ),
         ({"type": "json_schema", "json_schema": {"name": "x"}}, "response_format.json_schema.schema"),
         ({"type": "json_schema"}, "response_format.json_schema"),
