@@ -65,6 +65,19 @@ def ask(client: openai.OpenAI, model: str, task: str, prompt: str, gold: str) ->
     return row
 
 
+def warm(client: openai.OpenAI, model: str, wait_s: float = 600) -> None:
+    """Until ``model`` answers: a vLLM server (re)starting for it answers 503 meanwhile (30-60 s here)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+            return
+        except openai.InternalServerError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(5)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+")
@@ -79,6 +92,7 @@ def main() -> None:
     results: dict[str, list[dict[str, Any]]] = {}
     with ThreadPoolExecutor(8) as pool:
         for model in args.models:
+            warm(client, model)
             results[model] = list(pool.map(lambda case, m=model: ask(client, m, *case), cases))
             rows = results[model]
             print(f"{model}: {sum(r['valid'] for r in rows)}/{len(rows)} valid, {sum(r['cut'] for r in rows)} cut")
