@@ -135,7 +135,7 @@ class VLLMEngine:
             )
             if events.status_code != 200:
                 raise_for_status(await self._fleet.call(server, watch, events.reply()), server)
-            parser = StreamParser(server, chat=chat)
+            parser = StreamParser(server, chat=chat, json_answer=_json_answer(request))
             while (event := await self._fleet.call(server, watch, events.next_event())) is not None:
                 for chunk in parser.chunks(event):
                     yield chunk
@@ -183,7 +183,7 @@ class VLLMEngine:
             data = reply.json()
         finally:
             watch.close()
-        return gen_result(data, chat=chat, model=body["model"], latency_s=latency)
+        return gen_result(data, chat=chat, model=body["model"], latency_s=latency, json_answer=_json_answer(request))
 
     def _status_entry(self, server: Server) -> dict[str, Any]:
         proc = server.proc
@@ -202,3 +202,8 @@ class VLLMEngine:
             entry["startup_s"] = None if server.startup_s is None else round(server.startup_s, 1)
             entry["log"] = str(self._fleet.supervisor.log_path(server))
         return entry
+
+
+def _json_answer(request: GenRequest) -> bool:
+    """The request asked for a JSON answer (response_format), whose text is checked for raw control characters."""
+    return request.guidance is not None and request.guidance.structured

@@ -73,9 +73,40 @@ def payload(request: GenRequest, *, stream: bool) -> tuple[str, dict[str, Any], 
     raise ValidationFailed("give exactly one of messages (chat) or prompt (completion)", param="messages")
 
 
-def _choice(raw: dict[str, Any], *, chat: bool) -> Choice:
+class JsonText:
+    """A JSON answer's text with the raw control characters inside its strings escaped. vLLM's structured outputs
+    (xgrammar 0.2.8) let a string take tokens that decode to U+0000-U+001F, which JSON forbids unescaped (seen on the
+    demo's experts near a schema's maxLength): the character is kept, written as ``\\u00XX``, so the answer parses.
+    ``feed`` takes the text whole or a stream's pieces in order."""
+
+    def __init__(self) -> None:
+        self._in_string = False
+        self._escaped = False
+
+    def feed(self, text: str) -> str:
+        out = []
+        for ch in text:
+            if self._in_string:
+                if self._escaped:
+                    self._escaped = False
+                elif ch == "\\":
+                    self._escaped = True
+                elif ch == '"':
+                    self._in_string = False
+                elif ch < " ":
+                    out.append(f"\\u{ord(ch):04x}")
+                    continue
+            elif ch == '"':
+                self._in_string = True
+            out.append(ch)
+        return "".join(out)
+
+
+def _choice(raw: dict[str, Any], *, chat: bool, json_answer: bool = False) -> Choice:
     message = raw.get("message") or {}
     text = message.get("content") if chat else raw.get("text")
+    if json_answer and text:
+        text = JsonText().feed(text)
     return Choice(
         index=int(raw.get("index") or 0),
         text=text or "",
@@ -85,10 +116,14 @@ def _choice(raw: dict[str, Any], *, chat: bool) -> Choice:
     )
 
 
-def gen_result(data: dict[str, Any], *, chat: bool, model: str, latency_s: float) -> GenResult:
+def gen_result(
+    data: dict[str, Any], *, chat: bool, model: str, latency_s: float, json_answer: bool = False
+) -> GenResult:
     """A non-streamed reply (its first choice as ``text``, every choice in ``choices``); ``model`` is what the
-    request asked for."""
-    choices = tuple(sorted((_choice(raw, chat=chat) for raw in data["choices"]), key=lambda c: c.index))
+    request asked for; ``json_answer``: the request asked for JSON (``JsonText``)."""
+    choices = tuple(
+        sorted((_choice(raw, chat=chat, json_answer=json_answer) for raw in data["choices"]), key=lambda c: c.index)
+    )
     usage = data.get("usage") or {}
     return GenResult(
         text=choices[0].text,
@@ -106,9 +141,10 @@ class StreamParser:
     tool-call deltas, log-probabilities), each answer's finish reason once it ends, then ``last`` (the token
     counts, which vLLM sends in its last event; the first answer's finish reason again when n is 1)."""
 
-    def __init__(self, server: Server, *, chat: bool) -> None:
+    def __init__(self, server: Server, *, chat: bool, json_answer: bool = False) -> None:
         self._server = server
         self._chat = chat
+        self._json: dict[int, JsonText] | None = {} if json_answer else None  # per answer (``JsonText``)
         self._finish: dict[int, str] = {}
         self._usage: dict[str, Any] = {}
 
@@ -122,6 +158,8 @@ class StreamParser:
             index = int(choice.get("index") or 0)
             delta = choice.get("delta") or {}
             piece = delta.get("content") if self._chat else choice.get("text")
+            if piece and self._json is not None:
+                piece = self._json.setdefault(index, JsonText()).feed(piece)
             calls = tuple(delta.get("tool_calls") or ())
             logprobs = choice.get("logprobs") or None
             finish = choice.get("finish_reason")
