@@ -88,6 +88,7 @@ from serving.engine import (
     TokenMixture,
     TokenTrace,
 )
+from serving.json_text import JsonText
 from serving.mixture import AdapterRefused, apply_mixture, load_lora_adapter
 from serving.mixture.route import WEIGHTED
 
@@ -248,6 +249,7 @@ class _Row:
     answers: _Answers | None = None  # the request's rows, whose answers are delivered together
     constraint: torch_guidance.Constraint | None = None  # the JSON the answer must be (None: free text)
     matcher: Any = None  # xgrammar's GrammarMatcher for ``constraint``
+    json_text: JsonText | None = None  # escapes raw control characters in a JSON answer's strings (``_json_safe``)
     logprobs: list[_TokenLogprob] = field(default_factory=list)  # one per generated token, when asked
     pending: tuple[torch.Tensor, list[tuple[int, float]]] | None = None  # this step's log-probabilities
     lp_sent: int = 0  # log-probability entries already streamed
@@ -495,7 +497,8 @@ class _Tracker(StoppingCriteria):
 
     def _emit(self, row: _Row, text: str) -> None:
         if len(text) > row.sent:
-            row.job.deliver(GenChunk(text=text[row.sent :], index=row.index, logprobs=self._unsent_logprobs(row)))
+            piece = _json_safe(row, text[row.sent :])
+            row.job.deliver(GenChunk(text=piece, index=row.index, logprobs=self._unsent_logprobs(row)))
             row.sent = len(text)
 
     def _unsent_logprobs(self, row: _Row) -> dict[str, Any] | None:
@@ -520,7 +523,7 @@ class _Tracker(StoppingCriteria):
         request = row.job.request
         if row.job.streaming:
             answers.choices[row.index] = Choice(row.index, "", reason)
-            rest = text[row.sent :] if len(text) > row.sent else ""
+            rest = _json_safe(row, text[row.sent :]) if len(text) > row.sent else ""
             row.sent = max(row.sent, len(text))
             deltas = tuple({"index": k, **call} for k, call in enumerate(calls))
             piece = GenChunk(text=rest, index=row.index, tool_calls=deltas, logprobs=self._unsent_logprobs(row))
@@ -549,6 +552,7 @@ class _Tracker(StoppingCriteria):
         if row.sampling.logprobs is not None:
             entries = [*(answers.prompt_logprobs or []), *row.logprobs] if _echoes(row) else row.logprobs
             logprobs = _openai_logprobs(self.tokenizer, entries, chat=_is_chat(row))[0]
+        text = _json_safe(row, text)
         if _echoes(row):
             text = (request.prompt or "") + text
         answers.choices[row.index] = Choice(row.index, text, reason, calls, logprobs)
@@ -1170,6 +1174,16 @@ def _refuse_fused(request: GenRequest) -> None:
             raise ValidationFailed(
                 f"logit fusion (experts decoding one answer together) cannot give {what}", param=param
             )
+
+
+def _json_safe(row: _Row, text: str) -> str:
+    """A JSON answer's text (a guided row's, not tool calls) with raw control characters in its strings escaped
+    (``serving/json_text.py``: xgrammar lets a string take them); the row keeps the state between stream pieces."""
+    if row.constraint is None or row.calls_tools:
+        return text
+    if row.json_text is None:
+        row.json_text = JsonText()
+    return row.json_text.feed(text)
 
 
 def _slot_name(slot: _Slot) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 
 from core.errors import ValidationFailed
 from serving.engine import MIXTURE_XARG, Choice, EngineUnavailable, GenChunk, GenerationFailed, GenRequest, GenResult
+from serving.json_text import JsonText
 from serving.vllm_client import Reply
 from serving.vllm_server import ADMIN_HINT, Server
 
@@ -71,35 +72,6 @@ def payload(request: GenRequest, *, stream: bool) -> tuple[str, dict[str, Any], 
             body["echo"] = True
         return "/v1/completions", body, False
     raise ValidationFailed("give exactly one of messages (chat) or prompt (completion)", param="messages")
-
-
-class JsonText:
-    """A JSON answer's text with the raw control characters inside its strings escaped. vLLM's structured outputs
-    (xgrammar 0.2.8) let a string take tokens that decode to U+0000-U+001F, which JSON forbids unescaped (seen on the
-    demo's experts near a schema's maxLength): the character is kept, written as ``\\u00XX``, so the answer parses.
-    ``feed`` takes the text whole or a stream's pieces in order."""
-
-    def __init__(self) -> None:
-        self._in_string = False
-        self._escaped = False
-
-    def feed(self, text: str) -> str:
-        out = []
-        for ch in text:
-            if self._in_string:
-                if self._escaped:
-                    self._escaped = False
-                elif ch == "\\":
-                    self._escaped = True
-                elif ch == '"':
-                    self._in_string = False
-                elif ch < " ":
-                    out.append(f"\\u{ord(ch):04x}")
-                    continue
-            elif ch == '"':
-                self._in_string = True
-            out.append(ch)
-        return "".join(out)
 
 
 def _choice(raw: dict[str, Any], *, chat: bool, json_answer: bool = False) -> Choice:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from serving.vllm_openai import JsonText
+from serving.json_text import JsonText
 
 
 def test_raw_control_characters_in_strings_are_escaped() -> None:
