@@ -42,6 +42,7 @@ from composition.composer import Composer, router_context  # noqa: E402
 from composition.factory import create_engine  # noqa: E402
 from composition.plan import Plan, Query  # noqa: E402
 from core.settings import Settings  # noqa: E402
+from evals.sources import install_example_sources  # noqa: E402
 from evals.tasks import TASKS, chat_messages  # noqa: E402
 from registry.db import make_engine, make_sessionmaker  # noqa: E402
 from registry.store import ArtifactStore  # noqa: E402
@@ -302,6 +303,7 @@ def main() -> None:
     parser.add_argument("--base", default="smollm2-135m-instruct")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
+    install_example_sources()  # a `mixer` composition names a demo task for its router's examples, as the app does
     report = asyncio.run(run(args))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "vllm-parity.json").write_text(json.dumps(report, indent=1))
