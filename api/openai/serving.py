@@ -217,14 +217,28 @@ class CompletionRun:
             )
             yield _event(ErrorResponse(error=detail))
         finally:
-            # a stream cut short before its usage came: the chunks with text are what it counts
-            note_tokens(self.kind, *(usage if usage is not None else (0, pieces)))
-            if not charged and self.tokens is not None:  # cut short (client gone, error): charge in the background
-                self.tokens.charge_later(sum(usage) if usage is not None else pieces)
-            close = getattr(stream.rest, "aclose", None)
-            if close is not None:  # cut short: closing the generation's stream stops it in the engine
-                await close()
+            await settle_stream(stream, self.kind, self.tokens, usage, pieces, charged=charged)
         yield b"data: [DONE]\n\n"
+
+
+async def settle_stream(
+    stream: AnswerStream,
+    kind: str,
+    tokens: TokenSink | None,
+    usage: tuple[int, int] | None,
+    pieces: int,
+    *,
+    charged: bool,
+) -> None:
+    """A stream's end, however it came: its tokens counted (cut short before its usage came, the pieces with text are
+    what it counts), charged in the background if they were not yet, and its generation closed (which stops it in the
+    engine when cut short). /v1's SSE and /v1/responses' events end here."""
+    note_tokens(kind, *(usage if usage is not None else (0, pieces)))
+    if not charged and tokens is not None:  # cut short (client gone, error)
+        tokens.charge_later(sum(usage) if usage is not None else pieces)
+    close = getattr(stream.rest, "aclose", None)
+    if close is not None:
+        await close()
 
 
 def _chat_choice(choice: Choice) -> ChatChoice:

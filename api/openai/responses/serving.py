@@ -31,7 +31,7 @@ from api.openai.responses.protocol import (
     TextDeltaEvent,
     TextDoneEvent,
 )
-from api.openai.serving import TokenSink
+from api.openai.serving import TokenSink, settle_stream
 from composition.plan import Answer, AnswerStream
 from core.errors import MoergeError
 from serving.engine import GenChunk
@@ -199,12 +199,7 @@ class ResponseRun:
                 )
             )
         finally:
-            note_tokens(self.kind, *(usage if usage is not None else (0, pieces)))
-            if not charged and self.tokens is not None:  # cut short (client gone, error): charge in the background
-                self.tokens.charge_later(sum(usage) if usage is not None else pieces)
-            close = getattr(stream.rest, "aclose", None)
-            if close is not None:  # cut short: closing the generation's stream stops it in the engine
-                await close()
+            await settle_stream(stream, self.kind, self.tokens, usage, pieces, charged=charged)
 
 
 class _Items:
