@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 
 # Above this many stacked columns (slots x rank) grouping by adapter beats the all-slots product.
 DENSE_SLOT_COLUMNS = 256
+# A packed layer's B (q/k/v: 3 output slices, gate/up: 2) goes in one product over a block matrix when tokens x
+# columns a slice is at most this, else one product per slice: one op instead of several pays for the zeros
+# multiplied only at small sizes (measured here: 8 columns a slice up to ~128 tokens, 48 only at 1 token).
+BLOCK_PRODUCT_WORK = 768
 
 
 def _stacked(weights: torch.Tensor) -> torch.Tensor:
@@ -343,8 +347,9 @@ def sgmv_expand_slice(
 # --- a whole LoRA linear layer in two products ------------------------------------------------------------
 # vLLM's CPU wrapper runs a packed layer (qkv: 3 slices, gate_up: 2) as one shrink and one expand per slice,
 # each a Python op with its own dispatch: 12 ops a decoder layer, where at one token per step the arithmetic
-# is a few microseconds. ``add_lora_linear`` packs the active slots' A of every slice into one matrix and their
-# B into one block matrix (each slice's columns at its offset), so a layer is x @ A.T then one addmm.
+# is a few microseconds. ``add_lora_linear`` packs the active slots' A of every slice into one matrix, so a layer
+# is x @ A.T then one addmm per output slice (or, for few tokens and columns, one over a block matrix of the
+# slices' B). Per slice, a six-member mixture's decode step at batch 16 cost 15 ms of LoRA work instead of 19.
 
 # Packed weights are kept per layer and set of active slots (about 15 MB per slot for SmolLM2-135M at rank 8,
 # 8x that at rank 64); past this many bytes the cache starts afresh, which bounds memory when batches keep
@@ -377,11 +382,32 @@ def _routing(indices: torch.Tensor, tokens: int) -> _Routing:
     return _remember(_Caches.routing, key, indices, _Routing(slots, uniform, hot, members, {}))  # type: ignore[no-any-return]
 
 
-class _Packed(NamedTuple):
+class SliceProduct(NamedTuple):
+    """One output slice's B product: ``y[:, out] += shrunk[:, columns] @ b``."""
+
+    columns: slice | torch.Tensor  # shrunk's columns that feed the slice (a view when they are contiguous)
+    b: torch.Tensor  # [len(columns), width]
+    out: slice  # the slice's output columns
+
+
+@dataclass
+class _Packed:
     a_t: torch.Tensor  # [in, columns]: every active slot's A rows (slot-major, slice after slice), transposed
-    b: torch.Tensor  # [columns, sum(output_slices)]: the matching B rows, each slice's at its output columns
+    slices: tuple[SliceProduct, ...]  # per output slice, every active slot's columns and B rows for it
+    per_slot: tuple[tuple[SliceProduct, ...], ...]  # per active slot, its slices (columns counted from its start)
     columns: tuple[int, ...]  # columns per active slot (its used rank, summed over slices)
     mixtures: tuple[SlotColumns | None, ...]  # per active slot: where a mixture slot's columns are, else None
+    block: torch.Tensor | None = None  # [columns, width]: the slices' B as one block matrix, built when first used
+
+    def block_matrix(self) -> torch.Tensor:
+        """Every slice's B in one matrix (zero rows for router columns, zeros off each slice's outputs)."""
+        if self.block is None:
+            width = max(p.out.stop for p in self.slices)
+            block = self.a_t.new_zeros(self.a_t.shape[1], width)
+            for columns, b, out in self.slices:
+                block[columns, out] = b
+            self.block = block
+        return self.block
 
 
 def _used_rank(a: torch.Tensor) -> int:
@@ -392,6 +418,13 @@ def _used_rank(a: torch.Tensor) -> int:
     return int(nonzero[-1]) + 1 if nonzero.numel() else 0
 
 
+def _columns(ranges: Sequence[tuple[int, int]]) -> slice | torch.Tensor:
+    """Column ranges as one slice when they follow each other, else an index tensor."""
+    if all(stop == ranges[i + 1][0] for i, (_, stop) in enumerate(ranges[:-1])):
+        return slice(ranges[0][0], ranges[-1][1])
+    return torch.cat([torch.arange(start, stop) for start, stop in ranges])
+
+
 def _packed(
     lora_a_stacked: Sequence[torch.Tensor],
     lora_b_stacked: Sequence[torch.Tensor],
@@ -399,47 +432,65 @@ def _packed(
     slots: tuple[int, ...],
     dtype: torch.dtype,
 ) -> _Packed:
-    """The active slots' A and B of every slice stacked (see :class:`_Packed`), padding rows dropped."""
+    """The active slots' A of every slice stacked, and per slice their B rows (see :class:`_Packed`), padding rows
+    dropped. B is kept per slice: in one block matrix a slice's rows are multiplied by the zeros of every other
+    slice's outputs (two thirds of a q/k/v product, half of a gate/up one), which pays only for few tokens and
+    columns (:data:`BLOCK_PRODUCT_WORK`)."""
     first = lora_a_stacked[0]
     packed, key = _cached(_Caches.packed, first, (lora_b_stacked[0].data_ptr(), slots, dtype))
     if packed is not None:
         return packed  # type: ignore[no-any-return]
     a_parts: list[torch.Tensor] = []
-    b_blocks: list[torch.Tensor] = []
     columns: list[int] = []
     mixtures: list[SlotColumns | None] = []
-    total = sum(output_slices)
+    per_slot: list[tuple[SliceProduct, ...]] = []
+    # per output slice: (column range, B rows [rank, width]) of every slot that adapts it
+    by_slice: list[list[tuple[tuple[int, int], torch.Tensor]]] = [[] for _ in output_slices]
+    outs: list[slice] = []
+    start = 0
     for slot in slots:
         offset, used_columns = 0, 0
         routing = _slot_routing(slot)
         slot_b: list[torch.Tensor] = []
         router_rows: list[torch.Tensor] = []
-        for a_stacked, b_stacked, width in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
+        own: list[SliceProduct] = []
+        outs = []
+        for s, (a_stacked, b_stacked, width) in enumerate(
+            zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True)
+        ):
             full = _stacked(a_stacked)[slot]  # [rank, in]
             # a mixture slot keeps its whole layout (its router rows are read, its zero rows are members' padding)
             rank = routing.lora_columns if routing is not None else _used_rank(full)
             a = full[:rank].to(dtype)
             b = _stacked(b_stacked)[slot][:, :rank].to(dtype)  # [out, rank]
-            block = a.new_zeros(rank, total)
             used = min(width, b.shape[0])
-            block[:, offset : offset + used] = b[:used].T
+            outs.append(slice(offset, offset + used))
+            if rank:
+                b_rows = b[:used].T.contiguous()
+                by_slice[s].append(((start + used_columns, start + used_columns + rank), b_rows))
+                own.append(SliceProduct(slice(used_columns, used_columns + rank), b_rows, outs[-1]))
             if routing is not None:
                 slot_b.append(_stacked(b_stacked)[slot][:, : routing.rank].to(dtype))
                 router_rows.append(full[routing.lora_columns : routing.rank].to(dtype))
             a_parts.append(a)
-            b_blocks.append(block)
             offset += width
             used_columns += rank
         if routing is not None:  # every slice's router rows after the LoRA rows: the router's dots in one view
             a_parts += router_rows
-            b_blocks += [r.new_zeros(r.shape[0], total) for r in router_rows]  # never output
             used_columns += sum(r.shape[0] for r in router_rows)
-        mixtures.append(None if routing is None else slot_columns(routing, sum(columns), slot_b))
+        mixtures.append(None if routing is None else slot_columns(routing, start, slot_b))
         columns.append(used_columns)
-    packed = _Packed(
-        torch.cat(a_parts).T.contiguous(), torch.cat(b_blocks).contiguous(), tuple(columns), tuple(mixtures)
+        per_slot.append(tuple(own))
+        start += used_columns
+    slices = tuple(
+        SliceProduct(_columns([r for r, _ in parts]), torch.cat([b for _, b in parts]), outs[s])
+        for s, parts in enumerate(by_slice)
+        if parts
     )
-    size = packed.a_t.numel() * packed.a_t.element_size() + packed.b.numel() * packed.b.element_size()
+    packed = _Packed(torch.cat(a_parts).T.contiguous(), slices, tuple(per_slot), tuple(columns), tuple(mixtures))
+    # with several slices a block matrix may be built too, at least as large as their B together
+    b_bytes = sum(p.b.numel() * p.b.element_size() for p in slices) * (2 if len(slices) > 1 else 1)
+    size = packed.a_t.numel() * packed.a_t.element_size() + b_bytes
     if _Caches.enabled:
         if _Caches.packed_bytes + size > PACKED_CACHE_BYTES:
             _Caches.packed.clear()
@@ -449,16 +500,18 @@ def _packed(
 
 
 class LinearPlan(NamedTuple):
-    """One mapping's LoRA work for one linear layer, ready to apply: ``y[:, :width] += scale * mask(x @ a_t) @ b``."""
+    """One mapping's LoRA work for one linear layer, ready to apply: per output slice,
+    ``y[:, out] += scale * mask(x @ a_t)[:, columns] @ b``."""
 
     a_t: torch.Tensor  # [in, columns]: the active slots' A rows, transposed
-    b: torch.Tensor  # [columns, width]
+    slices: tuple[SliceProduct, ...]
     scale: float
     mask: torch.Tensor | None  # [tokens, columns]: 1 where the token's slot owns the column; None if uniform
-    # many slots: (token rows, columns, the mixture slot's routing with its columns from 0) per slot
-    groups: tuple[tuple[torch.Tensor, slice, SlotColumns | None], ...] | None
+    # many slots: (token rows, columns, its slices, the mixture slot's routing with its columns from 0) per slot
+    groups: tuple[tuple[torch.Tensor, slice, tuple[SliceProduct, ...], SlotColumns | None], ...] | None
     tokens: int
     mixtures: tuple[SlotColumns, ...] = ()  # mixture slots among the columns: gated per token before B
+    block: torch.Tensor | None = None  # set: the slices' B as one block matrix, applied in one product instead
 
 
 def linear_plan(
@@ -475,32 +528,44 @@ def linear_plan(
     routing = _routing(token_indices, tokens)
     if not routing.slots:
         return None
-    a_t, b, columns, slot_mixtures = _packed(lora_a_stacked, lora_b_stacked, output_slices, routing.slots, dtype)
-    if a_t.shape[1] == 0:  # every active adapter is all zeros here
+    packed = _packed(lora_a_stacked, lora_b_stacked, output_slices, routing.slots, dtype)
+    a_t, columns = packed.a_t, packed.columns
+    if not packed.slices:  # every active adapter is all zeros here
         return None
-    mixtures = tuple(m for m in slot_mixtures if m is not None)
-    if routing.uniform:
-        return LinearPlan(a_t, b, scale, None, None, tokens, mixtures)
-    if a_t.shape[1] <= DENSE_SLOT_COLUMNS:
+    mixtures = tuple(m for m in packed.mixtures if m is not None)
+    if not routing.uniform and a_t.shape[1] > DENSE_SLOT_COLUMNS:
+        return _grouped_plan(packed, routing, scale, tokens)
+    mask = None
+    if not routing.uniform:
         mask = routing.masks.get((columns, dtype))
         if mask is None:
             mask = routing.hot.to(dtype).repeat_interleave(torch.tensor(columns), dim=1)
             routing.masks[(columns, dtype)] = mask
-        return LinearPlan(a_t, b, scale, mask, None, tokens, mixtures)
+    block = None
+    if len(packed.slices) > 1 and tokens * a_t.shape[1] <= BLOCK_PRODUCT_WORK * len(packed.slices):
+        block = packed.block_matrix()
+    elif len(packed.slices) == 1 and packed.slices[0].columns == slice(0, a_t.shape[1]):
+        block = packed.slices[0].b  # one slice fed by every column (no router columns): its B is the block
+    return LinearPlan(a_t, packed.slices, scale, mask, None, tokens, mixtures, block)
+
+
+def _grouped_plan(packed: _Packed, routing: _Routing, scale: float, tokens: int) -> LinearPlan:
     groups, start = [], 0
-    for rows, count, mixture in zip(routing.members, columns, slot_mixtures, strict=True):
-        if count and rows.numel():
-            groups.append((rows, slice(start, start + count), None if mixture is None else replace(mixture, start=0)))
+    for rows, count, own, mixture in zip(
+        routing.members, packed.columns, packed.per_slot, packed.mixtures, strict=True
+    ):
+        if own and rows.numel():
+            groups.append(
+                (rows, slice(start, start + count), own, None if mixture is None else replace(mixture, start=0))
+            )
         start += count
-    return LinearPlan(a_t, b, scale, None, tuple(groups), tokens)
+    return LinearPlan(packed.a_t, packed.slices, scale, None, tuple(groups), tokens)
 
 
 def apply_linear_plan(plan: LinearPlan, y: torch.Tensor, x: torch.Tensor) -> None:
-    """y (+)= the plan's LoRA term for x ([tokens, in]), in place; y's columns past the plan's width untouched."""
-    b = plan.b
-    target = y if y.shape[1] == b.shape[1] else y[:, : b.shape[1]]
-    if x.dtype != b.dtype:
-        x = x.to(b.dtype)
+    """y (+)= the plan's LoRA term for x ([tokens, in]), in place; y's columns outside the plan's slices untouched."""
+    if x.dtype != plan.a_t.dtype:
+        x = x.to(plan.a_t.dtype)
     requests = _Requests.rows
     if plan.groups is None:
         shrunk = torch.mm(x, plan.a_t)
@@ -508,14 +573,21 @@ def apply_linear_plan(plan: LinearPlan, y: torch.Tensor, x: torch.Tensor) -> Non
             shrunk.mul_(plan.mask)
         for slot_mix in plan.mixtures:
             gate_slot(slot_mix, shrunk, x, requests)
-        target.addmm_(shrunk, b, alpha=plan.scale)
+        block = plan.block
+        if block is not None:
+            (y if y.shape[1] == block.shape[1] else y[:, : block.shape[1]]).addmm_(shrunk, block, alpha=plan.scale)
+            return
+        for columns, b, out in plan.slices:
+            inputs = shrunk[:, columns] if isinstance(columns, slice) else shrunk.index_select(1, columns)
+            y[:, out].addmm_(inputs, b, alpha=plan.scale)
         return
-    for rows, block, mixture in plan.groups:
+    for rows, own_columns, own, mixture in plan.groups:
         rows_x = x.index_select(0, rows)
-        shrunk = rows_x @ plan.a_t[:, block]
+        shrunk = rows_x @ plan.a_t[:, own_columns]
         if mixture is not None:
             gate_slot(mixture, shrunk, rows_x, None if requests is None else fit_rows(requests, x.shape[0])[rows])
-        target.index_add_(0, rows, shrunk @ b[block], alpha=plan.scale)
+        for columns, b, out in own:
+            y[:, out].index_add_(0, rows, shrunk[:, columns] @ b, alpha=plan.scale)
 
 
 def add_lora_linear(

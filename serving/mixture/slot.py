@@ -282,6 +282,7 @@ class SlotColumns:
     all_available: bool
     gather: torch.Tensor  # [slices * L]: each LoRA column's gate, an index into the [tokens, slices * n] gates
     ks: tuple[int, ...]  # experts kept per token in each slice (top_k capped by its available members; 0: none)
+    equal_rank: int | None  # every member's columns, when they are alike (the usual case), else None
 
     @property
     def lora_stop(self) -> int:
@@ -305,7 +306,8 @@ def slot_columns(routing: SlotRouting, start: int, b_blocks: Sequence[torch.Tens
             constants[s] = b[:CONSTANT_ROWS, L:R].float()
     available = constants[:, AVAILABLE_ROW] > 0.5
     ks = tuple(min(routing.top_k, int(available[s].sum())) for s in range(S)) if routing.routed else (n,) * S
-    return SlotColumns(routing, start, S, constants, available, bool(available.all()), gather, ks)
+    equal_rank = routing.ranks[0] if len(set(routing.ranks)) == 1 else None
+    return SlotColumns(routing, start, S, constants, available, bool(available.all()), gather, ks, equal_rank)
 
 
 def slot_gates(
@@ -416,4 +418,12 @@ def gate_slot(columns: SlotColumns, shrunk: torch.Tensor, x: torch.Tensor, reque
     """Multiply, in place, the slot's LoRA columns of ``shrunk`` [tokens, >= stop] by each token's member weights
     (its router columns stay: B holds zeros there in the packed layer)."""
     gates = slot_gates(columns, shrunk[:, columns.start : columns.stop], x, request)
-    shrunk[:, columns.start : columns.lora_stop].mul_(gates.index_select(1, columns.gather))
+    lora = shrunk[:, columns.start : columns.lora_stop]
+    rank = columns.equal_rank
+    if rank is None:
+        lora.mul_(gates.index_select(1, columns.gather))
+        return
+    # members alike: each member's columns are one block of a view, scaled by its gate in place (no widened copy);
+    # a routed slot's gates differ per slice ([tokens, slices * n]), a weighted slot's do not ([tokens, n])
+    tokens, members = shrunk.shape[0], columns.routing.members
+    lora.view(tokens, columns.slices, members, rank).mul_(gates.view(tokens, -1, members, 1))

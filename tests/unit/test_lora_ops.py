@@ -261,10 +261,15 @@ def test_packed_weights_cache_stays_within_its_byte_budget(monkeypatch: pytest.M
     assert len(lora_ops._Caches.packed) == 2  # emptied at the fourth set, then the fourth and the first again
 
 
+@pytest.mark.parametrize("b_side", ["block", "slices"])
 @pytest.mark.parametrize(("slots", "pattern"), [(4, "one"), (4, "mixed"), (40, "mixed")])
-def test_packed_lora_linear_drops_vllms_rank_padding(slots: int, pattern: str) -> None:
+def test_packed_lora_linear_drops_vllms_rank_padding(
+    slots: int, pattern: str, b_side: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """vLLM pads an adapter of a smaller rank than --max-lora-rank with zero rows of A (and columns of B); the
-    packed layer leaves them out and still equals the reference, an all-zero slot included."""
+    packed layer leaves them out and still equals the reference, an all-zero slot included, whether B is applied
+    as one block matrix or slice by slice (a slice's columns spread over several slots: gathered)."""
+    monkeypatch.setattr(lora_ops, "BLOCK_PRODUCT_WORK", 10**9 if b_side == "block" else 0)
     gen = torch.Generator().manual_seed(40 + slots)
     tokens, slices = 19, (WIDE, 32)
     used = [(3 * s) % (RANK + 1) for s in range(slots)]  # 0 (an all-zero slot), 3, 6, 0, ...

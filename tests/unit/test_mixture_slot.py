@@ -38,6 +38,16 @@ def members(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> list[L
 
 
 @pytest.fixture(scope="module")
+def alike(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> list[LoraAdapter]:
+    """Four adapters of one rank on q/k/v (the usual mixture: the op scales each member's block of a view)."""
+    root = tmp_path_factory.mktemp("slot-alike")
+    return [
+        load_lora_adapter(build_tiny_lora(tiny_base, root / f"a{i}", r=4, alpha=8, target_modules=QKV, seed=90 + i))
+        for i in range(4)
+    ]
+
+
+@pytest.fixture(scope="module")
 def plain(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> LoraAdapter:
     return load_lora_adapter(
         build_tiny_lora(tiny_base, tmp_path_factory.mktemp("plain") / "p", r=8, target_modules=QKV)
@@ -174,6 +184,34 @@ def test_mixture_slot_equals_the_torch_mixture_layer_in_a_mixed_batch(
             y[leaf][6:9], (x[6:9] @ module.A.T) @ module.B.T * module.scale, rtol=1e-4, atol=1e-5
         )
         assert torch.count_nonzero(y[leaf][9:]) == 0
+
+
+@pytest.mark.parametrize("b_side", ["block", "slices"])
+@pytest.mark.parametrize("kind", ["arrow", "phatgoose", "mixer"])
+def test_members_of_one_rank_and_each_b_product_layout_equal_the_torch_layer(
+    kind: str,
+    b_side: str,
+    tiny_base: Path,
+    alike: list[LoraAdapter],
+    plain: LoraAdapter,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Members of one rank are gated through a view of their columns; B is applied per output slice, or as one
+    block matrix for few tokens: every way gives the torch mixture layer's answer, and the plain adapter's beside."""
+    monkeypatch.setattr(lora_ops, "BLOCK_PRODUCT_WORK", 10**9 if b_side == "block" else 0)
+    folder, states = _slot(tmp_path, alike, kind)
+    x = torch.randn(12, 32, generator=torch.Generator().manual_seed(6))
+    indices = torch.tensor([1] * 7 + [0] * 4 + [-1])
+    y = _split(_run_op(folder, plain, x, indices), plain)
+    expected = _reference(tiny_base, alike, kind, states, x[:7])
+    for leaf in QKV:
+        torch.testing.assert_close(y[leaf][:7], expected[leaf], rtol=1e-4, atol=1e-5)
+        module = plain.modules[f"{LAYER}.{leaf}"]
+        torch.testing.assert_close(
+            y[leaf][7:11], (x[7:11] @ module.A.T) @ module.B.T * module.scale, rtol=1e-4, atol=1e-5
+        )
+        assert torch.count_nonzero(y[leaf][11:]) == 0
 
 
 def test_the_routing_is_per_token_not_a_blend(members: list[LoraAdapter], plain: LoraAdapter, tmp_path: Path) -> None:
