@@ -7,11 +7,14 @@ units expert (``units-lora``), or the first stand-in. Every figure comes from mo
 (a managed ``vllm serve`` process; a mixture is written once as one adapter slot, ``serving/vllm_mixtures.py``)
 and ``TorchEngine`` (in this process). Chat requests cycle through ``serving_multi_lora.PROMPTS``; greedy.
 
-1. Throughput, N = 16 concurrent requests (``--concurrency``), natural length (EOS, at most ``--max-tokens``) and
-   fixed length (exactly ``--max-tokens`` = 32 tokens, ``ignore_eos``): completion tokens / wall time of
-   (a) an arrow top-2 mixture of the six experts in vLLM, (b) the plain adapter in vLLM, (c) the same mixture on
-   the torch engine. Target: (a) >= 0.8x (b). Also at 64 concurrent requests (``--wide``), and beside plain-adapter
-   traffic (N/2 mixture + N/2 plain requests at once; each group's tokens / the time until its last answer).
+1. Throughput, N = 16 concurrent requests (``--concurrency``): N clients, each sending ``--requests-per-client``
+   = 4 requests one after another (the next as soon as its last is answered, so N are in flight until the clients
+   run out), natural length (EOS, at most ``--max-tokens``) and fixed length (exactly ``--max-tokens`` = 32
+   tokens, ``ignore_eos``): completion tokens / wall time of (a) an arrow top-2 mixture of the six experts in vLLM,
+   (b) the plain adapter in vLLM, (c) the same mixture on the torch engine. Target: (a) >= 0.8x (b). Also at 64
+   concurrent clients (``--wide``), and beside plain-adapter traffic (N/2 mixture + N/2 plain clients at once;
+   each group's tokens / the time until its last answer). With one wave of N requests instead, a natural-length
+   figure is mostly the longest answer's length: a path whose other answers end sooner looks slower.
 2. Decode cost in vLLM at batch 1 and N: ms per decode step of the arrow mixture vs the plain adapter, as
    (time of a ``--step-tokens`` = 64-token fixed-length generation - time of a 1-token one) / 63, so the prefill
    cancels; the two models interleaved, median of ``--step-rounds`` rounds. Target: mixture <= 1.5x plain.
@@ -203,24 +206,46 @@ async def timed_round(engine: Engine, requests: list[GenRequest], what: str) -> 
     }
 
 
-async def timed_groups(engine: Engine, groups: dict[str, list[GenRequest]], what: str) -> dict[str, dict[str, Any]]:
-    """The groups' requests all at once (one ``generate`` call per group, started together): each group's tokens
-    over the time until its last answer, and ``all``: every token over the time until the last answer."""
+def clients(requests: list[GenRequest], n: int) -> list[list[GenRequest]]:
+    """``requests`` dealt to ``n`` clients (client c sends requests c, c + n, ...)."""
+    return [requests[c::n] for c in range(n)]
+
+
+async def timed_groups(
+    engine: Engine, groups: dict[str, list[list[GenRequest]]], what: str
+) -> dict[str, dict[str, Any]]:
+    """Every group's clients started together, each sending its requests one after another (closed loop): each
+    group's tokens over the time until its last answer, and ``all``: every token over the time until the last."""
     start = time.perf_counter()
 
-    async def one(requests: list[GenRequest]) -> tuple[float, list[GenResult]]:
-        results = await engine.generate(requests)
-        return time.perf_counter() - start, _ok(results, what)
+    async def client(requests: list[GenRequest]) -> tuple[float, list[GenResult]]:
+        results: list[GenResult] = []
+        for request in requests:
+            results += _ok(await engine.generate([request]), what)
+        return time.perf_counter() - start, results
 
-    done = await asyncio.gather(*(one(requests) for requests in groups.values()))
+    done = {
+        name: await_all
+        for name, await_all in zip(
+            groups,
+            await asyncio.gather(*(asyncio.gather(*(client(c) for c in group)) for group in groups.values())),
+            strict=True,
+        )
+    }
     out: dict[str, dict[str, Any]] = {}
-    for name, (wall, results) in zip(groups, done, strict=True):
-        tokens = sum(r.completion_tokens for r in results)
-        out[name] = {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall}
-    wall = max(w for w, _ in done)
+    for name, ended in done.items():
+        tokens = [r.completion_tokens for _, results in ended for r in results]
+        wall = max(w for w, _ in ended)
+        out[name] = {"wall_s": wall, "tokens": sum(tokens), "tokens_per_s": sum(tokens) / wall, "answers": len(tokens)}
+    wall = max(part["wall_s"] for part in out.values())
     tokens = sum(part["tokens"] for part in out.values())
     out["all"] = {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall}
     return out
+
+
+async def timed_clients(engine: Engine, requests: list[list[GenRequest]], what: str) -> dict[str, Any]:
+    """``requests`` per client, the clients started together, each closed loop: wall time, tokens, tokens/s."""
+    return (await timed_groups(engine, {"all": requests}, what))["all"]
 
 
 def median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -245,6 +270,7 @@ class Plan:
     n: int  # concurrent requests
     wide: int  # the larger concurrency (0: skipped)
     torch: bool
+    per_client: int = 4  # requests each client sends one after another in the throughput measurements
 
 
 class Bench:
@@ -313,8 +339,9 @@ class Bench:
                     if torch_engine is not None:
                         paths.append(("torch arrow mixture", torch_engine, self.arrow))
                     for path, engine, target in paths:
-                        reqs = chat_requests(target, n, sampling, weighted=target is self.weighted)
-                        got = await timed_round(engine, reqs, f"{path}, {workload}, {n}")
+                        per = p.per_client if n == p.n else 1  # the wide scenario: one wave (the torch path is slow)
+                        reqs = chat_requests(target, n * per, sampling, weighted=target is self.weighted)
+                        got = await timed_clients(engine, clients(reqs, n), f"{path}, {workload}, {n}")
                         single.setdefault((workload, n, path), []).append(got)
                         say(
                             f"round {r + 1} {workload:7s} {n:3d} concurrent  {path:22s} {got['tokens_per_s']:7.1f} "
@@ -324,9 +351,10 @@ class Bench:
                 if torch_engine is not None:
                     beside_paths.append(("torch", torch_engine))
                 for path, engine in beside_paths:
+                    count = half * p.per_client
                     groups = {
-                        "mixture": chat_requests(self.arrow, half, sampling),
-                        "plain": chat_requests(self.plain, half, sampling, offset=half),
+                        "mixture": clients(chat_requests(self.arrow, count, sampling), half),
+                        "plain": clients(chat_requests(self.plain, count, sampling, offset=count), half),
                     }
                     got_groups = await timed_groups(engine, groups, f"{path} beside, {workload}")
                     beside.setdefault((workload, path), []).append(got_groups)
@@ -410,12 +438,12 @@ class Bench:
             await small.ensure_server(self.plain)
             say(f"vllm (--max-lora-rank {PLAIN_RANK}): server up in {time.perf_counter() - start:.0f} s")
             await self.warm(small, f"vllm rank {PLAIN_RANK}", [("plain", self.plain, False)])
-            reqs = chat_requests(self.plain, p.n, fixed(p.max_tokens))
+            reqs = clients(chat_requests(self.plain, p.n * p.per_client, fixed(p.max_tokens)), p.n)
             servers = [(MIXTURE_RANK, wide), (PLAIN_RANK, small)]
             rounds: dict[int, list[dict[str, Any]]] = {MIXTURE_RANK: [], PLAIN_RANK: []}
             for r in range(max(p.rounds, 3)):
                 for rank, engine in servers if r % 2 == 0 else servers[::-1]:
-                    rounds[rank].append(await timed_round(engine, reqs, f"plain on the rank-{rank} server"))
+                    rounds[rank].append(await timed_clients(engine, reqs, f"plain on the rank-{rank} server"))
                     say(f"round {r + 1} plain adapter, --max-lora-rank {rank}: {rounds[rank][-1]['tokens_per_s']:.1f}")
         finally:
             await small.close()
@@ -518,7 +546,8 @@ def report(results: dict[str, Any]) -> str:
         + " (the machine is shared).",
         "",
         f"Throughput, tokens/s (completion tokens / wall time; natural = EOS within {p['max_tokens']} tokens, fixed ="
-        f" exactly {p['max_tokens']}):",
+        f" exactly {p['max_tokens']}; {n} concurrent: {n} clients, each sending {p.get('requests_per_client', 1)} "
+        f"requests one after another; {p['wide']}: one wave of {p['wide']} requests):",
         "",
         "| workload | concurrent | path | tokens/s | tokens | wall s |",
         "| --- | ---: | --- | ---: | ---: | ---: |",
@@ -590,6 +619,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32, help="fixed length (and natural length's cap)")
     parser.add_argument("--step-tokens", type=int, default=64, help="generation length of the decode-step measure")
     parser.add_argument("--concurrency", type=int, default=16, help="concurrent requests (N)")
+    parser.add_argument(
+        "--requests-per-client", type=int, default=4, help="throughput: requests each of the N clients sends in turn"
+    )
     parser.add_argument("--wide", type=int, default=64, help="the larger concurrency (0: skip)")
     parser.add_argument("--skip-torch", action="store_true", help="leave out the torch engine (slow)")
     parser.add_argument("--stand-ins", action="store_true", help="random rank-8 adapters even if demo experts exist")
@@ -598,8 +630,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.step_rounds, args.concurrency, args.max_tokens, args.step_tokens, args.wide = 1, 1, 4, 8, 8, 0
+        args.requests_per_client = 1
     if args.concurrency < 2 or args.step_tokens < 2 or args.rounds < 1 or args.step_rounds < 1:
         parser.error("--concurrency and --step-tokens need at least 2, the rounds at least 1")
+    if args.requests_per_client < 1:
+        parser.error("--requests-per-client needs at least 1")
     plan = Plan(
         rounds=args.rounds,
         step_rounds=args.step_rounds,
@@ -608,6 +643,7 @@ def main() -> None:
         n=args.concurrency,
         wide=args.wide,
         torch=not args.skip_torch,
+        per_client=args.requests_per_client,
     )
     began = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="moerge-vllm-mixtures-"))
