@@ -37,6 +37,7 @@ import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -106,11 +107,12 @@ class SlotRouting:
     def routed(self) -> bool:
         return self.kind in ROUTED_KINDS
 
-    @property
+    # cached: the op reads these on every layer call of a decode step
+    @cached_property
     def lora_columns(self) -> int:
         return sum(self.ranks)
 
-    @property
+    @cached_property
     def rank(self) -> int:
         """The slot's LoRA rank R (what vLLM's --max-lora-rank must hold)."""
         return self.lora_columns + (self.members if self.routed else 0)
@@ -284,11 +286,11 @@ class SlotColumns:
     ks: tuple[int, ...]  # experts kept per token in each slice (top_k capped by its available members; 0: none)
     equal_rank: int | None  # every member's columns, when they are alike (the usual case), else None
 
-    @property
+    @cached_property
     def lora_stop(self) -> int:
         return self.start + self.slices * self.routing.lora_columns
 
-    @property
+    @cached_property
     def stop(self) -> int:
         return self.start + self.slices * self.routing.rank
 
