@@ -10,8 +10,10 @@ runs on a GPU machine (MOERGE_VLLM_LORA_OPS=vllm, MOERGE_VLLM_COMPILE=0: vLLM's 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -141,12 +143,25 @@ def test_clients_that_hang_up_stop_their_generations(live: dict[str, Any]) -> No
     tokens_before = vllm_metric(vllm_url, "vllm:generation_tokens_total")
     body = {"model": "lora-0", "prompt": "Once upon a time", "max_tokens": FORCED, "ignore_eos": True}
 
+    address = httpx.URL(live["url"])
+    request = (
+        f"POST /v1/completions HTTP/1.1\r\nhost: {address.host}\r\ncontent-type: application/json\r\n"
+        f"authorization: {headers['authorization']}\r\ncontent-length: {len(json.dumps(body))}\r\n\r\n"
+        f"{json.dumps(body)}"
+    ).encode()
+
     def hang_up(_: int) -> str:
-        try:
-            resp = httpx.post(f"{live['url']}/v1/completions", headers=headers, json=body, timeout=1.0)
-        except httpx.TimeoutException:
-            return "hung up"
-        return f"answered {resp.status_code}"
+        """Sends the request on a bare socket and closes it a second later (an HTTP client's timeout does the same,
+        but its own set-up and timers ran several seconds late when vLLM kept both cores busy)."""
+        with socket.create_connection((address.host, address.port), timeout=10) as conn:
+            conn.sendall(request)
+            time.sleep(1.0)
+            conn.setblocking(False)
+            try:
+                answer = conn.recv(64)
+            except BlockingIOError:
+                return "hung up"
+        return f"answered {answer.split(b' ')[1].decode()}" if answer else "hung up"
 
     def hang_up_streaming(_: int) -> str:
         with httpx.stream(
@@ -178,8 +193,8 @@ def test_clients_that_hang_up_stop_their_generations(live: dict[str, Any]) -> No
     assert finished <= answered, f"{finished:g} of the 8 non-streamed generations ran to the end ({outcomes})"
     with ThreadPoolExecutor(4) as pool:
         assert list(pool.map(hang_up_streaming, range(4))) == ["hung up"] * 4
-    finished, generated = settled()
-    assert finished == 0, f"{finished:g} of the 4 streamed generations ran to the end"
+    finished, generated = settled()  # since the start: the non-streamed answers that came are among them
+    assert finished <= answered, f"{finished - answered:g} of the 4 streamed generations ran to the end"
     assert generated < 12 * FORCED / 2, generated
     # the server still answers
     reply = live["client"].completions.create(model="lora-0", prompt="hello", max_tokens=4, temperature=0)
