@@ -418,7 +418,7 @@ def fit_rows(request: torch.Tensor, tokens: int, width: int | None = None) -> to
 
 def gate_slot(columns: SlotColumns, shrunk: torch.Tensor, x: torch.Tensor, request: torch.Tensor | None) -> None:
     """Multiply, in place, the slot's LoRA columns of ``shrunk`` [tokens, >= stop] by each token's member weights
-    (its router columns stay: B holds zeros there in the packed layer)."""
+    (its router columns stay: no B product reads them)."""
     gates = slot_gates(columns, shrunk[:, columns.start : columns.stop], x, request)
     lora = shrunk[:, columns.start : columns.lora_stop]
     rank = columns.equal_rank

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from serving.json_text import JsonText
 
 
 def test_raw_control_characters_in_strings_are_escaped() -> None:
     raw = '{"answer":"neg\x00ative\x1f","note":"a \\"quoted\\" \\\\ back\x07slash"}'
-    try:
+    with pytest.raises(json.JSONDecodeError):  # the raw text does not parse
         json.loads(raw)
-        raise AssertionError("the raw text must not parse")
-    except json.JSONDecodeError:
-        pass
     fixed = JsonText().feed(raw)
     assert json.loads(fixed) == {"answer": "neg\x00ative\x1f", "note": 'a "quoted" \\ back\x07slash'}
     streamed = JsonText()

@@ -170,20 +170,35 @@ def test_mixture_slot_equals_the_torch_mixture_layer_in_a_mixed_batch(
 ) -> None:
     if not dense:
         monkeypatch.setattr(lora_ops, "DENSE_SLOT_COLUMNS", 0)
-    folder, states = _slot(tmp_path, members, kind)
-    gen = torch.Generator().manual_seed(5)
-    x = torch.randn(11, 32, generator=gen)
     # tokens 0-5: the mixture; 6-8: the plain adapter; 9-10: no adapter
-    indices = torch.tensor([1] * 6 + [0] * 3 + [-1] * 2)
+    _check_mixed_batch(tiny_base, tmp_path, members, plain, kind, (6, 3, 2), seed=5)
+
+
+def _check_mixed_batch(
+    tiny_base: Path,
+    tmp_path: Path,
+    members: list[LoraAdapter],
+    plain: LoraAdapter,
+    kind: str,
+    counts: tuple[int, int, int],
+    seed: int,
+) -> None:
+    """A batch of ``counts`` tokens (the mixture's, the plain adapter's, no adapter's) through the op: the mixture's
+    rows equal the torch mixture layer's, the adapter's its own path, the rest nothing."""
+    folder, states = _slot(tmp_path, members, kind)
+    mix, adapter, none = counts
+    x = torch.randn(mix + adapter + none, 32, generator=torch.Generator().manual_seed(seed))
+    indices = torch.tensor([1] * mix + [0] * adapter + [-1] * none)
     y = _split(_run_op(folder, plain, x, indices), plain)
-    expected = _reference(tiny_base, members, kind, states, x[:6])
+    expected = _reference(tiny_base, members, kind, states, x[:mix])
+    own = slice(mix, mix + adapter)
     for leaf in QKV:
-        torch.testing.assert_close(y[leaf][:6], expected[leaf], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(y[leaf][:mix], expected[leaf], rtol=1e-4, atol=1e-5)
         module = plain.modules[f"{LAYER}.{leaf}"]
         torch.testing.assert_close(
-            y[leaf][6:9], (x[6:9] @ module.A.T) @ module.B.T * module.scale, rtol=1e-4, atol=1e-5
+            y[leaf][own], (x[own] @ module.A.T) @ module.B.T * module.scale, rtol=1e-4, atol=1e-5
         )
-        assert torch.count_nonzero(y[leaf][9:]) == 0
+        assert torch.count_nonzero(y[leaf][mix + adapter :]) == 0
 
 
 @pytest.mark.parametrize("b_side", ["block", "slices"])
@@ -200,18 +215,7 @@ def test_members_of_one_rank_and_each_b_product_layout_equal_the_torch_layer(
     """Members of one rank are gated through a view of their columns; B is applied per output slice, or as one
     block matrix for few tokens: every way gives the torch mixture layer's answer, and the plain adapter's beside."""
     monkeypatch.setattr(lora_ops, "BLOCK_PRODUCT_WORK", 10**9 if b_side == "block" else 0)
-    folder, states = _slot(tmp_path, alike, kind)
-    x = torch.randn(12, 32, generator=torch.Generator().manual_seed(6))
-    indices = torch.tensor([1] * 7 + [0] * 4 + [-1])
-    y = _split(_run_op(folder, plain, x, indices), plain)
-    expected = _reference(tiny_base, alike, kind, states, x[:7])
-    for leaf in QKV:
-        torch.testing.assert_close(y[leaf][:7], expected[leaf], rtol=1e-4, atol=1e-5)
-        module = plain.modules[f"{LAYER}.{leaf}"]
-        torch.testing.assert_close(
-            y[leaf][7:11], (x[7:11] @ module.A.T) @ module.B.T * module.scale, rtol=1e-4, atol=1e-5
-        )
-        assert torch.count_nonzero(y[leaf][11:]) == 0
+    _check_mixed_batch(tiny_base, tmp_path, alike, plain, kind, (7, 4, 1), seed=6)
 
 
 def test_the_routing_is_per_token_not_a_blend(members: list[LoraAdapter], plain: LoraAdapter, tmp_path: Path) -> None:
