@@ -224,16 +224,12 @@ async def timed_groups(
             results += _ok(await engine.generate([request]), what)
         return time.perf_counter() - start, results
 
-    done = {
-        name: await_all
-        for name, await_all in zip(
-            groups,
-            await asyncio.gather(*(asyncio.gather(*(client(c) for c in group)) for group in groups.values())),
-            strict=True,
-        )
-    }
+    async def group(members: list[list[GenRequest]]) -> list[tuple[float, list[GenResult]]]:
+        return await asyncio.gather(*(client(requests) for requests in members))
+
+    ended_by_group = await asyncio.gather(*(group(members) for members in groups.values()))
     out: dict[str, dict[str, Any]] = {}
-    for name, ended in done.items():
+    for name, ended in zip(groups, ended_by_group, strict=True):
         tokens = [r.completion_tokens for _, results in ended for r in results]
         wall = max(w for w, _ in ended)
         out[name] = {"wall_s": wall, "tokens": sum(tokens), "tokens_per_s": sum(tokens) / wall, "answers": len(tokens)}
@@ -245,7 +241,7 @@ async def timed_groups(
 
 async def timed_clients(engine: Engine, requests: list[list[GenRequest]], what: str) -> dict[str, Any]:
     """``requests`` per client, the clients started together, each closed loop: wall time, tokens, tokens/s."""
-    return (await timed_groups(engine, {"all": requests}, what))["all"]
+    return (await timed_groups(engine, {"clients": requests}, what))["clients"]
 
 
 def median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
