@@ -5,13 +5,19 @@ The model is SmolLM2-135M-Instruct (float32); the mixture's members are the six 
 and cached, else six seeded random rank-8 LoRAs (``--stand-ins`` forces those); the plain adapter is the demo's
 units expert (``units-lora``), or the first stand-in. Every figure comes from moerge's own engines: ``VLLMEngine``
 (a managed ``vllm serve`` process; a mixture is written once as one adapter slot, ``serving/vllm_mixtures.py``)
-and ``TorchEngine`` (in this process). Chat requests cycle through ``serving_multi_lora.PROMPTS``; greedy.
+and ``TorchEngine`` (in this process). Greedy chat requests; their prompts take turns: with the demo experts, eval-split
+prompts of the six demo tasks (what a composition of them is asked), with stand-ins ``serving_multi_lora.PROMPTS``.
 
 1. Throughput, N = 16 concurrent requests (``--concurrency``): N clients, each sending ``--requests-per-client``
    = 4 requests one after another (the next as soon as its last is answered, so N are in flight until the clients
-   run out), natural length (EOS, at most ``--max-tokens``) and fixed length (exactly ``--max-tokens`` = 32
-   tokens, ``ignore_eos``): completion tokens / wall time of (a) an arrow top-2 mixture of the six experts in vLLM,
-   (b) the plain adapter in vLLM, (c) the same mixture on the torch engine. Target: (a) >= 0.8x (b). Also at 64
+   run out), natural length and fixed length (exactly ``--max-tokens`` = 32 tokens, ``ignore_eos``): completion
+   tokens / wall time of (a) an arrow top-2 mixture of the six experts in vLLM, (b) the plain adapter in vLLM,
+   (c) the same mixture on the torch engine. Natural length: the mixture's answers end at EOS (at most
+   ``--max-tokens``); the plain adapter then writes answers of the very same lengths (each prompt's mixture answer
+   length, ``ignore_eos``), as vLLM's serving benchmark replays a dataset's output lengths: models that answer at
+   different lengths (the demo's arrow mixture answers in ~3 tokens, ``units-lora`` in ~7) would otherwise compare
+   their answers' lengths, not their serving costs. The plain adapter's own answers are timed too, for reference.
+   Target: (a) >= 0.8x (b). Also at 64
    concurrent clients (``--wide``), and beside plain-adapter traffic (N/2 mixture + N/2 plain clients at once;
    each group's tokens / the time until its last answer). With one wave of N requests instead, a natural-length
    figure is mostly the longest answer's length: a path whose other answers end sooner looks slower.
@@ -48,7 +54,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +73,8 @@ ARROW_PARAMS = {"temperature": 1.0, "top_k": 2}
 MEMBERS = 6
 PAIR_WEIGHTS = (1 / (1 + math.exp(-1)), 1 - 1 / (1 + math.exp(-1)))  # softmax of (1, 0): 0.73, 0.27
 MIXTURE_RANK, PLAIN_RANK = 64, 8  # --max-lora-rank of the server sized for mixtures, and of a plain one
+PROMPTS_PER_TASK = 8  # demo experts: the requests' prompts are this many eval-split prompts of each demo task
+OWN_ANSWERS = "vllm plain adapter, own answers"  # natural length: the plain adapter's own (EOS) answers, for reference
 
 
 def load_text() -> str:
@@ -90,6 +98,8 @@ class Models:
     slugs: tuple[str, ...]
     plain: int  # index of the plain adapter among ``adapters``
     source: str
+    prompts: tuple[str, ...]  # the chat requests' prompts, in turn
+    prompt_source: str
 
     @property
     def plain_slug(self) -> str:
@@ -140,32 +150,52 @@ def find_models(stand_ins: bool, work: Path) -> Models:
         tasks = [folder.name.rpartition("-")[0] for folder in demo]  # "<task>-<recipe digest>"
         slugs = tuple(f"{task.replace('_', '-')}-lora" for task in tasks)
         plain = tasks.index("units") if "units" in tasks else 0
-        return Models(base_dir, tuple(demo), slugs, plain, "the six demo experts")
+        return Models(base_dir, tuple(demo), slugs, plain, "the six demo experts", *task_prompts(tasks))
     start = time.perf_counter()
     folders = make_adapters(base_dir, work / "adapters", MEMBERS)
     say(f"made {MEMBERS} random rank-8 stand-in adapters in {time.perf_counter() - start:.0f} s")
     slugs = tuple(f"stand-in-{i}" for i in range(MEMBERS))
-    return Models(base_dir, tuple(folders), slugs, 0, "six seeded random rank-8 LoRAs (stand-ins)")
+    generic = "four generic prompts (`serving_multi_lora.PROMPTS`)"
+    return Models(
+        base_dir, tuple(folders), slugs, 0, "six seeded random rank-8 LoRAs (stand-ins)", tuple(PROMPTS), generic
+    )
+
+
+def task_prompts(tasks: Sequence[str]) -> tuple[tuple[str, ...], str]:
+    """The demo tasks' eval-split prompts (what a composition of the demo experts is asked), the tasks taking turns."""
+    from evals.tasks import TASKS
+
+    per_task = [[e.prompt for e in TASKS.get(task).examples("eval", PROMPTS_PER_TASK)] for task in tasks]
+    prompts = tuple(prompt for turn in zip(*per_task, strict=True) for prompt in turn)
+    return prompts, f"{len(prompts)} eval-split prompts of the six demo tasks ({PROMPTS_PER_TASK} each, taking turns)"
 
 
 def chat_requests(
-    target: Target, n: int, sampling: Sampling, *, weighted: bool = False, offset: int = 0
+    target: Target,
+    n: int,
+    sampling: Sampling,
+    prompts: Sequence[str],
+    *,
+    weighted: bool = False,
+    offset: int = 0,
+    lengths: Mapping[str, int] | None = None,
 ) -> list[GenRequest]:
-    """``n`` chat requests on ``target``, the prompts cycling; a weighted mixture's requests each bring weights on
-    two neighbouring members (which two turns with the request)."""
+    """``n`` chat requests on ``target``, the ``prompts`` cycling; a weighted mixture's requests each bring weights
+    on two neighbouring members (which two turns with the request). With ``lengths`` (tokens per prompt) each request
+    writes exactly its prompt's number of tokens instead of following ``sampling``'s length."""
     out = []
     for i in range(n):
+        prompt = prompts[(i + offset) % len(prompts)]
         weights = None
         if weighted:
             first = (i + offset) % MEMBERS
             vector = [0.0] * MEMBERS
             vector[first], vector[(first + 1) % MEMBERS] = PAIR_WEIGHTS
             weights = tuple(vector)
-        prompt = PROMPTS[(i + offset) % len(PROMPTS)]
         out.append(
             GenRequest(
                 target,
-                sampling,
+                sampling if lengths is None else fixed(max(1, lengths[prompt])),
                 messages=[{"role": "user", "content": prompt}],
                 request_id=f"bench-{offset + i}",
                 mixture_weights=weights,
@@ -212,16 +242,20 @@ def clients(requests: list[GenRequest], n: int) -> list[list[GenRequest]]:
 
 
 async def timed_groups(
-    engine: Engine, groups: dict[str, list[list[GenRequest]]], what: str
+    engine: Engine, groups: dict[str, list[list[GenRequest]]], what: str, lengths: dict[str, int] | None = None
 ) -> dict[str, dict[str, Any]]:
     """Every group's clients started together, each sending its requests one after another (closed loop): each
-    group's tokens over the time until its last answer, and ``all``: every token over the time until the last."""
+    group's tokens over the time until its last answer, and ``all``: every token over the time until the last.
+    ``lengths``, when given, collects each prompt's answer length (tokens)."""
     start = time.perf_counter()
+    lengths = {} if lengths is None else lengths
 
     async def client(requests: list[GenRequest]) -> tuple[float, list[GenResult]]:
         results: list[GenResult] = []
         for request in requests:
             results += _ok(await engine.generate([request]), what)
+            if request.messages:
+                lengths[request.messages[-1]["content"]] = results[-1].completion_tokens
         return time.perf_counter() - start, results
 
     async def group(members: list[list[GenRequest]]) -> list[tuple[float, list[GenResult]]]:
@@ -239,9 +273,11 @@ async def timed_groups(
     return out
 
 
-async def timed_clients(engine: Engine, requests: list[list[GenRequest]], what: str) -> dict[str, Any]:
+async def timed_clients(
+    engine: Engine, requests: list[list[GenRequest]], what: str, lengths: dict[str, int] | None = None
+) -> dict[str, Any]:
     """``requests`` per client, the clients started together, each closed loop: wall time, tokens, tokens/s."""
-    return (await timed_groups(engine, {"clients": requests}, what))["clients"]
+    return (await timed_groups(engine, {"clients": requests}, what, lengths))["clients"]
 
 
 def median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -293,6 +329,20 @@ class Bench:
         self.results.setdefault("vllm", {"lora_ops": config.lora_ops, "compiled": config.compile})
         return VLLMEngine(config)
 
+    def requests(
+        self,
+        target: Target,
+        n: int,
+        sampling: Sampling,
+        *,
+        weighted: bool = False,
+        offset: int = 0,
+        lengths: Mapping[str, int] | None = None,
+    ) -> list[GenRequest]:
+        return chat_requests(
+            target, n, sampling, self.models.prompts, weighted=weighted, offset=offset, lengths=lengths
+        )
+
     def mark(self, name: str) -> None:
         self.results["load"][name] = load_text()
         say(f"-- {name}: load average {self.results['load'][name]}")
@@ -304,19 +354,22 @@ class Bench:
         short fixed-length round (at most 8 tokens) at each batch size the benchmark uses."""
         for name, target, weighted in targets:
             start = time.perf_counter()
-            _ok(await engine.generate(chat_requests(target, 1, fixed(2), weighted=weighted)), f"warm-up {name}")
+            _ok(await engine.generate(self.requests(target, 1, fixed(2), weighted=weighted)), f"warm-up {name}")
             say(f"{label}: {name} ready in {time.perf_counter() - start:.1f} s (first request)")
         sizes = sorted({1, self.plan.n // 2, self.plan.n, *([self.plan.wide] if self.plan.wide else [])})
         start = time.perf_counter()
         for size in sizes:
             for name, target, weighted in targets:
-                reqs = chat_requests(target, size, fixed(min(self.plan.max_tokens, 8)), weighted=weighted)
+                reqs = self.requests(target, size, fixed(min(self.plan.max_tokens, 8)), weighted=weighted)
                 _ok(await engine.generate(reqs), f"warm-up {name}")
         say(f"{label}: warmed at batch sizes {sizes} in {time.perf_counter() - start:.1f} s")
 
     # 1 and 5: throughput
 
     async def throughput(self, vllm: Engine, torch_engine: Engine | None) -> None:
+        """Natural length: the mixture's answers end at EOS; the plain adapter then writes answers of the very same
+        lengths (each prompt's mixture answer length, ignore_eos), so both produce the same tokens for the same
+        prompts and tokens/s compares the cost of serving them. Its own answers (EOS) are timed too."""
         p = self.plan
         workloads = {"natural": natural(p.max_tokens), "fixed": fixed(p.max_tokens)}
         scenarios = [p.n, *([p.wide] if p.wide else [])]
@@ -325,19 +378,30 @@ class Bench:
         beside: dict[tuple[str, str], list[dict[str, dict[str, Any]]]] = {}
         for r in range(p.rounds):
             for workload, sampling in workloads.items():
+                matched: dict[int, dict[str, int]] = {}  # per scenario: the mixture's answer length per prompt
                 for n in scenarios:
-                    paths: list[tuple[str, Engine, Target]] = [
-                        ("vllm arrow mixture", vllm, self.arrow),
-                        ("vllm plain adapter", vllm, self.plain),
+                    per = p.per_client if n == p.n else 1  # the wide scenario: one wave (the torch path is slow)
+                    paths: list[tuple[str, Engine, Target, Mapping[str, int] | None]] = [
+                        ("vllm arrow mixture", vllm, self.arrow, None),
+                        (
+                            "vllm plain adapter",
+                            vllm,
+                            self.plain,
+                            matched.setdefault(n, {}) if workload == "natural" else None,
+                        ),
                     ]
+                    if workload == "natural":
+                        paths.append((OWN_ANSWERS, vllm, self.plain, None))
                     if workload == "fixed" and n == p.n:
-                        paths.append(("vllm weighted mixture", vllm, self.weighted))
+                        paths.append(("vllm weighted mixture", vllm, self.weighted, None))
                     if torch_engine is not None:
-                        paths.append(("torch arrow mixture", torch_engine, self.arrow))
-                    for path, engine, target in paths:
-                        per = p.per_client if n == p.n else 1  # the wide scenario: one wave (the torch path is slow)
-                        reqs = chat_requests(target, n * per, sampling, weighted=target is self.weighted)
-                        got = await timed_clients(engine, clients(reqs, n), f"{path}, {workload}, {n}")
+                        paths.append(("torch arrow mixture", torch_engine, self.arrow, None))
+                    for path, engine, target, lengths in paths:
+                        reqs = self.requests(
+                            target, n * per, sampling, weighted=target is self.weighted, lengths=lengths
+                        )
+                        record = matched[n] if workload == "natural" and path == "vllm arrow mixture" else None
+                        got = await timed_clients(engine, clients(reqs, n), f"{path}, {workload}, {n}", record)
                         single.setdefault((workload, n, path), []).append(got)
                         say(
                             f"round {r + 1} {workload:7s} {n:3d} concurrent  {path:22s} {got['tokens_per_s']:7.1f} "
@@ -348,9 +412,12 @@ class Bench:
                     beside_paths.append(("torch", torch_engine))
                 for path, engine in beside_paths:
                     count = half * p.per_client
+                    lengths = matched.get(p.n) if workload == "natural" else None
                     groups = {
-                        "mixture": clients(chat_requests(self.arrow, count, sampling), half),
-                        "plain": clients(chat_requests(self.plain, count, sampling, offset=count), half),
+                        "mixture": clients(self.requests(self.arrow, count, sampling), half),
+                        "plain": clients(
+                            self.requests(self.plain, count, sampling, offset=count, lengths=lengths), half
+                        ),
                     }
                     got_groups = await timed_groups(engine, groups, f"{path} beside, {workload}")
                     beside.setdefault((workload, path), []).append(got_groups)
@@ -377,8 +444,8 @@ class Bench:
         for r in range(p.step_rounds):
             for batch in sorted({1, p.n}):
                 for name, target in models if r % 2 == 0 else models[::-1]:  # who goes first alternates
-                    one = await timed_round(vllm, chat_requests(target, batch, fixed(1)), f"decode {name}")
-                    full = await timed_round(vllm, chat_requests(target, batch, fixed(long)), f"decode {name}")
+                    one = await timed_round(vllm, self.requests(target, batch, fixed(1)), f"decode {name}")
+                    full = await timed_round(vllm, self.requests(target, batch, fixed(long)), f"decode {name}")
                     step_ms = (full["wall_s"] - one["wall_s"]) / (long - 1) * 1000
                     runs.setdefault(batch, {}).setdefault(name, []).append(step_ms)
                     say(f"round {r + 1} decode batch {batch:2d} {name:14s} {step_ms:6.1f} ms/step")
@@ -399,8 +466,8 @@ class Bench:
         p = self.plan
         half = p.n // 2
         sampling = fixed(p.max_tokens)
-        mixture = chat_requests(self.arrow, half, sampling)
-        plain = chat_requests(self.plain, half, sampling, offset=half)
+        mixture = self.requests(self.arrow, half, sampling)
+        plain = self.requests(self.plain, half, sampling, offset=half)
         mixed = [req for pair in zip(mixture, plain, strict=True) for req in pair]
         walls: dict[str, list[float]] = {"mixed": [], "mixture alone": [], "plain alone": []}
         for r in range(p.rounds):
@@ -434,7 +501,7 @@ class Bench:
             await small.ensure_server(self.plain)
             say(f"vllm (--max-lora-rank {PLAIN_RANK}): server up in {time.perf_counter() - start:.0f} s")
             await self.warm(small, f"vllm rank {PLAIN_RANK}", [("plain", self.plain, False)])
-            reqs = clients(chat_requests(self.plain, p.n * p.per_client, fixed(p.max_tokens)), p.n)
+            reqs = clients(self.requests(self.plain, p.n * p.per_client, fixed(p.max_tokens)), p.n)
             servers = [(MIXTURE_RANK, wide), (PLAIN_RANK, small)]
             rounds: dict[int, list[dict[str, Any]]] = {MIXTURE_RANK: [], PLAIN_RANK: []}
             for r in range(max(p.rounds, 3)):
@@ -503,8 +570,11 @@ def targets(results: dict[str, Any], n: int) -> dict[str, Any]:
         out[f"{workload}: vLLM mixture >= 0.8x vLLM plain tokens/s ({n} concurrent)"] = {
             "ratio": round(ratio, 3),
             "met": ratio >= 0.8,
-            # natural lengths: tokens/s also counts how long each path's answers are
-            "tokens_per_answer": {"mixture": mixture["tokens"] / answers, "plain": plain["tokens"] / answers},
+            "tokens_per_answer": {
+                "mixture": mixture["tokens"] / answers,
+                "plain": plain["tokens"] / answers,  # natural: the mixture's lengths, replayed
+                **({"plain, own answers": part[OWN_ANSWERS]["tokens"] / answers} if OWN_ANSWERS in part else {}),
+            },
         }
     decode = results["decode"]["batches"]
     worst = max(row["ratio"] for row in decode.values())
@@ -545,9 +615,12 @@ def report(results: dict[str, Any]) -> str:
         + ", ".join(f"{k} {val}" for k, val in load.items())
         + " (the machine is shared).",
         "",
-        f"Throughput, tokens/s (completion tokens / wall time; natural = EOS within {p['max_tokens']} tokens, fixed ="
-        f" exactly {p['max_tokens']}; {n} concurrent: {n} clients, each sending {p.get('requests_per_client', 1)} "
-        f"requests one after another; {p['wide']}: one wave of {p['wide']} requests):",
+        f"Prompts: {results.get('prompts', 'four generic prompts')}. Throughput, tokens/s (completion tokens / wall "
+        f"time; natural = the mixture's answers end at EOS within {p['max_tokens']} tokens and the plain adapter "
+        "writes answers of the same lengths (each prompt's mixture answer length, `ignore_eos`: the same tokens for "
+        f"the same prompts), `{OWN_ANSWERS}` its own answers (EOS); fixed = exactly {p['max_tokens']}; {n} "
+        f"concurrent: {n} clients, each sending {p.get('requests_per_client', 1)} requests one after another; "
+        f"{p['wide']}: one wave of {p['wide']} requests):",
         "",
         "| workload | concurrent | path | tokens/s | tokens | wall s |",
         "| --- | ---: | --- | ---: | ---: | ---: |",
@@ -611,7 +684,10 @@ def report(results: dict[str, Any]) -> str:
         lengths = ""
         if name.startswith("natural") and "tokens_per_answer" in t:
             per = t["tokens_per_answer"]
-            lengths = f" (answers of {per['mixture']:.1f} tokens on average on the mixture, {per['plain']:.1f} plain)"
+            lengths = f" (answers of {per['mixture']:.1f} tokens on average, the plain adapter's {per['plain']:.1f}"
+            if "plain, own answers" in per:
+                lengths += f"; its own answers {per['plain, own answers']:.1f}"
+            lengths += ")"
         lines.append(f"- {name}: {shown}{lengths} -> **{'met' if t['met'] else 'not met'}**")
     return "\n".join(lines)
 
@@ -677,6 +753,7 @@ def main() -> None:
     results = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "adapter_source": models.source,
+        "prompts": models.prompt_source,
         "plain_adapter": models.plain_slug,
         "members": list(models.slugs),
         "params": {k: v for k, v in vars(args).items() if k != "no_write"},

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Any, NamedTuple
 
 import torch
@@ -36,9 +37,12 @@ log = logging.getLogger(__name__)
 # Above this many stacked columns (slots x rank) grouping by adapter beats the all-slots product.
 DENSE_SLOT_COLUMNS = 256
 # A packed layer's B (q/k/v: 3 output slices, gate/up: 2) goes in one product over a block matrix when tokens x
-# columns a slice is at most this, else one product per slice: one op instead of several pays for the zeros
-# multiplied only at small sizes (measured here: 8 columns a slice up to ~128 tokens, 48 only at 1 token).
+# columns a slice is at most BLOCK_PRODUCT_WORK and the block has at most BLOCK_PRODUCT_ELEMENTS, else one product
+# per slice: one op instead of several pays for the zeros multiplied, and read from memory every step, only when
+# both are few. Measured in a decode step's 120 layers (weights not in cache): a plain rank-8 adapter's blocks
+# (23k / 49k elements) saved ~0.5 ms a step at 1-16 tokens; a six-member mixture's (155k / 332k) cost 1-4 ms.
 BLOCK_PRODUCT_WORK = 768
+BLOCK_PRODUCT_ELEMENTS = 65536
 
 
 def _stacked(weights: torch.Tensor) -> torch.Tensor:
@@ -399,11 +403,15 @@ class _Packed:
     mixtures: tuple[SlotColumns | None, ...]  # per active slot: where a mixture slot's columns are, else None
     block: torch.Tensor | None = None  # [columns, width]: the slices' B as one block matrix, built when first used
 
+    @cached_property
+    def width(self) -> int:
+        """Output columns the slices cover."""
+        return max(p.out.stop for p in self.slices)
+
     def block_matrix(self) -> torch.Tensor:
         """Every slice's B in one matrix (zero rows for router columns, zeros off each slice's outputs)."""
         if self.block is None:
-            width = max(p.out.stop for p in self.slices)
-            block = self.a_t.new_zeros(self.a_t.shape[1], width)
+            block = self.a_t.new_zeros(self.a_t.shape[1], self.width)
             for columns, b, out in self.slices:
                 block[columns, out] = b
             self.block = block
@@ -435,7 +443,7 @@ def _packed(
     """The active slots' A of every slice stacked, and per slice their B rows (see :class:`_Packed`), padding rows
     dropped. B is kept per slice: in one block matrix a slice's rows are multiplied by the zeros of every other
     slice's outputs (two thirds of a q/k/v product, half of a gate/up one), which pays only for few tokens and
-    columns (:data:`BLOCK_PRODUCT_WORK`)."""
+    columns (:data:`BLOCK_PRODUCT_WORK`, :data:`BLOCK_PRODUCT_ELEMENTS`)."""
     first = lora_a_stacked[0]
     packed, key = _cached(_Caches.packed, first, (lora_b_stacked[0].data_ptr(), slots, dtype))
     if packed is not None:
@@ -542,7 +550,12 @@ def linear_plan(
             mask = routing.hot.to(dtype).repeat_interleave(torch.tensor(columns), dim=1)
             routing.masks[(columns, dtype)] = mask
     block = None
-    if len(packed.slices) > 1 and tokens * a_t.shape[1] <= BLOCK_PRODUCT_WORK * len(packed.slices):
+    slices = len(packed.slices)
+    if (
+        slices > 1
+        and tokens * a_t.shape[1] <= BLOCK_PRODUCT_WORK * slices
+        and a_t.shape[1] * packed.width <= BLOCK_PRODUCT_ELEMENTS
+    ):
         block = packed.block_matrix()
     elif len(packed.slices) == 1 and packed.slices[0].columns == slice(0, a_t.shape[1]):
         block = packed.slices[0].b  # one slice fed by every column (no router columns): its B is the block

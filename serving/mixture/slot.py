@@ -46,6 +46,7 @@ from safetensors.torch import save_file
 
 from core.lora import PEFT_PREFIX
 from serving.engine import MIXTURE_XARG
+from serving.mixture import fused
 from serving.mixture.adapters import LoraAdapter
 from serving.mixture.route import Route
 from serving.mixture.scores import STD_EPS, arrow_pick, mixer_pick, phatgoose_pick, standardize
@@ -285,6 +286,7 @@ class SlotColumns:
     gather: torch.Tensor  # [slices * L]: each LoRA column's gate, an index into the [tokens, slices * n] gates
     ks: tuple[int, ...]  # experts kept per token in each slice (top_k capped by its available members; 0: none)
     equal_rank: int | None  # every member's columns, when they are alike (the usual case), else None
+    compiled: fused.GatePlan  # the compiled gating's arrays
 
     @cached_property
     def lora_stop(self) -> int:
@@ -309,7 +311,18 @@ def slot_columns(routing: SlotRouting, start: int, b_blocks: Sequence[torch.Tens
     available = constants[:, AVAILABLE_ROW] > 0.5
     ks = tuple(min(routing.top_k, int(available[s].sum())) for s in range(S)) if routing.routed else (n,) * S
     equal_rank = routing.ranks[0] if len(set(routing.ranks)) == 1 else None
-    return SlotColumns(routing, start, S, constants, available, bool(available.all()), gather, ks, equal_rank)
+    compiled = fused.gate_plan(available, member_of_column, ks)
+    return SlotColumns(routing, start, S, constants, available, bool(available.all()), gather, ks, equal_rank, compiled)
+
+
+def _request_bias(
+    routing: SlotRouting, request: torch.Tensor | None, tokens: int, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """A routed slot's per-token bias [tokens, 1, n] from the request vectors (GLIDER), or None."""
+    if request is None or routing.request != "bias":
+        return None
+    own = fit_rows(request, tokens, routing.members)
+    return torch.nan_to_num(own.to(dtype), nan=0.0).unsqueeze(1)
 
 
 def slot_gates(
@@ -320,18 +333,14 @@ def slot_gates(
     request's weights. ``request`` [tokens, >= n] holds each token's request vector (NaN where it brought none)."""
     routing, S, n = columns.routing, columns.slices, columns.routing.members
     tokens = shrunk.shape[0]
-    own = None if request is None else fit_rows(request, tokens, n)
     if not routing.routed:
         default = torch.full((n,), 1.0 / n) if routing.weights is None else torch.tensor(routing.weights)
         weights = default.to(shrunk.dtype).expand(tokens, n)
-        if own is not None:
-            weights = torch.where(torch.isnan(own), weights, own.to(shrunk.dtype))
+        if request is not None:
+            weights = torch.where(torch.isnan(own := fit_rows(request, tokens, n)), weights, own.to(shrunk.dtype))
         return weights
-    lora = S * routing.lora_columns  # ``shrunk`` is the slot's block: its LoRA columns, then its router columns
-    dots = shrunk[:, lora : lora + S * n].view(tokens, S, n)
-    bias = None
-    if own is not None and routing.request == "bias":
-        bias = torch.nan_to_num(own.to(shrunk.dtype), nan=0.0).unsqueeze(1)
+    dots = _router_dots(columns, shrunk)
+    bias = _request_bias(routing, request, tokens, shrunk.dtype)
     gates = shrunk.new_zeros(tokens, S, n)
     if len(set(columns.ks)) == 1:  # the usual case: every slice keeps as many
         if columns.ks[0]:
@@ -349,6 +358,26 @@ def slot_gates(
     return gates.view(tokens, S * n)
 
 
+def _router_dots(columns: SlotColumns, block: torch.Tensor) -> torch.Tensor:
+    """The router's dot products [tokens, slices, n]: a view of the slot's ``block`` of ``x Aᵀ`` (its LoRA columns,
+    then its router columns)."""
+    lora, n = columns.slices * columns.routing.lora_columns, columns.routing.members
+    return block[:, lora : lora + columns.slices * n].view(block.shape[0], columns.slices, n)
+
+
+def _phatgoose_scores(dots: torch.Tensor, x: torch.Tensor, constants: torch.Tensor) -> torch.Tensor:
+    flat = x[: dots.shape[0]].to(dots.dtype)
+    mean = flat.mean(dim=-1, keepdim=True)
+    std = flat.std(dim=-1, keepdim=True) + STD_EPS
+    # standardize(x)·ĝ/√d = (x·ĝ/√d - mean(x)·Σĝ/√d) / (std(x) + eps)
+    return (dots - mean.unsqueeze(-1) * constants[:, GATE_SUM_ROW]) / std.unsqueeze(-1)
+
+
+def _mixer_logits(dots: torch.Tensor, constants: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    logits = dots + constants[:, BIAS_ROW]
+    return logits if bias is None else logits + bias
+
+
 def _pick(
     routing: SlotRouting,
     dots: torch.Tensor,
@@ -363,16 +392,34 @@ def _pick(
     if routing.kind == "arrow":
         return arrow_pick(dots, available, k, routing.temperature, bias, all_available=every)
     if routing.kind == "phatgoose":
-        flat = x[: dots.shape[0]].to(dots.dtype)
-        mean = flat.mean(dim=-1, keepdim=True)
-        std = flat.std(dim=-1, keepdim=True) + STD_EPS
-        # standardize(x)·ĝ/√d = (x·ĝ/√d - mean(x)·Σĝ/√d) / (std(x) + eps)
-        scores = (dots - mean.unsqueeze(-1) * constants[:, GATE_SUM_ROW]) / std.unsqueeze(-1)
-        return phatgoose_pick(scores, available, k, bias, all_available=every)
-    logits = dots + constants[:, BIAS_ROW]
-    if bias is not None:
-        logits = logits + bias
-    return mixer_pick(torch.sigmoid(logits), available, k, all_available=every)
+        return phatgoose_pick(_phatgoose_scores(dots, x, constants), available, k, bias, all_available=every)
+    return mixer_pick(torch.sigmoid(_mixer_logits(dots, constants, bias)), available, k, all_available=every)
+
+
+def _gate_compiled(columns: SlotColumns, shrunk: torch.Tensor, x: torch.Tensor, request: torch.Tensor | None) -> None:
+    """What :func:`gate_slot` does for a routed slot, its top-k and weighting in one compiled loop
+    (``serving/mixture/fused.py``) over ``shrunk`` itself: the same scores as :func:`_pick`'s, handed over before the
+    top-k (Arrow's without a bias are the router columns as they are)."""
+    routing, tokens = columns.routing, shrunk.shape[0]
+    bias = _request_bias(routing, request, tokens, shrunk.dtype)
+    temperature = routing.temperature if routing.kind == "arrow" else 1.0
+    if routing.kind == "arrow" and bias is None:
+        fused.top_k_gate_(
+            shrunk, columns.start, shrunk, columns.lora_stop, columns.compiled, fused.ABS_SOFTMAX, temperature
+        )
+        return
+    dots = _router_dots(columns, shrunk[:, columns.start : columns.stop])
+    if routing.kind == "arrow":
+        assert bias is not None  # Arrow without a bias was handed over above
+        scores, transform = dots.abs() + bias, fused.SOFTMAX
+    elif routing.kind == "phatgoose":
+        scores, transform = _phatgoose_scores(dots, x, columns.constants), fused.SOFTMAX
+        if bias is not None:
+            scores = scores + bias
+    else:
+        scores, transform = _mixer_logits(dots, columns.constants, bias), fused.SIGMOID
+    flat = scores.reshape(tokens, -1)
+    fused.top_k_gate_(shrunk, columns.start, flat, 0, columns.compiled, transform, temperature)
 
 
 def request_rows(
@@ -419,6 +466,9 @@ def fit_rows(request: torch.Tensor, tokens: int, width: int | None = None) -> to
 def gate_slot(columns: SlotColumns, shrunk: torch.Tensor, x: torch.Tensor, request: torch.Tensor | None) -> None:
     """Multiply, in place, the slot's LoRA columns of ``shrunk`` [tokens, >= stop] by each token's member weights
     (its router columns stay: no B product reads them)."""
+    if columns.routing.routed and shrunk.dtype == torch.float32 and shrunk.device.type == "cpu" and fused.available():
+        _gate_compiled(columns, shrunk, x, request)
+        return
     gates = slot_gates(columns, shrunk[:, columns.start : columns.stop], x, request)
     lora = shrunk[:, columns.start : columns.lora_stop]
     rank = columns.equal_rank

@@ -270,6 +270,7 @@ def test_packed_lora_linear_drops_vllms_rank_padding(
     packed layer leaves them out and still equals the reference, an all-zero slot included, whether B is applied
     as one block matrix or slice by slice (a slice's columns spread over several slots: gathered)."""
     monkeypatch.setattr(lora_ops, "BLOCK_PRODUCT_WORK", 10**9 if b_side == "block" else 0)
+    monkeypatch.setattr(lora_ops, "BLOCK_PRODUCT_ELEMENTS", 10**9)
     gen = torch.Generator().manual_seed(40 + slots)
     tokens, slices = 19, (WIDE, 32)
     used = [(3 * s) % (RANK + 1) for s in range(slots)]  # 0 (an all-zero slot), 3, 6, 0, ...
@@ -290,6 +291,31 @@ def test_packed_lora_linear_drops_vllms_rank_padding(
     packed = lora_ops._packed(a, b, slices, active, torch.float32)
     assert packed.columns == tuple(2 * used[s] for s in active)
     assert packed.a_t.shape[1] == sum(packed.columns) < len(active) * 2 * RANK
+
+
+def test_a_block_matrix_only_for_few_tokens_and_a_small_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    """B goes in one block-matrix product only when both the work and the block (read from memory every step, its
+    zeros included) are small; else slice by slice. Both give the reference."""
+    monkeypatch.setattr(lora_ops._Caches, "enabled", False)
+    slices = (WIDE, 32, 32)
+    a = tuple(_weights(2, RANK, HIDDEN, four_d=True, seed=80 + i) for i in range(3))
+    b = tuple(_weights(2, width, RANK, four_d=True, seed=90 + i) for i, width in enumerate(slices))
+    block_elements = 3 * RANK * sum(slices)  # the slot's columns (3 slices of rank 8) x every slice's outputs
+    monkeypatch.setattr(lora_ops, "BLOCK_PRODUCT_WORK", 100)  # tokens x 24 columns <= 100 x 3 slices
+    for tokens, elements, blocked in (
+        (2, block_elements, True),
+        (2, block_elements - 1, False),  # the block is too large
+        (64, block_elements, False),  # too many tokens
+    ):
+        monkeypatch.setattr(lora_ops, "BLOCK_PRODUCT_ELEMENTS", elements)
+        x = torch.randn(tokens, HIDDEN, generator=torch.Generator().manual_seed(tokens))
+        indices = torch.ones(tokens, dtype=torch.long)
+        plan = lora_ops.linear_plan(a, b, 0.5, slices, indices, tokens, torch.float32)
+        assert plan is not None and (plan.block is not None) == blocked
+        ours, ref = torch.zeros(tokens, sum(slices)), torch.zeros(tokens, sum(slices))
+        lora_ops.apply_linear_plan(plan, ours, x)
+        _reference_lora_linear(ref, x, a, b, 0.5, slices, indices)
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_all_zero_weights_are_not_multiplied(monkeypatch: pytest.MonkeyPatch) -> None:

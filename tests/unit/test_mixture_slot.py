@@ -15,9 +15,21 @@ from safetensors.torch import load_file
 
 from routers.token import TOKEN_ROUTERS
 from serving import lora_ops
-from serving.mixture import apply_mixture, load_lora_adapter
+from serving.mixture import apply_mixture, fused, load_lora_adapter
 from serving.mixture.adapters import LoraAdapter
-from serving.mixture.slot import SPEC_FILE, SlotRouting, loaded_slot_routing, read_slot_routing, write_slot
+from serving.mixture.slot import (
+    AVAILABLE_ROW,
+    BIAS_ROW,
+    CONSTANT_ROWS,
+    GATE_SUM_ROW,
+    SPEC_FILE,
+    SlotRouting,
+    gate_slot,
+    loaded_slot_routing,
+    read_slot_routing,
+    slot_columns,
+    write_slot,
+)
 from tests.fixtures.tiny import build_tiny_lora
 
 QKV = ("q_proj", "k_proj", "v_proj")
@@ -63,6 +75,14 @@ def fresh_op_state(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(lora_ops, "MIXTURE_SLOTS", {})
     monkeypatch.setattr(lora_ops, "LAYER_PLANS", {})
     monkeypatch.setattr(lora_ops._Requests, "rows", None)
+
+
+@pytest.fixture(params=["compiled", "torch"])
+def gating(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The op's gating of a routed slot both ways: the compiled loop (numba) and the torch ops."""
+    monkeypatch.setattr(fused, "ENABLED", request.param == "compiled")
+    assert fused.available() == (request.param == "compiled")  # numba is installed with vLLM: the loop runs
+    return str(request.param)
 
 
 def _states(kind: str, adapters: list[LoraAdapter], seed: int = 3) -> list[dict[str, torch.Tensor]]:
@@ -159,6 +179,7 @@ def _split(y: torch.Tensor, plain: LoraAdapter) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("dense", [True, False], ids=["dense", "grouped"])
 @pytest.mark.parametrize("kind", ["arrow", "phatgoose", "mixer"])
+@pytest.mark.usefixtures("gating")
 def test_mixture_slot_equals_the_torch_mixture_layer_in_a_mixed_batch(
     kind: str,
     dense: bool,
@@ -203,6 +224,7 @@ def _check_mixed_batch(
 
 @pytest.mark.parametrize("b_side", ["block", "slices"])
 @pytest.mark.parametrize("kind", ["arrow", "phatgoose", "mixer"])
+@pytest.mark.usefixtures("gating")
 def test_members_of_one_rank_and_each_b_product_layout_equal_the_torch_layer(
     kind: str,
     b_side: str,
@@ -215,9 +237,11 @@ def test_members_of_one_rank_and_each_b_product_layout_equal_the_torch_layer(
     """Members of one rank are gated through a view of their columns; B is applied per output slice, or as one
     block matrix for few tokens: every way gives the torch mixture layer's answer, and the plain adapter's beside."""
     monkeypatch.setattr(lora_ops, "BLOCK_PRODUCT_WORK", 10**9 if b_side == "block" else 0)
+    monkeypatch.setattr(lora_ops, "BLOCK_PRODUCT_ELEMENTS", 10**9)
     _check_mixed_batch(tiny_base, tmp_path, alike, plain, kind, (7, 4, 1), seed=6)
 
 
+@pytest.mark.usefixtures("gating")
 def test_the_routing_is_per_token_not_a_blend(members: list[LoraAdapter], plain: LoraAdapter, tmp_path: Path) -> None:
     """Top-1 Arrow gives each token exactly one member's path (an all-members sum would differ)."""
     ranks = tuple(max(w.rank for w in a.modules.values()) for a in members)
@@ -235,6 +259,7 @@ def test_the_routing_is_per_token_not_a_blend(members: list[LoraAdapter], plain:
 
 
 @pytest.mark.parametrize("dense", [True, False], ids=["dense", "grouped"])
+@pytest.mark.usefixtures("gating")
 def test_a_requests_bias_reaches_the_router_glider(
     dense: bool,
     tiny_base: Path,
@@ -285,6 +310,7 @@ def test_weighted_slot_applies_each_requests_weights(
             torch.testing.assert_close(y[leaf][rows], expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.usefixtures("gating")
 def test_one_member_slot_equals_the_plain_adapter(plain: LoraAdapter, tmp_path: Path) -> None:
     folder = write_slot(tmp_path / "one", [plain], _states("arrow", [plain]), SlotRouting("arrow", (8,), top_k=2))
     x = torch.randn(5, 32, generator=torch.Generator().manual_seed(4))
@@ -292,6 +318,39 @@ def test_one_member_slot_equals_the_plain_adapter(plain: LoraAdapter, tmp_path: 
     for leaf in QKV:
         module = plain.modules[f"{LAYER}.{leaf}"]
         torch.testing.assert_close(y[leaf], (x @ module.A.T) @ module.B.T * module.scale, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["arrow", "phatgoose", "mixer"])
+@pytest.mark.parametrize("biased", [False, True], ids=["", "biased"])
+def test_compiled_gating_equals_the_torch_ops(kind: str, biased: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled gating scales a slot's columns as the torch ops do, for members of unlike ranks, slices where
+    some members are unavailable (so each slice keeps its own k, one none at all) and a request's bias."""
+    gen = torch.Generator().manual_seed(11)
+    ranks, tokens, inputs = (2, 3, 1, 2), 9, 16
+    routing = SlotRouting(kind, ranks, top_k=2, temperature=0.6, request="bias" if biased else None)
+    availability = [(1, 1, 1, 1), (0, 1, 0, 1), (0, 0, 1, 0), (0, 0, 0, 0)]  # keeps 2, 2, 1 and 0 members
+    b_blocks = []
+    for row in availability:
+        b = torch.zeros(CONSTANT_ROWS, routing.rank)
+        b[BIAS_ROW, routing.lora_columns :] = torch.randn(4, generator=gen)
+        b[AVAILABLE_ROW, routing.lora_columns :] = torch.tensor(row, dtype=torch.float32)
+        b[GATE_SUM_ROW, routing.lora_columns :] = torch.randn(4, generator=gen)
+        b_blocks.append(b)
+    columns = slot_columns(routing, 3, b_blocks)  # the slot's block starts at column 3 of the product
+    assert columns.ks == (2, 2, 1, 0)
+    shrunk = torch.randn(tokens, 3 + columns.slices * routing.rank + 2, generator=gen)
+    x = torch.randn(tokens, inputs, generator=gen)
+    request = torch.randn(tokens, 4, generator=gen) * 3 if biased else None
+    answers = []
+    for compiled in (True, False):
+        monkeypatch.setattr(fused, "ENABLED", compiled)
+        out = shrunk.clone()
+        gate_slot(columns, out, x, request)
+        answers.append(out)
+    torch.testing.assert_close(answers[0], answers[1], rtol=1e-5, atol=1e-6)
+    assert torch.equal(answers[0][:, columns.lora_stop :], shrunk[:, columns.lora_stop :])  # router columns stay
+    gated = answers[0][:, columns.start : columns.lora_stop].view(tokens, columns.slices, -1)
+    assert torch.count_nonzero(gated[:, 3]) == 0  # no member available there: nothing passes
 
 
 def test_slot_routing_is_validated(tmp_path: Path) -> None:
