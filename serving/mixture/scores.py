@@ -132,28 +132,37 @@ def phatgoose_pick(
 # -- mixer (LoRA-Mixer's trained router) -----------------------------------------------------------------
 
 
-def mixer_gates(
+def mixer_logits(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, extra: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """[..., E] gates σ(x·w_e/√d + b_e (+ extra)) for x [..., d], weight [E, d], bias [E], extra [..., E]."""
+    """[..., E] logits x·w_e/√d + b_e (+ extra) for x [..., d], weight [E, d], bias [E], extra [..., E]."""
     logits = (x @ weight.T.to(x.dtype)) / math.sqrt(x.shape[-1]) + bias.to(x.dtype)
     if extra is not None:
         logits = logits + extra.to(logits.dtype)
-    return torch.sigmoid(logits)
+    return logits
+
+
+def mixer_gates(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, extra: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[..., E] gates σ(``mixer_logits``)."""
+    return torch.sigmoid(mixer_logits(x, weight, bias, extra))
 
 
 def mixer_route(
     x: torch.Tensor, state: torch.Tensor, available: torch.Tensor, top_k: int, bias: torch.Tensor | None = None
 ) -> Route:
-    """The mixer's route at one module: ``mixer_gates`` of the available experts (``state`` [E, d + 1]: w_e
-    then b_e; ``bias`` [tokens, E] is added to the logits), the top_k of them kept with their gates as the
-    weights, not renormalized."""
-    return mixer_pick(mixer_gates(x, state[:, :-1], state[:, -1], bias), available, min(top_k, int(available.sum())))
+    """The mixer's route at one module: of the available experts (``state`` [E, d + 1]: w_e then b_e; ``bias``
+    [tokens, E] is added to the logits) the top_k by gate kept, their gates as the weights, not renormalized."""
+    logits = mixer_logits(x, state[:, :-1], state[:, -1], bias)
+    return mixer_pick(logits, available, min(top_k, int(available.sum())))
 
 
-def mixer_pick(gates: torch.Tensor, available: torch.Tensor, k: int, *, all_available: bool | None = None) -> Route:
-    """The mixer's choice from its ``gates`` [..., E]: the top ``k`` available ones, their gates as weights."""
+def mixer_pick(logits: torch.Tensor, available: torch.Tensor, k: int, *, all_available: bool | None = None) -> Route:
+    """The mixer's choice from its ``logits`` [..., E]: the top ``k`` available experts, their gates σ(logit) as
+    weights. Ranked by logit, the same order as by gate, except that gates which round to 1.0 in float32 (a trained
+    router's logits pass 17) would tie and leave the choice among them to ``topk``'s implementation."""
     if not (all_available if all_available is not None else bool(available.all())):
-        gates = gates.masked_fill(~available.to(gates.device), -1.0)  # below any gate: never kept
-    top, experts = gates.topk(k, dim=-1)
-    return Route(experts, top)
+        logits = logits.masked_fill(~available.to(logits.device), float("-inf"))
+    top, experts = logits.topk(k, dim=-1)
+    return Route(experts, torch.sigmoid(top))

@@ -393,7 +393,7 @@ def _pick(
         return arrow_pick(dots, available, k, routing.temperature, bias, all_available=every)
     if routing.kind == "phatgoose":
         return phatgoose_pick(_phatgoose_scores(dots, x, constants), available, k, bias, all_available=every)
-    return mixer_pick(torch.sigmoid(_mixer_logits(dots, constants, bias)), available, k, all_available=every)
+    return mixer_pick(_mixer_logits(dots, constants, bias), available, k, all_available=every)
 
 
 def _gate_compiled(columns: SlotColumns, shrunk: torch.Tensor, x: torch.Tensor, request: torch.Tensor | None) -> None:

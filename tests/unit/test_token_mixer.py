@@ -99,6 +99,13 @@ def test_route_gates_need_not_sum_to_one_and_respect_top_k() -> None:
     const = mixer_route(x, flat, torch.ones(2, dtype=torch.bool), 2)
     assert bool((const.experts[:, 0] == 1).all())
     torch.testing.assert_close(const.weights, torch.tensor([0.8, 0.4]).expand(T, 2))
+    # A trained router's large logits give gates that all round to 1.0 in float32: still ranked by logit (the
+    # order of the exact gates), not left to topk's handling of ties.
+    saturated = torch.zeros(3, d + 1)
+    saturated[:, -1] = torch.tensor([20.0, 40.0, 30.0])
+    tied = mixer_route(x, saturated, torch.ones(3, dtype=torch.bool), 2)
+    assert tied.experts.tolist() == [[1, 2]] * T
+    assert bool((tied.weights == 1.0).all())
 
 
 def test_config_validation_names_the_field() -> None:
