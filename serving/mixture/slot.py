@@ -19,8 +19,9 @@ Layout, alike in every target module (so one description serves every layer):
   which makes the score exactly ``standardize(x)·standardize(g)/√d``).
 
 G repeats each token's weight for member e over e's columns: a top-k of the router's scores
-(``serving/mixture/scores.py``, the very functions the torch mixture layer calls) or, for the ``weighted``
-kind, the weights its request carries. Per-request data (GLIDER's bias, a weighted composition's weights) comes
+(``serving/mixture/scores.py``, the very functions the torch mixture layer calls; on float32 CPU tensors the same
+top-k and weighting run as one numba-compiled loop, ``serving/mixture/fused.py``) or, for the ``weighted`` kind,
+the weights its request carries. Per-request data (GLIDER's bias, a weighted composition's weights) comes
 with the request as ``vllm_xargs`` (:data:`REQUEST_KEY`), a list of one float per member.
 
 Only moerge's own op reads this layout: stock vLLM would add every member at weight 1 and the router rows'
