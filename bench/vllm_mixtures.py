@@ -381,14 +381,12 @@ class Bench:
                 matched: dict[int, dict[str, int]] = {}  # per scenario: the mixture's answer length per prompt
                 for n in scenarios:
                     per = p.per_client if n == p.n else 1  # the wide scenario: one wave (the torch path is slow)
+                    # natural: the vLLM mixture's run (first) records each prompt's answer length, the plain
+                    # adapter's replays them
+                    lengths = matched.setdefault(n, {}) if workload == "natural" else None
                     paths: list[tuple[str, Engine, Target, Mapping[str, int] | None]] = [
                         ("vllm arrow mixture", vllm, self.arrow, None),
-                        (
-                            "vllm plain adapter",
-                            vllm,
-                            self.plain,
-                            matched.setdefault(n, {}) if workload == "natural" else None,
-                        ),
+                        ("vllm plain adapter", vllm, self.plain, lengths),
                     ]
                     if workload == "natural":
                         paths.append((OWN_ANSWERS, vllm, self.plain, None))
@@ -396,11 +394,11 @@ class Bench:
                         paths.append(("vllm weighted mixture", vllm, self.weighted, None))
                     if torch_engine is not None:
                         paths.append(("torch arrow mixture", torch_engine, self.arrow, None))
-                    for path, engine, target, lengths in paths:
+                    for path, engine, target, replayed in paths:
                         reqs = self.requests(
-                            target, n * per, sampling, weighted=target is self.weighted, lengths=lengths
+                            target, n * per, sampling, weighted=target is self.weighted, lengths=replayed
                         )
-                        record = matched[n] if workload == "natural" and path == "vllm arrow mixture" else None
+                        record = lengths if path == "vllm arrow mixture" else None
                         got = await timed_clients(engine, clients(reqs, n), f"{path}, {workload}, {n}", record)
                         single.setdefault((workload, n, path), []).append(got)
                         say(

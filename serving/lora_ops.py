@@ -557,7 +557,7 @@ def linear_plan(
         and a_t.shape[1] * packed.width <= BLOCK_PRODUCT_ELEMENTS
     ):
         block = packed.block_matrix()
-    elif len(packed.slices) == 1 and packed.slices[0].columns == slice(0, a_t.shape[1]):
+    elif slices == 1 and packed.slices[0].columns == slice(0, a_t.shape[1]):
         block = packed.slices[0].b  # one slice fed by every column (no router columns): its B is the block
     return LinearPlan(a_t, packed.slices, scale, mask, None, tokens, mixtures, block)
 
