@@ -357,6 +357,30 @@ def test_compiled_gating_equals_the_torch_ops(kind: str, biased: bool, monkeypat
     assert torch.count_nonzero(gated[:, 3]) == 0  # no member available there: nothing passes
 
 
+def test_compiled_gating_without_a_writable_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mock, named so (numba finding no writable cache folder cannot be caused as root): the loop still compiles,
+    uncached, and gates: top-1 of two members keeps the one with the larger |score|, at weight 1."""
+    import numba
+
+    real = numba.njit
+
+    def no_cache(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("cache"):
+            raise RuntimeError("cannot cache function '_top_k_gate': no locator available")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(numba, "njit", no_cache)
+    fused._compiled.cache_clear()
+    try:
+        assert fused.available()
+        product = torch.tensor([[5.0, 5.0, 1.0, -3.0]])  # two LoRA columns (one per member), then two scores
+        plan = fused.gate_plan(torch.ones(1, 2, dtype=torch.bool), torch.tensor([0, 1]), (1,))
+        fused.top_k_gate_(product, 0, product, 2, plan, fused.ABS_SOFTMAX)
+        assert product.tolist() == [[0.0, 5.0, 1.0, -3.0]]
+    finally:
+        fused._compiled.cache_clear()  # the next test compiles (or loads) the cached loop again
+
+
 def test_slot_routing_is_validated(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="kind"):
         SlotRouting("dense", (4,))
